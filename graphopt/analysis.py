@@ -1,0 +1,89 @@
+"""Model summaries: op histogram, parameters, size, FLOPs, activation memory, latency.
+
+Used by ``graphopt inspect`` and by the before/after sections of the optimize report.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import onnx_graphsurgeon as gs
+
+from graphopt.cost import AnalyticCostModel, CostModel, Device, NodeCost, tensor_bytes
+from graphopt.errors import GraphoptError
+from graphopt.ir import Model
+
+
+@dataclass
+class Summary:
+    nodes: int
+    params: int
+    weight_bytes: int
+    flops: float
+    latency_s: float
+    peak_activation_bytes: int
+    device: str
+    ops: dict[str, int] = field(default_factory=dict)
+    heaviest: list[NodeCost] = field(default_factory=list)
+    shapes_known: bool = True
+
+    def to_dict(self, top: int = 10) -> dict:
+        return {
+            "nodes": self.nodes, "params": self.params, "weight_bytes": self.weight_bytes,
+            "flops": self.flops, "estimated_latency_s": self.latency_s,
+            "peak_activation_bytes": self.peak_activation_bytes, "device": self.device,
+            "shapes_known": self.shapes_known, "ops": self.ops,
+            "heaviest_nodes": [vars(n) for n in self.heaviest[:top]],
+        }
+
+
+def summarize(model: Model, device: Device, cost_model: CostModel | None = None) -> Summary:
+    """Summarize ``model`` (not modified: shape inference runs on a copy)."""
+    shaped = model.clone()
+    try:
+        shaped.infer_shapes()
+        shapes_known = True
+    except GraphoptError:
+        shapes_known = False
+    cost = (cost_model or AnalyticCostModel()).estimate(shaped, device)
+    ops = Counter(n.op for g in shaped.all_graphs() for n in g.nodes)
+    return Summary(
+        nodes=shaped.num_nodes(),
+        params=cost.params,
+        weight_bytes=sum(tensor_bytes(t) for t in shaped.initializers()),
+        flops=cost.flops,
+        latency_s=cost.latency_s,
+        peak_activation_bytes=peak_activation_bytes(shaped.graph),
+        device=device.name,
+        ops=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        heaviest=sorted(cost.nodes, key=lambda n: -n.latency_s),
+        shapes_known=shapes_known,
+    )
+
+
+def peak_activation_bytes(graph: gs.Graph) -> int:
+    """Peak bytes of live activations over a topological execution order: a tensor lives
+    from the node that produces it (graph inputs: from the start) to its last consumer
+    (graph outputs: to the end). Weights are not counted."""
+    graph.toposort()
+    position = {id(node): i for i, node in enumerate(graph.nodes)}
+    end = len(graph.nodes)
+    outputs = {id(t) for t in graph.outputs}
+    events: dict[int, int] = Counter()
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            continue
+        start = position[id(tensor.inputs[0])] if tensor.inputs else 0
+        if id(tensor) in outputs:
+            last = end
+        else:
+            last = max((position.get(id(c), start) for c in tensor.outputs), default=start)
+        size = tensor_bytes(tensor)
+        events[start] += size
+        events[last + 1] -= size
+    live = peak = 0
+    for step in sorted(events):
+        live += events[step]
+        peak = max(peak, live)
+    return peak

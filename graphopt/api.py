@@ -1,0 +1,160 @@
+"""The library entry points: ``optimize``, ``load``, ``save``, ``inspect``, ``compare``.
+
+The CLI is a thin layer over these; a build system calls them directly and gets the same
+model, the same report and the same errors (``graphopt.errors``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Sequence
+
+from graphopt import verify
+from graphopt.analysis import Summary, summarize
+from graphopt.cost import AnalyticCostModel
+from graphopt.errors import GraphoptError, UsageError, VerificationError
+from graphopt.ir import Model, ModelSource, load, save
+from graphopt.manager import DEFAULT_MAX_ITERATIONS, Instrument, PassManager
+from graphopt.pass_infra import Pass, PassContext
+from graphopt.pipeline import build_passes
+from graphopt.registry import pass_registry, target_registry
+from graphopt.target import Artifact, Target
+
+__all__ = ["optimize", "load", "save", "inspect", "compare", "get_target", "OptimizeResult"]
+
+DEFAULT_TARGET = "ort"
+
+
+@dataclass
+class OptimizeResult:
+    model: Model
+    report: dict
+    artifact: Artifact | None = None
+
+
+def graphopt_version() -> str:
+    try:
+        return version("graphopt")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def get_target(name: str | Target) -> Target:
+    if isinstance(name, Target):
+        return name
+    target_cls = target_registry().get(name)
+    return target_cls()
+
+
+def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
+             passes: str | Sequence[str | Pass] | None = None, skip: Sequence[str] = (),
+             output: str | os.PathLike | None = None, strict: bool = False,
+             data: list[verify.Feeds] | None = None,
+             input_shapes: dict[str, list[int]] | None = None,
+             tolerance: verify.Tolerance = verify.Tolerance(),
+             max_iterations: int = DEFAULT_MAX_ITERATIONS, seed: int = 0,
+             instruments: Sequence[Instrument] = (),
+             logger: logging.Logger | None = None) -> OptimizeResult:
+    """Optimize ``model`` for ``target`` and, when ``output`` is given, lower it there.
+
+    ``passes`` defaults to the target's pipeline. The input is never modified. The result
+    is verified against the original on ``data`` (or random probe inputs): on a mismatch a
+    ``VerificationError`` is raised and nothing is written.
+    """
+    tgt = get_target(target)
+    missing = tgt.availability()
+    if missing and output is not None:
+        raise UsageError(f"target {tgt.name!r} is not available here: {missing}")
+    original = load(model)
+    working = original.clone()
+    pipeline = build_passes(tgt.default_pipeline if passes is None else passes,
+                            pass_registry(), skip)
+    cost_model = AnalyticCostModel()
+    ctx = PassContext(target=tgt, cost_model=cost_model, device=tgt.device, seed=seed,
+                      logger=logger or logging.getLogger("graphopt"))
+    original_proto = original.to_onnx()
+    feeds = data or _probe_or_none(original_proto, seed, input_shapes)
+    manager = PassManager(pipeline, ctx, strict=strict, max_iterations=max_iterations,
+                          tolerance=tolerance, probe_feeds=feeds, instruments=instruments)
+    manager.run(working)
+
+    verification = _verify(original_proto, working, feeds, tolerance, manager.numeric_check)
+    report = {
+        "graphopt_version": graphopt_version(),
+        "target": tgt.name,
+        "device": tgt.device.name,
+        "pipeline": [repr(p) for p in pipeline],
+        "input": _summary(original, tgt).to_dict(),
+        "output": _summary(working, tgt).to_dict(),
+        "input_hash": original.content_hash(),
+        "output_hash": working.content_hash(),
+        "trace": [e.to_dict() for e in manager.trace],
+        "rolled_back": [e.pass_name for e in manager.trace if e.status == "rolled-back"],
+        "verification": verification,
+        "output_path": None,
+    }
+    if verification.get("ok") is False:
+        raise VerificationError(
+            f"the optimized model does not match the original: {verification['detail']}",
+            hint="rerun with --passes to find the pass, or report a bug")
+    artifact = None
+    if output is not None:
+        artifact = tgt.lower(working, Path(output))
+        report["output_path"] = str(artifact.path)
+        report["artifact_files"] = [str(f) for f in artifact.files]
+    return OptimizeResult(model=working, report=report, artifact=artifact)
+
+
+def inspect(model: ModelSource, target: str | Target = DEFAULT_TARGET) -> Summary:
+    return _summary(load(model), get_target(target))
+
+
+def compare(a: ModelSource, b: ModelSource, data: list[verify.Feeds] | None = None,
+            tolerance: verify.Tolerance = verify.Tolerance(), seed: int = 0,
+            input_shapes: dict[str, list[int]] | None = None) -> verify.Comparison:
+    """Run both models in ONNX Runtime on ``data`` (default: probe inputs of ``a``)."""
+    proto_a, proto_b = load(a).to_onnx(), load(b).to_onnx()
+    feeds = data or verify.probe_inputs(proto_a, seed=seed, shapes=input_shapes)
+    result = verify.Comparison()
+    for f in feeds:
+        result.outputs += verify.compare(verify.run(proto_a, f), verify.run(proto_b, f),
+                                         tolerance).outputs
+    return result
+
+
+def _summary(model: Model, target: Target) -> Summary:
+    return summarize(model, target.device)
+
+
+def _probe_or_none(proto, seed, shapes) -> list[verify.Feeds] | None:
+    try:
+        return verify.probe_inputs(proto, seed=seed, shapes=shapes)
+    except UsageError:
+        if shapes:
+            raise
+        return None
+
+
+def _verify(original_proto, model: Model, feeds, tolerance, numeric_check: str) -> dict:
+    """Compare the final model with the original on every probe/data batch."""
+    if feeds is None or numeric_check != "ok":
+        return {"ok": None, "detail": numeric_check}
+    try:
+        final = model.to_onnx()
+        comparison = verify.Comparison()
+        for f in feeds:
+            comparison.outputs += verify.compare(verify.run(original_proto, f),
+                                                 verify.run(final, f), tolerance).outputs
+    except GraphoptError:
+        raise
+    except Exception as exc:
+        return {"ok": False, "detail": f"ONNX Runtime failed on the result: {exc}"}
+    worst = comparison.worst()
+    detail = "outputs match" if worst is None else \
+        f"output {worst.name!r}: max abs diff {worst.max_abs:.3g} {worst.note}".strip()
+    return {**comparison.summary(), "detail": detail, "batches": len(feeds),
+            "rtol": tolerance.rtol, "atol": tolerance.atol}

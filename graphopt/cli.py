@@ -1,0 +1,268 @@
+"""The ``graphopt`` command line: a thin layer over ``graphopt.api``.
+
+Exit codes: 0 success; 2 usage error; 3 unreadable or invalid model; 4 verification
+failed. Errors are one line plus a hint; tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from graphopt import api, verify
+from graphopt.errors import GraphoptError, UsageError
+from graphopt.manager import TraceEntry
+from graphopt.pass_infra import Pass, option_fields
+from graphopt.registry import pass_registry, target_registry
+
+err = Console(stderr=True)
+out = Console()
+
+
+class _App(click.Group):
+    """Maps graphopt errors to exit codes and one-line messages."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except GraphoptError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            if exc.hint:
+                err.print(f"hint: {exc.hint}", highlight=False)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=_App)
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
+@click.version_option(api.graphopt_version(), prog_name="graphopt")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """graphopt: optimize ONNX models for a target, verified against the original."""
+    ctx.obj = {"debug": debug}
+    logging.basicConfig(level=logging.DEBUG if debug else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]] | None:
+    shapes = {}
+    for value in values:
+        name, eq, dims = value.rpartition("=")
+        try:
+            if not eq or not name:
+                raise ValueError
+            shapes[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            raise UsageError(f"cannot parse --input-shape {value!r}",
+                             hint="write NAME=1x3x224x224") from None
+    return shapes or None
+
+
+def _load_data(path: str | None) -> list[verify.Feeds] | None:
+    return verify.load_feeds(path) if path else None
+
+
+class _Progress:
+    """Instrument that shows which pass is running (on a terminal)."""
+
+    def __init__(self, status):
+        self.status = status
+
+    def before_pass(self, p: Pass, iteration: int) -> None:
+        self.status.update(f"iteration {iteration}: {p.name}")
+
+    def after_pass(self, p: Pass, entry: TraceEntry) -> None:
+        if entry.status == "rolled-back":
+            err.print(f"[yellow]rolled back[/] {p.name}: {entry.reason}", highlight=False)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Where to write the result (an .onnx file for --target ort).")
+@click.option("-t", "--target", default=api.DEFAULT_TARGET, show_default=True,
+              help="Target to optimize for (see `graphopt targets`).")
+@click.option("-p", "--passes", help="Pipeline instead of the target's, e.g. "
+              "'fold-constants,eliminate-dead-code'.")
+@click.option("--skip", help="Comma-separated passes to leave out.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the JSON report here.")
+@click.option("--strict", is_flag=True, help="Fail if any pass is rolled back.")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False),
+              help="Inputs (.npz) to verify on instead of random probe inputs.")
+@click.option("--input-shape", multiple=True, help="NAME=1x3x224x224 for probe inputs.")
+@click.option("--rtol", type=float, default=1e-4, show_default=True)
+@click.option("--atol", type=float, default=1e-5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def optimize(model, output, target, passes, skip, report_path, strict, data, input_shape,
+             rtol, atol, seed):
+    """Optimize MODEL for a target and write the verified result to OUTPUT."""
+    if output.resolve() == model.resolve():
+        raise UsageError("the output would overwrite the input model",
+                         hint="choose another -o path; graphopt never modifies its input")
+    with err.status("loading", spinner="dots") as status:
+        result = api.optimize(
+            model, target=target, passes=passes, output=output, strict=strict,
+            skip=[s.strip() for s in skip.split(",") if s.strip()] if skip else (),
+            data=_load_data(data), input_shapes=_parse_shapes(input_shape),
+            tolerance=verify.Tolerance(rtol=rtol, atol=atol), seed=seed,
+            instruments=[_Progress(status)])
+    report = result.report
+    if report_path:
+        _write_atomic(report_path, json.dumps(report, indent=2, default=float))
+    _print_summary(report)
+
+
+def _print_summary(report: dict) -> None:
+    before, after = report["input"], report["output"]
+    table = Table(title=f"graphopt → {report['target']} ({report['output_path']})")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    rows = [("nodes", "nodes", "{:,}"), ("parameters", "params", "{:,}"),
+            ("weight bytes", "weight_bytes", "{:,}"), ("FLOPs", "flops", "{:,.0f}"),
+            ("est. latency (µs)", "estimated_latency_s", None)]
+    for label, key, fmt in rows:
+        a, b = before[key], after[key]
+        if fmt is None:
+            sa, sb = f"{a * 1e6:,.1f}", f"{b * 1e6:,.1f}"
+        else:
+            sa, sb = fmt.format(a), fmt.format(b)
+        change = f"{(b - a) / a * 100:+.1f}%" if a else "—"
+        table.add_row(label, sa, sb, change)
+    err.print(table)
+    v = report["verification"]
+    if v.get("ok"):
+        err.print(f"verified: outputs match (max abs diff {v['max_abs_diff']:.3g})")
+    else:
+        err.print(f"[yellow]not verified:[/] {v.get('detail')}", highlight=False)
+    if report["rolled_back"]:
+        err.print(f"[yellow]rolled back:[/] {', '.join(report['rolled_back'])}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+@main.command("passes")
+@click.option("-l", "--long", "long_", is_flag=True,
+              help="Import each pass to show family, losslessness and options.")
+def list_passes(long_: bool) -> None:
+    """List the passes installed (from every distribution's entry points)."""
+    registry = pass_registry()
+    table = Table()
+    for col in ("pass", "distribution") + (("family", "lossless", "options", "about")
+                                            if long_ else ()):
+        table.add_column(col)
+    for name in registry.names():
+        info = registry.info(name)
+        row = [name, info.distribution]
+        if long_:
+            try:
+                cls = registry.get(name)
+                opts = ", ".join(f"{k.replace('_', '-')}={f.default!r}"
+                                 for k, f in option_fields(cls).items())
+                row += [cls.family, "yes" if cls.lossless else "no", opts, cls.describe()]
+            except GraphoptError as exc:
+                row += ["[red]broken[/]", "", "", str(exc)]
+        table.add_row(*row)
+    out.print(table)
+
+
+@main.command("targets")
+def list_targets() -> None:
+    """List the targets installed, what each produces and whether it works here."""
+    registry = target_registry()
+    table = Table()
+    for col in ("target", "distribution", "produces", "available here"):
+        table.add_column(col)
+    for name in registry.names():
+        info = registry.info(name)
+        try:
+            target = registry.get(name)()
+            missing = target.availability()
+            table.add_row(name, info.distribution, target.produces,
+                          "yes" if missing is None else f"no: {missing}")
+        except GraphoptError as exc:
+            table.add_row(name, info.distribution, "", f"[red]broken:[/] {exc}")
+    out.print(table)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-t", "--target", default=api.DEFAULT_TARGET, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--top", type=int, default=10, show_default=True, help="Heaviest nodes shown.")
+def inspect(model, target, as_json, top):
+    """Op histogram, parameters, size, FLOPs, activation memory, estimated latency."""
+    summary = api.inspect(model, target=target)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(top=top), indent=2, default=float))
+        return
+    out.print(f"[bold]{model}[/] on {summary.device}")
+    out.print(f"nodes {summary.nodes:,}   parameters {summary.params:,}   "
+              f"weights {summary.weight_bytes / 2**20:,.2f} MiB   "
+              f"FLOPs {summary.flops / 1e9:,.3f} G   "
+              f"peak activations {summary.peak_activation_bytes / 2**20:,.2f} MiB   "
+              f"est. latency {summary.latency_s * 1e3:,.3f} ms", highlight=False)
+    if not summary.shapes_known:
+        out.print("[yellow]shape inference failed: figures count unknown sizes as 1[/]")
+    ops = Table(title="ops")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, count in summary.ops.items():
+        ops.add_row(op, str(count))
+    out.print(ops)
+    heavy = Table(title=f"heaviest {top} nodes")
+    for col in ("node", "op", "MFLOPs", "KiB moved", "est. µs"):
+        heavy.add_column(col, justify="right" if col not in ("node", "op") else "left")
+    for n in summary.heaviest[:top]:
+        heavy.add_row(n.name, n.op_type, f"{n.flops / 1e6:,.2f}", f"{n.bytes / 1024:,.1f}",
+                      f"{n.latency_s * 1e6:,.2f}")
+    out.print(heavy)
+
+
+@main.command("compare")
+@click.argument("model_a", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model_b", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(exists=True, dir_okay=False),
+              help="Inputs (.npz) to run; default: random probe inputs.")
+@click.option("--input-shape", multiple=True, help="NAME=1x3x224x224 for probe inputs.")
+@click.option("--rtol", type=float, default=1e-4, show_default=True)
+@click.option("--atol", type=float, default=1e-5, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def compare_cmd(model_a, model_b, data, input_shape, rtol, atol, as_json):
+    """Numeric diff of two models' outputs (exit 4 when they differ)."""
+    result = api.compare(model_a, model_b, data=_load_data(data),
+                         tolerance=verify.Tolerance(rtol=rtol, atol=atol),
+                         input_shapes=_parse_shapes(input_shape))
+    if as_json:
+        click.echo(json.dumps(result.summary(), indent=2, default=float))
+    else:
+        table = Table()
+        for col in ("output", "max abs diff", "max rel diff", "match"):
+            table.add_column(col)
+        for o in result.outputs:
+            table.add_row(o.name, f"{o.max_abs:.3g}", f"{o.max_rel:.3g}",
+                          "yes" if o.ok else f"[red]no[/] {o.note}")
+        out.print(table)
+    if not result.ok:
+        sys.exit(4)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Cost models: what a model costs to run on a device.
+
+``AnalyticCostModel`` is a roofline model: each node's latency is the larger of its
+compute time (FLOPs / the device's peak for the dtype, scaled by a per-op efficiency) and
+its memory time (bytes moved / bandwidth), plus a fixed per-node dispatch overhead. It is
+deterministic and needs only shapes, so it can rank rewrites before anything runs.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+if typing.TYPE_CHECKING:
+    from graphopt.ir import Model
+
+
+@dataclass(frozen=True)
+class Device:
+    """The figures of a device the cost model needs."""
+
+    name: str
+    peak_flops: dict[str, float]  # dtype name -> FLOP/s (all cores)
+    bandwidth: float  # bytes/s from main memory
+    cores: int = 1
+    node_overhead_s: float = 2e-6  # per-node dispatch cost
+
+    def peak(self, dtype: str) -> float:
+        return self.peak_flops.get(dtype, self.peak_flops.get("float32", 1e11))
+
+
+@dataclass
+class NodeCost:
+    name: str
+    op_type: str
+    flops: float
+    bytes: float
+    latency_s: float
+
+
+@dataclass
+class Cost:
+    latency_s: float
+    flops: float
+    bytes: float
+    params: int
+    nodes: list[NodeCost] = field(default_factory=list)
+
+
+class CostModel(Protocol):
+    def estimate(self, model: "Model", device: Device) -> Cost: ...
+
+
+# How close to peak each op family gets; everything else is memory-bound elementwise work.
+_EFFICIENCY = {"Conv": 0.6, "ConvTranspose": 0.5, "MatMul": 0.7, "Gemm": 0.7,
+               "Attention": 0.6, "MultiHeadAttention": 0.6, "FusedConv": 0.6}
+# Ops that move no data at run time in any serious runtime (views, metadata).
+_FREE = {"Shape", "Size", "Constant", "Identity", "Reshape", "Squeeze", "Unsqueeze",
+         "Flatten"}
+
+
+class AnalyticCostModel:
+    """Roofline estimate from static shapes; unknown dimensions count as 1."""
+
+    def estimate(self, model: "Model", device: Device) -> Cost:
+        nodes = [self.node_cost(node, device) for graph in model.all_graphs()
+                 for node in graph.nodes]
+        return Cost(
+            latency_s=sum(n.latency_s for n in nodes),
+            flops=sum(n.flops for n in nodes),
+            bytes=sum(n.bytes for n in nodes),
+            params=model.num_params(),
+            nodes=nodes,
+        )
+
+    def node_cost(self, node: gs.Node, device: Device) -> NodeCost:
+        flops = node_flops(node)
+        moved = 0.0 if node.op in _FREE else float(sum(tensor_bytes(t) for t in
+                                                       [*node.inputs, *node.outputs]))
+        dtype = _dtype_name(node.outputs[0]) if node.outputs else "float32"
+        compute_s = flops / (device.peak(dtype) * _EFFICIENCY.get(node.op, 0.25))
+        memory_s = moved / device.bandwidth
+        latency = max(compute_s, memory_s) + device.node_overhead_s
+        return NodeCost(node.name, node.op, flops, moved, latency)
+
+
+def numel(tensor: gs.Tensor | None) -> int:
+    if tensor is None or tensor.shape is None:
+        return 0
+    return int(np.prod([d if isinstance(d, int) and d >= 0 else 1 for d in tensor.shape]))
+
+
+def tensor_bytes(tensor: gs.Tensor) -> int:
+    if not tensor.name and not isinstance(tensor, gs.Constant):
+        return 0  # an omitted optional input
+    try:
+        itemsize = np.dtype(tensor.dtype).itemsize if tensor.dtype is not None else 4
+    except TypeError:
+        itemsize = 4
+    return numel(tensor) * itemsize
+
+
+def node_flops(node: gs.Node) -> float:
+    """Multiply-adds count as two FLOPs."""
+    out = node.outputs[0] if node.outputs else None
+    op = node.op
+    if op in ("Conv", "FusedConv", "ConvInteger", "QLinearConv", "ConvTranspose"):
+        weight = node.inputs[1] if op != "QLinearConv" else node.inputs[3]
+        if weight.shape is None:
+            return 0.0
+        # weight: [M, C/group, k...]; each output (ConvTranspose: input) element needs
+        # C/group * prod(k) MACs.
+        per_out = int(np.prod([d if isinstance(d, int) else 1 for d in weight.shape[1:]]))
+        if op == "ConvTranspose":
+            return 2.0 * numel(node.inputs[0]) * int(np.prod(
+                [d if isinstance(d, int) else 1 for d in weight.shape[1:]]))
+        return 2.0 * numel(out) * per_out
+    if op in ("MatMul", "MatMulInteger", "Gemm", "MatMulNBits", "FusedMatMul"):
+        a = node.inputs[0]
+        if a.shape is None or not a.shape:
+            return 0.0
+        k = a.shape[-1]
+        if op == "Gemm" and node.attrs.get("transA", 0):
+            k = a.shape[0]
+        k = k if isinstance(k, int) else 1
+        return 2.0 * numel(out) * k
+    if op in ("Attention", "MultiHeadAttention"):
+        q = node.inputs[0]
+        if q.shape is None or len(q.shape) < 2:
+            return 0.0
+        seq = q.shape[-2] if isinstance(q.shape[-2], int) else 1
+        return 4.0 * numel(out) * seq
+    if op in ("Softmax", "LayerNormalization", "SkipLayerNormalization", "Gelu", "FastGelu",
+              "BiasGelu", "Erf", "Tanh", "Sigmoid", "HardSwish", "Exp", "Log"):
+        return 8.0 * numel(out)
+    if op in ("BatchNormalization", "InstanceNormalization"):
+        return 4.0 * numel(out)
+    if op.startswith("Reduce") or op in ("GlobalAveragePool", "GlobalMaxPool"):
+        return float(numel(node.inputs[0]))
+    if op in ("MaxPool", "AveragePool"):
+        kernel = node.attrs.get("kernel_shape", [1])
+        return float(numel(out) * int(np.prod(kernel)))
+    return float(numel(out))
+
+
+def _dtype_name(tensor: gs.Tensor) -> str:
+    try:
+        return np.dtype(tensor.dtype).name if tensor.dtype is not None else "float32"
+    except TypeError:
+        return "float32"

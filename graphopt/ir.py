@@ -1,0 +1,302 @@
+"""The IR: an ONNX model held as an onnx-graphsurgeon graph plus the model-level fields
+graphsurgeon does not carry (metadata, doc string, domain, model version).
+
+Loading validates the input and turns every way it can be broken into a ``ModelError``
+naming the problem; saving is atomic and switches to external data when the model would
+not fit in a single protobuf (2 GB) or when asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Union
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+from graphopt.errors import ModelError
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Models whose tensors add up to more than this are saved with external data.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+
+ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, "Model"]
+
+
+@dataclass
+class Model:
+    """An ONNX model under optimization.
+
+    ``graph`` is the onnx-graphsurgeon graph passes edit; ``meta`` holds the model-level
+    fields of the original proto (its graph is left empty).
+    """
+
+    graph: gs.Graph
+    meta: onnx.ModelProto = field(default_factory=onnx.ModelProto)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto) -> "Model":
+        meta = onnx.ModelProto()
+        meta.CopyFrom(proto)
+        meta.ClearField("graph")
+        meta.ClearField("functions")
+        try:
+            graph = gs.import_onnx(proto)
+        except Exception as exc:  # graphsurgeon raises bare exceptions on malformed graphs
+            raise ModelError(f"cannot import the model graph: {exc}") from exc
+        return cls(graph=graph, meta=meta)
+
+    def to_onnx(self) -> onnx.ModelProto:
+        """Export to a ``ModelProto`` (nodes in topological order)."""
+        self.graph.toposort(recurse_subgraphs=True)
+        proto = gs.export_onnx(self.graph, do_type_check=False)
+        for name in ("domain", "model_version", "doc_string", "producer_name", "producer_version"):
+            if getattr(self.meta, name) and not getattr(proto, name):
+                setattr(proto, name, getattr(self.meta, name))
+        if self.graph.ir_version is None and self.meta.ir_version:
+            proto.ir_version = self.meta.ir_version
+        proto.metadata_props.extend(self.meta.metadata_props)
+        return proto
+
+    def clone(self) -> "Model":
+        return Model.from_proto(self.to_onnx())
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def opset(self) -> int:
+        """Version of the default (ai.onnx) domain."""
+        return self.opset_imports.get("", self.graph.opset)
+
+    @property
+    def opset_imports(self) -> dict[str, int]:
+        domains = self.graph.import_domains or [onnx.helper.make_opsetid("", self.graph.opset)]
+        return {("" if d.domain == "ai.onnx" else d.domain): d.version for d in domains}
+
+    def require_opset(self, domain: str, version: int = 1) -> None:
+        """Make sure ``domain`` is imported (a pass that emits its ops calls this)."""
+        if domain in self.opset_imports:
+            return
+        if self.graph.import_domains is None:
+            self.graph.import_domains = [onnx.helper.make_opsetid("", self.graph.opset)]
+        self.graph.import_domains.append(onnx.helper.make_opsetid(domain, version))
+
+    def all_graphs(self) -> Iterator[gs.Graph]:
+        """The main graph, then every subgraph (If/Loop/Scan bodies), recursively."""
+        yield self.graph
+        yield from self.graph.subgraphs(recursive=True)
+
+    def num_nodes(self) -> int:
+        return sum(len(g.nodes) for g in self.all_graphs())
+
+    def num_params(self) -> int:
+        return sum(int(np.prod(t.shape)) for t in self.initializers())
+
+    def initializers(self) -> list[gs.Constant]:
+        seen: dict[int, gs.Constant] = {}
+        for g in self.all_graphs():
+            for tensor in g.tensors().values():
+                if isinstance(tensor, gs.Constant):
+                    seen.setdefault(id(tensor), tensor)
+        return list(seen.values())
+
+    def content_hash(self) -> str:
+        """SHA-256 of the model's deterministic serialization (works above 2 GB)."""
+        return proto_hash(self.to_onnx())
+
+    # ------------------------------------------------------------------ analysis
+    def infer_shapes(self) -> None:
+        """Run ONNX shape inference (with data propagation) and adopt its results.
+
+        Raises ``ModelError`` when inference fails: a failure is never swallowed.
+        """
+        inferred = infer_shapes(self.to_onnx())
+        self.graph = gs.import_onnx(inferred)
+
+
+def infer_shapes(proto: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
+    """Shape-infer ``proto``; models over the protobuf limit go through a temporary file."""
+    try:
+        if proto.ByteSize() < PROTOBUF_LIMIT:
+            return onnx.shape_inference.infer_shapes(proto, strict_mode=strict, data_prop=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
+            onnx.save_model(proto, src, save_as_external_data=True, location="in.data")
+            onnx.shape_inference.infer_shapes_path(src, dst, strict_mode=strict, data_prop=True)
+            return onnx.load(dst)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise ModelError(f"shape inference failed: {_first_line(exc)}") from exc
+
+
+def proto_hash(proto: onnx.ModelProto) -> str:
+    """SHA-256 over the model: tensor bytes hashed one by one so size does not matter."""
+    digest = hashlib.sha256()
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(proto)
+    for tensor in _all_tensors(stripped):
+        digest.update(tensor.name.encode())
+        digest.update(onnx.numpy_helper.to_array(tensor).tobytes())
+        for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                     "uint64_data", "string_data"):
+            tensor.ClearField(name)
+    digest.update(stripped.SerializeToString(deterministic=True))
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------- loading
+def load(source: ModelSource) -> Model:
+    """Load and validate a model from a path, bytes, a ``ModelProto`` or a ``Model``."""
+    if isinstance(source, Model):
+        return source.clone()
+    if isinstance(source, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(source)
+        base_dir = None
+    elif isinstance(source, (bytes, bytearray)):
+        proto = _parse(bytes(source), "<bytes>")
+        base_dir = None
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ModelError(f"{path}: no such file")
+        if not path.is_file():
+            raise ModelError(f"{path}: not a file")
+        proto = _parse(path.read_bytes(), str(path))
+        base_dir = path.resolve().parent
+    _load_external_data(proto, base_dir)
+    validate(proto)
+    return Model.from_proto(proto)
+
+
+def validate(proto: onnx.ModelProto) -> None:
+    """Raise ``ModelError`` unless ``proto`` is a structurally valid ONNX model."""
+    if not proto.HasField("graph") or not proto.opset_import:
+        raise ModelError("not an ONNX model: it has no graph or no opset import",
+                         hint="is the file truncated, or not an .onnx file?")
+    known = {("" if o.domain == "ai.onnx" else o.domain) for o in proto.opset_import}
+    known |= {f.domain for f in proto.functions}
+    for node in _all_nodes(proto):
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if domain not in known:
+            raise ModelError(
+                f"node {node.name or node.op_type!r} ({node.op_type}) uses op domain "
+                f"{domain!r}, which the model does not import",
+                hint="add the domain to the model's opset_import, or remove the node")
+    try:
+        if proto.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(f"invalid ONNX model: {_first_line(exc)}") from exc
+
+
+def _parse(data: bytes, where: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except DecodeError as exc:
+        raise ModelError(f"{where}: not a readable ONNX file ({exc})",
+                         hint="the file may be truncated or not an ONNX model") from exc
+    if not proto.HasField("graph"):
+        raise ModelError(f"{where}: not an ONNX model (no graph found)",
+                         hint="the file may be truncated or not an ONNX model")
+    return proto
+
+
+def _load_external_data(proto: onnx.ModelProto, base_dir: Path | None) -> None:
+    """Check every external-data reference stays inside the model's folder, then load."""
+    external = [t for t in _all_tensors(proto) if uses_external_data(t)]
+    if not external:
+        return
+    if base_dir is None:
+        raise ModelError("the model references external data but was not loaded from a file",
+                         hint="load it from its path so the data file can be found")
+    for tensor in external:
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (base_dir / location).resolve()
+        if os.path.isabs(location) or not target.is_relative_to(base_dir):
+            raise ModelError(f"tensor {tensor.name!r}: external data path {location!r} points "
+                             f"outside the model's folder", hint="refusing to read it")
+        if not target.is_file():
+            raise ModelError(f"tensor {tensor.name!r}: external data file {location!r} is "
+                             f"missing", hint=f"expected it at {target}")
+        needed = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if needed > target.stat().st_size:
+            raise ModelError(f"tensor {tensor.name!r}: external data file {location!r} is "
+                             f"shorter than the tensor needs (truncated?)")
+    load_external_data_for_model(proto, str(base_dir))
+
+
+# ---------------------------------------------------------------------- saving
+def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
+         external_data: bool | None = None) -> Path:
+    """Write atomically. ``external_data=None`` decides by size (2 GB protobuf limit).
+
+    External data goes to ``<name>.data`` beside the model. Files appear only when fully
+    written: they are written to a temporary folder next to the target and moved in.
+    """
+    proto = model.to_onnx() if isinstance(model, Model) else model
+    path = Path(path)
+    if external_data is None:
+        external_data = _tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        tmp_path = Path(tmp) / path.name
+        if external_data:
+            data_name = path.name + ".data"
+            onnx.save_model(proto, tmp_path, save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name,
+                            size_threshold=1024)
+            os.replace(Path(tmp) / data_name, path.parent / data_name)
+        else:
+            tmp_path.write_bytes(proto.SerializeToString())
+        os.replace(tmp_path, path)
+    return path
+
+
+# ---------------------------------------------------------------------- helpers
+def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_graphs(sub)
+
+
+def _all_nodes(proto: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+    for graph in _all_graphs(proto.graph):
+        yield from graph.node
+    for function in proto.functions:
+        yield from function.node
+
+
+def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    for graph in _all_graphs(proto.graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+
+
+def _tensor_bytes(proto: onnx.ModelProto) -> int:
+    total = 0
+    for tensor in _all_tensors(proto):
+        count = int(np.prod(tensor.dims)) if tensor.dims else 1
+        total += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return total
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

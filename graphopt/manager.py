@@ -1,0 +1,227 @@
+"""The pass manager: runs a pipeline, checks the model after every pass, rolls back a pass
+that breaks it, iterates to a fixpoint and records a trace.
+
+Checks after a pass that changed the model:
+
+* structure: the model exports (nodes in topological order, no cycle), passes the ONNX
+  checker, and passes strict shape inference if the model before the pass did;
+* numbers: a lossless pass must keep the outputs on the probe inputs within tolerance of
+  the model before it; a lossy pass must keep them within the accuracy budget of the
+  original (minimum cosine similarity, ``PassContext.tolerance``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+import onnx
+
+from graphopt import verify
+from graphopt.errors import GraphoptError, VerificationError
+from graphopt.ir import Model, infer_shapes
+from graphopt.pass_infra import Pass, PassContext, PassResult
+
+DEFAULT_MAX_ITERATIONS = 8
+DEFAULT_LOSSY_TOLERANCE = 0.99  # minimum output cosine similarity
+
+
+@dataclass
+class TraceEntry:
+    pass_name: str
+    iteration: int
+    status: str  # "changed", "unchanged" or "rolled-back"
+    nodes_before: int
+    nodes_after: int
+    seconds: float
+    cost_before_s: float | None = None
+    cost_after_s: float | None = None
+    stats: dict = field(default_factory=dict)
+    reason: str = ""
+
+    @property
+    def changed(self) -> bool:
+        return self.status == "changed"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "changed": self.changed}
+
+
+class Instrument(Protocol):
+    """Hooks around each pass (progress display, dumps, profiling)."""
+
+    def before_pass(self, p: Pass, iteration: int) -> None: ...
+
+    def after_pass(self, p: Pass, entry: TraceEntry) -> None: ...
+
+
+@dataclass
+class _State:
+    """The last accepted model: its proto, whether strict shape inference holds, outputs."""
+
+    proto: onnx.ModelProto
+    shapes_ok: bool
+    outputs: list[verify.Feeds] | None
+
+
+class PassManager:
+    def __init__(self, passes: Sequence[Pass], ctx: PassContext | None = None, *,
+                 strict: bool = False, max_iterations: int = DEFAULT_MAX_ITERATIONS,
+                 tolerance: verify.Tolerance = verify.Tolerance(),
+                 probe_feeds: list[verify.Feeds] | None = None,
+                 instruments: Sequence[Instrument] = ()):
+        self.passes = list(passes)
+        self.ctx = ctx or PassContext()
+        self.strict = strict
+        self.max_iterations = max_iterations
+        self.tolerance = tolerance
+        self.probe_feeds = probe_feeds
+        self.instruments = list(instruments)
+        self.trace: list[TraceEntry] = []
+        self.numeric_check: str = "not run"  # why numbers could not be checked, if so
+
+    def run(self, model: Model) -> Model:
+        """Optimize ``model`` in place (and return it)."""
+        state = self._initial_state(model)
+        original_outputs = state.outputs
+        for iteration in range(1, self.max_iterations + 1):
+            changed_any = False
+            for p in self.passes:
+                for instrument in self.instruments:
+                    instrument.before_pass(p, iteration)
+                entry, state = self._run_one(p, model, state, iteration, original_outputs)
+                self.trace.append(entry)
+                for instrument in self.instruments:
+                    instrument.after_pass(p, entry)
+                changed_any |= entry.changed
+            if not changed_any:
+                break
+        return model
+
+    # ------------------------------------------------------------------ internals
+    def _initial_state(self, model: Model) -> _State:
+        proto = model.to_onnx()
+        inferred = _infer_strict(proto)
+        shapes_ok = inferred is not None
+        if shapes_ok:
+            proto = inferred
+            model.graph = Model.from_proto(proto).graph
+        outputs = None
+        try:
+            feeds = self.probe_feeds or verify.probe_inputs(proto, seed=self.ctx.seed)
+            self.probe_feeds = feeds
+            outputs = [verify.run(proto, f) for f in feeds]
+            self.numeric_check = "ok"
+        except GraphoptError as exc:
+            self.numeric_check = f"skipped: {exc}"
+        except Exception as exc:  # ORT cannot run the model (custom ops, ...)
+            self.numeric_check = f"skipped: ONNX Runtime cannot run the model: " \
+                                 f"{_first_line(exc)}"
+        return _State(proto, shapes_ok, outputs)
+
+    def _run_one(self, p: Pass, model: Model, state: _State, iteration: int,
+                 original_outputs: list[verify.Feeds] | None) -> tuple[TraceEntry, _State]:
+        nodes_before = model.num_nodes()
+        cost_before = self._cost(model)
+        start = time.perf_counter()
+        entry = TraceEntry(p.name, iteration, "unchanged", nodes_before, nodes_before, 0.0,
+                           cost_before, cost_before)
+        try:
+            result = p.run(model, self.ctx)
+            if not isinstance(result, PassResult):
+                raise TypeError(f"run() returned {type(result).__name__}, not PassResult")
+            entry.stats = dict(result.stats)
+            if result.changed:
+                new_state = self._check(p, model, state, original_outputs)
+                entry.status = "changed"
+                entry.nodes_after = model.num_nodes()
+                entry.cost_after_s = self._cost(model)
+                state = new_state
+        except _Rejected as exc:
+            entry.reason = str(exc)
+        except Exception as exc:
+            entry.reason = f"raised {type(exc).__name__}: {_first_line(exc)}"
+        entry.seconds = time.perf_counter() - start
+        if entry.reason:
+            model.graph = Model.from_proto(state.proto).graph
+            entry.status = "rolled-back"
+            entry.nodes_after = nodes_before
+            entry.cost_after_s = cost_before
+            self.ctx.logger.warning("pass %s rolled back: %s", p.name, entry.reason)
+            if self.strict:
+                raise VerificationError(f"pass {p.name!r} broke the model: {entry.reason}",
+                                        hint="drop it with --skip, or run without --strict")
+        return entry, state
+
+    def _check(self, p: Pass, model: Model, state: _State,
+               original_outputs: list[verify.Feeds] | None) -> _State:
+        try:
+            proto = model.to_onnx()
+        except Exception as exc:
+            raise _Rejected(f"cannot export the graph: {_first_line(exc)}") from exc
+        try:
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as exc:
+            raise _Rejected(f"ONNX checker: {_first_line(exc)}") from exc
+        if state.shapes_ok:
+            proto = _infer_strict(proto)
+            if proto is None:
+                raise _Rejected("strict shape inference fails after the pass")
+        outputs = None
+        if state.outputs is not None:
+            try:
+                outputs = [verify.run(proto, f) for f in self.probe_feeds]
+            except Exception as exc:
+                raise _Rejected(f"ONNX Runtime cannot run the result: {_first_line(exc)}")
+            if p.lossless:
+                for before, after in zip(state.outputs, outputs):
+                    diff = verify.compare(before, after, self.tolerance)
+                    if not diff.ok:
+                        worst = diff.worst()
+                        raise _Rejected(f"output {worst.name!r} changed (max abs diff "
+                                        f"{worst.max_abs:.3g}{', ' + worst.note if worst.note else ''})")
+            else:
+                floor = self.ctx.tolerance or DEFAULT_LOSSY_TOLERANCE
+                cos = min_cosine(original_outputs, outputs)
+                if cos < floor:
+                    raise _Rejected(f"output cosine similarity {cos:.5f} is below the "
+                                    f"budget {floor}")
+        model.graph = Model.from_proto(proto).graph
+        return _State(proto, state.shapes_ok, outputs)
+
+    def _cost(self, model: Model) -> float | None:
+        if self.ctx.cost_model is None or self.ctx.device is None:
+            return None
+        return self.ctx.cost_model.estimate(model, self.ctx.device).latency_s
+
+
+class _Rejected(Exception):
+    """A pass's result failed a check; the message says which."""
+
+
+def min_cosine(reference: list[verify.Feeds], candidate: list[verify.Feeds]) -> float:
+    worst = 1.0
+    for ref, got in zip(reference, candidate):
+        for name, r in ref.items():
+            a = np.asarray(r, dtype=np.float64).ravel()
+            b = np.asarray(got[name], dtype=np.float64).ravel()
+            denom = np.linalg.norm(a) * np.linalg.norm(b)
+            cos = 1.0 if denom == 0 and np.array_equal(a, b) else float(a @ b / denom) \
+                if denom else 0.0
+            worst = min(worst, cos)
+    return worst
+
+
+def _infer_strict(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The shape-inferred model, or ``None`` when strict inference fails."""
+    try:
+        return infer_shapes(proto, strict=True)
+    except GraphoptError:
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,156 @@
+"""The pass API: what a pass is, what it receives and what it returns.
+
+A pass is a small class::
+
+    class EliminateIdentity(Pass):
+        name = "eliminate-identity"
+        family = "cleanup"
+        lossless = True
+
+        @dataclass(frozen=True)
+        class Options:
+            keep_dropout: bool = False
+
+        def run(self, model, ctx) -> PassResult:
+            ...
+            return PassResult(changed=removed > 0, stats={"removed": removed})
+
+A pass does one thing. It never verifies itself, prints, or reads global state: the
+``PassManager`` owns verification, iteration, timing and logging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import typing
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from graphopt.errors import UsageError
+
+if typing.TYPE_CHECKING:
+    from graphopt.cost import CostModel, Device
+    from graphopt.ir import Model
+    from graphopt.target import Target
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """Options of a pass that takes none."""
+
+
+@dataclass
+class PassResult:
+    changed: bool
+    stats: dict[str, int | float] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """Everything a pass may consult, passed in explicitly (never global)."""
+
+    target: "Target | None" = None
+    cost_model: "CostModel | None" = None
+    device: "Device | None" = None
+    calibration: list[dict[str, np.ndarray]] | None = None
+    tolerance: float | None = None
+    seed: int = 0
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("graphopt"))
+    rng: np.random.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+
+    def supports(self, op_type: str, domain: str = "") -> bool:
+        """Whether the target runs ``op_type`` (every op, when there is no target)."""
+        return self.target is None or self.target.supports(op_type, domain)
+
+
+class Pass(ABC):
+    """Base class of every pass. Subclasses set the class attributes and ``run``."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    lossless: ClassVar[bool] = True
+    Options: ClassVar[type] = NoOptions
+    # Ops (domain, op_type) the pass may emit; the pipeline drops a pass whose ops the
+    # target does not run.
+    emits: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def __init__(self, options: Any = None, **kwargs: Any):
+        if options is None:
+            options = make_options(type(self), kwargs)
+        elif kwargs:
+            raise TypeError("pass either an Options instance or keyword options, not both")
+        self.options = options
+
+    @abstractmethod
+    def run(self, model: "Model", ctx: PassContext) -> PassResult:
+        """Transform ``model`` in place and say whether anything changed."""
+
+    @classmethod
+    def describe(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{f.name}={getattr(self.options, f.name)!r}"
+                         for f in dataclasses.fields(self.options))
+        return f"{self.name}({opts})"
+
+
+def option_fields(pass_cls: type[Pass]) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(pass_cls.Options)}
+
+
+def make_options(pass_cls: type[Pass], raw: dict[str, Any]) -> Any:
+    """Build ``pass_cls.Options`` from names and (possibly string) values, validating both.
+
+    Option names may use dashes or underscores. Unknown names are an error that lists the
+    valid ones; values are converted to the declared field type.
+    """
+    fields = option_fields(pass_cls)
+    hints = typing.get_type_hints(pass_cls.Options)
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            valid = ", ".join(sorted(f.replace("_", "-") for f in fields)) or "none"
+            raise UsageError(f"pass {pass_cls.name!r} has no option {key!r}",
+                             hint=f"valid options: {valid}")
+        values[name] = _convert(pass_cls.name, key, value, hints[name])
+    try:
+        return pass_cls.Options(**values)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"pass {pass_cls.name!r}: {exc}") from exc
+
+
+def _convert(pass_name: str, key: str, value: Any, kind: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        non_none = [a for a in args if a is not type(None)]
+        if value.lower() == "none" and type(None) in args:
+            return None
+        kind = non_none[0]
+    try:
+        if kind is bool:
+            lowered = value.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return lowered in ("true", "1", "yes")
+        if kind in (int, float, str):
+            return kind(value)
+        if typing.get_origin(kind) is tuple:
+            item = typing.get_args(kind)[0]
+            return tuple(item(v) for v in value.split(";") if v)
+    except ValueError:
+        raise UsageError(f"pass {pass_name!r}: option {key!r} expects "
+                         f"{getattr(kind, '__name__', kind)}, got {value!r}") from None
+    return value

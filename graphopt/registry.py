@@ -1,0 +1,115 @@
+"""Plugin discovery through entry points.
+
+Passes live in the entry-point group ``graphopt.passes`` and targets in
+``graphopt.targets``; graphopt's own built-ins register there through its
+``pyproject.toml`` exactly as a third-party distribution would. A ``Registry`` lists
+names without importing anything, imports a plugin the first time it is used, and checks
+it is what the group promises. A plugin that fails is reported with its distribution and
+entry point and does not stop the others from working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Generic, TypeVar
+
+from graphopt.errors import PluginError, UsageError
+
+PASS_GROUP = "graphopt.passes"
+TARGET_GROUP = "graphopt.targets"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    distribution: str
+    value: str  # "module:attribute"
+
+
+class Registry(Generic[T]):
+    """The plugins of one entry-point group that are subclasses of ``base``."""
+
+    def __init__(self, group: str, base: type[T], kind: str):
+        self.group = group
+        self.base = base
+        self.kind = kind
+        self._entry_points: dict[str, EntryPoint] = {}
+        self._duplicates: dict[str, list[EntryPoint]] = {}
+        for ep in sorted(entry_points(group=group), key=lambda e: (e.name, _dist_name(e))):
+            if ep.name in self._entry_points:
+                self._duplicates.setdefault(ep.name, [self._entry_points[ep.name]]).append(ep)
+            else:
+                self._entry_points[ep.name] = ep
+        self._loaded: dict[str, type[T]] = {}
+
+    def names(self) -> list[str]:
+        return sorted(self._entry_points)
+
+    def info(self, name: str) -> PluginInfo:
+        ep = self._entry_point(name)
+        return PluginInfo(name=ep.name, distribution=_dist_name(ep), value=ep.value)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entry_points
+
+    def get(self, name: str) -> type[T]:
+        """Import and validate the plugin ``name`` (once); raise ``PluginError`` if broken."""
+        if name in self._loaded:
+            return self._loaded[name]
+        ep = self._entry_point(name)
+        where = f"{self.kind} {name!r} (entry point '{ep.name} = {ep.value}' of distribution " \
+                f"{_dist_name(ep)!r})"
+        if name in self._duplicates:
+            dists = ", ".join(repr(_dist_name(e)) for e in self._duplicates[name])
+            raise PluginError(f"{self.kind} name {name!r} is registered by several "
+                              f"distributions: {dists}", hint="uninstall one of them")
+        try:
+            obj = ep.load()
+        except Exception as exc:  # any import-time failure of third-party code
+            raise PluginError(f"{where} failed to import: {type(exc).__name__}: {exc}") from exc
+        if not (isinstance(obj, type) and issubclass(obj, self.base)):
+            raise PluginError(f"{where} is not a {self.base.__name__} subclass "
+                              f"(got {obj!r})")
+        declared = getattr(obj, "name", None)
+        if declared != name:
+            raise PluginError(f"{where} declares name {declared!r}; it must match the "
+                              f"entry-point name")
+        self._loaded[name] = obj
+        return obj
+
+    def load_all(self) -> tuple[dict[str, type[T]], dict[str, PluginError]]:
+        """Every plugin that loads, and the error of every one that does not."""
+        loaded, errors = {}, {}
+        for name in self.names():
+            try:
+                loaded[name] = self.get(name)
+            except PluginError as exc:
+                errors[name] = exc
+        return loaded, errors
+
+    def _entry_point(self, name: str) -> EntryPoint:
+        try:
+            return self._entry_points[name]
+        except KeyError:
+            valid = ", ".join(self.names()) or "none installed"
+            raise UsageError(f"unknown {self.kind} {name!r}", hint=f"valid: {valid}") from None
+
+
+def _dist_name(ep: EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return dist.metadata["Name"] if dist is not None else "<unknown>"
+
+
+def pass_registry() -> "Registry":
+    from graphopt.pass_infra import Pass
+
+    return Registry(PASS_GROUP, Pass, "pass")
+
+
+def target_registry() -> "Registry":
+    from graphopt.target import Target
+
+    return Registry(TARGET_GROUP, Target, "target")
