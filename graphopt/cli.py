@@ -36,9 +36,9 @@ class _App(click.Group):
         except GraphoptError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             if exc.hint:
-                err.print(f"hint: {exc.hint}", highlight=False)
+                err.print(f"hint: {exc.hint}", highlight=False, soft_wrap=True)
             ctx.exit(exc.exit_code)
 
 

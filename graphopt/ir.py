@@ -40,6 +40,10 @@ class Model:
 
     graph: gs.Graph
     meta: onnx.ModelProto = field(default_factory=onnx.ModelProto)
+    # Initializers that are also graph inputs (IR version >= 4): defaults a caller may
+    # override, so they are graph inputs (gs.Variable) here and become initializers again
+    # on export. Passes therefore never fold or merge them.
+    input_defaults: dict[str, np.ndarray] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -52,7 +56,12 @@ class Model:
             graph = gs.import_onnx(proto)
         except Exception as exc:  # graphsurgeon raises bare exceptions on malformed graphs
             raise ModelError(f"cannot import the model graph: {exc}") from exc
-        return cls(graph=graph, meta=meta)
+        defaults = {}
+        if proto.ir_version >= 4:
+            initializers = {t.name for t in proto.graph.initializer}
+            listed = [v.name for v in proto.graph.input if v.name in initializers]
+            defaults = _initializers_to_inputs(graph, proto, listed)
+        return cls(graph=graph, meta=meta, input_defaults=defaults)
 
     def to_onnx(self) -> onnx.ModelProto:
         """Export to a ``ModelProto`` (nodes in topological order)."""
@@ -64,7 +73,19 @@ class Model:
         if self.graph.ir_version is None and self.meta.ir_version:
             proto.ir_version = self.meta.ir_version
         proto.metadata_props.extend(self.meta.metadata_props)
+        self._restore_initializer_inputs(proto)
         return proto
+
+    def _restore_initializer_inputs(self, proto: onnx.ModelProto) -> None:
+        inputs = {v.name for v in proto.graph.input}
+        for name, value in self.input_defaults.items():
+            if name in inputs:
+                proto.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+        if proto.ir_version < 4:  # every initializer must also be listed as an input
+            for tensor in proto.graph.initializer:
+                if tensor.name not in inputs:
+                    proto.graph.input.append(onnx.helper.make_tensor_value_info(
+                        tensor.name, tensor.data_type, list(tensor.dims)))
 
     def clone(self) -> "Model":
         return Model.from_proto(self.to_onnx())
@@ -148,6 +169,28 @@ def proto_hash(proto: onnx.ModelProto) -> str:
             tensor.ClearField(name)
     digest.update(stripped.SerializeToString(deterministic=True))
     return digest.hexdigest()
+
+
+def _initializers_to_inputs(graph: gs.Graph, proto: onnx.ModelProto,
+                            names: list[str]) -> dict[str, np.ndarray]:
+    """Turn initializers that are also graph inputs into real graph inputs, in the
+    original input order, and return their default values."""
+    if not names:
+        return {}
+    tensors = graph.tensors()
+    defaults, variables = {}, {t.name: t for t in graph.inputs}
+    for name in names:
+        value = np.asarray(tensors[name].values) if name in tensors else \
+            onnx.numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == name))
+        defaults[name] = value
+        variables[name] = gs.Variable(name, dtype=value.dtype, shape=list(value.shape))
+        if name in tensors:
+            for node in list(tensors[name].outputs):
+                for i, tensor in enumerate(node.inputs):
+                    if tensor is tensors[name]:
+                        node.inputs[i] = variables[name]
+    graph.inputs = [variables[v.name] for v in proto.graph.input if v.name in variables]
+    return defaults
 
 
 # ---------------------------------------------------------------------- loading

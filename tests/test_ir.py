@@ -1,0 +1,174 @@
+"""The IR keeps everything a model carries and saves it safely."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+from onnx import TensorProto, numpy_helper
+
+import graphopt
+from graphopt import ir, verify
+
+
+def add_relu_model(opset: int) -> onnx.ModelProto:
+    bias = numpy_helper.from_array(np.arange(4, dtype=np.float32), "b")
+    graph = oh.make_graph(
+        [oh.make_node("Add", ["x", "b"], ["h"]), oh.make_node("Relu", ["h"], ["y"])],
+        "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [bias])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)])
+    if opset < 8:  # IR version 3: initializers must also be listed as graph inputs
+        model.ir_version = 3
+        model.graph.input.append(oh.make_tensor_value_info("b", TensorProto.FLOAT, [4]))
+    return model
+
+
+def function_model() -> onnx.ModelProto:
+    """A model-local function in a custom domain, metadata and a doc string."""
+    square_plus = oh.make_function(
+        "local.fn", "SquarePlus", ["a", "b"], ["c"],
+        [oh.make_node("Mul", ["a", "a"], ["sq"]), oh.make_node("Add", ["sq", "b"], ["c"])],
+        [oh.make_opsetid("", 17)])
+    graph = oh.make_graph(
+        [oh.make_node("SquarePlus", ["x", "x"], ["y"], domain="local.fn")], "g",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = oh.make_model(graph, functions=[square_plus],
+                          opset_imports=[oh.make_opsetid("", 17),
+                                         oh.make_opsetid("local.fn", 1)])
+    model.doc_string = "a documented model"
+    model.model_version = 7
+    model.domain = "org.example"
+    oh.set_model_props(model, {"author": "graphopt tests", "license": "MIT"})
+    return model
+
+
+@pytest.mark.parametrize("opset", range(7, onnx.defs.onnx_opset_version() + 1))
+def test_every_opset_loads_and_saves(opset, tmp_path):
+    original = add_relu_model(opset)
+    onnx.checker.check_model(original)
+    model = graphopt.load(original)
+    assert model.opset == opset
+    path = graphopt.save(model, tmp_path / "m.onnx")
+    reloaded = onnx.load(path)
+    onnx.checker.check_model(reloaded)
+    assert {o.domain: o.version for o in reloaded.opset_import} == {"": opset}
+    assert [n.op_type for n in reloaded.graph.node] == ["Add", "Relu"]
+    np.testing.assert_array_equal(numpy_helper.to_array(reloaded.graph.initializer[0]),
+                                  np.arange(4, dtype=np.float32))
+
+
+def test_functions_metadata_and_domains_survive(tmp_path):
+    model = graphopt.load(function_model())
+    path = graphopt.save(model, tmp_path / "m.onnx")
+    back = onnx.load(path)
+    onnx.checker.check_model(back)
+    assert [f.name for f in back.functions] == ["SquarePlus"]
+    assert {o.domain: o.version for o in back.opset_import}["local.fn"] == 1
+    assert {p.key: p.value for p in back.metadata_props} == {"author": "graphopt tests",
+                                                             "license": "MIT"}
+    assert (back.doc_string, back.model_version, back.domain) == \
+        ("a documented model", 7, "org.example")
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    np.testing.assert_allclose(verify.run(back, {"x": x})["y"], x * x + x, rtol=1e-6)
+
+
+def test_external_data_load_and_save(tmp_path):
+    weight = np.random.default_rng(1).standard_normal((256, 256)).astype(np.float32)
+    graph = oh.make_graph([oh.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                          [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 256])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 256])],
+                          [numpy_helper.from_array(weight, "W")])
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save_model(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]),
+                    src / "m.onnx", save_as_external_data=True, location="weights.bin",
+                    size_threshold=0)
+    model = graphopt.load(src / "m.onnx")
+    np.testing.assert_array_equal(model.graph.tensors()["W"].values, weight)
+
+    out = graphopt.save(model, tmp_path / "dst" / "m.onnx", external_data=True)
+    assert (out.parent / "m.onnx.data").stat().st_size == weight.nbytes
+    assert out.stat().st_size < 10_000
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(onnx.load(out).graph.initializer[0]), weight)
+    inline = graphopt.save(model, tmp_path / "inline.onnx")  # small: no external data
+    assert inline.stat().st_size > weight.nbytes
+    assert not (tmp_path / "inline.onnx.data").exists()
+
+
+def test_external_data_chosen_by_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(ir, "EXTERNAL_DATA_THRESHOLD", 1000)  # pretend 1 kB is 2 GB
+    path = graphopt.save(graphopt.load(add_relu_model(17)), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx.data").exists()  # 16 bytes of weights stay inline
+    big = function_model()
+    big.graph.initializer.append(numpy_helper.from_array(np.ones(4096, np.float32), "big"))
+    path = graphopt.save(graphopt.load(big), tmp_path / "big.onnx")
+    # "big" is unused, so it is dropped on export; the model stays small and inline.
+    assert not (tmp_path / "big.onnx.data").exists()
+    weight = numpy_helper.from_array(np.ones((4, 300), np.float32), "b")
+    model = add_relu_model(17)
+    model.graph.initializer[0].CopyFrom(weight)
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 300
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 300
+    path = graphopt.save(graphopt.load(model), tmp_path / "ext.onnx")
+    assert (tmp_path / "ext.onnx.data").stat().st_size == 4 * 300 * 4
+    assert path.stat().st_size < 4 * 300 * 4
+
+
+def test_save_is_atomic_and_leaves_no_temporaries(tmp_path):
+    model = graphopt.load(add_relu_model(17))
+    graphopt.save(model, tmp_path / "m.onnx")
+    graphopt.save(model, tmp_path / "m.onnx")  # overwrite in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_content_hash_is_deterministic_and_sensitive():
+    a = graphopt.load(add_relu_model(17))
+    b = graphopt.load(add_relu_model(17))
+    assert a.content_hash() == b.content_hash() == a.clone().content_hash()
+    b.graph.tensors()["b"].values = np.arange(4, dtype=np.float32) + 1
+    assert a.content_hash() != b.content_hash()
+
+
+def test_clone_is_independent():
+    a = graphopt.load(add_relu_model(17))
+    b = a.clone()
+    b.graph.nodes.pop()
+    assert a.num_nodes() == 2 and b.num_nodes() == 1
+
+
+def test_load_accepts_path_bytes_and_proto(tmp_path):
+    proto = add_relu_model(13)
+    onnx.save(proto, tmp_path / "m.onnx")
+    for source in (proto, proto.SerializeToString(), tmp_path / "m.onnx",
+                   str(tmp_path / "m.onnx")):
+        assert graphopt.load(source).num_nodes() == 2
+
+
+def test_initializers_listed_as_inputs_stay_overridable(tmp_path):
+    """IR >= 4: an initializer that is also a graph input is a default the caller may
+    override; it must stay an input (and never be treated as a constant)."""
+    model = add_relu_model(13)
+    model.graph.input.append(oh.make_tensor_value_info("b", TensorProto.FLOAT, [4]))
+    unused = numpy_helper.from_array(np.ones(2, np.float32), "unused_default")
+    model.graph.initializer.append(unused)
+    model.graph.input.append(oh.make_tensor_value_info("unused_default", TensorProto.FLOAT, [2]))
+    loaded = graphopt.load(model)
+    assert "b" in [t.name for t in loaded.graph.inputs]
+    result = graphopt.optimize(model)
+    back = result.model.to_onnx()
+    assert [v.name for v in back.graph.input] == ["x", "b", "unused_default"]
+    assert {t.name for t in back.graph.initializer} == {"b", "unused_default"}
+    x = np.zeros((1, 4), np.float32)
+    override = {"x": x, "b": np.full(4, -5.0, np.float32)}
+    np.testing.assert_array_equal(verify.run(back, override)["y"], np.zeros((1, 4)))
+    np.testing.assert_array_equal(verify.run(back, {"x": x})["y"], [np.arange(4)])
+
+
+def test_ir3_initializers_are_listed_as_inputs_again():
+    back = graphopt.load(add_relu_model(7)).to_onnx()
+    onnx.checker.check_model(back)
+    assert [v.name for v in back.graph.input] == ["x", "b"]
