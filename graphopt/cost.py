@@ -15,6 +15,8 @@ from typing import Protocol
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.errors import GraphoptError
+
 if typing.TYPE_CHECKING:
     from graphopt.ir import Model
 
@@ -67,6 +69,12 @@ class AnalyticCostModel:
     """Roofline estimate from static shapes; unknown dimensions count as 1."""
 
     def estimate(self, model: "Model", device: Device) -> Cost:
+        if not _shapes_known(model):
+            model = model.clone()
+            try:
+                model.infer_shapes()
+            except GraphoptError:
+                pass  # estimate with what is known; unknown sizes count as 1
         nodes = [self.node_cost(node, device) for graph in model.all_graphs()
                  for node in graph.nodes]
         return Cost(
@@ -86,6 +94,11 @@ class AnalyticCostModel:
         memory_s = moved / device.bandwidth
         latency = max(compute_s, memory_s) + device.node_overhead_s
         return NodeCost(node.name, node.op, flops, moved, latency)
+
+
+def _shapes_known(model: "Model") -> bool:
+    return all(t.shape is not None for g in model.all_graphs() for n in g.nodes
+               for t in n.outputs)
 
 
 def numel(tensor: gs.Tensor | None) -> int:

@@ -1,0 +1,94 @@
+"""The analytic cost model and `graphopt inspect`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+from onnx import TensorProto, numpy_helper
+
+import graphopt
+from graphopt.analysis import summarize
+from graphopt.cost import AnalyticCostModel, Device
+
+DEVICE = Device("test", peak_flops={"float32": 1e12}, bandwidth=1e10, node_overhead_s=0.0)
+
+
+def conv_matmul_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((16, 10)).astype(np.float32), "fc")]
+    nodes = [oh.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             oh.make_node("Relu", ["c"], ["r"]),
+             oh.make_node("GlobalAveragePool", ["r"], ["p"]),
+             oh.make_node("Flatten", ["p"], ["f"]),
+             oh.make_node("MatMul", ["f", "fc"], ["y"])]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+def test_flops_and_params_match_hand_counts():
+    summary = summarize(graphopt.load(conv_matmul_model()), DEVICE)
+    conv = 2 * 16 * 32 * 32 * (3 * 3 * 3)
+    relu = 16 * 32 * 32
+    pool = 16 * 32 * 32
+    matmul = 2 * 10 * 16
+    flatten = 16
+    assert summary.flops == conv + relu + pool + flatten + matmul
+    assert summary.params == 16 * 3 * 3 * 3 + 16 * 10
+    assert summary.weight_bytes == 4 * summary.params
+    assert summary.ops == {"Conv": 1, "Flatten": 1, "GlobalAveragePool": 1, "MatMul": 1, "Relu": 1}
+    latencies = [n.latency_s for n in summary.heaviest]
+    assert latencies == sorted(latencies, reverse=True)
+
+
+def test_peak_activation_memory_follows_liveness():
+    # x -> Relu -> a -> Relu -> b -> Relu -> y, 1000 floats each: at most two live at once,
+    # except that graph inputs live from the start.
+    nodes = [oh.make_node("Relu", ["x"], ["a"]), oh.make_node("Relu", ["a"], ["b"]),
+             oh.make_node("Relu", ["b"], ["y"])]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [1000])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [1000])])
+    model = graphopt.load(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]))
+    assert summarize(model, DEVICE).peak_activation_bytes == 2 * 4000
+
+
+def test_roofline_latency_is_compute_or_memory_bound():
+    cost = AnalyticCostModel().estimate(graphopt.load(conv_matmul_model()), DEVICE)
+    conv, relu = cost.nodes[0], cost.nodes[1]
+    # Conv: 1.77 MFLOP at 60% of 1 TFLOP/s = 2.9 µs; bytes 12 KiB+1.7 KiB+64 KiB at 10 GB/s = 8 µs
+    assert conv.latency_s == pytest.approx(max(conv.flops / (1e12 * 0.6), conv.bytes / 1e10))
+    assert relu.latency_s == pytest.approx(relu.bytes / 1e10)  # elementwise: memory bound
+    assert relu.bytes == 2 * 16 * 32 * 32 * 4
+    assert cost.latency_s == pytest.approx(sum(n.latency_s for n in cost.nodes))
+
+
+def test_dynamic_dims_count_as_one():
+    model = conv_matmul_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    fixed = summarize(graphopt.load(conv_matmul_model()), DEVICE)
+    dynamic = summarize(graphopt.load(model), DEVICE)
+    assert dynamic.flops == fixed.flops
+
+
+def test_inspect_cli_json(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_matmul_model(), path)
+    result = subprocess.run([sys.executable, "-m", "graphopt.cli", "inspect", str(path), "--json"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["params"] == 16 * 3 * 3 * 3 + 16 * 10
+    assert {n["op_type"] for n in data["heaviest_nodes"]} == {"Conv", "Relu", "GlobalAveragePool",
+                                                               "Flatten", "MatMul"}
+    assert data["estimated_latency_s"] > 0 and data["peak_activation_bytes"] > 0
+    text = subprocess.run([sys.executable, "-m", "graphopt.cli", "inspect", str(path)],
+                          capture_output=True, text=True)
+    assert text.returncode == 0 and "GlobalAveragePool" in text.stdout

@@ -1,0 +1,171 @@
+"""The pass manager: verification after each pass, rollback, fixpoint, trace."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+from onnx import TensorProto, numpy_helper
+
+import graphopt
+from graphopt import Pass, PassContext, PassResult, verify
+from graphopt.cost import AnalyticCostModel
+from graphopt.errors import VerificationError
+from graphopt.ir import load
+from graphopt.manager import PassManager
+from graphopt.rewrite import bypass, walk
+from graphopt.targets.ort import OrtTarget
+
+
+def chain_model() -> onnx.ModelProto:
+    """x -> Neg -> Neg -> Neg -> Neg -> Relu -> y: two double-negations."""
+    nodes = [oh.make_node("Neg", [f"t{i}"], [f"t{i + 1}"]) for i in range(4)]
+    nodes.append(oh.make_node("Relu", ["t4"], ["y"]))
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("t0", TensorProto.FLOAT, ["N", 8])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])])
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+class RemoveOneDoubleNeg(Pass):
+    """Removes one Neg pair per run, so only a fixpoint loop finishes the job."""
+
+    name = "remove-one-double-neg"
+    family = "test"
+
+    def run(self, model, ctx):
+        for graph, node in walk(model.all_graphs()):
+            if node.op == "Neg" and node.inputs[0].inputs and node.inputs[0].inputs[0].op == "Neg":
+                producer = node.inputs[0].inputs[0]
+                bypass(node, graph)
+                bypass(producer, graph)
+                return PassResult(True, {"removed": 2})
+        return PassResult(False)
+
+
+class BreakNumbers(Pass):
+    """Replaces Relu with Sigmoid: structurally valid, numerically wrong."""
+
+    name = "break-numbers"
+    family = "test"
+
+    def run(self, model, ctx):
+        for node in model.graph.nodes:
+            if node.op == "Relu":
+                node.op = "Sigmoid"
+                return PassResult(True)
+        return PassResult(False)
+
+
+class BreakStructure(Pass):
+    """Feeds Relu from a tensor nobody produces."""
+
+    name = "break-structure"
+    family = "test"
+
+    def run(self, model, ctx):
+        import onnx_graphsurgeon as gs
+        relu = next(n for n in model.graph.nodes if n.op == "Relu")
+        relu.inputs[0] = gs.Variable("dangling", dtype=np.float32, shape=["N", 8])
+        return PassResult(True)
+
+
+class Raises(Pass):
+    name = "raises"
+    family = "test"
+
+    def run(self, model, ctx):
+        model.graph.nodes.clear()  # half-done work that must be rolled back
+        raise RuntimeError("boom")
+
+
+class LossyScale(Pass):
+    """Adds ``noise`` to every other output element: lossy, judged by cosine similarity."""
+
+    name = "lossy-scale"
+    family = "test"
+    lossless = False
+
+    @dataclass(frozen=True)
+    class Options:
+        noise: float = 0.0
+
+    def run(self, model, ctx):
+        import onnx_graphsurgeon as gs
+        out = model.graph.outputs[0]
+        producer = out.inputs[0]
+        mid = gs.Variable("pre_noise", dtype=out.dtype, shape=out.shape)
+        producer.outputs[0] = mid
+        noise = gs.Constant("noise", (np.arange(8) % 2 * self.options.noise).astype(np.float32))
+        model.graph.nodes.append(gs.Node("Add", inputs=[mid, noise], outputs=[out]))
+        return PassResult(True)
+
+
+def run_manager(passes, **kwargs):
+    model = load(chain_model())
+    target = OrtTarget()
+    ctx = PassContext(target=target, cost_model=AnalyticCostModel(), device=target.device)
+    manager = PassManager(passes, ctx, **kwargs)
+    manager.run(model)
+    return model, manager
+
+
+def test_fixpoint_iterates_until_nothing_changes():
+    model, manager = run_manager([RemoveOneDoubleNeg()])
+    assert [n.op for n in model.graph.nodes] == ["Relu"]
+    assert [e.status for e in manager.trace] == ["changed", "changed", "unchanged"]
+    assert [e.nodes_after for e in manager.trace] == [3, 1, 1]
+    first = manager.trace[0]
+    assert first.cost_after_s < first.cost_before_s
+    assert first.stats == {"removed": 2} and first.seconds >= 0
+
+
+def test_max_iterations_bounds_the_loop():
+    model, manager = run_manager([RemoveOneDoubleNeg()], max_iterations=1)
+    assert model.num_nodes() == 3 and len(manager.trace) == 1
+
+
+@pytest.mark.parametrize("bad", [BreakNumbers(), BreakStructure(), Raises()],
+                         ids=lambda p: p.name)
+def test_broken_pass_is_rolled_back(bad):
+    model, manager = run_manager([bad, RemoveOneDoubleNeg()])
+    assert manager.trace[0].status == "rolled-back" and manager.trace[0].reason
+    # the model is as before the bad pass, and the later pass still ran
+    assert [n.op for n in model.graph.nodes] == ["Relu"]
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    np.testing.assert_array_equal(verify.run(model.to_onnx(), {"t0": x})["y"], np.maximum(x, 0))
+
+
+def test_rollback_reasons_name_the_problem():
+    _, manager = run_manager([BreakNumbers(), BreakStructure(), Raises()], max_iterations=1)
+    reasons = [e.reason for e in manager.trace]
+    assert "output 'y' changed" in reasons[0]
+    assert "dangling" in reasons[1] or "checker" in reasons[1].lower()
+    assert "RuntimeError: boom" in reasons[2]
+
+
+def test_strict_turns_rollback_into_error():
+    with pytest.raises(VerificationError, match="break-numbers"):
+        run_manager([BreakNumbers()], strict=True)
+
+
+def test_lossy_pass_is_judged_by_the_budget():
+    _, kept = run_manager([LossyScale(noise=1e-3)])
+    assert kept.trace[0].status == "changed"
+    _, rejected = run_manager([LossyScale(noise=5.0)])
+    assert rejected.trace[0].status == "rolled-back"
+    assert "cosine" in rejected.trace[0].reason
+
+
+def test_model_ort_cannot_run_is_still_checked_structurally():
+    """A custom-domain op ORT does not know: numbers cannot be compared, structure can."""
+    model = chain_model()
+    model.graph.node[4].op_type = "MyRelu"
+    model.graph.node[4].domain = "com.example"
+    model.opset_import.append(oh.make_opsetid("com.example", 1))
+    result = graphopt.optimize(model, passes=[RemoveOneDoubleNeg()])
+    assert result.report["verification"]["ok"] is None
+    assert "cannot run" in result.report["verification"]["detail"]
+    assert result.model.num_nodes() == 1
