@@ -133,13 +133,17 @@ class Model:
         return proto_hash(self.to_onnx())
 
     # ------------------------------------------------------------------ analysis
-    def infer_shapes(self) -> None:
+    def infer_shapes(self, symbolic: bool = False) -> None:
         """Run ONNX shape inference (with data propagation) and adopt its results.
 
+        ``symbolic=True`` adds ONNX Runtime's symbolic shape inference, which follows
+        shape arithmetic (Shape→Gather→Concat→Reshape) that ONNX's own inference loses.
         Raises ``ModelError`` when inference fails: a failure is never swallowed.
         """
         inferred = infer_shapes(self.to_onnx())
-        self.graph = gs.import_onnx(inferred)
+        if symbolic:
+            inferred = symbolic_shapes(inferred)
+        self.graph = Model.from_proto(inferred).graph
 
 
 def infer_shapes(proto: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
@@ -154,6 +158,16 @@ def infer_shapes(proto: onnx.ModelProto, strict: bool = False) -> onnx.ModelProt
             return onnx.load(dst)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         raise ModelError(f"shape inference failed: {_first_line(exc)}") from exc
+
+
+def symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's symbolic shape inference (merges equal symbolic dimensions)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+    except Exception as exc:  # it raises bare Exceptions on ops it cannot follow
+        raise ModelError(f"symbolic shape inference failed: {_first_line(exc)}") from exc
 
 
 def proto_hash(proto: onnx.ModelProto) -> str:

@@ -46,7 +46,7 @@ class NoOptions:
 @dataclass
 class PassResult:
     changed: bool
-    stats: dict[str, int | float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

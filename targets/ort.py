@@ -19,6 +19,7 @@ CLEANUP_PIPELINE = (
     "eliminate-noops",
     "fold-shapes",
     "fold-constants",
+    "fold-reshape-targets",
     "merge-shape-chains",
     "eliminate-common-subexpressions",
     "merge-duplicate-initializers",

@@ -1,0 +1,65 @@
+"""Constant Reshape targets from inferred shapes.
+
+Exporters compute Reshape targets at run time (``x.view(x.size(0), -1)`` becomes
+Shape→Gather→Unsqueeze→Concat→Reshape) even when shape inference already knows the
+result. When the output shape is known up to dimensions that either copy the input's
+dimension at the same position (Reshape's ``0``) or are the single one left to infer
+(``-1``), the computed target is replaced by a constant and the shape arithmetic dies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.errors import ModelError
+from graphopt.ir import Model
+from graphopt.pass_infra import Pass, PassContext, PassResult
+from graphopt.rewrite import constant_value, make_constant, walk
+
+
+def constant_target(node: gs.Node) -> np.ndarray | None:
+    """The constant shape equivalent to ``node``'s computed target, or ``None``."""
+    data, out = node.inputs[0], node.outputs[0]
+    if node.attrs.get("allowzero", 0) or data.shape is None or out.shape is None:
+        return None
+    target = []
+    for i, dim in enumerate(out.shape):
+        if isinstance(dim, int) and dim > 0:
+            target.append(dim)
+        elif isinstance(dim, str) and i < len(data.shape) and data.shape[i] == dim:
+            target.append(0)  # copy the input's dimension at the same position
+        elif isinstance(dim, int) and dim == 0:
+            return None  # an empty dimension: 0 would mean "copy", keep the original
+        else:
+            target.append(-1)
+    if target.count(-1) > 1:
+        return None
+    return np.array(target, dtype=np.int64)
+
+
+class FoldReshapeTargets(Pass):
+    """Replace Reshape targets computed at run time by constants from inferred shapes."""
+
+    name = "fold-reshape-targets"
+    family = "cleanup"
+    lossless = True
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        if not any(n.op == "Reshape" and constant_value(n.inputs[1]) is None
+                   for g in model.all_graphs() for n in g.nodes):
+            return PassResult(changed=False)
+        try:
+            model.infer_shapes(symbolic=True)
+        except ModelError as exc:
+            return PassResult(changed=False, stats={"skipped": str(exc)})
+        folded = 0
+        for graph, node in walk(model.all_graphs()):
+            if node.op != "Reshape" or constant_value(node.inputs[1]) is not None:
+                continue
+            target = constant_target(node)
+            if target is None:
+                continue
+            node.inputs[1] = make_constant(graph, f"{node.outputs[0].name}_shape", target)
+            folded += 1
+        return PassResult(changed=folded > 0, stats={"targets_folded": folded})
