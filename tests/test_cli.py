@@ -1,0 +1,82 @@
+"""The command line on the bundled example: optimize, report, compare, targets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from graphopt import verify
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "small_cnn.onnx"
+
+
+def cli(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "graphopt.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True)
+
+
+def test_example_is_what_the_script_builds(tmp_path):
+    script = EXAMPLE.with_name("make_example.py")
+    subprocess.run([sys.executable, str(script), str(tmp_path / "rebuilt.onnx")], check=True,
+                   capture_output=True)
+    assert (tmp_path / "rebuilt.onnx").read_bytes() == EXAMPLE.read_bytes()
+
+
+def test_optimize_example_writes_verified_model_and_report(tmp_path):
+    before = hashlib.sha256(EXAMPLE.read_bytes()).hexdigest()
+    result = cli("optimize", EXAMPLE, "-o", tmp_path / "out" / "m.onnx",
+                 "--report", tmp_path / "out" / "r.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert hashlib.sha256(EXAMPLE.read_bytes()).hexdigest() == before
+    report = json.loads((tmp_path / "out" / "r.json").read_text())
+    for key in ("input", "output", "trace", "verification", "target", "output_path"):
+        assert key in report
+    assert report["target"] == "ort" and report["verification"]["ok"] is True
+    assert report["output"]["nodes"] < report["input"]["nodes"]
+    assert report["output"]["params"] <= report["input"]["params"]
+    assert {e["status"] for e in report["trace"]} <= {"changed", "unchanged"}
+    assert "verified" in result.stderr and "nodes" in result.stderr
+
+    optimized = onnx.load(tmp_path / "out" / "m.onnx")
+    onnx.checker.check_model(optimized, full_check=True)
+    assert optimized.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    x = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    ref = verify.run(onnx.load(EXAMPLE), {"input": x})["logits"]
+    np.testing.assert_allclose(verify.run(optimized, {"input": x})["logits"], ref,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_skip_leaves_a_pass_out(tmp_path):
+    result = cli("optimize", EXAMPLE, "-o", tmp_path / "m.onnx", "--report", tmp_path / "r.json",
+                 "--skip", "eliminate-identity", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert "eliminate-identity" not in {e["pass_name"] for e in report["trace"]}
+
+
+def test_compare_exit_codes(tmp_path):
+    same = cli("compare", EXAMPLE, EXAMPLE, "--json", cwd=tmp_path)
+    assert same.returncode == 0 and json.loads(same.stdout)["ok"] is True
+
+    model = onnx.load(EXAMPLE)
+    bias = next(t for t in model.graph.initializer if t.name == "head.bias")
+    values = onnx.numpy_helper.to_array(bias) + 0.5
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, "head.bias"))
+    onnx.save(model, tmp_path / "changed.onnx")
+    data = tmp_path / "d.npz"
+    np.savez(data, input=np.ones((2, 3, 32, 32), np.float32))
+    diff = cli("compare", EXAMPLE, tmp_path / "changed.onnx", "--data", data, "--json",
+               cwd=tmp_path)
+    assert diff.returncode == 4
+    assert abs(json.loads(diff.stdout)["max_abs_diff"] - 0.5) < 1e-6
+
+
+def test_targets_lists_ort(tmp_path):
+    result = cli("targets", cwd=tmp_path)
+    assert result.returncode == 0 and "ort" in result.stdout and "yes" in result.stdout
