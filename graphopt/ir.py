@@ -318,6 +318,15 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
     return path
 
 
+def saved_files(path: str | os.PathLike) -> list[Path]:
+    """The model file at ``path`` and the external-data files it references."""
+    path = Path(path)
+    proto = onnx.load(path, load_external_data=False)
+    locations = {e.value for t in _all_tensors(proto) if uses_external_data(t)
+                 for e in t.external_data if e.key == "location"}
+    return [path] + [path.parent / loc for loc in sorted(locations)]
+
+
 # ---------------------------------------------------------------------- helpers
 def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     yield graph

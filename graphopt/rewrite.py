@@ -67,19 +67,47 @@ def bypass(node: gs.Node, graph: gs.Graph, keep: int = 0) -> bool:
     """
     src, dst = node.inputs[keep], node.outputs[0]
     if dst in graph.outputs:
-        # The output name must survive: rename the source instead, if that is allowed.
-        if src in graph.inputs or src in graph.outputs or isinstance(src, gs.Constant) \
-                or not src.inputs:
+        # The output name must survive: rename the source instead, if that is allowed
+        # (only a value this graph computes: never an outer-scope value, which may be
+        # an outer graph's output or read there under its own name).
+        if src in graph.inputs or src in graph.outputs or not produced_in(src, graph):
             return False
         replace_uses(dst, src)
-        src.name = dst.name
-        graph.outputs[graph.outputs.index(dst)] = src
+        take_output_place(graph, dst, src)
     else:
         replace_uses(dst, src)
     node.inputs.clear()
     node.outputs.clear()
     graph.nodes.remove(node)
     return True
+
+
+def take_output_place(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Put ``new``, which holds the same value, where graph output ``old`` is, under
+    ``old``'s name, and with ``old``'s type where its own is unknown (the ONNX checker
+    wants a graph output's type and shape)."""
+    index = next(i for i, t in enumerate(graph.outputs) if t is old)
+    new.name = old.name
+    if new.dtype is None:
+        new.dtype = old.dtype
+    if new.shape is None:
+        new.shape = old.shape
+    graph.outputs[index] = new
+
+
+def produced_in(tensor: gs.Tensor, graph: gs.Graph) -> bool:
+    """Whether a node of ``graph`` itself (not of an outer graph) computes ``tensor``."""
+    return bool(tensor.inputs) and any(node is tensor.inputs[0] for node in graph.nodes)
+
+
+def is_inference_dropout(node: gs.Node, opset: int) -> bool:
+    """Whether Dropout ``node`` copies its input (inference mode), so it is deterministic."""
+    if opset < 7:
+        return bool(node.attrs.get("is_test", 0))
+    if len(node.inputs) < 3 or node.inputs[2].is_empty():
+        return True
+    training = constant_value(node.inputs[2])
+    return training is not None and not training.any()
 
 
 def walk(graphs: Iterable[gs.Graph]) -> Iterator[tuple[gs.Graph, gs.Node]]:
@@ -105,3 +133,65 @@ def make_constant(graph: gs.Graph, name_hint: str, value: np.ndarray) -> gs.Cons
         i += 1
         name = f"{name_hint}_{i}"
     return gs.Constant(name, np.asarray(value))
+
+
+def tensor_names(graphs: Iterable[gs.Graph]) -> set[str]:
+    """Every tensor name used in ``graphs`` (names must be unique across nested graphs)."""
+    return {name for g in graphs for name in g.tensors()}
+
+
+def unique_name(taken: set[str], hint: str) -> str:
+    """``hint`` or ``hint_<n>``, whichever is not in ``taken``; the result is added to it."""
+    name, i = hint, 0
+    while name in taken:
+        i += 1
+        name = f"{hint}_{i}"
+    taken.add(name)
+    return name
+
+
+def replace_with_constant(tensor: gs.Tensor, value: np.ndarray, graphs: Iterable[gs.Graph],
+                          taken: set[str]) -> gs.Constant:
+    """Make every reader of ``tensor`` read a new initializer holding ``value`` instead.
+
+    The initializer takes ``tensor``'s name (so a graph output keeps its name: ONNX
+    allows an initializer to be a graph output) and ``tensor`` is renamed; its producer
+    stays, now with an unused output, for ``remove_dead`` to sweep.
+    """
+    name = tensor.name
+    tensor.name = unique_name(taken, f"{name}_unfolded")
+    const = gs.Constant(name, np.asarray(value, order="C"))
+    replace_uses(tensor, const)
+    for g in graphs:
+        for i, out in enumerate(g.outputs):
+            if out is tensor:
+                g.outputs[i] = const
+    return const
+
+
+def remove_dead(nodes: Iterable[gs.Node], graph: gs.Graph) -> int:
+    """Remove those of ``nodes`` (all in ``graph``) whose outputs nobody reads, repeatedly
+    (a removed node may leave its producers dead). Returns how many were removed."""
+    candidates = {id(n): n for n in nodes}
+    outputs = {id(t) for t in graph.outputs}
+    removed = 0
+    changed = True
+    while changed:
+        changed = False
+        for key, node in list(candidates.items()):
+            if any(t.outputs or id(t) in outputs for t in node.outputs):
+                continue
+            remove_node(node, graph)
+            del candidates[key]
+            removed += 1
+            changed = True
+    return removed
+
+
+def remove_node(node: gs.Node, graph: gs.Graph) -> None:
+    """Disconnect ``node`` and drop it from ``graph`` (by identity: gs compares nodes and
+    tensors by name and contents, so ``list.remove`` could drop a look-alike)."""
+    node.inputs.clear()
+    node.outputs.clear()
+    index = next(i for i, n in enumerate(graph.nodes) if n is node)
+    del graph.nodes[index]

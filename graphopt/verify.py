@@ -113,7 +113,7 @@ def probe_inputs(proto: onnx.ModelProto, count: int = 1, seed: int = 0,
 def random_array(rng: np.random.Generator, dtype: np.dtype, dims: list[int]) -> np.ndarray:
     dtype = np.dtype(dtype)
     if dtype == np.bool_:
-        return rng.random(dims) < 0.5
+        return np.asarray(rng.random(dims) < 0.5)  # a 0-d comparison gives a scalar
     if np.issubdtype(dtype, np.integer):
         return rng.integers(0, 2, size=dims).astype(dtype)
     if np.issubdtype(dtype, np.floating):
@@ -145,7 +145,8 @@ def session(proto: onnx.ModelProto | str | os.PathLike, optimize: bool = False,
 def run(model: onnx.ModelProto | ort.InferenceSession, feeds: Feeds) -> Feeds:
     sess = model if isinstance(model, ort.InferenceSession) else session(model)
     names = [o.name for o in sess.get_outputs()]
-    accepted = {i.name for i in sess.get_inputs()}
+    # Initializers listed as inputs are overridable: ORT lists them apart from inputs.
+    accepted = {i.name for i in [*sess.get_inputs(), *sess.get_overridable_initializers()]}
     values = sess.run(names, {k: v for k, v in feeds.items() if k in accepted})
     return dict(zip(names, values))
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from graphopt import verify
 from graphopt.cost import Device
-from graphopt.ir import Model, save
+from graphopt.ir import Model, save, saved_files
 from graphopt.target import Artifact, Capabilities, Target
 
 # The lossless cleanup pipeline. Shape folding feeds constant folding; chains and
@@ -48,9 +48,7 @@ class OrtTarget(Target):
         out = Path(out)
         path = out / "model.onnx" if out.is_dir() or not out.suffix else out
         save(model, path)
-        files = [path] + ([path.with_name(path.name + ".data")]
-                          if path.with_name(path.name + ".data").exists() else [])
-        return Artifact(target=self.name, path=path, files=files, format="onnx")
+        return Artifact(target=self.name, path=path, files=saved_files(path), format="onnx")
 
     def run(self, artifact: Artifact, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return verify.run(verify.session(artifact.path, optimize=True), feeds)
