@@ -73,6 +73,14 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     working = original.clone()
     pipeline = build_passes(tgt.default_pipeline if passes is None else passes,
                             pass_registry(), skip)
+    unsupported = {p.name: [f"{d or 'ai.onnx'}::{op}" for d, op in p.emits
+                            if not tgt.supports(op, d)] for p in pipeline}
+    unsupported = {name: ops for name, ops in unsupported.items() if ops}
+    if unsupported and passes is not None:
+        name, ops = next(iter(unsupported.items()))
+        raise UsageError(f"pass {name!r} emits {', '.join(ops)}, which target {tgt.name!r} "
+                         f"does not run", hint="choose another target or drop the pass")
+    pipeline = [p for p in pipeline if p.name not in unsupported]
     cost_model = AnalyticCostModel()
     ctx = PassContext(target=tgt, cost_model=cost_model, device=tgt.device, seed=seed,
                       logger=logger or logging.getLogger("graphopt"))
@@ -88,6 +96,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         "target": tgt.name,
         "device": tgt.device.name,
         "pipeline": [repr(p) for p in pipeline],
+        "left_out": {name: f"target does not run {', '.join(ops)}"
+                     for name, ops in unsupported.items()},
         "input": _summary(original, tgt).to_dict(),
         "output": _summary(working, tgt).to_dict(),
         "input_hash": original.content_hash(),

@@ -76,9 +76,7 @@ def bypass(node: gs.Node, graph: gs.Graph, keep: int = 0) -> bool:
         take_output_place(graph, dst, src)
     else:
         replace_uses(dst, src)
-    node.inputs.clear()
-    node.outputs.clear()
-    graph.nodes.remove(node)
+    remove_node(node, graph)
     return True
 
 
@@ -173,7 +171,8 @@ def remove_dead(nodes: Iterable[gs.Node], graph: gs.Graph) -> int:
     """Remove those of ``nodes`` (all in ``graph``) whose outputs nobody reads, repeatedly
     (a removed node may leave its producers dead). Returns how many were removed."""
     candidates = {id(n): n for n in nodes}
-    outputs = {id(t) for t in graph.outputs}
+    # A subgraph may return an outer value without any node reading it.
+    outputs = {id(t) for g in (graph, *graph.subgraphs(recursive=True)) for t in g.outputs}
     removed = 0
     changed = True
     while changed:

@@ -12,9 +12,10 @@ from graphopt.cost import Device
 from graphopt.ir import Model, save, saved_files
 from graphopt.target import Artifact, Capabilities, Target
 
-# The lossless cleanup pipeline. Shape folding feeds constant folding; chains and
-# no-ops expose more folding; dead code and duplicates are swept last.
-CLEANUP_PIPELINE = (
+# The lossless pipeline. Shape folding feeds constant folding; chains and no-ops expose
+# more folding; fusions fold arithmetic into weights; dead code and duplicates are swept
+# last. The manager repeats the whole list until nothing changes.
+LOSSLESS_PIPELINE = (
     "eliminate-identity",
     "eliminate-noops",
     "fold-shapes",
@@ -23,6 +24,11 @@ CLEANUP_PIPELINE = (
     "merge-shape-chains",
     "eliminate-common-subexpressions",
     "merge-duplicate-initializers",
+    "fuse-pad-conv",
+    "fuse-conv-bn",
+    "fuse-conv-add",
+    "fuse-conv-mul",
+    "fuse-matmul-add",
     "eliminate-dead-code",
 )
 
@@ -42,7 +48,7 @@ class OrtTarget(Target):
                     bandwidth=20e9, cores=_CORES, node_overhead_s=1.5e-6)
     capabilities = Capabilities(domains=frozenset({"", "com.microsoft"}),
                                 dtypes=frozenset({"float32", "float16", "int8", "uint8"}))
-    default_pipeline = CLEANUP_PIPELINE
+    default_pipeline = LOSSLESS_PIPELINE
 
     def lower(self, model: Model, out: Path) -> Artifact:
         out = Path(out)
