@@ -83,6 +83,13 @@ def _cast(node: gs.Node) -> int | str:
     return 0 if source == _onnx_dtype(node.attrs["to"]) else "changes the type"
 
 
+def _cast_like(node: gs.Node) -> int | str:
+    source, target = (_onnx_dtype(t.dtype) for t in node.inputs[:2])
+    if source is None or target is None:
+        return "a type is unknown"
+    return 0 if source == target else "changes the type"
+
+
 def _reshape(node: gs.Node) -> int | str:
     x, out = node.inputs[0], node.outputs[0]
     if static_shape(x) is not None and static_shape(x) == static_shape(out):
@@ -196,7 +203,7 @@ def _split(node: gs.Node) -> int | str:
 _NEUTRAL = {"Add": (0, (1, 0)), "Sub": (0, (1,)), "Mul": (1, (1, 0)), "Div": (1, (1,))}
 
 _MATCHERS = {
-    "Cast": _cast, "Reshape": _reshape, "Transpose": _transpose, "Pad": _pad,
+    "Cast": _cast, "CastLike": _cast_like, "Reshape": _reshape, "Transpose": _transpose, "Pad": _pad,
     "Slice": _slice, "Add": _neutral_operand, "Sub": _neutral_operand,
     "Mul": _neutral_operand, "Div": _neutral_operand, "Expand": _expand,
     "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "Concat": _concat, "Split": _split,

@@ -154,6 +154,7 @@ def slice_inputs(starts, ends, axes=None, steps=None):
 REMOVED = [
     ("cast-same-9", 9, [cast(F)], [], ["N", 4], "Cast"),
     ("cast-same-int", 17, [cast(I64)], [], [2, 3], "Cast"),
+    ("castlike-same", 15, [node("CastLike", ["k"])], [const("k", [0.0])], ["N", 4], "CastLike"),
     ("reshape-static", 9, [node("Reshape", ["s"])], [const("s", [2, 3, 4], np.int64)],
      [2, 3, 4], "Reshape"),
     ("reshape-minus-one", 17, [node("Reshape", ["s"])], [const("s", [-1, 3, 4], np.int64)],
@@ -251,6 +252,13 @@ def test_near_miss_kept(opset, nodes, inits, shape):
                   y_elem=TensorProto.DOUBLE if nodes[0].op_type == "Cast" else None)
     model, result = run_pass(EliminateNoOps(), proto)
     assert not result.changed and count_ops(model.to_onnx()) == count_ops(proto)
+
+
+def test_castlike_to_another_type_kept():
+    proto = unary([node("CastLike", ["k"])], ["N", 4], 15, [const("k", [0], np.int64)],
+                  y_elem=I64)
+    model, result = run_pass(EliminateNoOps(), proto)
+    assert not result.changed and count_ops(model.to_onnx())["CastLike"] == 1
 
 
 def test_scalar_one_removed_even_when_the_rank_is_unknown():
