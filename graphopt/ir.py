@@ -74,6 +74,8 @@ class Model:
             proto.ir_version = self.meta.ir_version
         proto.metadata_props.extend(self.meta.metadata_props)
         self._restore_initializer_inputs(proto)
+        _drop_outer_initializers(proto.graph, set())
+        _hoist_shared_initializers(proto.graph)
         return proto
 
     def _restore_initializer_inputs(self, proto: onnx.ModelProto) -> None:
@@ -183,6 +185,41 @@ def proto_hash(proto: onnx.ModelProto) -> str:
             tensor.ClearField(name)
     digest.update(stripped.SerializeToString(deterministic=True))
     return digest.hexdigest()
+
+
+def _drop_outer_initializers(graph: onnx.GraphProto, outer: set[str]) -> None:
+    """graphsurgeon exports a constant read inside a subgraph into that subgraph's
+    initializers too; keep only the outermost copy (the subgraph sees it by scope)."""
+    keep = [t for t in graph.initializer if t.name not in outer]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    visible = outer | {t.name for t in graph.initializer}
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                _drop_outer_initializers(sub, visible)
+
+
+def _hoist_shared_initializers(main: onnx.GraphProto) -> None:
+    """A constant read by several sibling subgraphs is exported into each of them; store
+    it once, in the main graph, when every copy is the same tensor."""
+    copies: dict[str, list[tuple[onnx.GraphProto, onnx.TensorProto]]] = {}
+    for graph in _all_graphs(main):
+        if graph is not main:
+            for tensor in graph.initializer:
+                copies.setdefault(tensor.name, []).append((graph, tensor))
+    taken = {n for node in main.node for n in node.output} | {v.name for v in main.input}
+    for name, places in copies.items():
+        first = places[0][1].SerializeToString()
+        if len(places) < 2 or name in taken or \
+                any(t.SerializeToString() != first for _, t in places[1:]):
+            continue
+        main.initializer.append(places[0][1])
+        for graph, _ in places:
+            keep = [t for t in graph.initializer if t.name != name]
+            del graph.initializer[:]
+            graph.initializer.extend(keep)
 
 
 def _initializers_to_inputs(graph: gs.Graph, proto: onnx.ModelProto,

@@ -172,3 +172,31 @@ def test_ir3_initializers_are_listed_as_inputs_again():
     back = graphopt.load(add_relu_model(7)).to_onnx()
     onnx.checker.check_model(back)
     assert [v.name for v in back.graph.input] == ["x", "b"]
+
+
+def test_constant_shared_by_subgraphs_is_stored_once():
+    """Both If branches read one weight: export stores it once, round trips are stable."""
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "W")
+
+    def branch(name, op):
+        return oh.make_graph([oh.make_node("MatMul", ["x", "W"], ["m"]),
+                              oh.make_node(op, ["m"], [f"{name}_out"])], name, [],
+                             [oh.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [2, 64])])
+
+    graph = oh.make_graph(
+        [oh.make_node("If", ["c"], ["y"], then_branch=branch("then", "Relu"),
+                      else_branch=branch("else", "Neg"))], "g",
+        [oh.make_tensor_value_info("c", TensorProto.BOOL, []),
+         oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])], [weight])
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    once = graphopt.load(proto).to_onnx()
+    twice = graphopt.load(once).to_onnx()
+    for exported in (once, twice):
+        assert [t.name for t in exported.graph.initializer] == ["W"]
+        assert all(not a.g.initializer for a in exported.graph.node[0].attribute)
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    for c in (True, False):
+        feeds = {"c": np.array(c), "x": x}
+        np.testing.assert_allclose(verify.run(twice, feeds)["y"], verify.run(proto, feeds)["y"],
+                                   rtol=1e-6)
