@@ -49,9 +49,9 @@ class Model:
     @classmethod
     def from_proto(cls, proto: onnx.ModelProto) -> "Model":
         meta = onnx.ModelProto()
-        meta.CopyFrom(proto)
-        meta.ClearField("graph")
-        meta.ClearField("functions")
+        for descriptor, value in proto.ListFields():
+            if descriptor.name not in ("graph", "functions"):
+                _copy_field(meta, descriptor, value)
         try:
             graph = gs.import_onnx(proto)
         except Exception as exc:  # graphsurgeon raises bare exceptions on malformed graphs
@@ -142,24 +142,63 @@ class Model:
         shape arithmetic (Shape→Gather→Concat→Reshape) that ONNX's own inference loses.
         Raises ``ModelError`` when inference fails: a failure is never swallowed.
         """
-        inferred = infer_shapes(self.to_onnx())
-        if symbolic:
-            inferred = symbolic_shapes(inferred)
-        self.graph = Model.from_proto(inferred).graph
+        self.graph = Model.from_proto(infer_shapes(self.to_onnx(), symbolic=symbolic)).graph
 
 
-def infer_shapes(proto: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
-    """Shape-infer ``proto``; models over the protobuf limit go through a temporary file."""
+def infer_shapes(proto: onnx.ModelProto, strict: bool = False,
+                 symbolic: bool = False) -> onnx.ModelProto:
+    """Shape-infer ``proto`` and return it with the inferred ``value_info`` (in place).
+
+    Inference runs on the model's skeleton (large weights turned into typed inputs), so
+    its cost does not grow with the weights and models over 2 GB need no temporary file.
+    ``symbolic=True`` adds ONNX Runtime's symbolic shape inference.
+    """
     try:
-        if proto.ByteSize() < PROTOBUF_LIMIT:
-            return onnx.shape_inference.infer_shapes(proto, strict_mode=strict, data_prop=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
-            onnx.save_model(proto, src, save_as_external_data=True, location="in.data")
-            onnx.shape_inference.infer_shapes_path(src, dst, strict_mode=strict, data_prop=True)
-            return onnx.load(dst)
+        inferred = onnx.shape_inference.infer_shapes(skeleton(proto), strict_mode=strict,
+                                                     data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         raise ModelError(f"shape inference failed: {_first_line(exc)}") from exc
+    if symbolic:
+        inferred = symbolic_shapes(inferred)
+    for full, skel in zip(_all_graphs(proto.graph), _all_graphs(inferred.graph)):
+        del full.value_info[:]
+        full.value_info.extend(skel.value_info)
+        for out, inferred_out in zip(full.output, skel.output):
+            out.type.CopyFrom(inferred_out.type)
+    return proto
+
+
+def skeleton(proto: onnx.ModelProto, max_elements: int = 1024) -> onnx.ModelProto:
+    """A copy of ``proto`` whose main-graph initializers of more than ``max_elements``
+    values are typed graph inputs instead: same structure and shapes, almost no bytes.
+    Checking and shape inference need nothing more (small tensors such as shapes keep
+    their values), and the heavy bytes are never copied or serialized."""
+    light = onnx.ModelProto()
+    _copy_fields(proto, light, skip="graph")
+    _copy_fields(proto.graph, light.graph, skip="initializer")
+    listed = {v.name for v in proto.graph.input}
+    for tensor in proto.graph.initializer:
+        if np.prod(tensor.dims) <= max_elements:
+            light.graph.initializer.append(tensor)
+        elif tensor.name not in listed:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(
+                tensor.name, tensor.data_type, list(tensor.dims)))
+    return light
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for descriptor, value in src.ListFields():
+        if descriptor.name != skip:
+            _copy_field(dst, descriptor, value)
+
+
+def _copy_field(dst, descriptor, value) -> None:
+    if descriptor.is_repeated:
+        getattr(dst, descriptor.name).extend(value)
+    elif descriptor.type == descriptor.TYPE_MESSAGE:
+        getattr(dst, descriptor.name).CopyFrom(value)
+    else:
+        setattr(dst, descriptor.name, value)
 
 
 def symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -284,8 +323,8 @@ def validate(proto: onnx.ModelProto) -> None:
                 f"{domain!r}, which the model does not import",
                 hint="add the domain to the model's opset_import, or remove the node")
     try:
-        if proto.ByteSize() < PROTOBUF_LIMIT:
-            onnx.checker.check_model(proto)
+        # Over 2 GB the checker cannot take the proto whole: check the structure.
+        onnx.checker.check_model(proto if fits_in_protobuf(proto) else skeleton(proto))
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"invalid ONNX model: {_first_line(exc)}") from exc
 
@@ -390,6 +429,12 @@ def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.TENSOR:
                     yield attr.t
+
+
+def fits_in_protobuf(proto: onnx.ModelProto) -> bool:
+    """Whether ``proto`` serializes under the 2 GB limit (estimated from tensor sizes,
+    which is far cheaper than ``ByteSize`` on a large model)."""
+    return _tensor_bytes(proto) < PROTOBUF_LIMIT - 2**26
 
 
 def _tensor_bytes(proto: onnx.ModelProto) -> int:

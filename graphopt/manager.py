@@ -21,7 +21,7 @@ import onnx
 
 from graphopt import verify
 from graphopt.errors import GraphoptError, VerificationError
-from graphopt.ir import Model, infer_shapes
+from graphopt.ir import Model, infer_shapes, skeleton
 from graphopt.pass_infra import Pass, PassContext, PassResult
 
 DEFAULT_MAX_ITERATIONS = 8
@@ -162,7 +162,7 @@ class PassManager:
         except Exception as exc:
             raise _Rejected(f"cannot export the graph: {_first_line(exc)}") from exc
         try:
-            onnx.checker.check_model(proto)
+            onnx.checker.check_model(skeleton(proto))
         except onnx.checker.ValidationError as exc:
             raise _Rejected(f"ONNX checker: {_first_line(exc)}") from exc
         if state.shapes_ok:

@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from graphopt.errors import UsageError
-from graphopt.ir import PROTOBUF_LIMIT
+from graphopt.ir import fits_in_protobuf
 
 Feeds = dict[str, np.ndarray]
 
@@ -134,7 +134,7 @@ def session(proto: onnx.ModelProto | str | os.PathLike, optimize: bool = False,
     providers = ["CPUExecutionProvider"]
     if not isinstance(proto, onnx.ModelProto):
         return ort.InferenceSession(str(proto), options, providers=providers)
-    if proto.ByteSize() < PROTOBUF_LIMIT:
+    if fits_in_protobuf(proto):
         return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
     with tempfile.TemporaryDirectory() as tmp:  # ORT reads external data while loading
         path = Path(tmp) / "model.onnx"
