@@ -33,8 +33,9 @@ from graphopt.pass_infra import Pass, PassContext, PassResult
 from graphopt.rewrite import (constant_value, produced_in, remove_dead, remove_node,
                               replace_with_constant, static_shape, tensor_names)
 
-# Results up to this size are always folded: shape tensors, scalars, small vectors.
-SMALL_BYTES = 1024
+# Results up to this size are always folded: shape tensors, scalars, per-channel vectors
+# (a conv bias of 4096 channels), which later fusions need as constants.
+SMALL_BYTES = 16 * 1024
 NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike",
                               "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"})
 # Quantize/dequantize pairs carry meaning for quantized back ends.

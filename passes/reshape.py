@@ -21,13 +21,15 @@ from graphopt.rewrite import constant_value, make_constant, walk
 def constant_target(node: gs.Node) -> np.ndarray | None:
     """The constant shape equivalent to ``node``'s computed target, or ``None``."""
     data, out = node.inputs[0], node.outputs[0]
-    if node.attrs.get("allowzero", 0) or data.shape is None or out.shape is None:
+    if data.shape is None or out.shape is None:
         return None
+    copy_allowed = not node.attrs.get("allowzero", 0)  # with allowzero, 0 means 0
     target = []
     for i, dim in enumerate(out.shape):
         if isinstance(dim, int) and dim > 0:
             target.append(dim)
-        elif isinstance(dim, str) and i < len(data.shape) and data.shape[i] == dim:
+        elif copy_allowed and isinstance(dim, str) and i < len(data.shape) \
+                and data.shape[i] == dim:
             target.append(0)  # copy the input's dimension at the same position
         elif isinstance(dim, int) and dim == 0:
             return None  # an empty dimension: 0 would mean "copy", keep the original

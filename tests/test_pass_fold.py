@@ -132,8 +132,8 @@ def test_size_limit_option_applies_to_results():
 
 @pytest.mark.parametrize("op", ["Tile", "Expand"])
 def test_no_fold_that_grows_the_model(op):
-    # A 4-float constant made 16 KB: under the size limit, but 1000x the bytes it reads.
-    arg = i64("arg", [1000] if op == "Tile" else [1000, 4])
+    # A 4-float constant made 64 KB: under the size limit, but 4000x the bytes it reads.
+    arg = i64("arg", [4000] if op == "Tile" else [4000, 4])
     proto = build_model([oh.make_node(op, ["k", "arg"], ["big"]),
                          oh.make_node("Add", ["x", "big"], ["y"])],
                         [vi("x", [1])], [vi("y", None)], [const("k", [1, 2, 3, 4]), arg])
@@ -144,13 +144,13 @@ def test_no_fold_that_grows_the_model(op):
 
 
 def test_growth_rule_counts_only_freed_constants():
-    w = const("w", np.random.default_rng(0).standard_normal((32, 32)))  # 4 KB
+    w = const("w", np.random.default_rng(0).standard_normal((80, 80)))  # 25 KB
     nodes = [oh.make_node("Transpose", ["w"], ["wt"]), oh.make_node("MatMul", ["x", "wt"], ["y"])]
-    proto = build_model(nodes, [vi("x", [2, 32])], [vi("y", None)], [w])
+    proto = build_model(nodes, [vi("x", [2, 80])], [vi("y", None)], [w])
     after, result = apply_pass(FoldConstants(), proto)  # w is freed: same bytes, folds
     assert "Transpose" not in count_ops(after)
     shared = build_model(nodes + [oh.make_node("MatMul", ["x", "w"], ["z"])],
-                         [vi("x", [2, 32])], [vi("y", None), vi("z", None)], [w])
+                         [vi("x", [2, 80])], [vi("y", None), vi("z", None)], [w])
     for growth in (1.25, 100.0):  # w stays: folding would copy it, freeing nothing
         model, result = run_pass(FoldConstants(max_growth=growth), shared)
         assert not result.changed and count_ops(model.to_onnx())["Transpose"] == 1

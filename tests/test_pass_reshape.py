@@ -87,9 +87,15 @@ def test_new_symbolic_dim_becomes_minus_one():
     check_outputs(proto, model, [(1, 5, 64), (3, 7, 64)])
 
 
-def test_allowzero_is_left_alone():
+def test_allowzero_never_copies_dims():
     _, result, value = fold(head_split_model(allowzero=1, opset=18))
-    assert not result.changed and value is None
+    assert not result.changed and value is None  # two symbolic dims, and 0 means zero
+    proto = flatten_pairs_model()
+    proto.graph.node[-1].attribute.append(oh.make_attribute("allowzero", 1))
+    proto.opset_import[0].version = 18
+    model, result, value = fold(proto)
+    assert result.changed and value == [-1, 64]
+    check_outputs(proto, model, [(1, 5, 64), (3, 7, 64)])
 
 
 def test_two_unknown_dims_are_left_alone():
