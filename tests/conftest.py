@@ -1,0 +1,78 @@
+"""Shared fixtures. (Several people edit this file: re-read it before changing it.)"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+# tests/ is a package (so ``from tests import zoo`` works from benchmarks/), which makes
+# pytest put the repository root on sys.path, not tests/: keep ``from helpers import ...``
+# working for the modules that import their siblings that way.
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+
+# ---------------------------------------------------------------- ONNX Runtime
+def ort_session(model: onnx.ModelProto | str | Path,
+                optimize: bool = False) -> ort.InferenceSession:
+    """A CPU session, independent of graphopt.verify. ``optimize=False`` turns ORT's own
+    graph rewrites off, so what runs is the graph as written."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture
+def run_ort():
+    """``run_ort(model_or_path, feeds, optimize=False) -> {output name: array}``.
+
+    Sessions are kept for the test's duration, so running one model on several batches
+    builds one session (a big model takes a while to load)."""
+    sessions: dict = {}
+
+    def run(model, feeds: dict[str, np.ndarray], optimize: bool = False) -> dict[str, np.ndarray]:
+        key = (id(model) if isinstance(model, onnx.ModelProto) else str(model), optimize)
+        if key not in sessions:
+            sessions[key] = (model, ort_session(model, optimize))  # holds model: id stays valid
+        sess = sessions[key][1]
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, feeds)))
+
+    return run
+
+
+# ---------------------------------------------------------------- node-count records
+_NODE_COUNTS: dict[str, tuple[int, int]] = {}
+
+
+@pytest.fixture
+def record_nodes(request, record_property):
+    """``record_nodes(before, after)``: keep a test's node counts for the end-of-session
+    table (and the JUnit XML properties)."""
+
+    def record(before: int, after: int) -> None:
+        _NODE_COUNTS[request.node.nodeid] = (before, after)
+        record_property("nodes_before", before)
+        record_property("nodes_after", after)
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _NODE_COUNTS:
+        return
+    terminalreporter.section("graphopt node counts (before -> after)")
+    width = max(len(k) for k in _NODE_COUNTS)
+    for nodeid, (before, after) in sorted(_NODE_COUNTS.items()):
+        terminalreporter.write_line(f"{nodeid:<{width}}  {before:5d} -> {after:5d} "
+                                    f"({after - before:+d})")
