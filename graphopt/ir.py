@@ -202,13 +202,24 @@ def _copy_field(dst, descriptor, value) -> None:
 
 
 def symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX Runtime's symbolic shape inference (merges equal symbolic dimensions)."""
+    """ONNX Runtime's symbolic shape inference (merges equal symbolic dimensions).
+
+    Runs the engine's loop directly rather than ``SymbolicShapeInference.infer_shapes``:
+    that entry point raises on a partial result and, before raising, writes the model
+    into the current directory. A partial result is still useful here.
+    """
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    engine = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True,
+                                    guess_output_rank=False, verbose=0)
     try:
-        return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+        engine._preprocess(proto)
+        while engine.run_:
+            engine._infer_impl()
+        engine._update_output_from_vi()
     except Exception as exc:  # it raises bare Exceptions on ops it cannot follow
         raise ModelError(f"symbolic shape inference failed: {_first_line(exc)}") from exc
+    return engine.out_mp_
 
 
 def proto_hash(proto: onnx.ModelProto) -> str:
