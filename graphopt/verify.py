@@ -178,8 +178,9 @@ def compare(reference: Feeds, candidate: Feeds, tol: Tolerance = Tolerance()) ->
             continue
         r = ref.astype(np.float64)
         g = got.astype(np.float64)
-        both_nan = np.isnan(r) & np.isnan(g)
-        diff = np.where(both_nan, 0.0, np.abs(r - g))
+        same = (r == g) | (np.isnan(r) & np.isnan(g))  # equal infinities and NaNs match
+        with np.errstate(invalid="ignore"):
+            diff = np.where(same, 0.0, np.abs(r - g))
         diff = np.where(np.isnan(diff), np.inf, diff)
         max_abs = float(diff.max())
         max_rel = float((diff / np.maximum(np.abs(r), 1e-12)).max())
