@@ -183,7 +183,8 @@ def compare(reference: Feeds, candidate: Feeds, tol: Tolerance = Tolerance()) ->
             diff = np.where(same, 0.0, np.abs(r - g))
         diff = np.where(np.isnan(diff), np.inf, diff)
         max_abs = float(diff.max())
-        max_rel = float((diff / np.maximum(np.abs(r), 1e-12)).max())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            max_rel = float(np.nan_to_num(diff / np.maximum(np.abs(r), 1e-12), nan=0.0).max())
         if np.issubdtype(ref.dtype, np.floating):
             ok = bool(np.all(diff <= tol.atol + tol.rtol * np.abs(np.nan_to_num(r))))
         else:

@@ -75,3 +75,35 @@ def assert_same_outputs(before: onnx.ModelProto, after: onnx.ModelProto,
         assert verify.compare(expected, got).ok, verify.compare(expected, got).summary()
         for name, value in expected.items():  # lossless cleanups keep values exactly
             np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def apply_passes(proto: onnx.ModelProto, *passes: Pass, ctx: PassContext | None = None,
+                 batches=(1, 3), rtol: float = 1e-4, atol: float = 1e-5):
+    """Run ``passes`` in order the way the manager does (loaded, shape-inferred model),
+    then check the result: ONNX checker, strict shape inference, output names kept, and
+    outputs within rtol/atol of the original in ONNX Runtime, with every symbolic
+    dimension set to each size in ``batches``. Returns (result proto, [PassResult])."""
+    model = load(proto)
+    model.infer_shapes()
+    results = [p.run(model, ctx or PassContext()) for p in passes]
+    after = model.to_onnx()
+    onnx.checker.check_model(after)
+    onnx.shape_inference.infer_shapes(after, strict_mode=True)
+    assert [o.name for o in after.graph.output] == [o.name for o in proto.graph.output]
+    for size in batches:
+        for feeds in verify.probe_inputs(proto, count=2, seed=size, symbolic_size=size):
+            diff = verify.compare(verify.run(proto, feeds), verify.run(after, feeds),
+                                  verify.Tolerance(rtol=rtol, atol=atol))
+            assert diff.ok, diff.summary()
+    return after, results
+
+
+def assert_pass_unchanged(proto: onnx.ModelProto, p: Pass,
+                          ctx: PassContext | None = None) -> None:
+    """``p`` reports no change and leaves the op histogram as it was."""
+    model = load(proto)
+    model.infer_shapes()
+    before = count_ops(model.to_onnx())
+    result = p.run(model, ctx or PassContext())
+    assert not result.changed, result.stats
+    assert count_ops(model.to_onnx()) == before
