@@ -66,6 +66,7 @@ class Model:
     def to_onnx(self) -> onnx.ModelProto:
         """Export to a ``ModelProto`` (nodes in topological order)."""
         self.graph.toposort(recurse_subgraphs=True)
+        _pack_subbyte_constants(self.graph)
         proto = gs.export_onnx(self.graph, do_type_check=False)
         for name in ("domain", "model_version", "doc_string", "producer_name", "producer_version"):
             if getattr(self.meta, name) and not getattr(proto, name):
@@ -145,6 +146,26 @@ class Model:
         self.graph = Model.from_proto(infer_shapes(self.to_onnx(), symbolic=symbolic)).graph
 
 
+# 4-bit element types: numpy (ml_dtypes) holds one value a byte, ONNX packs two.
+_SUBBYTE_TYPES = frozenset({"int4", "uint4", "float4_e2m1fn"})
+
+
+def _pack_subbyte_constants(graph: gs.Graph) -> None:
+    """Hand onnx-graphsurgeon the packed TensorProto of every 4-bit constant whose values
+    were loaded (by any pass reading ``.values``): gs 0.6 would export the loaded array's
+    unpacked bytes, which ONNX rejects ("Raw data size does not match")."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    for g in (graph, *graph.subgraphs(recursive=True)):
+        for tensor in g.tensors().values():
+            if not isinstance(tensor, gs.Constant) or \
+                    isinstance(tensor._values, LazyValues):  # noqa: SLF001 - no public test
+                continue
+            if np.dtype(tensor.dtype).name in _SUBBYTE_TYPES:
+                tensor.values = LazyValues(onnx.numpy_helper.from_array(
+                    np.asarray(tensor.values), tensor.name))
+
+
 def infer_shapes(proto: onnx.ModelProto, strict: bool = False,
                  symbolic: bool = False) -> onnx.ModelProto:
     """Shape-infer ``proto`` and return it with the inferred ``value_info`` (in place).
@@ -213,13 +234,37 @@ def symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     engine = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True,
                                     guess_output_rank=False, verbose=0)
     try:
-        engine._preprocess(proto)
+        engine._preprocess(_constants_as_tensors(proto))
         while engine.run_:
             engine._infer_impl()
         engine._update_output_from_vi()
     except Exception as exc:  # it raises bare Exceptions on ops it cannot follow
         raise ModelError(f"symbolic shape inference failed: {_first_line(exc)}") from exc
     return engine.out_mp_
+
+
+def _constants_as_tensors(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose Constant nodes hold ``value`` tensors: ORT's symbolic inference does
+    not read ``value_int``/``value_float``/``value_ints``/``value_floats`` (dynamo exports
+    use them)."""
+    forms = {"value_int": (onnx.TensorProto.INT64, False), "value_ints": (onnx.TensorProto.INT64, True),
+             "value_float": (onnx.TensorProto.FLOAT, False),
+             "value_floats": (onnx.TensorProto.FLOAT, True)}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for graph in _all_graphs(copy.graph):
+        for node in graph.node:
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+                continue
+            for attr in list(node.attribute):
+                if attr.name in forms:
+                    dtype, is_list = forms[attr.name]
+                    value = onnx.helper.get_attribute_value(attr)
+                    tensor = onnx.helper.make_tensor("value", dtype, [len(value)] if is_list else [],
+                                                     value if is_list else [value])
+                    node.attribute.remove(attr)
+                    node.attribute.append(onnx.helper.make_attribute("value", tensor))
+    return copy
 
 
 def proto_hash(proto: onnx.ModelProto) -> str:

@@ -115,7 +115,12 @@ def random_array(rng: np.random.Generator, dtype: np.dtype, dims: list[int]) -> 
     if dtype == np.bool_:
         return np.asarray(rng.random(dims) < 0.5)  # a 0-d comparison gives a scalar
     if np.issubdtype(dtype, np.integer):
-        return rng.integers(0, 2, size=dims).astype(dtype)
+        # 0s and 1s are valid indices and masks; a leading 1 on the last axis keeps a
+        # mask from blanking a whole row (which would make every model look equal).
+        values = rng.integers(0, 2, size=dims).astype(dtype)
+        if values.ndim:
+            values[..., 0] = 1
+        return values
     if np.issubdtype(dtype, np.floating):
         return rng.standard_normal(dims).astype(dtype)
     raise UsageError(f"cannot make probe data of type {dtype}",
