@@ -37,6 +37,7 @@ LOSSLESS_PIPELINE = (
     "fuse-layer-norm",
     "fuse-rms-norm",
     "fuse-gelu",
+    "fuse-attention",
     "fuse-skip-layer-norm",
     "fuse-bias-gelu",
     "eliminate-dead-code",
