@@ -107,3 +107,74 @@ def assert_pass_unchanged(proto: onnx.ModelProto, p: Pass,
     result = p.run(model, ctx or PassContext())
     assert not result.changed, result.stats
     assert count_ops(model.to_onnx()) == before
+
+
+# ---------------------------------------------------------------- quantization calibration
+# Real sentences for calibrating the MiniLM quantization tests and benchmarks; none of
+# them is in ``zoo.MINILM_SENTENCES`` (what the tests evaluate on).
+CALIBRATION_SENTENCES = (
+    "The weather today is sunny with a light breeze.",
+    "She plays the violin in the city orchestra every weekend.",
+    "Stock markets fell sharply after the announcement.",
+    "How do I reset my password?",
+    "The cat slept on the warm windowsill all afternoon.",
+    "Neural networks learn representations from data.",
+    "He ordered a coffee and a croissant at the small cafe.",
+    "The museum opens at nine and closes at five.",
+    "Rain is expected to continue through the weekend in the north.",
+    "Please send me the report by Friday.",
+    "The recipe calls for two cups of flour and a pinch of salt.",
+    "Astronomers discovered a new planet orbiting a distant star.",
+    "Our team won the championship after a tough season.",
+    "The train was delayed because of a signal failure.",
+    "Children were playing football in the park.",
+    "This laptop has a long battery life and a bright screen.",
+    "The doctor recommended more sleep and less coffee.",
+    "A strong earthquake shook the coastal town last night.",
+    "Which programming language should I learn first?",
+    "The committee postponed its decision until next month.",
+    "Fresh vegetables are sold at the farmers market on Saturdays.",
+    "The old bridge was closed for repairs.",
+    "My grandmother tells wonderful stories about her childhood.",
+    "The company reported record profits this quarter.",
+    "Turn left at the second traffic light and the hotel is on your right.",
+    "Bees are essential for pollinating many crops.",
+    "The film won three awards at the festival.",
+    "I forgot my umbrella at the office again.",
+    "Scientists are studying how glaciers melt.",
+    "The library offers free courses in photography.",
+    "He fixed the leaking pipe under the kitchen sink.",
+    "Electric cars are becoming cheaper every year.",
+    "The children built a sandcastle on the beach.",
+    "Can you recommend a good book about history?",
+    "The concert was cancelled due to the storm.",
+    "She is training for a marathon in the spring.",
+    "The new policy will affect thousands of workers.",
+    "A bowl of hot soup is perfect on a cold evening.",
+    "The software update fixed several security issues.",
+    "They hiked to the top of the mountain at sunrise.",
+    "The price of gold rose again this morning.",
+    "Dolphins communicate with clicks and whistles.",
+    "The teacher explained the theorem with a simple drawing.",
+    "Our flight to Lisbon leaves at seven in the morning.",
+    "The garden is full of roses and tulips in May.",
+    "He apologized for being late to the meeting.",
+    "Vaccines have saved millions of lives.",
+    "The river flooded the fields after heavy rain.",
+)
+
+
+def minilm_calibration(count: int = len(CALIBRATION_SENTENCES)) -> list[dict]:
+    """Calibration feeds for MiniLM: one sentence per feed (no padding tokens)."""
+    from tests import zoo
+
+    return [zoo.minilm_tokenize((s,)) for s in CALIBRATION_SENTENCES[:count]]
+
+
+def bert_token_feeds(vocab: int, count: int = 2, batch: int = 2, sequence: int = 16,
+                     seed: int = 0) -> list[dict]:
+    """Random-token BERT feeds (``input_ids``, full ``attention_mask``)."""
+    rng = np.random.default_rng(seed)
+    return [{"input_ids": rng.integers(1, vocab, (batch, sequence)).astype(np.int64),
+             "attention_mask": np.ones((batch, sequence), dtype=np.int64)}
+            for _ in range(count)]
