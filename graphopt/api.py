@@ -18,10 +18,12 @@ from graphopt.analysis import Summary, summarize
 from graphopt.cost import AnalyticCostModel
 from graphopt.errors import GraphoptError, UsageError, VerificationError
 from graphopt.ir import Model, ModelSource, load, save
+from graphopt.lossy import (load_lossy_data, lossy_passes, quantization_report,
+                            split_tolerance, verify_lossy, warn_unmeasured, with_quantization)
 from graphopt.manager import DEFAULT_MAX_ITERATIONS, Instrument, PassManager
 from graphopt.pass_infra import Pass, PassContext
 from graphopt.pipeline import build_passes
-from graphopt.registry import pass_registry, target_registry
+from graphopt.registry import create_target, pass_registry, target_registry
 from graphopt.target import Artifact, Target
 
 __all__ = ["optimize", "load", "save", "inspect", "compare", "get_target", "OptimizeResult"]
@@ -44,10 +46,11 @@ def graphopt_version() -> str:
 
 
 def get_target(name: str | Target) -> Target:
+    """A target object: ``name`` itself, or the registered plugin of that name (a Target
+    subclass, instantiated, or a Target instance, e.g. a data-configured preset)."""
     if isinstance(name, Target):
         return name
-    target_cls = target_registry().get(name)
-    return target_cls()
+    return create_target(target_registry(), name)
 
 
 def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
@@ -55,28 +58,40 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
              output: str | os.PathLike | None = None, strict: bool = False,
              data: list[verify.Feeds] | None = None,
              input_shapes: dict[str, list[int]] | None = None,
-             tolerance: verify.Tolerance = verify.Tolerance(),
+             tolerance: verify.Tolerance | float = verify.Tolerance(),
              max_iterations: int = DEFAULT_MAX_ITERATIONS, seed: int = 0,
              instruments: Sequence[Instrument] = (),
-             logger: logging.Logger | None = None) -> OptimizeResult:
+             logger: logging.Logger | None = None, quantize: str | None = None,
+             calibration=None, validation=None, measure: bool = False) -> OptimizeResult:
     """Optimize ``model`` for ``target`` and, when ``output`` is given, lower it there.
 
     ``passes`` defaults to the target's pipeline. The input is never modified. The result
     is verified against the original on ``data`` (or random probe inputs): on a mismatch a
     ``VerificationError`` is raised and nothing is written.
+
+    ``quantize`` (``int8``, ``int8-dynamic``, ``int4-weight``, ``fp16``) appends that
+    lossy pass to the pipeline; ``calibration``/``validation`` are its data (a path, a
+    ``module:function`` or a list of feed dicts, see ``graphopt.calibration``); a float
+    ``tolerance`` is the accuracy budget (minimum output cosine, default 0.99), and the
+    result is then verified against it instead of rtol/atol.
     """
+    budget, tolerance = split_tolerance(tolerance)
     tgt = get_target(target)
     missing = tgt.availability()
     if missing and output is not None:
         raise UsageError(f"target {tgt.name!r} is not available here: {missing}")
     original = load(model)
     working = original.clone()
-    pipeline = build_passes(tgt.default_pipeline if passes is None else passes,
+    tgt.prepare(working, input_shapes)
+    pipeline = build_passes(with_quantization(tgt.default_pipeline if passes is None
+                                              else passes, quantize, measure, pass_registry()),
                             pass_registry(), skip)
-    unsupported = {p.name: [f"{d or 'ai.onnx'}::{op}" for d, op in p.emits
-                            if not tgt.supports(op, d)] for p in pipeline}
-    unsupported = {name: ops for name, ops in unsupported.items() if ops}
-    if unsupported and passes is not None:
+    # A pass that can emit some op the target runs stays (it asks ctx.supports per op);
+    # one whose every op is foreign is left out.
+    unsupported = {p.name: [f"{d or 'ai.onnx'}::{op}" for d, op in p.emits]
+                   for p in pipeline
+                   if p.emits and not any(tgt.supports(op, d) for d, op in p.emits)}
+    if unsupported and (passes is not None or quantize):
         name, ops = next(iter(unsupported.items()))
         raise UsageError(f"pass {name!r} emits {', '.join(ops)}, which target {tgt.name!r} "
                          f"does not run", hint="choose another target or drop the pass")
@@ -85,12 +100,22 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     ctx = PassContext(target=tgt, cost_model=cost_model, device=tgt.device, seed=seed,
                       logger=logger or logging.getLogger("graphopt"))
     original_proto = original.to_onnx()
-    feeds = data or _probe_or_none(original_proto, seed, input_shapes)
+    lossy, lossy_data = lossy_passes(pipeline), load_lossy_data(original_proto, calibration,
+                                                                validation, budget)
+    ctx.calibration, ctx.validation = lossy_data.calibration, lossy_data.validation
+    ctx.tolerance = lossy_data.budget
+    warn_unmeasured(ctx.logger, lossy_data, lossy)
+    feeds = data or (lossy_data.check_feeds if lossy else None) or \
+        _probe_or_none(original_proto, seed, input_shapes)
     manager = PassManager(pipeline, ctx, strict=strict, max_iterations=max_iterations,
                           tolerance=tolerance, probe_feeds=feeds, instruments=instruments)
     manager.run(working)
 
-    verification = _verify(original_proto, working, feeds, tolerance, manager.numeric_check)
+    if any(e.changed and e.pass_name in lossy for e in manager.trace):
+        verification = verify_lossy(original_proto, working.to_onnx(), feeds, ctx.tolerance)
+    else:
+        verification = _verify(original_proto, working, feeds, tolerance,
+                               manager.numeric_check)
     report = {
         "graphopt_version": graphopt_version(),
         "target": tgt.name,
@@ -107,6 +132,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         "verification": verification,
         "output_path": None,
     }
+    if lossy:
+        report["quantization"] = quantization_report(manager.trace, lossy, lossy_data, quantize)
     if verification.get("ok") is False:
         raise VerificationError(
             f"the optimized model does not match the original: {verification['detail']}",

@@ -19,9 +19,10 @@ from rich.table import Table
 
 from graphopt import api, verify
 from graphopt.errors import GraphoptError, UsageError
+from graphopt.lossy import QUANTIZE_PASSES, summary_lines
 from graphopt.manager import TraceEntry
 from graphopt.pass_infra import Pass, option_fields
-from graphopt.registry import pass_registry, target_registry
+from graphopt.registry import create_target, pass_registry, target_registry
 
 err = Console(stderr=True)
 out = Console()
@@ -103,8 +104,19 @@ class _Progress:
 @click.option("--rtol", type=float, default=1e-4, show_default=True)
 @click.option("--atol", type=float, default=1e-5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quantize", type=click.Choice(list(QUANTIZE_PASSES)),
+              help="Append a lossy quantization pass after the target's pipeline.")
+@click.option("--calibration-data", help="Calibration inputs: an .npz (first axis = "
+              "samples), a folder of .npy/.npz files, or module:function.")
+@click.option("--validation-data", help="Inputs the accuracy is measured on (same forms; "
+              "default: the calibration data).")
+@click.option("--tolerance", type=float, help="Accuracy budget of lossy passes: minimum "
+              "output cosine similarity to the original (default 0.99).")
+@click.option("--measure", is_flag=True, help="Time quantized variants in ONNX Runtime "
+              "and keep the fastest that meets the budget.")
 def optimize(model, output, target, passes, skip, report_path, strict, data, input_shape,
-             rtol, atol, seed):
+             rtol, atol, seed, quantize, calibration_data, validation_data, tolerance,
+             measure):
     """Optimize MODEL for a target and write the verified result to OUTPUT."""
     if output.resolve() == model.resolve():
         raise UsageError("the output would overwrite the input model",
@@ -114,8 +126,10 @@ def optimize(model, output, target, passes, skip, report_path, strict, data, inp
             model, target=target, passes=passes, output=output, strict=strict,
             skip=[s.strip() for s in skip.split(",") if s.strip()] if skip else (),
             data=_load_data(data), input_shapes=_parse_shapes(input_shape),
-            tolerance=verify.Tolerance(rtol=rtol, atol=atol), seed=seed,
-            instruments=[_Progress(status)])
+            tolerance=(tolerance, verify.Tolerance(rtol=rtol, atol=atol))
+            if tolerance is not None else verify.Tolerance(rtol=rtol, atol=atol), seed=seed,
+            instruments=[_Progress(status)], quantize=quantize, calibration=calibration_data,
+            validation=validation_data, measure=measure)
     report = result.report
     if report_path:
         _write_atomic(report_path, json.dumps(report, indent=2, default=float))
@@ -142,12 +156,16 @@ def _print_summary(report: dict) -> None:
         table.add_row(label, sa, sb, change)
     err.print(table)
     v = report["verification"]
-    if v.get("ok"):
+    if v.get("ok") and "min_cosine" in v:  # lossy passes: checked against the budget
+        err.print(f"verified: {v['detail']}", highlight=False)
+    elif v.get("ok"):
         err.print(f"verified: outputs match (max abs diff {v['max_abs_diff']:.3g})")
     else:
         err.print(f"[yellow]not verified:[/] {v.get('detail')}", highlight=False)
     if report["rolled_back"]:
         err.print(f"[yellow]rolled back:[/] {', '.join(report['rolled_back'])}")
+    for line in summary_lines(report):
+        err.print(line, highlight=False, soft_wrap=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -193,7 +211,7 @@ def list_targets() -> None:
     for name in registry.names():
         info = registry.info(name)
         try:
-            target = registry.get(name)()
+            target = create_target(registry, name)
             missing = target.availability()
             table.add_row(name, info.distribution, target.produces,
                           "yes" if missing is None else f"no: {missing}")

@@ -30,6 +30,10 @@ class Device:
     bandwidth: float  # bytes/s from main memory
     cores: int = 1
     node_overhead_s: float = 2e-6  # per-node dispatch cost
+    # Whether the device has int8 dot-product instructions (x86 VNNI/AMX, Arm dotprod):
+    # without them int8 kernels saturate int16 intermediates (x86 VPMADDUBSW) and gain
+    # little over float32. ``None``: unknown.
+    int8_fast: bool | None = None
 
     def peak(self, dtype: str) -> float:
         return self.peak_flops.get(dtype, self.peak_flops.get("float32", 1e11))
@@ -63,6 +67,12 @@ _EFFICIENCY = {"Conv": 0.6, "ConvTranspose": 0.5, "MatMul": 0.7, "Gemm": 0.7,
 # Ops that move no data at run time in any serious runtime (views, metadata).
 _FREE = {"Shape", "Size", "Constant", "Identity", "Reshape", "Squeeze", "Unsqueeze",
          "Flatten"}
+# Quantized execution: a runtime fuses DequantizeLinear -> Conv/MatMul/Gemm into an int8
+# kernel (ORT: QLinearConv, MatMulIntegerToFloat, QGemm) with prepacked int8 weights, so
+# such a DequantizeLinear costs nothing and the op runs at the int8 peak on 1-byte data.
+_QDQ_FUSED = {"Conv", "MatMul", "Gemm"}
+_INT8_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
+             "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention"}
 
 
 class AnalyticCostModel:
@@ -86,14 +96,31 @@ class AnalyticCostModel:
         )
 
     def node_cost(self, node: gs.Node, device: Device) -> NodeCost:
+        if _fused_dequantize(node):
+            return NodeCost(node.name, node.op, 0.0, 0.0, 0.0)
         flops = node_flops(node)
+        quantized = node.op in _INT8_OPS or (node.op in _QDQ_FUSED and any(
+            _from_dequantize(t) for t in node.inputs[:2]))
+        inputs = [t.inputs[0].inputs[0] if quantized and _from_dequantize(t) else t
+                  for t in node.inputs]
         moved = 0.0 if node.op in _FREE else float(sum(tensor_bytes(t) for t in
-                                                       [*node.inputs, *node.outputs]))
-        dtype = _dtype_name(node.outputs[0]) if node.outputs else "float32"
+                                                       [*inputs, *node.outputs]))
+        dtype = "int8" if quantized else \
+            _dtype_name(node.outputs[0]) if node.outputs else "float32"
         compute_s = flops / (device.peak(dtype) * _EFFICIENCY.get(node.op, 0.25))
         memory_s = moved / device.bandwidth
         latency = max(compute_s, memory_s) + device.node_overhead_s
         return NodeCost(node.name, node.op, flops, moved, latency)
+
+
+def _from_dequantize(tensor: gs.Tensor) -> bool:
+    return len(tensor.inputs) == 1 and tensor.inputs[0].op == "DequantizeLinear"
+
+
+def _fused_dequantize(node: gs.Node) -> bool:
+    """A DequantizeLinear whose every reader is an op a runtime fuses it into."""
+    readers = node.outputs[0].outputs if node.op == "DequantizeLinear" and node.outputs else []
+    return bool(readers) and all(r.op in _QDQ_FUSED for r in readers)
 
 
 def _shapes_known(model: "Model") -> bool:
@@ -132,7 +159,8 @@ def node_flops(node: gs.Node) -> float:
             return 2.0 * numel(node.inputs[0]) * int(np.prod(
                 [d if isinstance(d, int) else 1 for d in weight.shape[1:]]))
         return 2.0 * numel(out) * per_out
-    if op in ("MatMul", "MatMulInteger", "Gemm", "MatMulNBits", "FusedMatMul"):
+    if op in ("MatMul", "MatMulInteger", "Gemm", "MatMulNBits", "FusedMatMul", "QGemm",
+              "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"):
         a = node.inputs[0]
         if a.shape is None or not a.shape:
             return 0.0
@@ -141,12 +169,17 @@ def node_flops(node: gs.Node) -> float:
             k = a.shape[0]
         k = k if isinstance(k, int) else 1
         return 2.0 * numel(out) * k
-    if op in ("Attention", "MultiHeadAttention"):
+    if op in ("Attention", "MultiHeadAttention", "QAttention"):
         q = node.inputs[0]
         if q.shape is None or len(q.shape) < 2:
             return 0.0
         seq = q.shape[-2] if isinstance(q.shape[-2], int) else 1
-        return 4.0 * numel(out) * seq
+        flops = 4.0 * numel(out) * seq
+        weight = node.inputs[1] if op != "MultiHeadAttention" and len(node.inputs) > 1 else None
+        if weight is not None and weight.shape is not None and len(weight.shape) == 2 \
+                and isinstance(weight.shape[1], int):  # com.microsoft: QKV projection inside
+            flops += 2.0 * numel(q) * weight.shape[1]
+        return flops
     if op in ("Softmax", "LayerNormalization", "SkipLayerNormalization", "Gelu", "FastGelu",
               "BiasGelu", "Erf", "Tanh", "Sigmoid", "HardSwish", "Exp", "Log"):
         return 8.0 * numel(out)

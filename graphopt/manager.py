@@ -83,22 +83,37 @@ class PassManager:
         self.numeric_check: str = "not run"  # why numbers could not be checked, if so
 
     def run(self, model: Model) -> Model:
-        """Optimize ``model`` in place (and return it)."""
+        """Optimize ``model`` in place (and return it).
+
+        A lossy pass ends a stage: the lossless passes before it are iterated to their
+        fixpoint, then it runs once (it is judged against the original, and rerunning a
+        quantizer on its own output, or cleanups between, would not converge)."""
         state = self._initial_state(model)
         original_outputs = state.outputs
-        for iteration in range(1, self.max_iterations + 1):
-            changed_any = False
-            for p in self.passes:
-                for instrument in self.instruments:
-                    instrument.before_pass(p, iteration)
-                entry, state = self._run_one(p, model, state, iteration, original_outputs)
-                self.trace.append(entry)
-                for instrument in self.instruments:
-                    instrument.after_pass(p, entry)
-                changed_any |= entry.changed
-            if not changed_any:
-                break
+        iteration = 0
+        for lossless, lossy in _stages(self.passes):
+            for _ in range(self.max_iterations if lossless else 0):
+                iteration += 1
+                changed_any = False
+                for p in lossless:
+                    changed, state = self._step(p, model, state, iteration, original_outputs)
+                    changed_any |= changed
+                if not changed_any:
+                    break
+            if lossy is not None:
+                iteration += 1
+                _, state = self._step(lossy, model, state, iteration, original_outputs)
         return model
+
+    def _step(self, p: Pass, model: Model, state: _State, iteration: int,
+              original_outputs: list[verify.Feeds] | None) -> tuple[bool, _State]:
+        for instrument in self.instruments:
+            instrument.before_pass(p, iteration)
+        entry, state = self._run_one(p, model, state, iteration, original_outputs)
+        self.trace.append(entry)
+        for instrument in self.instruments:
+            instrument.after_pass(p, entry)
+        return entry.changed, state
 
     # ------------------------------------------------------------------ internals
     def _initial_state(self, model: Model) -> _State:
@@ -112,7 +127,7 @@ class PassManager:
         try:
             feeds = self.probe_feeds or verify.probe_inputs(proto, seed=self.ctx.seed)
             self.probe_feeds = feeds
-            outputs = [verify.run(proto, f) for f in feeds]
+            outputs = _run_feeds(proto, feeds)
             self.numeric_check = "ok"
         except GraphoptError as exc:
             self.numeric_check = f"skipped: {exc}"
@@ -172,7 +187,7 @@ class PassManager:
         outputs = None
         if state.outputs is not None:
             try:
-                outputs = [verify.run(proto, f) for f in self.probe_feeds]
+                outputs = _run_feeds(proto, self.probe_feeds)
             except Exception as exc:
                 raise _Rejected(f"ONNX Runtime cannot run the result: {_first_line(exc)}")
             if p.lossless:
@@ -197,6 +212,20 @@ class PassManager:
         return self.ctx.cost_model.estimate(model, self.ctx.device).latency_s
 
 
+def _stages(passes: Sequence[Pass]) -> list[tuple[list[Pass], Pass | None]]:
+    """Split a pipeline after each lossy pass: [(lossless passes, lossy pass or None)]."""
+    stages, current = [], []
+    for p in passes:
+        if p.lossless:
+            current.append(p)
+        else:
+            stages.append((current, p))
+            current = []
+    if current or not stages:
+        stages.append((current, None))
+    return stages
+
+
 class _Rejected(Exception):
     """A pass's result failed a check; the message says which."""
 
@@ -212,6 +241,12 @@ def min_cosine(reference: list[verify.Feeds], candidate: list[verify.Feeds]) -> 
                 if denom else 0.0
             worst = min(worst, cos)
     return worst
+
+
+def _run_feeds(proto: onnx.ModelProto, feeds: list[verify.Feeds]) -> list[verify.Feeds]:
+    """Outputs on every batch of ``feeds`` (one ORT session for all of them)."""
+    sess = verify.session(proto)
+    return [verify.run(sess, f) for f in feeds]
 
 
 def _infer_strict(proto: onnx.ModelProto) -> onnx.ModelProto | None:

@@ -57,6 +57,9 @@ class PassContext:
     cost_model: "CostModel | None" = None
     device: "Device | None" = None
     calibration: list[dict[str, np.ndarray]] | None = None
+    # Data a lossy pass measures its damage on (default: ``calibration``), and the
+    # accuracy budget: the minimum output cosine similarity to the original.
+    validation: list[dict[str, np.ndarray]] | None = None
     tolerance: float | None = None
     seed: int = 0
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("graphopt"))

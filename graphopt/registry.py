@@ -30,12 +30,15 @@ class PluginInfo:
 
 
 class Registry(Generic[T]):
-    """The plugins of one entry-point group that are subclasses of ``base``."""
+    """The plugins of one entry-point group that are subclasses of ``base`` (or, with
+    ``instances=True``, also ready-made instances of it: one class configured by data,
+    e.g. ``arm = graphopt.targets.presets:ARM``)."""
 
-    def __init__(self, group: str, base: type[T], kind: str):
+    def __init__(self, group: str, base: type[T], kind: str, instances: bool = False):
         self.group = group
         self.base = base
         self.kind = kind
+        self.instances = instances
         self._entry_points: dict[str, EntryPoint] = {}
         self._duplicates: dict[str, list[EntryPoint]] = {}
         for ep in sorted(entry_points(group=group), key=lambda e: (e.name, _dist_name(e))):
@@ -43,7 +46,7 @@ class Registry(Generic[T]):
                 self._duplicates.setdefault(ep.name, [self._entry_points[ep.name]]).append(ep)
             else:
                 self._entry_points[ep.name] = ep
-        self._loaded: dict[str, type[T]] = {}
+        self._loaded: dict[str, type[T] | T] = {}
 
     def names(self) -> list[str]:
         return sorted(self._entry_points)
@@ -55,8 +58,10 @@ class Registry(Generic[T]):
     def __contains__(self, name: str) -> bool:
         return name in self._entry_points
 
-    def get(self, name: str) -> type[T]:
-        """Import and validate the plugin ``name`` (once); raise ``PluginError`` if broken."""
+    def get(self, name: str) -> type[T] | T:
+        """Import and validate the plugin ``name`` (once); raise ``PluginError`` if broken.
+
+        Returns the class, or the instance when the entry point names one (``instances``)."""
         if name in self._loaded:
             return self._loaded[name]
         ep = self._entry_point(name)
@@ -70,8 +75,10 @@ class Registry(Generic[T]):
             obj = ep.load()
         except Exception as exc:  # any import-time failure of third-party code
             raise PluginError(f"{where} failed to import: {type(exc).__name__}: {exc}") from exc
-        if not (isinstance(obj, type) and issubclass(obj, self.base)):
-            raise PluginError(f"{where} is not a {self.base.__name__} subclass "
+        is_class = isinstance(obj, type) and issubclass(obj, self.base)
+        if not (is_class or (self.instances and isinstance(obj, self.base))):
+            what = " or instance" if self.instances else ""
+            raise PluginError(f"{where} is not a {self.base.__name__} subclass{what} "
                               f"(got {obj!r})")
         declared = getattr(obj, "name", None)
         if declared != name:
@@ -80,7 +87,7 @@ class Registry(Generic[T]):
         self._loaded[name] = obj
         return obj
 
-    def load_all(self) -> tuple[dict[str, type[T]], dict[str, PluginError]]:
+    def load_all(self) -> tuple[dict[str, type[T] | T], dict[str, PluginError]]:
         """Every plugin that loads, and the error of every one that does not."""
         loaded, errors = {}, {}
         for name in self.names():
@@ -112,4 +119,19 @@ def pass_registry() -> "Registry":
 def target_registry() -> "Registry":
     from graphopt.target import Target
 
-    return Registry(TARGET_GROUP, Target, "target")
+    return Registry(TARGET_GROUP, Target, "target", instances=True)
+
+
+def create_target(registry: "Registry", name: str):
+    """The target ``name`` as an object: its class instantiated, or the instance the
+    entry point names. Errors name the distribution and entry point."""
+    plugin = registry.get(name)
+    if not isinstance(plugin, type):
+        return plugin
+    ep = registry.info(name)
+    try:
+        return plugin()
+    except Exception as exc:  # a third-party constructor failing
+        raise PluginError(f"target {name!r} (entry point '{ep.name} = {ep.value}' of "
+                          f"distribution {ep.distribution!r}) failed to construct: "
+                          f"{type(exc).__name__}: {exc}") from exc

@@ -59,6 +59,12 @@ class Target(ABC):
         """``None`` when the backend can be used here, else what to install."""
         return None
 
+    def prepare(self, model: Model, input_shapes: dict[str, list[int]] | None) -> None:
+        """Adapt the working copy in place before the pipeline runs. ``input_shapes`` are
+        the shapes given for probing (``--input-shape``); a compiler that wants static
+        shapes may fix them here so the pipeline folds the shape arithmetic. Default:
+        nothing."""
+
     @abstractmethod
     def lower(self, model: Model, out: Path) -> Artifact:
         """Write the artifact for ``model`` at ``out``."""

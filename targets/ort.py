@@ -83,11 +83,7 @@ class OrtTarget(Target):
     name = "ort"
     description = "ONNX Runtime on this machine's CPU"
     produces = "an optimized .onnx file"
-    # A 3 GHz AVX2 core: 2 FMA units x 8 float32 lanes x 2 FLOPs per cycle.
-    device = Device(name="host-cpu", peak_flops={"float32": _CORES * 96e9,
-                                                 "float16": _CORES * 96e9,
-                                                 "int8": _CORES * 192e9},
-                    bandwidth=20e9, cores=_CORES, node_overhead_s=1.5e-6)
+    device = host_device()
     capabilities = Capabilities(domains=frozenset({"", "com.microsoft"}),
                                 dtypes=frozenset({"float32", "float16", "int8", "uint8"}))
     default_pipeline = LOSSLESS_PIPELINE

@@ -1,0 +1,594 @@
+"""Apache TVM (Relax) on CPUs: the artifact is a compiled shared library for the device.
+
+One class, ``TvmTarget``; what differs between ``x86``, ``arm``, ``arm-a76``, ... is data,
+a ``TvmPreset`` (``graphopt.targets.presets`` holds the table). ``lower`` writes a
+directory::
+
+    out/model.onnx      the optimized model the library was compiled from
+    out/model.so        the Relax VM executable for the preset's triple (model.tar of
+                        unlinked objects when no linker for the triple is installed)
+    out/manifest.json   target, device, LLVM target, inputs/outputs, hashes, toolchain
+
+``run`` executes it here: in this process for ``runner="local"``, under qemu-user with the
+aarch64 sysroot (``python -m graphopt.targets.tvm_sysroot``) for ``"qemu-aarch64"``.
+Timings under emulation say nothing about the device and are never reported as such.
+
+TVM is imported only inside the methods that need it: importing graphopt never imports
+TVM, and ``availability()`` says what to install when it is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+
+from graphopt.cost import Device
+from graphopt.errors import GraphoptError, UsageError
+from graphopt.ir import Model, save, saved_files
+from graphopt.target import Artifact, Capabilities, Target
+from graphopt.targets.ort import LOSSLESS_PIPELINE
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+LIBRARY = "model.so"
+OBJECTS = "model.tar"
+TUNING = "tuning"  # MetaSchedule database beside the library (reused when lowering again)
+TUNING_FILES = ("database_workload.json", "database_tuning_record.json")
+FORMAT = "graphopt-tvm-relax-vm/1"
+INSTALL_HINT = "pip install 'graphopt[tvm]'"
+# Ops the TVM ONNX frontend converts although they are not in its converter map.
+_DIRECTLY_HANDLED = frozenset({"If", "Constant"})
+# Used only when TVM is not installed (the real list is read from the frontend).
+_KNOWN_UNSUPPORTED = frozenset({
+    "Loop", "Scan", "LSTM", "GRU", "RNN", "QLinearConv", "QLinearMatMul", "ConvInteger",
+    "Swish", "DeformConv", "STFT", "DFT", "ReverseSequence", "Col2Im", "CumProd",
+    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli",
+    "Multinomial", "SequenceMap", "StringNormalizer", "TfIdfVectorizer", "RotaryEmbedding",
+})
+
+
+@dataclass(frozen=True)
+class TvmPreset:
+    """Everything a TVM target is. Device figures are for the whole chip at its nominal
+    clock; ``cores=None`` means this machine's core count (the ``x86`` host preset)."""
+
+    name: str
+    description: str
+    device_name: str
+    # The LLVM target in TVM's dict form; "mcpu": "native" is resolved to this host's CPU.
+    llvm: dict = field(hash=False)
+    # Prefix of the cross toolchain that links the library ("aarch64-linux-gnu-" uses
+    # aarch64-linux-gnu-g++); None: the host's C++ compiler.
+    cross_prefix: str | None
+    runner: Literal["local", "qemu-aarch64"]
+    peak_flops_per_core: dict = field(hash=False)  # dtype -> FLOP/s of one core
+    bandwidth: float  # bytes/s from DRAM
+    cores: int | None
+    qemu_cpu: str | None = None  # qemu-user -cpu model to run it with (closest qemu has)
+    node_overhead_s: float = 1e-6
+
+    @property
+    def linker(self) -> str:
+        return f"{self.cross_prefix}g++" if self.cross_prefix else \
+            (os.environ.get("CXX") or "g++")
+
+    def device(self) -> Device:
+        cores = self.cores or os.cpu_count() or 1
+        return Device(name=self.device_name.format(cores=cores),
+                      peak_flops={k: v * cores for k, v in self.peak_flops_per_core.items()},
+                      bandwidth=self.bandwidth, cores=cores,
+                      node_overhead_s=self.node_overhead_s)
+
+
+class TvmTarget(Target):
+    """A CPU compiled to by Apache TVM; behaviour fully determined by ``preset``."""
+
+    produces = "a folder: model.so (TVM Relax VM), model.onnx, manifest.json"
+    default_pipeline = LOSSLESS_PIPELINE
+
+    def __init__(self, preset: TvmPreset):
+        self.preset = preset
+        self.name = preset.name
+        self.description = preset.description
+        self.device = preset.device()
+
+    def __repr__(self) -> str:
+        return f"TvmTarget({self.preset.name!r})"
+
+    # ------------------------------------------------------------------ capabilities
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        """The default ONNX domain only (no com.microsoft fusions), restricted to the ops
+        the installed TVM's ONNX frontend converts (all of them when TVM is missing)."""
+        return _capabilities(frontend_ops())
+
+    def availability(self) -> str | None:
+        if importlib.util.find_spec("tvm") is None:
+            return f"Apache TVM is not installed ({INSTALL_HINT})"
+        return None
+
+    def unsupported_ops(self, model: Model | onnx.ModelProto) -> Counter:
+        """``{"Loop": 2, "com.microsoft::FusedConv": 1, ...}``: the nodes (main graph and
+        subgraphs) that TVM's ONNX frontend cannot import."""
+        proto = model.to_onnx() if isinstance(model, Model) else model
+        ops = frontend_ops()
+        missing: Counter = Counter()
+        for node in _all_nodes(proto.graph):
+            domain = "" if node.domain == "ai.onnx" else node.domain
+            if domain:
+                missing[f"{domain}::{node.op_type}"] += 1
+            elif (node.op_type not in ops) if ops is not None else \
+                    (node.op_type in _KNOWN_UNSUPPORTED):
+                missing[node.op_type] += 1
+        return missing
+
+    # ------------------------------------------------------------------ shapes
+    def prepare(self, model: Model, input_shapes: dict[str, list[int]] | None) -> None:
+        """``--input-shape`` fixes those inputs' shapes in the compiled library: every
+        symbolic dimension they bind becomes that number throughout the graph, so the
+        pipeline folds the shape arithmetic (TVM handles static shapes best, and some
+        dynamic-shape exports import only that way). Without it, symbolic dims stay."""
+        if not input_shapes:
+            return
+        bindings: dict[str, int] = {}
+        inputs = {t.name: t for t in model.graph.inputs}
+        for name, dims in input_shapes.items():
+            tensor = inputs.get(name)
+            if tensor is None:
+                continue  # probe_inputs reports the unknown name
+            if tensor.shape is not None and len(tensor.shape) != len(dims):
+                raise UsageError(f"--input-shape gives {name!r} {len(dims)} dimensions; the "
+                                 f"model has {len(tensor.shape)}: {list(tensor.shape)}")
+            for old, new in zip(tensor.shape or [], dims):
+                if isinstance(old, str) and old:
+                    if bindings.setdefault(old, int(new)) != int(new):
+                        raise UsageError(f"--input-shape gives dimension {old!r} two sizes: "
+                                         f"{bindings[old]} and {new}")
+                elif isinstance(old, int) and old > 0 and old != new:
+                    raise UsageError(f"--input-shape gives {name!r} {list(dims)}; the model "
+                                     f"fixes it to {list(tensor.shape)}")
+            tensor.shape = [int(d) for d in dims]
+        for graph in model.all_graphs():
+            for tensor in graph.tensors().values():
+                shape = getattr(tensor, "shape", None)
+                if shape and any(isinstance(d, str) and d in bindings for d in shape):
+                    tensor.shape = [bindings.get(d, d) if isinstance(d, str) else d
+                                    for d in shape]
+
+    # ------------------------------------------------------------------ lowering
+    def llvm_target(self) -> dict:
+        """The preset's LLVM target, resolved for this build ("native" CPU, core count)."""
+        target = dict(self.preset.llvm)
+        if target.get("mcpu") == "native":
+            target["mcpu"] = host_cpu()
+        target.setdefault("num-cores", self.device.cores)
+        return target
+
+    def lower(self, model: Model, out: Path, *, tune_trials: int = 0) -> Artifact:
+        """Compile ``model`` into the folder ``out``. ``tune_trials > 0`` first tunes the
+        kernels with MetaSchedule (measured on this machine: ``runner="local"`` presets
+        with static shapes only; minutes even for small budgets) and keeps the database in
+        ``out/tuning``; a database already there is applied (and extended by tuning)."""
+        out = Path(out)
+        if out.suffix in (".onnx", ".so", ".tar") or out.is_file():
+            raise UsageError(f"target {self.name!r} writes a directory (model.so, model.onnx, "
+                             f"manifest.json), not {str(out)!r}", hint="give -o a folder")
+        missing = self.unsupported_ops(model)
+        if missing:
+            listed = ", ".join(f"{op} ({n} node{'s' * (n > 1)})" for op, n in
+                               sorted(missing.items()))
+            raise UsageError(f"target {self.name!r}: TVM's ONNX frontend cannot import {listed}",
+                             hint="use --target ort, which runs every ONNX op")
+        if self.availability():
+            raise UsageError(f"target {self.name!r} is not available here: "
+                             f"{self.availability()}")
+        proto = model.to_onnx()
+        if tune_trials > 0 and self.preset.runner != "local":
+            raise UsageError(f"target {self.name!r}: tuning measures candidates on the device "
+                             f"itself; this machine is not one (TVM RPC is not wired up)",
+                             hint="lower without tuning, or tune on the device")
+        if tune_trials > 0 and any(
+                not all(isinstance(d, int) for d in (_value_info(v)["shape"] or [None]))
+                for v in _graph_inputs(proto)):
+            raise UsageError(f"target {self.name!r}: tuning needs static input shapes",
+                             hint=_shape_hint(proto))
+        with tempfile.TemporaryDirectory(prefix="graphopt-tvm-") as tmp:
+            tmp = Path(tmp)
+            tuning = None
+            if tune_trials > 0 or (out / TUNING / TUNING_FILES[1]).is_file():
+                tuning = tmp / TUNING
+                tuning.mkdir()
+                for name in TUNING_FILES:
+                    if (out / TUNING / name).is_file():
+                        shutil.copy2(out / TUNING / name, tuning / name)
+            library, link, tuned = self._compile(proto, tmp, tuning, tune_trials)
+            model_path = save(proto, tmp / MODEL_FILE)
+            manifest = self._manifest(proto, model, tmp, model_path, library, link)
+            manifest["tuning"] = tuned
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            names = [p.name for p in saved_files(model_path)] + [library.name, MANIFEST]
+            if tuning is not None:
+                names += [f"{TUNING}/{n}" for n in TUNING_FILES if (tuning / n).is_file()]
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in (LIBRARY, OBJECTS):  # never leave a previous build's library
+                if stale != library.name and (out / stale).exists():
+                    (out / stale).unlink()
+            for name in names:
+                (out / name).parent.mkdir(exist_ok=True)
+                shutil.move(str(tmp / name), str(out / name))
+        files = [out / n for n in names]
+        return Artifact(target=self.name, path=out / library.name, files=files,
+                        format="tvm-relax-vm" if library.name == LIBRARY else
+                        "tvm-relax-vm-objects")
+
+    def _compile(self, proto: onnx.ModelProto, tmp: Path, tuning: Path | None = None,
+                 trials: int = 0) -> tuple[Path, str | None, dict | None]:
+        """Import, optimize (Relax: legalize + fuse), tune or apply a tuning database,
+        build and export; returns the library (or object archive), for an archive the
+        command that links it, and what tuning did."""
+        import tvm
+        from tvm import relax
+        from tvm.relax.frontend.onnx import from_onnx
+        from tvm.support import cc
+
+        target = tvm.target.Target(self.llvm_target())
+        hint = _shape_hint(proto)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = from_onnx(proto, keep_params_in_input=False)
+        except Exception as exc:  # the frontend raises anything on what it cannot import
+            raise GraphoptError(
+                f"target {self.name!r}: TVM's ONNX frontend failed on the model: "
+                f"{type(exc).__name__}: {_first_line(exc)}", hint=hint) from exc
+        try:
+            with target:
+                # Inference forms of training ops, then legalize to TIR, fold and fuse:
+                # tvm.compile's default pipeline alone does not fuse on CPU targets.
+                mod = relax.transform.DecomposeOpsForInference()(mod)
+                mod = relax.get_pipeline("zero")(mod)
+            tuned = None
+            if tuning is not None:
+                tuned = _tune(mod, target, tuning, trials) if trials > 0 else \
+                    {"trials": 0, "database": "applied the one already in the folder"}
+                with target:
+                    mod = relax.transform.MetaScheduleApplyDatabase(str(tuning))(mod)
+            executable = tvm.compile(mod, target=target)
+        except GraphoptError:
+            raise
+        except Exception as exc:
+            raise GraphoptError(f"target {self.name!r}: TVM failed to compile the model: "
+                                f"{type(exc).__name__}: {_first_line(exc)}",
+                                hint=hint) from exc
+        linker = shutil.which(self.preset.linker)
+        if linker is None:
+            # No linker for the triple: ship the objects and say how to link them.
+            path = tmp / OBJECTS
+            executable.export_library(str(path))
+            link = (f"mkdir -p objs && tar -xf {OBJECTS} -C objs && "
+                    f"{self.preset.linker} -shared -fPIC -o {LIBRARY} objs/*.o")
+            return path, link, tuned
+        path = tmp / LIBRARY
+        executable.export_library(str(path), fcompile=cc.cross_compiler(linker))
+        return path, None, tuned
+
+    def _manifest(self, proto, model: Model, tmp: Path, model_path: Path, library: Path,
+                  link: str | None) -> dict:
+        from graphopt.api import graphopt_version
+
+        return {
+            "format": FORMAT,
+            "target": self.name,
+            "description": self.description,
+            "device": {"name": self.device.name, "peak_flops": self.device.peak_flops,
+                       "bandwidth": self.device.bandwidth, "cores": self.device.cores},
+            "llvm_target": self.llvm_target(),
+            "triple": self.llvm_target().get("mtriple"),
+            "runner": self.preset.runner,
+            "library": library.name,
+            "link_command": link,
+            "model": MODEL_FILE,
+            "entry": "main",
+            "inputs": [_value_info(v) for v in _graph_inputs(proto)],
+            "outputs": [_value_info(v) for v in proto.graph.output],
+            "graphopt_version": graphopt_version(),
+            "model_content_hash": model.content_hash(),
+            "sha256": {p.name: _sha256(p) for p in [*saved_files(model_path), library]},
+            "toolchain": toolchain(self.preset.linker),
+        }
+
+    # ------------------------------------------------------------------ running
+    def run(self, artifact: Artifact, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        path = Path(artifact.path)
+        manifest = read_manifest(path.parent)
+        if manifest.get("link_command"):
+            raise UsageError(f"{path} holds unlinked objects (no {self.preset.linker} was "
+                             f"installed when it was built)",
+                             hint=f"link it in {path.parent}: {manifest['link_command']}")
+        arrays = _ordered_inputs(manifest, feeds)
+        if self.preset.runner == "local":
+            results = _local_vm(str(path), path.stat().st_mtime_ns).run(arrays)
+        else:
+            results = self._run_qemu(path, arrays)
+        names = [o["name"] for o in manifest["outputs"]]
+        if len(results) != len(names):
+            raise GraphoptError(f"the library returned {len(results)} outputs, the manifest "
+                                f"lists {len(names)}")
+        return dict(zip(names, results))
+
+    def _run_qemu(self, library: Path, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        from graphopt.targets import tvm_sysroot
+
+        emulator = tvm_sysroot.qemu()
+        root, why = tvm_sysroot.status()
+        if emulator is None or root is None:
+            need = []
+            if emulator is None:
+                need.append("qemu-user (apt-get install qemu-user)")
+            if root is None:
+                need.append(f"the aarch64 sysroot ({why}; build it with "
+                            f"python -m graphopt.targets.tvm_sysroot)")
+            raise UsageError(f"running a {self.name!r} artifact here needs " +
+                             " and ".join(need),
+                             hint="or copy the artifact folder to an aarch64 device")
+        runner = Path(__file__).with_name("tvm_runner.py")
+        with tempfile.TemporaryDirectory(prefix="graphopt-qemu-") as tmp:
+            inputs, outputs = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
+            np.savez(inputs, **{f"input_{i}": a for i, a in enumerate(arrays)})
+            cmd = tvm_sysroot.qemu_command(root, emulator, self.preset.qemu_cpu) + [
+                str(runner), str(library.resolve()), str(inputs), str(outputs)]
+            proc = subprocess.run(cmd, env=tvm_sysroot.qemu_env(), capture_output=True,
+                                  text=True)
+            if proc.returncode != 0:
+                tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+                raise GraphoptError(f"running {library} under qemu-aarch64 failed "
+                                    f"(exit {proc.returncode}):\n{tail}")
+            with np.load(outputs, allow_pickle=False) as data:
+                return [data[f"output_{i}"] for i in range(len(data.files))]
+
+
+# ---------------------------------------------------------------------- tuning
+def _import_tensor_intrinsics() -> None:
+    """MetaSchedule builder workers import these on first use; on a slow machine that
+    alone (TVMScript parsing hundreds of intrinsics) outlasts the default 30 s build
+    timeout, so every candidate fails. Importing them in the worker initializer, which
+    no timeout covers, avoids that."""
+    import tvm.s_tir.tensor_intrin  # noqa: F401
+
+
+@functools.lru_cache(maxsize=None)
+def _pooled_builder_class():
+    """A MetaSchedule builder whose worker processes live for the whole tuning run.
+
+    TVM's ``LocalBuilder`` starts a new process pool for every batch of candidates, and
+    each new worker imports ``tvm.s_tir.tensor_intrin`` (TVMScript-parsing hundreds of
+    intrinsics: 30-100 s on a 2-core machine). With one batch per task that cost
+    dominated tuning. Workers here pay it once, in the initializer (which no build
+    timeout covers). Tuning runs are short, so the leak that made TVM restart its pool
+    does not matter here."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder import local_builder as lb
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    @derived_object
+    class PooledBuilder(PyBuilder):
+        def __init__(self, timeout_sec: float, max_workers: int | None = None):
+            super().__init__()
+            self.timeout_sec = timeout_sec
+            self.pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec,
+                                          initializer=_import_tensor_intrinsics)
+
+        def build(self, build_inputs):
+            results = []
+            args = [(None, None, b.mod, b.target, lb._serialize_params(b.params))
+                    for b in build_inputs]
+            for res in self.pool.map_with_error_catching(lambda x: lb._worker_func(*x), args):
+                if res.status == StatusKind.COMPLETE:
+                    results.append(BuilderResult(res.value, None))
+                elif res.status == StatusKind.TIMEOUT:
+                    results.append(BuilderResult(
+                        None, f"build timed out after {self.timeout_sec} s"))
+                else:
+                    results.append(BuilderResult(None, f"build failed: {res.value}"))
+            return results
+
+    return PooledBuilder
+
+
+def _tune(mod, target, work_dir: Path, trials: int) -> dict:
+    """MetaSchedule-tune every fused kernel of ``mod`` on this machine; the JSON database
+    in ``work_dir`` (possibly holding earlier records) is extended."""
+    import time
+
+    from tvm.s_tir import meta_schedule as ms
+
+    # MetaSchedule prints its task table to stdout at its logger's level: warnings only
+    # (the full log goes to work_dir/logs, removed afterwards).
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(
+        logging.DEBUG if logging.getLogger("graphopt").isEnabledFor(logging.DEBUG)
+        else logging.WARNING)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    per_task = max(4, -(-trials // max(1, len(tasks))))
+    cost_model = "xgb" if importlib.util.find_spec("xgboost") else "random"
+    start = time.perf_counter()
+    ms.relax_integration.tune_relax(
+        mod, params={}, target=target, work_dir=str(work_dir), max_trials_global=trials,
+        max_trials_per_task=per_task, num_trials_per_iter=min(64, per_task),
+        builder=_pooled_builder_class()(timeout_sec=120),
+        runner=ms.runner.LocalRunner(timeout_sec=60), cost_model=cost_model, seed=0)
+    shutil.rmtree(work_dir / "logs", ignore_errors=True)
+    return {"trials": trials, "tasks": len(tasks), "trials_per_task": per_task,
+            "cost_model": cost_model, "seconds": round(time.perf_counter() - start, 1)}
+
+
+# ---------------------------------------------------------------------- helpers
+@functools.lru_cache(maxsize=None)
+def _capabilities(ops: frozenset[str] | None) -> Capabilities:
+    return Capabilities(domains=frozenset({""}),
+                        ops=None if ops is None else frozenset(("", op) for op in ops),
+                        dtypes=frozenset({"float32", "float16", "int8", "uint8"}))
+
+
+@functools.lru_cache(maxsize=None)
+def frontend_ops() -> frozenset[str] | None:
+    """The default-domain ops the installed TVM ONNX frontend converts (None: no TVM)."""
+    if importlib.util.find_spec("tvm") is None:
+        return None
+    try:
+        from tvm.relax.frontend.onnx import onnx_frontend
+    except Exception:  # a broken TVM install: lowering will report it
+        return None
+    return frozenset(onnx_frontend._get_convert_map()) | _DIRECTLY_HANDLED
+
+
+def host_cpu() -> str:
+    """This machine's CPU as LLVM names it (e.g. ``znver3``), else generic ``x86-64``."""
+    try:
+        from tvm.target import codegen
+
+        cpu = codegen.llvm_get_system_cpu()
+    except Exception:
+        return "x86-64"
+    return cpu if cpu and cpu != "generic" else "x86-64"
+
+
+class _LocalVm:
+    def __init__(self, path: str):
+        from graphopt.targets import tvm_runner
+
+        self._runner = tvm_runner
+        self.vm = tvm_runner.load_vm(path)
+
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return self._runner.run_vm(self.vm, arrays)
+
+
+@functools.lru_cache(maxsize=8)
+def _local_vm(path: str, mtime_ns: int) -> _LocalVm:
+    """One loaded library per file version (loading costs more than a small run)."""
+    return _LocalVm(path)
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read the artifact manifest {path}: {exc}") from exc
+
+
+def _ordered_inputs(manifest: dict, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    arrays = []
+    for spec in manifest["inputs"]:
+        name = spec["name"]
+        if name not in feeds:
+            raise UsageError(f"no value for input {name!r}",
+                             hint=f"inputs: {', '.join(i['name'] for i in manifest['inputs'])}")
+        arrays.append(np.ascontiguousarray(feeds[name], dtype=spec["dtype"]))
+    return arrays
+
+
+def _shape_hint(proto: onnx.ModelProto) -> str:
+    """What to try when TVM fails: static shapes if any input has symbolic dims."""
+    symbolic = {v.name: _value_info(v)["shape"] for v in _graph_inputs(proto)}
+    symbolic = {k: v for k, v in symbolic.items()
+                if v is None or any(not isinstance(d, int) for d in v)}
+    if not symbolic:
+        return "rerun with --debug for TVM's traceback, or use --target ort"
+    example = " ".join(
+        f"--input-shape {name}=" + "x".join(str(d) if isinstance(d, int) else "N"
+                                            for d in (shape or ["N"]))
+        for name, shape in symbolic.items())
+    return (f"TVM handles static shapes best; fix the symbolic dimensions with {example} "
+            f"(N: the size to compile for), or use --target ort")
+
+
+def _graph_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are real inputs (not initializers listed as inputs, IR < 4)."""
+    inits = {t.name for t in proto.graph.initializer}
+    return [v for v in proto.graph.input if v.name not in inits]
+
+
+def _value_info(value: onnx.ValueInfoProto) -> dict:
+    tensor = value.type.tensor_type
+    shape = None
+    if tensor.HasField("shape"):
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                 for d in tensor.shape.dim]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name \
+        if tensor.elem_type else None
+    return {"name": value.name, "shape": shape, "dtype": dtype}
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            for sub in attr.graphs:
+                yield from _all_nodes(sub)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def toolchain(linker: str) -> dict:
+    import tvm
+
+    info = {"tvm": tvm.__version__, "apache-tvm-ffi": _dist_version("apache-tvm-ffi"),
+            "llvm": None, "linker": linker, "linker_version": None,
+            "onnx": onnx.__version__, "python": platform.python_version()}
+    try:
+        from tvm.target import codegen
+
+        info["llvm"] = str(codegen.llvm_version_major())  # only the major is exposed
+    except Exception:
+        pass
+    if shutil.which(linker):
+        try:
+            proc = subprocess.run([linker, "--version"], capture_output=True, text=True,
+                                  timeout=30)
+            info["linker_version"] = (proc.stdout.splitlines() or [""])[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # TVM errors carry a C++ traceback first; the message is the last line.
+    return (lines[-1] if lines else type(exc).__name__)[:500]
+
