@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from graphopt.ir import fits_in_protobuf
+from graphopt import verify
 
 Feeds = dict[str, np.ndarray]
 
@@ -71,23 +71,7 @@ class Measurement:
 
 # ============================================================================ running
 def session(proto: onnx.ModelProto, optimize: bool, threads: int = 0) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if fits_in_protobuf(proto):
-        return ort.InferenceSession(proto.SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        onnx.save_model(proto, path, save_as_external_data=True, location="model.data")
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return verify.session(proto, optimize=optimize, threads=threads)
 
 
 def run_all(sess: ort.InferenceSession, data: Sequence[Feeds]) -> list[Feeds]:

@@ -136,6 +136,8 @@ def session(proto: onnx.ModelProto | str | os.PathLike, optimize: bool = False,
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # Idle threads sleep instead of spinning: fairer timings on a shared machine.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if not isinstance(proto, onnx.ModelProto):
         return ort.InferenceSession(str(proto), options, providers=providers)

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 import graphopt
 from graphopt import Pass, PassContext, PassResult, verify

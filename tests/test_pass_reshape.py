@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.helper as oh
-import pytest
 from onnx import TensorProto, numpy_helper
 
 import graphopt
