@@ -62,7 +62,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
              max_iterations: int = DEFAULT_MAX_ITERATIONS, seed: int = 0,
              instruments: Sequence[Instrument] = (),
              logger: logging.Logger | None = None, quantize: str | None = None,
-             calibration=None, validation=None, measure: bool = False) -> OptimizeResult:
+             calibration=None, validation=None, measure: bool = False,
+             format: str | None = None) -> OptimizeResult:
     """Optimize ``model`` for ``target`` and, when ``output`` is given, lower it there.
 
     ``passes`` defaults to the target's pipeline. The input is never modified. The result
@@ -74,12 +75,19 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     ``module:function`` or a list of feed dicts, see ``graphopt.calibration``); a float
     ``tolerance`` is the accuracy budget (minimum output cosine, default 0.99), and the
     result is then verified against it instead of rtol/atol.
+
+    ``format`` picks one of the target's artifact formats (``Target.formats``; ``ort``:
+    ``onnx`` or ``ort``); ``None`` is the target's default.
     """
     budget, tolerance = split_tolerance(tolerance)
     tgt = get_target(target)
     missing = tgt.availability()
     if missing and output is not None:
         raise UsageError(f"target {tgt.name!r} is not available here: {missing}")
+    if format is not None and format not in tgt.formats:
+        raise UsageError(f"target {tgt.name!r} does not write format {format!r}",
+                         hint=f"formats: {', '.join(tgt.formats)}" if tgt.formats else
+                         "leave --format out for this target")
     original = load(model)
     working = original.clone()
     tgt.prepare(working, input_shapes)
@@ -140,7 +148,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
             hint="rerun with --passes to find the pass, or report a bug")
     artifact = None
     if output is not None:
-        artifact = tgt.lower(working, Path(output))
+        artifact = tgt.lower(working, Path(output), **({"format": format} if format else {}))
         report["output_path"] = str(artifact.path)
         report["artifact_files"] = [str(f) for f in artifact.files]
     return OptimizeResult(model=working, report=report, artifact=artifact)

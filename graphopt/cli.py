@@ -114,9 +114,12 @@ class _Progress:
               "output cosine similarity to the original (default 0.99).")
 @click.option("--measure", is_flag=True, help="Time quantized variants in ONNX Runtime "
               "and keep the fastest that meets the budget.")
+@click.option("--format", "format_", type=click.Choice(["onnx", "ort"]),
+              help="Artifact format of --target ort: onnx (default) or ort (ONNX Runtime's "
+              ".ort file, plus OUT.session.json with the session options it expects).")
 def optimize(model, output, target, passes, skip, report_path, strict, data, input_shape,
              rtol, atol, seed, quantize, calibration_data, validation_data, tolerance,
-             measure):
+             measure, format_):
     """Optimize MODEL for a target and write the verified result to OUTPUT."""
     if output.resolve() == model.resolve():
         raise UsageError("the output would overwrite the input model",
@@ -129,7 +132,7 @@ def optimize(model, output, target, passes, skip, report_path, strict, data, inp
             tolerance=(tolerance, verify.Tolerance(rtol=rtol, atol=atol))
             if tolerance is not None else verify.Tolerance(rtol=rtol, atol=atol), seed=seed,
             instruments=[_Progress(status)], quantize=quantize, calibration=calibration_data,
-            validation=validation_data, measure=measure)
+            validation=validation_data, measure=measure, format=format_)
     report = result.report
     if report_path:
         _write_atomic(report_path, json.dumps(report, indent=2, default=float))

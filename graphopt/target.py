@@ -51,6 +51,9 @@ class Target(ABC):
     device: ClassVar[Device]
     capabilities: ClassVar[Capabilities] = Capabilities()
     default_pipeline: ClassVar[tuple[str, ...]] = ()
+    # Artifact formats ``lower(..., format=F)`` accepts (``--format``), the default first;
+    # empty: the target has one format and ``lower`` takes no ``format`` keyword.
+    formats: ClassVar[tuple[str, ...]] = ()
 
     def supports(self, op_type: str, domain: str = "") -> bool:
         return self.capabilities.supports(op_type, domain)

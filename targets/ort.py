@@ -1,8 +1,11 @@
-"""ONNX Runtime on the host CPU: the artifact is the optimized ``.onnx`` file."""
+"""ONNX Runtime on the host CPU: the artifact is the optimized ``.onnx`` file, or with
+``format="ort"`` ONNX Runtime's ``.ort`` file plus ``<file>.session.json``."""
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -87,12 +90,60 @@ class OrtTarget(Target):
     capabilities = Capabilities(domains=frozenset({"", "com.microsoft"}),
                                 dtypes=frozenset({"float32", "float16", "int8", "uint8"}))
     default_pipeline = LOSSLESS_PIPELINE
+    formats = ("onnx", "ort")
 
-    def lower(self, model: Model, out: Path) -> Artifact:
+    def lower(self, model: Model, out: Path, *, format: str = "onnx") -> Artifact:
         out = Path(out)
+        if format == "ort":
+            return self._lower_ort(model, out / "model.ort" if out.is_dir() or not out.suffix
+                                   else out)
         path = out / "model.onnx" if out.is_dir() or not out.suffix else out
         save(model, path)
         return Artifact(target=self.name, path=path, files=saved_files(path), format="onnx")
+
+    def _lower_ort(self, model: Model, path: Path) -> Artifact:
+        """ONNX Runtime's own conversion (what ``onnxruntime.tools.convert_onnx_models_to_ort``
+        does, level ``all``): a session at ORT_ENABLE_ALL saves its optimized graph in ORT
+        format. ENABLE_ALL includes the NCHWc layout rewrite, which is specific to this
+        CPU's vector width: the ``ort`` target is this machine. ``<path>.session.json``
+        records the options the file was made with."""
+        import onnxruntime as ort
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = path.with_name(path.name + ".session.json")
+        with tempfile.TemporaryDirectory(prefix="graphopt-ort-") as tmp:
+            source = save(model, Path(tmp) / "model.onnx")
+            fd, staged = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".ort")
+            os.close(fd)
+            staged_meta = None
+            try:
+                options = ort.SessionOptions()
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                options.optimized_model_filepath = staged
+                options.add_session_config_entry("session.save_model_format", "ORT")
+                options.log_severity_level = 3
+                ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+                session_info = {
+                    "format": "ort",
+                    "onnxruntime": ort.__version__,
+                    "providers": ["CPUExecutionProvider"],
+                    "graph_optimization_level": "ORT_ENABLE_ALL",
+                    "note": "graph already optimized at this level, NCHWc layout included "
+                            "(this CPU); load with this onnxruntime version or a newer one "
+                            "reading the same ORT format version",
+                }
+                fd, staged_meta = tempfile.mkstemp(dir=path.parent, prefix=f".{meta.name}.")
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(json.dumps(session_info, indent=2) + "\n")
+                for done in (staged, staged_meta):
+                    os.chmod(done, 0o644)  # mkstemp makes 0600; save() gives 0644 too
+                os.replace(staged, path)
+                os.replace(staged_meta, meta)
+            finally:
+                for leftover in (staged, staged_meta):
+                    if leftover and os.path.exists(leftover):
+                        os.unlink(leftover)
+        return Artifact(target=self.name, path=path, files=[path, meta], format="ort")
 
     def run(self, artifact: Artifact, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return verify.run(verify.session(artifact.path, optimize=True), feeds)
