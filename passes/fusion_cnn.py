@@ -215,46 +215,49 @@ class FuseConvBatchNorm(Pass):
 
 
 # ---------------------------------------------------------------------- fuse-conv-add/mul
-class FuseConvAdd(Pass):
+class _FoldPerChannelConstant(Pass):
+    """Fold ``op`` with a per-channel constant after a Conv into the Conv's parameters."""
+
+    family = "fusion"
+    lossless = True
+    op: str
+
+    def affine(self, channels: int, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, shift) equivalent to applying ``op`` with ``value``."""
+        raise NotImplementedError
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        scope = _Scope(model)
+        fused = 0
+        for _, node in walk(scope.graphs):
+            match = _conv_and_constant(node, scope) if node.op == self.op else None
+            if match is None:
+                continue
+            layer, value = match
+            _fold_affine(scope, layer, *self.affine(layer.channels, value))
+            scope.absorb(layer.node, node)
+            fused += 1
+        return PassResult(changed=fused > 0, stats={"fused": fused})
+
+
+class FuseConvAdd(_FoldPerChannelConstant):
     """Fold an Add of a per-channel constant after a Conv into the Conv's bias."""
 
     name = "fuse-conv-add"
-    family = "fusion"
-    lossless = True
+    op = "Add"
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        scope = _Scope(model)
-        fused = 0
-        for _, node in walk(scope.graphs):
-            match = _conv_and_constant(node, scope) if node.op == "Add" else None
-            if match is None:
-                continue
-            layer, shift = match
-            _fold_affine(scope, layer, np.ones(layer.channels), shift)
-            scope.absorb(layer.node, node)
-            fused += 1
-        return PassResult(changed=fused > 0, stats={"fused": fused})
+    def affine(self, channels, value):
+        return np.ones(channels), value
 
 
-class FuseConvMul(Pass):
+class FuseConvMul(_FoldPerChannelConstant):
     """Fold a Mul by a per-channel constant after a Conv into the Conv's weight and bias."""
 
     name = "fuse-conv-mul"
-    family = "fusion"
-    lossless = True
+    op = "Mul"
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        scope = _Scope(model)
-        fused = 0
-        for _, node in walk(scope.graphs):
-            match = _conv_and_constant(node, scope) if node.op == "Mul" else None
-            if match is None:
-                continue
-            layer, scale = match
-            _fold_affine(scope, layer, scale, np.zeros(layer.channels))
-            scope.absorb(layer.node, node)
-            fused += 1
-        return PassResult(changed=fused > 0, stats={"fused": fused})
+    def affine(self, channels, value):
+        return value, np.zeros(channels)
 
 
 # ---------------------------------------------------------------------- fuse-pad-conv
