@@ -192,19 +192,21 @@ def _match_bn(bn: gs.Node, scope: _Scope,
     return layer, scale, shift
 
 
-class FuseConvBatchNorm(Pass):
-    """Fold an inference BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul before it."""
+class _AffineFold(Pass):
+    """Fold a per-channel affine op (scale, shift) after a layer into the layer's weights."""
 
-    name = "fuse-conv-bn"
     family = "fusion"
     lossless = True
-    emits = (("", "Gemm"),)
+
+    def match(self, node: gs.Node, scope: "_Scope", opset: int):
+        """(layer, scale, shift) when ``node`` folds into the layer before it, else None."""
+        raise NotImplementedError
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         scope = _Scope(model)
         fused = 0
         for _, node in walk(scope.graphs):
-            match = _match_bn(node, scope, model.opset)
+            match = self.match(node, scope, model.opset)
             if match is None:
                 continue
             layer, scale, shift = match
@@ -214,50 +216,35 @@ class FuseConvBatchNorm(Pass):
         return PassResult(changed=fused > 0, stats={"fused": fused})
 
 
+class FuseConvBatchNorm(_AffineFold):
+    """Fold an inference BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul before it."""
+
+    name = "fuse-conv-bn"
+    emits = (("", "Gemm"),)
+
+    def match(self, node, scope, opset):
+        return _match_bn(node, scope, opset)
+
+
 # ---------------------------------------------------------------------- fuse-conv-add/mul
-class _FoldPerChannelConstant(Pass):
-    """Fold ``op`` with a per-channel constant after a Conv into the Conv's parameters."""
-
-    family = "fusion"
-    lossless = True
-    op: str
-
-    def affine(self, channels: int, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(scale, shift) equivalent to applying ``op`` with ``value``."""
-        raise NotImplementedError
-
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        scope = _Scope(model)
-        fused = 0
-        for _, node in walk(scope.graphs):
-            match = _conv_and_constant(node, scope) if node.op == self.op else None
-            if match is None:
-                continue
-            layer, value = match
-            _fold_affine(scope, layer, *self.affine(layer.channels, value))
-            scope.absorb(layer.node, node)
-            fused += 1
-        return PassResult(changed=fused > 0, stats={"fused": fused})
-
-
-class FuseConvAdd(_FoldPerChannelConstant):
+class FuseConvAdd(_AffineFold):
     """Fold an Add of a per-channel constant after a Conv into the Conv's bias."""
 
     name = "fuse-conv-add"
-    op = "Add"
 
-    def affine(self, channels, value):
-        return np.ones(channels), value
+    def match(self, node, scope, opset):
+        match = _conv_and_constant(node, scope) if node.op == "Add" else None
+        return None if match is None else (match[0], np.ones(match[0].channels), match[1])
 
 
-class FuseConvMul(_FoldPerChannelConstant):
+class FuseConvMul(_AffineFold):
     """Fold a Mul by a per-channel constant after a Conv into the Conv's weight and bias."""
 
     name = "fuse-conv-mul"
-    op = "Mul"
 
-    def affine(self, channels, value):
-        return value, np.zeros(channels)
+    def match(self, node, scope, opset):
+        match = _conv_and_constant(node, scope) if node.op == "Mul" else None
+        return None if match is None else (match[0], match[1], np.zeros(match[0].channels))
 
 
 # ---------------------------------------------------------------------- fuse-pad-conv

@@ -15,38 +15,14 @@ the zoo's (per process, and on disk under ``GRAPHOPT_ZOO_CACHE``), keyed by this
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import io
 import os
-from pathlib import Path
 
 import onnx
 
 from tests import zoo
 
 TORCHSCRIPT_OPSET = 14
-
-
-def _cached(fn):
-    @functools.lru_cache(maxsize=None)
-    def wrapper(*args):
-        folder = os.environ.get("GRAPHOPT_ZOO_CACHE")
-        if not folder:
-            return fn(*args)
-        digest = hashlib.sha256(Path(__file__).read_bytes())
-        digest.update(zoo._cache_key(fn.__name__, args).encode())
-        path = Path(folder) / f"{fn.__name__}-{digest.hexdigest()[:16]}.onnx"
-        if path.is_file():
-            return path.read_bytes()
-        data = fn(*args)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        return data
-
-    return wrapper
 
 
 def _decompose_layer_norms(module) -> int:
@@ -110,7 +86,7 @@ def _export(bert, exporter: str, vocab: int, return_hidden: bool) -> bytes:
     return proto.SerializeToString()
 
 
-@_cached
+@zoo._disk_cached
 def _tiny_bytes(exporter: str) -> bytes:
     import torch
     from transformers import BertConfig, BertModel
@@ -130,7 +106,7 @@ def _tiny_bytes(exporter: str) -> bytes:
     return _export(bert, exporter, zoo.BERT_TINY_VOCAB, True)
 
 
-@_cached
+@zoo._disk_cached
 def _minilm_bytes(exporter: str) -> bytes:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers

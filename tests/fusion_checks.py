@@ -128,3 +128,21 @@ def assert_embeddings_match(original: onnx.ModelProto, optimized: onnx.ModelProt
     cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
     assert cos.min() > 0.9999, cos
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def bert_feeds(vocab: int) -> list[dict]:
+    """Two BERT batches (1x5 and 3x9 tokens), the last sentence of each half padding."""
+    r = np.random.default_rng(1)
+    feeds = []
+    for batch, seq in ((1, 5), (3, 9)):
+        mask = np.ones((batch, seq), dtype=np.int64)
+        mask[-1, seq // 2:] = 0
+        feeds.append({"input_ids": r.integers(1, vocab, (batch, seq)), "attention_mask": mask})
+    return feeds
+
+
+def assert_same(original, optimized, feeds_list):
+    for feeds in feeds_list:
+        diff = verify.compare(verify.run(original, feeds), verify.run(optimized, feeds),
+                              verify.Tolerance(rtol=1e-4, atol=1e-4))
+        assert diff.ok, diff.summary()

@@ -17,11 +17,10 @@ import onnx.helper as oh
 import pytest
 from onnx import TensorProto
 
-from graphopt import verify
 from graphopt.pass_infra import PassContext
 from graphopt.passes.fusion_gelu import FuseBiasGelu, FuseGelu
 from helpers import build_model, count_ops
-from fusion_checks import (NoNormTarget, PlainOnnxTarget, apply, assert_embeddings_match,
+from fusion_checks import (assert_same, bert_feeds, NoNormTarget, PlainOnnxTarget, apply, assert_embeddings_match,
                            assert_unchanged, const, f32, optimize_checked, ops_in,
                            plain_ctx, vi)
 from tests import decomposed_bert, zoo
@@ -312,23 +311,6 @@ def count_gelu_patterns(proto: onnx.ModelProto) -> int:
             readers.setdefault(name, []).append(node)
     return sum(1 for n in proto.graph.node if n.op_type in ("Erf", "Tanh")
                and [r.op_type for r in readers.get(n.output[0], [])] == ["Add"])
-
-
-def bert_feeds(vocab: int) -> list[dict]:
-    r = np.random.default_rng(1)
-    feeds = []
-    for batch, seq in ((1, 5), (3, 9)):
-        mask = np.ones((batch, seq), dtype=np.int64)
-        mask[-1, seq // 2:] = 0
-        feeds.append({"input_ids": r.integers(1, vocab, (batch, seq)), "attention_mask": mask})
-    return feeds
-
-
-def assert_same(original, optimized, feeds_list):
-    for feeds in feeds_list:
-        diff = verify.compare(verify.run(original, feeds), verify.run(optimized, feeds),
-                              verify.Tolerance(rtol=1e-4, atol=1e-4))
-        assert diff.ok, diff.summary()
 
 
 @pytest.mark.parametrize("exporter", zoo.EXPORTERS)

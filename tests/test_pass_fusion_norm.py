@@ -20,7 +20,7 @@ from graphopt.ir import load
 from graphopt.pass_infra import PassContext
 from graphopt.passes.fusion_norm import FuseLayerNorm, FuseRmsNorm, FuseSkipLayerNorm
 from helpers import build_model, count_ops
-from fusion_checks import (FLOAT, NoNormTarget, PlainOnnxTarget, apply,
+from fusion_checks import (assert_same, bert_feeds, FLOAT, NoNormTarget, PlainOnnxTarget, apply,
                            assert_embeddings_match, assert_unchanged, const, f32, i64,
                            optimize_checked, ops_in, plain_ctx, vi)
 from tests import decomposed_bert, zoo
@@ -477,23 +477,6 @@ def test_skip_layer_norm_needs_com_microsoft():
 
 # ---------------------------------------------------------------------- exported BERTs
 NORM_PASSES = "eliminate-identity,fold-constants,fuse-layer-norm,fuse-skip-layer-norm"
-
-
-def bert_feeds(vocab: int) -> list[dict]:
-    r = np.random.default_rng(1)
-    feeds = []
-    for batch, seq in ((1, 5), (3, 9)):
-        mask = np.ones((batch, seq), dtype=np.int64)
-        mask[-1, seq // 2:] = 0
-        feeds.append({"input_ids": r.integers(1, vocab, (batch, seq)), "attention_mask": mask})
-    return feeds
-
-
-def assert_same(original, optimized, feeds_list):
-    for feeds in feeds_list:
-        diff = verify.compare(verify.run(original, feeds), verify.run(optimized, feeds),
-                              verify.Tolerance(rtol=1e-4, atol=1e-4))
-        assert diff.ok, diff.summary()
 
 
 @pytest.mark.parametrize("exporter", zoo.EXPORTERS)

@@ -306,14 +306,16 @@ def _export(module, args: tuple, *, input_names, output_names, dynamic: dict[str
 
 
 def _disk_cached(fn):
-    """``lru_cache`` plus, when ``GRAPHOPT_ZOO_CACHE`` names a folder, an on-disk cache."""
+    """``lru_cache`` plus, when ``GRAPHOPT_ZOO_CACHE`` names a folder, an on-disk cache
+    keyed by the source file that defines ``fn`` and the exporting libraries' versions."""
+    source = Path(fn.__code__.co_filename)
 
     @functools.lru_cache(maxsize=None)
     def wrapper(*args):
         folder = os.environ.get("GRAPHOPT_ZOO_CACHE")
         if not folder:
             return fn(*args)
-        path = Path(folder) / f"{fn.__name__}-{_cache_key(fn.__name__, args)}.onnx"
+        path = Path(folder) / f"{fn.__name__}-{_cache_key(fn.__name__, args, source)}.onnx"
         if path.is_file():
             return path.read_bytes()
         data = fn(*args)
@@ -327,10 +329,12 @@ def _disk_cached(fn):
     return wrapper
 
 
-def _cache_key(name: str, args: tuple) -> str:
+def _cache_key(name: str, args: tuple, source: Path = Path(__file__)) -> str:
     from importlib.metadata import version
 
     digest = hashlib.sha256(Path(__file__).read_bytes())
+    if Path(source) != Path(__file__):  # a builder elsewhere that uses the zoo's exporters
+        digest.update(Path(source).read_bytes())
     for dist in ("torch", "onnxscript", "transformers", "onnx"):
         try:
             digest.update(f"{dist}={version(dist)};".encode())
