@@ -6,6 +6,9 @@ targets lives here, in data on each target, never in ``if target == ...`` chains
 
 from __future__ import annotations
 
+import json
+import statistics
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +17,12 @@ from typing import ClassVar
 import numpy as np
 
 from graphopt.cost import Device
+from graphopt.errors import UsageError
 from graphopt.ir import Model
+
+# A compiled artifact is a folder holding this file: ``target`` names the target that
+# wrote it and ``artifact`` (or, in TVM folders, ``library``) the main file beside it.
+MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,8 @@ class Target(ABC):
     # Artifact formats ``lower(..., format=F)`` accepts (``--format``), the default first;
     # empty: the target has one format and ``lower`` takes no ``format`` keyword.
     formats: ClassVar[tuple[str, ...]] = ()
+    # ``lower(..., tune_trials=N)`` is accepted: the target tunes kernels by measurement.
+    tunable: ClassVar[bool] = False
 
     def supports(self, op_type: str, domain: str = "") -> bool:
         return self.capabilities.supports(op_type, domain)
@@ -68,6 +78,12 @@ class Target(ABC):
         shapes may fix them here so the pipeline folds the shape arithmetic. Default:
         nothing."""
 
+    def connect(self, address: str) -> "Target":
+        """This target with its artifacts run (and tuned) on a remote device at
+        ``address`` (``HOST:PORT[:KEY]``, ``--rpc``). Default: the target runs only here."""
+        raise UsageError(f"target {self.name!r} runs its artifacts on this machine only; "
+                         f"--rpc is for targets that run on a remote device")
+
     @abstractmethod
     def lower(self, model: Model, out: Path) -> Artifact:
         """Write the artifact for ``model`` at ``out``."""
@@ -75,3 +91,45 @@ class Target(ABC):
     @abstractmethod
     def run(self, artifact: Artifact, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the artifact here on ``feeds`` and return its outputs by name."""
+
+    def open(self, path: Path) -> Artifact:
+        """The artifact at ``path`` as ``lower`` wrote it: a file, or a folder with a
+        manifest naming its main file."""
+        path = Path(path)
+        if path.is_dir():
+            manifest = read_manifest(path)
+            main = manifest.get("artifact") or manifest.get("library")
+            if not main or not (path / main).is_file():
+                raise UsageError(f"{path / MANIFEST} names no artifact file that exists "
+                                 f"(artifact: {main!r})")
+            return Artifact(target=self.name, path=path / main,
+                            files=sorted(p for p in path.rglob("*") if p.is_file()),
+                            format=manifest.get("format", "unknown"))
+        if not path.is_file():
+            raise UsageError(f"no artifact at {path}")
+        return Artifact(target=self.name, path=path, files=[path], format=path.suffix[1:])
+
+    def measure(self, artifact: Artifact, feeds: dict[str, np.ndarray], *,
+                repeat: int = 20) -> float | None:
+        """Median seconds of one run of the artifact on the device it is built for, or
+        ``None`` where no run here says anything about that device (emulation). Default:
+        wall time of ``run`` here after one warm-up run."""
+        self.run(artifact, feeds)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            self.run(artifact, feeds)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of the artifact folder ``folder`` (a UsageError names what is wrong)."""
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read the artifact manifest {path}: {exc}") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("target"), str):
+        raise UsageError(f"{path} is not a graphopt artifact manifest (no \"target\")")
+    return manifest
