@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Sequence
 
+from graphopt import artifact as artifact_check
 from graphopt import verify
 from graphopt.analysis import Summary, summarize
 from graphopt.cost import AnalyticCostModel
@@ -24,9 +25,10 @@ from graphopt.manager import DEFAULT_MAX_ITERATIONS, Instrument, PassManager
 from graphopt.pass_infra import Pass, PassContext
 from graphopt.pipeline import build_passes
 from graphopt.registry import create_target, pass_registry, target_registry
-from graphopt.target import Artifact, Target
+from graphopt.target import Artifact, Target, read_manifest
 
-__all__ = ["optimize", "load", "save", "inspect", "compare", "get_target", "OptimizeResult"]
+__all__ = ["optimize", "load", "save", "inspect", "compare", "get_target", "OptimizeResult",
+           "verify_artifact", "ArtifactCheck"]
 
 DEFAULT_TARGET = "ort"
 
@@ -63,7 +65,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
              instruments: Sequence[Instrument] = (),
              logger: logging.Logger | None = None, quantize: str | None = None,
              calibration=None, validation=None, measure: bool = False,
-             format: str | None = None) -> OptimizeResult:
+             format: str | None = None, verify_artifact: bool | None = None,
+             tune_trials: int = 0, rpc: str | None = None) -> OptimizeResult:
     """Optimize ``model`` for ``target`` and, when ``output`` is given, lower it there.
 
     ``passes`` defaults to the target's pipeline. The input is never modified. The result
@@ -78,9 +81,24 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
 
     ``format`` picks one of the target's artifact formats (``Target.formats``; ``ort``:
     ``onnx`` or ``ort``); ``None`` is the target's default.
+
+    ``verify_artifact`` runs the written artifact through its target on the same inputs,
+    compares it with ONNX Runtime on the original and times both (report section
+    ``artifact``); a mismatch raises ``VerificationError`` and removes the artifact's
+    files. ``None`` (default): done for compiled targets (``Target.compiled``) where the
+    artifact can run here, skipped with the reason where it cannot; ``True``: not being
+    able to run it is an error. ``tune_trials`` is the tuning budget of tunable targets;
+    ``rpc`` (``HOST:PORT[:KEY]``) runs (and tunes) on a remote device through the target.
     """
     budget, tolerance = split_tolerance(tolerance)
     tgt = get_target(target)
+    if rpc:
+        tgt = tgt.connect(rpc)
+    if tune_trials < 0 or (tune_trials and not tgt.tunable):
+        raise UsageError(f"target {tgt.name!r} does not tune kernels" if tune_trials > 0
+                         else f"tune_trials must be >= 0, got {tune_trials}")
+    if tune_trials and output is None:
+        raise UsageError("tuning happens while lowering: give an output folder (-o)")
     missing = tgt.availability()
     if missing and output is not None:
         raise UsageError(f"target {tgt.name!r} is not available here: {missing}")
@@ -148,10 +166,95 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
             hint="rerun with --passes to find the pass, or report a bug")
     artifact = None
     if output is not None:
-        artifact = tgt.lower(working, Path(output), **({"format": format} if format else {}))
+        options = {**({"format": format} if format else {}),
+                   **({"tune_trials": tune_trials} if tune_trials else {})}
+        artifact = tgt.lower(working, Path(output), **options)
         report["output_path"] = str(artifact.path)
         report["artifact_files"] = [str(f) for f in artifact.files]
+        if verify_artifact or (verify_artifact is None and tgt.compiled):
+            lossy_budget = ctx.tolerance if verification.get("min_cosine") is not None \
+                else None
+            try:
+                report["artifact"] = _check_artifact(tgt, artifact, original_proto, feeds,
+                                                     tolerance, lossy_budget,
+                                                     required=bool(verify_artifact))
+            except VerificationError:
+                for f in artifact.files:  # a wrong artifact is not left behind
+                    Path(f).unlink(missing_ok=True)
+                raise
     return OptimizeResult(model=working, report=report, artifact=artifact)
+
+
+@dataclass
+class ArtifactCheck:
+    """What ``verify_artifact`` found: ``report["ok"]`` is True (matches), False
+    (differs or failed to run) or None (could not run here; ``detail`` says why)."""
+
+    artifact: Artifact
+    report: dict
+
+    @property
+    def ok(self) -> bool | None:
+        return self.report.get("ok")
+
+
+def verify_artifact(path: str | os.PathLike, reference: ModelSource | None = None, *,
+                    target: str | Target | None = None,
+                    data: list[verify.Feeds] | None = None,
+                    input_shapes: dict[str, list[int]] | None = None,
+                    tolerance: verify.Tolerance | float = verify.Tolerance(), seed: int = 0,
+                    rpc: str | None = None, timing: bool = True) -> ArtifactCheck:
+    """Run the artifact at ``path`` (a folder with ``manifest.json``, or a model file of
+    ``target``, default ``ort``) and compare it with ONNX Runtime on ``reference`` (the
+    original model; default: the ``model.onnx`` the artifact was compiled from, as the
+    manifest names it). A float ``tolerance`` compares by minimum output cosine (for
+    quantized artifacts). Inputs: ``data``, else probe inputs shaped as the manifest
+    says (symbolic dimensions: ``input_shapes`` or 2). ``timing`` adds the latency of the
+    artifact next to ONNX Runtime's on the reference."""
+    path = Path(path)
+    manifest = read_manifest(path) if path.is_dir() else {}
+    tgt = get_target(target or manifest.get("target") or DEFAULT_TARGET)
+    if rpc:
+        tgt = tgt.connect(rpc)
+    art = tgt.open(path)
+    if reference is None:
+        if not manifest.get("model"):
+            raise UsageError(f"{path} names no model it was compiled from",
+                             hint="give the original model: --reference MODEL.onnx")
+        reference = path / manifest["model"]
+    ref_proto = load(reference).to_onnx()
+    shapes = {**_static_shapes(manifest), **(input_shapes or {})}
+    feeds = data or verify.probe_inputs(ref_proto, seed=seed, shapes=shapes or None)
+    budget, rtol_atol = split_tolerance(tolerance)
+    report = _check_artifact(tgt, art, ref_proto, feeds, rtol_atol, budget, required=True,
+                             timing=timing)
+    report["reference"] = str(reference)
+    return ArtifactCheck(artifact=art, report=report)
+
+
+def _check_artifact(tgt: Target, art: Artifact, reference, feeds, tolerance, budget,
+                    required: bool, timing: bool = True) -> dict:
+    if not feeds:
+        if required:
+            raise UsageError("no inputs to run the artifact on",
+                             hint="give --data or --input-shape")
+        return {"ok": None, "detail": "no inputs to run the artifact on"}
+    result = artifact_check.check(tgt, art, reference, feeds, tolerance, budget)
+    if result["ok"] is None and required:
+        raise UsageError(f"cannot verify {art.path}: {result['detail']}")
+    if result["ok"] is False:
+        raise VerificationError(f"the {tgt.name} artifact {art.path} does not match ONNX "
+                                f"Runtime on the original: {result['detail']}",
+                                hint="report a bug; rerun with --debug for details")
+    if result["ok"] and timing:
+        result["latency"] = artifact_check.latency(tgt, art, reference, feeds[0])
+    return result
+
+
+def _static_shapes(manifest: dict) -> dict[str, list[int]]:
+    """Inputs the manifest gives fully static shapes (the artifact was compiled so)."""
+    return {i["name"]: i["shape"] for i in manifest.get("inputs", [])
+            if i.get("shape") and all(isinstance(d, int) and d > 0 for d in i["shape"])}
 
 
 def inspect(model: ModelSource, target: str | Target = DEFAULT_TARGET) -> Summary:

@@ -117,9 +117,17 @@ class _Progress:
 @click.option("--format", "format_", type=click.Choice(["onnx", "ort"]),
               help="Artifact format of --target ort: onnx (default) or ort (ONNX Runtime's "
               ".ort file, plus OUT.session.json with the session options it expects).")
+@click.option("--verify/--no-verify", "verify_", default=None,
+              help="Run the written artifact, compare it with ONNX Runtime on the original "
+              "and time both. Default: on for compiled targets where the artifact runs here.")
+@click.option("--tune-trials", type=click.IntRange(min=0), default=0,
+              help="Kernel tuning budget (measured trials) of tunable targets (TVM); the "
+              "database is kept beside the artifact and reused.")
+@click.option("--rpc", metavar="HOST:PORT[:KEY]", help="Run (and tune) on a remote device "
+              "through the target's RPC: an RPC server, or a tracker with KEY.")
 def optimize(model, output, target, passes, skip, report_path, strict, data, input_shape,
              rtol, atol, seed, quantize, calibration_data, validation_data, tolerance,
-             measure, format_):
+             measure, format_, verify_, tune_trials, rpc):
     """Optimize MODEL for a target and write the verified result to OUTPUT."""
     if output.resolve() == model.resolve():
         raise UsageError("the output would overwrite the input model",
@@ -132,7 +140,8 @@ def optimize(model, output, target, passes, skip, report_path, strict, data, inp
             tolerance=(tolerance, verify.Tolerance(rtol=rtol, atol=atol))
             if tolerance is not None else verify.Tolerance(rtol=rtol, atol=atol), seed=seed,
             instruments=[_Progress(status)], quantize=quantize, calibration=calibration_data,
-            validation=validation_data, measure=measure, format=format_)
+            validation=validation_data, measure=measure, format=format_,
+            verify_artifact=verify_, tune_trials=tune_trials, rpc=rpc)
     report = result.report
     if report_path:
         _write_atomic(report_path, json.dumps(report, indent=2, default=float))
@@ -169,6 +178,28 @@ def _print_summary(report: dict) -> None:
         err.print(f"[yellow]rolled back:[/] {', '.join(report['rolled_back'])}")
     for line in summary_lines(report):
         err.print(line, highlight=False, soft_wrap=True)
+    if "artifact" in report:
+        for line in _artifact_lines(report["artifact"]):
+            err.print(line, highlight=False, soft_wrap=True)
+
+
+def _artifact_lines(check: dict) -> list[str]:
+    """The artifact check (``graphopt.artifact``) in a few lines."""
+    if check.get("ok") is None:
+        return [f"artifact not run: {check.get('detail')}"]
+    lines = [f"artifact verified: {check['detail']}" + (
+        f" (max abs diff {check['max_abs_diff']:.3g})" if "max_abs_diff" in check else "")]
+    lat = check.get("latency")
+    if lat:
+        ort_ms = lat["ort_s"] * 1e3
+        if lat["artifact_s"] is None:
+            lines.append(f"latency: {lat.get('note')}; ONNX Runtime on the original "
+                         f"{ort_ms:.3f} ms here")
+        else:
+            lines.append(f"latency: artifact {lat['artifact_s'] * 1e3:.3f} ms, ONNX Runtime "
+                         f"on the original {ort_ms:.3f} ms ({lat['ort_threads']} threads): "
+                         f"artifact is {lat['ort_vs_artifact']:.2f}x ORT's speed")
+    return lines
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -177,6 +208,40 @@ def _write_atomic(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
+
+
+@main.command("verify")
+@click.argument("artifact", type=click.Path(exists=True, path_type=Path))
+@click.option("-r", "--reference", type=click.Path(dir_okay=False, path_type=Path),
+              help="The original model (default: the model.onnx the artifact was built from).")
+@click.option("-t", "--target", help="Target of a single-file artifact (default: the "
+              "manifest's, else ort).")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False),
+              help="Inputs (.npz) to run instead of random probe inputs.")
+@click.option("--input-shape", multiple=True, help="NAME=1x3x224x224 for probe inputs.")
+@click.option("--rtol", type=float, default=1e-4, show_default=True)
+@click.option("--atol", type=float, default=1e-5, show_default=True)
+@click.option("--tolerance", type=float, help="Compare by minimum output cosine instead "
+              "(quantized artifacts).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--rpc", metavar="HOST:PORT[:KEY]", help="Run on a remote device.")
+@click.option("--no-timing", is_flag=True, help="Do not time the artifact and ORT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_cmd(artifact, reference, target, data, input_shape, rtol, atol, tolerance, seed,
+               rpc, no_timing, as_json):
+    """Run ARTIFACT (a folder written by optimize, or a model file) and compare it with
+    ONNX Runtime on the original model (exit 4 when they differ)."""
+    tol = tolerance if tolerance is not None else verify.Tolerance(rtol=rtol, atol=atol)
+    with err.status("running the artifact", spinner="dots"):
+        result = api.verify_artifact(artifact, reference, target=target,
+                                     data=_load_data(data),
+                                     input_shapes=_parse_shapes(input_shape), tolerance=tol,
+                                     seed=seed, rpc=rpc, timing=not no_timing)
+    if as_json:
+        click.echo(json.dumps(result.report, indent=2, default=float))
+    else:
+        for line in _artifact_lines(result.report):
+            err.print(line, highlight=False, soft_wrap=True)
 
 
 @main.command("passes")

@@ -59,11 +59,18 @@ class Target(ABC):
     device: ClassVar[Device]
     capabilities: ClassVar[Capabilities] = Capabilities()
     default_pipeline: ClassVar[tuple[str, ...]] = ()
+    # Options the target wants of a pass, by pass name ({"quantize-int8": {"symmetric-
+    # activations": True}}): applied wherever the pass is built for this target, options
+    # the user gives win.
+    pass_defaults: ClassVar[dict[str, dict]] = {}
     # Artifact formats ``lower(..., format=F)`` accepts (``--format``), the default first;
     # empty: the target has one format and ``lower`` takes no ``format`` keyword.
     formats: ClassVar[tuple[str, ...]] = ()
     # ``lower(..., tune_trials=N)`` is accepted: the target tunes kernels by measurement.
     tunable: ClassVar[bool] = False
+    # The artifact is code compiled from the optimized ONNX (not that ONNX itself), so
+    # ``optimize`` runs it against the original by default where it can run here.
+    compiled: ClassVar[bool] = False
 
     def supports(self, op_type: str, domain: str = "") -> bool:
         return self.capabilities.supports(op_type, domain)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -146,4 +147,12 @@ class OrtTarget(Target):
         return Artifact(target=self.name, path=path, files=[path, meta], format="ort")
 
     def run(self, artifact: Artifact, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return verify.run(verify.session(artifact.path, optimize=True), feeds)
+        path = Path(artifact.path)
+        return verify.run(_session(str(path.resolve()), path.stat().st_mtime_ns), feeds)
+
+
+@functools.lru_cache(maxsize=8)
+def _session(path: str, mtime_ns: int):
+    """One session per file version, as the artifact is meant to run: ORT_ENABLE_ALL on
+    all cores (creating a session costs more than a small model's run)."""
+    return verify.session(path, optimize=True, threads=_CORES)
