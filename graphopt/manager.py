@@ -59,11 +59,14 @@ class Instrument(Protocol):
 
 @dataclass
 class _State:
-    """The last accepted model: its proto, whether strict shape inference holds, outputs."""
+    """The last accepted model: its proto, whether strict shape inference holds, outputs,
+    and its estimated cost (computed once per accepted model: estimating may re-infer
+    shapes, which costs as much as a check on a large model)."""
 
     proto: onnx.ModelProto
     shapes_ok: bool
     outputs: list[verify.Feeds] | None
+    cost_s: float | None = None
 
 
 class PassManager:
@@ -139,7 +142,9 @@ class PassManager:
     def _run_one(self, p: Pass, model: Model, state: _State, iteration: int,
                  original_outputs: list[verify.Feeds] | None) -> tuple[TraceEntry, _State]:
         nodes_before = model.num_nodes()
-        cost_before = self._cost(model)
+        if state.cost_s is None:
+            state.cost_s = self._cost(model)
+        cost_before = state.cost_s
         start = time.perf_counter()
         entry = TraceEntry(p.name, iteration, "unchanged", nodes_before, nodes_before, 0.0,
                            cost_before, cost_before)
@@ -152,7 +157,7 @@ class PassManager:
                 new_state = self._check(p, model, state, original_outputs)
                 entry.status = "changed"
                 entry.nodes_after = model.num_nodes()
-                entry.cost_after_s = self._cost(model)
+                new_state.cost_s = entry.cost_after_s = self._cost(model)
                 state = new_state
         except _Rejected as exc:
             entry.reason = str(exc)
