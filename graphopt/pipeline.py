@@ -8,7 +8,7 @@ errors that list the valid ones.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from graphopt.errors import UsageError
 from graphopt.pass_infra import Pass, make_options
@@ -54,9 +54,12 @@ def _parse_item(item: str, spec: str) -> tuple[str, dict[str, str]]:
 
 
 def build_passes(spec: str | Sequence[str | Pass], registry: Registry,
-                 skip: Sequence[str] = ()) -> list[Pass]:
+                 skip: Sequence[str] = (),
+                 defaults: Mapping[str, Mapping[str, Any]] | None = None) -> list[Pass]:
     """Instantiate the passes named by ``spec`` (a spec string or a list of names, spec
-    items or ready ``Pass`` objects), leaving out those named in ``skip``."""
+    items or ready ``Pass`` objects), leaving out those named in ``skip``. ``defaults``
+    (``Target.pass_defaults``: pass name -> {option: value}) are options the target
+    wants; options given in ``spec`` win, ready ``Pass`` objects are kept as they are."""
     if isinstance(spec, str):
         items: list = parse_spec(spec)
     else:
@@ -74,5 +77,7 @@ def build_passes(spec: str | Sequence[str | Pass], registry: Registry,
         if name in skip:
             continue
         cls = registry.get(name)
-        passes.append(cls(make_options(cls, raw)))
+        options = {k.replace("-", "_"): v for k, v in (defaults or {}).get(name, {}).items()}
+        options.update((k.replace("-", "_"), v) for k, v in raw.items())
+        passes.append(cls(make_options(cls, options)))
     return passes
