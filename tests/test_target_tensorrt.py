@@ -201,7 +201,7 @@ def test_cnn_is_tensorrt_ready_and_matches_ort(lowered):
 
 
 def test_bert_is_tensorrt_ready_with_static_shapes(lowered):
-    result, proto, folder = lowered("bert")
+    _, proto, folder = lowered("bert")
     target = TensorRtTarget()
     ready = _check_tensorrt_ready(folder / "model.onnx", target)
     ops = Counter(n.op_type for n in ready.graph.node)
