@@ -111,16 +111,22 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     tgt.prepare(working, input_shapes)
     pipeline = build_passes(with_quantization(tgt.default_pipeline if passes is None
                                               else passes, quantize, measure, pass_registry()),
-                            pass_registry(), skip)
+                            pass_registry(), skip, defaults=tgt.pass_defaults)
     # A pass that can emit some op the target runs stays (it asks ctx.supports per op);
-    # one whose every op is foreign is left out.
+    # one whose every op is foreign is left out of the target's pipeline, and is an
+    # error when the user named it (--passes, --quantize).
+    named = {p.name for p in build_passes(passes, pass_registry())} if passes is not None \
+        else set()
+    if quantize:
+        named |= lossy_passes(pipeline)
     unsupported = {p.name: [f"{d or 'ai.onnx'}::{op}" for d, op in p.emits]
                    for p in pipeline
                    if p.emits and not any(tgt.supports(op, d) for d, op in p.emits)}
-    if unsupported and (passes is not None or quantize):
-        name, ops = next(iter(unsupported.items()))
-        raise UsageError(f"pass {name!r} emits {', '.join(ops)}, which target {tgt.name!r} "
-                         f"does not run", hint="choose another target or drop the pass")
+    for name, ops in unsupported.items():
+        if name in named:
+            raise UsageError(f"pass {name!r} emits {', '.join(ops)}, which target "
+                             f"{tgt.name!r} does not run",
+                             hint="choose another target or drop the pass")
     pipeline = [p for p in pipeline if p.name not in unsupported]
     cost_model = AnalyticCostModel()
     ctx = PassContext(target=tgt, cost_model=cost_model, device=tgt.device, seed=seed,

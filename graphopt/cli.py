@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from graphopt import api, verify
@@ -274,17 +275,19 @@ def list_targets() -> None:
     """List the targets installed, what each produces and whether it works here."""
     registry = target_registry()
     table = Table()
-    for col in ("target", "distribution", "produces", "available here"):
+    for col in ("target", "distribution", "produces", "lowers here", "runs here"):
         table.add_column(col)
     for name in registry.names():
         info = registry.info(name)
         try:
             target = create_target(registry, name)
-            missing = target.availability()
-            table.add_row(name, info.distribution, target.produces,
-                          "yes" if missing is None else f"no: {missing}")
+            lowers, runs = target.availability(), target.run_availability()
+            table.add_row(name, info.distribution, escape(target.produces),
+                          "yes" if lowers is None else escape(f"no: {lowers}"),
+                          "yes" if runs is None else escape(f"no: {runs}"))
         except GraphoptError as exc:
-            table.add_row(name, info.distribution, "", f"[red]broken:[/] {exc}")
+            table.add_row(name, info.distribution, "", f"[red]broken:[/] {escape(str(exc))}",
+                          "")
     out.print(table)
 
 

@@ -76,8 +76,13 @@ class Target(ABC):
         return self.capabilities.supports(op_type, domain)
 
     def availability(self) -> str | None:
-        """``None`` when the backend can be used here, else what to install."""
+        """``None`` when the target can lower models here, else what to install."""
         return None
+
+    def run_availability(self) -> str | None:
+        """``None`` when its artifacts can also run here (verification, timing), else
+        what is missing (an emulator, a GPU, a runtime library)."""
+        return self.availability()
 
     def prepare(self, model: Model, input_shapes: dict[str, list[int]] | None) -> None:
         """Adapt the working copy in place before the pipeline runs. ``input_shapes`` are

@@ -153,8 +153,11 @@ class TensorRtTarget(Target):
     def availability(self) -> str | None:
         """``None``: lowering (the TensorRT-ready ONNX and manifest) needs nothing beyond
         graphopt. What building and running engines here lacks is ``engine_availability``
-        (shown by ``graphopt targets`` in the ``produces`` column)."""
+        (``run_availability``, shown by ``graphopt targets``)."""
         return None
+
+    def run_availability(self) -> str | None:
+        return self.engine_availability(run=True)
 
     def engine_availability(self, run: bool = False, hints: bool = True) -> str | None:
         """``None`` when engines can be built (``run``: and run) here, else precisely what
@@ -170,13 +173,8 @@ class TensorRtTarget(Target):
             missing.append(why)
         return "; ".join(missing) or None
 
-    @property
-    def produces(self) -> str:  # type: ignore[override]
-        # no install hint here: 'graphopt[tensorrt]' would read as markup in a rich table
-        missing = self.engine_availability(hints=False)
-        engine = "model.plan (TensorRT engine)" if missing is None else \
-            f"model.plan where TensorRT and a CUDA GPU are present (here: {missing})"
-        return f"a folder: model.onnx (TensorRT-ready), manifest.json, {engine}"
+    produces = ("a folder: model.onnx (TensorRT-ready), manifest.json, and model.plan (the "
+                "engine) where TensorRT and a CUDA GPU are present")
 
     def unsupported_ops(self, model: Model | onnx.ModelProto) -> Counter:
         """``{"com.microsoft::FusedConv": 1, "NonMaxUnpool": 2, ...}``: the nodes (main
