@@ -128,8 +128,10 @@ def random_array(rng: np.random.Generator, dtype: np.dtype, dims: list[int]) -> 
 
 
 def session(proto: onnx.ModelProto | str | os.PathLike, optimize: bool = False,
-            threads: int = 1) -> ort.InferenceSession:
-    """An ORT CPU session; ``optimize=False`` turns ORT's graph rewrites off."""
+            threads: int = 1, disabled_optimizers: tuple[str, ...] = ()
+            ) -> ort.InferenceSession:
+    """An ORT CPU session; ``optimize=False`` turns ORT's graph rewrites off,
+    ``disabled_optimizers`` names ORT rewrites to leave out."""
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -138,15 +140,17 @@ def session(proto: onnx.ModelProto | str | os.PathLike, optimize: bool = False,
     options.log_severity_level = 3
     # Idle threads sleep instead of spinning: fairer timings on a shared machine.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = ["CPUExecutionProvider"]
+    kwargs = {"providers": ["CPUExecutionProvider"]}
+    if disabled_optimizers:
+        kwargs["disabled_optimizers"] = list(disabled_optimizers)
     if not isinstance(proto, onnx.ModelProto):
-        return ort.InferenceSession(str(proto), options, providers=providers)
+        return ort.InferenceSession(str(proto), options, **kwargs)
     if fits_in_protobuf(proto):
-        return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+        return ort.InferenceSession(proto.SerializeToString(), options, **kwargs)
     with tempfile.TemporaryDirectory() as tmp:  # ORT reads external data while loading
         path = Path(tmp) / "model.onnx"
         onnx.save_model(proto, path, save_as_external_data=True, location="model.data")
-        return ort.InferenceSession(str(path), options, providers=providers)
+        return ort.InferenceSession(str(path), options, **kwargs)
 
 
 def run(model: onnx.ModelProto | ort.InferenceSession, feeds: Feeds) -> Feeds:

@@ -160,8 +160,17 @@ class OrtTarget(Target):
         return verify.run(_session(str(path.resolve()), path.stat().st_mtime_ns), feeds)
 
 
+def artifact_session(path: str | os.PathLike, threads: int = _CORES):
+    """An ORT session for a file this target wrote, with the session options it expects
+    (``<file>.session.json`` of a ``.ort`` file): ORT_ENABLE_ALL, ``threads`` threads."""
+    meta = Path(str(path) + ".session.json")
+    disabled = json.loads(meta.read_text()).get("disabled_optimizers", []) \
+        if meta.is_file() else []
+    return verify.session(path, optimize=True, threads=threads,
+                          disabled_optimizers=tuple(disabled))
+
+
 @functools.lru_cache(maxsize=8)
 def _session(path: str, mtime_ns: int):
-    """One session per file version, as the artifact is meant to run: ORT_ENABLE_ALL on
-    all cores (creating a session costs more than a small model's run)."""
-    return verify.session(path, optimize=True, threads=_CORES)
+    """One session per file version (creating one costs more than a small model's run)."""
+    return artifact_session(path)
