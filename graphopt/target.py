@@ -6,6 +6,7 @@ targets lives here, in data on each target, never in ``if target == ...`` chains
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import onnx
 
 from graphopt.cost import Device
 from graphopt.errors import UsageError
@@ -145,3 +147,42 @@ def read_manifest(folder: Path) -> dict:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("target"), str):
         raise UsageError(f"{path} is not a graphopt artifact manifest (no \"target\")")
     return manifest
+
+
+# ---------------------------------------------------------------------- manifest helpers
+def graph_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are real inputs (not initializers listed as inputs, IR < 4)."""
+    inits = {t.name for t in proto.graph.initializer}
+    return [v for v in proto.graph.input if v.name not in inits]
+
+
+def value_info(value: onnx.ValueInfoProto) -> dict:
+    """``{"name", "shape", "dtype"}`` of a graph input/output as a manifest lists it:
+    symbolic dimensions by name (``None`` where unnamed), dtype as numpy names it."""
+    tensor = value.type.tensor_type
+    shape = None
+    if tensor.HasField("shape"):
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                 for d in tensor.shape.dim]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name \
+        if tensor.elem_type else None
+    return {"name": value.name, "shape": shape, "dtype": dtype}
+
+
+def all_nodes(graph: onnx.GraphProto):
+    """Every node of ``graph`` and of its subgraphs (If/Loop/Scan bodies), depth first."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(attr.g)
+            for sub in attr.graphs:
+                yield from all_nodes(sub)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

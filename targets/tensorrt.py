@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import importlib.util
 import json
 import logging
@@ -55,7 +54,8 @@ from onnx import numpy_helper
 from graphopt.cost import Device
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model, save, saved_files
-from graphopt.target import MANIFEST, Artifact, Capabilities, Target, read_manifest
+from graphopt.target import (MANIFEST, Artifact, Capabilities, Target, all_nodes, graph_inputs,
+                             read_manifest, sha256, value_info)
 from graphopt.targets.ort import LOSSLESS_PIPELINE
 from graphopt.targets.shapes import bind_input_shapes
 
@@ -182,7 +182,7 @@ class TensorRtTarget(Target):
         proto = model.to_onnx() if isinstance(model, Model) else model
         caps = self.capabilities
         missing: Counter = Counter()
-        for node in _all_nodes(proto.graph):
+        for node in all_nodes(proto.graph):
             domain = "" if node.domain == "ai.onnx" else node.domain
             if not caps.supports(node.op_type, domain):
                 missing[f"{domain}::{node.op_type}" if domain else node.op_type] += 1
@@ -199,8 +199,8 @@ class TensorRtTarget(Target):
         symbolic dimensions (empty when every input shape is static)."""
         sizes: dict[str, tuple[int, int, int]] = {}
         profile = {}
-        for value in _graph_inputs(proto):
-            shape = _value_info(value)["shape"]
+        for value in graph_inputs(proto):
+            shape = value_info(value)["shape"]
             if shape is None:
                 raise UsageError(f"target 'tensorrt': input {value.name!r} has no known rank",
                                  hint=f"give its shape: --input-shape {value.name}=...")
@@ -300,15 +300,15 @@ class TensorRtTarget(Target):
             },
             "quantization": quantized,
             "tensorrt_ready": converted,
-            "inputs": [_value_info(v) for v in _graph_inputs(proto)],
-            "outputs": [_value_info(v) for v in proto.graph.output],
+            "inputs": [value_info(v) for v in graph_inputs(proto)],
+            "outputs": [value_info(v) for v in proto.graph.output],
             "optimization_profiles": [profile] if profile else [],
             "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
                           None),
             "op_table": f"TensorRT {major}.{minor} ONNX parser",
             "graphopt_version": graphopt_version(),
             "model_content_hash": model.content_hash(),
-            "sha256": {name: _sha256(stage / name) for name in files},
+            "sha256": {name: sha256(stage / name) for name in files},
             "toolchain": {"tensorrt": (build or {}).get("tensorrt") or installed_version(),
                           "onnx": onnx.__version__, "cuda_driver": cuda_driver_version(),
                           "python": platform.python_version()},
@@ -430,7 +430,7 @@ def tensorrt_ready(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
         inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.int8), name))
     del graph.node[:]
     graph.node.extend(keep)
-    used = {i for n in _all_nodes(graph) for i in n.input}
+    used = {i for n in all_nodes(graph) for i in n.input}
     unused = [t for t in graph.initializer if t.name not in used and t.name not in outputs]
     for t in unused:
         graph.initializer.remove(t)
@@ -459,7 +459,7 @@ def _check_quantization(proto: onnx.ModelProto) -> dict:
     inits = {t.name: t for t in proto.graph.initializer}
     bad, kinds = [], Counter()
     per_channel = 0
-    for node in _all_nodes(proto.graph):
+    for node in all_nodes(proto.graph):
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
         zero = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
@@ -742,7 +742,7 @@ def _has_float16(proto: onnx.ModelProto) -> bool:
            for v in [*graph.input, *graph.output, *graph.value_info]):
         return True
     return any(n.op_type == "Cast" and any(a.name == "to" and a.i == half for a in n.attribute)
-               for n in _all_nodes(graph))
+               for n in all_nodes(graph))
 
 
 def _move_in(stage: Path, out: Path, files: list[str], stale: list[str]) -> None:
@@ -758,37 +758,3 @@ def _move_in(stage: Path, out: Path, files: list[str], stale: list[str]) -> None
             (out / name).unlink()
     for name in files:
         os.replace(stage / name, out / name)
-
-
-def _graph_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    inits = {t.name for t in proto.graph.initializer}
-    return [v for v in proto.graph.input if v.name not in inits]
-
-
-def _value_info(value: onnx.ValueInfoProto) -> dict:
-    tensor = value.type.tensor_type
-    shape = None
-    if tensor.HasField("shape"):
-        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                 for d in tensor.shape.dim]
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name \
-        if tensor.elem_type else None
-    return {"name": value.name, "shape": shape, "dtype": dtype}
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            for sub in attr.graphs:
-                yield from _all_nodes(sub)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
