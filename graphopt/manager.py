@@ -8,6 +8,13 @@ Checks after a pass that changed the model:
 * numbers: a lossless pass must keep the outputs on the probe inputs within tolerance of
   the model before it; a lossy pass must keep them within the accuracy budget of the
   original (minimum cosine similarity, ``PassContext.tolerance``).
+
+Structure is checked after every pass. For lossless passes the numbers (an ONNX Runtime
+session per check: most of the checking time on a large model) are by default checked
+once per fixpoint iteration, against the model the iteration started from; when that
+fails, the iteration is run again from there with a check after every pass, which finds
+and rolls back the pass at fault (and that pass is checked after each run from then on).
+``check_each_pass=True`` checks the numbers after every pass from the start.
 """
 
 from __future__ import annotations
@@ -67,6 +74,9 @@ class _State:
     shapes_ok: bool
     outputs: list[verify.Feeds] | None
     cost_s: float | None = None
+    # The numbers of ``proto`` are not checked yet: ``outputs`` are those of the model the
+    # iteration started from, which ``proto`` must still match.
+    unchecked: bool = False
 
 
 class PassManager:
@@ -74,7 +84,7 @@ class PassManager:
                  strict: bool = False, max_iterations: int = DEFAULT_MAX_ITERATIONS,
                  tolerance: verify.Tolerance = verify.Tolerance(),
                  probe_feeds: list[verify.Feeds] | None = None,
-                 instruments: Sequence[Instrument] = ()):
+                 instruments: Sequence[Instrument] = (), check_each_pass: bool = False):
         self.passes = list(passes)
         self.ctx = ctx or PassContext()
         self.strict = strict
@@ -82,8 +92,11 @@ class PassManager:
         self.tolerance = tolerance
         self.probe_feeds = probe_feeds
         self.instruments = list(instruments)
+        self.check_each_pass = check_each_pass
         self.trace: list[TraceEntry] = []
         self.numeric_check: str = "not run"  # why numbers could not be checked, if so
+        self._deferring = False  # numbers of lossless passes checked at iteration end
+        self._suspects: set[str] = set()  # passes that broke the numbers: always checked
 
     def run(self, model: Model) -> Model:
         """Optimize ``model`` in place (and return it).
@@ -97,16 +110,60 @@ class PassManager:
         for lossless, lossy in _stages(self.passes):
             for _ in range(self.max_iterations if lossless else 0):
                 iteration += 1
-                changed_any = False
-                for p in lossless:
-                    changed, state = self._step(p, model, state, iteration, original_outputs)
-                    changed_any |= changed
+                changed_any, state = self._iterate(lossless, model, state, iteration,
+                                                   original_outputs)
                 if not changed_any:
                     break
             if lossy is not None:
                 iteration += 1
                 _, state = self._step(lossy, model, state, iteration, original_outputs)
         return model
+
+    def _iterate(self, passes: list[Pass], model: Model, state: _State, iteration: int,
+                 original_outputs: list[verify.Feeds] | None) -> tuple[bool, _State]:
+        """One pass over the lossless ``passes``, numbers checked at its end (see the
+        module docstring); returns whether anything changed and the new state."""
+        start, first_entry = state, len(self.trace)
+        self._deferring = state.outputs is not None and not self.check_each_pass
+        try:
+            changed_any = False
+            for p in passes:
+                if state.unchecked and p.name in self._suspects:
+                    state = self._check_numbers(state)  # so the suspect is judged alone
+                changed, state = self._step(p, model, state, iteration, original_outputs)
+                changed_any |= changed
+            if not state.unchecked:
+                return changed_any, state
+            return changed_any, self._check_numbers(state)
+        except _Rejected as exc:
+            self.ctx.logger.info("iteration %d: %s; running it again with a check after "
+                                 "every pass", iteration, exc)
+        finally:
+            self._deferring = False
+        del self.trace[first_entry:]
+        model.graph = Model.from_proto(start.proto).graph
+        changed_any = False
+        for p in passes:
+            changed, start = self._step(p, model, start, iteration, original_outputs)
+            changed_any |= changed
+        return changed_any, start
+
+    def _check_numbers(self, state: _State) -> _State:
+        """Accept an iteration's unchecked result if its outputs still match."""
+        try:
+            outputs = _run_feeds(state.proto, self.probe_feeds)
+        except Exception as exc:
+            raise _Rejected(f"ONNX Runtime cannot run the result: {_first_line(exc)}")
+        self._compare(state.outputs, outputs)
+        return _State(state.proto, state.shapes_ok, outputs, state.cost_s)
+
+    def _compare(self, before: list[verify.Feeds], after: list[verify.Feeds]) -> None:
+        for b, a in zip(before, after):
+            diff = verify.compare(b, a, self.tolerance)
+            if not diff.ok:
+                worst = diff.worst()
+                raise _Rejected(f"output {worst.name!r} changed (max abs diff "
+                                f"{worst.max_abs:.3g}{', ' + worst.note if worst.note else ''})")
 
     def _step(self, p: Pass, model: Model, state: _State, iteration: int,
               original_outputs: list[verify.Feeds] | None) -> tuple[bool, _State]:
@@ -189,6 +246,9 @@ class PassManager:
             proto = _infer_strict(proto)
             if proto is None:
                 raise _Rejected("strict shape inference fails after the pass")
+        if self._deferring and p.lossless and p.name not in self._suspects:
+            model.graph = Model.from_proto(proto).graph
+            return _State(proto, state.shapes_ok, state.outputs, unchecked=True)
         outputs = None
         if state.outputs is not None:
             try:
@@ -196,12 +256,11 @@ class PassManager:
             except Exception as exc:
                 raise _Rejected(f"ONNX Runtime cannot run the result: {_first_line(exc)}")
             if p.lossless:
-                for before, after in zip(state.outputs, outputs):
-                    diff = verify.compare(before, after, self.tolerance)
-                    if not diff.ok:
-                        worst = diff.worst()
-                        raise _Rejected(f"output {worst.name!r} changed (max abs diff "
-                                        f"{worst.max_abs:.3g}{', ' + worst.note if worst.note else ''})")
+                try:
+                    self._compare(state.outputs, outputs)
+                except _Rejected:
+                    self._suspects.add(p.name)
+                    raise
             else:
                 floor = self.ctx.tolerance or DEFAULT_LOSSY_TOLERANCE
                 cos = min_cosine(original_outputs, outputs)

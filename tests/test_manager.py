@@ -169,3 +169,63 @@ def test_model_ort_cannot_run_is_still_checked_structurally():
     assert result.report["verification"]["ok"] is None
     assert "cannot run" in result.report["verification"]["detail"]
     assert result.model.num_nodes() == 1
+
+
+class SessionCounter:
+    """Counts the ONNX Runtime runs the manager makes to check numbers."""
+
+    def __init__(self, monkeypatch):
+        from graphopt import manager as manager_module
+
+        self.calls = 0
+        real = manager_module._run_feeds
+
+        def counting(proto, feeds):
+            self.calls += 1
+            return real(proto, feeds)
+
+        monkeypatch.setattr(manager_module, "_run_feeds", counting)
+
+
+@pytest.mark.parametrize("check_each_pass", [False, True])
+def test_numbers_checked_once_per_iteration_unless_asked(monkeypatch, check_each_pass):
+    counter = SessionCounter(monkeypatch)
+    model, manager = run_manager([RemoveOneDoubleNeg(), RemoveOneDoubleNeg()],
+                                 check_each_pass=check_each_pass)
+    assert [n.op for n in model.graph.nodes] == ["Relu"]
+    assert [e.status for e in manager.trace] == ["changed", "changed", "unchanged",
+                                                 "unchanged"]
+    # 1 for the input, then per changed pass (2) or per iteration that changed (1)
+    assert counter.calls == (3 if check_each_pass else 2)
+
+
+def test_deferred_check_finds_the_pass_at_fault_and_watches_it(monkeypatch):
+    counter = SessionCounter(monkeypatch)
+    model, manager = run_manager([RemoveOneDoubleNeg(), BreakNumbers(), RemoveOneDoubleNeg()])
+    # iteration 1 ran again with a check per pass: the bad pass is rolled back, alone
+    assert [(e.pass_name, e.iteration, e.status) for e in manager.trace] == [
+        ("remove-one-double-neg", 1, "changed"), ("break-numbers", 1, "rolled-back"),
+        ("remove-one-double-neg", 1, "changed"),
+        ("remove-one-double-neg", 2, "unchanged"), ("break-numbers", 2, "rolled-back"),
+        ("remove-one-double-neg", 2, "unchanged")]
+    assert "output 'y' changed" in manager.trace[1].reason
+    assert [n.op for n in model.graph.nodes] == ["Relu"]
+    # input 1; iteration 1 optimistic 1, replay 3; iteration 2: the suspect alone 1
+    assert counter.calls == 6
+
+
+def test_deferred_and_per_pass_checks_give_the_same_model():
+    from tests import zoo
+
+    proto = zoo.resnet_cnn()
+    fast = graphopt.optimize(proto, target="ort")
+    results = []
+    for check_each_pass in (False, True):
+        model = load(proto)
+        target = OrtTarget()
+        ctx = PassContext(target=target, cost_model=AnalyticCostModel(), device=target.device)
+        passes = graphopt.pipeline.build_passes(target.default_pipeline,
+                                                graphopt.registry.pass_registry())
+        PassManager(passes, ctx, check_each_pass=check_each_pass).run(model)
+        results.append(model.content_hash())
+    assert results[0] == results[1] == fast.report["output_hash"]
