@@ -10,8 +10,10 @@ directory::
     out/manifest.json   target, device, LLVM target, inputs/outputs, hashes, toolchain
 
 ``run`` executes it here: in this process for ``runner="local"``, under qemu-user with the
-aarch64 sysroot (``python -m graphopt.targets.tvm_sysroot``) for ``"qemu-aarch64"``.
-Timings under emulation say nothing about the device and are never reported as such.
+aarch64 sysroot (``python -m graphopt.targets.tvm_sysroot``) for ``"qemu-aarch64"``; on
+the device itself through TVM RPC for a target returned by ``connect("HOST:PORT[:KEY]")``
+(``--rpc``; ``graphopt.targets.tvm_rpc``), which also tunes there. Timings under emulation
+say nothing about the device and are never reported as such (``measure`` gives None).
 
 TVM is imported only inside the methods that need it: importing graphopt never imports
 TVM, and ``availability()`` says what to install when it is missing.
@@ -20,7 +22,6 @@ TVM, and ``availability()`` says what to install when it is missing.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import json
 import logging
@@ -42,10 +43,12 @@ import onnx
 from graphopt.cost import Device
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model, save, saved_files
-from graphopt.target import Artifact, Capabilities, Target
+from graphopt.target import (MANIFEST, Artifact, Capabilities, Target, all_nodes, graph_inputs,
+                             read_manifest, sha256, value_info)
 from graphopt.targets.ort import LOSSLESS_PIPELINE
+from graphopt.targets.tvm_rpc import (TRACKER_COMMAND, TRACKER_SERVER_COMMAND, Remote,
+                                      RpcAddress)
 
-MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 LIBRARY = "model.so"
 OBJECTS = "model.tar"
@@ -98,19 +101,38 @@ class TvmPreset:
 
 
 class TvmTarget(Target):
-    """A CPU compiled to by Apache TVM; behaviour fully determined by ``preset``."""
+    """A CPU compiled to by Apache TVM; behaviour fully determined by ``preset`` (and,
+    for a target returned by ``connect``, the remote device it runs on)."""
 
     produces = "a folder: model.so (TVM Relax VM), model.onnx, manifest.json"
     default_pipeline = LOSSLESS_PIPELINE
+    tunable = True
+    compiled = True
 
-    def __init__(self, preset: TvmPreset):
+    def __init__(self, preset: TvmPreset, remote: Remote | None = None):
         self.preset = preset
         self.name = preset.name
         self.description = preset.description
         self.device = preset.device()
+        self.remote = remote
 
     def __repr__(self) -> str:
-        return f"TvmTarget({self.preset.name!r})"
+        where = f", remote={str(self.remote.address)!r}" if self.remote else ""
+        return f"TvmTarget({self.preset.name!r}{where})"
+
+    def connect(self, address: str) -> "TvmTarget":
+        """This preset with its artifacts run (and tuned) on the device behind ``address``:
+        ``HOST:PORT``, a TVM RPC server; ``HOST:PORT:KEY``, an RPC tracker handing out the
+        servers registered under ``KEY`` (tuning needs this form). A malformed address is
+        a UsageError; nothing answering there a GraphoptError saying what to start on the
+        device (``python -m tvm.exec.rpc_server ...``)."""
+        parsed = RpcAddress.parse(address)
+        if self.availability():
+            raise UsageError(f"target {self.name!r} cannot connect to {parsed}: "
+                             f"{self.availability()}")
+        remote = Remote(parsed, device="cpu")
+        remote.check()
+        return TvmTarget(self.preset, remote)
 
     # ------------------------------------------------------------------ capabilities
     @property
@@ -130,7 +152,7 @@ class TvmTarget(Target):
         proto = model.to_onnx() if isinstance(model, Model) else model
         ops = frontend_ops()
         missing: Counter = Counter()
-        for node in _all_nodes(proto.graph):
+        for node in all_nodes(proto.graph):
             domain = "" if node.domain == "ai.onnx" else node.domain
             if domain:
                 missing[f"{domain}::{node.op_type}"] += 1
@@ -183,9 +205,11 @@ class TvmTarget(Target):
 
     def lower(self, model: Model, out: Path, *, tune_trials: int = 0) -> Artifact:
         """Compile ``model`` into the folder ``out``. ``tune_trials > 0`` first tunes the
-        kernels with MetaSchedule (measured on this machine: ``runner="local"`` presets
-        with static shapes only; minutes even for small budgets) and keeps the database in
-        ``out/tuning``; a database already there is applied (and extended by tuning)."""
+        kernels with MetaSchedule and keeps the database in ``out/tuning``; a database
+        already there is applied (and extended by tuning). Candidates are measured on this
+        machine for ``runner="local"`` presets, else on the device through the RPC tracker
+        this target is connected to (``connect("HOST:PORT:KEY")``); static shapes only;
+        minutes even for small budgets."""
         out = Path(out)
         if out.suffix in (".onnx", ".so", ".tar") or out.is_file():
             raise UsageError(f"target {self.name!r} writes a directory (model.so, model.onnx, "
@@ -200,13 +224,11 @@ class TvmTarget(Target):
             raise UsageError(f"target {self.name!r} is not available here: "
                              f"{self.availability()}")
         proto = model.to_onnx()
-        if tune_trials > 0 and self.preset.runner != "local":
-            raise UsageError(f"target {self.name!r}: tuning measures candidates on the device "
-                             f"itself; this machine is not one (TVM RPC is not wired up)",
-                             hint="lower without tuning, or tune on the device")
+        if tune_trials > 0:
+            self._check_tunable()
         if tune_trials > 0 and any(
-                not all(isinstance(d, int) for d in (_value_info(v)["shape"] or [None]))
-                for v in _graph_inputs(proto)):
+                not all(isinstance(d, int) for d in (value_info(v)["shape"] or [None]))
+                for v in graph_inputs(proto)):
             raise UsageError(f"target {self.name!r}: tuning needs static input shapes",
                              hint=_shape_hint(proto))
         with tempfile.TemporaryDirectory(prefix="graphopt-tvm-") as tmp:
@@ -238,6 +260,43 @@ class TvmTarget(Target):
                         format="tvm-relax-vm" if library.name == LIBRARY else
                         "tvm-relax-vm-objects")
 
+    def _check_tunable(self) -> None:
+        """Tuning measures candidates on the device: here (local presets), or on servers
+        an RPC tracker hands out (MetaSchedule's RPC runner needs a tracker)."""
+        if self.remote is not None and not self.remote.address.tracker:
+            address = self.remote.address
+            raise UsageError(
+                f"target {self.name!r}: tuning over RPC needs a tracker (--rpc "
+                f"HOST:PORT:KEY), not the server at {address}",
+                hint=f"start a tracker ({TRACKER_COMMAND.format(port=9190)}) and on the "
+                     f"device {TRACKER_SERVER_COMMAND.format(host='TRACKER_HOST', port=9190, key='KEY')}")
+        if self.remote is None and self.preset.runner != "local":
+            raise UsageError(f"target {self.name!r}: tuning measures candidates on the "
+                             f"device itself, and this machine is not one",
+                             hint="connect to the device through an RPC tracker: --rpc "
+                                  "TRACKER_HOST:9190:KEY, or lower without tuning")
+
+    def _tune(self, mod, target, work_dir: Path, trials: int) -> dict:
+        """Tune here (LocalRunner), or on the tracker's servers: candidates are linked
+        here with the preset's linker (the device needs no compiler) and measured there.
+        Our own session is released first: the tuner asks the tracker for the servers."""
+        if self.remote is None:
+            return _tune(mod, target, work_dir, trials)
+        import functools
+
+        from graphopt.targets import tvm_rpc
+
+        self.remote.release()
+        servers = self.remote.tracker_servers()
+        linker = shutil.which(self.preset.linker)
+        if linker is None:
+            raise UsageError(f"target {self.name!r}: tuning over RPC links each candidate "
+                             f"here with {self.preset.linker}, which is not installed")
+        return _tune(mod, target, work_dir, trials,
+                     runner=tvm_rpc.rpc_runner(self.remote.address, servers),
+                     f_export=functools.partial(tvm_rpc.export_shared, linker),
+                     where=f"RPC tracker {self.remote.address}")
+
     def _compile(self, proto: onnx.ModelProto, tmp: Path, tuning: Path | None = None,
                  trials: int = 0) -> tuple[Path, str | None, dict | None]:
         """Import, optimize (Relax: legalize + fuse), tune or apply a tuning database,
@@ -266,7 +325,7 @@ class TvmTarget(Target):
                 mod = relax.get_pipeline("zero")(mod)
             tuned = None
             if tuning is not None:
-                tuned = _tune(mod, target, tuning, trials) if trials > 0 else \
+                tuned = self._tune(mod, target, tuning, trials) if trials > 0 else \
                     {"trials": 0, "database": "applied the one already in the folder"}
                 with target:
                     mod = relax.transform.MetaScheduleApplyDatabase(str(tuning))(mod)
@@ -303,14 +362,15 @@ class TvmTarget(Target):
             "triple": self.llvm_target().get("mtriple"),
             "runner": self.preset.runner,
             "library": library.name,
+            "artifact": library.name,
             "link_command": link,
             "model": MODEL_FILE,
             "entry": "main",
-            "inputs": [_value_info(v) for v in _graph_inputs(proto)],
-            "outputs": [_value_info(v) for v in proto.graph.output],
+            "inputs": [value_info(v) for v in graph_inputs(proto)],
+            "outputs": [value_info(v) for v in proto.graph.output],
             "graphopt_version": graphopt_version(),
             "model_content_hash": model.content_hash(),
-            "sha256": {p.name: _sha256(p) for p in [*saved_files(model_path), library]},
+            "sha256": {p.name: sha256(p) for p in [*saved_files(model_path), library]},
             "toolchain": toolchain(self.preset.linker),
         }
 
@@ -323,7 +383,9 @@ class TvmTarget(Target):
                              f"installed when it was built)",
                              hint=f"link it in {path.parent}: {manifest['link_command']}")
         arrays = _ordered_inputs(manifest, feeds)
-        if self.preset.runner == "local":
+        if self.remote is not None:
+            results = self.remote.run(path, arrays)
+        elif self.preset.runner == "local":
             results = _local_vm(str(path), path.stat().st_mtime_ns).run(arrays)
         else:
             results = self._run_qemu(path, arrays)
@@ -332,6 +394,28 @@ class TvmTarget(Target):
             raise GraphoptError(f"the library returned {len(results)} outputs, the manifest "
                                 f"lists {len(names)}")
         return dict(zip(names, results))
+
+    def measure(self, artifact: Artifact, feeds: dict[str, np.ndarray], *,
+                repeat: int = 20) -> float | None:
+        """Median seconds of one run on the device, timed by TVM's ``time_evaluator``
+        where the VM runs (one warm-up, then ``repeat`` timed calls; copying inputs in
+        and outputs out is not in the figure):
+
+        * connected (``--rpc``): on the remote device, by the remote itself: device time,
+          without the network round trip;
+        * ``runner="local"``: here, in this process (this machine is the device);
+        * ``runner="qemu-aarch64"``: ``None``: emulated time says nothing about the
+          device (connect to one with ``--rpc`` to time it)."""
+        path = Path(artifact.path)
+        manifest = read_manifest(path.parent)
+        arrays = _ordered_inputs(manifest, feeds)
+        if self.remote is not None:
+            return self.remote.measure(path, arrays, repeat)
+        if self.preset.runner != "local":
+            return None
+        if manifest.get("link_command"):
+            self.run(artifact, feeds)  # raises the UsageError that says how to link it
+        return _local_vm(str(path), path.stat().st_mtime_ns).time(arrays, repeat)
 
     def _run_qemu(self, library: Path, arrays: list[np.ndarray]) -> list[np.ndarray]:
         from graphopt.targets import tvm_sysroot
@@ -390,15 +474,17 @@ def _pooled_builder_class():
 
     @derived_object
     class PooledBuilder(PyBuilder):
-        def __init__(self, timeout_sec: float, max_workers: int | None = None):
+        def __init__(self, timeout_sec: float, max_workers: int | None = None,
+                     f_export=None):
             super().__init__()
             self.timeout_sec = timeout_sec
+            self.f_export = f_export
             self.pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec,
                                           initializer=_import_tensor_intrinsics)
 
         def build(self, build_inputs):
             results = []
-            args = [(None, None, b.mod, b.target, lb._serialize_params(b.params))
+            args = [(None, self.f_export, b.mod, b.target, lb._serialize_params(b.params))
                     for b in build_inputs]
             for res in self.pool.map_with_error_catching(lambda x: lb._worker_func(*x), args):
                 if res.status == StatusKind.COMPLETE:
@@ -413,9 +499,12 @@ def _pooled_builder_class():
     return PooledBuilder
 
 
-def _tune(mod, target, work_dir: Path, trials: int) -> dict:
-    """MetaSchedule-tune every fused kernel of ``mod`` on this machine; the JSON database
-    in ``work_dir`` (possibly holding earlier records) is extended."""
+def _tune(mod, target, work_dir: Path, trials: int, runner=None, f_export=None,
+          where: str = "this machine") -> dict:
+    """MetaSchedule-tune every fused kernel of ``mod``, candidates measured by ``runner``
+    (default: here, ``LocalRunner``); the JSON database in ``work_dir`` (possibly holding
+    earlier records) is extended. ``f_export`` exports a built candidate (default: an
+    object archive, linked where it is loaded)."""
     import time
 
     from tvm.s_tir import meta_schedule as ms
@@ -432,11 +521,13 @@ def _tune(mod, target, work_dir: Path, trials: int) -> dict:
     ms.relax_integration.tune_relax(
         mod, params={}, target=target, work_dir=str(work_dir), max_trials_global=trials,
         max_trials_per_task=per_task, num_trials_per_iter=min(64, per_task),
-        builder=_pooled_builder_class()(timeout_sec=120),
-        runner=ms.runner.LocalRunner(timeout_sec=60), cost_model=cost_model, seed=0)
+        builder=_pooled_builder_class()(timeout_sec=120, f_export=f_export),
+        runner=runner or ms.runner.LocalRunner(timeout_sec=60), cost_model=cost_model,
+        seed=0)
     shutil.rmtree(work_dir / "logs", ignore_errors=True)
     return {"trials": trials, "tasks": len(tasks), "trials_per_task": per_task,
-            "cost_model": cost_model, "seconds": round(time.perf_counter() - start, 1)}
+            "cost_model": cost_model, "measured_on": where,
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 # ---------------------------------------------------------------------- helpers
@@ -480,19 +571,14 @@ class _LocalVm:
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         return self._runner.run_vm(self.vm, arrays)
 
+    def time(self, arrays: list[np.ndarray], repeat: int) -> float:
+        return self._runner.time_vm(self.vm, arrays, repeat=repeat)
+
 
 @functools.lru_cache(maxsize=8)
 def _local_vm(path: str, mtime_ns: int) -> _LocalVm:
     """One loaded library per file version (loading costs more than a small run)."""
     return _LocalVm(path)
-
-
-def read_manifest(folder: Path) -> dict:
-    path = Path(folder) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read the artifact manifest {path}: {exc}") from exc
 
 
 def _ordered_inputs(manifest: dict, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -508,7 +594,7 @@ def _ordered_inputs(manifest: dict, feeds: dict[str, np.ndarray]) -> list[np.nda
 
 def _shape_hint(proto: onnx.ModelProto) -> str:
     """What to try when TVM fails: static shapes if any input has symbolic dims."""
-    symbolic = {v.name: _value_info(v)["shape"] for v in _graph_inputs(proto)}
+    symbolic = {v.name: value_info(v)["shape"] for v in graph_inputs(proto)}
     symbolic = {k: v for k, v in symbolic.items()
                 if v is None or any(not isinstance(d, int) for d in v)}
     if not symbolic:
@@ -519,41 +605,6 @@ def _shape_hint(proto: onnx.ModelProto) -> str:
         for name, shape in symbolic.items())
     return (f"TVM handles static shapes best; fix the symbolic dimensions with {example} "
             f"(N: the size to compile for), or use --target ort")
-
-
-def _graph_inputs(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """Graph inputs that are real inputs (not initializers listed as inputs, IR < 4)."""
-    inits = {t.name for t in proto.graph.initializer}
-    return [v for v in proto.graph.input if v.name not in inits]
-
-
-def _value_info(value: onnx.ValueInfoProto) -> dict:
-    tensor = value.type.tensor_type
-    shape = None
-    if tensor.HasField("shape"):
-        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                 for d in tensor.shape.dim]
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name \
-        if tensor.elem_type else None
-    return {"name": value.name, "shape": shape, "dtype": dtype}
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            for sub in attr.graphs:
-                yield from _all_nodes(sub)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _dist_version(name: str) -> str | None:

@@ -20,31 +20,55 @@ import sys
 ENTRY = "main"
 
 
-def _flatten(value) -> list:
-    """The VM returns a tensor, or a (nested) array of them for several outputs."""
-    if hasattr(value, "numpy"):
-        return [value]
-    out = []
-    for item in value:
-        out.extend(_flatten(item))
-    return out
-
-
-def load_vm(lib_path: str):
-    """A Relax VM on the CPU for the library at ``lib_path``."""
+def load_vm(lib_path: str, device=None):
+    """A Relax VM for the library at ``lib_path`` on ``device`` (default: the CPU)."""
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    return VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
+    return VirtualMachine(tvm.runtime.load_module(str(lib_path)), device or tvm.cpu())
 
 
-def run_vm(vm, arrays: list) -> list:
-    """Call ``main`` on numpy arrays (graph-input order); numpy arrays back."""
+def _tensors(arrays: list, device) -> list:
     import numpy as np
     import tvm
 
-    result = vm[ENTRY](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays])
-    return [np.array(t.numpy()) for t in _flatten(result)]
+    return [tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in arrays]
+
+
+def run_vm(vm, arrays: list, device=None) -> list:
+    """Call ``main`` on numpy arrays (graph-input order) copied to ``device`` (default:
+    the CPU; an RPC session's device runs it remotely); numpy arrays back. The stateful
+    calls (set_input, invoke_stateful, get_outputs) fetch a tuple of outputs field by
+    field, which also works over RPC (a returned tuple arrives there as an opaque ref)."""
+    import numpy as np
+    import tvm
+
+    vm.set_input(ENTRY, *_tensors(arrays, device or tvm.cpu()))
+    vm.invoke_stateful(ENTRY)
+    return [np.array(t.numpy()) for t in _outputs(vm.module)]
+
+
+def _outputs(module, *index) -> list:
+    """The outputs of the last ``invoke_stateful``, nested tuples flattened. (Not
+    ``VirtualMachine.get_outputs``: its recursive closure is a reference cycle holding
+    the VM, so over RPC the session would outlive the target until a GC pass, and a
+    server, which serves one client at a time, would refuse the next one until then.)"""
+    arity = module["get_output_arity"](ENTRY, *index)
+    if arity == -1:
+        return [module["get_output"](ENTRY, *index)]
+    return [t for i in range(arity) for t in _outputs(module, *index, i)]
+
+
+def time_vm(vm, arrays: list, device=None, repeat: int = 20) -> float:
+    """Median seconds of one ``main`` call, timed where the VM runs (TVM's
+    time_evaluator: one warm-up call, then ``repeat`` timed ones; over RPC the remote
+    times itself, so the network is not in the figure)."""
+    import tvm
+
+    device = device or tvm.cpu()
+    vm.set_input(ENTRY, *_tensors(arrays, device))
+    timer = vm.time_evaluator("invoke_stateful", device, number=1, repeat=max(1, repeat))
+    return float(timer(ENTRY).median)
 
 
 def run_library(lib_path: str, arrays: list) -> list:

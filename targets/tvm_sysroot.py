@@ -1,6 +1,6 @@
 """The aarch64 sysroot that runs TVM artifacts for the ``arm*`` targets under qemu-user.
 
-    python -m graphopt.targets.tvm_sysroot [DIR] [--force] [--check]
+    python -m graphopt.targets.tvm_sysroot [DIR] [--force] [--check] [--serve [HOST:]PORT]
 
 ``DIR`` defaults to ``$GRAPHOPT_AARCH64_SYSROOT`` or ``~/.cache/graphopt/aarch64-sysroot``.
 It gets an aarch64 Python 3.11 with its C libraries (Debian 12 "bookworm" arm64 packages,
@@ -14,6 +14,10 @@ Idempotent: a finished sysroot carries ``.graphopt-sysroot.json`` describing wha
 it; running again with the same description does nothing, a different one (e.g. TVM was
 upgraded here) rebuilds it. The sysroot is built beside ``DIR`` and moved into place, so
 ``DIR`` is either the previous complete sysroot or the new complete one.
+
+``--serve [HOST:]PORT`` runs a TVM RPC server on the emulated device (the runtime-only
+``tvm_rpc_server.py`` under qemu-user), so ``--rpc HOST:PORT`` can be tried without a
+board; what it times is emulation.
 
 Needs on the host: ``apt-get`` and ``dpkg`` (Debian/Ubuntu), the Debian archive keyring
 (``/usr/share/keyrings/debian-archive-keyring.gpg``), pip, and network access to
@@ -62,6 +66,7 @@ PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_
 PRUNE = ("tvm/lib/libtvm_compiler.so", "tvm/src", "tvm/include", "tvm/3rdparty", "tvm/web",
          "tvm_ffi/include", "tvm_ffi/src", "tvm_ffi/3rdparty")
 SITE_PACKAGES = "usr/lib/python3/dist-packages"  # on Debian's Python's sys.path
+RPC_SERVER = Path(__file__).with_name("tvm_rpc_server.py")
 
 
 class SysrootError(RuntimeError):
@@ -236,6 +241,21 @@ def qemu_command(root: Path, emulator: str | None = None, cpu: str | None = None
     return cmd + ["-L", str(root), str(python_path(root)), "-I"]
 
 
+def rpc_server_command(root: Path, port: int, host: str = "127.0.0.1", *,
+                       cpu: str | None = None, tracker: str | None = None,
+                       key: str | None = None, emulator: str | None = None) -> list[str]:
+    """The command that starts a TVM RPC server on the emulated aarch64 device: the
+    runtime-only ``tvm_rpc_server.py`` run by the sysroot's Python under qemu-user
+    (``port`` exactly; with ``tracker`` "HOST:PORT" and ``key`` it registers there).
+    Run it with ``env=qemu_env()``."""
+    cmd = qemu_command(root, emulator, cpu) + [str(RPC_SERVER), "--host", host,
+                                               "--port", str(port), "--port-end",
+                                               str(port + 1)]
+    if tracker:
+        cmd += ["--tracker", tracker, "--key", key or "aarch64"]
+    return cmd
+
+
 def qemu_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "LD_", "QEMU_"))}
     env["TVM_USE_RUNTIME_LIB"] = "1"
@@ -258,7 +278,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     parser.add_argument("--check", action="store_true",
                         help="only report whether a usable sysroot is there (exit 1 if not)")
+    parser.add_argument("--serve", metavar="[HOST:]PORT",
+                        help="run a TVM RPC server on the emulated aarch64 device (for "
+                             "trying --rpc HOST:PORT without a board; timings are emulated)")
+    parser.add_argument("--cpu", default="cortex-a72", help="qemu -cpu model for --serve")
     args = parser.parse_args(argv)
+    if args.serve:
+        root, why = status(args.dir)
+        if root is None or qemu() is None:
+            print(f"error: {why or 'no qemu-aarch64 (apt-get install qemu-user)'}",
+                  file=sys.stderr)
+            return 1
+        host, _, port = args.serve.rpartition(":")
+        cmd = rpc_server_command(root, int(port), host or "0.0.0.0", cpu=args.cpu)
+        return subprocess.run(cmd, env=qemu_env()).returncode
     if args.check:
         root, why = status(args.dir)
         print(f"ok: {root}" if root else why)

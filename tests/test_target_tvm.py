@@ -167,6 +167,7 @@ def test_manifest_describes_the_artifact(lowered):
     assert sorted(map(Path, result.report["artifact_files"])) == sorted(folder.iterdir())
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["target"] == "x86" and manifest["library"] == "model.so"
+    assert manifest["artifact"] == "model.so"  # what graphopt.target.Target.open reads
     assert manifest["llvm_target"]["kind"] == "llvm"
     assert manifest["llvm_target"]["mcpu"] not in ("native", "")
     # --input-shape fixed the symbolic dims: the library is compiled for 2x8.
