@@ -1,4 +1,6 @@
-"""Apache TVM (Relax) on CPUs: the artifact is a compiled shared library for the device.
+"""Apache TVM (Relax) on CPUs and GPUs: the artifact is a compiled shared library for the
+device (for a GPU preset: host code plus the kernels' CUDA source, which TVM's CUDA
+runtime compiles when the library loads on the GPU).
 
 One class, ``TvmTarget``; what differs between ``x86``, ``arm``, ``arm-a76``, ... is data,
 a ``TvmPreset`` (``graphopt.targets.presets`` holds the table). ``lower`` writes a
@@ -86,6 +88,16 @@ class TvmPreset:
     cores: int | None
     qemu_cpu: str | None = None  # qemu-user -cpu model to run it with (closest qemu has)
     node_overhead_s: float = 1e-6
+    # The device code target in TVM's dict form (e.g. {"kind": "cuda", "arch": "sm_80"});
+    # ``llvm`` is then its host. None: the CPU target alone. A GPU target gets TVM's
+    # default GPU schedules (dlight) before it is built, and runs on that device kind.
+    accelerator: dict | None = field(default=None, hash=False)
+    int8_fast: bool | None = None  # int8 dot products (cost model); None: unknown
+
+    @property
+    def device_kind(self) -> str:
+        """The TVM device the VM runs on: "cpu", or the accelerator's kind ("cuda")."""
+        return self.accelerator["kind"] if self.accelerator else "cpu"
 
     @property
     def linker(self) -> str:
@@ -97,11 +109,11 @@ class TvmPreset:
         return Device(name=self.device_name.format(cores=cores),
                       peak_flops={k: v * cores for k, v in self.peak_flops_per_core.items()},
                       bandwidth=self.bandwidth, cores=cores,
-                      node_overhead_s=self.node_overhead_s)
+                      node_overhead_s=self.node_overhead_s, int8_fast=self.int8_fast)
 
 
 class TvmTarget(Target):
-    """A CPU compiled to by Apache TVM; behaviour fully determined by ``preset`` (and,
+    """A CPU or GPU compiled to by Apache TVM; behaviour fully determined by ``preset`` (and,
     for a target returned by ``connect``, the remote device it runs on)."""
 
     produces = "a folder: model.so (TVM Relax VM), model.onnx, manifest.json"
@@ -130,7 +142,7 @@ class TvmTarget(Target):
         if self.availability():
             raise UsageError(f"target {self.name!r} cannot connect to {parsed}: "
                              f"{self.availability()}")
-        remote = Remote(parsed, device="cpu")
+        remote = Remote(parsed, device=self.preset.device_kind)
         remote.check()
         return TvmTarget(self.preset, remote)
 
@@ -144,6 +156,28 @@ class TvmTarget(Target):
     def availability(self) -> str | None:
         if importlib.util.find_spec("tvm") is None:
             return f"Apache TVM is not installed ({INSTALL_HINT})"
+        return None
+
+    def run_availability(self) -> str | None:
+        """What running an artifact here lacks: qemu-user and the aarch64 sysroot
+        (``qemu-aarch64`` presets), a GPU TVM sees (GPU presets); ``None`` when connected
+        to a remote device (it runs there)."""
+        missing = self.availability()
+        if missing or self.remote is not None:
+            return missing
+        if self.preset.runner == "qemu-aarch64":
+            from graphopt.targets import tvm_sysroot
+
+            if tvm_sysroot.qemu() is None:
+                return "no qemu-aarch64 (apt-get install qemu-user), or --rpc to a device"
+            root, why = tvm_sysroot.status()
+            return None if root else f"{why} (python -m graphopt.targets.tvm_sysroot)"
+        if self.preset.device_kind != "cpu":
+            try:
+                self._check_local_device()
+            except UsageError:
+                return (f"no {self.preset.device_kind.upper()} GPU here; --rpc to a GPU "
+                        f"machine's RPC server")
         return None
 
     def unsupported_ops(self, model: Model | onnx.ModelProto) -> Counter:
@@ -200,8 +234,18 @@ class TvmTarget(Target):
         target = dict(self.preset.llvm)
         if target.get("mcpu") == "native":
             target["mcpu"] = host_cpu()
-        target.setdefault("num-cores", self.device.cores)
+        if not self.preset.accelerator:  # a GPU's "cores" (SMs) are not the host's
+            target.setdefault("num-cores", self.device.cores)
         return target
+
+    def tvm_target(self):
+        """The ``tvm.target.Target`` built for: the LLVM target, or the accelerator with
+        the LLVM target as its host."""
+        import tvm
+
+        if self.preset.accelerator:
+            return tvm.target.Target(dict(self.preset.accelerator), host=self.llvm_target())
+        return tvm.target.Target(self.llvm_target())
 
     def lower(self, model: Model, out: Path, *, tune_trials: int = 0) -> Artifact:
         """Compile ``model`` into the folder ``out``. ``tune_trials > 0`` first tunes the
@@ -265,11 +309,14 @@ class TvmTarget(Target):
         an RPC tracker hands out (MetaSchedule's RPC runner needs a tracker)."""
         if self.remote is not None and not self.remote.address.tracker:
             address = self.remote.address
+            server = TRACKER_SERVER_COMMAND.format(host="TRACKER_HOST", port=9190, key="KEY")
             raise UsageError(
                 f"target {self.name!r}: tuning over RPC needs a tracker (--rpc "
                 f"HOST:PORT:KEY), not the server at {address}",
                 hint=f"start a tracker ({TRACKER_COMMAND.format(port=9190)}) and on the "
-                     f"device {TRACKER_SERVER_COMMAND.format(host='TRACKER_HOST', port=9190, key='KEY')}")
+                     f"device {server}")
+        if self.remote is None and self.preset.device_kind != "cpu":
+            self._check_local_device()  # MetaSchedule measures on the GPU
         if self.remote is None and self.preset.runner != "local":
             raise UsageError(f"target {self.name!r}: tuning measures candidates on the "
                              f"device itself, and this machine is not one",
@@ -307,7 +354,7 @@ class TvmTarget(Target):
         from tvm.relax.frontend.onnx import from_onnx
         from tvm.support import cc
 
-        target = tvm.target.Target(self.llvm_target())
+        target = self.tvm_target()
         hint = _shape_hint(proto)
         try:
             with warnings.catch_warnings():
@@ -329,6 +376,9 @@ class TvmTarget(Target):
                     {"trials": 0, "database": "applied the one already in the folder"}
                 with target:
                     mod = relax.transform.MetaScheduleApplyDatabase(str(tuning))(mod)
+            if self.preset.accelerator:  # kernels no tuning record scheduled
+                with target:
+                    mod = _gpu_default_schedules()(mod)
             executable = tvm.compile(mod, target=target)
         except GraphoptError:
             raise
@@ -360,6 +410,8 @@ class TvmTarget(Target):
                        "bandwidth": self.device.bandwidth, "cores": self.device.cores},
             "llvm_target": self.llvm_target(),
             "triple": self.llvm_target().get("mtriple"),
+            "device_target": self.preset.accelerator,
+            "device_kind": self.preset.device_kind,
             "runner": self.preset.runner,
             "library": library.name,
             "artifact": library.name,
@@ -386,7 +438,9 @@ class TvmTarget(Target):
         if self.remote is not None:
             results = self.remote.run(path, arrays)
         elif self.preset.runner == "local":
-            results = _local_vm(str(path), path.stat().st_mtime_ns).run(arrays)
+            self._check_local_device()
+            results = _local_vm(str(path), path.stat().st_mtime_ns,
+                                self.preset.device_kind).run(arrays)
         else:
             results = self._run_qemu(path, arrays)
         names = [o["name"] for o in manifest["outputs"]]
@@ -415,7 +469,24 @@ class TvmTarget(Target):
             return None
         if manifest.get("link_command"):
             self.run(artifact, feeds)  # raises the UsageError that says how to link it
-        return _local_vm(str(path), path.stat().st_mtime_ns).time(arrays, repeat)
+        self._check_local_device()
+        return _local_vm(str(path), path.stat().st_mtime_ns,
+                         self.preset.device_kind).time(arrays, repeat)
+
+    def _check_local_device(self) -> None:
+        """A GPU preset runs here only where TVM sees such a GPU (the PyPI wheel carries
+        the CUDA runtime; the kernels' CUDA source is compiled when the library loads)."""
+        kind = self.preset.device_kind
+        if kind == "cpu":
+            return
+        import tvm
+
+        if not tvm.device(kind, 0).exist:
+            raise UsageError(f"target {self.name!r} runs on a {kind.upper()} GPU and TVM "
+                             f"sees none here",
+                             hint="run it on a GPU machine, or connect to one: start "
+                                  "python -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090 "
+                                  "there and give --rpc GPU_HOST:9090")
 
     def _run_qemu(self, library: Path, arrays: list[np.ndarray]) -> list[np.ndarray]:
         from graphopt.targets import tvm_sysroot
@@ -562,23 +633,48 @@ def host_cpu() -> str:
 
 
 class _LocalVm:
-    def __init__(self, path: str):
+    def __init__(self, path: str, kind: str = "cpu"):
+        import tvm
+
         from graphopt.targets import tvm_runner
 
         self._runner = tvm_runner
-        self.vm = tvm_runner.load_vm(path)
+        self.device = tvm.device(kind, 0)
+        self.vm = tvm_runner.load_vm(path, self.device)
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        return self._runner.run_vm(self.vm, arrays)
+        return self._runner.run_vm(self.vm, arrays, self.device)
 
     def time(self, arrays: list[np.ndarray], repeat: int) -> float:
-        return self._runner.time_vm(self.vm, arrays, repeat=repeat)
+        return self._runner.time_vm(self.vm, arrays, self.device, repeat=repeat)
 
 
 @functools.lru_cache(maxsize=8)
-def _local_vm(path: str, mtime_ns: int) -> _LocalVm:
+def _local_vm(path: str, mtime_ns: int, kind: str = "cpu") -> _LocalVm:
     """One loaded library per file version (loading costs more than a small run)."""
-    return _LocalVm(path)
+    return _LocalVm(path, kind)
+
+
+def _gpu_default_schedules():
+    """TVM's default GPU schedules (``tvm.s_tir.dlight``, as ``relax.get_pipeline`` uses
+    for CUDA): every kernel needs one to bind threads. A rule that fails on a kernel
+    (dlight's Matmul asserts on some fused convolution epilogues) leaves it to the next
+    rule; ``Fallback`` schedules anything."""
+    from tvm.s_tir import dlight as dl
+
+    class _Tolerant(dl.ScheduleRule):
+        def __init__(self, rule):
+            self.rule = rule
+
+        def apply(self, func, target, tunable):
+            try:
+                return self.rule.apply(func, target, tunable)
+            except Exception:  # dlight asserts on what it does not match
+                return None
+
+    return dl.ApplyDefaultSchedule(*[_Tolerant(rule) for rule in (
+        dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+        dl.gpu.Fallback())])
 
 
 def _ordered_inputs(manifest: dict, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
