@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         host, _, port = args.serve.rpartition(":")
         cmd = rpc_server_command(root, int(port), host or "0.0.0.0", cpu=args.cpu)
-        return subprocess.run(cmd, env=qemu_env()).returncode
+        os.execvpe(cmd[0], cmd, qemu_env())  # the server replaces this process (signals)
     if args.check:
         root, why = status(args.dir)
         print(f"ok: {root}" if root else why)
