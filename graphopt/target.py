@@ -23,7 +23,8 @@ from graphopt.errors import UsageError
 from graphopt.ir import Model
 
 # A compiled artifact is a folder holding this file: ``target`` names the target that
-# wrote it and ``artifact`` (or, in TVM folders, ``library``) the main file beside it.
+# wrote it, ``artifact`` the main file beside it and ``artifact_format`` its
+# ``Artifact.format``.
 MANIFEST = "manifest.json"
 
 
@@ -112,13 +113,13 @@ class Target(ABC):
         path = Path(path)
         if path.is_dir():
             manifest = read_manifest(path)
-            main = manifest.get("artifact") or manifest.get("library")
+            main = manifest.get("artifact")
             if not main or not (path / main).is_file():
                 raise UsageError(f"{path / MANIFEST} names no artifact file that exists "
                                  f"(artifact: {main!r})")
             return Artifact(target=self.name, path=path / main,
                             files=sorted(p for p in path.rglob("*") if p.is_file()),
-                            format=manifest.get("format", "unknown"))
+                            format=manifest.get("artifact_format", "unknown"))
         if not path.is_file():
             raise UsageError(f"no artifact at {path}")
         return Artifact(target=self.name, path=path, files=[path], format=path.suffix[1:])

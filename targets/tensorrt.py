@@ -284,6 +284,7 @@ class TensorRtTarget(Target):
                        "bandwidth": self.device.bandwidth,
                        "cuda_gpus_here": count, "built_on": (build or {}).get("gpu")},
             "artifact": ENGINE_FILE if build else MODEL_FILE,
+            "artifact_format": "tensorrt-engine" if build else "tensorrt-onnx",
             "model": MODEL_FILE,
             "engine": ENGINE_FILE if build else None,
             "engine_note": None if build else

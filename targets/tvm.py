@@ -48,6 +48,7 @@ from graphopt.ir import Model, save, saved_files
 from graphopt.target import (MANIFEST, Artifact, Capabilities, Target, all_nodes, graph_inputs,
                              read_manifest, sha256, value_info)
 from graphopt.targets.ort import LOSSLESS_PIPELINE
+from graphopt.targets.shapes import bind_input_shapes
 from graphopt.targets.tvm_rpc import (TRACKER_COMMAND, TRACKER_SERVER_COMMAND, Remote,
                                       RpcAddress)
 
@@ -201,32 +202,7 @@ class TvmTarget(Target):
         symbolic dimension they bind becomes that number throughout the graph, so the
         pipeline folds the shape arithmetic (TVM handles static shapes best, and some
         dynamic-shape exports import only that way). Without it, symbolic dims stay."""
-        if not input_shapes:
-            return
-        bindings: dict[str, int] = {}
-        inputs = {t.name: t for t in model.graph.inputs}
-        for name, dims in input_shapes.items():
-            tensor = inputs.get(name)
-            if tensor is None:
-                continue  # probe_inputs reports the unknown name
-            if tensor.shape is not None and len(tensor.shape) != len(dims):
-                raise UsageError(f"--input-shape gives {name!r} {len(dims)} dimensions; the "
-                                 f"model has {len(tensor.shape)}: {list(tensor.shape)}")
-            for old, new in zip(tensor.shape or [], dims):
-                if isinstance(old, str) and old:
-                    if bindings.setdefault(old, int(new)) != int(new):
-                        raise UsageError(f"--input-shape gives dimension {old!r} two sizes: "
-                                         f"{bindings[old]} and {new}")
-                elif isinstance(old, int) and old > 0 and old != new:
-                    raise UsageError(f"--input-shape gives {name!r} {list(dims)}; the model "
-                                     f"fixes it to {list(tensor.shape)}")
-            tensor.shape = [int(d) for d in dims]
-        for graph in model.all_graphs():
-            for tensor in graph.tensors().values():
-                shape = getattr(tensor, "shape", None)
-                if shape and any(isinstance(d, str) and d in bindings for d in shape):
-                    tensor.shape = [bindings.get(d, d) if isinstance(d, str) else d
-                                    for d in shape]
+        bind_input_shapes(model, input_shapes)
 
     # ------------------------------------------------------------------ lowering
     def llvm_target(self) -> dict:
@@ -415,6 +391,8 @@ class TvmTarget(Target):
             "runner": self.preset.runner,
             "library": library.name,
             "artifact": library.name,
+            "artifact_format": "tvm-relax-vm" if library.name == LIBRARY else
+                               "tvm-relax-vm-objects",
             "link_command": link,
             "model": MODEL_FILE,
             "entry": "main",

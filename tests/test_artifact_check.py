@@ -48,7 +48,8 @@ class FolderTarget(Target):
         out.mkdir(parents=True, exist_ok=True)
         path = save(model, out / "model.onnx")
         (out / MANIFEST).write_text(json.dumps(
-            {"target": "folder", "artifact": "model.onnx", "model": "model.onnx",
+            {"target": "folder", "artifact": "model.onnx", "artifact_format": "folder",
+             "model": "model.onnx",
              "inputs": [{"name": "input", "shape": [3, 3, 32, 32], "dtype": "float32"}]}))
         return Artifact(self.name, path, [path, out / MANIFEST], format="folder")
 
@@ -102,6 +103,7 @@ def test_verify_folder_uses_manifest_shapes_and_model(tmp_path):
     assert check.ok is True and check.report["reference"].endswith("model.onnx")
     # probe inputs take the manifest's static shape (batch 3), not the default 2
     assert check.artifact.path == tmp_path / "a" / "model.onnx"
+    assert check.artifact.format == "folder"
     check = graphopt.verify_artifact(tmp_path / "a", EXAMPLE, target=FolderTarget(offset=1.0),
                                      tolerance=0.5, timing=False)  # cosine budget
     assert check.ok is True and 0.5 <= check.report["min_cosine"] < 1.0

@@ -349,7 +349,7 @@ def test_an_opened_artifact_folder_runs_over_rpc(lowered, x86_remote, run_ort):
     assert manifest["artifact"] == manifest["library"] == "model.so"
     remote = x86_remote
     opened = remote.open(folder)
-    assert opened.path == artifact.path
+    assert opened.path == artifact.path and opened.format == artifact.format
     _check_outputs(remote.run(opened, feeds), run_ort(proto, feeds))
 
 
