@@ -178,3 +178,27 @@ def bert_token_feeds(vocab: int, count: int = 2, batch: int = 2, sequence: int =
     return [{"input_ids": rng.integers(1, vocab, (batch, sequence)).astype(np.int64),
              "attention_mask": np.ones((batch, sequence), dtype=np.int64)}
             for _ in range(count)]
+
+
+def check_outputs(got: dict, want: dict, atol: float) -> None:
+    """Same output names and shapes, values within ``atol`` (rtol 0)."""
+    assert set(got) == set(want)
+    for name, ref in want.items():
+        assert got[name].shape == ref.shape, name
+        np.testing.assert_allclose(got[name], ref, rtol=0, atol=atol, err_msg=name)
+
+
+def print_timings_at_exit(request, title: str, timings: dict[str, float]) -> None:
+    """Print ``timings`` (seconds, filled by the tests) after pytest's output capture has
+    stopped, under ``title``; for module-scoped autouse fixtures."""
+
+    def show():
+        if timings:
+            width = max(map(len, timings))
+            import sys
+
+            sys.stderr.write(f"{title}:\n" + "".join(
+                f"  {key:<{width}}  {seconds * 1e3:10.1f} ms\n"
+                for key, seconds in timings.items()))
+
+    request.config.add_cleanup(show)

@@ -32,6 +32,7 @@ import graphopt
 from graphopt.errors import PluginError, UsageError
 from graphopt.registry import create_target, target_registry
 from tests import zoo
+from tests.helpers import check_outputs, print_timings_at_exit
 
 HAS_TVM = importlib.util.find_spec("tvm") is not None
 CROSS_LINKER = "aarch64-linux-gnu-g++"
@@ -98,10 +99,7 @@ def lowered(tmp_path_factory):
 
 
 def _check_outputs(got: dict, want: dict) -> None:
-    assert set(got) == set(want)
-    for name, ref in want.items():
-        assert got[name].shape == ref.shape, name
-        np.testing.assert_allclose(got[name], ref, rtol=0, atol=ATOL, err_msg=name)
+    check_outputs(got, want, ATOL)
 
 
 def _elf_machine(path: Path) -> int:
@@ -120,17 +118,9 @@ def _timed_run(target, artifact, feeds, label):
 
 @pytest.fixture(scope="module", autouse=True)
 def _report_timings(request):
-    """Print the compile/run timings at the very end (after capture has stopped)."""
+    """Print the timings at the very end (after capture has stopped)."""
     yield
-    timings = dict(TIMINGS)
-
-    def show():
-        if timings:
-            width = max(map(len, timings))
-            sys.stderr.write("TVM target timings:\n" + "".join(
-                f"  {key:<{width}}  {seconds:6.1f} s\n" for key, seconds in timings.items()))
-
-    request.config.add_cleanup(show)
+    print_timings_at_exit(request, "TVM target timings", dict(TIMINGS))
 
 
 # ---------------------------------------------------------------- x86 (this machine)

@@ -34,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt.errors import GraphoptError, UsageError
 from tests import zoo
+from tests.helpers import check_outputs, print_timings_at_exit
 
 HAS_TVM = importlib.util.find_spec("tvm") is not None
 HAS_TORNADO = importlib.util.find_spec("tornado") is not None
@@ -244,24 +245,13 @@ def lowered(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def _report_timings(request):
+    """Print the timings at the very end (after capture has stopped)."""
     yield
-    timings = dict(TIMINGS)
-
-    def show():
-        if timings:
-            width = max(map(len, timings))
-            sys.stderr.write("TVM RPC timings:\n" + "".join(
-                f"  {key:<{width}}  {seconds * 1e3:9.3f} ms\n"
-                for key, seconds in timings.items()))
-
-    request.config.add_cleanup(show)
+    print_timings_at_exit(request, "TVM RPC timings", dict(TIMINGS))
 
 
 def _check_outputs(got: dict, want: dict) -> None:
-    assert set(got) == set(want)
-    for name, ref in want.items():
-        assert got[name].shape == ref.shape, name
-        np.testing.assert_allclose(got[name], ref, rtol=0, atol=ATOL, err_msg=name)
+    check_outputs(got, want, ATOL)
 
 
 def _timed(label: str, fn):
