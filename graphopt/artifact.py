@@ -71,15 +71,16 @@ def latency(target: Target, artifact: Artifact, reference: onnx.ModelProto,
     ``None`` where its target says timing here means nothing (emulation)."""
     threads = os.cpu_count() or 1
     sess = verify.session(reference, optimize=True, threads=threads)
-    first = _seconds(lambda: target.run(artifact, feeds))  # also the warm-up
+    first = target.measure(artifact, feeds, repeat=1)  # warms up; None: no device timing
     ort_first = _seconds(lambda: verify.run(sess, feeds))
-    rounds = ROUNDS if max(first, ort_first) * MAX_REPEAT < ROUND_S else 1
+    rounds = ROUNDS if max(first or 0.0, ort_first) * MAX_REPEAT < ROUND_S else 1
     artifact_times, ort_times = [], []
     for _ in range(rounds):  # interleaved: drift on a shared machine hits both sides
-        artifact_times.append(target.measure(artifact, feeds, repeat=_repeat(first)))
+        if first is not None:
+            artifact_times.append(target.measure(artifact, feeds, repeat=_repeat(first)))
         ort_times.append(statistics.median(_seconds(lambda: verify.run(sess, feeds))
                                            for _ in range(_repeat(ort_first))))
-    seconds = None if None in artifact_times else statistics.median(artifact_times)
+    seconds = statistics.median(artifact_times) if first is not None else None
     ort_s = statistics.median(ort_times)
     result = {"artifact_s": seconds, "ort_s": ort_s, "ort_threads": threads,
               "rounds": rounds,

@@ -134,14 +134,21 @@ def numel(tensor: gs.Tensor | None) -> int:
     return int(np.prod([d if isinstance(d, int) and d >= 0 else 1 for d in tensor.shape]))
 
 
+# Element types narrower than a byte (ml_dtypes names), packed two per byte in ONNX.
+_SUB_BYTE_BITS = {"int4": 4, "uint4": 4, "float4_e2m1fn": 4, "int2": 2, "uint2": 2}
+
+
 def tensor_bytes(tensor: gs.Tensor) -> int:
     if not tensor.name and not isinstance(tensor, gs.Constant):
         return 0  # an omitted optional input
     try:
-        itemsize = np.dtype(tensor.dtype).itemsize if tensor.dtype is not None else 4
+        dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.float32)
     except TypeError:
-        itemsize = 4
-    return numel(tensor) * itemsize
+        dtype = np.dtype(np.float32)
+    bits = _SUB_BYTE_BITS.get(dtype.name)
+    if bits is not None:
+        return -(-numel(tensor) * bits // 8)
+    return numel(tensor) * dtype.itemsize
 
 
 def node_flops(node: gs.Node) -> float:

@@ -92,3 +92,14 @@ def test_inspect_cli_json(tmp_path):
     text = subprocess.run([sys.executable, "-m", "graphopt.cli", "inspect", str(path)],
                           capture_output=True, text=True)
     assert text.returncode == 0 and "GlobalAveragePool" in text.stdout
+
+
+def test_sub_byte_weights_count_packed_bytes():
+    """An int4 weight of 33 values is 17 bytes in the file, not 33."""
+    w = oh.make_tensor("w", TensorProto.INT4, [33], [1, -2, 3] * 11)
+    s = numpy_helper.from_array(np.array(0.5, np.float32), "s")
+    graph = oh.make_graph([oh.make_node("DequantizeLinear", ["w", "s"], ["y"])], "g", [],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [33])], [w, s])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)])
+    summary = summarize(graphopt.load(model), DEVICE)
+    assert summary.weight_bytes == 17 + 4
