@@ -247,7 +247,7 @@ def _check_artifact(tgt: Target, art: Artifact, reference, feeds, tolerance, bud
         return {"ok": None, "detail": "no inputs to run the artifact on"}
     result = artifact_check.check(tgt, art, reference, feeds, tolerance, budget)
     if result["ok"] is None and required:
-        raise UsageError(f"cannot verify {art.path}: {result['detail']}")
+        raise UsageError(f"cannot run {art.path} here to verify it: {result['detail']}")
     if result["ok"] is False:
         raise VerificationError(f"the {tgt.name} artifact {art.path} does not match ONNX "
                                 f"Runtime on the original: {result['detail']}",

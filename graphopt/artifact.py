@@ -44,7 +44,7 @@ def check(target: Target, artifact: Artifact, reference: onnx.ModelProto,
             got = target.run(artifact, f)
         except UsageError as exc:
             return {"ok": None, "ran": False,
-                    "detail": f"not run here: {exc}" + (f" ({exc.hint})" if exc.hint else "")}
+                    "detail": str(exc) + (f" ({exc.hint})" if exc.hint else "")}
         except GraphoptError as exc:
             return {"ok": False, "ran": False, "detail": f"the artifact failed to run: {exc}"}
         want = verify.run(ref_session, f)

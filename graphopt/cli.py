@@ -38,9 +38,9 @@ class _App(click.Group):
         except GraphoptError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             if exc.hint:
-                err.print(f"hint: {exc.hint}", highlight=False, soft_wrap=True)
+                err.print(f"hint: {escape(exc.hint)}", highlight=False, soft_wrap=True)
             ctx.exit(exc.exit_code)
 
 
@@ -84,7 +84,7 @@ class _Progress:
 
     def after_pass(self, p: Pass, entry: TraceEntry) -> None:
         if entry.status == "rolled-back":
-            err.print(f"[yellow]rolled back[/] {p.name}: {entry.reason}", highlight=False)
+            err.print(f"[yellow]rolled back[/] {p.name}: {escape(entry.reason)}", highlight=False)
 
 
 @main.command()
@@ -170,24 +170,24 @@ def _print_summary(report: dict) -> None:
     err.print(table)
     v = report["verification"]
     if v.get("ok") and "min_cosine" in v:  # lossy passes: checked against the budget
-        err.print(f"verified: {v['detail']}", highlight=False)
+        err.print(f"verified: {escape(v['detail'])}", highlight=False)
     elif v.get("ok"):
         err.print(f"verified: outputs match (max abs diff {v['max_abs_diff']:.3g})")
     else:
-        err.print(f"[yellow]not verified:[/] {v.get('detail')}", highlight=False)
+        err.print(f"[yellow]not verified:[/] {escape(str(v.get('detail')))}", highlight=False)
     if report["rolled_back"]:
         err.print(f"[yellow]rolled back:[/] {', '.join(report['rolled_back'])}")
     for line in summary_lines(report):
-        err.print(line, highlight=False, soft_wrap=True)
+        err.print(escape(line), highlight=False, soft_wrap=True)
     if "artifact" in report:
         for line in _artifact_lines(report["artifact"]):
-            err.print(line, highlight=False, soft_wrap=True)
+            err.print(escape(line), highlight=False, soft_wrap=True)
 
 
 def _artifact_lines(check: dict) -> list[str]:
     """The artifact check (``graphopt.artifact``) in a few lines."""
     if check.get("ok") is None:
-        return [f"artifact not run: {check.get('detail')}"]
+        return [f"artifact not run here: {check.get('detail')}"]
     lines = [f"artifact verified: {check['detail']}" + (
         f" (max abs diff {check['max_abs_diff']:.3g})" if "max_abs_diff" in check else "")]
     lat = check.get("latency")
@@ -242,7 +242,7 @@ def verify_cmd(artifact, reference, target, data, input_shape, rtol, atol, toler
         click.echo(json.dumps(result.report, indent=2, default=float))
     else:
         for line in _artifact_lines(result.report):
-            err.print(line, highlight=False, soft_wrap=True)
+            err.print(escape(line), highlight=False, soft_wrap=True)
 
 
 @main.command("passes")

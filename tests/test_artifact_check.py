@@ -82,7 +82,7 @@ def test_artifact_that_cannot_run_here_is_reported_or_refused(tmp_path):
                                output=tmp_path / "a")
     assert result.report["artifact"]["ok"] is None
     assert "no such device" in result.report["artifact"]["detail"]
-    with pytest.raises(UsageError, match="cannot verify"):
+    with pytest.raises(UsageError, match="cannot run .* here to verify it"):
         graphopt.optimize(EXAMPLE, target=FolderTarget(runnable=False),
                           output=tmp_path / "b", verify_artifact=True)
 
@@ -168,3 +168,10 @@ def test_quantized_artifact_is_checked_against_the_budget(tmp_path):
     check = result.report["artifact"]
     assert check["ok"] is True and check["budget"] == 0.98
     assert 0.98 <= check["min_cosine"] < 1.0
+
+
+def test_messages_with_brackets_reach_the_terminal_intact(tmp_path):
+    """Install hints such as pip install 'graphopt[tvm]' are not eaten as rich markup."""
+    result = cli("optimize", EXAMPLE, "-o", tmp_path / "m.onnx", "--passes",
+                 "no-such-pass[x]", cwd=tmp_path)
+    assert result.returncode == 2 and "no-such-pass[x]" in result.stderr
