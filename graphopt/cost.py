@@ -58,7 +58,10 @@ class Cost:
 
 
 class CostModel(Protocol):
-    def estimate(self, model: "Model", device: Device) -> Cost: ...
+    def estimate(self, model: "Model", device: Device, *, infer: bool = True) -> Cost:
+        """``infer=False``: the model's shapes were just inferred (by the caller); do not
+        infer them again for tensors whose shapes stay unknown."""
+        ...
 
 
 # How close to peak each op family gets; everything else is memory-bound elementwise work.
@@ -78,8 +81,8 @@ _INT8_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInte
 class AnalyticCostModel:
     """Roofline estimate from static shapes; unknown dimensions count as 1."""
 
-    def estimate(self, model: "Model", device: Device) -> Cost:
-        if not _shapes_known(model):
+    def estimate(self, model: "Model", device: Device, *, infer: bool = True) -> Cost:
+        if infer and not _shapes_known(model):
             model = model.clone()
             try:
                 model.infer_shapes()

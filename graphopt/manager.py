@@ -200,7 +200,7 @@ class PassManager:
                  original_outputs: list[verify.Feeds] | None) -> tuple[TraceEntry, _State]:
         nodes_before = model.num_nodes()
         if state.cost_s is None:
-            state.cost_s = self._cost(model)
+            state.cost_s = self._cost(model, state)
         cost_before = state.cost_s
         start = time.perf_counter()
         entry = TraceEntry(p.name, iteration, "unchanged", nodes_before, nodes_before, 0.0,
@@ -214,7 +214,7 @@ class PassManager:
                 new_state = self._check(p, model, state, original_outputs)
                 entry.status = "changed"
                 entry.nodes_after = model.num_nodes()
-                new_state.cost_s = entry.cost_after_s = self._cost(model)
+                new_state.cost_s = entry.cost_after_s = self._cost(model, new_state)
                 state = new_state
         except _Rejected as exc:
             entry.reason = str(exc)
@@ -270,10 +270,14 @@ class PassManager:
         model.graph = Model.from_proto(proto).graph
         return _State(proto, state.shapes_ok, outputs)
 
-    def _cost(self, model: Model) -> float | None:
+    def _cost(self, model: Model, state: _State) -> float | None:
+        """Estimated latency of ``model``, the model of ``state``: its shapes were just
+        inferred when strict inference holds (what stays unknown, e.g. outputs of ops
+        without a schema, would stay unknown again)."""
         if self.ctx.cost_model is None or self.ctx.device is None:
             return None
-        return self.ctx.cost_model.estimate(model, self.ctx.device).latency_s
+        return self.ctx.cost_model.estimate(model, self.ctx.device,
+                                            infer=not state.shapes_ok).latency_s
 
 
 def _stages(passes: Sequence[Pass]) -> list[tuple[list[Pass], Pass | None]]:
