@@ -49,6 +49,7 @@ import onnx_graphsurgeon as gs
 from graphopt.ir import Model
 from graphopt.pass_infra import Pass, PassContext, PassResult
 from graphopt.rewrite import constant_value, consumers, remove_dead, tensor_names, unique_name
+from graphopt.passes._patterns import dtype_of
 
 F32 = np.dtype(np.float32)
 F16 = np.dtype(np.float16)
@@ -145,14 +146,6 @@ def signature(op: str, domain: str, version: int) -> Signature | None:
 
 
 # ---------------------------------------------------------------------- the pass
-def _dtype(tensor: gs.Tensor) -> np.dtype | None:
-    if tensor.dtype is None:
-        return None
-    try:
-        return np.dtype(tensor.dtype)
-    except TypeError:
-        return None
-
 
 def _subgraphs(node: gs.Node) -> list[gs.Graph]:
     found = []
@@ -202,8 +195,8 @@ class _Converter:
         self.replaced: list[gs.Node] = []  # Constant nodes whose value was copied
         for graph in self.graphs:
             for tensor in graph.tensors().values():
-                self.original[id(tensor)] = _dtype(tensor)
-                self.current[id(tensor)] = _dtype(tensor)
+                self.original[id(tensor)] = dtype_of(tensor)
+                self.current[id(tensor)] = dtype_of(tensor)
 
     # ------------------------------------------------------------------ walk
     def run(self) -> None:
@@ -471,12 +464,12 @@ class _Converter:
                 to = _numpy_type(node.attrs.get("to"))
                 src = node.inputs[0]
                 replacement = None
-                if to is not None and _dtype(src) == to:
+                if to is not None and dtype_of(src) == to:
                     replacement = src
                 elif src.inputs and src.inputs[0].op == "Cast" and src.inputs[0].inputs:
                     origin = src.inputs[0].inputs[0]
-                    if _dtype(origin) == to and to in _PRECISION and \
-                            _dtype(src) in _PRECISION:
+                    if dtype_of(origin) == to and to in _PRECISION and \
+                            dtype_of(src) in _PRECISION:
                         replacement = origin
                 if replacement is None:
                     continue

@@ -53,16 +53,7 @@ def _decompose_layer_norms(module) -> int:
 def _export(bert, exporter: str, vocab: int, return_hidden: bool) -> bytes:
     import torch
 
-    model = zoo._torch_modules()["SentenceEmbedding"](bert, return_hidden=return_hidden).eval()
-    gen = torch.Generator().manual_seed(7)
-    ids = torch.randint(1, vocab, (2, 8), generator=gen)
-    mask = torch.ones(2, 8, dtype=torch.int64)
-    mask[1, 5:] = 0
-    seq = {0: "batch", 1: "sequence"}
-    outputs = ["sentence_embedding"] + (["last_hidden_state"] if return_hidden else [])
-    dynamic = {"input_ids": seq, "attention_mask": seq, "sentence_embedding": {0: "batch"}}
-    if return_hidden:
-        dynamic["last_hidden_state"] = seq
+    model, (ids, mask), outputs, dynamic = zoo.bert_export_args(bert, vocab, return_hidden)
     names = ["input_ids", "attention_mask"]
     with zoo._quiet(), torch.no_grad():
         if exporter == "torchscript":

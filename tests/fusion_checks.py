@@ -13,11 +13,10 @@ from onnx import TensorProto, numpy_helper
 import graphopt
 from graphopt import verify
 from graphopt.cost import Device
-from graphopt.ir import load
 from graphopt.pass_infra import Pass, PassContext, PassResult
 from graphopt.target import Artifact, Capabilities, Target
 from graphopt.targets.ort import OrtTarget
-from helpers import count_ops
+from helpers import apply_passes, assert_pass_unchanged
 
 FLOAT = TensorProto.FLOAT
 TOL = verify.Tolerance(rtol=1e-4, atol=1e-5)
@@ -73,33 +72,14 @@ def vi(name: str, shape, elem=FLOAT) -> onnx.ValueInfoProto:
 
 def apply(proto: onnx.ModelProto, *passes: Pass, ctx: PassContext | None = None,
           batches=(1, 3), tol: verify.Tolerance = TOL) -> tuple[onnx.ModelProto, list[PassResult]]:
-    """Run ``passes`` as the manager does (loaded, shape-inferred), then check the result:
-    ONNX checker, strict shape inference, output names kept, outputs equal to the
-    original's in ONNX Runtime for every size of the symbolic dimensions in ``batches``."""
-    ctx = ctx or ort_ctx()
-    model = load(proto)
-    model.infer_shapes()
-    results = [p.run(model, ctx) for p in passes]
-    after = model.to_onnx()
-    onnx.checker.check_model(after)
-    onnx.shape_inference.infer_shapes(after, strict_mode=True)
-    assert [o.name for o in after.graph.output] == [o.name for o in proto.graph.output]
-    for size in batches:
-        for feeds in verify.probe_inputs(proto, count=2, seed=size, symbolic_size=size):
-            diff = verify.compare(verify.run(proto, feeds), verify.run(after, feeds), tol)
-            assert diff.ok, diff.summary()
-    return after, results
+    """``helpers.apply_passes`` with the ORT target's context and ``tol``."""
+    return apply_passes(proto, *passes, ctx=ctx or ort_ctx(), batches=batches,
+                        rtol=tol.rtol, atol=tol.atol)
 
 
 def assert_unchanged(proto: onnx.ModelProto, p: Pass, ctx: PassContext | None = None) -> dict:
-    """``p`` finds nothing to do: no change, nothing fused, the same ops. Returns stats."""
-    model = load(proto)
-    model.infer_shapes()
-    before = count_ops(model.to_onnx())
-    result = p.run(model, ctx or ort_ctx())
-    assert not result.changed and result.stats.get("fused", 0) == 0, result.stats
-    assert count_ops(model.to_onnx()) == before
-    return result.stats
+    """``p`` finds nothing to do (``helpers.assert_pass_unchanged``, ORT context)."""
+    return assert_pass_unchanged(proto, p, ctx or ort_ctx())
 
 
 def optimize_checked(proto: onnx.ModelProto, passes: str, **kwargs) -> graphopt.OptimizeResult:

@@ -99,14 +99,16 @@ def apply_passes(proto: onnx.ModelProto, *passes: Pass, ctx: PassContext | None 
 
 
 def assert_pass_unchanged(proto: onnx.ModelProto, p: Pass,
-                          ctx: PassContext | None = None) -> None:
-    """``p`` reports no change and leaves the op histogram as it was."""
+                          ctx: PassContext | None = None) -> dict:
+    """``p`` finds nothing to do: no change, nothing fused, the same op histogram.
+    Returns the pass's stats."""
     model = load(proto)
     model.infer_shapes()
     before = count_ops(model.to_onnx())
     result = p.run(model, ctx or PassContext())
-    assert not result.changed, result.stats
+    assert not result.changed and result.stats.get("fused", 0) == 0, result.stats
     assert count_ops(model.to_onnx()) == before
+    return result.stats
 
 
 # ---------------------------------------------------------------- quantization calibration

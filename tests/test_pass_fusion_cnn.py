@@ -16,11 +16,9 @@ from onnx import TensorProto, numpy_helper
 
 import graphopt
 from graphopt import verify
-from graphopt.ir import load
-from graphopt.pass_infra import PassContext
 from graphopt.passes.fusion_cnn import (FuseConvAdd, FuseConvBatchNorm, FuseConvMul,
                                         FuseMatMulAdd, FusePadConv)
-from helpers import build_model, count_ops
+from helpers import apply_passes, assert_pass_unchanged, build_model, count_ops
 
 FLOAT = TensorProto.FLOAT
 ALL = "fuse-conv-bn,fuse-conv-add,fuse-conv-mul,fuse-pad-conv,fuse-matmul-add,eliminate-dead-code"
@@ -54,31 +52,8 @@ def vi(name, shape):
     return oh.make_tensor_value_info(name, FLOAT, shape)
 
 
-def apply(proto, *passes, batches=(1, 3)):
-    """Run the passes the way the manager would (loaded, shape-inferred), check the
-    result is valid, keeps its output names and matches the original within 1e-4/1e-5."""
-    model = load(proto)
-    model.infer_shapes()
-    results = [p.run(model, PassContext()) for p in passes]
-    after = model.to_onnx()
-    onnx.checker.check_model(after)
-    onnx.shape_inference.infer_shapes(after, strict_mode=True)
-    assert [o.name for o in after.graph.output] == [o.name for o in proto.graph.output]
-    for size in batches:
-        for feeds in verify.probe_inputs(proto, count=2, seed=size, symbolic_size=size):
-            diff = verify.compare(verify.run(proto, feeds), verify.run(after, feeds),
-                                  verify.Tolerance(rtol=1e-4, atol=1e-5))
-            assert diff.ok, diff.summary()
-    return after, results
-
-
-def assert_unchanged(proto, p):
-    model = load(proto)
-    model.infer_shapes()
-    before = count_ops(model.to_onnx())
-    result = p.run(model, PassContext())
-    assert not result.changed and result.stats.get("fused", 0) == 0
-    assert count_ops(model.to_onnx()) == before
+apply = apply_passes  # the manager's way, checked against ORT within 1e-4 / 1e-5
+assert_unchanged = assert_pass_unchanged
 
 
 # ---------------------------------------------------------------------- model builders

