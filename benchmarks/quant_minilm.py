@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import graphopt  # noqa: E402
 from graphopt.accuracy import median_latency, run_all, session  # noqa: E402
-from graphopt.lossy import QUANTIZE_PASSES  # noqa: E402
+from graphopt.lossy import schemes  # noqa: E402
+from graphopt.registry import pass_registry  # noqa: E402
 from tests import zoo  # noqa: E402
 
 CALIBRATION = [
@@ -137,7 +138,7 @@ def main() -> None:
                                        tolerance=args.tolerance)
             timings[label] = time.perf_counter() - start
             section = result.report["quantization"]
-            info = section[QUANTIZE_PASSES[scheme]]
+            info = section[schemes(pass_registry())["quantize"][scheme]]
             models[label] = result.model.to_onnx()
             notes[label] = {"float layers": list(info.get("float") or {}),
                             "quantized": len(info.get("quantized") or [])}

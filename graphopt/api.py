@@ -16,12 +16,15 @@ from typing import Sequence
 from graphopt import artifact as artifact_check
 from graphopt import verify
 from graphopt.analysis import Summary, summarize
+from graphopt.compression import CompressionPass
 from graphopt.cost import AnalyticCostModel
 from graphopt.errors import GraphoptError, UsageError, VerificationError
 from graphopt.ir import Model, ModelSource, load, save
-from graphopt.lossy import (load_lossy_data, lossy_passes, quantization_report,
-                            split_tolerance, verify_lossy, warn_unmeasured, with_quantization)
+from graphopt.lossy import (compression_report, load_lossy_data, lossy_passes,
+                            quantization_report, split_tolerance, verify_lossy,
+                            warn_unmeasured, with_schemes)
 from graphopt.manager import DEFAULT_MAX_ITERATIONS, Instrument, PassManager
+from graphopt.metric import Metric, get_metric
 from graphopt.pass_infra import Pass, PassContext
 from graphopt.pipeline import build_passes
 from graphopt.registry import create_target, pass_registry, target_registry
@@ -31,6 +34,8 @@ __all__ = ["optimize", "load", "save", "inspect", "compare", "get_target", "Opti
            "verify_artifact", "ArtifactCheck"]
 
 DEFAULT_TARGET = "ort"
+DEFAULT_RECOVERY = "recover"
+GOALS = ("latency", "flops", "size")
 
 
 @dataclass
@@ -66,18 +71,27 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
              logger: logging.Logger | None = None, quantize: str | None = None,
              calibration=None, validation=None, measure: bool = False,
              format: str | None = None, verify_artifact: bool | None = None,
-             tune_trials: int = 0, rpc: str | None = None) -> OptimizeResult:
+             tune_trials: int = 0, rpc: str | None = None,
+             schemes: dict[str, str | Sequence[str]] | None = None,
+             metric: str | Metric | None = None, goal: str = "latency",
+             recovery: str | None = DEFAULT_RECOVERY) -> OptimizeResult:
     """Optimize ``model`` for ``target`` and, when ``output`` is given, lower it there.
 
     ``passes`` defaults to the target's pipeline. The input is never modified. The result
     is verified against the original on ``data`` (or random probe inputs): on a mismatch a
     ``VerificationError`` is raised and nothing is written.
 
-    ``quantize`` (``int8``, ``int8-dynamic``, ``int4-weight``, ``fp16``) appends that
-    lossy pass to the pipeline; ``calibration``/``validation`` are its data (a path, a
-    ``module:function`` or a list of feed dicts, see ``graphopt.calibration``); a float
-    ``tolerance`` is the accuracy budget (minimum output cosine, default 0.99), and the
-    result is then verified against it instead of rtol/atol.
+    ``schemes`` ({flag: value or values}, e.g. ``{"prune": "channels"}``) appends the
+    lossy passes that declare those schemes (``graphopt lossy schemes``; ``quantize="int8"``
+    is ``schemes={"quantize": "int8"}``); ``calibration``/``validation`` are their data (a
+    path, a ``module:function`` or a list of feed dicts, see ``graphopt.calibration``); a
+    float ``tolerance`` is the accuracy budget: the lowest score allowed on ``metric``
+    (``graphopt.metric``: ``cosine`` by default, ``mean-cosine``, ``top1`` or
+    ``module:function``; default budget 0.99). The pass manager, the compression search
+    and the final verification all use that one metric. ``goal`` is what compression
+    saves first: ``latency`` (the target's cost model), ``flops`` or ``size``.
+    ``recovery`` names the pass that re-fits compressed candidates to the original
+    (``None``: no recovery).
 
     ``format`` picks one of the target's artifact formats (``Target.formats``; ``ort``:
     ``onnx`` or ``ort``); ``None`` is the target's default.
@@ -91,6 +105,12 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     ``rpc`` (``HOST:PORT[:KEY]``) runs (and tunes) on a remote device through the target.
     """
     budget, tolerance = split_tolerance(tolerance)
+    chosen = dict(schemes or {})
+    if quantize is not None:
+        chosen["quantize"] = quantize
+    if goal not in GOALS:
+        raise UsageError(f"unknown goal {goal!r}", hint=f"choose one of {', '.join(GOALS)}")
+    metric = get_metric(metric)
     tgt = get_target(target)
     if rpc:
         tgt = tgt.connect(rpc)
@@ -109,15 +129,15 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     original = load(model)
     working = original.clone()
     tgt.prepare(working, input_shapes)
-    pipeline = build_passes(with_quantization(tgt.default_pipeline if passes is None
-                                              else passes, quantize, measure, pass_registry()),
+    pipeline = build_passes(with_schemes(tgt.default_pipeline if passes is None else passes,
+                                         chosen, pass_registry(), measure),
                             pass_registry(), skip, defaults=tgt.pass_defaults)
     # A pass that can emit some op the target runs stays (it asks ctx.supports per op);
     # one whose every op is foreign is left out of the target's pipeline, and is an
     # error when the user named it (--passes, --quantize).
     named = {p.name for p in build_passes(passes, pass_registry())} if passes is not None \
         else set()
-    if quantize:
+    if chosen:
         named |= lossy_passes(pipeline)
     unsupported = {p.name: [f"{d or 'ai.onnx'}::{op}" for d, op in p.emits]
                    for p in pipeline
@@ -129,14 +149,17 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
                              hint="choose another target or drop the pass")
     pipeline = [p for p in pipeline if p.name not in unsupported]
     cost_model = AnalyticCostModel()
-    ctx = PassContext(target=tgt, cost_model=cost_model, device=tgt.device, seed=seed,
-                      logger=logger or logging.getLogger("graphopt"))
     original_proto = original.to_onnx()
+    ctx = PassContext(target=tgt, cost_model=cost_model, device=tgt.device, seed=seed,
+                      logger=logger or logging.getLogger("graphopt"), metric=metric,
+                      reference=original_proto, goal=goal)
     lossy, lossy_data = lossy_passes(pipeline), load_lossy_data(original_proto, calibration,
                                                                 validation, budget)
     ctx.calibration, ctx.validation = lossy_data.calibration, lossy_data.validation
     ctx.tolerance = lossy_data.budget
     warn_unmeasured(ctx.logger, lossy_data, lossy)
+    if recovery and any(isinstance(p, CompressionPass) for p in pipeline):
+        ctx.recovery = build_passes([recovery], pass_registry())[0]
     feeds = data or (lossy_data.check_feeds if lossy else None) or \
         _probe_or_none(original_proto, seed, input_shapes)
     manager = PassManager(pipeline, ctx, strict=strict, max_iterations=max_iterations,
@@ -144,7 +167,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     manager.run(working)
 
     if any(e.changed and e.pass_name in lossy for e in manager.trace):
-        verification = verify_lossy(original_proto, working.to_onnx(), feeds, ctx.tolerance)
+        verification = verify_lossy(original_proto, working.to_onnx(), feeds, ctx.tolerance,
+                                    metric)
     else:
         verification = _verify(original_proto, working, feeds, tolerance,
                                manager.numeric_check)
@@ -165,7 +189,11 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         "output_path": None,
     }
     if lossy:
-        report["quantization"] = quantization_report(manager.trace, lossy, lossy_data, quantize)
+        report["compression"] = compression_report(manager.trace, pipeline, lossy_data, metric)
+        quantizers = {n for n in lossy if n not in report["compression"]["passes"]}
+        if quantizers:
+            report["quantization"] = quantization_report(manager.trace, quantizers,
+                                                         lossy_data, chosen.get("quantize"))
     if verification.get("ok") is False:
         raise VerificationError(
             f"the optimized model does not match the original: {verification['detail']}",
@@ -178,7 +206,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         report["output_path"] = str(artifact.path)
         report["artifact_files"] = [str(f) for f in artifact.files]
         if verify_artifact or (verify_artifact is None and tgt.compiled):
-            lossy_budget = ctx.tolerance if verification.get("min_cosine") is not None \
+            lossy_budget = ctx.tolerance if verification.get("score") is not None \
                 else None
             try:
                 report["artifact"] = _check_artifact(tgt, artifact, original_proto, feeds,

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from graphopt import api, verify
 from graphopt.errors import GraphoptError, UsageError
-from graphopt.lossy import QUANTIZE_PASSES, summary_lines
+from graphopt.lossy import schemes, summary_lines
 from graphopt.manager import TraceEntry
 from graphopt.pass_infra import Pass, option_fields
 from graphopt.registry import create_target, pass_registry, target_registry
@@ -105,14 +105,20 @@ class _Progress:
 @click.option("--rtol", type=float, default=1e-4, show_default=True)
 @click.option("--atol", type=float, default=1e-5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--quantize", type=click.Choice(list(QUANTIZE_PASSES)),
-              help="Append a lossy quantization pass after the target's pipeline.")
 @click.option("--calibration-data", help="Calibration inputs: an .npz (first axis = "
               "samples), a folder of .npy/.npz files, or module:function.")
 @click.option("--validation-data", help="Inputs the accuracy is measured on (same forms; "
               "default: the calibration data).")
-@click.option("--tolerance", type=float, help="Accuracy budget of lossy passes: minimum "
-              "output cosine similarity to the original (default 0.99).")
+@click.option("--tolerance", type=float, help="Accuracy budget of lossy passes: the "
+              "lowest --metric score allowed (default 0.99).")
+@click.option("--metric", help="Accuracy metric of lossy passes: cosine (minimum per-sample "
+              "output cosine, default), mean-cosine, top1, or module:function.")
+@click.option("--goal", type=click.Choice(list(api.GOALS)), default="latency",
+              show_default=True, help="What compression saves first (latency: the "
+              "target's cost model).")
+@click.option("--recover/--no-recover", default=True, show_default=True,
+              help="Re-fit compressed layers to the original's outputs (least squares on "
+              "the calibration data).")
 @click.option("--measure", is_flag=True, help="Time quantized variants in ONNX Runtime "
               "and keep the fastest that meets the budget.")
 @click.option("--format", "format_", type=click.Choice(["onnx", "ort"]),
@@ -127,9 +133,12 @@ class _Progress:
 @click.option("--rpc", metavar="HOST:PORT[:KEY]", help="Run (and tune) on a remote device "
               "through the target's RPC: an RPC server, or a tracker with KEY.")
 def optimize(model, output, target, passes, skip, report_path, strict, data, input_shape,
-             rtol, atol, seed, quantize, calibration_data, validation_data, tolerance,
-             measure, format_, verify_, tune_trials, rpc):
-    """Optimize MODEL for a target and write the verified result to OUTPUT."""
+             rtol, atol, seed, calibration_data, validation_data, tolerance, metric, goal,
+             recover, measure, format_, verify_, tune_trials, rpc, **scheme_values):
+    """Optimize MODEL for a target and write the verified result to OUTPUT.
+
+    Lossy schemes (--quantize, --prune, ...) are declared by the installed passes; each
+    takes a comma-separated list of values (see `graphopt passes --long`)."""
     if output.resolve() == model.resolve():
         raise UsageError("the output would overwrite the input model",
                          hint="choose another -o path; graphopt never modifies its input")
@@ -140,13 +149,32 @@ def optimize(model, output, target, passes, skip, report_path, strict, data, inp
             data=_load_data(data), input_shapes=_parse_shapes(input_shape),
             tolerance=(tolerance, verify.Tolerance(rtol=rtol, atol=atol))
             if tolerance is not None else verify.Tolerance(rtol=rtol, atol=atol), seed=seed,
-            instruments=[_Progress(status)], quantize=quantize, calibration=calibration_data,
+            instruments=[_Progress(status)], calibration=calibration_data,
             validation=validation_data, measure=measure, format=format_,
-            verify_artifact=verify_, tune_trials=tune_trials, rpc=rpc)
+            verify_artifact=verify_, tune_trials=tune_trials, rpc=rpc,
+            schemes={_SCHEME_FLAGS[k]: [v.strip() for v in value.split(",") if v.strip()]
+                     for k, value in scheme_values.items() if value},
+            metric=metric, goal=goal, recovery=api.DEFAULT_RECOVERY if recover else None)
     report = result.report
     if report_path:
         _write_atomic(report_path, json.dumps(report, indent=2, default=float))
     _print_summary(report)
+
+
+def _add_scheme_options(command: click.Command) -> dict[str, str]:
+    """One option per scheme flag the installed passes declare (``--quantize``,
+    ``--prune``, ...); returns {click parameter name: flag}."""
+    flags = {}
+    for flag, table in sorted(schemes(pass_registry()).items()):
+        param = flag.replace("-", "_")
+        flags[param] = flag
+        command.params.insert(-8, click.Option(
+            [f"--{flag}"], help=f"Append lossy passes: {', '.join(table)} (comma-separated, "
+                                f"or all) -> {', '.join(table.values())}."))
+    return flags
+
+
+_SCHEME_FLAGS = _add_scheme_options(optimize)
 
 
 def _print_summary(report: dict) -> None:
@@ -169,7 +197,7 @@ def _print_summary(report: dict) -> None:
         table.add_row(label, sa, sb, change)
     err.print(table)
     v = report["verification"]
-    if v.get("ok") and "min_cosine" in v:  # lossy passes: checked against the budget
+    if v.get("ok") and "score" in v:  # lossy passes: checked against the budget
         err.print(f"verified: {escape(v['detail'])}", highlight=False)
     elif v.get("ok"):
         err.print(f"verified: outputs match (max abs diff {v['max_abs_diff']:.3g})")

@@ -1,58 +1,87 @@
-"""Plumbing of lossy optimization (``--quantize``) for the API and the CLI: which pass a
-scheme runs, the calibration/validation data, the accuracy verification of the result
-and the report's ``quantization`` section."""
+"""Plumbing of lossy optimization for the API and the CLI: the schemes passes declare
+(``--quantize int8``, ``--prune channels``, ...), the calibration/validation data, the
+one accuracy metric, the verification of the result and the report's ``compression``
+and ``quantization`` sections. It names no pass: schemes come from the passes'
+``scheme`` attribute."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import onnx
 
 from graphopt import verify
-from graphopt.accuracy import batch_size, sample_cosines, session, run_all
+from graphopt.accuracy import run_all, session
 from graphopt.calibration import count_samples, group, load_data
 from graphopt.errors import UsageError
-from graphopt.manager import DEFAULT_LOSSY_TOLERANCE
+from graphopt.metric import DEFAULT_BUDGET, Metric
 from graphopt.pipeline import parse_spec
 
-# --quantize scheme -> the pass appended after the target's lossless pipeline
-QUANTIZE_PASSES = {
-    "int8": "quantize-int8",
-    "int8-dynamic": "quantize-int8-dynamic",
-    "int4-weight": "quantize-int4-weight",
-    "fp16": "convert-fp16",
-}
 # Samples per batch when running calibration/validation data (fewer ORT calls).
 DATA_BATCH = 32
 CHECK_BATCHES = 8  # DATA_BATCH-sized batches per check batch
 
 
-def with_quantization(spec: Any, quantize: str | None, measure: bool = False,
-                      registry=None) -> Any:
-    """``spec`` (a pipeline spec string or list) with the pass of ``quantize`` appended."""
-    if quantize is None:
+def schemes(registry) -> dict[str, dict[str, str]]:
+    """{flag: {value: pass name}} of every installed pass that declares a scheme (passes
+    that fail to import are left out: the registry reports them elsewhere)."""
+    loaded, _ = registry.load_all()
+    out: dict[str, dict[str, str]] = {}
+    for name, cls in sorted(loaded.items()):
+        declared = getattr(cls, "scheme", None)
+        if declared:
+            flag, value = declared
+            out.setdefault(flag, {})[value] = name
+    return out
+
+
+def with_schemes(spec: Any, chosen: Mapping[str, Sequence[str] | str | None],
+                 registry, measure: bool = False) -> Any:
+    """``spec`` (a pipeline spec string or list) with the passes of the ``chosen``
+    schemes ({flag: value or values}) appended, lower ``scheme_order`` first. A value
+    ``all`` takes every pass of that flag."""
+    chosen = {flag: ([values] if isinstance(values, str) else list(values))
+              for flag, values in chosen.items() if values}
+    if not chosen:
         if measure:
             raise UsageError("--measure needs --quantize")
         return spec
-    if quantize not in QUANTIZE_PASSES:
-        raise UsageError(f"unknown quantization scheme {quantize!r}",
-                         hint=f"choose one of {', '.join(QUANTIZE_PASSES)}")
-    item = QUANTIZE_PASSES[quantize]
+    declared = schemes(registry)
+    wanted: list[str] = []
+    for flag, values in chosen.items():
+        table = declared.get(flag)
+        if not table:
+            raise UsageError(f"no installed pass declares --{flag}",
+                             hint=f"schemes: {', '.join(sorted(declared)) or 'none'}")
+        for value in values:
+            if value == "all":
+                wanted += list(table.values())
+            elif value in table:
+                wanted.append(table[value])
+            else:
+                raise UsageError(f"unknown --{flag} scheme {value!r}",
+                                 hint=f"choose one of {', '.join(table)}, or all")
+    wanted = sorted(dict.fromkeys(wanted), key=lambda n: registry.get(n).scheme_order)
     names = [n for n, _ in parse_spec(spec)] if isinstance(spec, str) else \
         [parse_spec(i)[0][0] if isinstance(i, str) else i.name for i in spec]
-    if item in names:  # already in the pipeline (with its own options)
-        return spec
-    if measure:
-        from graphopt.pass_infra import option_fields
+    items = []
+    for name in wanted:
+        if name in names:  # already in the pipeline (with its own options)
+            continue
+        if measure and "quantize" in chosen and name in declared["quantize"].values():
+            from graphopt.pass_infra import option_fields
 
-        if registry is not None and "measure" not in option_fields(registry.get(item)):
-            raise UsageError(f"--measure is not supported by --quantize {quantize}")
-        item += "(measure=true)"
+            if "measure" not in option_fields(registry.get(name)):
+                raise UsageError(f"--measure is not supported by {name}")
+            name += "(measure=true)"
+        items.append(name)
+    if measure and "quantize" not in chosen:
+        raise UsageError("--measure needs --quantize")
     if isinstance(spec, str):
-        return f"{spec},{item}" if spec.strip() else item
-    return [*spec, item]
+        return ",".join([spec, *items]) if spec.strip() else ",".join(items)
+    return [*spec, *items]
 
 
 def split_tolerance(tolerance) -> tuple[float | None, verify.Tolerance]:
@@ -102,7 +131,7 @@ def load_lossy_data(proto: onnx.ModelProto, calibration, validation,
     val = load_data(validation, proto, what="validation data")
     return LossyData(group(cal, DATA_BATCH) if cal else None,
                      group(val, DATA_BATCH) if val else None,
-                     budget or DEFAULT_LOSSY_TOLERANCE)
+                     DEFAULT_BUDGET if budget is None else budget)
 
 
 def lossy_passes(pipeline: Sequence) -> set[str]:
@@ -110,9 +139,9 @@ def lossy_passes(pipeline: Sequence) -> set[str]:
 
 
 def verify_lossy(original: onnx.ModelProto, result: onnx.ModelProto,
-                 feeds: list[verify.Feeds] | None, budget: float) -> dict:
-    """The final check of a lossily optimized model: minimum per-sample output cosine
-    against the original on ``feeds`` within the budget."""
+                 feeds: list[verify.Feeds] | None, budget: float, metric: Metric) -> dict:
+    """The final check of a lossily optimized model: its score on ``metric`` against the
+    original on ``feeds`` (the same metric and data the pass manager checked with)."""
     if not feeds:
         return {"ok": None, "detail": "no inputs to verify on"}
     try:
@@ -120,15 +149,35 @@ def verify_lossy(original: onnx.ModelProto, result: onnx.ModelProto,
         got = run_all(session(result, optimize=False), feeds)
     except Exception as exc:
         return {"ok": False, "detail": f"ONNX Runtime failed on the result: {exc}"}
-    worst = min(min(sample_cosines(r, g, batch_size(f)), default=1.0)
-                for r, g, f in zip(ref, got, feeds))
-    ok = worst >= budget
-    return {"ok": ok, "min_cosine": worst, "budget": budget, "batches": len(feeds),
-            "detail": f"min output cosine {worst:.6f} {'>=' if ok else '<'} budget {budget}"}
+    score = metric.score(ref, got, feeds)
+    ok = score >= budget
+    out = {"ok": ok, "metric": metric.name, "score": score, "budget": budget,
+           "batches": len(feeds),
+           "detail": f"{metric.name} {score:.6f} {'>=' if ok else '<'} budget {budget}"}
+    if metric.name == "cosine":
+        out["min_cosine"] = score
+    return out
+
+
+def compression_report(trace, pipeline: Sequence, data: "LossyData", metric: Metric) -> dict:
+    """The report's ``compression`` section: per compression pass (those whose stats
+    carry a ``compression`` entry, see ``graphopt.compression``) the sites, the settings
+    chosen, the damage and the savings."""
+    section: dict = {"metric": metric.name, "budget": data.budget, "data": data.describe(),
+                     "measured": bool(data.check_feeds), "passes": {}}
+    for e in trace:
+        info = (e.stats or {}).get("compression")
+        if info is None:
+            continue
+        if e.status == "rolled-back":
+            info = {**info, "rolled_back": e.reason}
+        section["passes"][e.pass_name] = {"status": e.status, **info}
+    return section
 
 
 def quantization_report(trace, lossy: set[str], data: LossyData, scheme: str | None) -> dict:
-    """The report's ``quantization`` section, from the lossy passes' trace entries."""
+    """The report's ``quantization`` section, from the quantization passes' trace
+    entries (they are not yet clients of ``graphopt.compression``)."""
     entries = [e for e in trace if e.pass_name in lossy]
     section: dict = {"scheme": scheme, "passes": sorted(lossy), "budget": data.budget,
                      "data": data.describe(),
@@ -151,11 +200,11 @@ def quantization_report(trace, lossy: set[str], data: LossyData, scheme: str | N
 
 
 def summary_lines(report: dict) -> list[str]:
-    """One-line-per-fact summary of the quantization section (for the CLI)."""
+    """One-line-per-fact summary of the compression and quantization sections (CLI)."""
+    lines = _compression_lines(report.get("compression"))
     section = report.get("quantization")
     if not section:
-        return []
-    lines = []
+        return lines
     for name in section.get("passes", []):
         info = section.get(name) or {}
         acc = info.get("accuracy") or {}
@@ -181,3 +230,33 @@ def warn_unmeasured(logger: logging.Logger, data: LossyData, lossy: set[str]) ->
     if lossy and not data.check_feeds:
         logger.warning("lossy passes (%s) run WITHOUT calibration data: the accuracy of "
                        "the result is UNMEASURED (random probe inputs)", ", ".join(sorted(lossy)))
+
+
+def _compression_lines(section: dict | None) -> list[str]:
+    if not section:
+        return []
+    lines = []
+    for name, info in section.get("passes", {}).items():
+        head = f"{name}: {info.get('status')}"
+        if info.get("score") is not None:
+            head += (f", {section['metric']} {info['score']:.5f} (budget "
+                     f"{section['budget']}) on {section['data']}")
+        cost = info.get("cost")
+        if cost and cost.get("flops_before"):
+            head += (f"; FLOPs {cost['flops_after'] / cost['flops_before']:.3f}x, params "
+                     f"{cost['params_after'] / max(cost['params_before'], 1):.3f}x")
+        if info.get("reason") or info.get("rolled_back"):
+            head += f" ({info.get('rolled_back') or info.get('reason')})"
+        lines.append(head)
+        changed = {k: v for k, v in (info.get("sites") or {}).items() if v.get("changed")}
+        for site, entry in changed.items():
+            lines.append(f"  {site}: {entry['kind']} {entry['setting']}"
+                         + (f" (damage alone {entry['damage_alone']})"
+                            if "damage_alone" in entry else ""))
+        refused = info.get("refused") or {}
+        if refused:
+            first = next(iter(refused))
+            lines.append(f"  refused: {len(refused)} site(s), e.g. {first}: {refused[first]}")
+    if not section.get("measured"):
+        lines.append("accuracy UNMEASURED: no calibration/validation data, random inputs used")
+    return lines

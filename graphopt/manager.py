@@ -23,16 +23,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence
 
-import numpy as np
 import onnx
 
 from graphopt import verify
 from graphopt.errors import GraphoptError, VerificationError
 from graphopt.ir import Model, infer_shapes, skeleton
+from graphopt.metric import DEFAULT_BUDGET, get_metric
 from graphopt.pass_infra import Pass, PassContext, PassResult
 
 DEFAULT_MAX_ITERATIONS = 8
-DEFAULT_LOSSY_TOLERANCE = 0.99  # minimum output cosine similarity
 
 
 @dataclass
@@ -262,11 +261,11 @@ class PassManager:
                     self._suspects.add(p.name)
                     raise
             else:
-                floor = self.ctx.tolerance or DEFAULT_LOSSY_TOLERANCE
-                cos = min_cosine(original_outputs, outputs)
-                if cos < floor:
-                    raise _Rejected(f"output cosine similarity {cos:.5f} is below the "
-                                    f"budget {floor}")
+                metric = get_metric(self.ctx.metric)
+                floor = DEFAULT_BUDGET if self.ctx.tolerance is None else self.ctx.tolerance
+                score = metric.score(original_outputs, outputs, self.probe_feeds)
+                if score < floor:
+                    raise _Rejected(f"{metric.name} {score:.5f} is below the budget {floor}")
         model.graph = Model.from_proto(proto).graph
         return _State(proto, state.shapes_ok, outputs)
 
@@ -296,19 +295,6 @@ def _stages(passes: Sequence[Pass]) -> list[tuple[list[Pass], Pass | None]]:
 
 class _Rejected(Exception):
     """A pass's result failed a check; the message says which."""
-
-
-def min_cosine(reference: list[verify.Feeds], candidate: list[verify.Feeds]) -> float:
-    worst = 1.0
-    for ref, got in zip(reference, candidate):
-        for name, r in ref.items():
-            a = np.asarray(r, dtype=np.float64).ravel()
-            b = np.asarray(got[name], dtype=np.float64).ravel()
-            denom = np.linalg.norm(a) * np.linalg.norm(b)
-            cos = 1.0 if denom == 0 and np.array_equal(a, b) else float(a @ b / denom) \
-                if denom else 0.0
-            worst = min(worst, cos)
-    return worst
 
 
 def _run_feeds(proto: onnx.ModelProto, feeds: list[verify.Feeds]) -> list[verify.Feeds]:

@@ -33,7 +33,10 @@ import numpy as np
 from graphopt.errors import UsageError
 
 if typing.TYPE_CHECKING:
+    import onnx
+
     from graphopt.cost import CostModel, Device
+    from graphopt.metric import Metric
     from graphopt.ir import Model
     from graphopt.target import Target
 
@@ -61,6 +64,16 @@ class PassContext:
     # accuracy budget: the minimum output cosine similarity to the original.
     validation: list[dict[str, np.ndarray]] | None = None
     tolerance: float | None = None
+    # The one accuracy metric of lossy passes (graphopt.metric; None: the default), the
+    # original model lossy passes are judged against, and what compression optimizes for
+    # ("latency" on the device by the cost model, "flops" or "size").
+    metric: "Metric | None" = None
+    reference: "onnx.ModelProto | None" = None
+    goal: str = "latency"
+    # The recovery pass run on every compressed candidate (None: no recovery), and the
+    # tensors compression narrowed so far: name -> (axis, indices into the original).
+    recovery: "Pass | None" = None
+    kept: dict = field(default_factory=dict)
     seed: int = 0
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("graphopt"))
     rng: np.random.Generator = field(init=False)
@@ -83,6 +96,11 @@ class Pass(ABC):
     # Ops (domain, op_type) the pass may emit; the pipeline drops a pass whose ops the
     # target does not run.
     emits: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # A lossy pass may declare a command-line scheme: (flag, value) makes ``--flag value``
+    # append it (``("quantize", "int8")``, ``("prune", "channels")``). When several
+    # schemes are asked, passes with a lower ``scheme_order`` run first.
+    scheme: ClassVar[tuple[str, str] | None] = None
+    scheme_order: ClassVar[int] = 50
 
     def __init__(self, options: Any = None, **kwargs: Any):
         if options is None:

@@ -503,6 +503,8 @@ class ConvertFloat16(Pass):
     """Convert float32 weights and compute to float16, keeping float32 inputs/outputs."""
 
     name = "convert-fp16"
+    scheme = ("quantize", "fp16")
+    scheme_order = 90  # after pruning and low-rank: quantize what is left
     family = "quantization"
     lossless = False
     emits = (("", "Cast"),)

@@ -49,7 +49,7 @@ from graphopt import switchboard, verify
 from graphopt.accuracy import (Evaluator, batch_size, fallback_search, median_latency,
                                run_all, sample_cosines, session)
 from graphopt.ir import Model
-from graphopt.manager import DEFAULT_LOSSY_TOLERANCE
+from graphopt.metric import DEFAULT_BUDGET as DEFAULT_LOSSY_TOLERANCE
 from graphopt.pass_infra import Pass, PassContext, PassResult
 from graphopt.passes._int8 import (UNFUSED, as_conv, attention_unsupported, bias_add,
                                    dynamic_quantized, group_output, int8_latency, nmse,
@@ -359,6 +359,8 @@ class QuantizeInt8(_Int8Pass):
     activations, under the accuracy budget."""
 
     name = "quantize-int8"
+    scheme = ("quantize", "int8")
+    scheme_order = 90  # after pruning and low-rank: quantize what is left
     emits = (("", "QuantizeLinear"), ("", "DequantizeLinear"))
 
     @dataclass(frozen=True)
@@ -432,6 +434,8 @@ class QuantizeInt8Dynamic(_Int8Pass):
     under the accuracy budget."""
 
     name = "quantize-int8-dynamic"
+    scheme = ("quantize", "int8-dynamic")
+    scheme_order = 90  # after pruning and low-rank: quantize what is left
     dynamic = True
     evaluate_modes = (True,)  # the int8 kernels run alike with ORT's rewrites on or off
 

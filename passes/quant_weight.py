@@ -310,6 +310,8 @@ class QuantizeWeightInt4(Pass):
     """Weight-only block quantization (int4/int8) of MatMul/Gemm constant weights."""
 
     name = "quantize-int4-weight"
+    scheme = ("quantize", "int4-weight")
+    scheme_order = 90  # after pruning and low-rank: quantize what is left
     family = "quantization"
     lossless = False
     # MatMulNBits is emitted only where the target runs it (checked at run time).

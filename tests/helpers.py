@@ -204,3 +204,16 @@ def print_timings_at_exit(request, title: str, timings: dict[str, float]) -> Non
                 for key, seconds in timings.items()))
 
     request.config.add_cleanup(show)
+
+
+def min_cosine(reference: list[dict], candidate: list[dict]) -> float:
+    """The lowest cosine similarity of whole output tensors, over batches and outputs."""
+    worst = 1.0
+    for ref, got in zip(reference, candidate):
+        for name, r in ref.items():
+            a = np.asarray(r, dtype=np.float64).ravel()
+            b = np.asarray(got[name], dtype=np.float64).ravel()
+            denom = np.linalg.norm(a) * np.linalg.norm(b)
+            cos = (1.0 if np.array_equal(a, b) else 0.0) if denom == 0 else float(a @ b / denom)
+            worst = min(worst, cos)
+    return worst

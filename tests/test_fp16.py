@@ -16,7 +16,8 @@ from onnx import TensorProto
 
 from graphopt import verify
 from graphopt.ir import load
-from graphopt.manager import PassManager, min_cosine
+from graphopt.manager import PassManager
+from tests.helpers import min_cosine
 from graphopt.pass_infra import PassContext, make_options
 from graphopt.passes.fp16 import DEFAULT_FP32_OPS, ConvertFloat16
 from fusion_checks import f32, i64, vi

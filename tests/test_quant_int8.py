@@ -267,7 +267,7 @@ def test_quantization_runs_once_after_the_lossless_fixpoint():
 def test_bad_quantize_arguments_are_usage_errors():
     with pytest.raises(UsageError, match="not a cosine similarity"):
         graphopt.optimize(outlier_mlp(), quantize="int8", tolerance=1.5)
-    with pytest.raises(UsageError, match="unknown quantization scheme"):
+    with pytest.raises(UsageError, match="unknown --quantize scheme"):
         graphopt.optimize(outlier_mlp(), quantize="int3")
     with pytest.raises(UsageError, match="--measure needs --quantize"):
         graphopt.optimize(outlier_mlp(), measure=True)

@@ -17,7 +17,8 @@ from onnx import TensorProto
 from graphopt import verify
 from graphopt.errors import UsageError
 from graphopt.ir import load
-from graphopt.manager import PassManager, min_cosine
+from graphopt.manager import PassManager
+from tests.helpers import min_cosine
 from graphopt.pass_infra import PassContext, make_options
 from graphopt.passes.quant_weight import (CLIP_RATIOS, QuantizeWeightInt4, gptq, output_error,
                                           pack_nbits, rtn)

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt import api
 from graphopt.errors import UsageError
-from graphopt.lossy import with_quantization
+from graphopt.lossy import with_schemes
 from graphopt.pipeline import build_passes
 from graphopt.registry import create_target, pass_registry, target_registry
 from graphopt.targets import tensorrt as trt_target
@@ -68,7 +68,7 @@ def _passes(target: TensorRtTarget, quantize: str, **options) -> list:
     defaults (the hook under test) and ``options`` given as a user would; passes emitting
     only ops the target lacks are left out, as ``optimize`` does for a default pipeline.
     (``optimize(quantize=...)`` itself refuses a default pipeline with such passes.)"""
-    spec = with_quantization(list(target.default_pipeline), quantize, registry=pass_registry())
+    spec = with_schemes(list(target.default_pipeline), {"quantize": quantize}, pass_registry())
     if options:
         spec[-1] += "(" + ",".join(f"{k}={v}" for k, v in options.items()) + ")"
     built = build_passes(spec, pass_registry(), defaults=target.pass_defaults)

@@ -1,0 +1,327 @@
+"""Budgeted compression: the contract every lossy compression pass is a client of.
+
+A compression pass (pruning, low-rank, sparsity, a plugin's own technique) says only two
+things: which **sites** a model has (a channel group, a head group, a layer's rank) with
+the **settings** each can take, and how to **apply** chosen settings to a model. The core
+does the rest, the same way for every technique:
+
+1. measures the damage of each (site, setting) alone with the one accuracy metric
+   (``graphopt.metric``) on the validation (else calibration) data, and what it saves by
+   the cost model (latency on the target's device, FLOPs, parameters);
+2. searches the settings: each site takes its strongest setting whose damage per unit
+   saved is below a threshold; the threshold is bisected so the combined model, after
+   recovery, meets the budget (every model it returns was measured to meet it);
+3. recovers each candidate before measuring it (``PassContext.recovery``: a pass of the
+   recovery family re-fits the changed layers to the original model's outputs);
+4. reports, per site: technique, setting, size before/after, damage alone, FLOPs and
+   parameters saved, predicted latency change; and the measured score of the result.
+
+A pass that takes a fixed setting from its options (``fixed_choice``) skips the search;
+its result is still recovered, measured and reported.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+import onnx
+
+from graphopt import verify
+from graphopt.accuracy import run_all, session
+from graphopt.ir import Model
+from graphopt.metric import DEFAULT_BUDGET, get_metric
+from graphopt.pass_infra import Pass, PassContext, PassResult
+
+Kept = dict[str, tuple[int, np.ndarray]]
+
+
+@dataclass
+class Site:
+    """A place a compression pass can compress, and the settings it can take.
+
+    ``settings[0]`` leaves the site unchanged; the rest go from mildest to strongest.
+    A ``refused`` site is listed in the report with the reason and never applied."""
+
+    name: str
+    kind: str
+    settings: tuple = ()
+    nodes: tuple[str, ...] = ()
+    size: int | None = None
+    refused: str | None = None
+    info: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def searchable(self) -> bool:
+        return self.refused is None and len(self.settings) > 1
+
+
+@dataclass
+class Applied:
+    """What ``CompressionPass.apply`` did: stats for the report, and every tensor it
+    narrowed: name -> (axis, indices kept, into that tensor as it was before the pass)."""
+
+    stats: dict = field(default_factory=dict)
+    kept: Kept = field(default_factory=dict)
+
+
+class CompressionPass(Pass):
+    """Base class of lossy compression passes (see the module docstring)."""
+
+    lossless = False
+    technique: ClassVar[str] = "compress"
+
+    @abstractmethod
+    def sites(self, model: Model, ctx: PassContext) -> list[Site]:
+        """Every site of ``model``, refused ones with their reason."""
+
+    @abstractmethod
+    def apply(self, model: Model, choice: Mapping[str, Any], ctx: PassContext) -> Applied:
+        """Give each site named in ``choice`` that setting, editing ``model`` in place."""
+
+    def fixed_choice(self, sites: list[Site]) -> dict[str, Any] | None:
+        """The settings the options fix (e.g. one ratio for every site), or ``None`` to let
+        the core search them under the budget."""
+        return None
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        return Driver(self, ctx).run(model)
+
+
+def nearest_setting(site: Site, value: float) -> Any:
+    """The setting of ``site`` closest to ``value`` (numeric settings)."""
+    return min(site.settings, key=lambda s: (abs(float(s) - value), -float(s)))
+
+
+def compose_kept(earlier: Kept, later: Kept) -> Kept:
+    """Narrowings of two passes in a row as one map into the original tensors."""
+    out = dict(earlier)
+    for name, (axis, idx) in later.items():
+        if name in earlier:
+            first_axis, first = earlier[name]
+            out[name] = (axis, np.asarray(first)[np.asarray(idx)])
+        else:
+            out[name] = (axis, np.asarray(idx))
+    return out
+
+
+# ============================================================================ driver
+@dataclass
+class _Option:
+    """One (site, setting) measured alone."""
+
+    site: str
+    index: int
+    setting: Any
+    damage: float
+    saved_s: float
+    saved_flops: float
+    saved_params: int
+
+    def ratio(self, goal: str) -> float:
+        """Damage per unit saved of ``goal`` (lower is a better deal)."""
+        gain = {"latency": self.saved_s, "flops": self.saved_flops,
+                "size": float(self.saved_params)}.get(goal, self.saved_s)
+        return self.damage / gain if gain > 0 else float("inf")
+
+
+@dataclass
+class _Candidate:
+    choice: dict[str, Any]
+    model: Model
+    kept: Kept
+    stats: dict
+    score: float
+    recovery: dict | None
+
+
+class Driver:
+    """Runs one compression pass under the budget (see the module docstring)."""
+
+    def __init__(self, compression: CompressionPass, ctx: PassContext):
+        self.cp = compression
+        self.ctx = ctx
+        self.metric = ctx.metric or get_metric(None)
+        self.budget = DEFAULT_BUDGET if ctx.tolerance is None else ctx.tolerance
+        self.evaluations = 0
+        self.goal = ctx.goal
+
+    # ------------------------------------------------------------------ data
+    def _data(self, model: Model) -> tuple[list, str]:
+        data = self.ctx.validation or self.ctx.calibration
+        if data:
+            return list(data), "validation data" if self.ctx.validation else \
+                "calibration data"
+        self.ctx.logger.warning("%s: NO CALIBRATION DATA: damage measured on random probe "
+                                "inputs, the accuracy of the result is UNMEASURED",
+                                self.cp.name)
+        return verify.probe_inputs(model.to_onnx(), count=4, seed=self.ctx.seed), \
+            "unmeasured: random data"
+
+    def measure(self, proto: onnx.ModelProto) -> float:
+        self.evaluations += 1
+        outputs = run_all(session(proto, optimize=False), self.data)
+        return self.metric.score(self.reference_outputs, outputs, self.data)
+
+    # ------------------------------------------------------------------ building
+    def _cost(self, model: Model):
+        if self.ctx.cost_model is None or self.ctx.device is None:
+            return None
+        return self.ctx.cost_model.estimate(model, self.ctx.device)
+
+    def build(self, base: Model, choice: Mapping[str, Any], recover: bool) -> _Candidate:
+        model = base.clone()
+        applied = self.cp.apply(model, dict(choice), self.ctx)
+        kept = compose_kept(self.ctx.kept or {}, applied.kept)
+        recovery = None
+        if recover and self.ctx.recovery is not None and choice:
+            saved = self.ctx.kept
+            self.ctx.kept = kept
+            try:
+                result = self.ctx.recovery.run(model, self.ctx)
+                recovery = dict(result.stats)
+            finally:
+                self.ctx.kept = saved
+        score = self.measure(model.to_onnx())
+        return _Candidate(dict(choice), model, kept, applied.stats, score, recovery)
+
+    # ------------------------------------------------------------------ the run
+    def run(self, model: Model) -> PassResult:
+        start = time.perf_counter()
+        ctx = self.ctx
+        reference = ctx.reference if ctx.reference is not None else model.to_onnx()
+        self.data, data_text = self._data(model)
+        self.reference_outputs = run_all(session(reference, optimize=False), self.data)
+        sites = self.cp.sites(model, ctx)
+        active = [s for s in sites if s.searchable]
+        stats: dict = {"technique": self.cp.technique, "metric": self.metric.name,
+                       "budget": self.budget, "data": data_text,
+                       "refused": {s.name: s.refused for s in sites if s.refused}}
+        if not active:
+            stats["reason"] = "no site can be compressed"
+            return PassResult(False, {"compression": stats})
+        base_cost = self._cost(model)
+        self.base_score = self.measure(model.to_onnx())
+        fixed = self.cp.fixed_choice(active)
+        options = self._single_site_options(model, active, base_cost)
+        if fixed is not None:
+            fixed = {k: v for k, v in fixed.items()
+                     if any(s.name == k and v != s.settings[0] for s in active)}
+            best = self.build(model, fixed, recover=True) if fixed else None
+            stats["mode"] = "fixed"
+        else:
+            best, stats["search"] = self._search(model, active, options)
+            stats["mode"] = "searched"
+        stats["evaluations"] = self.evaluations
+        stats["seconds"] = round(time.perf_counter() - start, 3)
+        if best is None or not best.choice:
+            stats["reason"] = "the budget holds for no compressed setting" \
+                if fixed is None else "the options fix no change"
+            stats["sites"] = self._site_report(active, {}, options)
+            return PassResult(False, {"compression": stats})
+        model.graph = best.model.graph
+        ctx.kept = best.kept
+        after = self._cost(model)
+        stats.update({
+            "score": round(best.score, 6),
+            "score_before": round(self.base_score, 6),
+            "meets_budget": best.score >= self.budget,
+            "sites": self._site_report(active, best.choice, options),
+            "applied": best.stats,
+            "recovery": best.recovery,
+        })
+        if base_cost is not None and after is not None:
+            stats["cost"] = {"flops_before": base_cost.flops, "flops_after": after.flops,
+                             "params_before": base_cost.params, "params_after": after.params,
+                             "latency_before_s": base_cost.latency_s,
+                             "latency_after_s": after.latency_s}
+        return PassResult(True, {"compression": stats})
+
+    def _single_site_options(self, model: Model, active: list[Site],
+                             base_cost) -> dict[str, list[_Option]]:
+        """Each site's settings measured alone (without recovery), mildest first; a site
+        stops at the first setting whose damage alone already breaks the budget."""
+        slack = max(self.base_score - self.budget, 1e-9)
+        out: dict[str, list[_Option]] = {}
+        for site in active:
+            out[site.name] = []
+            for index, setting in enumerate(site.settings[1:], start=1):
+                cand = self.build(model, {site.name: setting}, recover=False)
+                cost = self._cost(cand.model)
+                saved = (base_cost.latency_s - cost.latency_s, base_cost.flops - cost.flops,
+                         base_cost.params - cost.params) if cost and base_cost else (0, 0, 0)
+                out[site.name].append(_Option(site.name, index, setting,
+                                              max(self.base_score - cand.score, 0.0), *saved))
+                damage = self.base_score - cand.score
+                if damage > 0.5 or (damage > 4 * slack and self.ctx.recovery is None):
+                    break  # stronger settings only hurt more (recovery can undo some)
+        return out
+
+    def _choice_at(self, active: list[Site], options, threshold: float) -> dict[str, Any]:
+        """Each site's strongest setting whose damage per second saved, and that of every
+        milder setting, is within ``threshold``."""
+        choice = {}
+        for site in active:
+            chosen = None
+            for opt in options[site.name]:
+                if opt.ratio(self.goal) > threshold:
+                    break
+                chosen = opt.setting
+            if chosen is not None:
+                choice[site.name] = chosen
+        return choice
+
+    def _search(self, model: Model, active: list[Site], options) -> tuple:
+        thresholds = sorted({o.ratio(self.goal) for opts in options.values() for o in opts
+                             if np.isfinite(o.ratio(self.goal))})
+        tried: list[dict] = []
+        cache: dict[int, _Candidate] = {}
+
+        def attempt(i: int) -> _Candidate:
+            if i not in cache:
+                choice = self._choice_at(active, options, thresholds[i])
+                cache[i] = self.build(model, choice, recover=True)
+                tried.append({"threshold": float(f"{thresholds[i]:.4g}"),
+                              "sites_changed": len(choice),
+                              "score": round(cache[i].score, 6),
+                              "ok": cache[i].score >= self.budget})
+            return cache[i]
+
+        if not thresholds:
+            return None, tried
+        lo, hi = -1, len(thresholds) - 1  # lo: known good (-1: nothing), hi: to test
+        if attempt(hi).score >= self.budget:
+            return cache[hi], tried
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if attempt(mid).score >= self.budget:
+                lo = mid
+            else:
+                hi = mid
+        return (cache[lo] if lo >= 0 else None), tried
+
+    def _site_report(self, active: list[Site], choice: Mapping[str, Any], options) -> dict:
+        report = {}
+        for site in active:
+            setting = choice.get(site.name, site.settings[0])
+            opt = next((o for o in options.get(site.name, []) if o.setting == setting), None)
+            entry = {"kind": site.kind, "technique": self.cp.technique,
+                     "setting": _plain(setting), "changed": site.name in choice,
+                     "size": site.size,
+                     "nodes": list(site.nodes)}
+            if opt is not None:
+                entry.update({"damage_alone": float(f"{opt.damage:.4g}"),
+                              "flops_saved": opt.saved_flops,
+                              "params_saved": int(opt.saved_params),
+                              "predicted_latency_saved_s": float(f"{opt.saved_s:.4g}")})
+            report[site.name] = entry
+        return report
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value

@@ -1,0 +1,110 @@
+"""One accuracy metric for lossy passes: the pass manager judges a lossy pass with the
+same per-sample metric as the final verification, so a pass that damages one sample is
+rolled back by the manager instead of failing the final check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx.helper as oh
+import pytest
+from onnx import TensorProto
+
+import graphopt
+from graphopt import Pass, PassResult
+from graphopt.errors import UsageError
+from graphopt.metric import get_metric
+from graphopt.rewrite import make_constant
+from tests.helpers import build_model, min_cosine
+
+import onnx_graphsurgeon as gs
+
+
+def relu_model():
+    """y = Relu(x) over [N, 16]."""
+    return build_model([oh.make_node("Relu", ["x"], ["y"], name="relu")],
+                       [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                       [oh.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])])
+
+
+class ClipLarge(Pass):
+    """A lossy pass that caps activations at 3: harmless for ordinary samples, ruinous
+    for the one sample whose values are large."""
+
+    name = "clip-large"
+    family = "test"
+    lossless = False
+
+    def run(self, model, ctx):
+        graph = model.graph
+        for node in graph.nodes:
+            if node.op == "Relu":
+                node.op = "Clip"
+                node.inputs.append(make_constant(graph, "lo", np.float32(0)))
+                node.inputs.append(make_constant(graph, "hi", np.float32(3)))
+                return PassResult(True)
+        return PassResult(False)
+
+
+def data(damaged: bool):
+    """200 ordinary samples in [0, 1) and, when ``damaged``, one sample with a 6 that
+    Clip halves: whole-batch cosine stays above 0.99, that sample's falls to 0.966."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (200, 16)).astype(np.float32)
+    if damaged:
+        x[7] = 0.5
+        x[7, 5] = 6.0
+    return {"x": x}
+
+
+def test_one_damaged_sample_is_rolled_back_by_the_manager():
+    feeds = data(damaged=True)
+    whole = min_cosine([{"y": np.maximum(feeds["x"], 0)}],
+                       [{"y": np.clip(feeds["x"], 0, 3)}])
+    assert whole > 0.99  # what a whole-tensor cosine would have accepted
+    result = graphopt.optimize(relu_model(), passes=[ClipLarge()], calibration=feeds,
+                               tolerance=0.99)
+    entry = result.report["trace"][-1]
+    assert entry["pass_name"] == "clip-large" and entry["status"] == "rolled-back"
+    assert "below the budget" in entry["reason"]
+    assert result.report["verification"]["ok"] is True  # unchanged model, verified
+    assert [n.op for n in result.model.graph.nodes] == ["Relu"]
+
+
+def test_ordinary_data_keeps_the_pass_and_verification_uses_the_same_metric():
+    feeds = data(damaged=False)
+    result = graphopt.optimize(relu_model(), passes=[ClipLarge()], calibration=feeds,
+                               tolerance=0.99)
+    assert result.report["trace"][-1]["status"] == "changed"
+    v = result.report["verification"]
+    assert v["ok"] is True and v["metric"] == "cosine" and v["score"] >= 0.99
+
+
+def test_metric_choice_changes_the_verdict():
+    """top1 ignores the magnitude the clip destroys on sample 7 as long as the argmax
+    stays: the same damaged data passes under top1 and fails under cosine."""
+    feeds = data(damaged=True)
+    result = graphopt.optimize(relu_model(), passes=[ClipLarge()], calibration=feeds,
+                               tolerance=0.9, metric="top1")
+    statuses = {e["pass_name"]: e["status"] for e in result.report["trace"]}
+    ref = np.maximum(feeds["x"], 0)
+    agree = (ref.argmax(1) == np.clip(feeds["x"], 0, 3).argmax(1)).mean()
+    assert agree >= 0.9 and statuses["clip-large"] == "changed"
+    assert result.report["verification"]["metric"] == "top1"
+    assert result.report["verification"]["score"] == pytest.approx(agree)
+
+
+def test_metrics():
+    ref = [{"y": np.array([[1.0, 0.0], [0.0, 1.0]])}]
+    got = [{"y": np.array([[1.0, 0.0], [1.0, 1.0]])}]
+    feeds = [{"x": np.zeros((2, 2))}]
+    assert get_metric("cosine").score(ref, got, feeds) == pytest.approx(np.sqrt(0.5))
+    assert get_metric("mean-cosine").score(ref, got, feeds) == \
+        pytest.approx((1 + np.sqrt(0.5)) / 2)
+    assert get_metric("top1").score(ref, got, feeds) == pytest.approx(0.5)
+    assert get_metric(lambda r, c, f: 0.25).score(ref, got, feeds) == 0.25
+    with pytest.raises(UsageError, match="unknown metric"):
+        get_metric("bogus metric")
+    with pytest.raises(UsageError, match="cannot import"):
+        get_metric("no_such_module_xyz:score")
