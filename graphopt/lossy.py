@@ -108,6 +108,7 @@ class LossyData:
     calibration: list[verify.Feeds] | None
     validation: list[verify.Feeds] | None
     budget: float
+    batchable: bool = True  # False: an input has a static batch, samples go one by one
 
     @property
     def check_feeds(self) -> list[verify.Feeds] | None:
@@ -115,7 +116,7 @@ class LossyData:
         validation (else calibration) samples in few large batches (one ORT session per
         batch and check)."""
         data = self.validation or self.calibration
-        return group(data, CHECK_BATCHES) if data else None
+        return group(data, CHECK_BATCHES if self.batchable else 1) if data else None
 
     def describe(self) -> str:
         if self.validation:
@@ -129,9 +130,19 @@ def load_lossy_data(proto: onnx.ModelProto, calibration, validation,
                     budget: float | None) -> LossyData:
     cal = load_data(calibration, proto, what="calibration data")
     val = load_data(validation, proto, what="validation data")
-    return LossyData(group(cal, DATA_BATCH) if cal else None,
-                     group(val, DATA_BATCH) if val else None,
-                     DEFAULT_BUDGET if budget is None else budget)
+    batchable = batch_axis_free(proto)
+    size = DATA_BATCH if batchable else 1
+    return LossyData(group(cal, size) if cal else None, group(val, size) if val else None,
+                     DEFAULT_BUDGET if budget is None else budget, batchable)
+
+
+def batch_axis_free(proto: onnx.ModelProto) -> bool:
+    """Whether samples may be stacked into larger batches: no input has a fixed first
+    dimension (a model exported with a static batch of 1 takes one sample per run)."""
+    for _, _, shape in verify.input_specs(proto):
+        if shape and isinstance(shape[0], int) and shape[0] > 0:
+            return False
+    return True
 
 
 def lossy_passes(pipeline: Sequence) -> set[str]:

@@ -108,3 +108,19 @@ def test_metrics():
         get_metric("bogus metric")
     with pytest.raises(UsageError, match="cannot import"):
         get_metric("no_such_module_xyz:score")
+
+
+def test_static_batch_model_quantizes_with_any_number_of_samples():
+    """A model exported with a fixed batch of 1 gets its calibration samples one by one
+    (they were stacked into batches of 8 and the quantizer was rolled back)."""
+    from tests.test_quant_int8 import mlp_inputs, outlier_mlp
+
+    proto = outlier_mlp()
+    for value in (*proto.graph.input, *proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    x = mlp_inputs(8, seed=1)
+    result = graphopt.optimize(proto, quantize="int8", calibration={"x": x}, tolerance=0.98)
+    entry = next(e for e in result.report["trace"] if e["pass_name"] == "quantize-int8")
+    assert entry["status"] == "changed", entry["reason"]
+    v = result.report["verification"]
+    assert v["ok"] is True and v["batches"] == 8 and v["score"] >= 0.98
