@@ -16,7 +16,7 @@ from typing import Sequence
 from graphopt import artifact as artifact_check
 from graphopt import verify
 from graphopt.analysis import Summary, summarize
-from graphopt.compression import CompressionPass
+from graphopt.compression import CompressionPass, join_compression
 from graphopt.cost import AnalyticCostModel
 from graphopt.errors import GraphoptError, UsageError, VerificationError
 from graphopt.ir import Model, ModelSource, load, save
@@ -147,7 +147,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
             raise UsageError(f"pass {name!r} emits {', '.join(ops)}, which target "
                              f"{tgt.name!r} does not run",
                              hint="choose another target or drop the pass")
-    pipeline = [p for p in pipeline if p.name not in unsupported]
+    pipeline = join_compression([p for p in pipeline if p.name not in unsupported])
     cost_model = AnalyticCostModel()
     original_proto = original.to_onnx()
     ctx = PassContext(target=tgt, cost_model=cost_model, device=tgt.device, seed=seed,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from abc import abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import onnx
@@ -81,6 +81,15 @@ class CompressionPass(Pass):
     @abstractmethod
     def apply(self, model: Model, choice: Mapping[str, Any], ctx: PassContext) -> Applied:
         """Give each site named in ``choice`` that setting, editing ``model`` in place."""
+
+    def damages(self, model: Model, sites: list[Site], data: list,
+                score: Callable[[list], float]) -> dict[tuple[str, Any], float] | None:
+        """Optional: the score of every (site, setting) alone, measured faster than one
+        model per pair (e.g. masks or switches in one ONNX Runtime session):
+        ``score(outputs)`` turns the outputs of a run over ``data`` (one dict per batch)
+        into the metric's score. ``None`` (default): the core builds and measures each
+        pair. Pairs left out are built and measured by the core."""
+        return None
 
     def fixed_choice(self, sites: list[Site]) -> dict[str, Any] | None:
         """The settings the options fix (e.g. one ratio for every site), or ``None`` to let
@@ -163,7 +172,9 @@ class Driver:
 
     def measure(self, proto: onnx.ModelProto) -> float:
         self.evaluations += 1
-        outputs = run_all(session(proto, optimize=False), self.data)
+        return self._score_outputs(run_all(session(proto, optimize=False), self.data))
+
+    def _score_outputs(self, outputs: list) -> float:
         return self.metric.score(self.reference_outputs, outputs, self.data)
 
     # ------------------------------------------------------------------ building
@@ -172,7 +183,8 @@ class Driver:
             return None
         return self.ctx.cost_model.estimate(model, self.ctx.device)
 
-    def build(self, base: Model, choice: Mapping[str, Any], recover: bool) -> _Candidate:
+    def build(self, base: Model, choice: Mapping[str, Any], recover: bool,
+              measure: bool = True) -> _Candidate:
         model = base.clone()
         applied = self.cp.apply(model, dict(choice), self.ctx)
         kept = compose_kept(self.ctx.kept or {}, applied.kept)
@@ -185,7 +197,7 @@ class Driver:
                 recovery = dict(result.stats)
             finally:
                 self.ctx.kept = saved
-        score = self.measure(model.to_onnx())
+        score = self.measure(model.to_onnx()) if measure else float("nan")
         return _Candidate(dict(choice), model, kept, applied.stats, score, recovery)
 
     # ------------------------------------------------------------------ the run
@@ -245,17 +257,21 @@ class Driver:
         """Each site's settings measured alone (without recovery), mildest first; a site
         stops at the first setting whose damage alone already breaks the budget."""
         slack = max(self.base_score - self.budget, 1e-9)
+        fast = self.cp.damages(model, active, self.data, self._score_outputs) or {}
         out: dict[str, list[_Option]] = {}
         for site in active:
             out[site.name] = []
             for index, setting in enumerate(site.settings[1:], start=1):
-                cand = self.build(model, {site.name: setting}, recover=False)
+                known = fast.get((site.name, setting))
+                cand = self.build(model, {site.name: setting}, recover=False,
+                                  measure=known is None)
+                score = known if known is not None else cand.score
                 cost = self._cost(cand.model)
                 saved = (base_cost.latency_s - cost.latency_s, base_cost.flops - cost.flops,
                          base_cost.params - cost.params) if cost and base_cost else (0, 0, 0)
                 out[site.name].append(_Option(site.name, index, setting,
-                                              max(self.base_score - cand.score, 0.0), *saved))
-                damage = self.base_score - cand.score
+                                              max(self.base_score - score, 0.0), *saved))
+                damage = self.base_score - score
                 if damage > 0.5 or (damage > 4 * slack and self.ctx.recovery is None):
                     break  # stronger settings only hurt more (recovery can undo some)
         return out
@@ -308,7 +324,8 @@ class Driver:
         for site in active:
             setting = choice.get(site.name, site.settings[0])
             opt = next((o for o in options.get(site.name, []) if o.setting == setting), None)
-            entry = {"kind": site.kind, "technique": self.cp.technique,
+            entry = {"kind": site.kind,
+                     "technique": site.info.get("technique", self.cp.technique),
                      "setting": _plain(setting), "changed": site.name in choice,
                      "size": site.size,
                      "nodes": list(site.nodes)}
@@ -325,3 +342,79 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return value
+
+
+# ============================================================================ joint
+class JointCompression(CompressionPass):
+    """Several compression passes searched as one: their sites compete for one budget
+    (a site of one pass may be worth more than a site of another), then each pass applies
+    its share of the choice, in order. The pipeline forms it from consecutive compression
+    passes, so ``--prune ffn,heads`` spends the budget where it buys the most."""
+
+    family = "compression"
+
+    def __init__(self, parts: list[CompressionPass]):
+        super().__init__()
+        self.parts = list(parts)
+        self.name = "+".join(p.name for p in self.parts)
+        self.technique = "+".join(dict.fromkeys(p.technique for p in self.parts))
+
+    def _split(self, name: str) -> tuple[CompressionPass, str]:
+        prefix, _, rest = name.partition(":")
+        return next(p for p in self.parts if p.name == prefix), rest
+
+    def sites(self, model: Model, ctx: PassContext) -> list[Site]:
+        out = []
+        for part in self.parts:
+            for site in part.sites(model, ctx):
+                out.append(Site(f"{part.name}:{site.name}", site.kind, site.settings,
+                                site.nodes, site.size, site.refused,
+                                {**site.info, "technique": part.technique}))
+        return out
+
+    def apply(self, model: Model, choice: Mapping[str, Any], ctx: PassContext) -> Applied:
+        stats, kept = {}, {}
+        for part in self.parts:
+            mine = {self._split(k)[1]: v for k, v in choice.items()
+                    if self._split(k)[0] is part}
+            if not mine:
+                continue
+            applied = part.apply(model, mine, ctx)
+            stats[part.name] = applied.stats
+            kept = compose_kept(kept, applied.kept)
+        return Applied(stats, kept)
+
+    def fixed_choice(self, sites: list[Site]) -> dict[str, Any] | None:
+        fixed = {}
+        for part in self.parts:
+            mine = [s for s in sites if s.name.startswith(part.name + ":")]
+            local = [Site(s.name.partition(":")[2], s.kind, s.settings, s.nodes, s.size,
+                          s.refused, s.info) for s in mine]
+            choice = part.fixed_choice(local)
+            if choice is None:
+                return None  # one part searches: all search together
+            fixed.update({f"{part.name}:{k}": v for k, v in choice.items()})
+        return fixed
+
+
+def join_compression(passes: list[Pass]) -> list[Pass]:
+    """``passes`` with each run of two or more consecutive compression passes joined into
+    one ``JointCompression``."""
+    out: list[Pass] = []
+    run: list[CompressionPass] = []
+
+    def flush():
+        if len(run) > 1:
+            out.append(JointCompression(run.copy()))
+        else:
+            out.extend(run)
+        run.clear()
+
+    for p in passes:
+        if isinstance(p, CompressionPass) and not isinstance(p, JointCompression):
+            run.append(p)
+        else:
+            flush()
+            out.append(p)
+    flush()
+    return out
