@@ -157,6 +157,9 @@ class Driver:
         self.budget = DEFAULT_BUDGET if ctx.tolerance is None else ctx.tolerance
         self.evaluations = 0
         self.goal = ctx.goal
+        # Measure each site alone after recovery too: what recovery can undo differs
+        # from site to site, and unrecovered damage would rank them wrongly.
+        self.recover_alone = ctx.recovery is not None
 
     # ------------------------------------------------------------------ data
     def _data(self, model: Model) -> tuple[list, str]:
@@ -254,8 +257,9 @@ class Driver:
 
     def _single_site_options(self, model: Model, active: list[Site],
                              base_cost) -> dict[str, list[_Option]]:
-        """Each site's settings measured alone (without recovery), mildest first; a site
-        stops at the first setting whose damage alone already breaks the budget."""
+        """Each site's settings measured alone (recovered, when the pass has recovery and
+        ``recover_alone``), mildest first; a site stops at the first setting whose damage
+        alone already breaks the budget by far."""
         slack = max(self.base_score - self.budget, 1e-9)
         fast = self.cp.damages(model, active, self.data, self._score_outputs) or {}
         out: dict[str, list[_Option]] = {}
@@ -263,7 +267,7 @@ class Driver:
             out[site.name] = []
             for index, setting in enumerate(site.settings[1:], start=1):
                 known = fast.get((site.name, setting))
-                cand = self.build(model, {site.name: setting}, recover=False,
+                cand = self.build(model, {site.name: setting}, recover=self.recover_alone,
                                   measure=known is None)
                 score = known if known is not None else cand.score
                 cost = self._cost(cand.model)
@@ -272,8 +276,8 @@ class Driver:
                 out[site.name].append(_Option(site.name, index, setting,
                                               max(self.base_score - score, 0.0), *saved))
                 damage = self.base_score - score
-                if damage > 0.5 or (damage > 4 * slack and self.ctx.recovery is None):
-                    break  # stronger settings only hurt more (recovery can undo some)
+                if damage > 0.5 or damage > 4 * slack:
+                    break  # stronger settings only hurt more
         return out
 
     def _choice_at(self, active: list[Site], options, threshold: float) -> dict[str, Any]:

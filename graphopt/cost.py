@@ -34,6 +34,9 @@ class Device:
     # without them int8 kernels saturate int16 intermediates (x86 VPMADDUBSW) and gain
     # little over float32. ``None``: unknown.
     int8_fast: bool | None = None
+    # Channel counts the device's kernels run best at multiples of (float32 vector
+    # lanes: 8 with AVX2, 16 with AVX-512, 4 with NEON); pruning rounds to it.
+    channel_multiple: int = 8
 
     def peak(self, dtype: str) -> float:
         return self.peak_flops.get(dtype, self.peak_flops.get("float32", 1e11))

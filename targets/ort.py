@@ -86,7 +86,8 @@ def host_device(flags: frozenset[str] | None = None, cores: int = _CORES) -> Dev
     fp32 = cores * 96e9
     return Device(name="host-cpu", peak_flops={"float32": fp32, "float16": fp32,
                                                "int8": fp32 * (4.0 if fast else 2.0)},
-                  bandwidth=20e9, cores=cores, node_overhead_s=1.5e-6, int8_fast=fast)
+                  bandwidth=20e9, cores=cores, node_overhead_s=1.5e-6, int8_fast=fast,
+                  channel_multiple=16 if "avx512f" in (flags or ()) else 8)
 
 
 class OrtTarget(Target):
