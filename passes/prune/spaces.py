@@ -280,8 +280,9 @@ class Spaces:
                     value.shape[pos] > 1:
                 self._add(self.params, self.find(s), (node, i, pos))
             elif value is None and 0 <= pos < len(dims) and dims[pos] != 1:
-                self._block(s, f"{node.op} {node.name!r} combines the channels with a "
-                               f"tensor that is not a channel tensor")
+                what = f"graph input {t.name!r}" if t in self.graph.inputs else \
+                    f"{t.name!r}, whose channels no layer here produces"
+                self._block(s, f"{node.op} {node.name!r} combines the channels with {what}")
         self._mark(out, axis, s, factor)
 
     def _flatten(self, node: gs.Node, x: gs.Tensor) -> None:
