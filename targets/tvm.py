@@ -210,6 +210,9 @@ class TvmTarget(Target):
         target = dict(self.preset.llvm)
         if target.get("mcpu") == "native":
             target["mcpu"] = host_cpu()
+            missing = hidden_features()
+            if missing:
+                target["mattr"] = [*target.get("mattr", []), *missing]
         if not self.preset.accelerator:  # a GPU's "cores" (SMs) are not the host's
             target.setdefault("num-cores", self.device.cores)
         return target
@@ -608,6 +611,23 @@ def host_cpu() -> str:
     except Exception:
         return "x86-64"
     return cpu if cpu and cpu != "generic" else "x86-64"
+
+
+# ISA extensions whose absence from /proc/cpuinfo LLVM's CPU name cannot tell: a virtual
+# machine may report an AVX-512 CPU model (e.g. znver4) while hiding AVX-512 from its
+# guests, and code compiled for the model name then dies of an illegal instruction.
+_CHECKED_FEATURES = {"avx512f": "avx512f", "avx2": "avx2", "fma": "fma", "avx": "avx"}
+
+
+def hidden_features() -> list[str]:
+    """LLVM ``-feature`` attributes for extensions the host CPU model has but this
+    machine does not offer (empty where /proc/cpuinfo cannot be read)."""
+    from graphopt.targets.ort import cpu_flags
+
+    flags = cpu_flags()
+    if not flags or platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    return [f"-{llvm}" for flag, llvm in _CHECKED_FEATURES.items() if flag not in flags]
 
 
 class _LocalVm:
