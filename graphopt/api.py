@@ -18,7 +18,8 @@ from graphopt import verify
 from graphopt.analysis import Summary, summarize
 from graphopt.compression import CompressionPass, join_compression
 from graphopt.cost import AnalyticCostModel
-from graphopt.errors import GraphoptError, UsageError, VerificationError
+from graphopt.calibration import check_feeds
+from graphopt.errors import GraphoptError, ModelError, UsageError, VerificationError
 from graphopt.ir import Model, ModelSource, load, save
 from graphopt.lossy import (compression_report, load_lossy_data, lossy_passes,
                             quantization_report, split_tolerance, verify_lossy,
@@ -26,6 +27,7 @@ from graphopt.lossy import (compression_report, load_lossy_data, lossy_passes,
 from graphopt.manager import DEFAULT_MAX_ITERATIONS, Instrument, PassManager
 from graphopt.metric import Metric, get_metric
 from graphopt.pass_infra import Pass, PassContext
+from graphopt.paths import check_outputs, input_files
 from graphopt.pipeline import build_passes
 from graphopt.registry import create_target, pass_registry, target_registry
 from graphopt.target import Artifact, Target, read_manifest
@@ -104,6 +106,11 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     able to run it is an error. ``tune_trials`` is the tuning budget of tunable targets;
     ``rpc`` (``HOST:PORT[:KEY]``) runs (and tunes) on a remote device through the target.
     """
+    if output is not None:  # before any work: no output may overwrite an input
+        check_outputs(input_files(model, calibration=calibration, validation=validation),
+                      Path(output))
+    verify.check_seed(seed)
+    verify.check_shapes(input_shapes)
     budget, tolerance = split_tolerance(tolerance)
     chosen = dict(schemes or {})
     if quantize is not None:
@@ -127,6 +134,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
                          hint=f"formats: {', '.join(tgt.formats)}" if tgt.formats else
                          "leave --format out for this target")
     original = load(model)
+    if not tgt.compiled:  # its artifact is the ONNX model itself, run by ONNX Runtime
+        verify.check_runtime(original.meta)
     working = original.clone()
     tgt.prepare(working, input_shapes)
     pipeline = build_passes(with_schemes(tgt.default_pipeline if passes is None else passes,
@@ -150,6 +159,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     pipeline = join_compression([p for p in pipeline if p.name not in unsupported])
     cost_model = AnalyticCostModel()
     original_proto = original.to_onnx()
+    data = check_feeds(data, original_proto)
     ctx = PassContext(target=tgt, cost_model=cost_model, device=tgt.device, seed=seed,
                       logger=logger or logging.getLogger("graphopt"), metric=metric,
                       reference=original_proto, goal=goal)
@@ -165,6 +175,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     manager = PassManager(pipeline, ctx, strict=strict, max_iterations=max_iterations,
                           tolerance=tolerance, probe_feeds=feeds, instruments=instruments)
     manager.run(working)
+    if manager.numeric_check != "ok" and not tgt.compiled:  # ORT runs the result: why not?
+        verify.check_runs(original_proto, feeds, data_given=bool(data), shapes=input_shapes)
 
     if any(e.changed and e.pass_name in lossy for e in manager.trace):
         verification = verify_lossy(original_proto, working.to_onnx(), feeds, ctx.tolerance,
@@ -202,7 +214,11 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     if output is not None:
         options = {**({"format": format} if format else {}),
                    **({"tune_trials": tune_trials} if tune_trials else {})}
-        artifact = tgt.lower(working, Path(output), **options)
+        try:
+            artifact = tgt.lower(working, Path(output), **options)
+        except OSError as exc:
+            raise UsageError(f"cannot write {exc.filename or output}: {exc.strerror or exc}",
+                             hint="choose an output path you can write to") from exc
         report["output_path"] = str(artifact.path)
         report["artifact_files"] = [str(f) for f in artifact.files]
         if verify_artifact or (verify_artifact is None and tgt.compiled):
@@ -257,11 +273,21 @@ def verify_artifact(path: str | os.PathLike, reference: ModelSource | None = Non
                              hint="give the original model: --reference MODEL.onnx")
         reference = path / manifest["model"]
     ref_proto = load(reference).to_onnx()
+    verify.check_runtime(ref_proto)
     shapes = {**_static_shapes(manifest), **(input_shapes or {})}
-    feeds = data or verify.probe_inputs(ref_proto, seed=seed, shapes=shapes or None)
+    feeds = check_feeds(data, ref_proto) or \
+        verify.probe_inputs(ref_proto, seed=seed, shapes=shapes or None)
     budget, rtol_atol = split_tolerance(tolerance)
-    report = _check_artifact(tgt, art, ref_proto, feeds, rtol_atol, budget, required=True,
-                             timing=timing)
+    try:
+        report = _check_artifact(tgt, art, ref_proto, feeds, rtol_atol, budget,
+                                 required=True, timing=timing)
+    except GraphoptError:
+        raise
+    except Exception as exc:  # the target's runtime cannot read the file
+        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise ModelError(f"{path}: cannot run it as an artifact of target {tgt.name!r} "
+                         f"({first})", hint="give a model file or an artifact folder "
+                                            "graphopt wrote") from exc
     report["reference"] = str(reference)
     return ArtifactCheck(artifact=art, report=report)
 
@@ -300,7 +326,15 @@ def compare(a: ModelSource, b: ModelSource, data: list[verify.Feeds] | None = No
             input_shapes: dict[str, list[int]] | None = None) -> verify.Comparison:
     """Run both models in ONNX Runtime on ``data`` (default: probe inputs of ``a``)."""
     proto_a, proto_b = load(a).to_onnx(), load(b).to_onnx()
-    feeds = data or verify.probe_inputs(proto_a, seed=seed, shapes=input_shapes)
+    for proto in (proto_a, proto_b):
+        verify.check_runtime(proto)
+    names_a, names_b = ([n for n, _, _ in verify.input_specs(p)] for p in (proto_a, proto_b))
+    if sorted(names_a) != sorted(names_b):
+        raise UsageError(f"the models take different inputs ({', '.join(names_a) or 'none'} "
+                         f"vs {', '.join(names_b) or 'none'})",
+                         hint="compare models with the same input names")
+    feeds = check_feeds(data, proto_a) or \
+        verify.probe_inputs(proto_a, seed=seed, shapes=input_shapes)
     result = verify.Comparison()
     for f in feeds:
         result.outputs += verify.compare(verify.run(proto_a, f), verify.run(proto_b, f),
@@ -315,6 +349,8 @@ def _summary(model: Model, target: Target) -> Summary:
 def _probe_or_none(proto, seed, shapes) -> list[verify.Feeds] | None:
     try:
         return verify.probe_inputs(proto, seed=seed, shapes=shapes)
+    except verify.ProbeTooLarge:
+        raise
     except UsageError:
         if shapes:
             raise

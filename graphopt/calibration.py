@@ -59,6 +59,33 @@ def load_data(source: Any, proto: onnx.ModelProto, *, what: str = "calibration d
     return group(samples, batch_size)
 
 
+def check_feeds(batches: list[Feeds] | None, proto: onnx.ModelProto, *,
+                what: str = "--data") -> list[Feeds] | None:
+    """Ready batches (``--data``, ``data=``) checked against ``proto``'s inputs as
+    samples are: every input present, dtype of the right kind (widths converted), rank
+    and static dimensions; an array naming no input is a ``UsageError`` too. Initializers
+    listed as inputs (overridable defaults) may be given and are passed through."""
+    if batches is None:
+        return None
+    specs = {name: (np.dtype(dtype), shape) for name, dtype, shape in verify.input_specs(proto)}
+    overridable = {t.name for t in proto.graph.initializer} & {v.name for v in proto.graph.input}
+    checked = []
+    for i, batch in enumerate(batches):
+        origin = what if len(batches) == 1 else f"{what} (batch {i})"
+        if not isinstance(batch, dict):
+            raise UsageError(f"{origin} is a {type(batch).__name__}, not an "
+                             "{input name: array} dict")
+        unknown = sorted(k for k in batch if k not in specs and k not in overridable)
+        if unknown:
+            raise UsageError(f"{origin}: array {unknown[0]!r} names no model input",
+                             hint=f"model inputs: {', '.join(specs) or 'none'}")
+        feeds = _check({k: np.asarray(v) for k, v in batch.items() if k in specs}, specs,
+                       origin, batched=True)
+        feeds.update({k: np.asarray(v) for k, v in batch.items() if k in overridable})
+        checked.append(feeds)
+    return checked
+
+
 def group(samples: list[Feeds], batch_size: int) -> list[Feeds]:
     """Concatenate consecutive samples whose arrays have the same shapes into batches of
     at most ``batch_size`` (along axis 0)."""

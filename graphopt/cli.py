@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import tempfile
+import traceback
 from pathlib import Path
 
 import click
@@ -18,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from graphopt import api, verify
+from graphopt import api, paths, verify
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.lossy import schemes, summary_lines
 from graphopt.manager import TraceEntry
@@ -36,8 +35,8 @@ class _App(click.Group):
         try:
             return super().invoke(ctx)
         except GraphoptError as exc:
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
+            if ctx.obj and ctx.obj.get("debug"):  # the traceback, and still the exit code
+                traceback.print_exc()
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             if exc.hint:
                 err.print(f"hint: {escape(exc.hint)}", highlight=False, soft_wrap=True)
@@ -63,9 +62,12 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]] | None:
             if not eq or not name:
                 raise ValueError
             shapes[name] = [int(d) for d in dims.lower().split("x")]
+            if any(d < 1 for d in shapes[name]):
+                raise ValueError
         except ValueError:
-            raise UsageError(f"cannot parse --input-shape {value!r}",
-                             hint="write NAME=1x3x224x224") from None
+            raise UsageError(f"cannot parse --input-shape {value!r}: dimensions are positive "
+                             f"integers", hint="write NAME=1x3x224x224") from None
+    verify.check_shapes(shapes)
     return shapes or None
 
 
@@ -87,8 +89,9 @@ class _Progress:
             err.print(f"[yellow]rolled back[/] {p.name}: {escape(entry.reason)}", highlight=False)
 
 
+# MODEL arguments are checked by graphopt.ir.load (a folder or unreadable file: exit 3).
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(readable=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Where to write the result (an .onnx file for --target ort).")
 @click.option("-t", "--target", default=api.DEFAULT_TARGET, show_default=True,
@@ -104,7 +107,7 @@ class _Progress:
 @click.option("--input-shape", multiple=True, help="NAME=1x3x224x224 for probe inputs.")
 @click.option("--rtol", type=float, default=1e-4, show_default=True)
 @click.option("--atol", type=float, default=1e-5, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--calibration-data", help="Calibration inputs: an .npz (first axis = "
               "samples), a folder of .npy/.npz files, or module:function.")
 @click.option("--validation-data", help="Inputs the accuracy is measured on (same forms; "
@@ -139,14 +142,17 @@ def optimize(model, output, target, passes, skip, report_path, strict, data, inp
 
     Lossy schemes (--quantize, --prune, ...) are declared by the installed passes; each
     takes a comma-separated list of values (see `graphopt passes --long`)."""
-    if output.resolve() == model.resolve():
-        raise UsageError("the output would overwrite the input model",
-                         hint="choose another -o path; graphopt never modifies its input")
-    with err.status("loading", spinner="dots") as status:
+    # Before any work: no output may overwrite an input or another output, and each can
+    # be written; then everything is staged and moved into place at the end, or nothing.
+    paths.check_outputs(paths.input_files(model, data=data, calibration=calibration_data,
+                                          validation=validation_data), output, report_path)
+    feeds, shapes = _load_data(data), _parse_shapes(input_shape)
+    with paths.Staging(output, report_path) as staging, \
+            err.status("loading", spinner="dots") as status:
         result = api.optimize(
-            model, target=target, passes=passes, output=output, strict=strict,
+            model, target=target, passes=passes, output=staging.staged_output, strict=strict,
             skip=[s.strip() for s in skip.split(",") if s.strip()] if skip else (),
-            data=_load_data(data), input_shapes=_parse_shapes(input_shape),
+            data=feeds, input_shapes=shapes,
             tolerance=(tolerance, verify.Tolerance(rtol=rtol, atol=atol))
             if tolerance is not None else verify.Tolerance(rtol=rtol, atol=atol), seed=seed,
             instruments=[_Progress(status)], calibration=calibration_data,
@@ -155,9 +161,8 @@ def optimize(model, output, target, passes, skip, report_path, strict, data, inp
             schemes={_SCHEME_FLAGS[k]: [v.strip() for v in value.split(",") if v.strip()]
                      for k, value in scheme_values.items() if value},
             metric=metric, goal=goal, recovery=api.DEFAULT_RECOVERY if recover else None)
-    report = result.report
-    if report_path:
-        _write_atomic(report_path, json.dumps(report, indent=2, default=float))
+        report = staging.final_paths(result.report)
+        staging.commit(json.dumps(report, indent=2, default=float) if report_path else None)
     _print_summary(report)
 
 
@@ -231,17 +236,9 @@ def _artifact_lines(check: dict) -> list[str]:
     return lines
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 @main.command("verify")
 @click.argument("artifact", type=click.Path(exists=True, path_type=Path))
-@click.option("-r", "--reference", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-r", "--reference", type=click.Path(readable=False, path_type=Path),
               help="The original model (default: the model.onnx the artifact was built from).")
 @click.option("-t", "--target", help="Target of a single-file artifact (default: the "
               "manifest's, else ort).")
@@ -252,7 +249,7 @@ def _write_atomic(path: Path, text: str) -> None:
 @click.option("--atol", type=float, default=1e-5, show_default=True)
 @click.option("--tolerance", type=float, help="Compare by minimum output cosine instead "
               "(quantized artifacts).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--rpc", metavar="HOST:PORT[:KEY]", help="Run on a remote device.")
 @click.option("--no-timing", is_flag=True, help="Do not time the artifact and ORT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -320,7 +317,7 @@ def list_targets() -> None:
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(readable=False, path_type=Path))
 @click.option("-t", "--target", default=api.DEFAULT_TARGET, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--top", type=int, default=10, show_default=True, help="Heaviest nodes shown.")
@@ -354,8 +351,8 @@ def inspect(model, target, as_json, top):
 
 
 @main.command("compare")
-@click.argument("model_a", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("model_b", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model_a", type=click.Path(readable=False, path_type=Path))
+@click.argument("model_b", type=click.Path(readable=False, path_type=Path))
 @click.option("--data", type=click.Path(exists=True, dir_okay=False),
               help="Inputs (.npz) to run; default: random probe inputs.")
 @click.option("--input-shape", multiple=True, help="NAME=1x3x224x224 for probe inputs.")

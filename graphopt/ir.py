@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+from onnx.external_data_helper import uses_external_data
+from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from graphopt.errors import ModelError
 
@@ -56,6 +57,8 @@ class Model:
             graph = gs.import_onnx(proto)
         except Exception as exc:  # graphsurgeon raises bare exceptions on malformed graphs
             raise ModelError(f"cannot import the model graph: {exc}") from exc
+        if any(g.sparse_initializer for g in _all_graphs(proto.graph)):
+            _fix_sparse_values(graph)
         defaults = {}
         if proto.ir_version >= 4:
             initializers = {t.name for t in proto.graph.initializer}
@@ -144,6 +147,31 @@ class Model:
         Raises ``ModelError`` when inference fails: a failure is never swallowed.
         """
         self.graph = Model.from_proto(infer_shapes(self.to_onnx(), symbolic=symbolic)).graph
+
+
+class _SparseValues(SparseValues):
+    """A sparse initializer's values, densified in its own dtype. onnx-graphsurgeon 0.6's
+    ``SparseValues.load`` densifies into float64 and ignores ``raw_data`` (a pass reading
+    the constant then made float32 ops see doubles). Exported, the tensor stays sparse."""
+
+    def load(self) -> np.ndarray:
+        sparse = self.tensor
+        values = onnx.numpy_helper.to_array(sparse.values)
+        indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+        dims = tuple(int(d) for d in sparse.dims)
+        dense = np.zeros(int(np.prod(dims)), dtype=values.dtype)
+        if indices.ndim == 2:  # [NNZ, rank] coordinates
+            indices = np.ravel_multi_index(tuple(indices.T), dims)
+        dense[indices.reshape(-1)] = values.reshape(-1)
+        return dense.reshape(dims)
+
+
+def _fix_sparse_values(graph: gs.Graph) -> None:
+    for g in (graph, *graph.subgraphs(recursive=True)):
+        for tensor in g.tensors().values():
+            if isinstance(tensor, gs.Constant) and \
+                    type(tensor._values) is SparseValues:  # noqa: SLF001 - no public access
+                tensor._values = _SparseValues(tensor._values.tensor)  # noqa: SLF001
 
 
 # 4-bit element types: numpy (ml_dtypes) holds one value a byte, ONNX packs two.
@@ -352,37 +380,30 @@ def load(source: ModelSource) -> Model:
         proto = _parse(bytes(source), "<bytes>")
         base_dir = None
     else:
+        if "\0" in os.fspath(source):
+            raise ModelError(f"{os.fspath(source)!r}: not a valid path (NUL byte)")
         path = Path(source)
         if not path.exists():
             raise ModelError(f"{path}: no such file")
         if not path.is_file():
-            raise ModelError(f"{path}: not a file")
-        proto = _parse(path.read_bytes(), str(path))
+            raise ModelError(f"{path}: not a file" + (" (a folder)" if path.is_dir() else ""),
+                             hint="give the path of an .onnx file")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelError(f"{path}: cannot read it ({exc.strerror or exc})",
+                             hint="check the file's permissions") from exc
+        proto = _parse(data, str(path))
         base_dir = path.resolve().parent
-    _load_external_data(proto, base_dir)
-    validate(proto)
-    return Model.from_proto(proto)
+    from graphopt.model_check import load_external_data, validate  # it imports this module
 
-
-def validate(proto: onnx.ModelProto) -> None:
-    """Raise ``ModelError`` unless ``proto`` is a structurally valid ONNX model."""
-    if not proto.HasField("graph") or not proto.opset_import:
-        raise ModelError("not an ONNX model: it has no graph or no opset import",
-                         hint="is the file truncated, or not an .onnx file?")
-    known = {("" if o.domain == "ai.onnx" else o.domain) for o in proto.opset_import}
-    known |= {f.domain for f in proto.functions}
-    for node in _all_nodes(proto):
-        domain = "" if node.domain == "ai.onnx" else node.domain
-        if domain not in known:
-            raise ModelError(
-                f"node {node.name or node.op_type!r} ({node.op_type}) uses op domain "
-                f"{domain!r}, which the model does not import",
-                hint="add the domain to the model's opset_import, or remove the node")
     try:
-        # Over 2 GB the checker cannot take the proto whole: check the structure.
-        onnx.checker.check_model(proto if fits_in_protobuf(proto) else skeleton(proto))
-    except onnx.checker.ValidationError as exc:
-        raise ModelError(f"invalid ONNX model: {_first_line(exc)}") from exc
+        load_external_data(proto, base_dir)
+        validate(proto)
+        return Model.from_proto(proto)
+    except UnicodeError as exc:  # protobuf's proto2 strings are bytes until read
+        raise ModelError(f"invalid ONNX model: a name or text in it is not UTF-8 ({exc})",
+                         hint="the file may be damaged") from exc
 
 
 def _parse(data: bytes, where: str) -> onnx.ModelProto:
@@ -398,31 +419,6 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
     return proto
 
 
-def _load_external_data(proto: onnx.ModelProto, base_dir: Path | None) -> None:
-    """Check every external-data reference stays inside the model's folder, then load."""
-    external = [t for t in _all_tensors(proto) if uses_external_data(t)]
-    if not external:
-        return
-    if base_dir is None:
-        raise ModelError("the model references external data but was not loaded from a file",
-                         hint="load it from its path so the data file can be found")
-    for tensor in external:
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
-        target = (base_dir / location).resolve()
-        if os.path.isabs(location) or not target.is_relative_to(base_dir):
-            raise ModelError(f"tensor {tensor.name!r}: external data path {location!r} points "
-                             f"outside the model's folder", hint="refusing to read it")
-        if not target.is_file():
-            raise ModelError(f"tensor {tensor.name!r}: external data file {location!r} is "
-                             f"missing", hint=f"expected it at {target}")
-        needed = int(info.get("offset", 0)) + int(info.get("length", 0))
-        if needed > target.stat().st_size:
-            raise ModelError(f"tensor {tensor.name!r}: external data file {location!r} is "
-                             f"shorter than the tensor needs (truncated?)")
-    load_external_data_for_model(proto, str(base_dir))
-
-
 # ---------------------------------------------------------------------- saving
 def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
          external_data: bool | None = None) -> Path:
@@ -436,7 +432,8 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
     if external_data is None:
         external_data = _tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+    # A short temporary name: the final name may already be as long as names can be.
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".go-") as tmp:
         tmp_path = Path(tmp) / path.name
         if external_data:
             data_name = path.name + ".data"
@@ -448,6 +445,21 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
             tmp_path.write_bytes(proto.SerializeToString())
         os.replace(tmp_path, path)
     return path
+
+
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The model file at ``path`` and the external-data files it references, as far as
+    they can be read (an unreadable model is just itself): what loading it reads."""
+    path = Path(path)
+    try:
+        proto = onnx.ModelProto()
+        proto.ParseFromString(path.read_bytes())
+        locations = {e.value for t in _all_tensors(proto) if uses_external_data(t)
+                     for e in t.external_data if e.key == "location"}
+        return [path] + [path.parent / loc for loc in sorted(locations)
+                         if loc and "\0" not in loc and (path.parent / loc).is_file()]
+    except Exception:  # noqa: BLE001 - unreadable, not ONNX, ...: loading will say why
+        return [path] if os.path.lexists(path) else []
 
 
 def saved_files(path: str | os.PathLike) -> list[Path]:

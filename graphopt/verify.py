@@ -6,7 +6,10 @@ semantics of the graphs graphopt wrote, not ORT's rewrites of them.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from graphopt.errors import UsageError
+from graphopt.errors import ModelError, UsageError
 from graphopt.ir import fits_in_protobuf
 
 Feeds = dict[str, np.ndarray]
@@ -80,12 +83,52 @@ def input_specs(proto: onnx.ModelProto) -> list[tuple[str, np.dtype, list[int | 
     return specs
 
 
+# Probe inputs are refused beyond this many elements per input (2**28: 1 GiB of float32,
+# drawn as 2 GiB of float64), as a usage error naming the input, rather than an
+# allocation that fails or swaps the machine to a halt.
+MAX_PROBE_ELEMENTS = 2**28
+
+
+class ProbeTooLarge(UsageError):
+    """A probe input would be larger than ``MAX_PROBE_ELEMENTS``."""
+
+
+def check_shapes(shapes: dict[str, list[int]] | None) -> None:
+    """``--input-shape`` values: positive integer dimensions, at most
+    ``MAX_PROBE_ELEMENTS`` elements."""
+    for name, dims in (shapes or {}).items():
+        if any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1
+               for d in dims):
+            raise UsageError(f"--input-shape {name}={'x'.join(map(str, dims))}: dimensions "
+                             f"must be positive integers", hint=f"e.g. {name}=1x3x224x224")
+        _check_size(name, [int(d) for d in dims])
+
+
+def _check_size(name: str, dims: list[int]) -> None:
+    if math.prod(dims) > MAX_PROBE_ELEMENTS:
+        shape = "x".join(map(str, dims))
+        raise ProbeTooLarge(f"input {name!r} of shape {shape} has {math.prod(dims):,} "
+                            f"elements, more than probe inputs may have "
+                            f"({MAX_PROBE_ELEMENTS:,})",
+                            hint=f"give a smaller --input-shape {name}=..., or real inputs "
+                                 f"with --data")
+
+
+def check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UsageError(f"seed must be a non-negative integer, got {seed!r}",
+                         hint="e.g. --seed 0")
+
+
 def probe_inputs(proto: onnx.ModelProto, count: int = 1, seed: int = 0,
                  shapes: dict[str, list[int]] | None = None,
                  symbolic_size: int = DEFAULT_SYMBOLIC_SIZE) -> list[Feeds]:
     """Random inputs that fit the model: normal floats, small non-negative integers
     (valid as indices and masks), random booleans. Each symbolic dimension name gets one
-    size across all inputs; ``shapes`` fixes an input's shape explicitly."""
+    size across all inputs; ``shapes`` fixes an input's shape explicitly. An input of
+    more than ``MAX_PROBE_ELEMENTS`` elements is a ``ProbeTooLarge`` (usage) error."""
+    check_seed(seed)
+    check_shapes(shapes)
     rng = np.random.default_rng(seed)
     shapes = shapes or {}
     specs = input_specs(proto)
@@ -104,7 +147,9 @@ def probe_inputs(proto: onnx.ModelProto, count: int = 1, seed: int = 0,
                 raise UsageError(f"input {name!r} has no shape",
                                  hint=f"give one with --input-shape {name}=1x3x224x224")
             else:
-                dims = [d if isinstance(d, int) and d > 0 else symbolic_size for d in shape]
+                # A static 0 is a dimension of size 0 (ORT holds the model to it).
+                dims = [d if isinstance(d, int) and d >= 0 else symbolic_size for d in shape]
+            _check_size(name, dims)
             feeds[name] = random_array(rng, dtype, dims)
         batches.append(feeds)
     return batches
@@ -206,9 +251,125 @@ def compare(reference: Feeds, candidate: Feeds, tol: Tolerance = Tolerance()) ->
 
 def load_feeds(path: str | os.PathLike) -> list[Feeds]:
     """Inputs from an ``.npz`` whose arrays are named like the model inputs (one batch)."""
+    hint = "give an .npz with one array per model input (numpy.savez)"
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return [{k: data[k] for k in data.files}]
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: cannot read input data ({exc})",
-                         hint="give an .npz with one array per model input") from exc
+        data = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, BadZipFile, EOFError, ...
+        raise UsageError(f"{path}: cannot read input data ({_first_line(exc)})",
+                         hint=hint) from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise UsageError(f"{path}: an .npz file is expected, this is a single .npy array",
+                         hint=hint)
+    try:
+        with data:
+            feeds = {k: data[k] for k in data.files}
+    except Exception as exc:  # noqa: BLE001 - a damaged member
+        raise UsageError(f"{path}: cannot read input data ({_first_line(exc)})",
+                         hint=hint) from exc
+    if not feeds:
+        raise UsageError(f"{path}: holds no arrays", hint=hint)
+    return [feeds]
+
+
+# Op domains ONNX Runtime implements; a model with ops of another domain (custom ops) may
+# need a library ORT has not loaded here, so failing to run it says nothing about it.
+ORT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc",
+                         "ai.onnx.preview.training", "ai.onnx.training",
+                         "com.ms.internal.nhwc", "com.microsoft.experimental"})
+
+
+def check_runs(proto: onnx.ModelProto, feeds: list[Feeds] | None, *, data_given: bool,
+               shapes: dict[str, list[int]] | None = None) -> None:
+    """Explain why ONNX Runtime could not run ``proto`` (the checks found it could not):
+    ``ModelError`` when it cannot load the model, or cannot run it on inputs of the
+    shapes the model declares; ``UsageError`` when it fails on the ``--data`` given or on
+    probe inputs whose symbolic dimensions were guessed. A model with ops of a domain ORT
+    does not implement (custom ops) is not judged, nor one ORT runs."""
+    local = {f.domain for f in proto.functions}
+    if any(n.domain not in ORT_DOMAINS and n.domain not in local
+           for g in _graphs(proto.graph) for n in g.node):
+        return
+    try:
+        sess = session(proto)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        raise ModelError(f"ONNX Runtime cannot load the model: {_ort_message(exc)}",
+                         hint="the model is invalid (types or shapes that do not fit "
+                              "its ops?)") from exc
+    if not feeds:
+        return
+    try:
+        for f in feeds:
+            run(sess, f)
+    except Exception as exc:  # noqa: BLE001
+        why = _ort_message(exc)
+        if data_given:
+            raise UsageError(f"ONNX Runtime cannot run the model on --data: {why}",
+                             hint="give inputs the model takes") from exc
+        guessed = [name for name, _, shape in input_specs(proto)
+                   if name not in (shapes or {}) and
+                   any(not isinstance(d, int) or d < 0 for d in shape or [])]
+        if guessed:
+            raise UsageError(f"ONNX Runtime cannot run the model on probe inputs whose "
+                             f"symbolic dimensions are {DEFAULT_SYMBOLIC_SIZE}: {why}",
+                             hint=f"give real inputs with --data, or shapes with "
+                                  f"--input-shape {guessed[0]}=...") from exc
+        raise ModelError(f"ONNX Runtime cannot run the model on inputs of the shapes it "
+                         f"declares: {why}", hint="the model is invalid") from exc
+
+
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            for sub in attr.graphs:
+                yield from _graphs(sub)
+
+
+def _ort_message(exc: BaseException) -> str:
+    """ORT's message without its ``[ONNXRuntimeError] : 1 : FAIL :`` prefix."""
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(exc))
+
+
+def check_runtime(proto: onnx.ModelProto) -> None:
+    """Raise ``ModelError`` when ONNX Runtime refuses the model's IR version or an opset
+    it imports (a newer one than this ONNX Runtime knows): it could not run the model."""
+    imports = tuple(sorted((o.domain, o.version) for o in proto.opset_import))
+    problem = _runtime_refuses(imports, proto.ir_version)
+    if problem:
+        raise ModelError(f"ONNX Runtime {ort.__version__} cannot run this model: {problem}",
+                         hint="export the model with an older opset, or upgrade "
+                              "onnxruntime")
+
+
+@functools.lru_cache(maxsize=64)
+def _runtime_refuses(imports: tuple[tuple[str, int], ...], ir_version: int) -> str | None:
+    """Why ORT refuses a model of these opset imports and IR version (``None``: it
+    accepts them), found by loading an empty model that has them."""
+    value = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    probe = onnx.helper.make_model(
+        onnx.helper.make_graph([], "opset-probe", [value], [value]),
+        opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in imports])
+    probe.ir_version = ir_version
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(probe.SerializeToString(), options,
+                             providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        text = str(exc)
+        found = re.search(r"Opset (\d+) is under development.*?Current official support "
+                          r"for domain (\S+) is till opset (\d+)", text, re.S)
+        if found:
+            return f"it imports {found[2]} opset {found[1]}, newer than the opset " \
+                   f"{found[3]} it supports"
+        found = re.search(r"Unsupported model IR version: \d+, max supported IR version: "
+                          r"\d+", text)
+        return found[0] if found else _first_line(exc)
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

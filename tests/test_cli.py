@@ -1,22 +1,38 @@
-"""The command line on the bundled example: optimize, report, compare, targets."""
+"""The command line on the bundled example: optimize, report, compare, targets. It runs
+in-process (click's CliRunner); one test runs the real ``graphopt`` process."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
+from click.testing import CliRunner
 
 from graphopt import verify
+from graphopt.cli import main
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "small_cnn.onnx"
 
 
-def cli(*args, cwd: Path) -> subprocess.CompletedProcess:
+def cli(*args, cwd: Path) -> SimpleNamespace:
+    """``graphopt ARGS`` in-process, in ``cwd``: returncode, stdout, stderr."""
+    with contextlib.chdir(cwd):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=stderr)
+
+
+def cli_process(*args, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "graphopt.cli", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True)
 
@@ -78,5 +94,38 @@ def test_compare_exit_codes(tmp_path):
 
 
 def test_targets_lists_ort(tmp_path):
-    result = cli("targets", cwd=tmp_path)
+    result = cli_process("targets", cwd=tmp_path)  # the real process, entry point and all
     assert result.returncode == 0 and "ort" in result.stdout and "yes" in result.stdout
+
+
+def test_outputs_are_moved_in_together_and_replace_older_ones(tmp_path):
+    """Everything is staged beside the output, then moved in: a second run replaces the
+    first run's files and leaves no temporaries; a folder output (no suffix) works."""
+    for _ in range(2):
+        result = cli("optimize", EXAMPLE, "-o", "out/m.onnx", "--report", "out/r.json",
+                     cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.onnx", "r.json"]
+    report = json.loads((tmp_path / "out" / "r.json").read_text())
+    assert report["output_path"] == "out/m.onnx"
+    assert report["artifact_files"] == ["out/m.onnx"]
+    result = cli("optimize", EXAMPLE, "-o", "folder", "--report", "folder/r.json",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["model.onnx", "r.json"]
+    assert json.loads((tmp_path / "folder" / "r.json").read_text())["output_path"] == \
+        "folder/model.onnx"
+    bad = cli("optimize", EXAMPLE, "-o", "folder2", "--report", "folder2/model.onnx",
+              cwd=tmp_path)
+    assert bad.returncode == 2 and "name the target writes" in bad.stderr
+    assert not (tmp_path / "folder2").exists()
+
+
+def test_ort_format_output_is_staged_too(tmp_path):
+    result = cli("optimize", EXAMPLE, "-o", "m.ort", "--format", "ort", "--report", "r.json",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ort", "m.ort.session.json",
+                                                          "r.json"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["artifact_files"] == ["m.ort", "m.ort.session.json"]
