@@ -125,16 +125,19 @@ class _Option:
     site: str
     index: int
     setting: Any
-    damage: float
+    damage: float  # fall of the metric's score, measured alone
+    error: float  # relative output error alone: a continuous damage to rank by
     saved_s: float
     saved_flops: float
     saved_params: int
 
     def ratio(self, goal: str) -> float:
-        """Damage per unit saved of ``goal`` (lower is a better deal)."""
+        """Damage per unit saved of ``goal`` (lower is a better deal). The metric may be
+        coarse (top-1 on a few hundred samples moves in steps), so damage ranks by the
+        metric first and the output error second."""
         gain = {"latency": self.saved_s, "flops": self.saved_flops,
                 "size": float(self.saved_params)}.get(goal, self.saved_s)
-        return self.damage / gain if gain > 0 else float("inf")
+        return (self.damage + 1e-3 * self.error) / gain if gain > 0 else float("inf")
 
 
 @dataclass
@@ -145,6 +148,7 @@ class _Candidate:
     stats: dict
     score: float
     recovery: dict | None
+    error: float = float("nan")
 
 
 class Driver:
@@ -173,9 +177,23 @@ class Driver:
         return verify.probe_inputs(model.to_onnx(), count=4, seed=self.ctx.seed), \
             "unmeasured: random data"
 
-    def measure(self, proto: onnx.ModelProto) -> float:
+    def measure(self, proto: onnx.ModelProto) -> tuple[float, float]:
+        """(metric score, relative output error) of ``proto`` on the data."""
         self.evaluations += 1
-        return self._score_outputs(run_all(session(proto, optimize=False), self.data))
+        outputs = run_all(session(proto, optimize=False), self.data)
+        return self._score_outputs(outputs), self._error(outputs)
+
+    def _error(self, outputs: list) -> float:
+        num = den = 0.0
+        for ref, got in zip(self.reference_outputs, outputs):
+            for name, r in ref.items():
+                a = np.asarray(r, dtype=np.float64)
+                b = np.asarray(got[name], dtype=np.float64)
+                if a.shape != b.shape:
+                    return float("inf")
+                num += float(((a - b) ** 2).sum())
+                den += float((a ** 2).sum())
+        return float(np.sqrt(num / den)) if den else float(num > 0)
 
     def _score_outputs(self, outputs: list) -> float:
         return self.metric.score(self.reference_outputs, outputs, self.data)
@@ -200,8 +218,8 @@ class Driver:
                 recovery = dict(result.stats)
             finally:
                 self.ctx.kept = saved
-        score = self.measure(model.to_onnx()) if measure else float("nan")
-        return _Candidate(dict(choice), model, kept, applied.stats, score, recovery)
+        score, error = self.measure(model.to_onnx()) if measure else (float("nan"),) * 2
+        return _Candidate(dict(choice), model, kept, applied.stats, score, recovery, error)
 
     # ------------------------------------------------------------------ the run
     def run(self, model: Model) -> PassResult:
@@ -219,7 +237,7 @@ class Driver:
             stats["reason"] = "no site can be compressed"
             return PassResult(False, {"compression": stats})
         base_cost = self._cost(model)
-        self.base_score = self.measure(model.to_onnx())
+        self.base_score, _ = self.measure(model.to_onnx())
         fixed = self.cp.fixed_choice(active)
         options = self._single_site_options(model, active, base_cost)
         if fixed is not None:
@@ -270,11 +288,13 @@ class Driver:
                 cand = self.build(model, {site.name: setting}, recover=self.recover_alone,
                                   measure=known is None)
                 score = known if known is not None else cand.score
+                error = 0.0 if known is not None else cand.error
                 cost = self._cost(cand.model)
                 saved = (base_cost.latency_s - cost.latency_s, base_cost.flops - cost.flops,
                          base_cost.params - cost.params) if cost and base_cost else (0, 0, 0)
                 out[site.name].append(_Option(site.name, index, setting,
-                                              max(self.base_score - score, 0.0), *saved))
+                                              max(self.base_score - score, 0.0), error,
+                                              *saved))
                 damage = self.base_score - score
                 if damage > 0.5 or damage > 4 * slack:
                     break  # stronger settings only hurt more
@@ -335,6 +355,7 @@ class Driver:
                      "nodes": list(site.nodes)}
             if opt is not None:
                 entry.update({"damage_alone": float(f"{opt.damage:.4g}"),
+                              "output_error_alone": float(f"{opt.error:.4g}"),
                               "flops_saved": opt.saved_flops,
                               "params_saved": int(opt.saved_params),
                               "predicted_latency_saved_s": float(f"{opt.saved_s:.4g}")})

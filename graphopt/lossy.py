@@ -64,9 +64,9 @@ def with_schemes(spec: Any, chosen: Mapping[str, Sequence[str] | str | None],
                 raise UsageError(f"unknown --{flag} scheme {value!r}",
                                  hint=f"choose one of {', '.join(table)}, or all")
     wanted = sorted(dict.fromkeys(wanted), key=lambda n: registry.get(n).scheme_order)
-    names = [n for n, _ in parse_spec(spec)] if isinstance(spec, str) else \
-        [parse_spec(i)[0][0] if isinstance(i, str) else i.name for i in spec]
-    items = []
+    entries = parse_items(spec)
+    names = [name for name, _ in entries]
+    early, late = [], []
     for name in wanted:
         if name in names:  # already in the pipeline (with its own options)
             continue
@@ -76,12 +76,45 @@ def with_schemes(spec: Any, chosen: Mapping[str, Sequence[str] | str | None],
             if "measure" not in option_fields(registry.get(name)):
                 raise UsageError(f"--measure is not supported by {name}")
             name += "(measure=true)"
-        items.append(name)
+        (early if registry.get(name.partition("(")[0]).scheme_order < EARLY_BELOW
+         else late).append(name)
     if measure and "quantize" not in chosen:
         raise UsageError("--measure needs --quantize")
+    # Structural compression (pruning, low-rank) works on the cleaned-up graph, before
+    # the target's fusions hide its layers (Conv+Relu -> FusedConv) and rename their
+    # outputs (recovery matches layers to the original by output name); the fusions then
+    # run on the compressed graph. Quantizers come after the whole pipeline.
+    cut = 0
+    while cut < len(entries) and _family(entries[cut], registry) == "cleanup":
+        cut += 1
+    items = [item for _, item in entries]
+    result = [*items[:cut], *early, *items[cut:], *late]
     if isinstance(spec, str):
-        return ",".join([spec, *items]) if spec.strip() else ",".join(items)
-    return [*spec, *items]
+        return ",".join(i if isinstance(i, str) else i.name for i in result)
+    return result
+
+
+# Schemes whose passes' ``scheme_order`` is below this run before the target's fusions.
+EARLY_BELOW = 50
+
+
+def parse_items(spec: Any) -> list[tuple[str, Any]]:
+    """(pass name, the spec item as given) for a spec string or list."""
+    if isinstance(spec, str):
+        from graphopt.pipeline import split_items
+
+        return [(parse_spec(item)[0][0], item) for item in split_items(spec)]
+    return [(parse_spec(i)[0][0] if isinstance(i, str) else i.name, i) for i in spec]
+
+
+def _family(entry: tuple[str, Any], registry) -> str | None:
+    name, item = entry
+    if not isinstance(item, str):
+        return getattr(item, "family", None)
+    try:
+        return registry.get(name).family
+    except Exception:
+        return None  # an unknown name is reported when the pipeline is built
 
 
 def split_tolerance(tolerance) -> tuple[float | None, verify.Tolerance]:

@@ -19,6 +19,11 @@ _NAME = re.compile(r"[A-Za-z0-9_.:-]+$")
 
 def parse_spec(spec: str) -> list[tuple[str, dict[str, str]]]:
     """Split a spec into (name, {option: value}) pairs."""
+    return [_parse_item(item, spec) for item in split_items(spec)]
+
+
+def split_items(spec: str) -> list[str]:
+    """The comma-separated items of a spec (commas inside parentheses kept)."""
     items, depth, current = [], 0, ""
     for char in spec:
         if char == "(":
@@ -35,7 +40,7 @@ def parse_spec(spec: str) -> list[tuple[str, dict[str, str]]]:
     if depth:
         raise UsageError(f"unbalanced '(' in pass list {spec!r}")
     items.append(current)
-    return [_parse_item(item.strip(), spec) for item in items if item.strip()]
+    return [item.strip() for item in items if item.strip()]
 
 
 def _parse_item(item: str, spec: str) -> tuple[str, dict[str, str]]:
