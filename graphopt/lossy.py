@@ -252,10 +252,11 @@ def summary_lines(report: dict) -> list[str]:
     for name in section.get("passes", []):
         info = section.get(name) or {}
         acc = info.get("accuracy") or {}
-        value = acc.get("min_cosine")
+        value = acc.get("score")
         head = f"{name}: {info.get('status', 'not run')}"
         if value is not None:
-            head += f", min cosine {value:.5f} (budget {section['budget']}) on {section['data']}"
+            head += (f", {acc.get('metric')} {value:.5f} (budget {section['budget']}) on "
+                     f"{section['data']}")
         if info.get("reason"):
             head += f" ({info['reason']})"
         lines.append(head)

@@ -112,7 +112,7 @@ class _Int8Pass(Pass):
         self._calibrate(base, plan, calibration)
         budget = ctx.tolerance or DEFAULT_LOSSY_TOLERANCE
         evaluator = Evaluator(reference, evaluation, budget, opts.min_top1,
-                              self.evaluate_modes)
+                              self.evaluate_modes, ctx.metric)
         self._rank(base, plan, evaluator)
         order = sorted(plan.sites, key=lambda n: -plan.sites[n].sensitivity)
         result = fallback_search(order, lambda subset: self._build(base, plan, subset),
@@ -136,10 +136,10 @@ class _Int8Pass(Pass):
                                                 "switch per layer)",
             "search": result.tried,
             "evaluations": evaluator.evaluations,
-            "accuracy": {"metric": "min cosine" + (" + top-1 agreement"
-                                                   if opts.min_top1 is not None else ""),
+            "accuracy": {**(result.measurement.to_dict() if result.measurement else {}),
+                         "metric": evaluator.metric.name + (" + top-1 agreement"
+                                                            if opts.min_top1 is not None else ""),
                          "budget": budget,
-                         **(result.measurement.to_dict() if result.measurement else {}),
                          "data": _describe_data(ctx, measured),
                          "samples": sum(_batch(f) for f in evaluation),
                          "measured": measured},
