@@ -68,6 +68,7 @@ class PruneChannels(CompressionPass):
 
     # ------------------------------------------------------------------ contract
     def sites(self, model: Model, ctx: PassContext) -> list[Site]:
+        model = model.clone()  # analysed with its weights materialized (see analyse)
         groups = analyse(model)
         usable = [g for g in groups if g.reason is None]
         self._scores, self._method = self._importance(model, usable, ctx)
@@ -145,10 +146,39 @@ class PruneChannels(CompressionPass):
 
 
 def analyse(model: Model) -> list[Group]:
-    """The channel groups of ``model`` (shapes are inferred first when missing)."""
+    """The channel groups of ``model`` (shapes are inferred first when missing). Weights
+    that exporters leave as Transpose(constant) (ONNX exports of ``x @ W.T`` too large for
+    constant folding) become constants first, so their layers can be pruned."""
+    materialize_weights(model)
     if any(t.shape is None for n in model.graph.nodes for t in n.outputs):
         model.infer_shapes()
     return Spaces(model.graph).groups()
+
+
+def materialize_weights(model: Model) -> int:
+    """Replace Transpose(constant) weights of Conv/Gemm/MatMul read by that layer alone
+    with the transposed constant (lossless; the model does not grow). Returns how many."""
+    count = 0
+    for node in model.graph.nodes:
+        if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
+            continue
+        w = node.inputs[1]
+        if len(w.inputs) != 1 or w.inputs[0].op != "Transpose" or len(w.outputs) != 1 \
+                or w in model.graph.outputs:
+            continue
+        transpose = w.inputs[0]
+        source = transpose.inputs[0]
+        if not isinstance(source, gs.Constant) or len(source.outputs) != 1:
+            continue
+        perm = transpose.attrs.get("perm")
+        value = np.transpose(source.values, perm) if perm is not None else source.values.T
+        node.inputs[1] = gs.Constant(source.name, np.ascontiguousarray(value))
+        transpose.inputs.clear()
+        transpose.outputs.clear()
+        count += 1
+    if count:
+        model.graph.cleanup()
+    return count
 
 
 def keep_count(channels: int, ratio: float, multiple: int) -> int:

@@ -45,9 +45,14 @@ class Layer:
 
 def refit(reference: onnx.ModelProto, model: Model, kept: dict, data: list[dict], *,
           ridge: float = 1e-2, layers: set[str] | None = None,
-          bias_only: bool = False) -> dict:
-    """Re-fit ``model``'s changed linear layers (see the module docstring) on ``data``;
-    returns {layer: {rows, columns, error_before, error_after, mode}} and skipped ones."""
+          bias_only: bool = False, scope: str = "downstream") -> dict:
+    """Re-fit ``model``'s linear layers (see the module docstring) on ``data``: with
+    ``scope="downstream"`` every layer from the first changed one on, with
+    ``scope="changed"`` only the layers compression changed (narrowed input or output, a
+    new weight shape or input); returns {layer: {rows, columns, error_before,
+    error_after, mode}} and the layers skipped with the reason."""
+    if scope not in ("downstream", "changed"):
+        raise ValueError("scope must be downstream or changed")
     ref_names = {n for node in reference.graph.node for n in node.output} | \
         {o.name for o in reference.graph.output} | {i.name for i in reference.graph.input}
     ref_weights = {t.name: tuple(t.dims) for t in reference.graph.initializer}
@@ -58,8 +63,9 @@ def refit(reference: onnx.ModelProto, model: Model, kept: dict, data: list[dict]
         name = layer.node.name or layer.y.name
         if layers is not None and name not in layers:
             continue
-        if not started and not _changed(layer, kept, ref_names, ref_weights):
-            continue  # upstream of every change: already the original's
+        changed = _changed(layer, kept, ref_names, ref_weights)
+        if not changed and (not started or scope == "changed"):
+            continue  # upstream of every change (already the original's), or not asked
         started = True
         report[name] = _fit(reference, model, layer, kept, data, ridge, bias_only)
     for name, why in skipped.items():
