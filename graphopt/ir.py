@@ -4,6 +4,10 @@ graphsurgeon does not carry (metadata, doc string, domain, model version).
 Loading validates the input and turns every way it can be broken into a ``ModelError``
 naming the problem; saving is atomic and switches to external data when the model would
 not fit in a single protobuf (2 GB) or when asked.
+
+Large weights of a model loaded with external data stay in their file
+(``graphopt.external_data``): constants are memory-mapped on demand, exported protos
+hold references to the file's byte ranges, and saving copies those ranges.
 """
 
 from __future__ import annotations
@@ -19,13 +23,20 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import uses_external_data
 from onnx_graphsurgeon.ir.tensor import SparseValues
 
+from graphopt import external_data
 from graphopt.errors import ModelError
+from graphopt.external_data import all_graphs as _all_graphs
+from graphopt.external_data import all_nodes as _all_nodes  # noqa: F401 - model_check
+from graphopt.external_data import all_tensors as _all_tensors
+from graphopt.external_data import model_files, saved_files  # noqa: F401 - part of the API
 
 PROTOBUF_LIMIT = 2**31 - 1
-# Models whose tensors add up to more than this are saved with external data.
+# Models whose tensors add up to more than this are saved with external data (and their
+# exports keep references to it, see ``Model.to_onnx``). The environment variable
+# GRAPHOPT_EXTERNAL_DATA_THRESHOLD (bytes) overrides it, e.g. to try the large-model
+# path on a small model.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, "Model"]
@@ -59,6 +70,7 @@ class Model:
             raise ModelError(f"cannot import the model graph: {exc}") from exc
         if any(g.sparse_initializer for g in _all_graphs(proto.graph)):
             _fix_sparse_values(graph)
+        external_data.wrap(graph)
         defaults = {}
         if proto.ir_version >= 4:
             initializers = {t.name for t in proto.graph.initializer}
@@ -66,10 +78,17 @@ class Model:
             defaults = _initializers_to_inputs(graph, proto, listed)
         return cls(graph=graph, meta=meta, input_defaults=defaults)
 
-    def to_onnx(self) -> onnx.ModelProto:
-        """Export to a ``ModelProto`` (nodes in topological order)."""
+    def to_onnx(self, references: bool | None = None) -> onnx.ModelProto:
+        """Export to a ``ModelProto`` (nodes in topological order).
+
+        Weights still in their external-data file (a model loaded with external data)
+        are exported as references to it when ``references`` is true, or when ``None``
+        and the model is too large for one protobuf (as ``save`` decides): ONNX Runtime
+        sessions of ``graphopt.verify``, checks, shape inference and ``save`` take them,
+        ``onnx.numpy_helper`` does not. Otherwise their bytes are read into the proto."""
         self.graph.toposort(recurse_subgraphs=True)
         _pack_subbyte_constants(self.graph)
+        external_data.unwrap(self.graph)
         proto = gs.export_onnx(self.graph, do_type_check=False)
         for name in ("domain", "model_version", "doc_string", "producer_name", "producer_version"):
             if getattr(self.meta, name) and not getattr(proto, name):
@@ -80,13 +99,16 @@ class Model:
         self._restore_initializer_inputs(proto)
         _drop_outer_initializers(proto.graph, set())
         _hoist_shared_initializers(proto.graph)
+        if not references and external_data.has_references(proto) and \
+                (references is not None or _tensor_bytes(proto) <= external_threshold()):
+            external_data.materialize(proto)
         return proto
 
     def _restore_initializer_inputs(self, proto: onnx.ModelProto) -> None:
         inputs = {v.name for v in proto.graph.input}
         for name, value in self.input_defaults.items():
             if name in inputs:
-                proto.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+                proto.graph.initializer.append(external_data.tensor_proto(value, name))
         if proto.ir_version < 4:  # every initializer must also be listed as an input
             for tensor in proto.graph.initializer:
                 if tensor.name not in inputs:
@@ -94,7 +116,7 @@ class Model:
                         tensor.name, tensor.data_type, list(tensor.dims)))
 
     def clone(self) -> "Model":
-        return Model.from_proto(self.to_onnx())
+        return Model.from_proto(self.to_onnx(references=True))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -136,7 +158,7 @@ class Model:
 
     def content_hash(self) -> str:
         """SHA-256 of the model's deterministic serialization (works above 2 GB)."""
-        return proto_hash(self.to_onnx())
+        return proto_hash(self.to_onnx(references=True))
 
     # ------------------------------------------------------------------ analysis
     def infer_shapes(self, symbolic: bool = False) -> None:
@@ -146,7 +168,8 @@ class Model:
         shape arithmetic (Shape→Gather→Concat→Reshape) that ONNX's own inference loses.
         Raises ``ModelError`` when inference fails: a failure is never swallowed.
         """
-        self.graph = Model.from_proto(infer_shapes(self.to_onnx(), symbolic=symbolic)).graph
+        proto = infer_shapes(self.to_onnx(references=True), symbolic=symbolic)
+        self.graph = Model.from_proto(proto).graph
 
 
 class _SparseValues(SparseValues):
@@ -219,19 +242,28 @@ def infer_shapes(proto: onnx.ModelProto, strict: bool = False,
 
 def skeleton(proto: onnx.ModelProto, max_elements: int = 1024) -> onnx.ModelProto:
     """A copy of ``proto`` whose main-graph initializers of more than ``max_elements``
-    values are typed graph inputs instead: same structure and shapes, almost no bytes.
-    Checking and shape inference need nothing more (small tensors such as shapes keep
-    their values), and the heavy bytes are never copied or serialized."""
+    values (and references to external data, a subgraph's too) are typed graph inputs
+    instead: same structure and shapes, almost no bytes. Checking and shape inference
+    need nothing more (small tensors such as shapes keep their values), and the heavy
+    bytes are never copied or serialized."""
     light = onnx.ModelProto()
     _copy_fields(proto, light, skip="graph")
     _copy_fields(proto.graph, light.graph, skip="initializer")
     listed = {v.name for v in proto.graph.input}
     for tensor in proto.graph.initializer:
-        if np.prod(tensor.dims) <= max_elements:
+        if np.prod(tensor.dims) <= max_elements and external_data.extent(tensor) is None:
             light.graph.initializer.append(tensor)
         elif tensor.name not in listed:
             light.graph.input.append(onnx.helper.make_tensor_value_info(
                 tensor.name, tensor.data_type, list(tensor.dims)))
+    for sub in list(_all_graphs(light.graph))[1:]:  # a subgraph's references: outer inputs
+        keep = [t for t in sub.initializer if external_data.extent(t) is None]
+        if len(keep) < len(sub.initializer):
+            light.graph.input.extend(onnx.helper.make_tensor_value_info(
+                t.name, t.data_type, list(t.dims)) for t in sub.initializer
+                if external_data.extent(t) is not None)
+            del sub.initializer[:]
+            sub.initializer.extend(keep)
     return light
 
 
@@ -296,15 +328,16 @@ def _constants_as_tensors(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def proto_hash(proto: onnx.ModelProto) -> str:
-    """SHA-256 over the model: tensor bytes hashed one by one so size does not matter."""
+    """SHA-256 over the model: each tensor's values hashed apart (so size does not
+    matter; a weight still in its external-data file hashes as if inline, read once)."""
     digest = hashlib.sha256()
     stripped = onnx.ModelProto()
     stripped.CopyFrom(proto)
     for tensor in _all_tensors(stripped):
         digest.update(tensor.name.encode())
-        digest.update(onnx.numpy_helper.to_array(tensor).tobytes())
+        digest.update(external_data.tensor_digest(tensor))
         for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
-                     "uint64_data", "string_data"):
+                     "uint64_data", "string_data", "external_data", "data_location"):
             tensor.ClearField(name)
     digest.update(stripped.SerializeToString(deterministic=True))
     return digest.hexdigest()
@@ -422,24 +455,32 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
 # ---------------------------------------------------------------------- saving
 def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
          external_data: bool | None = None) -> Path:
-    """Write atomically. ``external_data=None`` decides by size (2 GB protobuf limit).
+    """Write atomically. ``external_data=None`` decides by size (2 GB protobuf limit,
+    ``external_threshold``).
 
-    External data goes to ``<name>.data`` beside the model. Files appear only when fully
-    written: they are written to a temporary folder next to the target and moved in.
+    External data goes to ``<name>.data`` beside the model: tensors of 1 kB or more, the
+    ones still in the input's data file copied from it by byte range. Files appear only
+    when fully written: they are written to a temporary folder next to the target and
+    moved in. A ``ModelProto`` given is left as it was.
     """
-    proto = model.to_onnx() if isinstance(model, Model) else model
+    from graphopt import external_data as ext  # the parameter shadows the module
+
+    proto = model.to_onnx(references=True) if isinstance(model, Model) else model
     path = Path(path)
     if external_data is None:
-        external_data = _tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+        external_data = _tensor_bytes(proto) > external_threshold()
+    if not external_data and ext.has_references(proto):
+        if isinstance(model, onnx.ModelProto):
+            proto = onnx.ModelProto()
+            proto.CopyFrom(model)
+        ext.materialize(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A short temporary name: the final name may already be as long as names can be.
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".go-") as tmp:
         tmp_path = Path(tmp) / path.name
         if external_data:
             data_name = path.name + ".data"
-            onnx.save_model(proto, tmp_path, save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name,
-                            size_threshold=1024)
+            ext.write(proto, tmp_path, Path(tmp) / data_name)
             os.replace(Path(tmp) / data_name, path.parent / data_name)
         else:
             tmp_path.write_bytes(proto.SerializeToString())
@@ -447,62 +488,19 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
     return path
 
 
-def model_files(path: str | os.PathLike) -> list[Path]:
-    """The model file at ``path`` and the external-data files it references, as far as
-    they can be read (an unreadable model is just itself): what loading it reads."""
-    path = Path(path)
-    try:
-        proto = onnx.ModelProto()
-        proto.ParseFromString(path.read_bytes())
-        locations = {e.value for t in _all_tensors(proto) if uses_external_data(t)
-                     for e in t.external_data if e.key == "location"}
-        return [path] + [path.parent / loc for loc in sorted(locations)
-                         if loc and "\0" not in loc and (path.parent / loc).is_file()]
-    except Exception:  # noqa: BLE001 - unreadable, not ONNX, ...: loading will say why
-        return [path] if os.path.lexists(path) else []
-
-
-def saved_files(path: str | os.PathLike) -> list[Path]:
-    """The model file at ``path`` and the external-data files it references."""
-    path = Path(path)
-    proto = onnx.load(path, load_external_data=False)
-    locations = {e.value for t in _all_tensors(proto) if uses_external_data(t)
-                 for e in t.external_data if e.key == "location"}
-    return [path] + [path.parent / loc for loc in sorted(locations)]
+def external_threshold() -> int:
+    """Bytes of tensors above which models are saved with external data."""
+    value = os.environ.get("GRAPHOPT_EXTERNAL_DATA_THRESHOLD", "").strip()
+    return int(value) if value.isdigit() else EXTERNAL_DATA_THRESHOLD
 
 
 # ---------------------------------------------------------------------- helpers
-def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _all_graphs(sub)
-
-
-def _all_nodes(proto: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
-    for graph in _all_graphs(proto.graph):
-        yield from graph.node
-    for function in proto.functions:
-        yield from function.node
-
-
-def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    for graph in _all_graphs(proto.graph):
-        yield from graph.initializer
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-
-
 def fits_in_protobuf(proto: onnx.ModelProto) -> bool:
     """Whether ``proto`` serializes under the 2 GB limit (estimated from tensor sizes,
-    which is far cheaper than ``ByteSize`` on a large model)."""
-    return _tensor_bytes(proto) < PROTOBUF_LIMIT - 2**26
+    which is far cheaper than ``ByteSize`` on a large model; references to external
+    data take no room)."""
+    inline = _tensor_bytes(proto) - external_data.referenced_bytes(proto)
+    return inline < PROTOBUF_LIMIT - 2**26
 
 
 def _tensor_bytes(proto: onnx.ModelProto) -> int:

@@ -176,7 +176,7 @@ class PassManager:
 
     # ------------------------------------------------------------------ internals
     def _initial_state(self, model: Model) -> _State:
-        proto = model.to_onnx()
+        proto = model.to_onnx(references=True)
         inferred = _infer_strict(proto)
         shapes_ok = inferred is not None
         if shapes_ok:
@@ -234,7 +234,7 @@ class PassManager:
     def _check(self, p: Pass, model: Model, state: _State,
                original_outputs: list[verify.Feeds] | None) -> _State:
         try:
-            proto = model.to_onnx()
+            proto = model.to_onnx(references=True)
         except Exception as exc:
             raise _Rejected(f"cannot export the graph: {_first_line(exc)}") from exc
         try:

@@ -11,8 +11,9 @@ import os
 from pathlib import Path
 
 import onnx
-from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+from onnx.external_data_helper import uses_external_data
 
+from graphopt import external_data
 from graphopt.errors import ModelError
 from graphopt.ir import _all_nodes, _all_tensors, _first_line, fits_in_protobuf, skeleton
 
@@ -33,8 +34,10 @@ def validate(proto: onnx.ModelProto) -> None:
                 hint="add the domain to the model's opset_import, or remove the node")
     _check_types(proto)
     try:
-        # Over 2 GB the checker cannot take the proto whole: check the structure.
-        onnx.checker.check_model(proto if fits_in_protobuf(proto) else skeleton(proto))
+        # Over 2 GB the checker cannot take the proto whole, nor can it read weights
+        # left in their file (references): check the structure, weights as inputs.
+        whole = fits_in_protobuf(proto) and not external_data.has_references(proto)
+        onnx.checker.check_model(proto if whole else skeleton(proto))
     except onnx.checker.ValidationError as exc:
         raise ModelError(f"invalid ONNX model: {_first_line(exc)}") from exc
     except (UnicodeError, RuntimeError, ValueError, TypeError) as exc:  # checker internals
@@ -109,7 +112,9 @@ def _expected_values(tensor: onnx.TensorProto) -> int | None:
 
 
 def load_external_data(proto: onnx.ModelProto, base_dir: Path | None) -> None:
-    """Check every external-data reference stays inside the model's folder, then load."""
+    """Check every external-data reference stays inside the model's folder and fits its
+    file; then large initializers stay there (memory-mapped on use, see
+    ``graphopt.external_data``) and the rest is read in."""
     external = [t for t in _all_tensors(proto) if uses_external_data(t)]
     if not external:
         return
@@ -140,7 +145,7 @@ def load_external_data(proto: onnx.ModelProto, base_dir: Path | None) -> None:
             raise ModelError(f"tensor {tensor.name!r}: external data file {location!r} is "
                              f"shorter than the tensor needs (truncated?)")
     try:
-        load_external_data_for_model(proto, str(base_dir))
+        external_data.adopt(proto, base_dir)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read the external data: {_first_line(exc)}") from exc
 

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from graphopt import external_data
 from graphopt.errors import ModelError, UsageError
 from graphopt.ir import fits_in_protobuf
 
@@ -176,7 +177,13 @@ def session(proto: onnx.ModelProto | str | os.PathLike, optimize: bool = False,
             threads: int = 1, disabled_optimizers: tuple[str, ...] = ()
             ) -> ort.InferenceSession:
     """An ORT CPU session; ``optimize=False`` turns ORT's graph rewrites off,
-    ``disabled_optimizers`` names ORT rewrites to leave out."""
+    ``disabled_optimizers`` names ORT rewrites to leave out.
+
+    Weights a proto references in their external-data file (``graphopt.external_data``)
+    are memory-mapped by ORT from there and read as the model runs. Sessions that check
+    numbers (``optimize=False``) never prepack weights: a packed copy would double a
+    large model's weights in memory, and packing changes float results (~1e-6), so a
+    model and its copy must be run alike whatever form their weights take."""
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -185,16 +192,23 @@ def session(proto: onnx.ModelProto | str | os.PathLike, optimize: bool = False,
     options.log_severity_level = 3
     # Idle threads sleep instead of spinning: fairer timings on a shared machine.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not optimize:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     kwargs = {"providers": ["CPUExecutionProvider"]}
     if disabled_optimizers:
         kwargs["disabled_optimizers"] = list(disabled_optimizers)
     if not isinstance(proto, onnx.ModelProto):
         return ort.InferenceSession(str(proto), options, **kwargs)
     if fits_in_protobuf(proto):
-        return ort.InferenceSession(proto.SerializeToString(), options, **kwargs)
+        data, folder = external_data.runtime_model(proto)
+        if folder is not None:
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", folder)
+        return ort.InferenceSession(data, options, **kwargs)
+    from graphopt.ir import save
+
     with tempfile.TemporaryDirectory() as tmp:  # ORT reads external data while loading
-        path = Path(tmp) / "model.onnx"
-        onnx.save_model(proto, path, save_as_external_data=True, location="model.data")
+        path = save(proto, Path(tmp) / "model.onnx", external_data=True)
         return ort.InferenceSession(str(path), options, **kwargs)
 
 

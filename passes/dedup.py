@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
+from collections import defaultdict
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.external_data import constant_digest
 from graphopt.ir import Model
 from graphopt.pass_infra import Pass, PassContext, PassResult
 from graphopt.rewrite import replace_uses
 
 
 class MergeDuplicateInitializers(Pass):
-    """Make nodes share one initializer where several hold the same type, shape and bytes."""
+    """Make nodes share one initializer where several hold the same type, shape and bytes.
+
+    Only constants that share a type and shape with another are hashed; weights still
+    in their external-data file are hashed from the file (cached), never mapped."""
 
     name = "merge-duplicate-initializers"
     family = "cleanup"
@@ -22,17 +26,27 @@ class MergeDuplicateInitializers(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         # Graph inputs (overridable defaults) and outputs keep their own tensor and name.
         pinned = {id(t) for g in model.all_graphs() for t in (*g.inputs, *g.outputs)}
-        first: dict[tuple, gs.Constant] = {}
-        merged = saved = 0
+        groups: dict[tuple, list[gs.Constant]] = defaultdict(list)
         for const in model.initializers():
-            values = np.asarray(const.values)
-            if id(const) in pinned or values.dtype == object:
+            if id(const) not in pinned and _dtype(const) != np.dtype(object):
+                groups[(str(_dtype(const)), tuple(const.shape))].append(const)
+        merged = saved = 0
+        for (dtype, shape), consts in groups.items():
+            if len(consts) < 2:
                 continue
-            key = (values.dtype.str, values.shape,
-                   hashlib.sha256(np.ascontiguousarray(values).tobytes()).digest())
-            keep = first.setdefault(key, const)
-            if keep is not const:
-                replace_uses(const, keep)
-                merged += 1
-                saved += values.nbytes
+            first: dict[bytes, gs.Constant] = {}
+            for const in consts:
+                keep = first.setdefault(constant_digest(const), const)
+                if keep is not const:
+                    replace_uses(const, keep)
+                    merged += 1
+                    saved += int(np.prod(shape, dtype=np.int64)) * _dtype(const).itemsize
         return PassResult(changed=merged > 0, stats={"merged": merged, "bytes_saved": saved})
+
+
+def _dtype(const: gs.Constant) -> np.dtype:
+    """The constant's numpy type (as its values would load), without loading them."""
+    try:
+        return np.dtype(const.dtype)
+    except TypeError:
+        return np.asarray(const.values).dtype

@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt import verify
 from graphopt.errors import ModelError
+from graphopt.external_data import mapped_source
 from graphopt.ir import Model
 from graphopt.pass_infra import Pass, PassContext, PassResult
 from graphopt.rewrite import (constant_value, produced_in, remove_dead, remove_node,
@@ -237,7 +238,8 @@ class _Folder:
             if t.is_empty():
                 return gs.Variable.empty()
             if id(t) not in mapping:
-                mapping[id(t)] = gs.Constant(t.name, t._values) \
+                # A weight still in its file runs as that (ORT maps it), not a copy.
+                mapping[id(t)] = gs.Constant(t.name, mapped_source(t._values) or t._values) \
                     if isinstance(t, gs.Constant) else gs.Variable(t.name, dtype=t.dtype)
             return mapping[id(t)]
 

@@ -1,0 +1,471 @@
+"""Weights that stay in their external-data file.
+
+A model loaded from a file keeps each large external initializer where it is: its
+TensorProto becomes a *reference* (``data_location`` EXTERNAL; ``location`` the data
+file's resolved absolute path, checked at load to lie inside the model's folder;
+``offset``; ``length``), and no bytes follow it through export, clone, checks and shape
+inference. The bytes are read only
+
+* by a pass that asks for a constant's values: ``MappedValues`` hands out a read-only
+  view of one shared memory map of the file (no copy), and export turns such an
+  unchanged view back into the reference;
+* by ONNX Runtime, which maps the file itself (``runtime_model``: the references made
+  relative to one folder that the session is told about);
+* when hashed (``tensor_digest``/``constant_digest``: file reads, cached per byte range);
+* when saved (``write``: copied by byte range into the output's data file; tensors a pass
+  made are appended).
+
+A reference is never written out as such: ``write`` and ``materialize`` replace it.
+Only files that ``adopt`` checked are ever referenced (a crafted absolute location in a
+proto given to the library is not followed).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto
+from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+# External initializers of fewer bytes are read into the model at load (shape tensors,
+# biases: cheap, and they stay visible to checks and shape inference).
+MIN_MAPPED_BYTES = 1 << 16
+# Large tensors in a written data file start at a page boundary (mappable in place).
+PAGE = 4096
+_CHUNK = 16 << 20
+
+_trusted: set[str] = set()  # data files adopt() checked
+_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
+                            errno.EBADF, errno.EPERM})
+
+
+@dataclass(frozen=True)
+class Extent:
+    """Where a tensor's bytes lie: a byte range of a file (absolute, resolved path)."""
+
+    path: str
+    offset: int
+    length: int
+
+
+# ---------------------------------------------------------------------- references
+def adopt(proto: onnx.ModelProto, base_dir: Path) -> None:
+    """Turn the external initializers of ``proto`` (loaded from ``base_dir``, references
+    already checked to stay inside it and to fit their files) into references; read
+    the small ones, attribute tensors and types numpy cannot view into the model."""
+    for graph in all_graphs(proto.graph):
+        for tensor in graph.initializer:
+            if not uses_external_data(tensor):
+                continue
+            info = {e.key: e.value for e in tensor.external_data}
+            expected = _view_bytes(tensor)
+            length = int(info["length"]) if "length" in info else expected
+            if expected is None or length != expected or length < MIN_MAPPED_BYTES:
+                load_external_data_for_tensor(tensor, str(base_dir))
+                continue
+            path = str((base_dir / info["location"]).resolve())
+            _trusted.add(path)
+            _set_extent(tensor, Extent(path, int(info.get("offset", 0)), length))
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR and uses_external_data(attr.t):
+                    load_external_data_for_tensor(attr.t, str(base_dir))
+
+
+def extent(tensor: TensorProto) -> Extent | None:
+    """The byte range ``tensor`` references, or ``None`` if it is not a reference."""
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return None
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    if location not in _trusted:
+        return None
+    return Extent(location, int(info.get("offset", 0)), int(info.get("length", 0)))
+
+
+def has_references(proto: onnx.ModelProto) -> bool:
+    return any(extent(t) is not None for t in _initializers(proto))
+
+
+def referenced_bytes(proto: onnx.ModelProto) -> int:
+    return sum(e.length for e in map(extent, _initializers(proto)) if e is not None)
+
+
+def materialize(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Read every reference of ``proto`` into it (in place): a self-contained model."""
+    for tensor in _initializers(proto):
+        where = extent(tensor)
+        if where is not None:
+            tensor.raw_data = read(where)
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.external_data[:]
+    return proto
+
+
+def read(where: Extent) -> bytes:
+    with open(where.path, "rb") as fh:
+        data = os.pread(fh.fileno(), where.length, where.offset)
+    if len(data) != where.length:
+        raise OSError(f"{where.path}: shorter than its tensors need (changed since loading?)")
+    return data
+
+
+def _set_extent(tensor: TensorProto, where: Extent, location: str | None = None) -> None:
+    for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                 "uint64_data", "string_data"):
+        tensor.ClearField(name)
+    tensor.data_location = TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", location or where.path), ("offset", str(where.offset)),
+                       ("length", str(where.length))):
+        tensor.external_data.add(key=key, value=value)
+
+
+def _view_bytes(tensor: TensorProto) -> int | None:
+    """Bytes of ``tensor`` if numpy can view them as its values (``None``: strings,
+    types packed several to a byte)."""
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if dtype == object or tensor.data_type in _PACKED:
+        return None
+    return int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
+
+
+_PACKED = frozenset(getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2",
+                                                      "UINT2") if hasattr(TensorProto, n))
+
+
+# ---------------------------------------------------------------------- memory maps
+_maps: "weakref.WeakValueDictionary[tuple, mmap.mmap]" = weakref.WeakValueDictionary()
+# id(array) -> (weak reference to a view handed out, the MappedValues it shows)
+_views: dict[int, tuple[weakref.ref, "MappedValues"]] = {}
+
+
+def _map(path: str) -> mmap.mmap:
+    """One read-only map per file version, shared by every view (pages count once)."""
+    st = os.stat(path)
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+    mapped = _maps.get(key)
+    if mapped is None:
+        with open(path, "rb") as fh:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        _maps[key] = mapped
+    return mapped
+
+
+class MappedValues(LazyValues):
+    """A constant's values in an external-data file: read-only views of a memory map."""
+
+    def __init__(self, tensor: TensorProto):
+        super().__init__(tensor)
+        self.extent = extent(tensor)
+
+    def load(self) -> np.ndarray:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type))
+        count = int(np.prod(self.shape, dtype=np.int64))
+        array = np.frombuffer(_map(self.extent.path), dtype=dtype, count=count,
+                              offset=self.extent.offset).reshape(self.shape)
+        key = id(array)
+        _views[key] = (weakref.ref(array, lambda _, k=key: _views.pop(k, None)), self)
+        return array
+
+    def __str__(self) -> str:
+        return f"MappedValues (shape={self.shape}, dtype={self.dtype}, {self.extent.path})"
+
+
+def mapped_source(values) -> "MappedValues | None":
+    """The ``MappedValues`` that ``values`` (a constant's ``_values``) is, or is an
+    unchanged view of; ``None`` otherwise."""
+    if isinstance(values, MappedValues):
+        return values
+    if isinstance(values, np.ndarray):
+        entry = _views.get(id(values))
+        if entry is not None and entry[0]() is values and \
+                tuple(values.shape) == tuple(entry[1].shape):
+            return entry[1]
+    return None
+
+
+def wrap(graph: gs.Graph) -> None:
+    """After import: constants whose tensor is a reference get ``MappedValues``."""
+    for g in (graph, *graph.subgraphs(recursive=True)):
+        for tensor in g.tensors().values():
+            if isinstance(tensor, gs.Constant) and type(tensor._values) is LazyValues and \
+                    extent(tensor._values.tensor) is not None:  # noqa: SLF001
+                tensor._values = MappedValues(tensor._values.tensor)  # noqa: SLF001
+                # graphsurgeon would stamp EXTERNAL on the values a pass puts in its place
+                tensor.data_location = None
+
+
+def unwrap(graph: gs.Graph) -> None:
+    """Before export: a constant holding an unchanged view of mapped values gets its
+    ``MappedValues`` back, so it exports as the reference instead of its bytes. Each
+    constant gets its own (graphsurgeon renames the exported TensorProto in place)."""
+    taken: dict[int, str] = {}
+    for g in (graph, *graph.subgraphs(recursive=True)):
+        for tensor in g.tensors().values():
+            if not isinstance(tensor, gs.Constant):
+                continue
+            source = mapped_source(tensor._values)  # noqa: SLF001
+            if source is None:
+                continue
+            if taken.setdefault(id(source), tensor.name) != tensor.name:
+                copy = TensorProto()
+                copy.CopyFrom(source.tensor)
+                source = MappedValues(copy)
+            tensor._values = source  # noqa: SLF001
+
+
+def tensor_proto(value: np.ndarray, name: str) -> TensorProto:
+    """``value`` as a TensorProto named ``name``: the reference if it is mapped."""
+    source = mapped_source(value)
+    if source is None:
+        return onnx.numpy_helper.from_array(np.asarray(value), name)
+    tensor = TensorProto()
+    tensor.CopyFrom(source.tensor)
+    tensor.name = name
+    return tensor
+
+
+# ---------------------------------------------------------------------- digests
+_digests: dict[tuple, bytes] = {}
+
+
+def extent_digest(where: Extent) -> bytes:
+    """SHA-256 of a byte range, read from the file (no map: the pages are not this
+    process's), cached per file version."""
+    st = os.stat(where.path)
+    key = (where.path, st.st_ino, st.st_size, st.st_mtime_ns, where.offset, where.length)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        buffer = bytearray(min(_CHUNK, max(where.length, 1)))
+        view = memoryview(buffer)
+        with open(where.path, "rb") as fh:
+            done = 0
+            while done < where.length:
+                got = os.preadv(fh.fileno(), [view[:min(len(buffer), where.length - done)]],
+                                where.offset + done)
+                if got <= 0:
+                    raise OSError(f"{where.path}: shorter than its tensors need")
+                digest.update(view[:got])
+                done += got
+        _digests[key] = digest.digest()
+    return _digests[key]
+
+
+def array_digest(array: np.ndarray) -> bytes:
+    source = mapped_source(array)
+    if source is not None:
+        return extent_digest(source.extent)
+    array = np.ascontiguousarray(array)
+    try:
+        return hashlib.sha256(memoryview(array).cast("B")).digest()
+    except (TypeError, ValueError):  # dtypes the buffer protocol lacks (bfloat16, ...)
+        return hashlib.sha256(array.tobytes()).digest()
+
+
+def tensor_digest(tensor: TensorProto) -> bytes:
+    """SHA-256 of a tensor's values (the same for a reference and its inline form)."""
+    where = extent(tensor)
+    if where is not None:
+        return extent_digest(where)
+    return array_digest(onnx.numpy_helper.to_array(tensor))
+
+
+def constant_digest(const: gs.Constant) -> bytes:
+    """SHA-256 of a constant's values, without mapping them when they are mapped."""
+    source = mapped_source(const._values)  # noqa: SLF001
+    if source is not None:
+        return extent_digest(source.extent)
+    return array_digest(np.asarray(const.values))
+
+
+# ---------------------------------------------------------------------- ONNX Runtime
+def runtime_model(proto: onnx.ModelProto) -> tuple[bytes, str | None]:
+    """``proto`` serialized for an ONNX Runtime session, and the folder its references
+    are relative to (``None``: it has none). ORT memory-maps those files itself; it
+    refuses absolute locations, so they are made relative to the folder holding all
+    the referenced files (session option
+    ``session.model_external_initializers_file_folder_path``)."""
+    tensors = [(t, e) for t in _initializers(proto) if (e := extent(t)) is not None]
+    if not tensors:
+        return proto.SerializeToString(), None
+    folder = os.path.commonpath([os.path.dirname(e.path) for _, e in tensors])
+    try:
+        for tensor, where in tensors:
+            _set_extent(tensor, where, os.path.relpath(where.path, folder))
+        return proto.SerializeToString(), folder
+    finally:
+        for tensor, where in tensors:
+            _set_extent(tensor, where)
+
+
+# ---------------------------------------------------------------------- saving
+def write(proto: onnx.ModelProto, path: Path, data_path: Path,
+          size_threshold: int = 1024) -> None:
+    """Write ``proto`` to ``path`` and its initializers of ``size_threshold`` bytes or
+    more to ``data_path`` (one file, named relative to ``path``'s folder): references
+    are copied by byte range (the same range once), inline tensors appended; tensors of
+    64 KiB or more start at a page boundary. ``proto`` is left as it was."""
+    location = os.path.relpath(data_path, path.parent)
+    out = _DataFile(data_path)
+    changed: list[tuple[TensorProto, TensorProto]] = []
+    copied: dict[Extent, int] = {}
+    try:
+        for tensor in _initializers(proto):
+            where = extent(tensor)
+            if where is None:
+                if uses_external_data(tensor):
+                    raise ValueError(f"tensor {tensor.name!r} references external data "
+                                     f"graphopt did not load")
+                if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED) or \
+                        _inline_bytes(tensor) < size_threshold:
+                    continue
+            backup = TensorProto()
+            backup.CopyFrom(tensor)
+            changed.append((tensor, backup))
+            if where is None:
+                data = tensor.raw_data if tensor.HasField("raw_data") else \
+                    onnx.numpy_helper.to_array(tensor).tobytes()
+                offset = out.append(data)
+                length = len(data)
+            else:
+                if where not in copied:
+                    copied[where] = out.copy(where)
+                offset, length = copied[where], where.length
+            _set_extent(tensor, Extent(str(data_path), offset, length), location)
+        out.close()
+        path.write_bytes(proto.SerializeToString())
+    finally:
+        out.close()
+        for tensor, backup in changed:
+            tensor.CopyFrom(backup)
+
+
+class _DataFile:
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self.size = 0
+
+    def _start(self, length: int) -> int:
+        align = PAGE if length >= MIN_MAPPED_BYTES else 16
+        return -(-self.size // align) * align
+
+    def append(self, data) -> int:
+        offset = self._start(len(data))
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+        self.size = offset + len(view)
+        return offset
+
+    def copy(self, where: Extent) -> int:
+        """Copy a byte range of another file in (in the kernel where it can)."""
+        offset = self._start(where.length)
+        with open(where.path, "rb") as src:
+            done = 0
+            try:
+                while done < where.length:
+                    got = os.copy_file_range(src.fileno(), self.fd, where.length - done,
+                                             where.offset + done, offset + done)
+                    if got <= 0:
+                        break
+                    done += got
+            except OSError as exc:
+                if exc.errno not in _NO_COPY_RANGE:
+                    raise
+            while done < where.length:  # no copy_file_range between these files
+                chunk = os.pread(src.fileno(), min(_CHUNK, where.length - done),
+                                 where.offset + done)
+                if not chunk:
+                    raise OSError(f"{where.path}: shorter than its tensors need "
+                                  f"(changed since loading?)")
+                done += os.pwrite(self.fd, chunk, offset + done)
+        self.size = offset + where.length
+        return offset
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            if os.fstat(self.fd).st_size < self.size:
+                os.ftruncate(self.fd, self.size)
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _inline_bytes(tensor: TensorProto) -> int:
+    size = _view_bytes(tensor)  # from the shape: reading raw_data would copy it
+    return size if size is not None else len(tensor.raw_data)
+
+
+# ---------------------------------------------------------------------- files
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The model file at ``path`` and the external-data files it references, as far as
+    they can be read (an unreadable model is just itself): what loading it reads."""
+    path = Path(path)
+    try:
+        proto = onnx.ModelProto()
+        proto.ParseFromString(path.read_bytes())
+        locations = {e.value for t in all_tensors(proto) if uses_external_data(t)
+                     for e in t.external_data if e.key == "location"}
+        return [path] + [path.parent / loc for loc in sorted(locations)
+                         if loc and "\0" not in loc and (path.parent / loc).is_file()]
+    except Exception:  # noqa: BLE001 - unreadable, not ONNX, ...: loading will say why
+        return [path] if os.path.lexists(path) else []
+
+
+def saved_files(path: str | os.PathLike) -> list[Path]:
+    """The model file at ``path`` and the external-data files it references."""
+    path = Path(path)
+    proto = onnx.load(path, load_external_data=False)
+    locations = {e.value for t in all_tensors(proto) if uses_external_data(t)
+                 for e in t.external_data if e.key == "location"}
+    return [path] + [path.parent / loc for loc in sorted(locations)]
+
+
+# ---------------------------------------------------------------------- walking protos
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and its subgraphs (If/Loop/Scan bodies), recursively."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from all_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from all_graphs(sub)
+
+
+def all_nodes(proto: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+    for graph in all_graphs(proto.graph):
+        yield from graph.node
+    for function in proto.functions:
+        yield from function.node
+
+
+def all_tensors(proto: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Initializers and tensor attributes of every graph."""
+    for graph in all_graphs(proto.graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+
+
+def _initializers(proto: onnx.ModelProto) -> Iterator[TensorProto]:
+    for graph in all_graphs(proto.graph):
+        yield from graph.initializer
