@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from graphopt.ir import Model
 from graphopt.pass_infra import Pass, PassContext, PassResult
 from graphopt.passes.recover.refit import refit
+from graphopt.passes.recover.targets import Teacher
 
 
 class Recover(Pass):
@@ -21,25 +22,42 @@ class Recover(Pass):
     @dataclass(frozen=True)
     class Options:
         ridge: float = 1e-2  # λ as a fraction of the mean diagonal of X̃ᵀX̃
-        max_batches: int = 64
-        bias_only: bool = False
+        max_batches: int = 64  # calibration batches used, at most
+        bias_only: bool = False  # correct biases only (b += E[y_orig − y_comp])
         scope: str = "downstream"  # or "changed": only the layers compression changed
+        prior: str = "current"  # the ridge shrinks towards the compressed weights, or "zero"
 
         def __post_init__(self):
-            if self.ridge < 0 or self.max_batches < 1:
-                raise ValueError("ridge must be >= 0 and max-batches >= 1")
+            if not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
+                raise ValueError(f"ridge must be a number >= 0, not {self.ridge!r}")
+            if not (isinstance(self.max_batches, int) and self.max_batches >= 1):
+                raise ValueError(f"max-batches must be an integer >= 1, not "
+                                 f"{self.max_batches!r}")
+            if not isinstance(self.bias_only, bool):
+                raise ValueError(f"bias-only must be true or false, not {self.bias_only!r}")
             if self.scope not in ("downstream", "changed"):
-                raise ValueError("scope must be downstream or changed")
+                raise ValueError(f"scope must be downstream or changed, not {self.scope!r}")
+            if self.prior not in ("current", "zero"):
+                raise ValueError(f"prior must be current or zero, not {self.prior!r}")
+
+    def __init__(self, options=None, **kwargs):
+        super().__init__(options, **kwargs)
+        # The original's activations, kept across the candidates the driver recovers.
+        self._teacher: Teacher | None = None
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        if ctx.reference is None:
+        reference = getattr(ctx, "reference", None)
+        if reference is None:
             return PassResult(False, {"reason": "no original model to recover towards"})
         if not ctx.calibration:
             return PassResult(False, {"reason": "no calibration data"})
-        layers = refit(ctx.reference, model, ctx.kept or {},
-                       list(ctx.calibration[: self.options.max_batches]),
-                       ridge=self.options.ridge, bias_only=self.options.bias_only,
-                       scope=self.options.scope)
+        data = list(ctx.calibration[: self.options.max_batches])
+        if self._teacher is None or not self._teacher.serves(reference, data):
+            self._teacher = Teacher(reference, data)
+        layers = refit(reference, model, dict(getattr(ctx, "kept", None) or {}), data,
+                       ridge=float(self.options.ridge), bias_only=self.options.bias_only,
+                       scope=self.options.scope, prior=self.options.prior,
+                       teacher=self._teacher)
         changed = any(v.get("error_after", 1.0) < v.get("error_before", 1.0)
                       for v in layers.values())
         return PassResult(changed, {"layers": layers})
