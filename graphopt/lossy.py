@@ -22,6 +22,12 @@ from graphopt.pipeline import parse_spec
 # Samples per batch when running calibration/validation data (fewer ORT calls).
 DATA_BATCH = 32
 CHECK_BATCHES = 8  # DATA_BATCH-sized batches per check batch
+# Without validation data, every HOLD_OUT-th calibration sample is held out to measure
+# accuracy on (when there are at least MIN_HOLD_OUT samples): passes fit to the
+# calibration data (recovery re-fits layers by least squares, importance is measured on
+# it), so the data they fitted to would flatter them.
+HOLD_OUT = 5
+MIN_HOLD_OUT = 10
 
 
 def schemes(registry) -> dict[str, dict[str, str]]:
@@ -142,6 +148,7 @@ class LossyData:
     validation: list[verify.Feeds] | None
     budget: float
     batchable: bool = True  # False: an input has a static batch, samples go one by one
+    held_out: bool = False  # validation = samples held out of the calibration data
 
     @property
     def check_feeds(self) -> list[verify.Feeds] | None:
@@ -153,7 +160,8 @@ class LossyData:
 
     def describe(self) -> str:
         if self.validation:
-            return f"validation data ({count_samples(self.validation)} samples)"
+            held = " held out of the calibration data" if self.held_out else ""
+            return f"validation data ({count_samples(self.validation)} samples{held})"
         if self.calibration:
             return f"calibration data ({count_samples(self.calibration)} samples)"
         return "unmeasured: random data"
@@ -165,8 +173,19 @@ def load_lossy_data(proto: onnx.ModelProto, calibration, validation,
     val = load_data(validation, proto, what="validation data")
     batchable = batch_axis_free(proto)
     size = DATA_BATCH if batchable else 1
+    held_out = val is None and cal is not None and len(cal) >= MIN_HOLD_OUT
+    if held_out:
+        cal, val = hold_out(cal)
     return LossyData(group(cal, size) if cal else None, group(val, size) if val else None,
-                     DEFAULT_BUDGET if budget is None else budget, batchable)
+                     DEFAULT_BUDGET if budget is None else budget, batchable, held_out)
+
+
+def hold_out(samples: list[verify.Feeds]) -> tuple[list[verify.Feeds], list[verify.Feeds]]:
+    """(calibration, validation): every ``HOLD_OUT``-th sample (from the middle of each
+    run of ``HOLD_OUT``) validates, the rest calibrate; deterministic."""
+    pick = HOLD_OUT // 2
+    return ([s for i, s in enumerate(samples) if i % HOLD_OUT != pick],
+            [s for i, s in enumerate(samples) if i % HOLD_OUT == pick])
 
 
 def batch_axis_free(proto: onnx.ModelProto) -> bool:

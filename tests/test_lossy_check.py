@@ -124,3 +124,41 @@ def test_static_batch_model_quantizes_with_any_number_of_samples():
     assert entry["status"] == "changed", entry["reason"]
     v = result.report["verification"]
     assert v["ok"] is True and v["batches"] == 8 and v["score"] >= 0.98
+
+
+class Spy(Pass):
+    """A lossy pass that changes nothing but records the data it was given."""
+
+    name = "spy"
+    family = "test"
+    lossless = False
+    seen: dict = {}
+
+    def run(self, model, ctx):
+        Spy.seen = {"calibration": np.concatenate([b["x"] for b in ctx.calibration]),
+                    "validation": None if ctx.validation is None else
+                    np.concatenate([b["x"] for b in ctx.validation])}
+        return PassResult(False)
+
+
+def test_without_validation_data_a_fifth_of_the_calibration_is_held_out():
+    """Passes fit to the calibration data (recovery, importance), so their accuracy is
+    measured on samples they never saw: 40 of 200, disjoint, and the report says so."""
+    feeds = data(damaged=False)
+    result = graphopt.optimize(relu_model(), passes=[Spy()], calibration=feeds)
+    cal, val = Spy.seen["calibration"], Spy.seen["validation"]
+    assert (len(cal), len(val)) == (160, 40)
+    assert not {r.tobytes() for r in cal} & {r.tobytes() for r in val}
+    assert np.array_equal(np.sort(np.concatenate([cal, val]), axis=0),
+                          np.sort(feeds["x"], axis=0))
+    assert "held out of the calibration data" in result.report["compression"]["data"]
+
+    few = {"x": feeds["x"][:9]}  # too few to split: accuracy on the calibration data
+    small = graphopt.optimize(relu_model(), passes=[Spy()], calibration=few)
+    assert len(Spy.seen["calibration"]) == 9 and Spy.seen["validation"] is None
+    assert small.report["compression"]["data"].startswith("calibration data (9")
+
+    given = graphopt.optimize(relu_model(), passes=[Spy()], calibration=feeds,
+                              validation={"x": feeds["x"][:30]})
+    assert (len(Spy.seen["calibration"]), len(Spy.seen["validation"])) == (200, 30)
+    assert "held out" not in given.report["compression"]["data"]
