@@ -204,8 +204,10 @@ class Driver:
             return None
         return self.ctx.cost_model.estimate(model, self.ctx.device)
 
-    def build(self, base: Model, choice: Mapping[str, Any], recover: bool,
+    def build(self, base: Model, choice: Mapping[str, Any], recover: bool | str,
               measure: bool = True) -> _Candidate:
+        """``choice`` applied to a copy of ``base``, recovered (``recover="quick"``: by
+        the recovery pass's cheaper ``quick()`` variant when it has one) and measured."""
         model = base.clone()
         applied = self.cp.apply(model, dict(choice), self.ctx)
         kept = compose_kept(self.ctx.kept or {}, applied.kept)
@@ -213,8 +215,11 @@ class Driver:
         if recover and self.ctx.recovery is not None and choice:
             saved = self.ctx.kept
             self.ctx.kept = kept
+            recoverer = self.ctx.recovery
+            if recover == "quick" and hasattr(recoverer, "quick"):
+                recoverer = self._quick = getattr(self, "_quick", None) or recoverer.quick()
             try:
-                result = self.ctx.recovery.run(model, self.ctx)
+                result = recoverer.run(model, self.ctx)
                 recovery = dict(result.stats)
             finally:
                 self.ctx.kept = saved
@@ -239,10 +244,11 @@ class Driver:
         base_cost = self._cost(model)
         self.base_score, _ = self.measure(model.to_onnx())
         fixed = self.cp.fixed_choice(active)
-        options = self._single_site_options(model, active, base_cost)
         if fixed is not None:
             fixed = {k: v for k, v in fixed.items()
                      if any(s.name == k and v != s.settings[0] for s in active)}
+        options = self._single_site_options(model, active, base_cost, fixed)
+        if fixed is not None:
             best = self.build(model, fixed, recover=True) if fixed else None
             stats["mode"] = "fixed"
         else:
@@ -273,19 +279,24 @@ class Driver:
                              "latency_after_s": after.latency_s}
         return PassResult(True, {"compression": stats})
 
-    def _single_site_options(self, model: Model, active: list[Site],
-                             base_cost) -> dict[str, list[_Option]]:
-        """Each site's settings measured alone (recovered, when the pass has recovery and
-        ``recover_alone``), mildest first; a site stops at the first setting whose damage
-        alone already breaks the budget by far."""
+    def _single_site_options(self, model: Model, active: list[Site], base_cost,
+                             fixed: Mapping[str, Any] | None = None
+                             ) -> dict[str, list[_Option]]:
+        """Each site's settings measured alone (recovered by the recovery pass's quick
+        variant, when there is recovery and ``recover_alone``), mildest first; a site
+        stops at the first setting whose damage alone already breaks the budget by far.
+        With ``fixed`` settings, only those (for the report)."""
         slack = max(self.base_score - self.budget, 1e-9)
         fast = self.cp.damages(model, active, self.data, self._score_outputs) or {}
+        recover = "quick" if self.recover_alone else False
         out: dict[str, list[_Option]] = {}
         for site in active:
             out[site.name] = []
             for index, setting in enumerate(site.settings[1:], start=1):
+                if fixed is not None and fixed.get(site.name) != setting:
+                    continue
                 known = fast.get((site.name, setting))
-                cand = self.build(model, {site.name: setting}, recover=self.recover_alone,
+                cand = self.build(model, {site.name: setting}, recover=recover,
                                   measure=known is None)
                 score = known if known is not None else cand.score
                 error = 0.0 if known is not None else cand.error

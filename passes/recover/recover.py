@@ -4,7 +4,7 @@ candidate (``PassContext.recovery``); in a pipeline it re-fits against the origi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from graphopt.ir import Model
 from graphopt.pass_infra import Pass, PassContext, PassResult
@@ -44,6 +44,15 @@ class Recover(Pass):
         super().__init__(options, **kwargs)
         # The original's activations, kept across the candidates the driver recovers.
         self._teacher: Teacher | None = None
+
+    def quick(self) -> "Recover":
+        """The cheaper variant the compression driver ranks sites alone with: only the
+        layers compression changed are re-fitted (a wave or two instead of every layer
+        downstream), sharing this pass's cached original
+        activations."""
+        fast = Recover(replace(self.options, scope="changed"))
+        fast._teacher = self._teacher
+        return fast
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         reference = getattr(ctx, "reference", None)
