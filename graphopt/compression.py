@@ -312,13 +312,16 @@ class Driver:
         return out
 
     def _choice_at(self, active: list[Site], options, threshold: float) -> dict[str, Any]:
-        """Each site's strongest setting whose damage per second saved, and that of every
-        milder setting, is within ``threshold``."""
+        """Each site's strongest setting whose damage per unit saved, and that of every
+        milder setting that saves anything, is within ``threshold``."""
         choice = {}
         for site in active:
             chosen = None
             for opt in options[site.name]:
-                if opt.ratio(self.goal) > threshold:
+                ratio = opt.ratio(self.goal)
+                if not np.isfinite(ratio):
+                    continue  # saves nothing (e.g. an added bias outweighs a small cut)
+                if ratio > threshold:
                     break
                 chosen = opt.setting
             if chosen is not None:
