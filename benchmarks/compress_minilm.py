@@ -1,0 +1,93 @@
+"""Structured compression of all-MiniLM-L6-v2 (real weights) on natural sentences.
+
+    python benchmarks/compress_minilm.py [--calibration 512] [--configs JSON]
+
+Calibration, validation and test sentences are prose from the Python standard library's
+docstrings (``tests/corpus.py``: disjoint sets, each from its own modules); a second
+test set is the short everyday sentences of the test suite. Each configuration (a pass,
+fixed options, with or without the least-squares recovery) runs through
+``graphopt.optimize`` on the cleaned-up graph before the ORT fusions, as the CLI places
+it, and prints: the encoder FLOPs per token relative to the lossless pipeline's result,
+parameters, the mean and minimum cosine of the sentence embeddings to the original's on
+both test sets, and the wall time.
+
+``--configs`` is a JSON list of [pass, {options}, recover]; the default compares
+prune-ffn, prune-heads and decompose-low-rank at one setting each, unrecovered, then
+prune-ffn recovered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import graphopt  # noqa: E402
+from graphopt import verify  # noqa: E402
+from graphopt.registry import pass_registry  # noqa: E402
+from graphopt.targets.ort import LOSSLESS_PIPELINE, cpu_flags  # noqa: E402
+from tests import corpus, zoo  # noqa: E402
+from tests.helpers import CALIBRATION_SENTENCES  # noqa: E402
+from tests.sentences import minilm_batches  # noqa: E402
+
+DEFAULT = [["prune-ffn", {"ratio": 0.25}, False],
+           ["prune-heads", {"ratio": 0.25, "importance": "norm"}, False],
+           ["decompose-low-rank", {"rank_ratio": 0.5, "require_speedup": False}, False],
+           ["prune-ffn", {"ratio": 0.25}, True]]
+
+
+def embeddings(proto, batches) -> np.ndarray:
+    sess = verify.session(proto)
+    return np.concatenate([verify.run(sess, b)["sentence_embedding"] for b in batches])
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return round(float(cos.mean()), 4), round(float(cos.min()), 4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calibration", type=int, default=512)
+    parser.add_argument("--configs", default=json.dumps(DEFAULT))
+    args = parser.parse_args()
+    print("cpu flags:", " ".join(sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni",
+                                                       "avx512vnni", "fma"})))
+    registry = pass_registry()
+    cleanup = [n for n in LOSSLESS_PIPELINE if registry.get(n).family == "cleanup"]
+    rest = [n for n in LOSSLESS_PIPELINE if n not in cleanup]
+    cal_s, val_s, test_s = corpus.split(args.calibration, 256, 512)
+    cal, val = minilm_batches(cal_s, 32), minilm_batches(val_s, 32)
+    tests = {"docstrings": minilm_batches(test_s, 32),
+             "everyday": minilm_batches(list(CALIBRATION_SENTENCES) +
+                                        list(zoo.MINILM_SENTENCES), 16)}
+    proto = zoo.bert_minilm()
+    refs = {k: embeddings(proto, b) for k, b in tests.items()}
+    lossless = graphopt.optimize(proto, target="ort").report["output"]["flops"]
+    print(f"calibration {len(cal_s)} / validation {len(val_s)} / test {len(test_s)} "
+          f"docstring sentences + {len(refs['everyday'])} everyday sentences")
+    print(f"{'pass':<20} {'options':<44} {'rec':<4} {'FLOPs':>6} {'params':>10} "
+          f"{'docstrings mean/min':>20} {'everyday mean/min':>18} {'s':>5}")
+    for name, options, recover in json.loads(args.configs):
+        start = time.perf_counter()
+        p = registry.get(name)(**options)
+        result = graphopt.optimize(proto, passes=[*cleanup, p, *rest], calibration=cal,
+                                   validation=val, recovery="recover" if recover else None,
+                                   tolerance=0.01, metric="mean-cosine")
+        out = result.model.to_onnx()
+        flops = result.report["output"]["flops"] / lossless
+        cos = {k: cosines(embeddings(out, b), refs[k]) for k, b in tests.items()}
+        print(f"{name:<20} {json.dumps(options):<44} {'yes' if recover else 'no':<4} "
+              f"{flops:6.3f} {result.model.num_params():>10,} "
+              f"{'%.4f / %.4f' % cos['docstrings']:>20} {'%.4f / %.4f' % cos['everyday']:>18} "
+              f"{time.perf_counter() - start:5.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
