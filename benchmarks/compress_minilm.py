@@ -14,6 +14,11 @@ both test sets, and the wall time.
 ``--configs`` is a JSON list of [pass, {options}, recover]; the default compares
 prune-ffn, prune-heads and decompose-low-rank at one setting each, unrecovered, then
 prune-ffn recovered.
+
+Measured on a 2-core AVX2 machine (FLOPs relative to the lossless result; mean cosine
+docstrings / everyday): prune-ffn 0.25: 0.833x, 0.953 / 0.848 (recovered: 0.974 / 0.878,
+966 s); prune-heads 0.25 (norm): 0.917x, 0.939 / 0.933; decompose-low-rank 0.5: 0.919x,
+0.933 / 0.864.
 """
 
 from __future__ import annotations
