@@ -14,7 +14,9 @@ import onnx
 
 from graphopt import verify
 from graphopt.cost import Device
+from graphopt.errors import UsageError
 from graphopt.ir import Model, save, saved_files
+from graphopt.paths import TEMP_PREFIX
 from graphopt.target import Artifact, Capabilities, Target
 
 # The lossless pipeline. Shape folding feeds constant folding; chains and no-ops expose
@@ -51,6 +53,8 @@ LOSSLESS_PIPELINE = (
 )
 
 _CORES = os.cpu_count() or 1
+
+NAME_MAX = 255  # bytes of a file name (Linux, macOS, Windows)
 
 # ORT graph rewrites the .ort conversion leaves out (and session.json records), measured
 # slower on this runtime's CPU kernels: SkipLayerNormFusion (see LOSSLESS_PIPELINE). Off,
@@ -121,9 +125,15 @@ class OrtTarget(Target):
 
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = path.with_name(path.name + ".session.json")
+        if len(os.fsencode(meta.name)) > NAME_MAX:
+            raise UsageError(f"output name {path.name[:40]}... is too long: {meta.name[:40]}... "
+                             f"(beside it) would exceed {NAME_MAX} bytes",
+                             hint="choose a shorter output name")
         with tempfile.TemporaryDirectory(prefix="graphopt-ort-") as tmp:
             source = save(model, Path(tmp) / "model.onnx")
-            fd, staged = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".ort")
+            # Short temporary names (not derived from the output's): a name near the
+            # file system's 255-byte limit still has room for the random part.
+            fd, staged = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=".ort")
             os.close(fd)
             staged_meta = None
             try:
@@ -144,7 +154,7 @@ class OrtTarget(Target):
                             "(this CPU); load with this onnxruntime version or a newer one "
                             "reading the same ORT format version",
                 }
-                fd, staged_meta = tempfile.mkstemp(dir=path.parent, prefix=f".{meta.name}.")
+                fd, staged_meta = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX)
                 with os.fdopen(fd, "w") as fh:
                     fh.write(json.dumps(session_info, indent=2) + "\n")
                 for done in (staged, staged_meta):

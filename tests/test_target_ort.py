@@ -57,3 +57,20 @@ def test_default_format_is_still_onnx(tmp_path):
     result = graphopt.optimize(EXAMPLE, output=tmp_path / "m.onnx")
     assert result.artifact.format == "onnx"
     onnx.checker.check_model(onnx.load(tmp_path / "m.onnx"))
+
+
+@pytest.mark.parametrize("length, ok", [(241, True), (243, False)])
+def test_format_ort_with_a_name_near_the_file_name_limit(tmp_path, length, ok):
+    """241 characters: `.session.json` still fits in 255 bytes, and the temporary files
+    (once named after the output, 8 random characters longer) must too; 243: the
+    session file cannot exist, a usage error (2) says so and nothing is written."""
+    out = tmp_path / "out" / ("m" * (length - 4) + ".ort")
+    result = cli("optimize", EXAMPLE, "-o", out, "--format", "ort", cwd=tmp_path)
+    if ok:
+        assert result.returncode == 0, result.stderr
+        assert sorted(p.name for p in out.parent.iterdir()) == [out.name,
+                                                               out.name + ".session.json"]
+    else:
+        assert result.returncode == 2, result.stderr
+        assert "too long" in result.stderr
+        assert not out.parent.exists() or not any(out.parent.iterdir())
