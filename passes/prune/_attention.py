@@ -229,14 +229,20 @@ def _decomposed(members: list, graph: gs.Graph):
     shapes = {(h, d) for _, _, h, d in members}
     block = AttentionBlock("decomposed", anchor, splits=splits,
                            projections=[m[1] for m in members], axes=list(axes.values()))
+    where = f"attention at Softmax node {anchor!r}"
+    split_names = ", ".join(repr(s.name) for s in splits)
     if len(shapes) != 1:
-        problems.append(f"projections split into different heads {sorted(shapes)}")
+        problems.append(f"{where}: Reshape nodes {split_names} split the projections "
+                        f"into different heads {sorted(shapes)}")
     h, d = sorted(shapes)[0]
     block.heads, block.head_size = h, d
     if len(members) != 3:
-        problems.append(f"{len(members)} projections split into heads (want Q, K, V)")
+        problems.append(f"{where}: {len(members)} projections split into heads (Reshape "
+                        f"nodes {split_names}; want Q, K, V)")
     if len(merges) != 1:
-        problems.append(f"{len(merges)} reshapes merge the heads (want 1)")
+        named = ": " + ", ".join(repr(m.name) for m in merges) if merges else ""
+        problems.append(f"{where}: {len(merges)} reshapes merge the heads (want 1)"
+                        f"{named}")
     else:
         block.merge = merges[0]
         tail = shape_tail(block.merge, 1)

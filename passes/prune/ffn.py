@@ -96,7 +96,8 @@ class PruneFfn(CompressionPass):
 
     def apply(self, model: Model, choice: Mapping[str, Any], ctx: PassContext) -> Applied:
         blocks = {b.name: b for b in find_ffn_blocks(model.graph)}
-        missing = [n for n in choice if n in blocks and n not in self._scores]
+        missing = [n for n in choice if n in blocks and blocks[n].reason is None
+                   and n not in self._scores]
         if missing:
             self._importance(model, [blocks[n] for n in missing], ctx)
         ed = Editor(model.graph)
