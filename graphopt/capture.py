@@ -100,6 +100,15 @@ class ChannelStats:
         return np.sqrt(self.sumsq)
 
 
+def subset(data: Sequence, count: int) -> list:
+    """At most ``count`` of the batches ``data``, spread evenly over it in its order (not
+    its first ones: calibration sets are often sorted, e.g. sentences by length)."""
+    data = list(data or [])
+    if len(data) <= count:
+        return data
+    return [data[(i * len(data)) // count] for i in range(count)]
+
+
 def as_rows(x: np.ndarray, axis: int) -> np.ndarray:
     """``x`` as a [rows, channels] float64 matrix, channels on ``axis``."""
     x = np.asarray(x, dtype=np.float64)

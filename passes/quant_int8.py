@@ -46,6 +46,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt import switchboard, verify
+from graphopt.capture import subset
 from graphopt.accuracy import (Evaluator, batch_size, fallback_search, median_latency,
                                run_all, sample_cosines, session)
 from graphopt.ir import Model
@@ -153,7 +154,7 @@ class _Int8Pass(Pass):
     # ------------------------------------------------------------------ data
     def _data(self, ctx: PassContext, proto: onnx.ModelProto) -> tuple[list, bool]:
         if ctx.calibration:
-            return ctx.calibration[: self.options.max_batches], True
+            return subset(ctx.calibration, self.options.max_batches), True
         ctx.logger.warning(
             "%s: NO CALIBRATION DATA: calibrating and checking accuracy on random probe "
             "inputs, so the accuracy of the quantized model is UNMEASURED; give real "

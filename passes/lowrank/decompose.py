@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.capture import ChannelStats, channel_stats
+from graphopt.capture import ChannelStats, channel_stats, subset
 from graphopt.compression import Applied, CompressionPass, Site, nearest_setting
 from graphopt.errors import GraphoptError
 from graphopt.ir import Model
@@ -351,7 +351,7 @@ class DecomposeLowRank(CompressionPass):
             if have is None or have.gram is None or len(have.gram) != _in_channels(layer):
                 want[x] = layer.axis
         if want:
-            data = list(ctx.calibration[: self.options.max_batches])
+            data = subset(ctx.calibration, self.options.max_batches)
             self._stats.update(channel_stats(model.to_onnx(), want, data, gram=True))
 
     def _whitening(self, layer: Layer) -> np.ndarray:

@@ -338,11 +338,13 @@ def compensation(end: Linear, removed: np.ndarray, mean: np.ndarray) -> np.ndarr
 MASK, OFFSET = ".gate_mask", ".gate_offset"  # suffixes of the gate inputs
 
 
-def gated(model: Model, points: dict[str, str]) -> onnx.ModelProto:
+def gated(model: Model, points: dict[str, str], matrix: bool = False) -> onnx.ModelProto:
     """A copy of ``model`` where the tensor each linear (node name) in ``points`` reads
     is replaced by x·mask + offset, with mask and offset new graph inputs named after the
     point (``points``: node name -> point name; vectors as wide as the input). Switching
-    a unit off (mask 0, offset its mean) is then exactly pruning it with compensation."""
+    a unit off (mask 0, offset its mean) is then exactly pruning it with compensation.
+    With ``matrix`` the mask is a square matrix and the gate x @ mask + offset: any
+    linear re-fit of the layer from its kept inputs (``_obs.gate``) is then exact too."""
     copy = model.clone()
     graph = copy.graph
     nodes = {n.name: n for n in graph.nodes}
@@ -352,11 +354,12 @@ def gated(model: Model, points: dict[str, str]) -> onnx.ModelProto:
         x = node.inputs[0]
         width = int(const_input(node, 1).shape[0])
         dtype = const_input(node, 1).dtype
-        mask = gs.Variable(f"{point}{MASK}", dtype, [width])
+        mask = gs.Variable(f"{point}{MASK}", dtype, [width, width] if matrix else [width])
         offset = gs.Variable(f"{point}{OFFSET}", dtype, [width])
         scaled = gs.Variable(unique_name(taken, f"{x.name}_gated"), dtype, x.shape)
         shifted = gs.Variable(unique_name(taken, f"{x.name}_shifted"), dtype, x.shape)
-        graph.nodes.append(gs.Node("Mul", unique_name(taken, f"{point}_gate_mul"),
+        graph.nodes.append(gs.Node("MatMul" if matrix else "Mul",
+                                   unique_name(taken, f"{point}_gate_mul"),
                                    inputs=[x, mask], outputs=[scaled]))
         graph.nodes.append(gs.Node("Add", unique_name(taken, f"{point}_gate_add"),
                                    inputs=[scaled, offset], outputs=[shifted]))
@@ -378,7 +381,8 @@ def output_error(reference: list[dict], outputs: list[dict]) -> float:
 
 class GateRunner:
     """One ONNX Runtime session of a ``gated`` model over ``data``: ``run(settings)``
-    with {point: (mask, offset)} for the points switched (the others pass through)."""
+    with {point: (mask, offset)} for the points switched (the others pass through: mask
+    ones or the identity matrix, offset zeros)."""
 
     def __init__(self, proto: onnx.ModelProto, data: list[dict]):
         from graphopt import verify
@@ -390,8 +394,13 @@ class GateRunner:
         for i in self.sess.get_inputs():
             if i.name.endswith(MASK) or i.name.endswith(OFFSET):
                 dtype = np.float16 if "float16" in i.type else np.float32
-                fill = np.ones if i.name.endswith(MASK) else np.zeros
-                self.defaults[i.name] = fill(int(i.shape[0]), dtype=dtype)
+                width = int(i.shape[0])
+                if i.name.endswith(OFFSET):
+                    self.defaults[i.name] = np.zeros(width, dtype=dtype)
+                elif len(i.shape) == 2:
+                    self.defaults[i.name] = np.eye(width, dtype=dtype)
+                else:
+                    self.defaults[i.name] = np.ones(width, dtype=dtype)
         self.data = [{k: v for k, v in f.items() if k in accepted} for f in data]
         self.reference = self.run({})
 

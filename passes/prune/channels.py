@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.capture import channel_stats
+from graphopt.capture import channel_stats, subset
 from graphopt.compression import Applied, CompressionPass, Site, nearest_setting
 from graphopt.ir import Model
 from graphopt.pass_infra import PassContext
@@ -117,7 +117,7 @@ class PruneChannels(CompressionPass):
     # ------------------------------------------------------------------ importance
     def _importance(self, model: Model, groups: list[Group], ctx: PassContext):
         method = self.options.importance
-        data = (ctx.calibration or [])[: self.options.max_batches]
+        data = subset(ctx.calibration, self.options.max_batches)
         if method == "l2" or not data or not groups:
             return {g.name: _producer_norms(g) for g in groups}, "l2" if groups else method
         axes = {}

@@ -12,10 +12,14 @@ projection's input), computed once per run:
 * ``wanda`` (default): ‖X_j‖₂ · ‖W2[j, :]‖₂, the size of what neuron j contributes;
 * ``fluctuation`` (FLAP): Var(X_j) · ‖W2[j, :]‖₂², what is left of it after
   compensation (the part a bias cannot absorb);
-* ``magnitude``: ‖W1[:, j]‖₂ · ‖W2[j, :]‖₂ (weights only).
+* ``magnitude``: ‖W1[:, j]‖₂ · ‖W2[j, :]‖₂ (weights only);
+* ``obs`` (ZipLM's structured Optimal Brain Surgeon, ``_obs``): neurons removed greedily
+  by the output error left after the optimal re-fit of W2, from the Gram matrix of X.
 
-``compensate`` (FLAP): b2 += W2[removed, :]ᵀ · mean(X[removed]), so the block's output
-keeps its mean.
+``update`` (default, with data): W2's kept rows and b2 are re-fit by least squares from
+the Gram matrix of X, so the kept neurons take over what the removed ones carried as
+far as they correlate with them; otherwise ``compensate`` (FLAP): b2 += W2[removed, :]ᵀ ·
+mean(X[removed]), so the block's output keeps its mean.
 """
 
 from __future__ import annotations
@@ -25,15 +29,16 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from graphopt.capture import channel_stats
+from graphopt.capture import channel_stats, subset
 from graphopt.compression import Applied, CompressionPass, Site
 from graphopt.ir import Model
 from graphopt.pass_infra import PassContext
+from graphopt.passes.prune import _obs
 from graphopt.passes.prune._blocks import (Editor, FfnBlock, GateRunner, compensation,
                                            find_ffn_blocks, gated, keep_count,
                                            narrow_region, tap_source, top)
 
-IMPORTANCE = ("wanda", "fluctuation", "magnitude")
+IMPORTANCE = ("obs", "wanda", "fluctuation", "magnitude")
 RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 
 
@@ -51,9 +56,10 @@ class PruneFfn(CompressionPass):
         ratio: float | None = None  # one fraction for every block (None: searched)
         ratios: tuple[float, ...] = RATIOS
         multiple: int = 16  # neurons kept are a multiple of this (0: any count)
-        importance: str = "wanda"
-        compensate: bool = True
-        max_batches: int = 16  # calibration batches for the statistics
+        importance: str = "obs"
+        update: bool = True  # least-squares re-fit of the down projection (with data)
+        compensate: bool = True  # mean compensation, when there is no update
+        max_batches: int = 64  # calibration batches for the statistics
 
         def __post_init__(self):
             if self.importance not in IMPORTANCE:
@@ -69,6 +75,7 @@ class PruneFfn(CompressionPass):
         super().__init__(options, **kwargs)
         self._scores: dict[str, np.ndarray] = {}
         self._means: dict[str, np.ndarray] = {}
+        self._grams: dict[str, np.ndarray] = {}
         self._method = self.options.importance
         self._ctx: PassContext | None = None
 
@@ -113,8 +120,15 @@ class PruneFfn(CompressionPass):
             if count >= b.width:
                 continue
             kept = top(self._scores[name], count)
-            kept_map.update(prune_block(ed, b, kept, self._means.get(name)
-                                        if self.options.compensate else None))
+            if name in self._grams:
+                weight, old = b.down.weight, b.down.bias
+                w, bias = _obs.refit(self._grams[name], weight, old, kept)
+                kept_map.update(prune_block(ed, b, kept, None))
+                ed.set(b.down.node, 1, w.astype(weight.dtype))
+                ed.add_bias(b.down, bias - (0.0 if old is None else old.reshape(-1)))
+            else:
+                kept_map.update(prune_block(ed, b, kept, self._means.get(name)
+                                            if self.options.compensate else None))
             stats[name] = {"neurons": b.width, "kept": count}
         ed.finish()
         return Applied(stats, kept_map)
@@ -130,7 +144,7 @@ class PruneFfn(CompressionPass):
             return None
         blocks = {b.name: b for b in find_ffn_blocks(model.graph)}
         points = {blocks[s.name].down.node.name: f"ffn{i}" for i, s in enumerate(active)}
-        runner = GateRunner(gated(model, points), data)
+        runner = GateRunner(gated(model, points, matrix=bool(self._grams)), data)
         out = {}
         for i, s in enumerate(active):
             for count in s.settings[1:]:
@@ -139,7 +153,10 @@ class PruneFfn(CompressionPass):
         return out
 
     def gate(self, name: str, width: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """(mask, offset) on a block's intermediate tensor that prune it to ``count``."""
+        """(mask, offset) on a block's intermediate tensor that prune it to ``count``
+        (with the re-fit, the mask is a matrix: ``_obs.gate``)."""
+        if name in self._grams:
+            return _obs.gate(self._grams[name], top(self._scores[name], count))
         mask = np.zeros(width)
         mask[top(self._scores[name], count)] = 1.0
         mean = self._means.get(name) if self.options.compensate else None
@@ -149,12 +166,13 @@ class PruneFfn(CompressionPass):
     # ------------------------------------------------------------------ importance
     def _importance(self, model: Model, blocks: list[FfnBlock], ctx: PassContext) -> None:
         method = self.options.importance
-        data = list(ctx.calibration or [])[: self.options.max_batches]
+        data = subset(ctx.calibration, self.options.max_batches)
         stats = {}
+        gram = self.options.update or method == "obs"
         if data and blocks:
             names = [b.activation.name for b in blocks]
             stats = channel_stats(tap_source(model, ctx.reference, names),
-                                  {n: -1 for n in names}, data)
+                                  {n: -1 for n in names}, data, gram=gram)
         elif method != "magnitude":
             method = "magnitude"  # no data: weights only
         self._method = method
@@ -163,7 +181,14 @@ class PruneFfn(CompressionPass):
             st = stats.get(b.activation.name)
             if st is not None:
                 self._means[b.name] = st.mean
-            if method == "wanda":
+                if gram:
+                    h = _obs.augmented_gram(st)
+                    if self.options.update and _obs.enough(st):
+                        self._grams[b.name] = h
+            if method == "obs":
+                self._scores[b.name] = _obs.ranking(_obs.removal_order(
+                    h, b.down.weight, b.down.bias))
+            elif method == "wanda":
                 self._scores[b.name] = st.norm * w2
             elif method == "fluctuation":
                 self._scores[b.name] = st.var * w2 ** 2

@@ -15,9 +15,14 @@ Importance, from calibration data (computed once per run):
   relative squared change of the model's outputs. It measures what matters, the
   effect at the output through every later layer, at one run over the data per head.
 * ``norm``: ‖context_h‖ · ‖Wo[rows of h]‖ (centered with ``compensate``), from one run.
+* ``obs``: ZipLM's structured Optimal Brain Surgeon on the output projection (``_obs``):
+  heads removed greedily by the error left after the re-fit, from one run.
 
-``compensate`` (FLAP): the output projection's bias gets Wo[removed rows]ᵀ ·
-mean(context[removed]), what the removed heads contributed on average.
+``update`` (default, with data): the output projection's kept rows and bias are re-fit
+by least squares from the Gram matrix of its input (ablation then gates each head off
+with that re-fit, again exactly what pruning does); otherwise ``compensate`` (FLAP): its
+bias gets Wo[removed rows]ᵀ · mean(context[removed]), what the removed heads
+contributed on average.
 """
 
 from __future__ import annotations
@@ -27,17 +32,18 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from graphopt.capture import channel_stats
+from graphopt.capture import channel_stats, subset
 from graphopt.compression import Applied, CompressionPass, Site
 from graphopt.ir import Model
 from graphopt.pass_infra import PassContext
+from graphopt.passes.prune import _obs
 from graphopt.passes.prune._attention import (AttentionBlock, find_attention_blocks,
                                               set_entry, shape_tail)
 from graphopt.passes.prune._blocks import (Editor, GateRunner, compensation, expand,
                                            gated, narrow_dim, narrow_region, tap_source,
                                            top)
 
-IMPORTANCE = ("ablation", "norm")
+IMPORTANCE = ("ablation", "norm", "obs")
 RATIOS = (0.0, 0.25, 0.5, 0.75)
 
 
@@ -55,8 +61,9 @@ class PruneHeads(CompressionPass):
         ratio: float | None = None  # one fraction for every block (None: searched)
         ratios: tuple[float, ...] = RATIOS
         importance: str = "ablation"
-        compensate: bool = True
-        max_batches: int = 16  # calibration batches for the context statistics
+        update: bool = True  # least-squares re-fit of the output projection (with data)
+        compensate: bool = True  # mean compensation, when there is no update
+        max_batches: int = 64  # calibration batches for the context statistics
         ablation_batches: int = 4  # of those, batches each head's ablation runs on
 
         def __post_init__(self):
@@ -73,6 +80,7 @@ class PruneHeads(CompressionPass):
         super().__init__(options, **kwargs)
         self._scores: dict[str, np.ndarray] = {}
         self._means: dict[str, np.ndarray] = {}
+        self._grams: dict[str, np.ndarray] = {}
         self._method = self.options.importance
         self._ctx: PassContext | None = None
 
@@ -117,8 +125,16 @@ class PruneHeads(CompressionPass):
             if count >= b.heads:
                 continue
             kept = top(self._scores[name], count)
-            kept_map.update(prune_heads(ed, b, kept, self._means.get(name)
-                                        if self.options.compensate else None))
+            if name in self._grams:
+                weight, old = b.out.weight, b.out.bias
+                w, bias = _obs.refit(self._grams[name], weight, old,
+                                     expand(kept, b.head_size))
+                kept_map.update(prune_heads(ed, b, kept, None))
+                ed.set(b.out.node, 1, w.astype(weight.dtype))
+                ed.add_bias(b.out, bias - (0.0 if old is None else old.reshape(-1)))
+            else:
+                kept_map.update(prune_heads(ed, b, kept, self._means.get(name)
+                                            if self.options.compensate else None))
             stats[name] = {"heads": b.heads, "kept": count,
                            "kept_heads": [int(k) for k in kept]}
         ed.finish()
@@ -135,7 +151,7 @@ class PruneHeads(CompressionPass):
             return None
         blocks = {b.name: b for b in find_attention_blocks(model.graph)}
         points = {blocks[s.name].out.node.name: f"heads{i}" for i, s in enumerate(active)}
-        runner = GateRunner(gated(model, points), data)
+        runner = GateRunner(gated(model, points, matrix=bool(self._grams)), data)
         out = {}
         for i, s in enumerate(active):
             b = blocks[s.name]
@@ -145,7 +161,10 @@ class PruneHeads(CompressionPass):
         return out
 
     def gate(self, b: AttentionBlock, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(mask, offset) on the output projection's input that keep heads ``kept``."""
+        """(mask, offset) on the output projection's input that keep heads ``kept``
+        (with the re-fit, the mask is a matrix: ``_obs.gate``)."""
+        if b.name in self._grams:
+            return _obs.gate(self._grams[b.name], expand(kept, b.head_size))
         mask = np.zeros(b.heads * b.head_size)
         mask[expand(kept, b.head_size)] = 1.0
         mean = self._means.get(b.name) if self.options.compensate else None
@@ -155,7 +174,7 @@ class PruneHeads(CompressionPass):
     # ------------------------------------------------------------------ importance
     def _importance(self, model: Model, blocks: list[AttentionBlock],
                     ctx: PassContext) -> None:
-        data = list(ctx.calibration or [])[: self.options.max_batches]
+        data = subset(ctx.calibration, self.options.max_batches)
         method = self.options.importance if data else "weights"
         self._method = method
         if not blocks:
@@ -166,21 +185,30 @@ class PruneHeads(CompressionPass):
                 self._scores[b.name] = (rows ** 2).reshape(b.heads, b.head_size).sum(1)
             return
         names = [b.out.node.inputs[0].name for b in blocks]
+        gram = self.options.update or method == "obs"
         stats = channel_stats(tap_source(model, ctx.reference, names),
-                              {n: -1 for n in names}, data)
+                              {n: -1 for n in names}, data, gram=gram)
         for b, n in zip(blocks, names):
             st = stats[n]
             self._means[b.name] = st.mean
+            if gram:
+                h = _obs.augmented_gram(st)
+                if self.options.update and _obs.enough(st):
+                    self._grams[b.name] = h
+            if method == "obs":
+                self._scores[b.name] = _obs.ranking(_obs.removal_order(
+                    h, b.out.weight, b.out.bias, group=b.head_size))
+                continue
             energy = st.var if self.options.compensate else st.sumsq / max(st.count, 1)
             rows = np.linalg.norm(b.out.weight.astype(np.float64), axis=1)
             self._scores[b.name] = np.sqrt(energy.reshape(b.heads, -1).sum(1)) * \
                 np.sqrt((rows ** 2).reshape(b.heads, -1).sum(1))
         if method == "ablation":
-            self._ablate(model, blocks, data[: self.options.ablation_batches])
+            self._ablate(model, blocks, subset(data, self.options.ablation_batches))
 
     def _ablate(self, model: Model, blocks: list[AttentionBlock], data: list) -> None:
         points = {b.out.node.name: f"heads{i}" for i, b in enumerate(blocks)}
-        runner = GateRunner(gated(model, points), data)
+        runner = GateRunner(gated(model, points, matrix=bool(self._grams)), data)
         for i, b in enumerate(blocks):
             scores = np.zeros(b.heads)
             for h in range(b.heads):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from graphopt.capture import subset
 from graphopt.ir import Model
 from graphopt.pass_infra import Pass, PassContext, PassResult
 from graphopt.passes.recover.refit import refit
@@ -60,7 +61,7 @@ class Recover(Pass):
             return PassResult(False, {"reason": "no original model to recover towards"})
         if not ctx.calibration:
             return PassResult(False, {"reason": "no calibration data"})
-        data = list(ctx.calibration[: self.options.max_batches])
+        data = subset(ctx.calibration, self.options.max_batches)
         if self._teacher is None or not self._teacher.serves(reference, data):
             self._teacher = Teacher(reference, data)
         layers = refit(reference, model, dict(getattr(ctx, "kept", None) or {}), data,
