@@ -10,7 +10,9 @@ does the rest, the same way for every technique:
    the cost model (latency on the target's device, FLOPs, parameters);
 2. searches the settings: each site takes its strongest setting whose damage per unit
    saved is below a threshold; the threshold is bisected so the combined model, after
-   recovery, meets the budget (every model it returns was measured to meet it);
+   recovery, meets the budget (every model it returns was measured to meet it); then
+   what is left of the budget is spent one site's next setting at a time, best deals
+   first, each step measured on the whole model (sites interact);
 3. recovers each candidate before measuring it (``PassContext.recovery``: a pass of the
    recovery family re-fits the changed layers to the original model's outputs);
 4. reports, per site: technique, setting, size before/after, damage alone, FLOPs and
@@ -37,6 +39,7 @@ from graphopt.metric import DEFAULT_BUDGET, get_metric
 from graphopt.pass_infra import Pass, PassContext, PassResult
 
 Kept = dict[str, tuple[int, np.ndarray]]
+REFINE_STEPS = 12  # evaluations spent refining the threshold search's result, at most
 
 
 @dataclass
@@ -355,7 +358,43 @@ class Driver:
                 lo = mid
             else:
                 hi = mid
-        return (cache[lo] if lo >= 0 else None), tried
+        return self._refine(model, active, options, cache[lo] if lo >= 0 else None, tried,
+                            list(cache.values()))
+
+    def _refine(self, model: Model, active: list[Site], options, best: _Candidate | None,
+                tried: list[dict], measured: list[_Candidate]) -> tuple:
+        """Spend what the threshold search left of the budget: one site at a time, its
+        next stronger setting, best deals first; a step is kept when the whole model still
+        meets the budget (damages alone do not add up exactly: sites interact), and a
+        site that fails is not tried again. At most ``REFINE_STEPS`` evaluations."""
+        choice = dict(best.choice) if best is not None else {}
+        blocked: set[str] = set()
+        for _ in range(REFINE_STEPS):
+            steps = []
+            for site in active:
+                if site.name in blocked:
+                    continue
+                current = choice.get(site.name, site.settings[0])
+                stronger = [o for o in options[site.name]
+                            if o.index > site.settings.index(current)
+                            and np.isfinite(o.ratio(self.goal))]
+                if stronger:
+                    steps.append((stronger[0].ratio(self.goal), site.name,
+                                  stronger[0].setting))
+            if not steps:
+                break
+            _, name, setting = min(steps, key=lambda t: (t[0], t[1]))
+            step = {**choice, name: setting}
+            cand = next((c for c in measured if c.choice == step), None) or \
+                self.build(model, step, recover=True)
+            ok = cand.score >= self.budget
+            tried.append({"refine": name, "setting": _plain(setting),
+                          "score": round(cand.score, 6), "ok": ok})
+            if ok:
+                best, choice = cand, dict(cand.choice)
+            else:
+                blocked.add(name)
+        return best, tried
 
     def _site_report(self, active: list[Site], choice: Mapping[str, Any], options) -> dict:
         report = {}

@@ -46,6 +46,11 @@ def test_prune_and_recover_keeps_a_fifth_of_the_macs_within_a_point(pruned):
     assert loss <= 0.010, loss
     info = pruned.report["compression"]["passes"]["prune-channels"]
     assert info["score"] >= 0.99 and info["recovery"]  # recovered, measured, in budget
+    # the threshold search's best, then refined one site at a time within the budget
+    found = [t for t in info["search"] if "threshold" in t and t["ok"]]
+    refined = [t for t in info["search"] if "refine" in t]
+    assert found and refined and all(t["ok"] == (t["score"] >= 0.99) for t in refined)
+    assert info["score"] == [t for t in info["search"] if t["ok"]][-1]["score"]
     assert pruned.report["verification"]["ok"] is True
     assert pruned.report["verification"]["metric"] == "mean-cosine"
 
