@@ -99,6 +99,12 @@ def main() -> None:
               f"{flops:6.3f} {result.model.num_params():>10,} "
               f"{'%.4f / %.4f' % cos['docstrings']:>20} {'%.4f / %.4f' % cos['everyday']:>18} "
               f"{time.perf_counter() - start:5.0f}", flush=True)
+        for pass_name, info in result.report.get("compression", {}).get("passes",
+                                                                       {}).items():
+            chosen = [f"{site['setting']}/{site['size']}"
+                      for site in info.get("sites", {}).values()]
+            print(f"    {pass_name}: kept per block {' '.join(chosen)}; validation "
+                  f"{info.get('score')}", flush=True)
 
 
 if __name__ == "__main__":

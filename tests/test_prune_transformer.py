@@ -356,6 +356,25 @@ def test_the_gate_simulation_is_the_pruned_model(biased, form, kind):
                 (site.name, count)
 
 
+@pytest.mark.parametrize("kind", ["heads", "ffn"])
+def test_with_recovery_the_search_ranks_by_gates_only_with_the_refit(biased, kind):
+    """Under recovery the core would build and recover every (site, setting) alone;
+    with the re-fit the gated session already scores each site re-fitted, so it is used
+    (without the re-fit, the unrecovered gate would rank wrongly: no scores)."""
+    proto = biased["fused"]
+    calib = bert_token_feeds(VOCAB, count=9, batch=8, sequence=16, seed=1)  # 4 rows/input
+    for update, expected in ((True, True), (False, False)):
+        p = PASSES[kind](update=update, **({"importance": "norm"} if kind == "heads"
+                                           else {}))
+        model = Model.from_proto(proto)
+        ctx = context(calib)
+        ctx.reference = proto
+        ctx.recovery = pass_registry().get("recover")()
+        sites = p.sites(model, ctx)
+        got = p.damages(model, sites, held_out(), lambda outs: 0.0)
+        assert (got is not None) == expected, (update, got)
+
+
 def test_importance_beats_the_worst_heads():
     """On MiniLM's real weights (bert_tiny's random heads barely matter): half of every
     layer's heads, the least important by the pass against the most important."""

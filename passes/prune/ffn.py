@@ -137,8 +137,11 @@ class PruneFfn(CompressionPass):
                 score: Callable[[list], float]) -> dict | None:
         """Each (block, setting) alone, in one session: the down projection's input is
         gated (x·mask + offset), which is exactly pruning with compensation."""
-        if self._ctx is not None and self._ctx.recovery is not None:
-            return None  # the core measures each site recovered: build and measure them
+        if self._ctx is not None and self._ctx.recovery is not None and not self._grams:
+            # The core measures each site recovered: build and measure them. With the
+            # re-fit, the gate is the site already re-fitted where it was cut (recovery
+            # re-fits downstream too, which the combined candidates get).
+            return None
         active = [s for s in sites if s.name in self._scores]
         if not active:
             return None

@@ -144,8 +144,11 @@ class PruneHeads(CompressionPass):
                 score: Callable[[list], float]) -> dict | None:
         """Each (block, heads kept) alone in one session (heads gated off before the
         output projection: exactly pruning them)."""
-        if self._ctx is not None and self._ctx.recovery is not None:
-            return None  # the core measures each site recovered: build and measure them
+        if self._ctx is not None and self._ctx.recovery is not None and not self._grams:
+            # The core measures each site recovered: build and measure them. With the
+            # re-fit, the gate is the site already re-fitted where it was cut (recovery
+            # re-fits downstream too, which the combined candidates get).
+            return None
         active = [s for s in sites if s.name in self._scores]
         if not active:
             return None
