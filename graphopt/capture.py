@@ -28,17 +28,57 @@ Feeds = dict[str, np.ndarray]
 
 def tapped(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of ``proto`` whose graph outputs are exactly ``names`` (any tensors: graph
-    inputs, initializers or node outputs)."""
+    inputs, initializers or node outputs), with only the nodes and initializers they
+    need: ONNX Runtime runs every node of a graph whatever outputs are fetched, so a tap
+    early in the model costs only the part of the model before it."""
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
-    known = {v.name: v for v in [*probe.graph.value_info, *probe.graph.output,
-                                 *probe.graph.input]}
-    del probe.graph.output[:]
+    graph = probe.graph
+    known = {v.name: v for v in [*graph.value_info, *graph.output, *graph.input]}
+    del graph.output[:]
     for name in names:
         info = known.get(name)
-        probe.graph.output.append(info if info is not None else
-                                  onnx.helper.make_empty_tensor_value_info(name))
+        graph.output.append(info if info is not None else
+                            onnx.helper.make_empty_tensor_value_info(name))
+    needed = _needed_nodes(graph, names)
+    if len(needed) < len(graph.node):
+        kept = [n for i, n in enumerate(graph.node) if i in needed]
+        del graph.node[:]
+        graph.node.extend(kept)
+        used = {t for n in kept for t in (*n.input, *_outer_names(n))} | set(names)
+        inits = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(inits)
     return probe
+
+
+def _outer_names(node: onnx.NodeProto) -> set[str]:
+    """Tensors a node's subgraphs (If, Loop, Scan) read from the enclosing graph."""
+    out: set[str] = set()
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else \
+                list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []:
+            inner = {t.name for t in [*sub.input, *sub.initializer]} | \
+                {o for n in sub.node for o in n.output}
+            for n in sub.node:
+                out |= {t for t in (*n.input, *_outer_names(n)) if t and t not in inner}
+    return out
+
+
+def _needed_nodes(graph: onnx.GraphProto, names: Sequence[str]) -> set[int]:
+    """Indices of the nodes ``names`` depend on."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    needed: set[int] = set()
+    stack = [producer[n] for n in names if n in producer]
+    while stack:
+        i = stack.pop()
+        if i in needed:
+            continue
+        needed.add(i)
+        node = graph.node[i]
+        stack.extend(producer[t] for t in (*node.input, *_outer_names(node))
+                     if t in producer)
+    return needed
 
 
 def activations(proto: onnx.ModelProto, names: Sequence[str], data: Iterable[Feeds],

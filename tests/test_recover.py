@@ -465,3 +465,33 @@ def test_im2col_matches_onnx_runtime_conv(attrs, shape, kernel):
     rows = im2col(x, node) @ w.reshape(5, -1).T.astype(np.float64) + b
     got = np.moveaxis(rows.reshape(want.shape[0], *want.shape[2:], 5), -1, 1)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_tap_runs_only_what_it_needs():
+    """ORT runs every node of a graph whatever is fetched: a tapped model keeps only
+    the nodes its taps depend on, including tensors read from inside an If branch."""
+    from onnx import TensorProto, helper
+
+    from graphopt.capture import tapped
+
+    def branch(name, source):
+        out = helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)
+        return helper.make_graph([helper.make_node("Identity", [source], [f"{name}_out"])],
+                                 name, [], [out])
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
+             helper.make_node("Sin", ["x"], ["unused"]),
+             helper.make_node("If", ["cond"], ["c"], then_branch=branch("then", "a"),
+                              else_branch=branch("else", "b")),
+             helper.make_node("Exp", ["c"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3]),
+                     helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": np.array([-1.0, 0.5, 2.0], np.float32), "cond": np.array(False)}
+    probe = tapped(model, ["c"])
+    assert [n.op_type for n in probe.graph.node] == ["Relu", "Neg", "If"]
+    np.testing.assert_array_equal(verify.run(probe, feeds)["c"], [-0.0, -0.5, -2.0])
+    assert [n.op_type for n in tapped(model, ["a"]).graph.node] == ["Relu"]
+    assert len(tapped(model, ["y", "unused"]).graph.node) == 5
