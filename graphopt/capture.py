@@ -45,14 +45,14 @@ def tapped(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
         kept = [n for i, n in enumerate(graph.node) if i in needed]
         del graph.node[:]
         graph.node.extend(kept)
-        used = {t for n in kept for t in (*n.input, *_outer_names(n))} | set(names)
+        used = {t for n in kept for t in (*n.input, *outer_names(n))} | set(names)
         inits = [t for t in graph.initializer if t.name in used]
         del graph.initializer[:]
         graph.initializer.extend(inits)
     return probe
 
 
-def _outer_names(node: onnx.NodeProto) -> set[str]:
+def outer_names(node: onnx.NodeProto) -> set[str]:
     """Tensors a node's subgraphs (If, Loop, Scan) read from the enclosing graph."""
     out: set[str] = set()
     for attr in node.attribute:
@@ -61,7 +61,7 @@ def _outer_names(node: onnx.NodeProto) -> set[str]:
             inner = {t.name for t in [*sub.input, *sub.initializer]} | \
                 {o for n in sub.node for o in n.output}
             for n in sub.node:
-                out |= {t for t in (*n.input, *_outer_names(n)) if t and t not in inner}
+                out |= {t for t in (*n.input, *outer_names(n)) if t and t not in inner}
     return out
 
 
@@ -76,7 +76,7 @@ def _needed_nodes(graph: onnx.GraphProto, names: Sequence[str]) -> set[int]:
             continue
         needed.add(i)
         node = graph.node[i]
-        stack.extend(producer[t] for t in (*node.input, *_outer_names(node))
+        stack.extend(producer[t] for t in (*node.input, *outer_names(node))
                      if t in producer)
     return needed
 

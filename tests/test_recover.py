@@ -410,19 +410,24 @@ def test_recover_pass_through_the_context():
 def test_waves_tap_each_layer_once(monkeypatch):
     original = digits_cnn()
     model, kept = pruned(original, [("/3/Conv", "/7/Conv"), ("/7/Conv", "/12/Gemm")])
-    runs = []
-    real = refit_module.tap
+    runs, students = [], []
+    real = refit_module.Student.batches
 
-    def counted(proto, names, data):
+    def counted(self, proto, names):
         runs.append(sorted(names))
-        return real(proto, names, data)
+        students.append(self)
+        return real(self, proto, names)
 
-    monkeypatch.setattr(refit_module, "tap", counted)
+    monkeypatch.setattr(refit_module.Student, "batches", counted)
     teacher = Teacher(original, calibration())
     refit(original, model.clone(), kept, teacher.data, teacher=teacher)
     # conv1 and conv2 (rows dropped only) are exact: never tapped; one run per wave
     assert runs == [["/6/MaxPool_output_0"], ["/11/Flatten_output_0"], ["/13/Relu_output_0"]]
     assert teacher.runs == 1  # the original's targets of all three waves in one run
+    # each wave ran on from where the last stopped: no node of the model ran twice
+    assert len(set(students)) == 1
+    upstream = tapped(model.to_onnx(), ["/13/Relu_output_0"]).graph.node
+    assert students[0].nodes_run == len(upstream) < len(model.to_onnx().graph.node)
     runs.clear()
     stats = refit(original, model.clone(), kept, teacher.data, scope="changed",
                   teacher=teacher)
@@ -471,8 +476,6 @@ def test_a_tap_runs_only_what_it_needs():
     """ORT runs every node of a graph whatever is fetched: a tapped model keeps only
     the nodes its taps depend on, including tensors read from inside an If branch."""
     from onnx import TensorProto, helper
-
-    from graphopt.capture import tapped
 
     def branch(name, source):
         out = helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)

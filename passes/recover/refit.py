@@ -33,7 +33,7 @@ import onnx
 from graphopt.ir import Model
 from graphopt.passes.recover.fit import Fit
 from graphopt.passes.recover.layers import Layer, dirty_nodes, find_layers, upstream_nodes
-from graphopt.passes.recover.targets import Teacher, tap
+from graphopt.passes.recover.targets import Student, Teacher
 
 
 def refit(reference: onnx.ModelProto, model: Model, kept: dict, data: list[dict], *,
@@ -80,10 +80,11 @@ def refit(reference: onnx.ModelProto, model: Model, kept: dict, data: list[dict]
             pending.append(layer)
     for layer in pending:
         layer.upstream = upstream_nodes(layer.x)
+    student = Student(teacher.data)
     while pending:
         wave = _wave(pending)
         later = [layer.y.name for layer in pending if layer not in wave]
-        for fit in _tap(teacher, model, wave, kept, later):
+        for fit in _tap(teacher, student, model, wave, kept, later):
             report[fit.layer.name] = fit.finish(ridge, bias_only, prior)
         pending = [layer for layer in pending if layer not in wave]
     for name, why in skipped.items():
@@ -99,12 +100,12 @@ def _wave(pending: list[Layer]) -> list[Layer]:
             if not (layer.upstream & ids) - {id(n) for n in layer.nodes}]
 
 
-def _tap(teacher: Teacher, model: Model, wave: list[Layer], kept: dict,
+def _tap(teacher: Teacher, student: Student, model: Model, wave: list[Layer], kept: dict,
          later: list[str]) -> list[Fit]:
     """One run of the compressed model (inputs) beside the original's values (targets)
     over every batch; ``later``: targets the next waves will want."""
     fits = [Fit(layer) for layer in wave]
-    inputs = tap(model.to_onnx(), [f.layer.x.name for f in fits], teacher.data)
+    inputs = student.batches(model.to_onnx(), [f.layer.x.name for f in fits])
     targets = teacher.batches([f.layer.y.name for f in fits], prefetch=later)
     for want, got in zip(targets, inputs):
         for fit in fits:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from graphopt import verify
-from graphopt.capture import tapped
+from graphopt.capture import outer_names, tapped
 from graphopt.passes.recover.layers import Reference
 
 BUDGET = 1 << 28  # bytes of original activations kept
@@ -35,6 +35,110 @@ def tap(proto: onnx.ModelProto, names: Sequence[str], data: Sequence[dict]
     for feeds in data:
         values = sess.run(names, {k: v for k, v in feeds.items() if k in accepted})
         yield dict(zip(names, values))
+
+
+class Student:
+    """The compressed model's side of a re-fit: the inputs of each wave's layers, each
+    wave computed from where the last one stopped.
+
+    A wave's run computes only what its taps depend on, and none of that depends on a
+    layer still to be fitted (a wave is every pending layer with no pending layer
+    upstream), so every value computed stays valid for the rest of the re-fit. The
+    tensors a run computed that nodes outside it read (the cut) are kept, up to
+    ``budget`` bytes, and the next wave runs the model from them instead of from the
+    graph inputs: a re-fit costs about one run of the model instead of one per wave."""
+
+    def __init__(self, data: Sequence[dict], budget: int = BUDGET):
+        self.data = list(data)
+        self.budget = budget
+        self.store: dict[str, list[np.ndarray]] = {}
+        self.nbytes = 0
+        self.nodes_run = 0  # nodes executed over all waves (for tests and reports)
+
+    def batches(self, proto: onnx.ModelProto, names: Sequence[str]
+                ) -> Iterator[dict[str, np.ndarray]]:
+        names = list(dict.fromkeys(names))
+        graph_inputs = {i.name for i in proto.graph.input}
+        given_names = [n for n in names if n in self.store or n in graph_inputs]
+        names_run = [n for n in names if n not in given_names]
+
+        def known(i: int) -> dict[str, np.ndarray]:
+            return {n: self.store[n][i] if n in self.store else self.data[i][n]
+                    for n in given_names}
+
+        if not names_run:
+            for i in range(len(self.data)):
+                yield known(i)
+            return
+        part, cut = _from_store(proto, names_run, self.store)
+        self.nodes_run += len(part.graph.node)
+        keep = [n for n in dict.fromkeys([*names_run, *cut]) if n not in self.store]
+        fresh: dict[str, list[np.ndarray]] | None = {n: [] for n in keep}
+        size = 0
+        sess = verify.session(part, optimize=True, threads=0)
+        accepted = {i.name for i in [*sess.get_inputs(),
+                                     *sess.get_overridable_initializers()]}
+        fetch = list(dict.fromkeys([*names_run, *keep]))
+        last = len(self.data) - 1
+        for i, feeds in enumerate(self.data):
+            given = {k: v for k, v in feeds.items() if k in accepted}
+            given.update({k: v[i] for k, v in self.store.items() if k in accepted})
+            values = dict(zip(fetch, sess.run(fetch, given)))
+            if fresh is not None:
+                size += sum(values[n].nbytes for n in keep)
+                if self.nbytes + size > self.budget:
+                    fresh = None
+                else:
+                    for n in keep:
+                        fresh[n].append(values[n])
+            if i == last and fresh is not None:
+                self.store.update(fresh)
+                self.nbytes += size
+            yield {**known(i), **{n: values[n] for n in names_run}}
+
+
+def _from_store(proto: onnx.ModelProto, names: Sequence[str],
+                store: dict[str, list[np.ndarray]]) -> tuple[onnx.ModelProto, list[str]]:
+    """(the part of ``proto`` that computes ``names`` from the graph inputs and the
+    stored tensors, which become its inputs; the tensors it computes that nodes outside
+    it read)."""
+    graph = proto.graph
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    needed: set[int] = set()
+    stack = [producer[n] for n in names if n in producer and n not in store]
+    while stack:
+        i = stack.pop()
+        if i in needed:
+            continue
+        needed.add(i)
+        for t in (*graph.node[i].input, *outer_names(graph.node[i])):
+            if t in producer and t not in store:
+                stack.append(producer[t])
+    nodes = [n for i, n in enumerate(graph.node) if i in needed]
+    made = {o for n in nodes for o in n.output if o}
+    read = {t for n in nodes for t in (*n.input, *outer_names(n)) if t}
+    outside = {t for i, n in enumerate(graph.node) if i not in needed
+               for t in (*n.input, *outer_names(n))} | {o.name for o in graph.output}
+    cut = sorted(made & outside)
+    part = onnx.ModelProto()
+    part.CopyFrom(proto)
+    g = part.graph
+    del g.node[:]
+    g.node.extend(nodes)
+    inits = [t for t in g.initializer if t.name in read]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    inputs = [i for i in g.input if i.name in read]
+    for name in sorted(read & set(store)):
+        inputs.append(onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(store[name][0].dtype), None))
+    del g.input[:]
+    g.input.extend(inputs)
+    known = {v.name: v for v in [*proto.graph.value_info, *proto.graph.output]}
+    del g.output[:]
+    for name in dict.fromkeys([*names, *cut]):
+        g.output.append(known.get(name) or onnx.helper.make_empty_tensor_value_info(name))
+    return part, cut
 
 
 class Teacher:
