@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from graphopt import api, paths, verify
+from graphopt import api, config, paths, verify
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.lossy import schemes, summary_lines
 from graphopt.manager import TraceEntry
@@ -92,7 +92,7 @@ class _Progress:
 # MODEL arguments are checked by graphopt.ir.load (a folder or unreadable file: exit 3).
 @main.command()
 @click.argument("model", type=click.Path(readable=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+@click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Where to write the result (an .onnx file for --target ort).")
 @click.option("-t", "--target", default=api.DEFAULT_TARGET, show_default=True,
               help="Target to optimize for (see `graphopt targets`).")
@@ -135,17 +135,36 @@ class _Progress:
               "database is kept beside the artifact and reused.")
 @click.option("--rpc", metavar="HOST:PORT[:KEY]", help="Run (and tune) on a remote device "
               "through the target's RPC: an RPC server, or a tracker with KEY.")
-def optimize(model, output, target, passes, skip, report_path, strict, data, input_shape,
-             rtol, atol, seed, calibration_data, validation_data, tolerance, metric, goal,
-             recover, measure, format_, verify_, tune_trials, rpc, **scheme_values):
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Options from this file (graphopt.toml, or pyproject.toml's "
+              "[tool.graphopt]); default: graphopt.toml beside MODEL, else the nearest "
+              "pyproject.toml with [tool.graphopt]. Flags given here win.")
+@click.pass_context
+def optimize(ctx, model, config_path, **_):
     """Optimize MODEL for a target and write the verified result to OUTPUT.
 
     Lossy schemes (--quantize, --prune, ...) are declared by the installed passes; each
-    takes a comma-separated list of values (see `graphopt passes --long`)."""
+    takes a comma-separated list of values (see `graphopt passes --long`). Every option
+    can come from a config file instead (see --config)."""
+    found = config.find(model, config_path)
+    options = config.merge(ctx, found)
+    options["config_path"] = found.path if found else None
+    if options.get("output") is None:
+        raise UsageError("no output: give -o/--output (or output in the config file)")
+    _optimize(**options)
+
+
+def _optimize(model, output, target, passes, skip, report_path, strict, data, input_shape,
+              rtol, atol, seed, calibration_data, validation_data, tolerance, metric, goal,
+              recover, measure, format_, verify_, tune_trials, rpc, config_path,
+              **scheme_values):
     # Before any work: no output may overwrite an input or another output, and each can
     # be written; then everything is staged and moved into place at the end, or nothing.
-    paths.check_outputs(paths.input_files(model, data=data, calibration=calibration_data,
-                                          validation=validation_data), output, report_path)
+    inputs = paths.input_files(model, data=data, calibration=calibration_data,
+                               validation=validation_data)
+    if config_path is not None:
+        inputs.append(("the config file", Path(config_path)))
+    paths.check_outputs(inputs, output, report_path)
     feeds, shapes = _load_data(data), _parse_shapes(input_shape)
     with paths.Staging(output, report_path) as staging, \
             err.status("loading", spinner="dots") as status:
@@ -173,7 +192,7 @@ def _add_scheme_options(command: click.Command) -> dict[str, str]:
     for flag, table in sorted(schemes(pass_registry()).items()):
         param = flag.replace("-", "_")
         flags[param] = flag
-        command.params.insert(-8, click.Option(
+        command.params.insert(-9, click.Option(
             [f"--{flag}"], help=f"Append lossy passes: {', '.join(table)} (comma-separated, "
                                 f"or all) -> {', '.join(table.values())}."))
     return flags

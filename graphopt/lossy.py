@@ -282,7 +282,9 @@ def summary_lines(report: dict) -> list[str]:
         for layer, why in (info.get("float") or {}).items():
             lines.append(f"  kept float: {layer} (sensitivity {why.get('sensitivity')})")
         skipped = info.get("skipped") or {}
-        if skipped:
+        if isinstance(skipped, str):  # the whole pass (e.g. an opset it cannot write)
+            lines.append(f"  skipped: {skipped}")
+        elif skipped:
             lines.append(f"  skipped: {len(skipped)} node(s), e.g. "
                          f"{next(iter(skipped))}: {next(iter(skipped.values()))}")
     if not section.get("measured"):
