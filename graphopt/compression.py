@@ -299,7 +299,8 @@ class Driver:
                 if fixed is not None and fixed.get(site.name) != setting:
                     continue
                 known = fast.get((site.name, setting))
-                cand = self.build(model, {site.name: setting}, recover=recover,
+                cand = self.build(model, {site.name: setting},  # (costs need no recovery)
+                                  recover=recover if known is None else False,
                                   measure=known is None)
                 score = known if known is not None else cand.score
                 error = 0.0 if known is not None else cand.error

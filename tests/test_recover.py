@@ -498,3 +498,26 @@ def test_a_tap_runs_only_what_it_needs():
     np.testing.assert_array_equal(verify.run(probe, feeds)["c"], [-0.0, -0.5, -2.0])
     assert [n.op_type for n in tapped(model, ["a"]).graph.node] == ["Relu"]
     assert len(tapped(model, ["y", "unused"]).graph.node) == 5
+
+
+def test_the_teacher_keeps_what_fits_soonest_wanted_first():
+    """Over its budget the teacher keeps the tensors wanted soonest (not nothing): the
+    next wave is served without a run, the one beyond the budget costs a run, and every
+    value is the original's (ORT's fused kernels: to float rounding)."""
+    original = digits_cnn()
+    data = calibration()
+    names = ["/0/Conv_output_0", "/3/Conv_output_0", "/7/Conv_output_0"]
+    want = [dict(zip(names, v)) for v in zip(*[
+        [verify.run(tapped(original, [n]), b)[n] for b in data] for n in names])]
+    sizes = {n: sum(w[n].nbytes for w in want) for n in names}
+    teacher = Teacher(original, data, budget=sizes[names[0]] + sizes[names[1]] + 1)
+    for batch, ref in zip(teacher.batches(names[:1], prefetch=names[1:]), want):
+        np.testing.assert_allclose(batch[names[0]], ref[names[0]], rtol=1e-5, atol=1e-5)
+    assert teacher.runs == 1 and set(teacher.store) == set(names[:2])
+    assert teacher.nbytes == sizes[names[0]] + sizes[names[1]]
+    for batch, ref in zip(teacher.batches(names[1:2]), want):
+        np.testing.assert_allclose(batch[names[1]], ref[names[1]], rtol=1e-5, atol=1e-5)
+    assert teacher.runs == 1  # served from memory
+    for batch, ref in zip(teacher.batches(names[2:]), want):
+        np.testing.assert_allclose(batch[names[2]], ref[names[2]], rtol=1e-5, atol=1e-5)
+    assert teacher.runs == 2 and names[2] not in teacher.store  # over the budget

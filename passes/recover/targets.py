@@ -2,8 +2,9 @@
 
 The original never changes while candidates are compressed and recovered, so its values
 are computed once per tensor and kept in memory (float32 as ONNX Runtime gives them, up
-to ``BUDGET`` bytes) for every later wave of a re-fit and every later candidate. Beyond
-the budget they are recomputed, a run of the original per wave.
+to ``BUDGET`` bytes, the tensors wanted soonest first) for every later wave of a re-fit
+and every later candidate. What does not fit is recomputed, a run of the original for
+the wave that needs it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from graphopt import verify
 from graphopt.capture import outer_names, tapped
 from graphopt.passes.recover.layers import Reference
 
-BUDGET = 1 << 28  # bytes of original activations kept
+BUDGET = 1 << 30  # bytes of original activations kept
 
 
 def tap(proto: onnx.ModelProto, names: Sequence[str], data: Sequence[dict]
@@ -53,6 +54,7 @@ class Student:
         self.budget = budget
         self.store: dict[str, list[np.ndarray]] = {}
         self.nbytes = 0
+        self.computed: set[str] = set()  # tensors some run computed (their nodes ran)
         self.nodes_run = 0  # nodes executed over all waves (for tests and reports)
 
     def batches(self, proto: onnx.ModelProto, names: Sequence[str]
@@ -70,9 +72,15 @@ class Student:
             for i in range(len(self.data)):
                 yield known(i)
             return
-        part, cut = _from_store(proto, names_run, self.store)
+        part, made, live = _from_store(proto, names_run, self.store, self.computed)
         self.nodes_run += len(part.graph.node)
-        keep = [n for n in dict.fromkeys([*names_run, *cut]) if n not in self.store]
+        self.computed |= made
+        # what the nodes still to run read: kept; stored tensors nothing reads any more
+        # are dropped after this run (which may read them)
+        keep = [n for n in dict.fromkeys([*names_run, *sorted(made & live)])
+                if n not in self.store]
+        stale = [n for n in self.store if n not in live]
+        freed = sum(v.nbytes for n in stale for v in self.store[n])
         fresh: dict[str, list[np.ndarray]] | None = {n: [] for n in keep}
         size = 0
         sess = verify.session(part, optimize=True, threads=0)
@@ -86,22 +94,27 @@ class Student:
             values = dict(zip(fetch, sess.run(fetch, given)))
             if fresh is not None:
                 size += sum(values[n].nbytes for n in keep)
-                if self.nbytes + size > self.budget:
+                if self.nbytes - freed + size > self.budget:
                     fresh = None
                 else:
                     for n in keep:
                         fresh[n].append(values[n])
-            if i == last and fresh is not None:
-                self.store.update(fresh)
-                self.nbytes += size
+            if i == last:
+                for n in stale:
+                    del self.store[n]
+                self.nbytes -= freed
+                if fresh is not None:
+                    self.store.update(fresh)
+                    self.nbytes += size
             yield {**known(i), **{n: values[n] for n in names_run}}
 
 
 def _from_store(proto: onnx.ModelProto, names: Sequence[str],
-                store: dict[str, list[np.ndarray]]) -> tuple[onnx.ModelProto, list[str]]:
+                store: dict[str, list[np.ndarray]], computed: set[str]
+                ) -> tuple[onnx.ModelProto, set[str], set[str]]:
     """(the part of ``proto`` that computes ``names`` from the graph inputs and the
-    stored tensors, which become its inputs; the tensors it computes that nodes outside
-    it read)."""
+    stored tensors, which become its inputs; the tensors it computes; the tensors read
+    by the nodes neither in it nor run before (``computed``), and the graph outputs)."""
     graph = proto.graph
     producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
     needed: set[int] = set()
@@ -117,9 +130,10 @@ def _from_store(proto: onnx.ModelProto, names: Sequence[str],
     nodes = [n for i, n in enumerate(graph.node) if i in needed]
     made = {o for n in nodes for o in n.output if o}
     read = {t for n in nodes for t in (*n.input, *outer_names(n)) if t}
-    outside = {t for i, n in enumerate(graph.node) if i not in needed
-               for t in (*n.input, *outer_names(n))} | {o.name for o in graph.output}
-    cut = sorted(made & outside)
+    live = {t for i, n in enumerate(graph.node) if i not in needed
+            and not all(o in computed for o in n.output if o)
+            for t in (*n.input, *outer_names(n))} | {o.name for o in graph.output}
+    cut = sorted(made & live)
     part = onnx.ModelProto()
     part.CopyFrom(proto)
     g = part.graph
@@ -138,7 +152,7 @@ def _from_store(proto: onnx.ModelProto, names: Sequence[str],
     del g.output[:]
     for name in dict.fromkeys([*names, *cut]):
         g.output.append(known.get(name) or onnx.helper.make_empty_tensor_value_info(name))
-    return part, cut
+    return part, made, live
 
 
 class Teacher:
@@ -152,7 +166,6 @@ class Teacher:
         self.budget = budget
         self.store: dict[str, list[np.ndarray]] = {}
         self.nbytes = 0
-        self.full = False  # the budget was exceeded once: nothing more is kept
         self.runs = 0  # runs of the original (for tests and reports)
 
     def serves(self, proto: onnx.ModelProto, data: Sequence[dict]) -> bool:
@@ -163,29 +176,31 @@ class Teacher:
     def batches(self, names: Sequence[str], prefetch: Sequence[str] = ()
                 ) -> Iterator[dict[str, np.ndarray]]:
         """{name: value} for each batch. Names not yet known are computed in one run of
-        the original, together with ``prefetch`` (tensors later waves will want)."""
+        the original, together with ``prefetch`` (tensors later waves will want, soonest
+        first); what fits in the budget is kept, the soonest wanted first."""
         names = list(dict.fromkeys(names))
         missing = [n for n in names if n not in self.store]
         if not missing:
             for i in range(len(self.data)):
                 yield {n: self.store[n][i] for n in names}
             return
-        fetch = missing if self.full else list(dict.fromkeys(
-            missing + [n for n in prefetch if n not in self.store]))
-        fresh: dict[str, list[np.ndarray]] | None = None if self.full else \
-            {n: [] for n in fetch}
-        size = 0
+        fetch = list(dict.fromkeys(missing + [n for n in prefetch if n not in self.store]))
+        kept = list(fetch)  # priority order: the last is dropped first
+        fresh: dict[str, list[np.ndarray]] = {n: [] for n in fetch}
+        sizes = dict.fromkeys(fetch, 0)
+        total = 0
         self.runs += 1
         last = len(self.data) - 1
         for i, values in enumerate(tap(self.proto, fetch, self.data)):
-            if fresh is not None:
-                size += sum(v.nbytes for v in values.values())
-                if self.nbytes + size > self.budget:
-                    fresh, self.full = None, True
-                else:
-                    for n in fetch:
-                        fresh[n].append(values[n])
-            if i == last and fresh is not None:  # before the last yield: a consumer
-                self.store.update(fresh)  # may stop iterating there
-                self.nbytes += size
+            for n in kept:
+                fresh[n].append(values[n])
+                sizes[n] += values[n].nbytes
+                total += values[n].nbytes
+            while kept and self.nbytes + total > self.budget:
+                dropped = kept.pop()
+                total -= sizes[dropped]
+                del fresh[dropped]
+            if i == last:  # before the last yield: a consumer may stop iterating there
+                self.store.update({n: fresh[n] for n in kept})
+                self.nbytes += total
             yield {n: values[n] if n in values else self.store[n][i] for n in names}
