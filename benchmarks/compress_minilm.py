@@ -20,8 +20,8 @@ prune-ffn recovered.
 
 Measured on a 2-core AVX2 machine (FLOPs relative to the lossless result; mean cosine
 docstrings / everyday): prune-ffn 0.25 (OBS + least-squares re-fit): 0.833x, 0.977 /
-0.886 in 168 s (Wanda + mean compensation: 0.953 / 0.848); prune-heads 0.25 (norm, mean
-compensation): 0.917x, 0.939 / 0.933; decompose-low-rank 0.5: 0.919x, 0.933 / 0.864;
+0.886 in 168 s (Wanda + mean compensation: 0.953 / 0.848); prune-heads 0.25 (ablation
++ re-fit): 0.917x, 0.963 / 0.935 in 76 s (norm + mean compensation: 0.939 / 0.933); decompose-low-rank 0.5: 0.919x, 0.933 / 0.864;
 prune-heads+prune-ffn searched under mean cosine >= 0.98 on the validation sentences:
 0.847x, 0.981 / 0.901 in 234 s, recovered 0.847x, 0.981 / 0.905 in 894 s:
 
