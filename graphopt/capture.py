@@ -16,7 +16,7 @@ variances, Gram matrices: O(d²) memory per tensor, whatever the amount of data)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Container, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -40,7 +40,7 @@ def tapped(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
         info = known.get(name)
         graph.output.append(info if info is not None else
                             onnx.helper.make_empty_tensor_value_info(name))
-    needed = _needed_nodes(graph, names)
+    needed = needed_nodes(graph, names)
     if len(needed) < len(graph.node):
         kept = [n for i, n in enumerate(graph.node) if i in needed]
         del graph.node[:]
@@ -65,11 +65,12 @@ def outer_names(node: onnx.NodeProto) -> set[str]:
     return out
 
 
-def _needed_nodes(graph: onnx.GraphProto, names: Sequence[str]) -> set[int]:
-    """Indices of the nodes ``names`` depend on."""
+def needed_nodes(graph: onnx.GraphProto, names: Sequence[str],
+                 given: Container[str] = ()) -> set[int]:
+    """Indices of the nodes ``names`` depend on, stopping at the tensors ``given``."""
     producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
     needed: set[int] = set()
-    stack = [producer[n] for n in names if n in producer]
+    stack = [producer[n] for n in names if n in producer and n not in given]
     while stack:
         i = stack.pop()
         if i in needed:
@@ -77,7 +78,7 @@ def _needed_nodes(graph: onnx.GraphProto, names: Sequence[str]) -> set[int]:
         needed.add(i)
         node = graph.node[i]
         stack.extend(producer[t] for t in (*node.input, *outer_names(node))
-                     if t in producer)
+                     if t in producer and t not in given)
     return needed
 
 

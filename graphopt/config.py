@@ -44,8 +44,7 @@ def find(model: Path, explicit: Path | None = None, cwd: Path | None = None
          ) -> Config | None:
     """The config that applies to ``model`` (see the module docstring), or None."""
     if explicit is not None:
-        config = _read(Path(explicit), required=True)
-        return config
+        return _read(Path(explicit), required=True)
     beside = Path(model).resolve().parent / FILE
     if beside.is_file():
         return _read(beside, required=True)

@@ -303,13 +303,10 @@ def test_half_the_heads_saves_exactly_their_weights(forms, biased, form):
     assert min_cosine(ref, got) > 0.98, min_cosine(ref, got)
 
 
-def test_the_gate_simulation_is_the_pruned_model_plain(forms):
-    """damages() scores each setting by gating heads off in one session: that must be
-    what pruning them gives (bias-free model: compensation adds an output bias)."""
-    proto = forms["decomposed"]
-    p = PruneHeads(importance="norm")
+def gate_scores(proto, p, calib):
+    """(pass context, sites, held-out data, score, what damages() scores) for ``p``."""
     model = Model.from_proto(proto)
-    ctx = context(calibration())
+    ctx = context(calib)
     ctx.reference = proto
     sites = p.sites(model, ctx)
     data = held_out()
@@ -318,7 +315,15 @@ def test_the_gate_simulation_is_the_pruned_model_plain(forms):
     def score(outs):
         return -output_error(ref, outs)
 
-    simulated = p.damages(model, sites, data, score)
+    return ctx, sites, data, score, p.damages(model, sites, data, score)
+
+
+def test_the_gate_simulation_is_the_pruned_model_plain(forms):
+    """damages() scores each setting by gating heads off in one session: that must be
+    what pruning them gives (bias-free model: the re-fit adds an output bias)."""
+    proto = forms["decomposed"]
+    _, sites, data, score, simulated = gate_scores(proto, PruneHeads(importance="norm"),
+                                                   calibration())
     site = sites[0]
     out, _, _ = prune(proto, PruneHeads(importance="norm"),
                       lambda s: site.settings[-1] if s.name == site.name else s.settings[0])
@@ -326,25 +331,19 @@ def test_the_gate_simulation_is_the_pruned_model_plain(forms):
         pytest.approx(score(outputs(out, data)), abs=1e-4)
 
 
+@pytest.mark.parametrize("update", [True, False])
 @pytest.mark.parametrize("form", ["decomposed", "fused"])
 @pytest.mark.parametrize("kind", ["heads", "ffn"])
-def test_the_gate_simulation_is_the_pruned_model(biased, form, kind):
+def test_the_gate_simulation_is_the_pruned_model(biased, form, kind, update):
     """Every (site, setting) damages() scores in its one gated session is the score of
-    the model pruned there (with compensation: the offset is the bias it adds)."""
+    the model pruned there: with the re-fit (a matrix gate, 1152 calibration tokens: 4
+    per FFN input) and with mean compensation (the offset is the bias it adds)."""
     proto = biased[form]
     options = {"importance": "norm"} if kind == "heads" else {}
-    p = PASSES[kind](max_batches=3, **options)
-    model = Model.from_proto(proto)
-    ctx = context(calibration())
-    ctx.reference = proto
-    sites = p.sites(model, ctx)
-    data = held_out()
-    ref = outputs(proto, data)
-
-    def score(outs):
-        return -output_error(ref, outs)
-
-    simulated = p.damages(model, sites, data, score)
+    p = PASSES[kind](update=update, **options)
+    calib = bert_token_feeds(VOCAB, count=9, batch=8, sequence=16, seed=1)
+    ctx, sites, data, score, simulated = gate_scores(proto, p, calib)
+    assert bool(p._grams) == update
     assert set(simulated) == {(s.name, c) for s in sites for c in s.settings[1:]}
     assert min(simulated.values()) < -1e-3  # the settings do change the outputs
     for site in sites:

@@ -18,12 +18,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import Model
+from graphopt.passes.prune import _obs
 from graphopt.rewrite import constant_value, remove_dead, tensor_names, unique_name
 
 NONLINEAR = {"Erf", "Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Relu", "LeakyRelu",
@@ -325,6 +327,27 @@ def narrow_region(ed: Editor, region: Region, cols: np.ndarray) -> dict:
     end = region.end
     ed.take(end.node, 1, cols, 0)
     return {t.name: (-1, cols) for t in region.tensors}
+
+
+def cut_and_refit(ed: Editor, lin: Linear, gram: np.ndarray, rows: np.ndarray,
+                  cut: Callable[[], dict]) -> dict:
+    """``cut()`` (narrows the graph, ``lin``'s input rows to ``rows`` among them; returns
+    the kept map), then ``lin``'s kept rows and bias re-fitted by least squares from the
+    Gram matrix of its input (``_obs.refit``, from its weights before the cut)."""
+    weight, old = lin.weight, lin.bias
+    w, bias = _obs.refit(gram, weight, old, rows)
+    kept_map = cut()
+    ed.set(lin.node, 1, w.astype(weight.dtype))
+    ed.add_bias(lin, bias - (0.0 if old is None else old.reshape(-1)))
+    return kept_map
+
+
+def gates_score(ctx, refit: bool) -> bool:
+    """Whether a pass's gated session may score its sites alone: always without
+    recovery; under recovery (the core would build and recover each site) only when the
+    gates include the re-fit where the site is cut, which is most of what recovery does
+    for a single site (the combined candidates still get the full recovery)."""
+    return ctx is None or ctx.recovery is None or refit
 
 
 def compensation(end: Linear, removed: np.ndarray, mean: np.ndarray) -> np.ndarray:

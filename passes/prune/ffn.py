@@ -35,8 +35,9 @@ from graphopt.ir import Model
 from graphopt.pass_infra import PassContext
 from graphopt.passes.prune import _obs
 from graphopt.passes.prune._blocks import (Editor, FfnBlock, GateRunner, compensation,
-                                           find_ffn_blocks, gated, keep_count,
-                                           narrow_region, tap_source, top)
+                                           cut_and_refit, find_ffn_blocks, gated,
+                                           gates_score, keep_count, narrow_region,
+                                           tap_source, top)
 
 IMPORTANCE = ("obs", "wanda", "fluctuation", "magnitude")
 RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
@@ -121,11 +122,8 @@ class PruneFfn(CompressionPass):
                 continue
             kept = top(self._scores[name], count)
             if name in self._grams:
-                weight, old = b.down.weight, b.down.bias
-                w, bias = _obs.refit(self._grams[name], weight, old, kept)
-                kept_map.update(prune_block(ed, b, kept, None))
-                ed.set(b.down.node, 1, w.astype(weight.dtype))
-                ed.add_bias(b.down, bias - (0.0 if old is None else old.reshape(-1)))
+                kept_map.update(cut_and_refit(ed, b.down, self._grams[name], kept,
+                                              lambda: prune_block(ed, b, kept, None)))
             else:
                 kept_map.update(prune_block(ed, b, kept, self._means.get(name)
                                             if self.options.compensate else None))
@@ -137,10 +135,7 @@ class PruneFfn(CompressionPass):
                 score: Callable[[list], float]) -> dict | None:
         """Each (block, setting) alone, in one session: the down projection's input is
         gated (x·mask + offset), which is exactly pruning with compensation."""
-        if self._ctx is not None and self._ctx.recovery is not None and not self._grams:
-            # The core measures each site recovered: build and measure them. With the
-            # re-fit, the gate is the site already re-fitted where it was cut (recovery
-            # re-fits downstream too, which the combined candidates get).
+        if not gates_score(self._ctx, bool(self._grams)):
             return None
         active = [s for s in sites if s.name in self._scores]
         if not active:

@@ -39,9 +39,9 @@ from graphopt.pass_infra import PassContext
 from graphopt.passes.prune import _obs
 from graphopt.passes.prune._attention import (AttentionBlock, find_attention_blocks,
                                               set_entry, shape_tail)
-from graphopt.passes.prune._blocks import (Editor, GateRunner, compensation, expand,
-                                           gated, narrow_dim, narrow_region, tap_source,
-                                           top)
+from graphopt.passes.prune._blocks import (Editor, GateRunner, compensation,
+                                           cut_and_refit, expand, gated, gates_score,
+                                           narrow_dim, narrow_region, tap_source, top)
 
 IMPORTANCE = ("ablation", "norm", "obs")
 RATIOS = (0.0, 0.25, 0.5, 0.75)
@@ -126,12 +126,9 @@ class PruneHeads(CompressionPass):
                 continue
             kept = top(self._scores[name], count)
             if name in self._grams:
-                weight, old = b.out.weight, b.out.bias
-                w, bias = _obs.refit(self._grams[name], weight, old,
-                                     expand(kept, b.head_size))
-                kept_map.update(prune_heads(ed, b, kept, None))
-                ed.set(b.out.node, 1, w.astype(weight.dtype))
-                ed.add_bias(b.out, bias - (0.0 if old is None else old.reshape(-1)))
+                kept_map.update(cut_and_refit(ed, b.out, self._grams[name],
+                                              expand(kept, b.head_size),
+                                              lambda: prune_heads(ed, b, kept, None)))
             else:
                 kept_map.update(prune_heads(ed, b, kept, self._means.get(name)
                                             if self.options.compensate else None))
@@ -144,10 +141,7 @@ class PruneHeads(CompressionPass):
                 score: Callable[[list], float]) -> dict | None:
         """Each (block, heads kept) alone in one session (heads gated off before the
         output projection: exactly pruning them)."""
-        if self._ctx is not None and self._ctx.recovery is not None and not self._grams:
-            # The core measures each site recovered: build and measure them. With the
-            # re-fit, the gate is the site already re-fitted where it was cut (recovery
-            # re-fits downstream too, which the combined candidates get).
+        if not gates_score(self._ctx, bool(self._grams)):
             return None
         active = [s for s in sites if s.name in self._scores]
         if not active:

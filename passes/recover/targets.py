@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from graphopt import verify
-from graphopt.capture import outer_names, tapped
+from graphopt.capture import needed_nodes, outer_names, tapped
 from graphopt.passes.recover.layers import Reference
 
 BUDGET = 1 << 30  # bytes of original activations kept
@@ -116,17 +116,7 @@ def _from_store(proto: onnx.ModelProto, names: Sequence[str],
     stored tensors, which become its inputs; the tensors it computes; the tensors read
     by the nodes neither in it nor run before (``computed``), and the graph outputs)."""
     graph = proto.graph
-    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
-    needed: set[int] = set()
-    stack = [producer[n] for n in names if n in producer and n not in store]
-    while stack:
-        i = stack.pop()
-        if i in needed:
-            continue
-        needed.add(i)
-        for t in (*graph.node[i].input, *outer_names(graph.node[i])):
-            if t in producer and t not in store:
-                stack.append(producer[t])
+    needed = needed_nodes(graph, names, given=store)
     nodes = [n for i, n in enumerate(graph.node) if i in needed]
     made = {o for n in nodes for o in n.output if o}
     read = {t for n in nodes for t in (*n.input, *outer_names(n)) if t}
