@@ -12,7 +12,8 @@ parameters, the mean and minimum cosine of the sentence embeddings to the origin
 both test sets, and the wall time.
 
 ``--configs`` is a JSON list of [pass, {options}, recover] or [pass, {options}, recover,
-budget]: passes joined by ``+`` take a list of options, and a budget (the lowest mean
+budget] (recover: true for the least-squares re-fit, false, or a recovery pass such as
+"finetune(time=420)"): passes joined by ``+`` take a list of options, and a budget (the lowest mean
 cosine on the validation sentences) lets the compression search choose the settings
 the options leave open (``ratio`` null), saving FLOPs first. The default compares
 prune-ffn, prune-heads and decompose-low-rank at one setting each, unrecovered, then
@@ -95,12 +96,15 @@ def main() -> None:
             if "+" in name else [registry.get(name)(**options)]
         result = graphopt.optimize(proto, passes=[*cleanup, *lossy, *rest],
                                    calibration=cal, validation=val,
-                                   recovery="recover" if recover else None,
+                                   recovery=recover if isinstance(recover, str)
+                                   else "recover" if recover else None,
                                    tolerance=tolerance, metric="mean-cosine", goal="flops")
         out = result.model.to_onnx()
         flops = result.report["output"]["flops"] / lossless
         cos = {k: cosines(embeddings(out, b), refs[k]) for k, b in tests.items()}
-        print(f"{name:<20} {json.dumps(options):<44} {'yes' if recover else 'no':<4} "
+        rec = recover.partition("(")[0][:4] if isinstance(recover, str) else \
+            "yes" if recover else "no"
+        print(f"{name:<20} {json.dumps(options):<44} {rec:<4} "
               f"{flops:6.3f} {result.model.num_params():>10,} "
               f"{'%.4f / %.4f' % cos['docstrings']:>20} {'%.4f / %.4f' % cos['everyday']:>18} "
               f"{time.perf_counter() - start:5.0f}", flush=True)

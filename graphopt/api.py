@@ -170,6 +170,12 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     warn_unmeasured(ctx.logger, lossy_data, lossy)
     if recovery and any(isinstance(p, CompressionPass) for p in pipeline):
         ctx.recovery = build_passes([recovery], pass_registry())[0]
+        if ctx.recovery.family != "recovery":
+            raise UsageError(f"{ctx.recovery.name} is not a recovery pass (family "
+                             f"{ctx.recovery.family})",
+                             hint="recovery passes: " + ", ".join(
+                                 n for n, c in sorted(pass_registry().load_all()[0].items())
+                                 if getattr(c, "family", None) == "recovery"))
     feeds = data or (lossy_data.check_feeds if lossy else None) or \
         _probe_or_none(original_proto, seed, input_shapes)
     manager = PassManager(pipeline, ctx, strict=strict, max_iterations=max_iterations,

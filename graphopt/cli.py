@@ -119,9 +119,13 @@ class _Progress:
 @click.option("--goal", type=click.Choice(list(api.GOALS)), default="latency",
               show_default=True, help="What compression saves first (latency: the "
               "target's cost model).")
-@click.option("--recover/--no-recover", default=True, show_default=True,
-              help="Re-fit compressed layers to the original's outputs (least squares on "
-              "the calibration data).")
+@click.option("--recover", "recover", metavar="PASS", is_flag=False, flag_value="recover",
+              default="recover", show_default=True,
+              help="The recovery pass each compressed candidate gets: recover (least-squares "
+              "re-fit to the original's outputs on the calibration data), finetune "
+              "(re-fit, then distillation; needs graphopt[train]), or a plugin's, with "
+              "options: 'finetune(steps=2000)'.")
+@click.option("--no-recover", is_flag=True, help="No recovery of compressed candidates.")
 @click.option("--measure", is_flag=True, help="Time quantized variants in ONNX Runtime "
               "and keep the fastest that meets the budget.")
 @click.option("--format", "format_", type=click.Choice(["onnx", "ort"]),
@@ -156,8 +160,8 @@ def optimize(ctx, model, config_path, **_):
 
 def _optimize(model, output, target, passes, skip, report_path, strict, data, input_shape,
               rtol, atol, seed, calibration_data, validation_data, tolerance, metric, goal,
-              recover, measure, format_, verify_, tune_trials, rpc, config_path,
-              **scheme_values):
+              recover, no_recover, measure, format_, verify_, tune_trials, rpc,
+              config_path, **scheme_values):
     # Before any work: no output may overwrite an input or another output, and each can
     # be written; then everything is staged and moved into place at the end, or nothing.
     inputs = paths.input_files(model, data=data, calibration=calibration_data,
@@ -179,7 +183,7 @@ def _optimize(model, output, target, passes, skip, report_path, strict, data, in
             verify_artifact=verify_, tune_trials=tune_trials, rpc=rpc,
             schemes={_SCHEME_FLAGS[k]: [v.strip() for v in value.split(",") if v.strip()]
                      for k, value in scheme_values.items() if value},
-            metric=metric, goal=goal, recovery=api.DEFAULT_RECOVERY if recover else None)
+            metric=metric, goal=goal, recovery=None if no_recover else recover)
         report = staging.final_paths(result.report)
         staging.commit(json.dumps(report, indent=2, default=float) if report_path else None)
     _print_summary(report)
