@@ -119,6 +119,8 @@ def _convert(ctx: click.Context, param: click.Option, key: str, value: Any, base
         value = [value]
     if key in PATH_KEYS and isinstance(value, str) and ":" not in value.replace("\\", "/")[2:]:
         value = str((base / value).resolve()) if not Path(value).is_absolute() else value
+    if key == "recover" and isinstance(value, bool):  # recover = false: no recovery
+        value = param.flag_value if value else ""
     if param.is_flag and not param.secondary_opts and not isinstance(value, bool):
         raise UsageError(f"{where}: {key} must be true or false, not {value!r}")
     try:

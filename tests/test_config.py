@@ -138,3 +138,16 @@ def test_output_is_byte_identical_run_to_run(project):
     assert (project / "a.onnx").read_bytes() == (project / "b.onnx").read_bytes()
     a, b = (json.loads((project / f"{n}.json").read_text()) for n in "ab")
     assert a["output_hash"] == b["output_hash"]
+
+
+@pytest.mark.parametrize("value, recovered", [("false", False), ('"recover"', True)])
+def test_recover_key_takes_a_pass_or_false(project, value, recovered):
+    """``recover = false`` turns recovery off as ``--no-recover`` does; a string names
+    the recovery pass as ``--recover PASS`` does."""
+    (project / "graphopt.toml").write_text(
+        f'prune = "channels"\ncalibration-data = "data/cal.npz"\ntolerance = 0.5\n'
+        f'recover = {value}\noutput = "out.onnx"\nreport = "r.json"\n')
+    run = cli("optimize", project / "model.onnx", cwd=project)
+    assert run.returncode == 0, run.stderr
+    info = json.loads((project / "r.json").read_text())["compression"]["passes"]
+    assert bool(info["prune-channels"].get("recovery")) is recovered

@@ -49,7 +49,9 @@ from graphopt.passes.recover.layers import dirty_nodes, find_layers
 from graphopt.passes.recover.recover import Recover
 from graphopt.passes.recover.targets import Teacher
 
-PATIENCE = 5  # evaluations without a 1% fall of the held-out loss before a stop
+# A stop within the budget needs the held-out loss not to have fallen by 1% over this
+# fraction of the step budget (and at least PATIENCE evaluations).
+PATIENCE, PATIENCE_FRACTION = 5, 0.2
 CURVE_POINTS = 20  # evaluations of the loss curve in the report, at most
 INSTALL_HINT = "pip install 'graphopt[train]' (PyTorch for the fine-tuning)"
 
@@ -77,7 +79,7 @@ class Finetune(Pass):
         loss: str = "auto"  # output distillation: kl, mse, cosine (auto: kl under top1)
         temperature: float = 2.0  # of the kl loss
         features: float = 1.0  # weight of the feature matching at the changed layers
-        scope: str = "downstream"  # or "all": which linear layers train
+        scope: str = "downstream"  # which linear layers train: changed, downstream or all
         refit: bool = True  # least-squares re-fit first
         max_batches: int = 64  # calibration batches used, at most
         hold_out: int = 8  # one calibration batch in this many scores checkpoints
@@ -97,8 +99,9 @@ class Finetune(Pass):
                     raise ValueError(f"{key} must be a number > 0, not {value!r}")
             if self.loss not in ("auto", "mse", "kl", "cosine"):
                 raise ValueError(f"loss must be auto, kl, mse or cosine, not {self.loss!r}")
-            if self.scope not in ("downstream", "all"):
-                raise ValueError(f"scope must be downstream or all, not {self.scope!r}")
+            if self.scope not in ("changed", "downstream", "all"):
+                raise ValueError(f"scope must be changed, downstream or all, not "
+                                 f"{self.scope!r}")
             if not isinstance(self.refit, bool):
                 raise ValueError(f"refit must be true or false, not {self.refit!r}")
 
@@ -107,6 +110,7 @@ class Finetune(Pass):
         if not torch_available():
             raise UsageError("the finetune pass needs PyTorch", hint=INSTALL_HINT)
         self._recover = Recover()  # the least-squares start (keeps its teacher cache)
+        self._teacher: Teacher | None = None  # the original's values, kept across runs
 
     def quick(self) -> Pass:
         """What the compression driver ranks sites alone with: the training-free re-fit
@@ -123,18 +127,25 @@ class Finetune(Pass):
         opts = self.options
         data = subset(ctx.calibration, opts.max_batches)
         kept = dict(getattr(ctx, "kept", None) or {})
+        # held-out batches score checkpoints: nothing fits to them, the re-fit included
+        held = list(range(len(data)))[opts.hold_out - 1::opts.hold_out] \
+            if len(data) >= 4 else []
         stats: dict = {}
-        if opts.refit:
-            refit = self._recover.run(model, replace(ctx, calibration=data))
-            stats["refit"] = refit.stats.get("layers", {})
-        teacher = self._recover._teacher if opts.refit else None
-        if teacher is None or not teacher.serves(reference, data):
-            teacher = Teacher(reference, data)
+        if self._teacher is None or not self._teacher.serves(reference, data):
+            self._teacher = Teacher(reference, data)
+        teacher = self._teacher
+        # what compression changed (before the re-fit moves the weights downstream)
         found, _ = find_layers(model.graph, teacher.ref.names)
         dirty, changed = dirty_nodes(model.graph, found, kept, teacher.ref)
+        if opts.refit:
+            fit_on = [b for i, b in enumerate(data) if i not in held]
+            refit = self._recover.run(model, replace(ctx, calibration=fit_on))
+            stats["refit"] = refit.stats.get("layers", {})
         narrowed = {n for layer in found for n in layer.target_names() if n in kept}
         if opts.scope == "all":
             train = list(found)
+        elif opts.scope == "changed":
+            train = [layer for layer in found if id(layer.node) in changed]
         else:
             train = [layer for layer in found if id(layer.node) in dirty or
                      any(n in narrowed for n in layer.target_names())]
@@ -145,7 +156,7 @@ class Finetune(Pass):
         metric = get_metric(ctx.metric or DEFAULT_METRIC)
         if opts.loss == "auto":
             opts = replace(opts, loss="kl" if metric.name == "top1" else "mse")
-        result = distil(model, teacher, data, train, sites, kept, opts, metric=metric,
+        result = distil(model, teacher, data, held, train, sites, kept, opts, metric=metric,
                         tolerance=ctx.tolerance, seed=ctx.seed)
         stats.update(result)
         return PassResult(True, stats)
@@ -156,7 +167,8 @@ def _improved(layers: dict) -> bool:
                for v in layers.values() if isinstance(v, dict))
 
 
-def distil(model: Model, teacher: Teacher, data: list[dict], train, sites, kept: dict,
+def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], train,
+           sites, kept: dict,
            opts: Finetune.Options, metric, tolerance: float | None, seed: int) -> dict:
     """Train the weights and biases of the layers ``train`` of ``model`` (in place) to
     reproduce ``teacher``'s outputs, and its values at the outputs of ``sites``, on
@@ -176,8 +188,6 @@ def distil(model: Model, teacher: Teacher, data: list[dict], train, sites, kept:
                      for c in (layer.weight, layer.bias) if c is not None})
     net = TorchGraph(proto, trainable=params)
     feeds = [{k: to_torch(v) for k, v in batch.items()} for batch in data]
-    held = list(range(len(data)))[opts.hold_out - 1::opts.hold_out] \
-        if len(data) >= 2 * opts.hold_out or len(data) >= 4 else []
     fit_on = [i for i in range(len(data)) if i not in held] or list(range(len(data)))
     scales = {name: float(torch.stack([(t[name].double() ** 2).mean() for t in targets])
                           .mean()) or 1.0 for name in wanted}
@@ -221,6 +231,7 @@ def distil(model: Model, teacher: Teacher, data: list[dict], train, sites, kept:
     best, best_values, lowest = (before, -held_loss), net.values(), held_loss
     curve: list[dict] = []
     start, step, reason, stale = time.perf_counter(), 0, "steps", 0
+    patience = max(PATIENCE, int(PATIENCE_FRACTION * opts.steps / max(1, len(fit_on))))
 
     def progress() -> float:  # of the budget: steps, or time when that ends first
         elapsed = (time.perf_counter() - start) / opts.time if opts.time else 0.0
@@ -253,7 +264,7 @@ def distil(model: Model, teacher: Teacher, data: list[dict], train, sites, kept:
         if progress() >= 1.0:
             reason = "time" if step < opts.steps else "steps"
             break
-        if tolerance is not None and best[0] >= tolerance and stale >= PATIENCE:
+        if tolerance is not None and best[0] >= tolerance and stale >= patience:
             reason = "plateau"  # within the budget, and the loss no longer falls
             break
     seconds = time.perf_counter() - start

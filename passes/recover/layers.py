@@ -139,6 +139,10 @@ def _layer(graph: gs.Graph, node: gs.Node, w: gs.Constant, ref_names: set[str]
 
 
 # ============================================================================ changes
+FOLD_DEPTH = 8  # nodes between a folded reference constant and the initializers it reads
+# Ops whose outputs are not weights (random, shape-dependent, or costly to evaluate).
+NOT_FOLDED = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike",
+                        "RandomUniformLike", "Multinomial", "Shape", "Size"})
 class Reference:
     """What recovery needs to know of the original model: its tensor names and its
     constants (compared by digest, without reading external data into memory; digests
@@ -156,19 +160,71 @@ class Reference:
                     node.attribute[0].name == "value":
                 self.tensors.setdefault(node.output[0], node.attribute[0].t)
         self._digests: dict[str, bytes | None] = {}
+        self._producer = {o: n for n in g.node for o in n.output if o}
 
     def digest(self, name: str) -> bytes | None:
         if name not in self._digests:
             try:
-                self._digests[name] = external_data.tensor_digest(self.tensors[name])
+                self._digests[name] = external_data.tensor_digest(self.tensor(name))
             except (KeyError, OSError, ValueError, TypeError):
                 self._digests[name] = None
         return self._digests[name]
 
+    def tensor(self, name: str) -> onnx.TensorProto:
+        """The reference's constant ``name``: an initializer, or the output of nodes that
+        read only constants (a weight the exporter transposes in the graph, which
+        graphopt's cleanup folds into an initializer of that name), computed once."""
+        if name not in self.tensors:
+            value = self._fold(name, depth=0)
+            if value is None:
+                raise KeyError(name)
+            self.tensors[name] = onnx.numpy_helper.from_array(value, name)
+        return self.tensors[name]
+
+    def _fold(self, name: str, depth: int) -> np.ndarray | None:
+        node = self._producer.get(name)
+        if node is None or depth > FOLD_DEPTH or node.op_type in NOT_FOLDED or \
+                node.domain not in ("", "ai.onnx") or \
+                any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                    for a in node.attribute):
+            return None
+        inputs = {}
+        for i in node.input:
+            if not i:
+                continue
+            if i in self.tensors:
+                if external_data.extent(self.tensors[i]) is not None:
+                    return None  # (not read into memory to be compared)
+                inputs[i] = onnx.numpy_helper.to_array(self.tensors[i])
+            else:
+                value = self._fold(i, depth + 1)
+                if value is None:
+                    return None
+                inputs[i] = value
+        try:
+            from onnx.reference import ReferenceEvaluator
+
+            graph = onnx.helper.make_graph(
+                [node], "fold", [onnx.helper.make_tensor_value_info(
+                    i, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                    for i, v in inputs.items()],
+                [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o])
+            model = onnx.helper.make_model(graph, opset_imports=self.proto.opset_import)
+            values = ReferenceEvaluator(model).run(None, inputs)
+        except Exception:
+            return None
+        out = dict(zip([o for o in node.output if o], values))
+        for key, value in out.items():
+            self.tensors.setdefault(key, onnx.numpy_helper.from_array(np.asarray(value), key))
+        return np.asarray(out[name])
+
     def same_constant(self, const: gs.Constant) -> bool:
         """Whether the reference has a constant of this name with the same values."""
-        ref = self.tensors.get(const.name)
-        if ref is None or tuple(ref.dims) != tuple(const.shape):
+        try:
+            ref = self.tensor(const.name)
+        except KeyError:
+            return False
+        if tuple(ref.dims) != tuple(const.shape):
             return False
         want = self.digest(const.name)
         try:
@@ -179,8 +235,11 @@ class Reference:
     def narrowed_constant(self, const: gs.Constant, axis: int, idx: np.ndarray) -> bool:
         """Whether ``const`` is the reference's constant of the same name with only the
         indices ``idx`` kept along ``axis``."""
-        ref = self.tensors.get(const.name)
-        if ref is None or len(ref.dims) != len(const.shape) or \
+        try:
+            ref = self.tensor(const.name)
+        except KeyError:
+            return False
+        if len(ref.dims) != len(const.shape) or \
                 not -len(ref.dims) <= axis < len(ref.dims):
             return False
         dims = list(ref.dims)
