@@ -76,7 +76,6 @@ from graphopt.rewrite import constant_value, consumers, remove_node, tensor_name
 METHODS = ("rtn", "gptq", "awq")
 FORMATS = ("auto", "nbits", "qdq")
 QDQ_OPSET = 21  # DequantizeLinear with int4 and block_size
-QDQ_OPSET_2BIT = 25  # ... with int2
 LAZY_COLUMNS = 128  # GPTQ updates the rest of the matrix once per this many columns
 
 
@@ -300,9 +299,9 @@ def qdq_constants(blocks: Blocks) -> tuple[np.ndarray, np.ndarray | None]:
     codes = blocks.codes[:blocks.k].astype(np.int16)
     if blocks.symmetric:
         codes = codes - (1 << (blocks.bits - 1))
-        kind = {2: ml_dtypes.int2, 4: ml_dtypes.int4}.get(blocks.bits, np.int8)
+        kind = ml_dtypes.int4 if blocks.bits == 4 else np.int8
         return codes.astype(kind), None
-    kind = {2: ml_dtypes.uint2, 4: ml_dtypes.uint4}.get(blocks.bits, np.uint8)
+    kind = ml_dtypes.uint4 if blocks.bits == 4 else np.uint8
     return codes.astype(kind), blocks.zero_points.astype(kind)
 
 
@@ -320,7 +319,7 @@ class QuantizeWeightInt4(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        bits: int = 4                   # 4 or 8 (2: DequantizeLinear only, opset 25)
+        bits: int = 4                   # 4 or 8
         block_size: int = 32            # a power of two, >= 16
         symmetric: bool = False         # True: no zero points (code 2^(bits-1) is 0)
         method: str = "rtn"             # rtn | gptq | awq
@@ -334,11 +333,8 @@ class QuantizeWeightInt4(Pass):
         fold_bias: bool = True          # MatMulNBits takes a following Add's bias
 
         def __post_init__(self) -> None:
-            if self.bits not in (2, 4, 8):
-                raise ValueError(f"bits must be 2, 4 or 8, not {self.bits}")
-            if self.bits == 2 and self.format == "nbits":
-                raise ValueError("MatMulNBits takes 4 or 8 bits: 2-bit weights need "
-                                 "format=qdq")
+            if self.bits not in (4, 8):
+                raise ValueError(f"bits must be 4 or 8, not {self.bits}")
             if self.block_size < 16 or self.block_size & (self.block_size - 1):
                 raise ValueError(f"block_size must be a power of two >= 16, "
                                  f"not {self.block_size}")
@@ -363,12 +359,10 @@ class QuantizeWeightInt4(Pass):
         if not found:
             stats["skipped"] = dict(misses)
             return PassResult(changed=False, stats=stats)
-        need = QDQ_OPSET_2BIT if opts.bits == 2 else QDQ_OPSET
-        if fmt == "qdq" and model.opset < need:
-            why = upgrade_opset(model, need)
+        if fmt == "qdq" and model.opset < QDQ_OPSET:
+            why = upgrade_opset(model, QDQ_OPSET)
             if why:
-                stats["reason"] = f"blocked {opts.bits}-bit DequantizeLinear needs opset " \
-                                  f"{need}: {why}"
+                stats["reason"] = f"blocked DequantizeLinear needs opset {QDQ_OPSET}: {why}"
                 return PassResult(changed=False, stats=stats)
             misses = Counter()
             found = self._candidates(model, fmt, misses)
@@ -438,8 +432,7 @@ class QuantizeWeightInt4(Pass):
     # ------------------------------------------------------------------ selection
     def _format(self, ctx: PassContext) -> str | None:
         fmt = self.options.format
-        if fmt in ("auto", "nbits") and self.options.bits != 2 and \
-                ctx.supports("MatMulNBits", MICROSOFT):
+        if fmt in ("auto", "nbits") and ctx.supports("MatMulNBits", MICROSOFT):
             return "nbits"
         if fmt in ("auto", "qdq") and ctx.supports("DequantizeLinear", ""):
             return "qdq"
@@ -626,7 +619,7 @@ def _emit_qdq_node(lin: Linear, blocks: Blocks, names: set[str], node_names: set
     codes, zeros = qdq_constants(blocks)
     hint = lin.source.name or lin.node.name or "weight"
     dtype = lin.weight.dtype
-    quant = _subbyte_constant if blocks.bits < 8 else gs.Constant
+    quant = _subbyte_constant if blocks.bits == 4 else gs.Constant
     inputs = [quant(unique_name(names, f"{hint}_Q{blocks.bits}"), codes),
               gs.Constant(unique_name(names, f"{hint}_scale"),
                           np.ascontiguousarray(blocks.scales.astype(dtype)))]

@@ -182,3 +182,57 @@ def test_cli_recover_finetune_without_torch_says_what_to_install(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "graphopt[train]" in out.stderr
     assert not (tmp_path / "m.onnx").exists()
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    lp = p_logits - p_logits.max(1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(1, keepdims=True))
+    lq = q_logits - q_logits.max(1, keepdims=True)
+    lq -= np.log(np.exp(lq).sum(1, keepdims=True))
+    return float((np.exp(lp) * (lp - lq)).sum(1).mean())
+
+
+def test_quantization_aware_training_of_int4_weights():
+    """The digits MLP with int4 weights (symmetric, one scale per output column, round to
+    nearest): fine-tuning trains the float shadows and the scales with fake quantization
+    and writes codes and scales back into the same int4 initializers. On the 540 test
+    images the output divergence from the original falls several-fold and no accuracy is
+    lost against post-training quantization."""
+    from onnx import TensorProto
+
+    from graphopt import verify
+    from tests.digits import digits_mlp
+
+    xtr, _, xte, yte = digits_data()
+    x, xt = xtr.reshape(len(xtr), -1)[:CALIBRATION], xte.reshape(len(xte), -1)
+    quantize = "quantize-int4-weight(format=qdq,symmetric=true,block_size=256,min_size=0," \
+               "clip_search=false)"
+
+    def run(passes):
+        result = graphopt.optimize(digits_mlp(), passes=["fold-constants", *passes],
+                                   calibration={"input": x}, metric="top1", tolerance=0.01)
+        return result, result.model.to_onnx()
+
+    _, ptq = run([quantize])
+    result, qat = run([quantize, "finetune"])
+    ref = verify.run(verify.session(digits_mlp()), {"input": xt})["logits"]
+    out = {name: verify.run(verify.session(m), {"input": xt})["logits"]
+           for name, m in (("ptq", ptq), ("qat", qat))}
+    assert _kl(ref, out["qat"]) < 0.3 * _kl(ref, out["ptq"]), \
+        (_kl(ref, out["qat"]), _kl(ref, out["ptq"]))
+    acc = {k: float((v.argmax(1) == yte).mean()) for k, v in out.items()}
+    assert acc["qat"] >= acc["ptq"]
+    assert float((ref.argmax(1) == yte).mean()) - acc["qat"] <= 0.01
+    # same graph; int4 codes stay int4, in the same initializers
+    assert [(n.op_type, n.name, list(n.input)) for n in ptq.graph.node] == \
+        [(n.op_type, n.name, list(n.input)) for n in qat.graph.node]
+    types = {t.name: t.data_type for t in qat.graph.initializer}
+    assert types == {t.name: t.data_type for t in ptq.graph.initializer}
+    codes = [t.name for t in qat.graph.initializer if t.data_type == TensorProto.INT4]
+    assert len(codes) == 3
+    stats = next(e["stats"] for e in result.report["trace"] if e["pass_name"] == "finetune")
+    assert stats["quantized_weights"] == 3
+    ptq_init = {t.name: t for t in ptq.graph.initializer}
+    moved = [t.name for t in qat.graph.initializer
+             if t.raw_data != ptq_init[t.name].raw_data]
+    assert set(codes) <= set(moved)

@@ -195,3 +195,45 @@ def test_an_op_without_a_torch_form_is_named():
                    [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")])
     with pytest.raises(Unsupported, match="Resize.*upsample"):
         TorchGraph(proto)
+
+
+@pytest.mark.parametrize("spec", [
+    "quantize-int8",  # QuantizeLinear/DequantizeLinear on activations, per-channel weights
+    "quantize-int4-weight(format=qdq,symmetric=true,min_size=0)",  # negative scales
+    "quantize-int4-weight(format=qdq,block_size=16,min_size=0)"])  # uint4, zero points
+def test_quantized_graphs_match_onnx_runtime(spec):
+    """QDQ graphs as graphopt's quantizers write them: the fake-quantized forward (round
+    half to even, saturation, blocked scales) gives ONNX Runtime's numbers."""
+    import graphopt
+
+    make = digits.digits_cnn if spec == "quantize-int8" else digits.digits_mlp
+    x = digits.digits_data()[0][:64]
+    x = x if make is digits.digits_cnn else x.reshape(64, -1)
+    proto = graphopt.optimize(make(), passes=["fold-constants", spec],
+                              calibration={"input": x}, tolerance=0.5).model.to_onnx()
+    assert any(n.op_type == "DequantizeLinear" for n in proto.graph.node)
+    _compare(proto, {"input": x}, tol=1e-5)
+
+
+def test_fake_quantized_weights_start_at_the_stored_codes():
+    """A weight trained as a float shadow reproduces the stored codes and scale exactly
+    before any step, and gives codes back in the stored type's range."""
+    import graphopt
+
+    x = digits.digits_data()[0][:64].reshape(64, -1)
+    proto = graphopt.optimize(digits.digits_mlp(), passes=[
+        "fold-constants", "quantize-int4-weight(format=qdq,symmetric=true,min_size=0)"],
+        calibration={"input": x}, tolerance=0.5).model.to_onnx()
+    dqs = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    plain = TorchGraph(proto)
+    fake = TorchGraph(proto, trainable=[n.input[1] for n in dqs],
+                      fake_quant=[n.output[0] for n in dqs])
+    feeds = {"input": to_torch(x)}
+    with torch.no_grad():
+        a = plain(feeds, ["logits"])["logits"]
+        b = fake(feeds, ["logits"])["logits"]
+    assert torch.equal(a, b)
+    codes = fake.values()
+    for n in dqs:
+        assert np.array_equal(codes[n.input[0]], plain.consts[n.input[0]].numpy())
+        assert codes[n.input[0]].min() >= -8 and codes[n.input[0]].max() <= 7

@@ -45,17 +45,29 @@ _DTYPES = {
 }
 
 
+# Code ranges of the integer types DequantizeLinear reads.
+QRANGE = {
+    onnx.TensorProto.INT2: (-2, 1), onnx.TensorProto.UINT2: (0, 3),
+    onnx.TensorProto.INT4: (-8, 7), onnx.TensorProto.UINT4: (0, 15),
+    onnx.TensorProto.INT8: (-128, 127), onnx.TensorProto.UINT8: (0, 255),
+    onnx.TensorProto.INT16: (-32768, 32767), onnx.TensorProto.UINT16: (0, 65535),
+}
+
+
 def to_torch(array: np.ndarray) -> torch.Tensor:
     array = np.asarray(array)
     if array.dtype == np.uint16 or array.dtype == np.uint32 or array.dtype == np.uint64:
         array = array.astype(np.int64)
+    elif array.dtype.kind == "V" and array.dtype.name in ("int2", "int4", "uint2", "uint4"):
+        array = array.astype(np.int16)  # ml_dtypes' sub-byte integers
     return torch.from_numpy(np.array(array, order="C", copy=True))  # (keeps 0-d arrays 0-d)
 
 
 class TorchGraph(torch.nn.Module):
     """``proto``'s graph as a torch module (see the module docstring)."""
 
-    def __init__(self, proto: onnx.ModelProto, trainable: Iterable[str] = ()):
+    def __init__(self, proto: onnx.ModelProto, trainable: Iterable[str] = (),
+                 fake_quant: Iterable[str] = ()):
         super().__init__()
         graph = proto.graph
         self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
@@ -86,17 +98,52 @@ class TorchGraph(torch.nn.Module):
         missing = wanted - set(self.keys)
         if missing:
             raise ValueError(f"not float initializers of the graph: {sorted(missing)[:5]}")
+        self.types = {t.name: t.data_type for t in graph.initializer}
         self.attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
                       for n in self.nodes]
+        # quantized weights trained as float "shadows", fake-quantized in the forward
+        self.fake: dict[int, FakeQuant] = {}
+        by_output = {n.output[0]: i for i, n in enumerate(self.nodes) if n.output}
+        for name in fake_quant:
+            i = by_output.get(name)
+            node = self.nodes[i] if i is not None else None
+            if node is None or node.op_type != "DequantizeLinear" or \
+                    node.input[0] not in self.types or node.input[1] not in self.keys:
+                raise ValueError(f"{name} is not the output of a DequantizeLinear of a "
+                                 f"constant whose scale trains")
+            site = FakeQuant(node, self.attrs[i], QRANGE[self.types[node.input[0]]])
+            codes = self.consts[node.input[0]]
+            zero = self.consts.get(node.input[2]) if len(node.input) > 2 and \
+                node.input[2] else None
+            with torch.no_grad():
+                scale = self.params[self.keys[node.input[1]]]
+                shadow = _dequantize(codes, scale, zero, self.attrs[i])
+            site.key = f"w{len(self.fake)}"
+            self.params[site.key] = torch.nn.Parameter(shadow)
+            self.fake[i] = site
         for node, attrs in zip(self.nodes, self.attrs):
             if node.op_type == "Split":
                 attrs["_outputs"] = len(node.output)
+            if node.op_type == "QuantizeLinear" and len(node.input) > 2:
+                attrs["_zero_type"] = self.types.get(node.input[2])
         self._plans: dict[tuple, list[int]] = {}
 
     def values(self) -> dict[str, np.ndarray]:
-        """The trainable initializers' current values, by initializer name."""
-        return {name: self.params[key].detach().cpu().numpy().copy()
-                for name, key in self.keys.items()}
+        """The trainable initializers' current values, by initializer name (the codes of
+        fake-quantized weights as int16 arrays, to be cast to their ONNX type)."""
+        out = {name: self.params[key].detach().cpu().numpy().copy()
+               for name, key in self.keys.items()}
+        with torch.no_grad():
+            for site in self.fake.values():
+                scale = self.params[self.keys[site.node.input[1]]]
+                zero = self._zero(site)
+                out[site.node.input[0]] = site.codes(self.params[site.key], scale, zero) \
+                    .round().to(torch.int16).numpy()
+        return out
+
+    def _zero(self, site: "FakeQuant"):
+        name = site.node.input[2] if len(site.node.input) > 2 else ""
+        return self.consts.get(name) if name else None
 
     def load(self, values: Mapping[str, np.ndarray]) -> None:
         with torch.no_grad():
@@ -123,7 +170,11 @@ class TorchGraph(torch.nn.Module):
                 raise ValueError(f"node {node.name!r} reads {absent}, which no feed or "
                                  f"node gives")
             try:
-                out = _OPS[node.op_type](self, args, self.attrs[i])
+                if i in self.fake:
+                    site = self.fake[i]
+                    out = site(self.params[site.key], args[1], self._zero(site))
+                else:
+                    out = _OPS[node.op_type](self, args, self.attrs[i])
             except Unsupported as exc:
                 raise Unsupported(f"{node.op_type} (node {node.name!r}): {exc}") from None
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
@@ -135,6 +186,77 @@ class TorchGraph(torch.nn.Module):
                 if name:
                     env[name] = value
         return {name: env[name] for name in fetch}
+
+
+# ============================================================================ quantization
+class FakeQuant:
+    """A quantized weight trained as a float shadow W: the forward pass uses
+    (clamp(round(W / s) + z, lo, hi) - z) * s with the rounding's gradient passed
+    straight through, so W and the scale s both learn (the scale's gradient is LSQ's,
+    Esser et al. 2020); the codes written back are clamp(round(W / s) + z)."""
+
+    def __init__(self, node, attrs: dict, qrange: tuple[int, int]):
+        self.node, self.attrs, self.range = node, attrs, qrange
+        self.key = ""
+
+    def codes(self, w, scale, zero):
+        s, z = _broadcast(w, scale, zero, self.attrs)
+        q = w / _nonzero(s)  # (scales may be negative: a symmetric grid's sign)
+        q = q + (torch.round(q) - q).detach()  # straight-through rounding
+        return torch.clamp(q + z, *self.range)
+
+    def __call__(self, w, scale, zero):
+        s, z = _broadcast(w, scale, zero, self.attrs)
+        return (self.codes(w, scale, zero) - z) * s
+
+
+def _nonzero(s):
+    return torch.where(s == 0, torch.full_like(s, torch.finfo(s.dtype).tiny), s)
+
+
+def _broadcast(x, scale, zero, attrs):
+    """Scale and zero point shaped to ``x``: per tensor, per axis, or blocked."""
+    zero = torch.zeros((), dtype=scale.dtype) if zero is None else zero.to(scale.dtype)
+    if scale.dim() == 0 or x.dim() == 0:
+        return scale, zero
+    axis = attrs.get("axis", 1) % x.dim()
+    block = attrs.get("block_size", 0)
+    if block:
+        size = x.shape[axis]
+        scale = scale.repeat_interleave(block, dim=axis).narrow(axis, 0, size)
+        zero = zero.repeat_interleave(block, dim=axis).narrow(axis, 0, size) \
+            if zero.dim() else zero
+        return scale, zero
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return scale.reshape(shape), zero.reshape(shape) if zero.dim() else zero
+
+
+def _dequantize(x, scale, zero, attrs):
+    s, z = _broadcast(x, scale, zero, attrs)
+    return (x.to(s.dtype) - z) * s
+
+
+def _dequantize_op(g, args, attrs):
+    return _dequantize(args[0], args[1], args[2] if len(args) > 2 else None, attrs)
+
+
+def _quantize_op(g, args, attrs):
+    """The codes (as floats carrying integers: the next DequantizeLinear reads them) with
+    the rounding's gradient passed straight through, as quantization-aware training
+    treats activations."""
+    x, scale = args[0], args[1]
+    zero = args[2] if len(args) > 2 else None
+    kind = attrs.get("output_dtype", 0)
+    if not kind:
+        kind = attrs.get("_zero_type") or (onnx.TensorProto.INT8 if zero is not None and
+                                           zero.dtype == torch.int8 else onnx.TensorProto.UINT8)
+    if kind not in QRANGE:
+        raise Unsupported(f"QuantizeLinear to type {kind}")
+    s, z = _broadcast(x, scale, zero, attrs)
+    q = x / _nonzero(s)
+    q = q + (torch.round(q) - q).detach()
+    return torch.clamp(q + z, *QRANGE[kind])
 
 
 # ============================================================================ helpers
@@ -599,6 +721,7 @@ _OPS: dict[str, Callable] = {
     "ReduceSum": _reduce("sum"), "ReduceMean": _reduce("mean"), "ReduceMax": _reduce("max"),
     "ReduceMin": _reduce("min"), "ReduceL2": _reduce("l2"), "ReduceProd": _reduce("prod"),
     "ReduceSumSquare": _reduce("sumsquare"),
+    "DequantizeLinear": _dequantize_op, "QuantizeLinear": _quantize_op,
 }
 
 
