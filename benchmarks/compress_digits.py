@@ -2,9 +2,11 @@
 recovery, then int8) against onnxsim's structured pruning with its recoveries.
 
     python benchmarks/compress_digits.py [--tolerance 0.99] [--repeats 30]
+        [--calibration 1000] [--finetune]
 
-No labels and no gradients are used to compress: calibration is the 1000 unlabeled
-training images, the budget is the mean output cosine to the original on 257 training
+No labels are used to compress (and no gradients, unless ``--finetune`` adds the variant
+recovered by distillation, ``--recover finetune``): calibration is the first
+``--calibration`` (default 1000) unlabeled training images, the budget is the mean output cosine to the original on 257 training
 images the network never saw (tests/digits.py), and the test accuracy is measured on the
 540 test images. Prints, per variant: MACs of the conv/gemm layers relative to the original, test
 accuracy, ONNX Runtime latency (1 thread, median of interleaved runs) at batch 256 and
@@ -99,17 +101,21 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=0.99,
                         help="mean output cosine budget on the held-out validation images")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--calibration", type=int, default=TRAINED_ON,
+                        help="unlabeled training images to calibrate (and fine-tune) on")
+    parser.add_argument("--finetune", action="store_true",
+                        help="add the search recovered by distillation (finetune)")
     args = parser.parse_args()
 
     xtr, _, xte, yte = digits_data()
     xval, _ = validation_split()
-    calib = {"input": xtr[:TRAINED_ON]}
+    calib = {"input": xtr[:min(args.calibration, TRAINED_ON)]}
     val = {"input": xval}
     original = digits_cnn()
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})
     print(f"CPU: {platform.processor() or platform.machine()}, flags {', '.join(flags)}")
     print(f"budget: mean output cosine >= {args.tolerance} on {len(xval)} unseen images; "
-          f"calibration: {TRAINED_ON} unlabeled training images")
+          f"calibration: {len(calib['input'])} unlabeled training images")
 
     variants: dict[str, onnx.ModelProto | None] = {"original (fp32)": original}
     notes, times = {}, {}
@@ -118,7 +124,9 @@ def main() -> None:
             ("graphopt prune + recover", lossless, "recover"),
             ("graphopt prune + recover + int8", [*lossless, "quantize-int8(require-speedup="
                                                  "false)"], "recover"),
-            ("graphopt prune searched without recovery", lossless, None)]:
+            ("graphopt prune searched without recovery", lossless, None),
+            *([("graphopt prune + finetune (distillation)", lossless,
+                "finetune(loss=kl)")] if args.finetune else [])]:
         try:
             proto, seconds, note, choice = graphopt_variant(
                 original, passes, {"prune": "channels"}, recovery, calib, val, args.tolerance)

@@ -98,15 +98,16 @@ def test_deterministic_for_a_seed():
 
 def test_budgets_stop_training():
     model, ctx = _pruned(0.5)
-    stats = Finetune(steps=25).run(model, ctx).stats
+    stats = Finetune(steps=25, lr=0.01).run(model, ctx).stats
     assert stats["steps"] == 25 and stats["stopped_by"] == "steps"
     model, ctx = _pruned(0.5)
-    stats = Finetune(steps=100000, time=1.0).run(model, ctx).stats
-    assert stats["stopped_by"] == "time" and stats["steps"] < 100000
+    stats = Finetune(steps=100000, time=2.0).run(model, ctx).stats  # probes included
+    assert stats["stopped_by"] == "time" and stats["seconds"] < 4.0
+    assert set(stats["lr_probes"]) == {"0.02", "0.005", "0.00125"}
     model, ctx = _pruned(0.5)
     ctx.tolerance = 0.5  # met at once: stops when the held-out loss stops falling
-    stats = Finetune(steps=100000, refit=True).run(model, ctx).stats
-    assert stats["stopped_by"] == "plateau" and stats["steps"] < 100000
+    stats = Finetune(steps=3000, lr=0.01).run(model, ctx).stats
+    assert stats["stopped_by"] == "plateau" and stats["steps"] < 3000
 
 
 def test_the_search_goes_further_with_finetuning():

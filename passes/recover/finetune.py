@@ -1,37 +1,44 @@
-"""``finetune``: recovery by knowledge distillation on the compressed ONNX graph.
+"""``finetune``: recovery by knowledge distillation, and quantization-aware training, on
+the compressed ONNX graph.
 
 The original model is the teacher and the calibration data is the training set (no
 labels). The compressed graph runs in PyTorch (``torch_graph.TorchGraph``: the ONNX graph
-itself, node by node), and the weights and biases of the linear layers compression
-touched train:
+itself, node by node), and what compression touched trains:
 
-1. First the least-squares re-fit (``recover``'s ``refit``, unless ``refit=false``): a
-   strong start; distillation then goes beyond what a layer-by-layer fit can reach,
-   because every layer moves to serve the model's outputs.
-2. Trainable: the layers compression changed, every layer downstream of them (their
-   inputs moved) and the layers whose outputs compression narrowed (the other side of
-   a pruned site); ``scope="all"``: every linear layer. Pruned channels stay pruned (they
-   are gone from the graph), and nothing but these initializers moves.
-3. Loss: output distillation (``loss``: ``kl`` on softmax(logits / T), for classifiers;
-   ``mse`` on the outputs, each normalised by its mean square on the teacher, for
-   embeddings and regressions; ``cosine``; ``auto``: kl when the accuracy metric is top-1
-   agreement, else mse), plus
-   ``features`` times the normalised squared error at the outputs of the changed layers
-   (layer-wise feature matching, narrowed to the kept channels where compression
-   narrowed an output).
-4. Half the steps train on new inputs made from a calibration batch (``augment``: token
-   ids replaced by others from the calibration data, images mixed with another of the
-   batch), which the original, run in PyTorch alongside, labels on the fly: with a few
-   hundred samples, distillation on the calibration batches alone over-fits them.
-5. Adam, its step size per layer ``lr`` times the RMS of the layer's weights (one
-   setting suits layers and models of any weight scale), decayed as a cosine over the step budget (``steps``, and
-   ``time`` in seconds, whichever ends first). Every epoch the model is scored on held
-   out calibration batches (one in ``hold_out``) with the run's accuracy metric and the
-   distillation loss; the best checkpoint is kept (by the metric, ties by the loss), and
-   training stops early once the metric is within the budget (``PassContext.tolerance``)
-   and the held-out loss has stopped falling.
-5. The trained numbers are written back into the graph's initializers by name: node
-   list, names and shapes do not change (checked).
+1. Batches: the calibration batches cut to at most ``batch`` samples; one in
+   ``hold_out`` is held out (when there are at least 4) and nothing fits to it.
+2. First the least-squares re-fit (``recover``'s ``refit``, unless ``refit=false``) on
+   the other batches: a strong start that distillation refines, every layer moving to
+   serve the model's outputs rather than its own.
+3. Trainable (``scope``): the linear layers compression changed, every one downstream of
+   them (their inputs moved) and those whose outputs it narrowed (the other side of a
+   pruned site); ``changed``: only the first; ``all``: every linear layer. Quantized
+   weights (``qat``; a DequantizeLinear of constants read as a MatMul/Gemm/Conv weight)
+   train as float shadows through fake quantization, with their scales (LSQ) and their
+   layer's bias. Pruned channels stay pruned (they are gone from the graph).
+4. Loss: output distillation (``loss``: ``kl`` on softmax(logits / T), for classifiers;
+   ``mse`` on each output normalised by its mean square on the teacher, for embeddings
+   and regressions; ``cosine``; ``auto``: kl when the accuracy metric is top-1 agreement,
+   else mse) plus ``features`` times the normalised squared error at the outputs of the
+   changed (and quantized) layers, narrowed to the kept channels where compression
+   narrowed an output.
+5. Optionally (``augment`` > 0) half the steps train on new inputs made from a batch
+   (token ids replaced by others from the calibration data, float inputs mixed with
+   another sample), which the original, run in PyTorch alongside, labels on the fly.
+   Off by default: it did not help on the digits networks or MiniLM (measured).
+6. Adam with each layer's step size ``lr`` times the RMS of its weights, warmed up over
+   the first 5% of the budget and decayed as a cosine over it (``steps``, and ``time``
+   in seconds, whichever ends first). ``lr`` unset: a short run (a tenth of the budget)
+   at each of ``LR_CANDIDATES`` from the same start, and the one with the lowest held-out
+   loss trains (the digits CNN wants 0.02, MiniLM's refit 0.00125 or less).
+7. Every epoch the model is scored on the held-out batches with the run's accuracy
+   metric and the distillation loss; the best checkpoint is kept (by the metric, ties by
+   the loss; the starting weights when none beats them), and training stops early once
+   the metric is within the budget (``PassContext.tolerance``) and the held-out loss has
+   not fallen by 1% over a fifth of the budget.
+8. The trained numbers are written back into the graph's initializers by name (integer
+   codes in their ONNX type, int4 included): node list, names, types and shapes do not
+   change (checked).
 
 Deterministic for a seed (``PassContext.seed``) on a given machine.
 """
@@ -58,6 +65,7 @@ from graphopt.passes.recover.targets import Teacher
 # fraction of the step budget (and at least PATIENCE evaluations).
 PATIENCE, PATIENCE_FRACTION = 5, 0.2
 LR_CANDIDATES = (0.02, 0.005, 0.00125)  # relative step sizes probed when lr is not given
+PROBE = 0.1  # of the budget (steps, time) each probe runs
 WARMUP = 0.05  # of the budget, over which the step size rises linearly from 0
 CURVE_POINTS = 20  # evaluations of the loss curve in the report, at most
 INSTALL_HINT = "pip install 'graphopt[train]' (PyTorch for the fine-tuning)"
@@ -290,9 +298,11 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
     before, loss_before = evaluate()
     patience = max(PATIENCE, int(PATIENCE_FRACTION * opts.steps / max(1, len(fit_on))))
 
-    def fit(lr: float, seconds: float, stop_after: int | None = None) -> dict:
+    def fit(lr: float, seconds: float, stop_after: int | None = None,
+            stop_time: float | None = None) -> dict:
         """From the starting weights, Adam at ``lr`` over the budget (``opts.steps`` and
-        ``seconds``; ``stop_after``: a probe, cut short after that many steps)."""
+        ``seconds``); a probe is cut short after ``stop_after`` steps or ``stop_time``
+        seconds, its schedule still that of the whole budget."""
         with torch.no_grad():
             for k, v in initial.items():
                 net.params[k].copy_(v)
@@ -307,7 +317,9 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
             return min(1.0, max(run["step"] / opts.steps, elapsed))
 
         def cut() -> bool:
-            return progress() >= 1.0 or (stop_after is not None and run["step"] >= stop_after)
+            return progress() >= 1.0 or (stop_after is not None and (
+                run["step"] >= stop_after or
+                (stop_time and time.perf_counter() - start >= stop_time)))
 
         while not cut():
             epoch_loss = []
@@ -355,9 +367,10 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
     probes = {}
     lr, seconds = opts.lr, opts.time
     if lr is None:  # a short run at each candidate step size; the lowest held-out loss wins
-        probe_steps = max(2 * len(fit_on), opts.steps // 10)
+        probe_steps = max(2 * len(fit_on), int(PROBE * opts.steps))
         for candidate in LR_CANDIDATES:
-            probe = fit(candidate, opts.time, stop_after=probe_steps)
+            probe = fit(candidate, opts.time, stop_after=probe_steps,
+                        stop_time=PROBE * opts.time if opts.time else None)
             probes[candidate] = probe.get("last", loss_before)
         lr = min(LR_CANDIDATES, key=lambda c: (probes[c], -c))
         if opts.time:
