@@ -521,3 +521,28 @@ def test_the_teacher_keeps_what_fits_soonest_wanted_first():
     for batch, ref in zip(teacher.batches(names[2:]), want):
         np.testing.assert_allclose(batch[names[2]], ref[names[2]], rtol=1e-5, atol=1e-5)
     assert teacher.runs == 2 and names[2] not in teacher.store  # over the budget
+
+
+# ============================================================================ ridge choice
+def test_ridge_chosen_on_held_out_batches_generalizes_better():
+    """``choose_ridge``: each layer's ridge strength is the grid value whose fit on four
+    batches in five best predicts the fifth; the layer is then fitted on all of them.
+    On the 540 unseen test images the output error is below the fixed default's
+    (measured 0.0203 -> 0.0194 here; on MiniLM with 40% of the FFN pruned, 256
+    sentences, the validation cosine goes 0.944 -> 0.952)."""
+    from graphopt.passes.recover.fit import RIDGE_GRID
+
+    original = digits_mlp()
+    model, kept = pruned(original, [("/0/Gemm", "/2/Gemm")])
+    data = calibration(True, count=700, batch=50)
+    fixed, chosen = model.clone(), model.clone()
+    refit(original, fixed, kept, data)
+    stats = refit(original, chosen, kept, data, choose_ridge=True)
+    assert stats["/2/Gemm"]["ridge"] in RIDGE_GRID
+    assert rel_error(original, chosen.to_onnx(), True) < \
+        rel_error(original, fixed.to_onnx(), True)
+    # too few batches to hold one out: the given ridge, as before
+    few = model.clone()
+    stats = refit(original, few, kept, calibration(True, count=700, batch=100),
+                  choose_ridge=True)
+    assert "ridge" not in stats["/2/Gemm"]

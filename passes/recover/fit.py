@@ -18,6 +18,9 @@ from graphopt.passes.recover.im2col import im2col, patches
 from graphopt.passes.recover.layers import Layer, as_float64
 
 MIN_ROWS_PER_COLUMN = 4  # fewer rows per unknown: bias correction only
+# Ridge strengths (fractions of mean diag X̃ᵀX̃) tried when the ridge is chosen on held
+# out batches.
+RIDGE_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 EXACT = 1e-5  # a relative error float32 arithmetic alone makes: nothing to fit
 CHUNK_BYTES = 1 << 26  # im2col rows built at once, at most
 
@@ -34,12 +37,17 @@ class Fit:
         self.yy = 0.0
         self.rows = 0
         self.problem: str | None = None
+        # the same statistics of the held-out batches alone (when the ridge is chosen)
+        self.held = (np.zeros_like(self.gram), np.zeros_like(self.cross), 0.0, 0)
 
-    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+    def add(self, x: np.ndarray, y: np.ndarray, held: bool = False) -> None:
         """One batch: the layer's input ``x`` (compressed model) and its target ``y``
-        (the original's output, narrowed as the layer's)."""
+        (the original's output, narrowed as the layer's); ``held``: a batch that also
+        scores the ridge strengths."""
         if self.problem:
             return
+        if held:
+            before = (self.gram.copy(), self.cross.copy(), self.yy, self.rows)
         n = max(len(x), 1)
         step = n
         if self.layer.kind in ("conv", "depthwise") and x.ndim > 2:  # im2col in chunks
@@ -50,6 +58,11 @@ class Fit:
             self._add(x[start:start + step], y[start:start + step])
             if self.problem:
                 return
+        if held:
+            g0, c0, y0, r0 = before
+            hg, hc, hy, hr = self.held
+            self.held = (hg + self.gram - g0, hc + self.cross - c0, hy + self.yy - y0,
+                         hr + self.rows - r0)
 
     def _add(self, x: np.ndarray, y: np.ndarray) -> None:
         layer = self.layer
@@ -82,16 +95,31 @@ class Fit:
         self.yy += float(np.einsum("gro,gro->", ys, ys))
         self.rows += xs.shape[1]
 
-    def error(self, p: np.ndarray) -> float:
-        """‖Y − X̃·p‖ / ‖Y‖ over the data, from the accumulated statistics."""
-        num = self.yy - 2.0 * float((p * self.cross).sum()) + \
-            float(np.einsum("gio,gij,gjo->", p, self.gram, p, optimize=True))
-        return float(np.sqrt(max(num, 0.0) / max(self.yy, 1e-30)))
+    def error(self, p: np.ndarray, stats: tuple | None = None) -> float:
+        """‖Y − X̃·p‖ / ‖Y‖ over the data (``stats``: over (gram, cross, yy) of a part of
+        it), from the accumulated statistics."""
+        gram, cross, yy = stats or (self.gram, self.cross, self.yy)
+        num = yy - 2.0 * float((p * cross).sum()) + \
+            float(np.einsum("gio,gij,gjo->", p, gram, p, optimize=True))
+        return float(np.sqrt(max(num, 0.0) / max(yy, 1e-30)))
 
-    def finish(self, ridge: float, bias_only: bool, prior: str = "current") -> dict:
+    def choose_ridge(self, with_bias: bool, prior: np.ndarray | None) -> float | None:
+        """The ``RIDGE_GRID`` strength whose fit on the other batches has the least error
+        on the held-out ones (None without held-out rows, or with too few rows left)."""
+        hg, hc, hy, hr = self.held
+        rest = self.rows - hr
+        if not hr or rest < MIN_ROWS_PER_COLUMN * self.params.shape[1]:
+            return None
+        errors = {r: self.error(solve(self.gram - hg, self.cross - hc, r, with_bias, prior),
+                                (hg, hc, hy)) for r in RIDGE_GRID}
+        return min(RIDGE_GRID, key=lambda r: (errors[r], -r))
+
+    def finish(self, ridge: float, bias_only: bool, prior: str = "current",
+               choose: bool = False) -> dict:
         """Solve (the ridge shrinking the weights towards the layer's current ones, or
-        towards zero: ``prior``), write the layer's new weights if they lower its error
-        on the data, and return its stats."""
+        towards zero: ``prior``; ``choose``: its strength chosen on the held-out batches,
+        ``ridge`` when there are none), write the layer's new weights if they lower its
+        error on the data, and return its stats."""
         if self.problem:
             return {"skipped": self.problem}
         if self.rows == 0:
@@ -101,6 +129,7 @@ class Fit:
         if before <= EXACT:
             return self._stats(before, before, "unchanged")
         few = self.rows < MIN_ROWS_PER_COLUMN * old.shape[1]
+        chosen = None
         if bias_only or few:
             why = "asked" if bias_only else \
                 f"too few rows: {self.rows} < {MIN_ROWS_PER_COLUMN} x {old.shape[1]}"
@@ -108,8 +137,10 @@ class Fit:
                 return self._stats(before, before, f"kept ({why}; no bias to correct)")
             new, mode = self.bias_corrected(old), f"bias correction ({why})"
         else:
-            new = solve(self.gram, self.cross, ridge, layer.with_bias,
-                        old if prior == "current" else None)
+            start = old if prior == "current" else None
+            chosen = self.choose_ridge(layer.with_bias, start) if choose else None
+            ridge = ridge if chosen is None else chosen
+            new = solve(self.gram, self.cross, ridge, layer.with_bias, start)
             mode = "least squares per channel" if layer.kind == "depthwise" else \
                 "least squares"
             if layer.with_bias:  # the ridge may shrink more than the fit gains: then the
@@ -120,7 +151,10 @@ class Fit:
         if not after < before:  # never make a layer worse on the data it was fitted on
             return self._stats(before, before, "kept (no improvement)")
         write(layer, new)
-        return self._stats(before, after, mode)
+        stats = self._stats(before, after, mode)
+        if chosen is not None:
+            stats["ridge"] = chosen
+        return stats
 
     def bias_corrected(self, p: np.ndarray) -> np.ndarray:
         """``p`` with b += E[y − ŷ] per channel."""

@@ -23,6 +23,7 @@ class Recover(Pass):
     @dataclass(frozen=True)
     class Options:
         ridge: float = 1e-2  # λ as a fraction of the mean diagonal of X̃ᵀX̃
+        choose_ridge: bool = True  # per layer, from a grid, on held-out batches
         max_batches: int = 64  # calibration batches used, at most
         bias_only: bool = False  # correct biases only (b += E[y_orig − y_comp])
         scope: str = "downstream"  # or "changed": only the layers compression changed
@@ -34,6 +35,9 @@ class Recover(Pass):
             if not (isinstance(self.max_batches, int) and self.max_batches >= 1):
                 raise ValueError(f"max-batches must be an integer >= 1, not "
                                  f"{self.max_batches!r}")
+            if not isinstance(self.choose_ridge, bool):
+                raise ValueError(f"choose-ridge must be true or false, not "
+                                 f"{self.choose_ridge!r}")
             if not isinstance(self.bias_only, bool):
                 raise ValueError(f"bias-only must be true or false, not {self.bias_only!r}")
             if self.scope not in ("downstream", "changed"):
@@ -67,7 +71,7 @@ class Recover(Pass):
         layers = refit(reference, model, dict(getattr(ctx, "kept", None) or {}), data,
                        ridge=float(self.options.ridge), bias_only=self.options.bias_only,
                        scope=self.options.scope, prior=self.options.prior,
-                       teacher=self._teacher)
+                       teacher=self._teacher, choose_ridge=self.options.choose_ridge)
         changed = any(v.get("error_after", 1.0) < v.get("error_before", 1.0)
                       for v in layers.values())
         return PassResult(changed, {"layers": layers})

@@ -39,7 +39,7 @@ from graphopt.passes.recover.targets import Student, Teacher
 def refit(reference: onnx.ModelProto, model: Model, kept: dict, data: list[dict], *,
           ridge: float = 1e-2, layers=None, bias_only: bool = False,
           scope: str = "downstream", prior: str = "current",
-          teacher: Teacher | None = None) -> dict:
+          teacher: Teacher | None = None, choose_ridge: bool = False) -> dict:
     """Re-fit ``model``'s linear layers in place (see the module docstring) on ``data``
     (feed dicts, one per batch) to ``reference``, the original model.
 
@@ -49,7 +49,10 @@ def refit(reference: onnx.ModelProto, model: Model, kept: dict, data: list[dict]
     ones, "current", or towards zero, "zero" (W = YX̃ᵀ(X̃X̃ᵀ + λI)⁻¹ exactly); with few
     rows per unknown the first stays near what compression left instead of shrinking.
     ``teacher``: the original's activations kept from an earlier call (same reference
-    and data; see ``targets.Teacher``).
+    and data; see ``targets.Teacher``). ``choose_ridge``: each layer's ridge strength is
+    the one of ``fit.RIDGE_GRID`` whose fit on the other batches predicts one batch in
+    ``HOLD_OUT`` best (then all batches are fitted with it); ``ridge`` when there are
+    fewer than ``2 * HOLD_OUT`` batches.
 
     Returns, in topological order, {layer: {rows, columns, error_before, error_after,
     mode}} (errors: ‖Y − Ŷ‖/‖Y‖ on ``data``; mode "unchanged" for layers that compute
@@ -84,13 +87,16 @@ def refit(reference: onnx.ModelProto, model: Model, kept: dict, data: list[dict]
     while pending:
         wave = _wave(pending)
         later = [layer.y.name for layer in pending if layer not in wave]
-        for fit in _tap(teacher, student, model, wave, kept, later):
-            report[fit.layer.name] = fit.finish(ridge, bias_only, prior)
+        for fit in _tap(teacher, student, model, wave, kept, later, choose_ridge):
+            report[fit.layer.name] = fit.finish(ridge, bias_only, prior, choose_ridge)
         pending = [layer for layer in pending if layer not in wave]
     for name, why in skipped.items():
         if wanted is None or name in wanted:
             report.setdefault(name, {"skipped": why})
     return report
+
+
+HOLD_OUT = 5  # one batch in this many scores the ridge strengths (choose_ridge)
 
 
 def _wave(pending: list[Layer]) -> list[Layer]:
@@ -101,15 +107,18 @@ def _wave(pending: list[Layer]) -> list[Layer]:
 
 
 def _tap(teacher: Teacher, student: Student, model: Model, wave: list[Layer], kept: dict,
-         later: list[str]) -> list[Fit]:
+         later: list[str], hold_out: bool = False) -> list[Fit]:
     """One run of the compressed model (inputs) beside the original's values (targets)
     over every batch; ``later``: targets the next waves will want."""
     fits = [Fit(layer) for layer in wave]
     inputs = student.batches(model.to_onnx(), [f.layer.x.name for f in fits])
     targets = teacher.batches([f.layer.y.name for f in fits], prefetch=later)
-    for want, got in zip(targets, inputs):
+    hold_out = hold_out and len(teacher.data) >= 2 * HOLD_OUT
+    for i, (want, got) in enumerate(zip(targets, inputs)):
+        held = hold_out and i % HOLD_OUT == HOLD_OUT // 2
         for fit in fits:
-            fit.add(got[fit.layer.x.name], _narrowed(fit.layer, want[fit.layer.y.name], kept))
+            fit.add(got[fit.layer.x.name], _narrowed(fit.layer, want[fit.layer.y.name], kept),
+                    held)
     return fits
 
 
