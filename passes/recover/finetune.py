@@ -57,7 +57,7 @@ from graphopt.errors import UsageError
 from graphopt.ir import Model
 from graphopt.metric import DEFAULT_METRIC, get_metric
 from graphopt.pass_infra import Pass, PassContext, PassResult
-from graphopt.passes.recover.layers import dirty_nodes, find_layers
+from graphopt.passes.recover.layers import dirty_nodes, find_layers, linear_layer
 from graphopt.passes.recover.recover import Recover
 from graphopt.passes.recover.targets import Teacher
 
@@ -180,6 +180,7 @@ class Finetune(Pass):
         else:
             train = [layer for layer in found if id(layer.node) in dirty or
                      any(n in narrowed for n in layer.target_names())]
+        train += new_linears(model.graph, found, dirty)  # e.g. low-rank factors
         quantized = quantized_weights(model.graph, teacher.ref.names) if opts.qat else []
         if not quantized and (not train or not (dirty or opts.scope == "all")):
             stats["reason"] = "no layer differs from the original"
@@ -193,6 +194,23 @@ class Finetune(Pass):
                         tolerance=ctx.tolerance, seed=ctx.seed)
         stats.update(result)
         return PassResult(True, stats)
+
+
+def new_linears(graph: gs.Graph, found: list, dirty: set[int]) -> list:
+    """Linear layers compression made that the original lacks (their outputs are new:
+    the factors of a low-rank decomposition), with weights of their own."""
+    known = {id(layer.node) for layer in found} | \
+        {id(layer.bias_node) for layer in found if layer.bias_node is not None}
+    names = {t.name for t in graph.tensors().values()}
+    out = []
+    for node in graph.nodes:
+        if id(node) in dirty and id(node) not in known and \
+                node.op in ("Conv", "Gemm", "MatMul") and len(node.inputs) > 1 and \
+                isinstance(node.inputs[1], gs.Constant):
+            layer, _ = linear_layer(graph, node, node.inputs[1], names)
+            if layer is not None:
+                out.append(layer)
+    return out
 
 
 def minibatches(data: list[dict], size: int) -> list[dict]:

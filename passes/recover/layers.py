@@ -82,7 +82,7 @@ def find_layers(graph: gs.Graph, ref_names: set[str]) -> tuple[list[Layer], dict
         name = node.name or node.outputs[0].name
         if not isinstance(w, gs.Constant):
             continue  # an activation product (attention scores) or a computed weight
-        layer, why = _layer(graph, node, w, ref_names)
+        layer, why = linear_layer(graph, node, w, ref_names)
         if layer is None:
             skipped[name] = why
         else:
@@ -90,7 +90,7 @@ def find_layers(graph: gs.Graph, ref_names: set[str]) -> tuple[list[Layer], dict
     return out, skipped
 
 
-def _layer(graph: gs.Graph, node: gs.Node, w: gs.Constant, ref_names: set[str]
+def linear_layer(graph: gs.Graph, node: gs.Node, w: gs.Constant, ref_names: set[str]
            ) -> tuple[Layer | None, str]:
     if len(w.outputs) > 1:
         return None, "weight shared with another node"
