@@ -264,3 +264,16 @@ def test_low_rank_factors_train():
     assert factors >= 2 and stats["trained_layers"] >= factors
     assert _kl(ref, tuned_out) < 0.7 * _kl(ref, refit_out), (_kl(ref, tuned_out),
                                                              _kl(ref, refit_out))
+
+
+def test_never_worse_than_the_refit():
+    """Training that beats no checkpoint on the held-out batches (here a step size far
+    too large) leaves exactly what ``recover`` gives on every batch."""
+    tuned, ctx = _pruned(0.5)
+    stats = Finetune(steps=40, lr=50.0).run(tuned, ctx).stats
+    assert not stats["improved"] and "kept" in stats
+    plain, ctx = _pruned(0.5)
+    Recover().run(plain, ctx)
+    a = {t.name: graphopt_array(t) for t in tuned.to_onnx().graph.initializer}
+    b = {t.name: graphopt_array(t) for t in plain.to_onnx().graph.initializer}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -33,7 +33,9 @@ itself, node by node), and what compression touched trains:
    loss trains (the digits CNN wants 0.02, MiniLM's refit 0.00125 or less).
 7. Every epoch the model is scored on the held-out batches with the run's accuracy
    metric and the distillation loss; the best checkpoint is kept (by the metric, ties by
-   the loss; the starting weights when none beats them), and training stops early once
+   the loss). When none beats the start, the result is ``recover``'s re-fit on every
+   batch, held-out ones included: never worse than the training-free recovery. Training
+   stops early once
    the metric is within the budget (``PassContext.tolerance``) and the held-out loss has
    not fallen by 1% over a fifth of the budget.
 8. The trained numbers are written back into the graph's initializers by name (integer
@@ -137,6 +139,7 @@ class Finetune(Pass):
         if not torch_available():
             raise UsageError("the finetune pass needs PyTorch", hint=INSTALL_HINT)
         self._recover = Recover()  # the least-squares start (keeps its teacher cache)
+        self._fallback = Recover()  # the re-fit on all the data, when training loses
         self._teacher: Teacher | None = None  # the original's values, kept across runs
         self._split: tuple | None = None  # (calibration data, its training batches)
 
@@ -168,6 +171,8 @@ class Finetune(Pass):
         # what compression changed (before the re-fit moves the weights downstream)
         found, _ = find_layers(model.graph, teacher.ref.names)
         dirty, changed = dirty_nodes(model.graph, found, kept, teacher.ref)
+        # distillation that beats nothing falls back to the re-fit of every batch
+        snapshot = model.clone() if opts.refit and held else None
         if opts.refit:
             fit_on = [b for i, b in enumerate(data) if i not in held]
             refit = self._recover.run(model, replace(ctx, calibration=fit_on))
@@ -193,6 +198,12 @@ class Finetune(Pass):
                         quantized=quantized,
                         tolerance=ctx.tolerance, seed=ctx.seed)
         stats.update(result)
+        if not result["improved"] and snapshot is not None:
+            fallback = self._fallback.run(snapshot, ctx)
+            model.graph = snapshot.graph
+            stats["refit"] = fallback.stats.get("layers", {})
+            stats["kept"] = "the re-fit on every batch (no checkpoint beat it on the " \
+                            "held-out batches)"
         return PassResult(True, stats)
 
 
@@ -407,6 +418,7 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
     _write_back(model, best_values, net.types)
     assert [(n.op, n.name) for n in model.graph.nodes] == nodes_before
     return {"steps": step, "seconds": round(seconds, 2), "stopped_by": reason,
+            "improved": run["values"] is not None,
             "trained_layers": len(train), "quantized_weights": len(quantized),
             "parameters": int(sum(v.size for v in
                                                                 best_values.values())),
