@@ -8,7 +8,9 @@ No labels are used to compress (and no gradients, unless ``--finetune`` adds the
 recovered by distillation, ``--recover finetune``): calibration is the first
 ``--calibration`` (default 1000) unlabeled training images, the budget is the mean output cosine to the original on 257 training
 images the network never saw (tests/digits.py), and the test accuracy is measured on the
-540 test images. Prints, per variant: MACs of the conv/gemm layers relative to the original, test
+540 test images (with ``--calibration 256 --finetune`` on a 2-core AVX2 CPU: the re-fit
+search keeps 0.243x of the MACs at +0.19 points, distillation 0.113x at -0.56 points,
+0.157x latency at batch 256, in 49 s). Prints, per variant: MACs of the conv/gemm layers relative to the original, test
 accuracy, ONNX Runtime latency (1 thread, median of interleaved runs) at batch 256 and
 batch 1 relative to the original, and the file size.
 """
