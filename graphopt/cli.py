@@ -126,6 +126,10 @@ class _Progress:
               "(re-fit, then distillation; needs graphopt[train]), or a plugin's, with "
               "options: 'finetune(steps=2000)'.")
 @click.option("--no-recover", is_flag=True, help="No recovery of compressed candidates.")
+@click.option("--finetune-steps", type=click.IntRange(min=1),
+              help="Step budget of --recover finetune (default 1000).")
+@click.option("--finetune-time", type=click.FloatRange(min=0, min_open=True),
+              help="Time budget of --recover finetune, in seconds per candidate.")
 @click.option("--measure", is_flag=True, help="Time quantized variants in ONNX Runtime "
               "and keep the fastest that meets the budget.")
 @click.option("--format", "format_", type=click.Choice(["onnx", "ort"]),
@@ -160,8 +164,8 @@ def optimize(ctx, model, config_path, **_):
 
 def _optimize(model, output, target, passes, skip, report_path, strict, data, input_shape,
               rtol, atol, seed, calibration_data, validation_data, tolerance, metric, goal,
-              recover, no_recover, measure, format_, verify_, tune_trials, rpc,
-              config_path, **scheme_values):
+              recover, no_recover, finetune_steps, finetune_time, measure, format_,
+              verify_, tune_trials, rpc, config_path, **scheme_values):
     # Before any work: no output may overwrite an input or another output, and each can
     # be written; then everything is staged and moved into place at the end, or nothing.
     inputs = paths.input_files(model, data=data, calibration=calibration_data,
@@ -170,6 +174,8 @@ def _optimize(model, output, target, passes, skip, report_path, strict, data, in
         inputs.append(("the config file", Path(config_path)))
     paths.check_outputs(inputs, output, report_path)
     feeds, shapes = _load_data(data), _parse_shapes(input_shape)
+    recovery = None if no_recover or not recover else \
+        _recovery(recover, finetune_steps, finetune_time)
     with paths.Staging(output, report_path) as staging, \
             err.status("loading", spinner="dots") as status:
         result = api.optimize(
@@ -183,10 +189,25 @@ def _optimize(model, output, target, passes, skip, report_path, strict, data, in
             verify_artifact=verify_, tune_trials=tune_trials, rpc=rpc,
             schemes={_SCHEME_FLAGS[k]: [v.strip() for v in value.split(",") if v.strip()]
                      for k, value in scheme_values.items() if value},
-            metric=metric, goal=goal, recovery=None if no_recover or not recover else recover)
+            metric=metric, goal=goal, recovery=recovery)
         report = staging.final_paths(result.report)
         staging.commit(json.dumps(report, indent=2, default=float) if report_path else None)
     _print_summary(report)
+
+
+def _recovery(spec: str, steps: int | None, seconds: float | None) -> str:
+    """The recovery pass spec with the --finetune-* budgets added to its options."""
+    if steps is None and seconds is None:
+        return spec
+    name, _, rest = spec.partition("(")
+    if name.strip() != "finetune":
+        raise UsageError("--finetune-steps and --finetune-time need --recover finetune")
+    given = {"steps": steps, "time": seconds}
+    options = [o for o in rest.rstrip(")").split(",") if o.strip() and
+               given.get(o.partition("=")[0].strip().replace("-", "_")) is None]  # flags win
+    options += [f"steps={steps}"] if steps is not None else []
+    options += [f"time={seconds}"] if seconds is not None else []
+    return f"finetune({','.join(options)})"
 
 
 def _add_scheme_options(command: click.Command) -> dict[str, str]:

@@ -160,12 +160,17 @@ def test_cli_recover_finetune(tmp_path):
     example, cal = _cli_inputs(tmp_path)
     out = cli("optimize", example, "-o", tmp_path / "m.onnx", "--report", tmp_path / "r.json",
               "--prune", "channels", "--calibration-data", cal, "--tolerance", "0.9",
-              "--metric", "mean-cosine", "--recover", "finetune(steps=20)", cwd=tmp_path)
+              "--metric", "mean-cosine", "--recover", "finetune(steps=200)",
+              "--finetune-steps", "20", cwd=tmp_path)  # the flag wins over the spec
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     info = report["compression"]["passes"]["prune-channels"]
     assert info["meets_budget"] and 0 < info["recovery"]["steps"] <= 20
     assert info["recovery"]["curve"]
+    bad = cli("optimize", example, "-o", tmp_path / "n.onnx", "--prune", "channels",
+              "--calibration-data", cal, "--finetune-time", "5", cwd=tmp_path)
+    assert bad.returncode == 2 and "--recover finetune" in bad.stderr
+    assert not (tmp_path / "n.onnx").exists()
 
 
 def test_cli_recover_finetune_without_torch_says_what_to_install(tmp_path):
