@@ -189,6 +189,9 @@ class Finetune(Pass):
         quantized = quantized_weights(model.graph, teacher.ref.names) if opts.qat else []
         if not quantized and (not train or not (dirty or opts.scope == "all")):
             stats["reason"] = "no layer differs from the original"
+            if snapshot is not None:  # (what recover gives, as when training loses)
+                stats["refit"] = self._fallback.run(snapshot, ctx).stats.get("layers", {})
+                model.graph = snapshot.graph
             return PassResult(bool(opts.refit and _improved(stats.get("refit", {}))), stats)
         sites = [layer for layer in found if id(layer.node) in changed]
         metric = get_metric(ctx.metric or DEFAULT_METRIC)
