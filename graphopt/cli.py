@@ -217,7 +217,7 @@ def _add_scheme_options(command: click.Command) -> dict[str, str]:
     for flag, table in sorted(schemes(pass_registry()).items()):
         param = flag.replace("-", "_")
         flags[param] = flag
-        command.params.insert(-9, click.Option(
+        command.params.insert(-12, click.Option(
             [f"--{flag}"], help=f"Append lossy passes: {', '.join(table)} (comma-separated, "
                                 f"or all) -> {', '.join(table.values())}."))
     return flags
