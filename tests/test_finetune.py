@@ -73,15 +73,15 @@ def test_only_weights_move(three_quarters):
     a, b = refit.to_onnx().graph, tuned.to_onnx().graph
     assert [(n.op_type, n.name, list(n.input), list(n.output)) for n in a.node] == \
         [(n.op_type, n.name, list(n.input), list(n.output)) for n in b.node]
-    ia = {t.name: graphopt_array(t) for t in a.initializer}
-    ib = {t.name: graphopt_array(t) for t in b.initializer}
+    ia = {t.name: _array(t) for t in a.initializer}
+    ib = {t.name: _array(t) for t in b.initializer}
     assert {k: v.shape for k, v in ia.items()} == {k: v.shape for k, v in ib.items()}
     moved = [k for k in ia if not np.array_equal(ia[k], ib[k])]
     assert moved and len(moved) <= 2 * stats["trained_layers"]
     assert stats["parameters"] == sum(ib[k].size for k in moved)
 
 
-def graphopt_array(t):
+def _array(t):
     from onnx import numpy_helper
 
     return numpy_helper.to_array(t)
@@ -92,7 +92,7 @@ def test_deterministic_for_a_seed():
     for _ in range(2):
         model, ctx = _pruned(0.5, seed=3)
         Finetune(steps=60).run(model, ctx)
-        runs.append({t.name: graphopt_array(t) for t in model.to_onnx().graph.initializer})
+        runs.append({t.name: _array(t) for t in model.to_onnx().graph.initializer})
     assert all(np.array_equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
@@ -279,6 +279,6 @@ def test_never_worse_than_the_refit():
     assert not stats["improved"] and "kept" in stats
     plain, ctx = _pruned(0.5)
     Recover().run(plain, ctx)
-    a = {t.name: graphopt_array(t) for t in tuned.to_onnx().graph.initializer}
-    b = {t.name: graphopt_array(t) for t in plain.to_onnx().graph.initializer}
+    a = {t.name: _array(t) for t in tuned.to_onnx().graph.initializer}
+    b = {t.name: _array(t) for t in plain.to_onnx().graph.initializer}
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -68,6 +68,10 @@ class Layer:
         """Names under which compression may have reported the output narrowed."""
         return tuple(dict.fromkeys([self.y.name, self.node.outputs[0].name]))
 
+    def narrowing(self, kept: dict) -> tuple | None:
+        """(axis, indices kept) when compression narrowed the output, else None."""
+        return next((kept[n] for n in self.target_names() if n in kept), None)
+
 
 def find_layers(graph: gs.Graph, ref_names: set[str]) -> tuple[list[Layer], dict[str, str]]:
     """Every re-fittable layer of ``graph`` whose output is also a tensor of the
@@ -90,8 +94,10 @@ def find_layers(graph: gs.Graph, ref_names: set[str]) -> tuple[list[Layer], dict
     return out, skipped
 
 
-def linear_layer(graph: gs.Graph, node: gs.Node, w: gs.Constant, ref_names: set[str]
-           ) -> tuple[Layer | None, str]:
+def linear_layer(graph: gs.Graph, node: gs.Node, w: gs.Constant,
+                 ref_names: set[str] | None) -> tuple[Layer | None, str]:
+    """The layer ``node`` (weight ``w``) forms, or None and why not; ``ref_names``: its
+    output must be a tensor of the original model (None: any output)."""
     if len(w.outputs) > 1:
         return None, "weight shared with another node"
     if w.values.dtype.kind != "f":
@@ -126,14 +132,14 @@ def linear_layer(graph: gs.Graph, node: gs.Node, w: gs.Constant, ref_names: set[
             if isinstance(other, gs.Constant) and len(other.outputs) == 1 and \
                     other.values.ndim >= 1 and other.values.size == w.shape[1] and \
                     other.values.shape[-1] == w.shape[1] and \
-                    add.outputs[0].name in ref_names:
+                    (ref_names is None or add.outputs[0].name in ref_names):
                 bias, y, bias_node = other, add.outputs[0], add
     layer = Layer(node, kind, node.inputs[0], y, w, bias, bias_node)
     if bias is not None and bias.values.size not in (1, layer.outputs):
         return None, f"bias of shape {tuple(bias.shape)} is not per output channel"
     if bias is not None and bias.values.size == 1 and layer.outputs != 1:
         layer.bias = None  # a scalar shared by every channel: kept as it is
-    if y.name not in ref_names:
+    if ref_names is not None and y.name not in ref_names:
         return None, "output not in the original model"
     return layer, ""
 
@@ -256,7 +262,7 @@ class Reference:
 def own_change(layer: Layer, kept: dict, ref: Reference) -> str | None:
     """How compression changed ``layer`` itself (None: it did not), apart from its
     output being narrowed along with its weight rows (which keeps its values exact)."""
-    narrowed = next((kept[n] for n in layer.target_names() if n in kept), None)
+    narrowed = layer.narrowing(kept)
     if layer.x.name in kept:
         axis, idx = kept[layer.x.name]
         rank = len(layer.weight.shape)  # a Conv's input and output have its rank

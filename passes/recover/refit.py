@@ -123,8 +123,8 @@ def _tap(teacher: Teacher, student: Student, model: Model, wave: list[Layer], ke
 
 
 def _narrowed(layer: Layer, y: np.ndarray, kept) -> np.ndarray:
-    for name in layer.target_names():
-        if name in kept:
-            axis, idx = kept[name]
-            return np.take(y, np.asarray(idx), axis=axis)
-    return y
+    narrowing = layer.narrowing(kept)
+    if narrowing is None:
+        return y
+    axis, idx = narrowing
+    return np.take(y, np.asarray(idx), axis=axis)
