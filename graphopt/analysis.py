@@ -38,14 +38,23 @@ class Summary:
         }
 
 
+def infer_all_shapes(model: Model) -> bool:
+    """Infer ``model``'s shapes in place as far as any inference can: ONNX Runtime's
+    symbolic inference (it follows contrib ops such as Attention, whose outputs ONNX's
+    own inference leaves unknown), else ONNX's. ``False`` when both fail."""
+    for symbolic in (True, False):
+        try:
+            model.infer_shapes(symbolic=symbolic)
+            return True
+        except GraphoptError:
+            continue
+    return False
+
+
 def summarize(model: Model, device: Device, cost_model: CostModel | None = None) -> Summary:
     """Summarize ``model`` (not modified: shape inference runs on a copy)."""
     shaped = model.clone()
-    try:
-        shaped.infer_shapes()
-        shapes_known = True
-    except GraphoptError:
-        shapes_known = False
+    shapes_known = infer_all_shapes(shaped)
     cost = (cost_model or AnalyticCostModel()).estimate(shaped, device)
     ops = Counter(n.op for g in shaped.all_graphs() for n in g.nodes)
     return Summary(

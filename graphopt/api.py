@@ -17,7 +17,10 @@ from graphopt import artifact as artifact_check
 from graphopt import verify
 from graphopt.analysis import Summary, summarize
 from graphopt.compression import CompressionPass, join_compression
-from graphopt.cost import AnalyticCostModel
+from graphopt.cost import AnalyticCostModel, CostModel
+from graphopt import microbench
+from graphopt.cost_calibration import Calibration, cost_model_for
+from graphopt.cost_calibration import calibrate as run_calibration
 from graphopt.calibration import check_feeds
 from graphopt.errors import GraphoptError, ModelError, UsageError, VerificationError
 from graphopt.ir import Model, ModelSource, load, save
@@ -157,7 +160,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
                              f"{tgt.name!r} does not run",
                              hint="choose another target or drop the pass")
     pipeline = join_compression([p for p in pipeline if p.name not in unsupported])
-    cost_model = AnalyticCostModel()
+    cost_model, cost_info = cost_model_for(tgt)
     original_proto = original.to_onnx()
     data = check_feeds(data, original_proto)
     ctx = PassContext(target=tgt, cost_model=cost_model, device=tgt.device, seed=seed,
@@ -194,11 +197,12 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         "graphopt_version": graphopt_version(),
         "target": tgt.name,
         "device": tgt.device.name,
+        "cost_model": cost_info,
         "pipeline": [repr(p) for p in pipeline],
         "left_out": {name: f"target does not run {', '.join(ops)}"
                      for name, ops in unsupported.items()},
-        "input": _summary(original, tgt).to_dict(),
-        "output": _summary(working, tgt).to_dict(),
+        "input": _summary(original, tgt, cost_model).to_dict(),
+        "output": _summary(working, tgt, cost_model).to_dict(),
         "input_hash": original.content_hash(),
         "output_hash": working.content_hash(),
         "trace": [e.to_dict() for e in manager.trace],
@@ -323,8 +327,21 @@ def _static_shapes(manifest: dict) -> dict[str, list[int]]:
             if i.get("shape") and all(isinstance(d, int) and d > 0 for d in i["shape"])}
 
 
+def calibrate(target: str | Target = DEFAULT_TARGET, *, threads: int | None = None,
+              quick: bool = False, progress=None) -> tuple[Calibration, Path]:
+    """Calibrate ``target``'s cost model by timing micro-benchmarks on its device and
+    store it for this device (``graphopt.cost_calibration``); ``optimize`` and
+    ``inspect`` then use it. ``quick``: a smaller set of probes (seconds, not a minute).
+    ``progress(done, total, probe_name)`` is called as probes run."""
+    tgt = get_target(target)
+    if threads is not None:
+        tgt = tgt.with_threads(threads)
+    return run_calibration(tgt, microbench.suite(quick=quick), progress=progress)
+
+
 def inspect(model: ModelSource, target: str | Target = DEFAULT_TARGET) -> Summary:
-    return _summary(load(model), get_target(target))
+    tgt = get_target(target)
+    return _summary(load(model), tgt, cost_model_for(tgt)[0])
 
 
 def compare(a: ModelSource, b: ModelSource, data: list[verify.Feeds] | None = None,
@@ -348,8 +365,8 @@ def compare(a: ModelSource, b: ModelSource, data: list[verify.Feeds] | None = No
     return result
 
 
-def _summary(model: Model, target: Target) -> Summary:
-    return summarize(model, target.device)
+def _summary(model: Model, target: Target, cost_model: CostModel | None = None) -> Summary:
+    return summarize(model, target.device, cost_model)
 
 
 def _probe_or_none(proto, seed, shapes) -> list[verify.Feeds] | None:

@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from graphopt import api, config, paths, verify
+from graphopt.cli_calibrate import calibrate
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.lossy import schemes, summary_lines
 from graphopt.manager import TraceEntry
@@ -421,6 +422,8 @@ def compare_cmd(model_a, model_b, data, input_shape, rtol, atol, as_json):
     if not result.ok:
         sys.exit(4)
 
+
+main.add_command(calibrate)
 
 if __name__ == "__main__":
     main()

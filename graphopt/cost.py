@@ -102,21 +102,81 @@ class AnalyticCostModel:
         )
 
     def node_cost(self, node: gs.Node, device: Device) -> NodeCost:
-        if _fused_dequantize(node):
-            return NodeCost(node.name, node.op, 0.0, 0.0, 0.0)
-        flops = node_flops(node)
-        quantized = node.op in _INT8_OPS or (node.op in _QDQ_FUSED and any(
-            _from_dequantize(t) for t in node.inputs[:2]))
-        inputs = [t.inputs[0].inputs[0] if quantized and _from_dequantize(t) else t
-                  for t in node.inputs]
-        moved = 0.0 if node.op in _FREE else float(sum(tensor_bytes(t) for t in
-                                                       [*inputs, *node.outputs]))
-        dtype = "int8" if quantized else \
-            _dtype_name(node.outputs[0]) if node.outputs else "float32"
-        compute_s = flops / (device.peak(dtype) * _EFFICIENCY.get(node.op, 0.25))
-        memory_s = moved / device.bandwidth
-        latency = max(compute_s, memory_s) + device.node_overhead_s
-        return NodeCost(node.name, node.op, flops, moved, latency)
+        flops, moved, seconds = roofline(node, device)
+        overhead = 0.0 if _fused_dequantize(node) else device.node_overhead_s
+        return NodeCost(node.name, node.op, flops, moved, seconds + overhead)
+
+
+def roofline(node: gs.Node, device: Device) -> tuple[float, float, float]:
+    """``(flops, bytes moved, seconds)`` of ``node`` on ``device`` by the roofline: the
+    larger of compute and memory time, without the per-node overhead. A DequantizeLinear
+    a runtime fuses into its readers costs nothing."""
+    if _fused_dequantize(node):
+        return 0.0, 0.0, 0.0
+    flops = node_flops(node)
+    quantized = _quantized(node)
+    inputs = [t.inputs[0].inputs[0] if quantized and _from_dequantize(t) else t
+              for t in node.inputs]
+    moved = 0.0 if node.op in _FREE else float(sum(tensor_bytes(t) for t in
+                                                   [*inputs, *node.outputs]))
+    dtype = "int8" if quantized else \
+        _dtype_name(node.outputs[0]) if node.outputs else "float32"
+    compute_s = flops / (device.peak(dtype) * _EFFICIENCY.get(node.op, 0.25))
+    return flops, moved, max(compute_s, moved / device.bandwidth)
+
+
+def _quantized(node: gs.Node) -> bool:
+    return node.op in _INT8_OPS or (node.op in _QDQ_FUSED and any(
+        _from_dequantize(t) for t in node.inputs[:2]))
+
+
+# Op families for calibration (``op_key``): ops whose cost behaves alike on a CPU.
+_CONV = {"Conv", "FusedConv", "ConvInteger", "QLinearConv", "ConvTranspose", "NhwcConv"}
+_MATMUL = {"MatMul", "Gemm", "FusedMatMul", "FusedGemm", "MatMulInteger", "QGemm",
+           "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits"}
+_ATTENTION = {"Attention", "MultiHeadAttention", "QAttention"}
+_NORM = {"LayerNormalization", "SkipLayerNormalization", "RMSNormalization",
+         "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+         "BatchNormalization", "InstanceNormalization", "GroupNormalization"}
+_POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool"}
+
+
+def op_key(node: gs.Node) -> tuple[str, str, str]:
+    """``(family, dtype, kind)``: the class of ops a calibration measures together.
+    Convolutions are ``spatial``, ``pointwise`` (1x1) or ``depthwise``; matrix products
+    multiply by ``weights`` (a constant) or by another ``activation``; any other op is
+    its own kind within its family (``elementwise`` for everything without one)."""
+    op = node.op
+    dtype = "int8" if _quantized(node) else \
+        _dtype_name(node.outputs[0]) if node.outputs else "float32"
+    if op in _CONV:
+        weight = node.inputs[3] if op == "QLinearConv" else \
+            node.inputs[1] if len(node.inputs) > 1 else None
+        shape = weight.shape if weight is not None and weight.shape is not None else None
+        group = node.attrs.get("group", 1)
+        if shape and group > 1 and shape[1] == 1:
+            kind = "depthwise"
+        elif shape and all(d == 1 for d in shape[2:]):
+            kind = "pointwise"
+        else:
+            kind = "spatial"
+        return "conv", dtype, kind
+    if op in _MATMUL:
+        b = node.inputs[1] if len(node.inputs) > 1 else None
+        constant = b is not None and (isinstance(b, gs.Constant) or _from_dequantize(b)
+                                      or (len(b.inputs) == 1 and b.inputs[0].op == "Constant"))
+        return "matmul", dtype, "weights" if constant or op == "MatMulNBits" else "activation"
+    if op in _ATTENTION:
+        return "attention", dtype, op
+    if op in _NORM:
+        return "norm", dtype, op
+    if op in _POOL:
+        return "pool", dtype, op
+    if op == "Softmax" or op == "LogSoftmax":
+        return "softmax", dtype, op
+    if op in _FREE:
+        return "view", dtype, op
+    return "elementwise", dtype, op
 
 
 def _from_dequantize(tensor: gs.Tensor) -> bool:

@@ -225,8 +225,10 @@ def infer_shapes(proto: onnx.ModelProto, strict: bool = False,
     its cost does not grow with the weights and models over 2 GB need no temporary file.
     ``symbolic=True`` adds ONNX Runtime's symbolic shape inference.
     """
+    light = skeleton(proto)
+    _standard_stand_ins(light.graph)
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton(proto), strict_mode=strict,
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=strict,
                                                      data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
         raise ModelError(f"shape inference failed: {_first_line(exc)}") from exc
@@ -238,6 +240,32 @@ def infer_shapes(proto: onnx.ModelProto, strict: bool = False,
         for out, inferred_out in zip(full.output, skel.output):
             out.type.CopyFrom(inferred_out.type)
     return proto
+
+
+# Contrib ops neither ONNX's nor ONNX Runtime's shape inference follows, and the standard
+# op each has the output shape of (inputs and attributes it keeps): inference runs on the
+# skeleton with the stand-in, so the shapes after e.g. a FusedConv stay known.
+_STAND_INS = {
+    ("com.microsoft", "FusedConv"): ("Conv", 3, {"activation", "activation_params"}),
+    ("com.microsoft", "FusedGemm"): ("Gemm", 3, {"activation", "activation_alpha",
+                                                  "activation_beta", "activation_gamma"}),
+}
+
+
+def _standard_stand_ins(graph: onnx.GraphProto) -> None:
+    """Swap the nodes of ``_STAND_INS`` for their standard stand-ins, in place (on a
+    skeleton: the model itself keeps its ops)."""
+    for g in _all_graphs(graph):
+        for node in g.node:
+            stand_in = _STAND_INS.get((node.domain, node.op_type))
+            if stand_in is None:
+                continue
+            op, inputs, dropped = stand_in
+            kept = [a for a in node.attribute if a.name not in dropped]
+            del node.input[inputs:]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+            node.op_type, node.domain = op, ""
 
 
 def skeleton(proto: onnx.ModelProto, max_elements: int = 1024) -> onnx.ModelProto:

@@ -22,6 +22,38 @@ from graphopt.cost import Device
 from graphopt.errors import UsageError
 from graphopt.ir import Model
 
+# CPU flags (Linux /proc/cpuinfo names) that change which kernels a runtime picks: what a
+# cost calibration depends on besides the CPU model.
+ISA_FLAGS = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw",
+                       "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_int8",
+                       "amx_bf16", "asimd", "asimddp", "i8mm", "sve", "sve2", "fphp"})
+
+
+def _cpuinfo(path: str, keys: tuple[str, ...]) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() in keys:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The host CPU's feature flags (empty where ``path`` is unreadable: not Linux)."""
+    return frozenset((_cpuinfo(path, ("flags", "Features")) or "").split())
+
+
+def cpu_model(path: str = "/proc/cpuinfo") -> str:
+    """The host CPU's model name (``platform.processor()`` where /proc is absent)."""
+    import platform
+
+    return _cpuinfo(path, ("model name", "Model", "CPU part")) or platform.processor() or \
+        platform.machine()
+
+
 # A compiled artifact is a folder holding this file: ``target`` names the target that
 # wrote it, ``artifact`` the main file beside it and ``artifact_format`` its
 # ``Artifact.format``.
@@ -123,6 +155,33 @@ class Target(ABC):
         if not path.is_file():
             raise UsageError(f"no artifact at {path}")
         return Artifact(target=self.name, path=path, files=[path], format=path.suffix[1:])
+
+    def with_threads(self, threads: int) -> "Target":
+        """This target running on ``threads`` threads (``--threads``). Default: the
+        target has no such setting."""
+        raise UsageError(f"target {self.name!r} has no thread setting")
+
+    def fingerprint(self) -> dict:
+        """What a calibration of this target's cost model depends on (``graphopt
+        calibrate`` stores one per fingerprint). Default: the target, its device and
+        this machine's CPU; a target that runs elsewhere or has a runtime version to
+        record overrides it."""
+        return {"target": self.name, "device": self.device.name, "cpu": cpu_model(),
+                "isa": sorted(cpu_flags() & ISA_FLAGS), "cores": self.device.cores}
+
+    def time_model(self, proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+        """Seconds of one run of ``proto`` on the target's device (the cost model's
+        calibration times micro-benchmarks with it). Default: lowered into a temporary
+        folder, then ``measure``; a target whose measurements say nothing about its
+        device (emulation) cannot calibrate."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="graphopt-time-") as tmp:
+            artifact = self.lower(Model.from_proto(proto), Path(tmp) / "out")
+            seconds = self.measure(artifact, feeds)
+        if seconds is None:
+            raise UsageError(f"target {self.name!r} cannot time models on its device here")
+        return seconds
 
     def measure(self, artifact: Artifact, feeds: dict[str, np.ndarray], *,
                 repeat: int = 20) -> float | None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from graphopt.cost import Device
 from graphopt.errors import UsageError
 from graphopt.ir import Model, save, saved_files
 from graphopt.paths import TEMP_PREFIX
-from graphopt.target import Artifact, Capabilities, Target
+from graphopt.target import Artifact, Capabilities, Target, cpu_flags, cpu_model
 
 # The lossless pipeline. Shape folding feeds constant folding; chains and no-ops expose
 # more folding; fusions fold arithmetic into weights; dead code and duplicates are swept
@@ -66,19 +68,6 @@ DISABLED_ORT_OPTIMIZERS = ("SkipLayerNormFusion",)
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"})
 
 
-def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The host CPU's feature flags (empty where ``path`` is unreadable: not Linux)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def host_device(flags: frozenset[str] | None = None, cores: int = _CORES) -> Device:
     """The host CPU as the cost model sees it. int8 peaks: with VNNI/dotprod one
     instruction does 4 int8 MACs per 32-bit lane (4x float32); without, x86 needs
@@ -105,6 +94,44 @@ class OrtTarget(Target):
                                 dtypes=frozenset({"float32", "float16", "int8", "uint8"}))
     default_pipeline = LOSSLESS_PIPELINE
     formats = ("onnx", "ort")
+
+    def __init__(self, threads: int | None = None):
+        """``threads``: ONNX Runtime's intra-op threads for runs, timings and the cost
+        model's device (default: every core)."""
+        if threads is not None and threads < 1:
+            raise UsageError(f"threads must be >= 1, got {threads}")
+        self.threads = threads or _CORES
+        if threads is not None:
+            self.device = host_device(cores=self.threads)
+
+    def with_threads(self, threads: int) -> "OrtTarget":
+        return OrtTarget(threads=threads)
+
+    def fingerprint(self) -> dict:
+        import onnxruntime as ort
+
+        return {**super().fingerprint(), "onnxruntime": ort.__version__,
+                "threads": self.threads}
+
+    def time_model(self, proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+        """Seconds of one run (the lowest of three rounds' medians) in a session as this target's artifacts get one.
+        With one thread ORT computes on the calling thread, so its CPU time is timed
+        (what other jobs on a shared machine disturb least); else wall time."""
+        session = verify.session(proto, optimize=True, threads=self.threads,
+                                 disabled_optimizers=DISABLED_ORT_OPTIMIZERS)
+        clock = time.thread_time if self.threads == 1 else time.perf_counter
+        for _ in range(3):
+            session.run(None, feeds)
+        medians = []
+        for _ in range(3):  # the least disturbed of three rounds
+            times: list[float] = []
+            deadline = time.perf_counter() + 0.1
+            while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 1000):
+                start = clock()
+                session.run(None, feeds)
+                times.append(clock() - start)
+            medians.append(statistics.median(times))
+        return min(medians)
 
     def lower(self, model: Model, out: Path, *, format: str = "onnx") -> Artifact:
         out = Path(out)
@@ -169,7 +196,8 @@ class OrtTarget(Target):
 
     def run(self, artifact: Artifact, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         path = Path(artifact.path)
-        return verify.run(_session(str(path.resolve()), path.stat().st_mtime_ns), feeds)
+        return verify.run(_session(str(path.resolve()), path.stat().st_mtime_ns,
+                                   self.threads), feeds)
 
 
 def without_value_info(model: Model) -> onnx.ModelProto:
@@ -195,6 +223,6 @@ def artifact_session(path: str | os.PathLike, threads: int = _CORES):
 
 
 @functools.lru_cache(maxsize=8)
-def _session(path: str, mtime_ns: int):
+def _session(path: str, mtime_ns: int, threads: int = _CORES):
     """One session per file version (creating one costs more than a small model's run)."""
-    return artifact_session(path)
+    return artifact_session(path, threads)

@@ -76,3 +76,20 @@ def pytest_terminal_summary(terminalreporter):
     for nodeid, (before, after) in sorted(_NODE_COUNTS.items()):
         terminalreporter.write_line(f"{nodeid:<{width}}  {before:5d} -> {after:5d} "
                                     f"({after - before:+d})")
+
+
+# ---------------------------------------------------------------- cache folder
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """graphopt's cache folder (cost calibrations) is empty and private to the test run:
+    a calibration on the developer's machine must not change what the tests see."""
+    import os
+
+    folder = tmp_path_factory.mktemp("graphopt-cache")
+    old = os.environ.get("GRAPHOPT_CACHE_DIR")
+    os.environ["GRAPHOPT_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("GRAPHOPT_CACHE_DIR", None)
+    else:
+        os.environ["GRAPHOPT_CACHE_DIR"] = old

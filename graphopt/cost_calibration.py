@@ -1,0 +1,290 @@
+"""The cost model calibrated by measurement on the target.
+
+The roofline (``graphopt.cost``) stays the prior: it knows how an op's work scales with
+its shape. Measurement corrects it per op class (``cost.op_key``: family, dtype, kind)
+and per size: each micro-benchmark (``graphopt.microbench``) gives one point, *the
+measured time of one op over its roofline time*, and a node's correction is interpolated
+between the points of its class in log-log space (clamped at the ends), so a 3x3
+convolution of 8 channels and one of 512 get the efficiencies measured near their own
+sizes. A class never measured borrows from its family, then from every measurement.
+Two more terms come from the probes: the fixed cost of one inference (``base_s``) and
+the dispatch cost of one node (``node_overhead_s``), which dominate tiny models.
+
+A calibration is stored per device fingerprint (``Target.fingerprint``: the target, its
+CPU model, ISA flags, threads and runtime version) in the cache folder, and ``optimize``
+uses the one matching its target when present.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import typing
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphopt.analysis import infer_all_shapes
+from graphopt.cost import AnalyticCostModel, Cost, Device, NodeCost, op_key, roofline
+from graphopt.errors import GraphoptError, UsageError
+from graphopt.ir import Model, load
+from graphopt.microbench import Probe
+
+if typing.TYPE_CHECKING:
+    from graphopt.target import Target
+
+# Bumped whenever the probes or the fit change meaning: older files are then not used.
+SCHEMA = 1
+# A correction never goes below this (a probe faster than its roofline by more than this
+# is noise around a near-zero time).
+MIN_FACTOR = 0.05
+
+Key = tuple[str, str, str]
+
+
+def cache_dir() -> Path:
+    """graphopt's cache folder: ``$GRAPHOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/graphopt``,
+    else ``~/.cache/graphopt``."""
+    if os.environ.get("GRAPHOPT_CACHE_DIR"):
+        return Path(os.environ["GRAPHOPT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "graphopt"
+
+
+@dataclass
+class Calibration:
+    """Measured corrections of the roofline on one device."""
+
+    fingerprint: dict
+    base_s: float = 0.0
+    node_overhead_s: float = 0.0
+    # "family/dtype/kind" -> [(roofline seconds of one op, measured / roofline)], sorted
+    points: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    probes: list[dict] = field(default_factory=list)  # what was measured, for the record
+
+    def add(self, key: Key, roofline_s: float, factor: float) -> None:
+        points = self.points.setdefault("/".join(key), [])
+        points.append((roofline_s, max(factor, MIN_FACTOR)))
+        points.sort()
+
+    def factor(self, key: Key, roofline_s: float) -> float:
+        """The correction of an op of class ``key`` whose roofline time is ``roofline_s``."""
+        points = self.points.get("/".join(key))
+        if not points:  # the family at that dtype, then the family
+            family = key[0]
+            points = sorted(p for k, ps in self.points.items()
+                            if k.split("/")[:2] == [family, key[1]] for p in ps) or \
+                sorted(p for k, ps in self.points.items() if k.split("/")[0] == family
+                       for p in ps)
+        if points:
+            return _interpolate(points, roofline_s)
+        everything = [f for ps in self.points.values() for _, f in ps]
+        if not everything:  # nothing measured: the roofline as it is
+            return 1.0
+        return math.exp(sum(math.log(f) for f in everything) / len(everything))
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, "fingerprint": self.fingerprint, "base_s": self.base_s,
+                "node_overhead_s": self.node_overhead_s,
+                "points": {k: [list(p) for p in v] for k, v in sorted(self.points.items())},
+                "probes": self.probes}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Calibration":
+        return cls(fingerprint=data["fingerprint"], base_s=float(data["base_s"]),
+                   node_overhead_s=float(data["node_overhead_s"]),
+                   points={k: [(float(a), float(b)) for a, b in v]
+                           for k, v in data["points"].items()},
+                   probes=list(data.get("probes", [])))
+
+
+def _interpolate(points: list[tuple[float, float]], x: float) -> float:
+    """Piecewise-linear in (log roofline, log factor) through the points' per-size
+    geometric means, constant beyond the first and last."""
+    by_size: dict[float, list[float]] = {}
+    for r, f in points:
+        by_size.setdefault(r, []).append(math.log(f))
+    xs = [math.log(max(r, 1e-12)) for r in by_size]
+    ys = [sum(v) / len(v) for v in by_size.values()]
+    lx = math.log(max(x, 1e-12))
+    if lx <= xs[0]:
+        return math.exp(ys[0])
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if lx <= x1:
+            t = (lx - x0) / (x1 - x0) if x1 > x0 else 1.0
+            return math.exp(y0 + t * (y1 - y0))
+    return math.exp(ys[-1])
+
+
+class CalibratedCostModel(AnalyticCostModel):
+    """The roofline, corrected per op class and size by a ``Calibration``, plus the
+    measured per-node and per-inference overheads."""
+
+    def __init__(self, calibration: Calibration):
+        self.calibration = calibration
+
+    def node_cost(self, node: gs.Node, device: Device) -> NodeCost:
+        flops, moved, seconds = roofline(node, device)
+        if flops == moved == seconds == 0.0 and node.op == "DequantizeLinear":
+            return NodeCost(node.name, node.op, 0.0, 0.0, 0.0)  # fused into its readers
+        latency = self.calibration.node_overhead_s + \
+            self.calibration.factor(op_key(node), seconds) * seconds
+        return NodeCost(node.name, node.op, flops, moved, latency)
+
+    def estimate(self, model: Model, device: Device, *, infer: bool = True) -> Cost:
+        cost = super().estimate(model, device, infer=infer)
+        cost.latency_s += self.calibration.base_s
+        return cost
+
+
+# --------------------------------------------------------------------------- fitting
+Measure = Callable[[onnx.ModelProto, dict], float]
+
+
+def _nodes(proto: onnx.ModelProto, device: Device) -> list[tuple[Key, float, bool]]:
+    """``(op_key, roofline seconds, pays overhead)`` per node of ``proto``."""
+    model = _shaped(proto)
+    out = []
+    for node in model.graph.nodes:
+        flops, moved, seconds = roofline(node, device)
+        fused = node.op == "DequantizeLinear" and flops == moved == seconds == 0.0
+        out.append((op_key(node), seconds, not fused))
+    return out
+
+
+def _extra(long: list, short: list) -> list[tuple[Key, float, bool]]:
+    """The nodes the long chain has beyond the short one."""
+    return list((Counter(long) - Counter(short)).elements())
+
+
+def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict,
+        progress: Callable[[int, int, str], None] | None = None) -> Calibration:
+    """Time every probe with ``measure`` and fit a ``Calibration``. The first probe
+    must be the overhead probe (a chain of one-element ops)."""
+    cal = Calibration(fingerprint=fingerprint)
+    for index, probe in enumerate(probes):
+        if progress:
+            progress(index, len(probes), probe.name)
+        short_proto, short_feeds = probe.build(1)
+        short_t = measure(short_proto, short_feeds)
+        short_nodes = _nodes(short_proto, device)
+        if probe.chain:
+            long_proto, long_feeds = probe.build(probe.length)
+            long_t = measure(long_proto, long_feeds)
+            unit = _extra(_nodes(long_proto, device), short_nodes)
+            unit_t = long_t - short_t
+        else:
+            unit, unit_t = short_nodes, short_t - cal.base_s
+        record = {"probe": probe.name, "short_s": short_t, "unit_s": unit_t}
+        if index == 0:  # the overhead probe: one node per copy, no work to speak of
+            cal.node_overhead_s = max(unit_t / max(len(unit), 1), 0.0)
+            cal.base_s = max(short_t - cal.node_overhead_s * len(short_nodes), 0.0)
+            cal.probes.append(record)
+            continue
+        # The probe measures the class with most roofline time in the extra copies; the
+        # other nodes there (a Quantize before an int8 Conv) are predicted as calibrated.
+        totals: dict[Key, float] = {}
+        for key, seconds, _ in unit:
+            totals[key] = totals.get(key, 0.0) + seconds
+        target = max(totals, key=lambda k: totals[k])
+        targets = [s for k, s, _ in unit if k == target]
+        rest = sum(cal.factor(k, s) * s for k, s, _ in unit if k != target)
+        overheads = cal.node_overhead_s * sum(1 for *_, paid in unit if paid)
+        work = sum(targets)
+        if work <= 0:
+            continue
+        factor = (unit_t - overheads - rest) / work
+        cal.add(target, work / len(targets), factor)
+        record.update(key="/".join(target), roofline_s=work / len(targets), factor=factor)
+        cal.probes.append(record)
+    if progress:
+        progress(len(probes), len(probes), "done")
+    return cal
+
+
+# --------------------------------------------------------------------------- storage
+def calibration_path(fingerprint: dict, folder: Path | None = None) -> Path:
+    digest = hashlib.sha256(json.dumps({"schema": SCHEMA, **fingerprint},
+                                       sort_keys=True).encode()).hexdigest()[:16]
+    name = str(fingerprint.get("target", "target")).replace("/", "_")
+    return (folder or cache_dir()) / "calibration" / f"{name}-{digest}.json"
+
+
+def save_calibration(cal: Calibration, path: Path) -> Path:
+    """Write ``cal`` at ``path`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staged.write_text(json.dumps(cal.to_dict(), indent=1, sort_keys=True) + "\n")
+    os.replace(staged, path)
+    return path
+
+
+def read_calibration(path: Path) -> Calibration:
+    try:
+        data = json.loads(Path(path).read_text())
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"schema {data.get('schema')}, this graphopt reads {SCHEMA}")
+        return Calibration.from_dict(data)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"cannot read the cost calibration {path}: {exc}",
+                         hint="run `graphopt calibrate` again") from exc
+
+
+def find_calibration(target: "Target", folder: Path | None = None) -> tuple[Calibration, Path] | None:
+    """The stored calibration of ``target``'s device here, if any."""
+    try:
+        fingerprint = target.fingerprint()
+    except GraphoptError:
+        return None
+    path = calibration_path(fingerprint, folder)
+    if not path.is_file():
+        return None
+    return read_calibration(path), path
+
+
+def cost_model_for(target: "Target") -> tuple[AnalyticCostModel, dict]:
+    """The cost model ``optimize`` uses for ``target`` and what the report says of it:
+    the calibrated one where a calibration of this device is stored, else the roofline."""
+    found = find_calibration(target)
+    if found is None:
+        return AnalyticCostModel(), {"kind": "roofline", "calibrated": False}
+    cal, path = found
+    return CalibratedCostModel(cal), {"kind": "roofline calibrated by measurement",
+                                      "calibrated": True, "calibration": str(path),
+                                      "probes": len(cal.probes)}
+
+
+def calibrate(target: "Target", probes: list[Probe], folder: Path | None = None,
+              progress: Callable[[int, int, str], None] | None = None) -> tuple[Calibration, Path]:
+    """Measure ``probes`` on ``target``, fit, store; returns the calibration and its path."""
+    missing = target.run_availability()
+    if missing:
+        raise UsageError(f"target {target.name!r} cannot run models here to calibrate: "
+                         f"{missing}")
+    fingerprint = target.fingerprint()
+    cal = fit(probes, target.time_model, target.device, fingerprint, progress)
+    return cal, save_calibration(cal, calibration_path(fingerprint, folder))
+
+
+def errors(model: CalibratedCostModel | AnalyticCostModel, device: Device,
+           samples: list[tuple[onnx.ModelProto, float]]) -> list[float]:
+    """Relative errors (predicted / measured - 1) of ``model`` on measured samples."""
+    return [model.estimate(_shaped(proto), device, infer=False).latency_s / measured - 1
+            for proto, measured in samples]
+
+
+def _shaped(proto: onnx.ModelProto) -> Model:
+    model = load(proto)
+    infer_all_shapes(model)
+    return model
+
+
+def median_abs(values: list[float]) -> float:
+    return statistics.median(abs(v) for v in values)

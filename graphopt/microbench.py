@@ -1,0 +1,289 @@
+"""Micro-benchmarks that calibrate the cost model: small ONNX models, each a chain of
+``n`` copies of one op at one shape, built with ``onnx.helper``.
+
+A probe is timed at two chain lengths; the difference divided by the extra copies is the
+time of one op inside a graph, free of the session's fixed cost and of the layout changes
+a runtime makes at a graph's edges (ONNX Runtime's NCHWc reorders happen once per chain).
+The shapes span what real models run, from a digits classifier at batch 256 to ResNet-50
+and BERT layers, so the calibration interpolates rather than extrapolates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+MICROSOFT = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """``build(n)`` returns a model with ``n`` copies of the op and its feeds. ``chain``:
+    the copies follow one another (timed at two lengths); otherwise ``n`` is 1 and the
+    session's fixed cost is subtracted instead."""
+
+    name: str
+    build: Callable[[int], tuple[onnx.ModelProto, dict[str, np.ndarray]]]
+    chain: bool = True
+    length: int = 4  # the long chain's copies
+
+
+def _model(nodes, inputs, outputs, inits, ms: bool = False) -> onnx.ModelProto:
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(MICROSOFT, 1)] if ms else [])
+    graph = helper.make_graph(nodes, "probe", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=opsets, ir_version=8)
+
+
+def _float(name: str, shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+
+
+def _rand(rng, *shape, scale: float = 1.0) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _chain(shape, step, ms: bool = False, out_shape=None):
+    """A builder: ``step(i, x, rng) -> (nodes, inits, y)`` applied ``n`` times to a float
+    input of ``shape``."""
+    def build(n: int):
+        rng = np.random.default_rng(0)
+        nodes, inits, x = [], [], "x"
+        for i in range(n):
+            new_nodes, new_inits, x = step(i, x, rng)
+            nodes += new_nodes
+            inits += new_inits
+        _rename_output(nodes, x)
+        shape_out = out_shape(n) if out_shape else shape
+        return (_model(nodes, [_float("x", shape)], [_float("y", shape_out)], inits, ms),
+                {"x": _rand(rng, *shape)})
+    return build
+
+
+def _rename_output(nodes: list[onnx.NodeProto], last: str) -> None:
+    """The chain's last tensor becomes the graph output ``y`` (no Identity: a runtime
+    removes it, and the cost model would count it)."""
+    for node in nodes:
+        for i, name in enumerate(node.output):
+            if name == last:
+                node.output[i] = "y"
+
+
+def _unary(op: str, domain: str = "", **attrs):
+    def step(i, x, rng):
+        return [helper.make_node(op, [x], [f"t{i}"], domain=domain, **attrs)], [], f"t{i}"
+    return step
+
+
+def _binary(op: str, shape):
+    def step(i, x, rng):
+        c = numpy_helper.from_array(_rand(rng, *shape[1:]) * 0.01 + 1.0, f"c{i}")
+        return [helper.make_node(op, [x, c.name], [f"t{i}"])], [c], f"t{i}"
+    return step
+
+
+def _conv(channels: int, kernel: int, depthwise: bool, activation: str | None):
+    def step(i, x, rng):
+        fan_in = kernel * kernel * (1 if depthwise else channels)
+        w = numpy_helper.from_array(_rand(rng, channels, 1 if depthwise else channels,
+                                          kernel, kernel, scale=fan_in ** -0.5), f"w{i}")
+        b = numpy_helper.from_array(_rand(rng, channels, scale=0.1), f"b{i}")
+        attrs = dict(kernel_shape=[kernel, kernel], pads=[kernel // 2] * 4,
+                     group=channels if depthwise else 1)
+        if activation:
+            node = helper.make_node("FusedConv", [x, w.name, b.name], [f"t{i}"],
+                                    domain=MICROSOFT, activation=activation, **attrs)
+        else:
+            node = helper.make_node("Conv", [x, w.name, b.name], [f"t{i}"], **attrs)
+        return [node], [w, b], f"t{i}"
+    return step
+
+
+def _matmul(k: int, n_out: int):
+    """Alternates [K, N] and [N, K] weights so the chain's shapes repeat."""
+    def step(i, x, rng):
+        rows, cols = (k, n_out) if i % 2 == 0 else (n_out, k)
+        w = numpy_helper.from_array(_rand(rng, rows, cols, scale=rows ** -0.5), f"w{i}")
+        b = numpy_helper.from_array(_rand(rng, cols, scale=0.1), f"b{i}")
+        return [helper.make_node("Gemm", [x, w.name, b.name], [f"t{i}"])], [w, b], f"t{i}"
+    return step
+
+
+def _batched_matmul(heads: int, d: int):
+    """Multiplies by a second graph input (an activation, not a weight)."""
+    def build(n: int):
+        rng = np.random.default_rng(0)
+        nodes, x = [], "x"
+        for i in range(n):
+            nodes.append(helper.make_node("MatMul", [x, "m"], [f"t{i}"]))
+            x = f"t{i}"
+        _rename_output(nodes, x)
+        shape = [1, heads, 128, d]
+        model = _model(nodes, [_float("x", shape), _float("m", [1, heads, d, d])],
+                       [_float("y", shape)], [])
+        return model, {"x": _rand(rng, *shape), "m": _rand(rng, 1, heads, d, d,
+                                                           scale=d ** -0.5)}
+    return build
+
+
+def _attention(hidden: int, heads: int):
+    def step(i, x, rng):
+        w = numpy_helper.from_array(_rand(rng, hidden, 3 * hidden, scale=hidden ** -0.5),
+                                    f"w{i}")
+        b = numpy_helper.from_array(_rand(rng, 3 * hidden, scale=0.1), f"b{i}")
+        node = helper.make_node("Attention", [x, w.name, b.name], [f"t{i}"],
+                                domain=MICROSOFT, num_heads=heads)
+        return [node], [w, b], f"t{i}"
+    return step
+
+
+def _layer_norm(hidden: int):
+    def step(i, x, rng):
+        g = numpy_helper.from_array(np.ones(hidden, np.float32), f"g{i}")
+        b = numpy_helper.from_array(np.zeros(hidden, np.float32), f"b{i}")
+        return ([helper.make_node("LayerNormalization", [x, g.name, b.name], [f"t{i}"],
+                                  axis=-1, epsilon=1e-5)], [g, b], f"t{i}")
+    return step
+
+
+def _qdq(tensor: str, i: int, scale: float, zero_point: int = 128):
+    """uint8 Quantize -> Dequantize of an activation, as graphopt's int8 pass writes it
+    (zero point 0 after a Relu: the runtime then drops the Relu into the int8 op)."""
+    s = numpy_helper.from_array(np.array(scale, np.float32), f"s{i}")
+    z = numpy_helper.from_array(np.array(zero_point, np.uint8), f"z{i}")
+    nodes = [helper.make_node("QuantizeLinear", [tensor, s.name, z.name], [f"q{i}"]),
+             helper.make_node("DequantizeLinear", [f"q{i}", s.name, z.name], [f"dq{i}"])]
+    return nodes, [s, z], f"dq{i}"
+
+
+def _int8_weight(rng, name: str, w: np.ndarray):
+    """Per-output-channel symmetric int8 weight behind a DequantizeLinear (axis 0)."""
+    scale = np.abs(w).reshape(len(w), -1).max(1) / 127 + 1e-12
+    q = np.clip(np.round(w / scale.reshape(-1, *[1] * (w.ndim - 1))), -127, 127)
+    inits = [numpy_helper.from_array(q.astype(np.int8), f"{name}_q"),
+             numpy_helper.from_array(scale.astype(np.float32), f"{name}_s"),
+             numpy_helper.from_array(np.zeros(len(w), np.int8), f"{name}_z")]
+    node = helper.make_node("DequantizeLinear", [i.name for i in inits], [name], axis=0)
+    return [node], inits
+
+
+def _int32_bias(name: str, bias: np.ndarray, scale: np.ndarray):
+    """int32 bias behind a DequantizeLinear of scale activation x weight scale: the form
+    a runtime's QDQ fusion (ORT: QLinearConv, QGemm) needs."""
+    inits = [numpy_helper.from_array(np.round(bias / scale).astype(np.int32), f"{name}_q"),
+             numpy_helper.from_array(scale.astype(np.float32), f"{name}_s")]
+    return [helper.make_node("DequantizeLinear", [i.name for i in inits], [name], axis=0)], inits
+
+
+def _int8_conv(channels: int, kernel: int):
+    def step(i, x, rng):
+        nodes, inits, x = _qdq(x, i, 0.05, 128 if i == 0 else 0)
+        w = _rand(rng, channels, channels, kernel, kernel, scale=(kernel * kernel * channels) ** -0.5)
+        wn, wi = _int8_weight(rng, f"w{i}", w)
+        bn, bi = _int32_bias(f"b{i}", _rand(rng, channels, scale=0.1),
+                             onnx.numpy_helper.to_array(wi[1]) * 0.05)
+        conv = helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"],
+                                kernel_shape=[kernel, kernel], pads=[kernel // 2] * 4)
+        relu = helper.make_node("Relu", [f"c{i}"], [f"t{i}"])
+        return nodes + wn + bn + [conv, relu], inits + wi + bi, f"t{i}"
+    return step
+
+
+def _int8_matmul(k: int, n_out: int):
+    def step(i, x, rng):
+        nodes, inits, x = _qdq(x, i, 0.05)
+        rows, cols = (k, n_out) if i % 2 == 0 else (n_out, k)
+        wn, wi = _int8_weight(rng, f"w{i}", _rand(rng, cols, rows, scale=rows ** -0.5))
+        bn, bi = _int32_bias(f"b{i}", _rand(rng, cols, scale=0.1),
+                             onnx.numpy_helper.to_array(wi[1]) * 0.05)
+        gemm = helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [f"t{i}"], transB=1)
+        return nodes + wn + bn + [gemm], inits + wi + bi, f"t{i}"
+    return step
+
+
+def _alternating(rows: int, k: int, n_out: int):
+    return lambda n: [rows, k if n % 2 == 0 else n_out]
+
+
+def _global_pool(channels: int, hw: int, batch: int):
+    def build(n: int):
+        rng = np.random.default_rng(0)
+        shape = [batch, channels, hw, hw]
+        model = _model([helper.make_node("GlobalAveragePool", ["x"], ["y"])],
+                       [_float("x", shape)], [_float("y", [batch, channels, 1, 1])], [])
+        return model, {"x": _rand(rng, *shape)}
+    return build
+
+
+def suite(quick: bool = False) -> list[Probe]:
+    """The probes, cheapest first (each probe's fit may use the ones before it). ``quick``:
+    one or two shapes per op family, for tests and a first look."""
+    probes = [Probe("overhead", _chain([1], _unary("Neg")), length=33)]
+    sizes = (4096, 262144) if quick else (4096, 65536, 1048576)
+    unary = ("Relu",) if quick else ("Relu", "Sigmoid", "Tanh", "Erf", "HardSwish")
+    for size in sizes:
+        shape = [1, size // 64, 64]
+        for op in unary:
+            probes.append(Probe(f"{op}-{size}", _chain(shape, _unary(op))))
+        probes.append(Probe(f"Add-{size}", _chain(shape, _binary("Add", shape))))
+        if not quick:
+            probes.append(Probe(f"Mul-{size}", _chain(shape, _binary("Mul", shape))))
+            probes.append(Probe(f"Gelu-{size}", _chain(shape, _unary("Gelu", MICROSOFT),
+                                                       ms=True)))
+            probes.append(Probe(f"QuickGelu-{size}", _chain(
+                shape, _unary("QuickGelu", MICROSOFT, alpha=1.702), ms=True)))
+            probes.append(Probe(f"Softmax-{size}", _chain(shape, _unary("Softmax", axis=-1))))
+    for rows, hidden in ((64, 128), (128, 384)) if quick else ((64, 128), (128, 384),
+                                                               (512, 768)):
+        probes.append(Probe(f"LayerNorm-{rows}x{hidden}", _chain([1, rows, hidden],
+                                                                 _layer_norm(hidden))))
+    for channels, hw, batch in ((32, 56, 1),) if quick else ((32, 56, 1), (256, 7, 16),
+                                                            (64, 8, 256)):
+        shape = [batch, channels, hw, hw]
+        probes.append(Probe(f"MaxPool-{channels}x{hw}x{batch}", _chain(
+            shape, _unary("MaxPool", kernel_shape=[3, 3], pads=[1, 1, 1, 1]))))
+        probes.append(Probe(f"GlobalAveragePool-{channels}x{hw}x{batch}",
+                            _global_pool(channels, hw, batch), chain=False))
+    convs = ((16, 32, 1), (64, 28, 1), (32, 8, 256)) if quick else (
+        (8, 32, 1), (16, 56, 1), (32, 28, 1), (64, 56, 1), (128, 28, 1), (256, 14, 1),
+        (512, 7, 1), (32, 8, 1), (64, 4, 1), (32, 8, 256), (64, 4, 256), (16, 32, 16))
+    for channels, hw, batch in convs:
+        shape = [batch, channels, hw, hw]
+        tag = f"{channels}x{hw}x{batch}"
+        probes.append(Probe(f"Conv3x3-{tag}", _chain(shape, _conv(channels, 3, False, None))))
+        probes.append(Probe(f"FusedConv3x3-{tag}", _chain(shape, _conv(channels, 3, False,
+                                                                        "Relu"), ms=True)))
+        probes.append(Probe(f"Conv1x1-{tag}", _chain(shape, _conv(channels, 1, False, None))))
+    depthwise = ((96, 28, 1),) if quick else ((16, 56, 1), (96, 56, 1), (144, 28, 1),
+                                              (384, 14, 1), (960, 7, 1), (64, 8, 16))
+    for channels, hw, batch in depthwise:
+        probes.append(Probe(f"Depthwise3x3-{channels}x{hw}x{batch}", _chain(
+            [batch, channels, hw, hw], _conv(channels, 3, True, None))))
+    gemms = ((16, 256, 256), (128, 384, 384)) if quick else (
+        (1, 64, 64), (1, 512, 512), (16, 256, 256), (64, 64, 32), (128, 384, 384),
+        (128, 384, 1536), (256, 64, 128), (256, 256, 128), (256, 1024, 1024))
+    for rows, k, n_out in gemms:
+        tag = f"{rows}x{k}x{n_out}"
+        probes.append(Probe(f"Gemm-{tag}", _chain([rows, k], _matmul(k, n_out),
+                                                  out_shape=_alternating(rows, k, n_out))))
+    for heads, d in ((4, 32),) if quick else ((4, 32), (12, 32), (12, 64)):
+        probes.append(Probe(f"BatchedMatMul-{heads}x128x{d}", _batched_matmul(heads, d)))
+    for seq, hidden, heads in ((64, 128, 2),) if quick else ((64, 128, 2), (128, 384, 12),
+                                                            (128, 768, 12)):
+        probes.append(Probe(f"Attention-{seq}x{hidden}", _chain(
+            [1, seq, hidden], _attention(hidden, heads), ms=True)))
+    int8_convs = ((64, 28, 1),) if quick else ((32, 28, 1), (64, 56, 1), (128, 28, 1),
+                                               (32, 8, 256), (64, 4, 256), (256, 14, 1))
+    for channels, hw, batch in int8_convs:
+        probes.append(Probe(f"Int8Conv3x3-{channels}x{hw}x{batch}", _chain(
+            [batch, channels, hw, hw], _int8_conv(channels, 3))))
+    int8_gemms = ((128, 384, 384),) if quick else ((16, 256, 256), (128, 384, 384),
+                                                   (256, 256, 128), (256, 1024, 1024))
+    for rows, k, n_out in int8_gemms:
+        probes.append(Probe(f"Int8Gemm-{rows}x{k}x{n_out}", _chain(
+            [rows, k], _int8_matmul(k, n_out), out_shape=_alternating(rows, k, n_out))))
+    return probes

@@ -1,0 +1,180 @@
+"""The cost model calibrated by measurement: fitting, storage, the CLI, and its use."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt import microbench
+from graphopt.analysis import infer_all_shapes
+from graphopt.cost import AnalyticCostModel, Device, op_key, roofline
+from graphopt.cost_calibration import (Calibration, CalibratedCostModel, calibration_path,
+                                       cost_model_for, fit, read_calibration,
+                                       save_calibration)
+from graphopt.errors import UsageError
+from graphopt.ir import load
+from graphopt.targets.ort import OrtTarget
+from tests import digits, zoo
+
+DEVICE = Device("test", peak_flops={"float32": 1e11, "int8": 2e11}, bandwidth=1e10,
+                node_overhead_s=0.0)
+
+# A made-up device: each op class runs at its own multiple of the roofline, which also
+# depends on size (small ops less efficient), plus fixed per-node and per-run costs.
+TRUE_BASE, TRUE_OVERHEAD = 8e-6, 1.5e-6
+
+
+def true_factor(key, seconds: float) -> float:
+    by_family = {"conv": 0.5, "matmul": 1.8, "attention": 2.5, "norm": 3.0, "pool": 1.5,
+                 "elementwise": 2.5, "softmax": 3.0, "view": 1.0}
+    family = by_family[key[0]] * (1.5 if key[1] == "int8" else 1.0)
+    return family * (1 + 1e-5 / (seconds + 1e-5))  # 2x at 10 us, ~1x for long ops
+
+
+def synthetic_time(proto: onnx.ModelProto, feeds=None) -> float:
+    model = load(proto)
+    infer_all_shapes(model)
+    total = TRUE_BASE
+    for node in model.graph.nodes:
+        flops, moved, seconds = roofline(node, DEVICE)
+        if node.op == "DequantizeLinear" and flops == moved == seconds == 0.0:
+            continue  # fused into its reader
+        total += TRUE_OVERHEAD + true_factor(op_key(node), seconds) * seconds
+    return total
+
+
+@pytest.fixture(scope="module")
+def synthetic_calibration() -> Calibration:
+    return fit(microbench.suite(quick=True), synthetic_time, DEVICE, {"target": "synthetic"})
+
+
+def test_fit_recovers_the_overheads_and_the_corrections(synthetic_calibration):
+    cal = synthetic_calibration
+    assert cal.base_s == pytest.approx(TRUE_BASE, rel=0.02)
+    assert cal.node_overhead_s == pytest.approx(TRUE_OVERHEAD, rel=0.02)
+    assert cal.points  # every measured class, at every measured size (within what the
+    for key, points in cal.points.items():  # interpolated neighbours in a probe cost)
+        for seconds, factor in points:
+            assert factor == pytest.approx(true_factor(tuple(key.split("/")), seconds),
+                                           rel=0.05), key
+
+
+@pytest.mark.parametrize("name", ["resnet_cnn", "mobilenet_cnn", "bert_tiny", "digits_cnn"])
+def test_calibrated_model_predicts_what_the_device_does(synthetic_calibration, name):
+    """Models never probed: the calibrated prediction is near the made-up device's time
+    (interpolated between probe sizes), much nearer than the roofline's."""
+    proto = digits.digits_cnn() if name == "digits_cnn" else getattr(zoo, name)()
+    proto = graphopt.optimize(proto, target="ort").model.to_onnx()
+    proto = _static(proto)
+    truth = synthetic_time(proto)
+    model = load(proto)
+    infer_all_shapes(model)
+    calibrated = CalibratedCostModel(synthetic_calibration).estimate(model, DEVICE).latency_s
+    analytic = AnalyticCostModel().estimate(model, DEVICE).latency_s
+    assert abs(calibrated / truth - 1) < 0.15
+    assert abs(calibrated / truth - 1) < abs(analytic / truth - 1) / 2
+
+
+def _static(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Symbolic input dimensions fixed (batch 4, sequence 32)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    del out.graph.value_info[:]
+    for value in out.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        for i, dim in enumerate(dims):
+            if not dim.HasField("dim_value"):
+                dim.dim_value = 4 if i == 0 else 32
+    for value in out.graph.output:
+        for dim in value.type.tensor_type.shape.dim:
+            dim.Clear()
+    return out
+
+
+def test_unmeasured_classes_borrow_from_their_family_then_from_all():
+    cal = Calibration(fingerprint={})
+    cal.add(("conv", "float32", "spatial"), 1e-4, 0.5)
+    cal.add(("conv", "float32", "spatial"), 1e-2, 0.8)
+    cal.add(("matmul", "float32", "weights"), 1e-3, 2.0)
+    assert cal.factor(("conv", "float32", "spatial"), 1e-5) == pytest.approx(0.5)  # clamped
+    assert cal.factor(("conv", "float32", "spatial"), 1e-1) == pytest.approx(0.8)
+    middle = cal.factor(("conv", "float32", "spatial"), 1e-3)  # log-log halfway
+    assert middle == pytest.approx(math.sqrt(0.5 * 0.8))
+    assert cal.factor(("conv", "float32", "depthwise"), 1e-3) == pytest.approx(middle)
+    assert 0.5 < cal.factor(("norm", "float32", "LayerNormalization"), 1e-3) < 2.0
+    assert Calibration(fingerprint={}).factor(("conv", "float32", "spatial"), 1e-3) == 1.0
+
+
+def test_storage_round_trip_and_a_damaged_file(tmp_path, synthetic_calibration):
+    path = save_calibration(synthetic_calibration, calibration_path({"target": "x"}, tmp_path))
+    again = read_calibration(path)
+    assert again.to_dict() == json.loads(json.dumps(synthetic_calibration.to_dict()))
+    assert not list(path.parent.glob(".*.tmp"))  # written atomically, nothing left over
+    path.write_text("{not json")
+    with pytest.raises(UsageError, match="cannot read the cost calibration"):
+        read_calibration(path)
+
+
+def test_fused_conv_shapes_are_inferred_without_annotations():
+    """graphopt's ORT output carries no intermediate shapes; ONNX's inference does not
+    know com.microsoft.FusedConv, so without a stand-in every shape after it was lost."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("FusedConv", ["x", "w"], ["c"], domain="com.microsoft",
+                              activation="Relu", pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [2, 3, 16, 16])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [None, None, None, None])], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model = load(proto)
+    model.infer_shapes()
+    shapes = {t.name: t.shape for n in model.graph.nodes for t in n.outputs}
+    assert shapes == {"c": [2, 8, 16, 16], "y": [2, 8, 8, 8]}
+    assert [n.op for n in model.graph.nodes] == ["FusedConv", "MaxPool"]  # ops unchanged
+
+
+def test_calibrate_cli_measures_and_optimize_uses_it(tmp_path, monkeypatch):
+    """A real calibration of ONNX Runtime on this machine (quick probes, one thread):
+    stored under the cache folder by fingerprint, then used by optimize and inspect."""
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "graphopt.cli", "calibrate", "--quick",
+                           "--threads", "1", "--json"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    target = OrtTarget(threads=1)
+    assert result["fingerprint"] == json.loads(json.dumps(target.fingerprint()))
+    assert result["path"].startswith(str(tmp_path))
+    assert 0 < result["base_s"] < 1e-3 and 0 <= result["node_overhead_s"] < 1e-4
+    factors = [f for points in result["points"].values() for _, f in points]
+    assert len(factors) >= 15 and all(0.05 <= f < 50 for f in factors)
+    assert {"conv/float32/spatial", "matmul/float32/weights", "conv/int8/spatial"} <= \
+        set(result["points"])
+
+    model, info = cost_model_for(target)
+    assert isinstance(model, CalibratedCostModel) and info["calibrated"]
+    assert cost_model_for(OrtTarget(threads=2))[1]["calibrated"] is False  # another device
+    report = graphopt.optimize(digits.digits_cnn(), target=target).report
+    assert report["cost_model"]["calibration"] == result["path"]
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path / "empty"))
+    roofline = graphopt.optimize(digits.digits_cnn(), target=target).report
+    assert roofline["cost_model"] == {"kind": "roofline", "calibrated": False}
+    estimates = [r["output"]["estimated_latency_s"] for r in (report, roofline)]
+    assert estimates[0] != estimates[1]
+    assert report["output_hash"] == roofline["output_hash"]  # lossless: same graph
+
+
+def test_calibrate_rejects_a_thread_count_for_a_target_without_one():
+    done = subprocess.run([sys.executable, "-m", "graphopt.cli", "calibrate", "-t", "arm",
+                           "--threads", "2"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no thread setting" in done.stderr
