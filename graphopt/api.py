@@ -182,7 +182,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     feeds = data or (lossy_data.check_feeds if lossy else None) or \
         _probe_or_none(original_proto, seed, input_shapes)
     manager = PassManager(pipeline, ctx, strict=strict, max_iterations=max_iterations,
-                          tolerance=tolerance, probe_feeds=feeds, instruments=instruments)
+                          tolerance=tolerance, probe_feeds=feeds, instruments=instruments,
+                          forced=frozenset(named))
     manager.run(working)
     if manager.numeric_check != "ok" and not tgt.compiled:  # ORT runs the result: why not?
         verify.check_runs(original_proto, feeds, data_given=bool(data), shapes=input_shapes)

@@ -84,6 +84,12 @@ _INT8_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInte
 class AnalyticCostModel:
     """Roofline estimate from static shapes; unknown dimensions count as 1."""
 
+    calibrated = False  # by measurement on the device (``CalibratedCostModel``)
+
+    def measured(self, node: gs.Node) -> bool:
+        """Whether ``node``'s op class was measured on the device."""
+        return False
+
     def estimate(self, model: "Model", device: Device, *, infer: bool = True) -> Cost:
         if infer and not _shapes_known(model):
             model = model.clone()
@@ -100,6 +106,13 @@ class AnalyticCostModel:
             params=model.num_params(),
             nodes=nodes,
         )
+
+    def int8_latency(self, node: gs.Node, device: Device, dynamic: bool) -> float:
+        """Estimated seconds of float ``node`` (Conv, MatMul, Gemm) run in int8, with the
+        quantization of its input it needs (static: a QuantizeLinear; ``dynamic``: min/max
+        as well)."""
+        op_s, quant_s = int8_roofline(node, device, dynamic)
+        return op_s + quant_s + 2 * device.node_overhead_s
 
     def node_cost(self, node: gs.Node, device: Device) -> NodeCost:
         flops, moved, seconds = roofline(node, device)
@@ -123,6 +136,20 @@ def roofline(node: gs.Node, device: Device) -> tuple[float, float, float]:
         _dtype_name(node.outputs[0]) if node.outputs else "float32"
     compute_s = flops / (device.peak(dtype) * _EFFICIENCY.get(node.op, 0.25))
     return flops, moved, max(compute_s, moved / device.bandwidth)
+
+
+def int8_roofline(node: gs.Node, device: Device, dynamic: bool) -> tuple[float, float]:
+    """``(op seconds, input quantization seconds)`` of float ``node`` run in int8 by the
+    roofline: int8 weights and input, int8 output for a static Conv (the next layer's
+    quantization folds in), float otherwise."""
+    x, y = node.inputs[0], node.outputs[0]
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    compute = node_flops(node) / (device.peak("int8") * _EFFICIENCY.get(node.op, 0.5))
+    out_bytes = numel(y) * (1 if node.op in ("Conv", "FusedConv") and not dynamic else 4)
+    moved = numel(x) + numel(weight) + out_bytes
+    # quantizing the input: read float, write uint8 (dynamic: one more pass for min/max)
+    quant = numel(x) * (9 if dynamic else 5) / device.bandwidth
+    return max(compute, moved / device.bandwidth), quant
 
 
 def _quantized(node: gs.Node) -> bool:

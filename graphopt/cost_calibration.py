@@ -32,7 +32,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis import infer_all_shapes
-from graphopt.cost import AnalyticCostModel, Cost, Device, NodeCost, op_key, roofline
+from graphopt.cost import (AnalyticCostModel, Cost, Device, NodeCost, int8_roofline, op_key,
+                           roofline)
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model, load
 from graphopt.microbench import Probe
@@ -127,8 +128,20 @@ class CalibratedCostModel(AnalyticCostModel):
     """The roofline, corrected per op class and size by a ``Calibration``, plus the
     measured per-node and per-inference overheads."""
 
+    calibrated = True
+
     def __init__(self, calibration: Calibration):
         self.calibration = calibration
+
+    def measured(self, node: gs.Node) -> bool:
+        return "/".join(op_key(node)) in self.calibration.points
+
+    def int8_latency(self, node: gs.Node, device: Device, dynamic: bool) -> float:
+        op_s, quant_s = int8_roofline(node, device, dynamic)
+        family, _, kind = op_key(node)
+        cal = self.calibration
+        return 2 * cal.node_overhead_s + cal.factor((family, "int8", kind), op_s) * op_s + \
+            cal.factor(("elementwise", "uint8", "QuantizeLinear"), quant_s) * quant_s
 
     def node_cost(self, node: gs.Node, device: Device) -> NodeCost:
         flops, moved, seconds = roofline(node, device)
@@ -207,6 +220,50 @@ def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict
     if progress:
         progress(len(probes), len(probes), "done")
     return cal
+
+
+def static_latency(cost_model: AnalyticCostModel, proto: onnx.ModelProto, device: Device,
+                   shapes: dict[str, list[int]]) -> float:
+    """Predicted latency of ``proto`` with its inputs at ``shapes`` (symbolic dimensions
+    fixed, every intermediate shape inferred again)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(proto)
+    del fixed.graph.value_info[:]
+    for value in fixed.graph.input:
+        if value.name in shapes:
+            for dim, size in zip(value.type.tensor_type.shape.dim, shapes[value.name]):
+                dim.Clear()
+                dim.dim_value = int(size)
+    for value in fixed.graph.output:
+        for dim in value.type.tensor_type.shape.dim:
+            dim.Clear()
+    return cost_model.estimate(_shaped(fixed), device, infer=False).latency_s
+
+
+def judge_alternative(cost_model, device: Device | None, before: onnx.ModelProto,
+                      after: onnx.ModelProto, shapes: dict[str, list[int]]) -> tuple[str | None, dict]:
+    """Whether to keep a rewrite that only changes the form of a computation
+    (``Pass.alternative``): ``(None, figures)`` to keep it, ``(why not, figures)`` to
+    decline it. Kept only where a calibrated cost model measured the new op classes on
+    this device and predicts the whole model faster at the input ``shapes``."""
+    if cost_model is None or device is None or not getattr(cost_model, "calibrated", False):
+        return ("a choice of form, kept only where measured faster: this device has no "
+                "cost calibration (graphopt calibrate)"), {}
+    old = Counter((n.domain, n.op_type) for n in before.graph.node)
+    new_model = _shaped(after)
+    unmeasured = sorted({n.op for n in new_model.graph.nodes
+                         if old[(n.domain or "", n.op)] == 0 and not cost_model.measured(n)})
+    if unmeasured:
+        return (f"{', '.join(unmeasured)} not measured on this device (graphopt calibrate "
+                f"measures it)"), {}
+    before_s = static_latency(cost_model, before, device, shapes)
+    after_s = static_latency(cost_model, after, device, shapes)
+    figures = {"predicted_before_s": before_s, "predicted_after_s": after_s,
+               "at_shapes": shapes}
+    if after_s >= before_s:
+        return (f"predicted slower on {device.name}: {after_s * 1e6:.1f} us against "
+                f"{before_s * 1e6:.1f} us without it (inputs {shapes})"), figures
+    return None, figures
 
 
 # --------------------------------------------------------------------------- storage

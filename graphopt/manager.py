@@ -23,10 +23,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence
 
+import numpy as np
 import onnx
 
 from graphopt import verify
 from graphopt.errors import GraphoptError, VerificationError
+from graphopt.cost_calibration import judge_alternative
 from graphopt.ir import Model, infer_shapes, skeleton
 from graphopt.metric import DEFAULT_BUDGET, get_metric
 from graphopt.pass_infra import Pass, PassContext, PassResult
@@ -38,7 +40,7 @@ DEFAULT_MAX_ITERATIONS = 8
 class TraceEntry:
     pass_name: str
     iteration: int
-    status: str  # "changed", "unchanged" or "rolled-back"
+    status: str  # "changed", "unchanged", "rolled-back" or "declined" (Pass.alternative)
     nodes_before: int
     nodes_after: int
     seconds: float
@@ -83,8 +85,12 @@ class PassManager:
                  strict: bool = False, max_iterations: int = DEFAULT_MAX_ITERATIONS,
                  tolerance: verify.Tolerance = verify.Tolerance(),
                  probe_feeds: list[verify.Feeds] | None = None,
-                 instruments: Sequence[Instrument] = (), check_each_pass: bool = False):
+                 instruments: Sequence[Instrument] = (), check_each_pass: bool = False,
+                 forced: frozenset[str] = frozenset()):
+        """``forced``: alternative passes (``Pass.alternative``) the user named, kept
+        without asking the cost model."""
         self.passes = list(passes)
+        self.forced = forced
         self.ctx = ctx or PassContext()
         self.strict = strict
         self.max_iterations = max_iterations
@@ -209,6 +215,13 @@ class PassManager:
             if not isinstance(result, PassResult):
                 raise TypeError(f"run() returned {type(result).__name__}, not PassResult")
             entry.stats = dict(result.stats)
+            if result.changed and p.alternative and p.name not in self.forced:
+                declined = self._judge(model, state, entry)
+                if declined:
+                    model.graph = Model.from_proto(state.proto).graph
+                    entry.status, entry.reason = "declined", declined
+                    entry.seconds = time.perf_counter() - start
+                    return entry, state
             if result.changed:
                 new_state = self._check(p, model, state, original_outputs)
                 entry.status = "changed"
@@ -230,6 +243,16 @@ class PassManager:
                 raise VerificationError(f"pass {p.name!r} broke the model: {entry.reason}",
                                         hint="drop it with --skip, or run without --strict")
         return entry, state
+
+    def _judge(self, model: Model, state: _State, entry: TraceEntry) -> str | None:
+        """Why the alternative form just written is declined (``None``: keep it), by the
+        cost model at the probe inputs' shapes."""
+        shapes = {name: list(np.shape(value)) for name, value in self.probe_feeds[0].items()} \
+            if self.probe_feeds else {}
+        reason, figures = judge_alternative(self.ctx.cost_model, self.ctx.device, state.proto,
+                                            model.to_onnx(references=True), shapes)
+        entry.stats.update(figures)
+        return reason
 
     def _check(self, p: Pass, model: Model, state: _State,
                original_outputs: list[verify.Feeds] | None) -> _State:

@@ -150,6 +150,26 @@ def _layer_norm(hidden: int):
     return step
 
 
+def _skip_layer_norm(hidden: int):
+    """com.microsoft.SkipLayerNormalization of the chain and a second input (the skip)."""
+    def step(i, x, rng):
+        g = numpy_helper.from_array(np.ones(hidden, np.float32), f"g{i}")
+        b = numpy_helper.from_array(np.zeros(hidden, np.float32), f"b{i}")
+        return ([helper.make_node("SkipLayerNormalization", [x, "skip", g.name, b.name],
+                                  [f"t{i}"], domain=MICROSOFT, epsilon=1e-5)], [g, b], f"t{i}")
+    return step
+
+
+def _with_skip(build, shape):
+    """``build`` with a second graph input ``skip`` of ``shape``."""
+    def wrapped(n: int):
+        model, feeds = build(n)
+        model.graph.input.append(_float("skip", shape))
+        feeds["skip"] = _rand(np.random.default_rng(1), *shape)
+        return model, feeds
+    return wrapped
+
+
 def _qdq(tensor: str, i: int, scale: float, zero_point: int = 128):
     """uint8 Quantize -> Dequantize of an activation, as graphopt's int8 pass writes it
     (zero point 0 after a Relu: the runtime then drops the Relu into the int8 op)."""
@@ -239,8 +259,10 @@ def suite(quick: bool = False) -> list[Probe]:
             probes.append(Probe(f"Softmax-{size}", _chain(shape, _unary("Softmax", axis=-1))))
     for rows, hidden in ((64, 128), (128, 384)) if quick else ((64, 128), (128, 384),
                                                                (512, 768)):
-        probes.append(Probe(f"LayerNorm-{rows}x{hidden}", _chain([1, rows, hidden],
-                                                                 _layer_norm(hidden))))
+        shape = [1, rows, hidden]
+        probes.append(Probe(f"LayerNorm-{rows}x{hidden}", _chain(shape, _layer_norm(hidden))))
+        probes.append(Probe(f"SkipLayerNorm-{rows}x{hidden}", _with_skip(
+            _chain(shape, _skip_layer_norm(hidden), ms=True), shape)))
     for channels, hw, batch in ((32, 56, 1),) if quick else ((32, 56, 1), (256, 7, 16),
                                                             (64, 8, 256)):
         shape = [batch, channels, hw, hw]

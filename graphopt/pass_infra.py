@@ -101,6 +101,11 @@ class Pass(ABC):
     # schemes are asked, passes with a lower ``scheme_order`` run first.
     scheme: ClassVar[tuple[str, str] | None] = None
     scheme_order: ClassVar[int] = 50
+    # The rewrite only chooses another form of the same computation (a runtime's fused
+    # kernel for the ops it replaces) that is not faster everywhere: the pass manager keeps
+    # it where the target's cost model, calibrated by measurement on the device, predicts
+    # it faster, and declines it otherwise (``graphopt calibrate``).
+    alternative: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, **kwargs: Any):
         if options is None:

@@ -8,12 +8,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.cost import node_flops, numel
 from graphopt.ir import Model
 from graphopt.qdq import PASS_THROUGH, QdqWriter, quantize_weight, resolve_weight
 from graphopt.rewrite import consumers, constant_value, remove_node
 
-EFFICIENCY = {"Conv": 0.6, "MatMul": 0.7, "Gemm": 0.7, "Attention": 0.6}  # as graphopt.cost
 # com.microsoft Attention attributes QAttention takes too
 QATTENTION_ATTRS = ("num_heads", "unidirectional", "mask_filter_value", "scale",
                     "do_rotary", "past_present_share_buffer")
@@ -80,19 +78,6 @@ def pass_through_params(x: gs.Tensor):
     if scale is None or zero is None or scale.size != 1:
         return None
     return np.float32(scale.reshape(())), np.uint8(zero.reshape(()))
-
-
-def int8_latency(node: gs.Node, device, dynamic: bool) -> float:
-    """Roofline estimate of the node in int8 plus the activation quantization it needs."""
-    x, y = node.inputs[0], node.outputs[0]
-    w = resolve_weight(node.inputs[1])
-    flops = node_flops(node)
-    compute = flops / (device.peak("int8") * EFFICIENCY.get(node.op, 0.5))
-    out_bytes = numel(y) * (1 if node.op == "Conv" and not dynamic else 4)
-    moved = numel(x) + (w.size if w is not None else 0) + out_bytes
-    # quantizing the input: read float, write uint8 (dynamic: one more pass for min/max)
-    quant = numel(x) * (9 if dynamic else 5) / device.bandwidth + device.node_overhead_s
-    return max(compute, moved / device.bandwidth) + device.node_overhead_s + quant
 
 
 def bias_add(node: gs.Node, graph: gs.Graph, n: int):

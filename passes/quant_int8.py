@@ -53,7 +53,7 @@ from graphopt.ir import Model
 from graphopt.metric import DEFAULT_BUDGET as DEFAULT_LOSSY_TOLERANCE
 from graphopt.pass_infra import Pass, PassContext, PassResult
 from graphopt.passes._int8 import (UNFUSED, as_conv, attention_unsupported, bias_add,
-                                   dynamic_quantized, group_output, int8_latency, nmse,
+                                   dynamic_quantized, group_output, nmse,
                                    pass_through_params, quantize_attention, single_node_model,
                                    unfuse_conv, weight_axis)
 from graphopt.qdq import (METHODS, QdqWriter, activation_params,
@@ -238,7 +238,7 @@ class _Int8Pass(Pass):
                 continue
             node = nodes[name]
             site.float_s = cost_model.node_cost(node, device).latency_s
-            site.int8_s = int8_latency(node, device, self.dynamic)
+            site.int8_s = cost_model.int8_latency(node, device, self.dynamic)
             if self.options.require_speedup and site.int8_s >= site.float_s:
                 plan.skipped[name] = (f"int8 does not pay off on {device.name}: est. "
                                       f"{site.int8_s * 1e6:.2f} us int8 (with activation "

@@ -47,9 +47,11 @@ LOSSLESS_PIPELINE = (
     "fuse-rms-norm",
     "fuse-gelu",
     "fuse-attention",
-    # Not fuse-skip-layer-norm: ONNX Runtime 1.32's SkipLayerNormalization CPU kernel
-    # measured 5x slower than Add + LayerNormalization (296 vs 57 us at [1, 128, 384],
-    # one thread); the pass stays available by name (other runtimes' kernels differ).
+    # A choice of form (Pass.alternative): kept only where this device's calibrated cost
+    # model predicts it faster. ONNX Runtime 1.32's SkipLayerNormalization CPU kernel
+    # measured 5x slower than Add + LayerNormalization on an AVX2 CPU (296 vs 57 us at
+    # [1, 128, 384], one thread).
+    "fuse-skip-layer-norm",
     "fuse-bias-gelu",
     "eliminate-dead-code",
 )

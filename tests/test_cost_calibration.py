@@ -178,3 +178,73 @@ def test_calibrate_rejects_a_thread_count_for_a_target_without_one():
     done = subprocess.run([sys.executable, "-m", "graphopt.cli", "calibrate", "-t", "arm",
                            "--threads", "2"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no thread setting" in done.stderr
+
+
+# ------------------------------------------------------------ alternatives chosen by cost
+def _residual_layer_norm(hidden: int = 64) -> onnx.ModelProto:
+    """x + skip -> LayerNormalization: what fuse-skip-layer-norm turns into a
+    com.microsoft.SkipLayerNormalization."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal(hidden) + 1).astype(np.float32), "g"),
+             numpy_helper.from_array(rng.standard_normal(hidden).astype(np.float32), "b")]
+    nodes = [helper.make_node("Add", ["x", "skip"], ["sum"]),
+             helper.make_node("LayerNormalization", ["sum", "g", "b"], ["y"], axis=-1)]
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT,  # noqa: E731
+                                                       ["N", "S", hidden])
+    graph = helper.make_graph(nodes, "g", [value("x"), value("skip")], [value("y")], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _stored(target, skip_factor: float | None) -> None:
+    """A calibration of ``target``'s device where Add and LayerNormalization run at the
+    roofline, and SkipLayerNormalization at ``skip_factor`` times it (None: unmeasured)."""
+    cal = Calibration(fingerprint=target.fingerprint(), base_s=5e-6, node_overhead_s=1e-6)
+    for seconds in (1e-6, 1e-3):
+        cal.add(("elementwise", "float32", "Add"), seconds, 1.0)
+        cal.add(("norm", "float32", "LayerNormalization"), seconds, 1.0)
+        if skip_factor is not None:
+            cal.add(("norm", "float32", "SkipLayerNormalization"), seconds, skip_factor)
+    save_calibration(cal, calibration_path(target.fingerprint()))
+
+
+def _skip_entries(report) -> list[dict]:
+    return [e for e in report["trace"] if e["pass_name"] == "fuse-skip-layer-norm"]
+
+
+@pytest.mark.parametrize("skip_factor, kept", [(None, False), (0.5, True), (5.0, False)])
+def test_skip_layer_norm_is_kept_only_where_measured_faster(tmp_path, monkeypatch,
+                                                             skip_factor, kept):
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path))
+    target = OrtTarget(threads=1)
+    _stored(target, skip_factor)
+    feeds = [{"x": np.ones((2, 32, 64), np.float32), "skip": np.ones((2, 32, 64), np.float32)}]
+    result = graphopt.optimize(_residual_layer_norm(), target=target, data=feeds)
+    ops = [n.op for n in result.model.graph.nodes]
+    entries = _skip_entries(result.report)
+    assert ("SkipLayerNormalization" in ops) is kept
+    assert entries[0]["status"] == ("changed" if kept else "declined")
+    if skip_factor is None:
+        assert "SkipLayerNormalization not measured" in entries[0]["reason"]
+    else:  # the figures the choice was made on, at the shapes of the data
+        stats = entries[0]["stats"]
+        assert stats["at_shapes"] == {"x": [2, 32, 64], "skip": [2, 32, 64]}
+        faster = stats["predicted_after_s"] < stats["predicted_before_s"]
+        assert faster is kept
+        if not kept:
+            assert "predicted slower" in entries[0]["reason"]
+    assert result.report["rolled_back"] == []  # declining is not a failure (--strict)
+
+
+def test_skip_layer_norm_is_declined_without_a_calibration():
+    report = graphopt.optimize(_residual_layer_norm(), target=OrtTarget(threads=1)).report
+    (entry, *_) = _skip_entries(report)
+    assert entry["status"] == "declined" and "graphopt calibrate" in entry["reason"]
+    assert report["cost_model"]["calibrated"] is False
+
+
+def test_a_named_alternative_is_kept_without_asking():
+    """--passes fuse-skip-layer-norm: the user chose the form."""
+    result = graphopt.optimize(_residual_layer_norm(), target=OrtTarget(threads=1),
+                               passes="fuse-skip-layer-norm")
+    assert [n.op for n in result.model.graph.nodes] == ["SkipLayerNormalization"]
+    assert _skip_entries(result.report)[0]["status"] == "changed"
