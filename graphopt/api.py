@@ -30,6 +30,8 @@ from graphopt.lossy import (compression_report, load_lossy_data, lossy_passes,
 from graphopt.manager import DEFAULT_MAX_ITERATIONS, Instrument, PassManager
 from graphopt.metric import Metric, get_metric
 from graphopt.pass_infra import Pass, PassContext
+from graphopt.profile import Profile
+from graphopt.profile import profile as measure_profile
 from graphopt.paths import check_outputs, input_files
 from graphopt.pipeline import build_passes
 from graphopt.registry import create_target, pass_registry, target_registry
@@ -181,6 +183,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
                                  if getattr(c, "family", None) == "recovery"))
     feeds = data or (lossy_data.check_feeds if lossy else None) or \
         _probe_or_none(original_proto, seed, input_shapes)
+    ctx.input_shapes = {name: list(value.shape) for name, value in feeds[0].items()} \
+        if feeds else None
     manager = PassManager(pipeline, ctx, strict=strict, max_iterations=max_iterations,
                           tolerance=tolerance, probe_feeds=feeds, instruments=instruments,
                           forced=frozenset(named))
@@ -338,6 +342,26 @@ def calibrate(target: str | Target = DEFAULT_TARGET, *, threads: int | None = No
     if threads is not None:
         tgt = tgt.with_threads(threads)
     return run_calibration(tgt, microbench.suite(quick=quick), progress=progress)
+
+
+def profile(model: ModelSource, target: str | Target = DEFAULT_TARGET, *,
+            data: list[verify.Feeds] | None = None,
+            input_shapes: dict[str, list[int]] | None = None, threads: int | None = None,
+            runs: int = 20, seed: int = 0) -> Profile:
+    """Measured time per kernel of ``model`` on ``target`` (its profiler), beside the
+    cost model's estimate at the same input shapes (``graphopt.profile``). Inputs: the
+    first batch of ``data``, else random probe inputs (``input_shapes`` fixes dynamic
+    dimensions)."""
+    tgt = get_target(target)
+    if threads is not None:
+        tgt = tgt.with_threads(threads)
+    verify.check_shapes(input_shapes)
+    loaded = load(model)
+    proto = loaded.to_onnx(references=True)
+    feeds = check_feeds(data, proto) if data else None
+    feeds = feeds[0] if feeds else verify.probe_inputs(proto, seed=seed,
+                                                       shapes=input_shapes)[0]
+    return measure_profile(proto, tgt, feeds, runs=runs)
 
 
 def inspect(model: ModelSource, target: str | Target = DEFAULT_TARGET) -> Summary:

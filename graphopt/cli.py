@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from graphopt import api, config, paths, verify
-from graphopt.cli_calibrate import calibrate
+from graphopt.cli_measure import calibrate, profile
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.lossy import schemes, summary_lines
 from graphopt.manager import TraceEntry
@@ -424,6 +424,7 @@ def compare_cmd(model_a, model_b, data, input_shape, rtol, atol, as_json):
 
 
 main.add_command(calibrate)
+main.add_command(profile)
 
 if __name__ == "__main__":
     main()

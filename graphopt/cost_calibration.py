@@ -224,8 +224,13 @@ def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict
 
 def static_latency(cost_model: AnalyticCostModel, proto: onnx.ModelProto, device: Device,
                    shapes: dict[str, list[int]]) -> float:
-    """Predicted latency of ``proto`` with its inputs at ``shapes`` (symbolic dimensions
-    fixed, every intermediate shape inferred again)."""
+    """Predicted latency of ``proto`` with its inputs at ``shapes``."""
+    return cost_model.estimate(static_model(proto, shapes), device, infer=False).latency_s
+
+
+def static_model(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> Model:
+    """``proto`` loaded with its inputs at ``shapes`` (symbolic dimensions fixed) and every
+    intermediate shape inferred again: what the cost model estimates a deployment by."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(proto)
     del fixed.graph.value_info[:]
@@ -237,7 +242,7 @@ def static_latency(cost_model: AnalyticCostModel, proto: onnx.ModelProto, device
     for value in fixed.graph.output:
         for dim in value.type.tensor_type.shape.dim:
             dim.Clear()
-    return cost_model.estimate(_shaped(fixed), device, infer=False).latency_s
+    return _shaped(fixed)
 
 
 def judge_alternative(cost_model, device: Device | None, before: onnx.ModelProto,

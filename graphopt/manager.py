@@ -247,8 +247,9 @@ class PassManager:
     def _judge(self, model: Model, state: _State, entry: TraceEntry) -> str | None:
         """Why the alternative form just written is declined (``None``: keep it), by the
         cost model at the probe inputs' shapes."""
-        shapes = {name: list(np.shape(value)) for name, value in self.probe_feeds[0].items()} \
-            if self.probe_feeds else {}
+        shapes = self.ctx.input_shapes or ({name: list(np.shape(value)) for name, value
+                                            in self.probe_feeds[0].items()}
+                                           if self.probe_feeds else {})
         reason, figures = judge_alternative(self.ctx.cost_model, self.ctx.device, state.proto,
                                             model.to_onnx(references=True), shapes)
         entry.stats.update(figures)

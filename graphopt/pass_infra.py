@@ -70,6 +70,9 @@ class PassContext:
     metric: "Metric | None" = None
     reference: "onnx.ModelProto | None" = None
     goal: str = "latency"
+    # The input shapes costs are estimated at (the verification inputs': --data,
+    # --input-shape or the probes'), for passes that choose by cost per layer.
+    input_shapes: dict[str, list[int]] | None = None
     # The recovery pass run on every compressed candidate (None: no recovery), and the
     # tensors compression narrowed so far: name -> (axis, indices into the original).
     recovery: "Pass | None" = None

@@ -183,6 +183,13 @@ class Target(ABC):
             raise UsageError(f"target {self.name!r} cannot time models on its device here")
         return seconds
 
+    def profile_nodes(self, proto: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                      runs: int) -> tuple[dict[str, tuple[str, float]], float] | None:
+        """Per-kernel times of ``runs`` runs of ``proto`` on the device: ``({kernel
+        name: (op type, median seconds per run)}, median seconds of a run)``, or
+        ``None`` where the target has no profiler (``graphopt profile``)."""
+        return None
+
     def measure(self, artifact: Artifact, feeds: dict[str, np.ndarray], *,
                 repeat: int = 20) -> float | None:
         """Median seconds of one run of the artifact on the device it is built for, or

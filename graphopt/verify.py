@@ -174,8 +174,8 @@ def random_array(rng: np.random.Generator, dtype: np.dtype, dims: list[int]) -> 
 
 
 def session(proto: onnx.ModelProto | str | os.PathLike, optimize: bool = False,
-            threads: int = 1, disabled_optimizers: tuple[str, ...] = ()
-            ) -> ort.InferenceSession:
+            threads: int = 1, disabled_optimizers: tuple[str, ...] = (),
+            profile_prefix: str | None = None) -> ort.InferenceSession:
     """An ORT CPU session; ``optimize=False`` turns ORT's graph rewrites off,
     ``disabled_optimizers`` names ORT rewrites to leave out.
 
@@ -194,6 +194,9 @@ def session(proto: onnx.ModelProto | str | os.PathLike, optimize: bool = False,
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if profile_prefix is not None:  # ORT's profiler: a JSON trace at end_profiling()
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     kwargs = {"providers": ["CPUExecutionProvider"]}
     if disabled_optimizers:
         kwargs["disabled_optimizers"] = list(disabled_optimizers)

@@ -49,6 +49,8 @@ from graphopt import switchboard, verify
 from graphopt.capture import subset
 from graphopt.accuracy import (Evaluator, batch_size, fallback_search, median_latency,
                                run_all, sample_cosines, session)
+from graphopt.cost_calibration import static_model
+from graphopt.errors import GraphoptError
 from graphopt.ir import Model
 from graphopt.metric import DEFAULT_BUDGET as DEFAULT_LOSSY_TOLERANCE
 from graphopt.pass_infra import Pass, PassContext, PassResult
@@ -232,7 +234,15 @@ class _Int8Pass(Pass):
         device, cost_model = ctx.device, ctx.cost_model
         if device is None or cost_model is None:
             return
-        nodes = {n.name: n for n in model.graph.nodes}
+        # Costed at the inputs' shapes where known (a batch of 256 is not a batch of 1)
+        shaped, where = model, ""
+        if ctx.input_shapes:
+            try:
+                shaped = static_model(model.to_onnx(references=True), ctx.input_shapes)
+                where = f" at inputs {ctx.input_shapes}"
+            except GraphoptError:
+                pass  # shapes as the graph has them
+        nodes = {n.name: n for n in shaped.graph.nodes}
         for name, site in list(plan.sites.items()):
             if site.kind != "compute":
                 continue
@@ -240,7 +250,7 @@ class _Int8Pass(Pass):
             site.float_s = cost_model.node_cost(node, device).latency_s
             site.int8_s = cost_model.int8_latency(node, device, self.dynamic)
             if self.options.require_speedup and site.int8_s >= site.float_s:
-                plan.skipped[name] = (f"int8 does not pay off on {device.name}: est. "
+                plan.skipped[name] = (f"int8 does not pay off on {device.name}{where}: est. "
                                       f"{site.int8_s * 1e6:.2f} us int8 (with activation "
                                       f"quantization) vs {site.float_s * 1e6:.2f} us float")
                 del plan.sites[name]

@@ -115,6 +115,22 @@ class OrtTarget(Target):
         return {**super().fingerprint(), "onnxruntime": ort.__version__,
                 "threads": self.threads}
 
+    def profile_nodes(self, proto: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                      runs: int) -> tuple[dict[str, tuple[str, float]], float]:
+        """ONNX Runtime's profiler over ``runs`` runs (plus one warm-up), in a session as
+        this target's artifacts get one."""
+        from graphopt.profile import median_by_name
+
+        with tempfile.TemporaryDirectory(prefix="graphopt-profile-") as tmp:
+            session = verify.session(proto, optimize=True, threads=self.threads,
+                                     disabled_optimizers=DISABLED_ORT_OPTIMIZERS,
+                                     profile_prefix=str(Path(tmp) / "ort"))
+            for _ in range(runs + 1):
+                session.run(None, feeds)
+            trace = session.end_profiling()
+            events = json.loads(Path(trace).read_text())
+        return median_by_name(events)
+
     def time_model(self, proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
         """Seconds of one run (the lowest of three rounds' medians) in a session as this target's artifacts get one.
         With one thread ORT computes on the calling thread, so its CPU time is timed

@@ -1,0 +1,70 @@
+"""graphopt profile: measured time per kernel beside the cost model's estimate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from graphopt.profile import median_by_name
+from tests import digits
+
+
+def _event(cat, name, ts, dur, op=None):
+    event = {"cat": cat, "name": name, "ts": ts, "dur": dur}
+    if op:
+        event["args"] = {"op_name": op}
+    return event
+
+
+def test_kernel_times_are_summed_per_run_and_the_warm_up_left_out():
+    events = [_event("Session", "model_run", 0, 1000),  # warm-up: left out
+              _event("Node", "conv_kernel_time", 10, 900, "Conv"),
+              _event("Session", "model_run", 2000, 100),
+              _event("Node", "conv_kernel_time", 2010, 50, "Conv"),
+              _event("Node", "body_kernel_time", 2070, 5, "Add"),  # a loop body, twice
+              _event("Node", "body_kernel_time", 2080, 5, "Add"),
+              _event("Session", "model_run", 3000, 120),
+              _event("Node", "conv_kernel_time", 3010, 70, "Conv"),
+              _event("Node", "body_kernel_time", 3090, 20, "Add"),
+              _event("Session", "model_run", 4000, 110),
+              _event("Node", "conv_kernel_time", 4010, 60, "Conv"),
+              _event("Node", "conv_fence_before", 4000, 1)]  # not a kernel
+    times, run_s = median_by_name(events)
+    assert run_s == pytest.approx(110e-6)
+    assert times["conv"] == ("Conv", pytest.approx(60e-6))
+    assert times["body"] == ("Add", pytest.approx(10e-6))  # runs: 10, 20, 0 -> median 10
+
+
+def test_profile_digits_cnn_adds_up_and_matches_nodes(tmp_path):
+    """Batch 256: the kernels take nearly the whole run, the rows add up to the run, and
+    the convolutions (re-laid out by ONNX Runtime, renamed ``<output>_nchwc``) are matched
+    back to the graph's nodes with an estimate."""
+    model = tmp_path / "cnn.onnx"
+    model.write_bytes(digits.digits_cnn().SerializeToString())
+    done = subprocess.run([sys.executable, "-m", "graphopt.cli", "profile", str(model),
+                           "--input-shape", "input=256x1x8x8", "--threads", "1",
+                           "--runs", "5", "--json", "--top", "50"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["input_shapes"] == {"input": [256, 1, 8, 8]}
+    rows = result["by_op"]
+    assert sum(r["measured_s"] for r in rows.values()) == pytest.approx(result["run_s"])
+    assert result["kernel_s"] >= 0.8 * result["run_s"]
+    assert next(iter(rows)) == "Conv"  # the heaviest op type
+    convs = [k for k in result["kernels"] if k["op"] == "Conv"]
+    assert len(convs) == 3 and all(k["node"] and k["estimated_s"] > 0 for k in convs)
+    assert all(k["bound"] in ("compute", "memory") and 0 < k["of_peak"] for k in convs)
+    assert result["weight_bytes"] > 4 * 50_000 and result["peak_activation_bytes"] > 0
+
+
+def test_profile_refuses_a_target_without_a_profiler(tmp_path):
+    model = tmp_path / "cnn.onnx"
+    model.write_bytes(digits.digits_cnn().SerializeToString())
+    done = subprocess.run([sys.executable, "-m", "graphopt.cli", "profile", str(model),
+                           "-t", "arm"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "no per-kernel profiler" in done.stderr
