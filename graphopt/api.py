@@ -32,7 +32,8 @@ from graphopt.metric import Metric, get_metric
 from graphopt.pass_infra import Pass, PassContext
 from graphopt.profile import Profile
 from graphopt.profile import profile as measure_profile
-from graphopt.paths import check_outputs, input_files
+from graphopt.paths import check_outputs, input_files, is_folder_output
+from graphopt.result_cache import ResultCache, digest
 from graphopt.pipeline import build_passes
 from graphopt.registry import create_target, pass_registry, target_registry
 from graphopt.target import Artifact, Target, read_manifest
@@ -81,7 +82,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
              tune_trials: int = 0, rpc: str | None = None,
              schemes: dict[str, str | Sequence[str]] | None = None,
              metric: str | Metric | None = None, goal: str = "latency",
-             recovery: str | None = DEFAULT_RECOVERY) -> OptimizeResult:
+             recovery: str | None = DEFAULT_RECOVERY,
+             cache_dir: str | os.PathLike | None = None) -> OptimizeResult:
     """Optimize ``model`` for ``target`` and, when ``output`` is given, lower it there.
 
     ``passes`` defaults to the target's pipeline. The input is never modified. The result
@@ -102,6 +104,10 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
 
     ``format`` picks one of the target's artifact formats (``Target.formats``; ``ort``:
     ``onnx`` or ``ort``); ``None`` is the target's default.
+
+    ``cache_dir`` reuses a stored result of the same model and options
+    (``graphopt.result_cache``; the report's ``cache`` says whether it was a hit) and
+    stores new ones.
 
     ``verify_artifact`` runs the written artifact through its target on the same inputs,
     compares it with ONNX Runtime on the original and times both (report section
@@ -138,6 +144,26 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         raise UsageError(f"target {tgt.name!r} does not write format {format!r}",
                          hint=f"formats: {', '.join(tgt.formats)}" if tgt.formats else
                          "leave --format out for this target")
+    cost_model, cost_info = cost_model_for(tgt)
+    cache = key = None
+    if cache_dir is not None:
+        cache = ResultCache(cache_dir)
+        key = digest({
+            "graphopt": graphopt_version(), "model": _model_source(model),
+            "target": tgt.name, "device": _fingerprint(tgt), "cost_model": cost_info.get(
+                "calibration") and Path(cost_info["calibration"]),
+            "passes": None if passes is None else [repr(p) for p in (
+                [passes] if isinstance(passes, str) else passes)],
+            "skip": list(skip), "output": _output_name(output),
+            "strict": strict, "data": data, "input_shapes": input_shapes,
+            "tolerance": (budget, tolerance), "max_iterations": max_iterations, "seed": seed,
+            "schemes": chosen, "calibration": _data_source(calibration),
+            "validation": _data_source(validation), "measure": measure, "format": format,
+            "verify_artifact": verify_artifact, "tune_trials": tune_trials, "rpc": rpc,
+            "metric": metric.name, "goal": goal, "recovery": recovery})
+        entry = cache.entry(key)
+        if entry is not None:
+            return _cached(cache, entry, key, tgt, output)
     original = load(model)
     if not tgt.compiled:  # its artifact is the ONNX model itself, run by ONNX Runtime
         verify.check_runtime(original.meta)
@@ -162,7 +188,6 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
                              f"{tgt.name!r} does not run",
                              hint="choose another target or drop the pass")
     pipeline = join_compression([p for p in pipeline if p.name not in unsupported])
-    cost_model, cost_info = cost_model_for(tgt)
     original_proto = original.to_onnx()
     data = check_feeds(data, original_proto)
     ctx = PassContext(target=tgt, cost_model=cost_model, device=tgt.device, seed=seed,
@@ -186,8 +211,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     ctx.input_shapes = {name: list(value.shape) for name, value in feeds[0].items()} \
         if feeds else None
     manager = PassManager(pipeline, ctx, strict=strict, max_iterations=max_iterations,
-                          tolerance=tolerance, probe_feeds=feeds, instruments=instruments,
-                          forced=frozenset(named))
+                          tolerance=tolerance, probe_feeds=feeds, instruments=instruments)
     manager.run(working)
     if manager.numeric_check != "ok" and not tgt.compiled:  # ORT runs the result: why not?
         verify.check_runs(original_proto, feeds, data_given=bool(data), shapes=input_shapes)
@@ -247,7 +271,60 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
                 for f in artifact.files:  # a wrong artifact is not left behind
                     Path(f).unlink(missing_ok=True)
                 raise
+    if cache is not None:
+        cache.put(key, working.to_onnx(), report, None if output is None else Path(output),
+                  artifact)
+        report["cache"] = {"hit": False, "key": key, "folder": str(cache_dir)}
     return OptimizeResult(model=working, report=report, artifact=artifact)
+
+
+def _cached(cache: ResultCache, entry: Path, key: str, target: Target,
+            output: str | os.PathLike | None) -> OptimizeResult:
+    """The stored result ``entry``: its model, its artifact copied to ``output``."""
+    report = cache.report(entry)
+    report["cache"] = {"hit": True, "key": key, "folder": str(cache.root.parent)}
+    artifact = None
+    if output is not None:
+        main, files = cache.copy_out(entry, Path(output))
+        artifact = Artifact(target=target.name, path=main, files=files,
+                            format=cache.meta(entry)["format"] or "onnx")
+        report["output_path"] = str(main)
+        report["artifact_files"] = [str(f) for f in files]
+    return OptimizeResult(model=load(cache.model_path(entry)), report=report,
+                          artifact=artifact)
+
+
+def _output_name(output) -> str | None:
+    """What of the output path changes the files written: a file's name (its external
+    data and sidecars are named after it); a folder's never does."""
+    if output is None:
+        return None
+    return "<folder>" if is_folder_output(Path(output)) else Path(output).name
+
+
+def _model_source(model: ModelSource):
+    """What keys a model in the result cache, without loading it: its files' bytes
+    (external data too), or its serialization."""
+    if isinstance(model, (str, os.PathLike)):
+        return [path for _, path in input_files(model)]
+    if isinstance(model, Model):
+        return model.content_hash()
+    return model  # a ModelProto or bytes
+
+
+def _data_source(data):
+    """Data as the result cache keys it: a file or folder by its bytes, a
+    ``module:function`` by its name, arrays by their values."""
+    if isinstance(data, (str, os.PathLike)) and Path(data).exists():
+        return Path(data)
+    return data
+
+
+def _fingerprint(target: Target) -> dict | str:
+    try:
+        return target.fingerprint()
+    except GraphoptError as exc:
+        return f"no fingerprint: {exc}"
 
 
 @dataclass

@@ -144,6 +144,9 @@ class _Progress:
               "database is kept beside the artifact and reused.")
 @click.option("--rpc", metavar="HOST:PORT[:KEY]", help="Run (and tune) on a remote device "
               "through the target's RPC: an RPC server, or a tracker with KEY.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Reuse a stored result of the same model and options (and store new "
+                   "ones) in this folder.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Options from this file (graphopt.toml, or pyproject.toml's "
               "[tool.graphopt]); default: graphopt.toml beside MODEL, else the nearest "
@@ -166,7 +169,7 @@ def optimize(ctx, model, config_path, **_):
 def _optimize(model, output, target, passes, skip, report_path, strict, data, input_shape,
               rtol, atol, seed, calibration_data, validation_data, tolerance, metric, goal,
               recover, no_recover, finetune_steps, finetune_time, measure, format_,
-              verify_, tune_trials, rpc, config_path, **scheme_values):
+              verify_, tune_trials, rpc, config_path, cache_dir, **scheme_values):
     # Before any work: no output may overwrite an input or another output, and each can
     # be written; then everything is staged and moved into place at the end, or nothing.
     inputs = paths.input_files(model, data=data, calibration=calibration_data,
@@ -190,7 +193,7 @@ def _optimize(model, output, target, passes, skip, report_path, strict, data, in
             verify_artifact=verify_, tune_trials=tune_trials, rpc=rpc,
             schemes={_SCHEME_FLAGS[k]: [v.strip() for v in value.split(",") if v.strip()]
                      for k, value in scheme_values.items() if value},
-            metric=metric, goal=goal, recovery=recovery)
+            metric=metric, goal=goal, recovery=recovery, cache_dir=cache_dir)
         report = staging.final_paths(result.report)
         staging.commit(json.dumps(report, indent=2, default=float) if report_path else None)
     _print_summary(report)
@@ -255,6 +258,13 @@ def _print_summary(report: dict) -> None:
         err.print(f"[yellow]not verified:[/] {escape(str(v.get('detail')))}", highlight=False)
     if report["rolled_back"]:
         err.print(f"[yellow]rolled back:[/] {', '.join(report['rolled_back'])}")
+    declined = sorted({e["pass_name"] for e in report["trace"] if e["status"] == "declined"})
+    if declined:
+        err.print(f"declined (a choice of form, predicted or not measured faster here): "
+                  f"{', '.join(declined)}", highlight=False)
+    if report.get("cache", {}).get("hit"):
+        err.print(f"from the cache ({escape(report['cache']['folder'])}): nothing was "
+                  f"optimized again", highlight=False)
     for line in summary_lines(report):
         err.print(escape(line), highlight=False, soft_wrap=True)
     if "artifact" in report:

@@ -30,7 +30,7 @@ from click.core import ParameterSource
 from graphopt.errors import UsageError
 
 FILE = "graphopt.toml"
-PATH_KEYS = ("output", "report", "data", "calibration-data", "validation-data")
+PATH_KEYS = ("output", "report", "data", "calibration-data", "validation-data", "cache-dir")
 NOT_IN_FILE = ("model", "config")  # the model names the file; the file cannot name one
 
 

@@ -20,6 +20,7 @@ and rolls back the pass at fault (and that pass is checked after each run from t
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence
 
@@ -87,10 +88,12 @@ class PassManager:
                  probe_feeds: list[verify.Feeds] | None = None,
                  instruments: Sequence[Instrument] = (), check_each_pass: bool = False,
                  forced: frozenset[str] = frozenset()):
-        """``forced``: alternative passes (``Pass.alternative``) the user named, kept
-        without asking the cost model."""
+        """``forced``: alternative passes (``Pass.alternative``) kept without asking the
+        cost model (library use: a caller that has measured the form itself)."""
         self.passes = list(passes)
         self.forced = forced
+        # verdicts on alternative rewrites: (pass, ops it added, ops it removed) -> reason
+        self._verdicts: dict[tuple, tuple[str | None, dict]] = {}
         self.ctx = ctx or PassContext()
         self.strict = strict
         self.max_iterations = max_iterations
@@ -250,8 +253,17 @@ class PassManager:
         shapes = self.ctx.input_shapes or ({name: list(np.shape(value)) for name, value
                                             in self.probe_feeds[0].items()}
                                            if self.probe_feeds else {})
-        reason, figures = judge_alternative(self.ctx.cost_model, self.ctx.device, state.proto,
-                                            model.to_onnx(references=True), shapes)
+        after = model.to_onnx(references=True)
+        # The same rewrite in a later iteration (same ops added and removed) gets the same
+        # verdict: judging re-infers shapes, seconds on a transformer.
+        ops_before = Counter((n.domain, n.op_type) for n in state.proto.graph.node)
+        ops_after = Counter((n.domain, n.op_type) for n in after.graph.node)
+        key = (entry.pass_name, frozenset((ops_after - ops_before).items()),
+               frozenset((ops_before - ops_after).items()))
+        if key not in self._verdicts:
+            self._verdicts[key] = judge_alternative(self.ctx.cost_model, self.ctx.device,
+                                                    state.proto, after, shapes)
+        reason, figures = self._verdicts[key]
         entry.stats.update(figures)
         return reason
 

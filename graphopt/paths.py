@@ -63,7 +63,7 @@ def input_files(model: Any = None, *, data: Any = None, calibration: Any = None,
 def output_files(output: Path) -> tuple[list[Path], Path | None]:
     """(files a model output may write, the folder it fills or ``None``)."""
     output = Path(output)
-    if _is_folder_output(output):
+    if is_folder_output(output):
         return [], output
     return [output, *(output.with_name(output.name + s) for s in SIDECAR_SUFFIXES)], None
 
@@ -259,7 +259,7 @@ def _write_error(exc: OSError) -> UsageError:
                       hint="choose an output path you can write to")
 
 
-def _is_folder_output(output: Path) -> bool:
+def is_folder_output(output: Path) -> bool:
     return os.path.isdir(output) or not output.suffix
 
 

@@ -217,3 +217,18 @@ def min_cosine(reference: list[dict], candidate: list[dict]) -> float:
             cos = (1.0 if np.array_equal(a, b) else 0.0) if denom == 0 else float(a @ b / denom)
             worst = min(worst, cos)
     return worst
+
+
+def store_calibration(target, skip_layer_norm: float | None) -> None:
+    """A cost calibration of ``target``'s device (in the cache folder the environment
+    names) where Add and LayerNormalization run at the roofline and SkipLayerNormalization
+    at ``skip_layer_norm`` times it (``None``: not measured)."""
+    from graphopt.cost_calibration import Calibration, calibration_path, save_calibration
+
+    cal = Calibration(fingerprint=target.fingerprint(), base_s=5e-6, node_overhead_s=1e-6)
+    for seconds in (1e-6, 1e-3):
+        cal.add(("elementwise", "float32", "Add"), seconds, 1.0)
+        cal.add(("norm", "float32", "LayerNormalization"), seconds, 1.0)
+        if skip_layer_norm is not None:
+            cal.add(("norm", "float32", "SkipLayerNormalization"), seconds, skip_layer_norm)
+    save_calibration(cal, calibration_path(target.fingerprint()))

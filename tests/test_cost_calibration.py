@@ -22,7 +22,11 @@ from graphopt.cost_calibration import (Calibration, CalibratedCostModel, calibra
 from graphopt.errors import UsageError
 from graphopt.ir import load
 from graphopt.targets.ort import OrtTarget
+from graphopt.manager import PassManager
+from graphopt.pass_infra import PassContext
+from graphopt.passes.fusion_norm import FuseSkipLayerNorm
 from tests import digits, zoo
+from tests.helpers import store_calibration
 
 DEVICE = Device("test", peak_flops={"float32": 1e11, "int8": 2e11}, bandwidth=1e10,
                 node_overhead_s=0.0)
@@ -195,18 +199,6 @@ def _residual_layer_norm(hidden: int = 64) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _stored(target, skip_factor: float | None) -> None:
-    """A calibration of ``target``'s device where Add and LayerNormalization run at the
-    roofline, and SkipLayerNormalization at ``skip_factor`` times it (None: unmeasured)."""
-    cal = Calibration(fingerprint=target.fingerprint(), base_s=5e-6, node_overhead_s=1e-6)
-    for seconds in (1e-6, 1e-3):
-        cal.add(("elementwise", "float32", "Add"), seconds, 1.0)
-        cal.add(("norm", "float32", "LayerNormalization"), seconds, 1.0)
-        if skip_factor is not None:
-            cal.add(("norm", "float32", "SkipLayerNormalization"), seconds, skip_factor)
-    save_calibration(cal, calibration_path(target.fingerprint()))
-
-
 def _skip_entries(report) -> list[dict]:
     return [e for e in report["trace"] if e["pass_name"] == "fuse-skip-layer-norm"]
 
@@ -216,7 +208,7 @@ def test_skip_layer_norm_is_kept_only_where_measured_faster(tmp_path, monkeypatc
                                                              skip_factor, kept):
     monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path))
     target = OrtTarget(threads=1)
-    _stored(target, skip_factor)
+    store_calibration(target, skip_factor)
     feeds = [{"x": np.ones((2, 32, 64), np.float32), "skip": np.ones((2, 32, 64), np.float32)}]
     result = graphopt.optimize(_residual_layer_norm(), target=target, data=feeds)
     ops = [n.op for n in result.model.graph.nodes]
@@ -242,9 +234,14 @@ def test_skip_layer_norm_is_declined_without_a_calibration():
     assert report["cost_model"]["calibrated"] is False
 
 
-def test_a_named_alternative_is_kept_without_asking():
-    """--passes fuse-skip-layer-norm: the user chose the form."""
+def test_naming_an_alternative_does_not_bypass_the_measurement():
+    """--passes lists often copy a target's pipeline: naming the pass is not a choice of
+    form. A library caller can force it (PassManager(forced=...))."""
     result = graphopt.optimize(_residual_layer_norm(), target=OrtTarget(threads=1),
                                passes="fuse-skip-layer-norm")
-    assert [n.op for n in result.model.graph.nodes] == ["SkipLayerNormalization"]
-    assert _skip_entries(result.report)[0]["status"] == "changed"
+    assert [n.op for n in result.model.graph.nodes] == ["Add", "LayerNormalization"]
+    assert _skip_entries(result.report)[0]["status"] == "declined"
+    model = graphopt.load(_residual_layer_norm())
+    ctx = PassContext(target=OrtTarget(threads=1), device=OrtTarget(threads=1).device)
+    PassManager([FuseSkipLayerNorm()], ctx, forced=frozenset({"fuse-skip-layer-norm"})).run(model)
+    assert [n.op for n in model.graph.nodes] == ["SkipLayerNormalization"]

@@ -19,7 +19,8 @@ from graphopt import verify
 from graphopt.ir import load
 from graphopt.pass_infra import PassContext
 from graphopt.passes.fusion_norm import FuseLayerNorm, FuseRmsNorm, FuseSkipLayerNorm
-from helpers import build_model, count_ops
+from graphopt.targets.ort import OrtTarget
+from helpers import build_model, count_ops, store_calibration
 from fusion_checks import (assert_same, bert_feeds, FLOAT, NoNormTarget, PlainOnnxTarget, apply,
                            assert_embeddings_match, assert_unchanged, const, f32, i64,
                            optimize_checked, ops_in, plain_ctx, vi)
@@ -479,8 +480,16 @@ def test_skip_layer_norm_needs_com_microsoft():
 NORM_PASSES = "eliminate-identity,fold-constants,fuse-layer-norm,fuse-skip-layer-norm"
 
 
+@pytest.fixture
+def skip_measured_faster(tmp_path, monkeypatch):
+    """fuse-skip-layer-norm is a choice of form (Pass.alternative): these tests run on a
+    device whose calibration measured SkipLayerNormalization faster."""
+    monkeypatch.setenv("GRAPHOPT_CACHE_DIR", str(tmp_path))
+    store_calibration(OrtTarget(), skip_layer_norm=0.5)
+
+
 @pytest.mark.parametrize("exporter", zoo.EXPORTERS)
-def test_bert_tiny_skip_layer_norm(exporter):
+def test_bert_tiny_skip_layer_norm(exporter, skip_measured_faster):
     """The export already has LayerNormalization (opset 17/18): the 4 after a residual Add
     become SkipLayerNormalization (bias folded); the embeddings' one, whose position
     embeddings' shape is not provably [1, S, H], stays."""
@@ -513,7 +522,7 @@ def test_bert_tiny_decomposed_layer_norms(exporter):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("exporter", zoo.EXPORTERS)
-def test_minilm_layer_norms(exporter):
+def test_minilm_layer_norms(exporter, skip_measured_faster):
     """The real all-MiniLM-L6-v2 with its 13 LayerNorms decomposed: all 13 fuse, 12 of
     them take their residual Add (SkipLayerNormalization); the embeddings agree on real
     sentences."""
@@ -531,7 +540,7 @@ def test_minilm_layer_norms(exporter):
     assert_embeddings_match(proto, after, zoo.minilm_tokenize(zoo.MINILM_SENTENCES[:1]))
 
 
-def test_manager_runs_all_norm_passes_on_helper_models():
+def test_manager_runs_all_norm_passes_on_helper_models(skip_measured_faster):
     """Through graphopt.optimize: verified, nothing rolled back."""
     nodes, inits = layer_norm("x", "h", opset=14)
     add = oh.make_node("Add", ["h", "skip"], ["sum"])
