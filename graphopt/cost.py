@@ -170,9 +170,12 @@ _POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool
 
 def op_key(node: gs.Node) -> tuple[str, str, str]:
     """``(family, dtype, kind)``: the class of ops a calibration measures together.
-    Convolutions are ``spatial``, ``pointwise`` (1x1) or ``depthwise``; matrix products
+    Convolutions are ``spatial``, ``pointwise`` (1x1), ``depthwise``, ``stem`` or
+    ``narrow``; matrix products
     multiply by ``weights`` (a constant) or by another ``activation``; any other op is
-    its own kind within its family (``elementwise`` for everything without one)."""
+    its own kind within its family (``elementwise`` for everything without one).
+    Convolutions of at most 4 input channels (a network's first layer) are ``stem``;
+    other k x k ones of at most 16 ``narrow``."""
     op = node.op
     dtype = "int8" if _quantized(node) else \
         _dtype_name(node.outputs[0]) if node.outputs else "float32"
@@ -183,8 +186,12 @@ def op_key(node: gs.Node) -> tuple[str, str, str]:
         group = node.attrs.get("group", 1)
         if shape and group > 1 and shape[1] == 1:
             kind = "depthwise"
+        elif shape and group == 1 and isinstance(shape[1], int) and shape[1] <= 4:
+            kind = "stem"  # a network's first layer: too few input channels to vectorize
         elif shape and all(d == 1 for d in shape[2:]):
             kind = "pointwise"
+        elif shape and group == 1 and isinstance(shape[1], int) and shape[1] <= 16:
+            kind = "narrow"  # few channels (a pruned layer): kernels run far from peak
         else:
             kind = "spatial"
         return "conv", dtype, kind

@@ -229,6 +229,35 @@ def _alternating(rows: int, k: int, n_out: int):
     return lambda n: [rows, k if n % 2 == 0 else n_out]
 
 
+def _stem_conv(c_in: int, c_out: int, hw: int, batch: int, int8: bool):
+    """One 3x3 convolution of few input channels (a network's first layer), float or
+    int8 in the QDQ form graphopt writes (Relu then a zero-point-0 Quantize after it);
+    not a chain: its input and output channel counts differ."""
+    def build(n: int):
+        rng = np.random.default_rng(0)
+        w = _rand(rng, c_out, c_in, 3, 3, scale=(9 * c_in) ** -0.5)
+        bias = _rand(rng, c_out, scale=0.1)
+        attrs = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+        if not int8:
+            inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")]
+            nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], **attrs),
+                     helper.make_node("Relu", ["c"], ["y"])]
+        else:
+            nodes, inits, x = _qdq("x", 0, 0.05)
+            wn, wi = _int8_weight(rng, "w", w)
+            bn, bi = _int32_bias("b", bias, onnx.numpy_helper.to_array(wi[1]) * 0.05)
+            out, out_inits, last = _qdq("r", 1, 0.05, 0)
+            nodes += wn + bn + [helper.make_node("Conv", [x, "w", "b"], ["c"], **attrs),
+                                helper.make_node("Relu", ["c"], ["r"])] + out
+            inits += wi + bi + out_inits
+            _rename_output(nodes, last)
+        shape = [batch, c_in, hw, hw]
+        model = _model(nodes, [_float("x", shape)], [_float("y", [batch, c_out, hw, hw])],
+                       inits)
+        return model, {"x": _rand(rng, *shape)}
+    return build
+
+
 def _global_pool(channels: int, hw: int, batch: int):
     def build(n: int):
         rng = np.random.default_rng(0)
@@ -272,7 +301,8 @@ def suite(quick: bool = False) -> list[Probe]:
                             _global_pool(channels, hw, batch), chain=False))
     convs = ((16, 32, 1), (64, 28, 1), (32, 8, 256)) if quick else (
         (8, 32, 1), (16, 56, 1), (32, 28, 1), (64, 56, 1), (128, 28, 1), (256, 14, 1),
-        (512, 7, 1), (32, 8, 1), (64, 4, 1), (32, 8, 256), (64, 4, 256), (16, 32, 16))
+        (512, 7, 1), (32, 8, 1), (64, 4, 1), (32, 8, 256), (64, 4, 256), (16, 32, 16),
+        (8, 8, 256), (12, 8, 256), (16, 4, 256), (24, 8, 256))
     for channels, hw, batch in convs:
         shape = [batch, channels, hw, hw]
         tag = f"{channels}x{hw}x{batch}"
@@ -280,6 +310,13 @@ def suite(quick: bool = False) -> list[Probe]:
         probes.append(Probe(f"FusedConv3x3-{tag}", _chain(shape, _conv(channels, 3, False,
                                                                         "Relu"), ms=True)))
         probes.append(Probe(f"Conv1x1-{tag}", _chain(shape, _conv(channels, 1, False, None))))
+    stems = ((1, 32, 8, 256),) if quick else ((1, 32, 8, 1), (1, 32, 8, 256), (3, 16, 32, 16),
+                                             (3, 32, 112, 1))
+    for c_in, c_out, hw, batch in stems:
+        for int8 in (False, True):
+            probes.append(Probe(f"{'Int8' if int8 else ''}StemConv3x3-{c_in}to{c_out}x{hw}x"
+                                f"{batch}", _stem_conv(c_in, c_out, hw, batch, int8),
+                                chain=False))
     depthwise = ((96, 28, 1),) if quick else ((16, 56, 1), (96, 56, 1), (144, 28, 1),
                                               (384, 14, 1), (960, 7, 1), (64, 8, 16))
     for channels, hw, batch in depthwise:
@@ -298,8 +335,9 @@ def suite(quick: bool = False) -> list[Probe]:
                                                             (128, 768, 12)):
         probes.append(Probe(f"Attention-{seq}x{hidden}", _chain(
             [1, seq, hidden], _attention(hidden, heads), ms=True)))
-    int8_convs = ((64, 28, 1),) if quick else ((32, 28, 1), (64, 56, 1), (128, 28, 1),
-                                               (32, 8, 256), (64, 4, 256), (256, 14, 1))
+    int8_convs = ((64, 28, 1), (16, 8, 256)) if quick else (
+        (32, 28, 1), (64, 56, 1), (128, 28, 1), (32, 8, 256), (64, 4, 256), (256, 14, 1),
+        (8, 8, 256), (12, 8, 256), (16, 4, 256), (24, 8, 256), (16, 32, 16), (8, 32, 1))
     for channels, hw, batch in int8_convs:
         probes.append(Probe(f"Int8Conv3x3-{channels}x{hw}x{batch}", _chain(
             [batch, channels, hw, hw], _int8_conv(channels, 3))))
