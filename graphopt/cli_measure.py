@@ -57,7 +57,7 @@ def calibrate(target, threads, quick, as_json, quiet):
     for col in ("op class", "probes", "correction"):
         table.add_column(col)
     for key, points in sorted(cal.points.items()):
-        table.add_row(key, str(len(points)), "  ".join(f"{f:.2f}" for _, f in points))
+        table.add_row(key, str(len(points)), "  ".join(f"{p[1]:.2f}" for p in points))
     out.print(table)
     out.print(f"stored in {escape(str(path))}")
 

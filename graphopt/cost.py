@@ -168,6 +168,24 @@ _NORM = {"LayerNormalization", "SkipLayerNormalization", "RMSNormalization",
 _POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool"}
 
 
+def op_width(node: gs.Node) -> float:
+    """The reduction length of a convolution or matrix product (input channels per group
+    x kernel size; K), what its kernels' efficiency depends on besides size; 1 for
+    other ops."""
+    if node.op in _CONV:
+        weight = node.inputs[3] if node.op == "QLinearConv" else \
+            node.inputs[1] if len(node.inputs) > 1 else None
+        if weight is not None and weight.shape is not None and len(weight.shape) > 1:
+            return float(np.prod([d if isinstance(d, int) and d > 0 else 1
+                                  for d in weight.shape[1:]]))
+    if node.op in _MATMUL and node.inputs and node.inputs[0].shape:
+        k = node.inputs[0].shape[-1]
+        if node.op == "Gemm" and node.attrs.get("transA", 0) and len(node.inputs[0].shape) > 1:
+            k = node.inputs[0].shape[0]
+        return float(k) if isinstance(k, int) and k > 0 else 1.0
+    return 1.0
+
+
 def op_key(node: gs.Node) -> tuple[str, str, str]:
     """``(family, dtype, kind)``: the class of ops a calibration measures together.
     Convolutions are ``spatial``, ``pointwise`` (1x1), ``depthwise``, ``stem`` or

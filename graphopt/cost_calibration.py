@@ -33,7 +33,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analysis import infer_all_shapes
 from graphopt.cost import (AnalyticCostModel, Cost, Device, NodeCost, int8_roofline, op_key,
-                           roofline)
+                           op_width, roofline)
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model, load
 from graphopt.microbench import Probe
@@ -42,7 +42,7 @@ if typing.TYPE_CHECKING:
     from graphopt.target import Target
 
 # Bumped whenever the probes or the fit change meaning: older files are then not used.
-SCHEMA = 1
+SCHEMA = 2
 # A correction never goes below this (a probe faster than its roofline by more than this
 # is noise around a near-zero time).
 MIN_FACTOR = 0.05
@@ -66,17 +66,18 @@ class Calibration:
     fingerprint: dict
     base_s: float = 0.0
     node_overhead_s: float = 0.0
-    # "family/dtype/kind" -> [(roofline seconds of one op, measured / roofline)], sorted
-    points: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    # "family/dtype/kind" -> [(roofline seconds of one op, measured / roofline, width)]
+    points: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
     probes: list[dict] = field(default_factory=list)  # what was measured, for the record
 
-    def add(self, key: Key, roofline_s: float, factor: float) -> None:
+    def add(self, key: Key, roofline_s: float, factor: float, width: float = 1.0) -> None:
         points = self.points.setdefault("/".join(key), [])
-        points.append((roofline_s, max(factor, MIN_FACTOR)))
+        points.append((roofline_s, max(factor, MIN_FACTOR), width))
         points.sort()
 
-    def factor(self, key: Key, roofline_s: float) -> float:
-        """The correction of an op of class ``key`` whose roofline time is ``roofline_s``."""
+    def factor(self, key: Key, roofline_s: float, width: float = 1.0) -> float:
+        """The correction of an op of class ``key`` whose roofline time is ``roofline_s``
+        and reduction width ``width`` (``cost.op_width``)."""
         points = self.points.get("/".join(key))
         if not points:  # the family at that dtype, then the family
             family = key[0]
@@ -85,8 +86,8 @@ class Calibration:
                 sorted(p for k, ps in self.points.items() if k.split("/")[0] == family
                        for p in ps)
         if points:
-            return _interpolate(points, roofline_s)
-        everything = [f for ps in self.points.values() for _, f in ps]
+            return _interpolate(points, roofline_s, width)
+        everything = [p[1] for ps in self.points.values() for p in ps]
         if not everything:  # nothing measured: the roofline as it is
             return 1.0
         return math.exp(sum(math.log(f) for f in everything) / len(everything))
@@ -101,27 +102,27 @@ class Calibration:
     def from_dict(cls, data: dict) -> "Calibration":
         return cls(fingerprint=data["fingerprint"], base_s=float(data["base_s"]),
                    node_overhead_s=float(data["node_overhead_s"]),
-                   points={k: [(float(a), float(b)) for a, b in v]
+                   points={k: [(float(a), float(b), float(c)) for a, b, c in v]
                            for k, v in data["points"].items()},
                    probes=list(data.get("probes", [])))
 
 
-def _interpolate(points: list[tuple[float, float]], x: float) -> float:
-    """Piecewise-linear in (log roofline, log factor) through the points' per-size
-    geometric means, constant beyond the first and last."""
-    by_size: dict[float, list[float]] = {}
-    for r, f in points:
-        by_size.setdefault(r, []).append(math.log(f))
-    xs = [math.log(max(r, 1e-12)) for r in by_size]
-    ys = [sum(v) / len(v) for v in by_size.values()]
-    lx = math.log(max(x, 1e-12))
-    if lx <= xs[0]:
-        return math.exp(ys[0])
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-        if lx <= x1:
-            t = (lx - x0) / (x1 - x0) if x1 > x0 else 1.0
-            return math.exp(y0 + t * (y1 - y0))
-    return math.exp(ys[-1])
+def _interpolate(points: list[tuple[float, float, float]], seconds: float,
+                 width: float, nearest: int = 4) -> float:
+    """The correction at (``seconds``, ``width``): the geometric mean of the ``nearest``
+    points' corrections weighted by inverse squared distance in (log2 roofline time, log2
+    width); a point at the same place is taken as it is. Between two points of one width
+    this is their log-space midpoint blend; beyond the measured range it tends to the
+    nearest point's correction."""
+    x, w = math.log2(max(seconds, 1e-12)), math.log2(max(width, 1.0))
+    scored = sorted((math.hypot(math.log2(max(r, 1e-12)) - x, math.log2(max(c, 1.0)) - w),
+                     math.log(f)) for r, f, c in points)
+    exact = [lf for d, lf in scored if d < 1e-9]
+    if exact:
+        return math.exp(sum(exact) / len(exact))
+    near = scored[:nearest]
+    weights = [1.0 / (d * d) for d, _ in near]
+    return math.exp(sum(wt * lf for wt, (_, lf) in zip(weights, near)) / sum(weights))
 
 
 class CalibratedCostModel(AnalyticCostModel):
@@ -140,7 +141,8 @@ class CalibratedCostModel(AnalyticCostModel):
         op_s, quant_s = int8_roofline(node, device, dynamic)
         family, _, kind = op_key(node)
         cal = self.calibration
-        return 2 * cal.node_overhead_s + cal.factor((family, "int8", kind), op_s) * op_s + \
+        return 2 * cal.node_overhead_s + \
+            cal.factor((family, "int8", kind), op_s, op_width(node)) * op_s + \
             cal.factor(("elementwise", "uint8", "QuantizeLinear"), quant_s) * quant_s
 
     def node_cost(self, node: gs.Node, device: Device) -> NodeCost:
@@ -148,7 +150,7 @@ class CalibratedCostModel(AnalyticCostModel):
         if flops == moved == seconds == 0.0 and node.op == "DequantizeLinear":
             return NodeCost(node.name, node.op, 0.0, 0.0, 0.0)  # fused into its readers
         latency = self.calibration.node_overhead_s + \
-            self.calibration.factor(op_key(node), seconds) * seconds
+            self.calibration.factor(op_key(node), seconds, op_width(node)) * seconds
         return NodeCost(node.name, node.op, flops, moved, latency)
 
     def estimate(self, model: Model, device: Device, *, infer: bool = True) -> Cost:
@@ -161,18 +163,18 @@ class CalibratedCostModel(AnalyticCostModel):
 Measure = Callable[[onnx.ModelProto, dict], float]
 
 
-def _nodes(proto: onnx.ModelProto, device: Device) -> list[tuple[Key, float, bool]]:
-    """``(op_key, roofline seconds, pays overhead)`` per node of ``proto``."""
+def _nodes(proto: onnx.ModelProto, device: Device) -> list[tuple[Key, float, bool, float]]:
+    """``(op_key, roofline seconds, pays overhead, width)`` per node of ``proto``."""
     model = _shaped(proto)
     out = []
     for node in model.graph.nodes:
         flops, moved, seconds = roofline(node, device)
         fused = node.op == "DequantizeLinear" and flops == moved == seconds == 0.0
-        out.append((op_key(node), seconds, not fused))
+        out.append((op_key(node), seconds, not fused, op_width(node)))
     return out
 
 
-def _extra(long: list, short: list) -> list[tuple[Key, float, bool]]:
+def _extra(long: list, short: list) -> list[tuple[Key, float, bool, float]]:
     """The nodes the long chain has beyond the short one."""
     return list((Counter(long) - Counter(short)).elements())
 
@@ -204,17 +206,17 @@ def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict
         # The probe measures the class with most roofline time in the extra copies; the
         # other nodes there (a Quantize before an int8 Conv) are predicted as calibrated.
         totals: dict[Key, float] = {}
-        for key, seconds, _ in unit:
+        for key, seconds, _, _ in unit:
             totals[key] = totals.get(key, 0.0) + seconds
         target = max(totals, key=lambda k: totals[k])
-        targets = [s for k, s, _ in unit if k == target]
-        rest = sum(cal.factor(k, s) * s for k, s, _ in unit if k != target)
-        overheads = cal.node_overhead_s * sum(1 for *_, paid in unit if paid)
-        work = sum(targets)
+        targets = [(s, w) for k, s, _, w in unit if k == target]
+        rest = sum(cal.factor(k, s, w) * s for k, s, _, w in unit if k != target)
+        overheads = cal.node_overhead_s * sum(1 for _, _, paid, _ in unit if paid)
+        work = sum(s for s, _ in targets)
         if work <= 0:
             continue
         factor = (unit_t - overheads - rest) / work
-        cal.add(target, work / len(targets), factor)
+        cal.add(target, work / len(targets), factor, targets[0][1])
         record.update(key="/".join(target), roofline_s=work / len(targets), factor=factor)
         cal.probes.append(record)
     if progress:
