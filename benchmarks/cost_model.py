@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import graphopt  # noqa: E402
 from graphopt import microbench  # noqa: E402
 from graphopt.cost import AnalyticCostModel  # noqa: E402
-from graphopt.cost_calibration import CalibratedCostModel, errors, fit  # noqa: E402
+from graphopt.cost_calibration import (CalibratedCostModel, errors, fit,  # noqa: E402
+                                       with_input_shapes)
 from graphopt.target import cpu_flags, cpu_model  # noqa: E402
 from graphopt.targets.ort import LOSSLESS_PIPELINE, OrtTarget  # noqa: E402
 from tests import digits, zoo  # noqa: E402
@@ -39,19 +40,8 @@ from tests.sentences import minilm_batches, sentences  # noqa: E402
 
 
 def static(proto: onnx.ModelProto, feeds: dict) -> onnx.ModelProto:
-    """``proto`` with its inputs fixed to the feeds' shapes and no stale annotations."""
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    del out.graph.value_info[:]
-    for value in out.graph.input:
-        if value.name in feeds:
-            for dim, size in zip(value.type.tensor_type.shape.dim, feeds[value.name].shape):
-                dim.Clear()
-                dim.dim_value = size
-    for value in out.graph.output:
-        for dim in value.type.tensor_type.shape.dim:
-            dim.Clear()
-    return out
+    """``proto`` with its inputs fixed to the feeds' shapes."""
+    return with_input_shapes(proto, {name: list(v.shape) for name, v in feeds.items()})
 
 
 def images(proto: onnx.ModelProto, batch: int) -> dict:

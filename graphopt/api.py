@@ -17,8 +17,8 @@ from graphopt import artifact as artifact_check
 from graphopt import verify
 from graphopt.analysis import Summary, summarize
 from graphopt.compression import CompressionPass, join_compression
-from graphopt.cost import AnalyticCostModel, CostModel
 from graphopt import microbench
+from graphopt.cost import CostModel
 from graphopt.cost_calibration import Calibration, cost_model_for
 from graphopt.cost_calibration import calibrate as run_calibration
 from graphopt.calibration import check_feeds
@@ -32,8 +32,8 @@ from graphopt.metric import Metric, get_metric
 from graphopt.pass_infra import Pass, PassContext
 from graphopt.profile import Profile
 from graphopt.profile import profile as measure_profile
-from graphopt.paths import check_outputs, input_files, is_folder_output
-from graphopt.result_cache import ResultCache, digest
+from graphopt.paths import check_outputs, input_files
+from graphopt.result_cache import ResultCache
 from graphopt.pipeline import build_passes
 from graphopt.registry import create_target, pass_registry, target_registry
 from graphopt.target import Artifact, Target, read_manifest
@@ -148,22 +148,20 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     cache = key = None
     if cache_dir is not None:
         cache = ResultCache(cache_dir)
-        key = digest({
-            "graphopt": graphopt_version(), "model": _model_source(model),
-            "target": tgt.name, "device": _fingerprint(tgt), "cost_model": cost_info.get(
-                "calibration") and Path(cost_info["calibration"]),
-            "passes": None if passes is None else [repr(p) for p in (
+        key = cache.key(
+            model, tgt, output, graphopt=graphopt_version(),
+            calibration_file=cost_info.get("calibration"),
+            passes=None if passes is None else [repr(p) for p in (
                 [passes] if isinstance(passes, str) else passes)],
-            "skip": list(skip), "output": _output_name(output),
-            "strict": strict, "data": data, "input_shapes": input_shapes,
-            "tolerance": (budget, tolerance), "max_iterations": max_iterations, "seed": seed,
-            "schemes": chosen, "calibration": _data_source(calibration),
-            "validation": _data_source(validation), "measure": measure, "format": format,
-            "verify_artifact": verify_artifact, "tune_trials": tune_trials, "rpc": rpc,
-            "metric": metric.name, "goal": goal, "recovery": recovery})
+            skip=list(skip), strict=strict, data=data, input_shapes=input_shapes,
+            tolerance=(budget, tolerance), max_iterations=max_iterations, seed=seed,
+            schemes=chosen, calibration=calibration, validation=validation,
+            measure=measure, format=format, verify_artifact=verify_artifact,
+            tune_trials=tune_trials, rpc=rpc, metric=metric.name, goal=goal,
+            recovery=recovery)
         entry = cache.entry(key)
         if entry is not None:
-            return _cached(cache, entry, key, tgt, output)
+            return OptimizeResult(*cache.restore(entry, key, tgt.name, output))
     original = load(model)
     if not tgt.compiled:  # its artifact is the ONNX model itself, run by ONNX Runtime
         verify.check_runtime(original.meta)
@@ -278,55 +276,6 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     return OptimizeResult(model=working, report=report, artifact=artifact)
 
 
-def _cached(cache: ResultCache, entry: Path, key: str, target: Target,
-            output: str | os.PathLike | None) -> OptimizeResult:
-    """The stored result ``entry``: its model, its artifact copied to ``output``."""
-    report = cache.report(entry)
-    report["cache"] = {"hit": True, "key": key, "folder": str(cache.root.parent)}
-    artifact = None
-    if output is not None:
-        main, files = cache.copy_out(entry, Path(output))
-        artifact = Artifact(target=target.name, path=main, files=files,
-                            format=cache.meta(entry)["format"] or "onnx")
-        report["output_path"] = str(main)
-        report["artifact_files"] = [str(f) for f in files]
-    return OptimizeResult(model=load(cache.model_path(entry)), report=report,
-                          artifact=artifact)
-
-
-def _output_name(output) -> str | None:
-    """What of the output path changes the files written: a file's name (its external
-    data and sidecars are named after it); a folder's never does."""
-    if output is None:
-        return None
-    return "<folder>" if is_folder_output(Path(output)) else Path(output).name
-
-
-def _model_source(model: ModelSource):
-    """What keys a model in the result cache, without loading it: its files' bytes
-    (external data too), or its serialization."""
-    if isinstance(model, (str, os.PathLike)):
-        return [path for _, path in input_files(model)]
-    if isinstance(model, Model):
-        return model.content_hash()
-    return model  # a ModelProto or bytes
-
-
-def _data_source(data):
-    """Data as the result cache keys it: a file or folder by its bytes, a
-    ``module:function`` by its name, arrays by their values."""
-    if isinstance(data, (str, os.PathLike)) and Path(data).exists():
-        return Path(data)
-    return data
-
-
-def _fingerprint(target: Target) -> dict | str:
-    try:
-        return target.fingerprint()
-    except GraphoptError as exc:
-        return f"no fingerprint: {exc}"
-
-
 @dataclass
 class ArtifactCheck:
     """What ``verify_artifact`` found: ``report["ok"]`` is True (matches), False
@@ -409,16 +358,19 @@ def _static_shapes(manifest: dict) -> dict[str, list[int]]:
             if i.get("shape") and all(isinstance(d, int) and d > 0 for d in i["shape"])}
 
 
+def _with_threads(target: str | Target, threads: int | None) -> Target:
+    tgt = get_target(target)
+    return tgt if threads is None else tgt.with_threads(threads)
+
+
 def calibrate(target: str | Target = DEFAULT_TARGET, *, threads: int | None = None,
               quick: bool = False, progress=None) -> tuple[Calibration, Path]:
     """Calibrate ``target``'s cost model by timing micro-benchmarks on its device and
     store it for this device (``graphopt.cost_calibration``); ``optimize`` and
     ``inspect`` then use it. ``quick``: a smaller set of probes (seconds, not a minute).
     ``progress(done, total, probe_name)`` is called as probes run."""
-    tgt = get_target(target)
-    if threads is not None:
-        tgt = tgt.with_threads(threads)
-    return run_calibration(tgt, microbench.suite(quick=quick), progress=progress)
+    return run_calibration(_with_threads(target, threads), microbench.suite(quick=quick),
+                           progress=progress)
 
 
 def profile(model: ModelSource, target: str | Target = DEFAULT_TARGET, *,
@@ -429,9 +381,7 @@ def profile(model: ModelSource, target: str | Target = DEFAULT_TARGET, *,
     cost model's estimate at the same input shapes (``graphopt.profile``). Inputs: the
     first batch of ``data``, else random probe inputs (``input_shapes`` fixes dynamic
     dimensions)."""
-    tgt = get_target(target)
-    if threads is not None:
-        tgt = tgt.with_threads(threads)
+    tgt = _with_threads(target, threads)
     verify.check_shapes(input_shapes)
     loaded = load(model)
     proto = loaded.to_onnx(references=True)

@@ -116,23 +116,28 @@ class AnalyticCostModel:
 
     def node_cost(self, node: gs.Node, device: Device) -> NodeCost:
         flops, moved, seconds = roofline(node, device)
-        overhead = 0.0 if _fused_dequantize(node) else device.node_overhead_s
-        return NodeCost(node.name, node.op, flops, moved, seconds + overhead)
+        latency = 0.0 if fused_dequantize(node) else self.latency(node, seconds, device)
+        return NodeCost(node.name, node.op, flops, moved, latency)
+
+    def latency(self, node: gs.Node, roofline_s: float, device: Device) -> float:
+        """Seconds of ``node`` (not a fused DequantizeLinear) whose roofline time is
+        ``roofline_s``: that plus the device's per-node overhead."""
+        return roofline_s + device.node_overhead_s
 
 
 def roofline(node: gs.Node, device: Device) -> tuple[float, float, float]:
     """``(flops, bytes moved, seconds)`` of ``node`` on ``device`` by the roofline: the
     larger of compute and memory time, without the per-node overhead. A DequantizeLinear
     a runtime fuses into its readers costs nothing."""
-    if _fused_dequantize(node):
+    if fused_dequantize(node):
         return 0.0, 0.0, 0.0
     flops = node_flops(node)
-    quantized = _quantized(node)
-    inputs = [t.inputs[0].inputs[0] if quantized and _from_dequantize(t) else t
+    int8 = quantized(node)
+    inputs = [t.inputs[0].inputs[0] if int8 and _from_dequantize(t) else t
               for t in node.inputs]
     moved = 0.0 if node.op in _FREE else float(sum(tensor_bytes(t) for t in
                                                    [*inputs, *node.outputs]))
-    dtype = "int8" if quantized else \
+    dtype = "int8" if int8 else \
         _dtype_name(node.outputs[0]) if node.outputs else "float32"
     compute_s = flops / (device.peak(dtype) * _EFFICIENCY.get(node.op, 0.25))
     return flops, moved, max(compute_s, moved / device.bandwidth)
@@ -152,7 +157,7 @@ def int8_roofline(node: gs.Node, device: Device, dynamic: bool) -> tuple[float, 
     return max(compute, moved / device.bandwidth), quant
 
 
-def _quantized(node: gs.Node) -> bool:
+def quantized(node: gs.Node) -> bool:
     return node.op in _INT8_OPS or (node.op in _QDQ_FUSED and any(
         _from_dequantize(t) for t in node.inputs[:2]))
 
@@ -195,7 +200,7 @@ def op_key(node: gs.Node) -> tuple[str, str, str]:
     Convolutions of at most 4 input channels (a network's first layer) are ``stem``;
     other k x k ones of at most 16 ``narrow``."""
     op = node.op
-    dtype = "int8" if _quantized(node) else \
+    dtype = "int8" if quantized(node) else \
         _dtype_name(node.outputs[0]) if node.outputs else "float32"
     if op in _CONV:
         weight = node.inputs[3] if op == "QLinearConv" else \
@@ -235,7 +240,7 @@ def _from_dequantize(tensor: gs.Tensor) -> bool:
     return len(tensor.inputs) == 1 and tensor.inputs[0].op == "DequantizeLinear"
 
 
-def _fused_dequantize(node: gs.Node) -> bool:
+def fused_dequantize(node: gs.Node) -> bool:
     """A DequantizeLinear whose every reader is an op a runtime fuses it into."""
     readers = node.outputs[0].outputs if node.op == "DequantizeLinear" and node.outputs else []
     return bool(readers) and all(r.op in _QDQ_FUSED for r in readers)

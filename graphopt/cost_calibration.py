@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import statistics
 import typing
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,8 +31,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis import infer_all_shapes
-from graphopt.cost import (AnalyticCostModel, Cost, Device, NodeCost, int8_roofline, op_key,
-                           op_width, roofline)
+from graphopt.cost import (AnalyticCostModel, Cost, Device, fused_dequantize, int8_roofline,
+                           op_key, op_width, roofline)
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model, load
 from graphopt.microbench import Probe
@@ -145,13 +144,9 @@ class CalibratedCostModel(AnalyticCostModel):
             cal.factor((family, "int8", kind), op_s, op_width(node)) * op_s + \
             cal.factor(("elementwise", "uint8", "QuantizeLinear"), quant_s) * quant_s
 
-    def node_cost(self, node: gs.Node, device: Device) -> NodeCost:
-        flops, moved, seconds = roofline(node, device)
-        if flops == moved == seconds == 0.0 and node.op == "DequantizeLinear":
-            return NodeCost(node.name, node.op, 0.0, 0.0, 0.0)  # fused into its readers
-        latency = self.calibration.node_overhead_s + \
-            self.calibration.factor(op_key(node), seconds, op_width(node)) * seconds
-        return NodeCost(node.name, node.op, flops, moved, latency)
+    def latency(self, node: gs.Node, roofline_s: float, device: Device) -> float:
+        return self.calibration.node_overhead_s + \
+            self.calibration.factor(op_key(node), roofline_s, op_width(node)) * roofline_s
 
     def estimate(self, model: Model, device: Device, *, infer: bool = True) -> Cost:
         cost = super().estimate(model, device, infer=infer)
@@ -168,9 +163,8 @@ def _nodes(proto: onnx.ModelProto, device: Device) -> list[tuple[Key, float, boo
     model = _shaped(proto)
     out = []
     for node in model.graph.nodes:
-        flops, moved, seconds = roofline(node, device)
-        fused = node.op == "DequantizeLinear" and flops == moved == seconds == 0.0
-        out.append((op_key(node), seconds, not fused, op_width(node)))
+        out.append((op_key(node), roofline(node, device)[2], not fused_dequantize(node),
+                    op_width(node)))
     return out
 
 
@@ -233,6 +227,12 @@ def static_latency(cost_model: AnalyticCostModel, proto: onnx.ModelProto, device
 def static_model(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> Model:
     """``proto`` loaded with its inputs at ``shapes`` (symbolic dimensions fixed) and every
     intermediate shape inferred again: what the cost model estimates a deployment by."""
+    return _shaped(with_input_shapes(proto, shapes))
+
+
+def with_input_shapes(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """A copy of ``proto`` with its inputs at ``shapes`` and no intermediate or output
+    shapes left to contradict them."""
     fixed = onnx.ModelProto()
     fixed.CopyFrom(proto)
     del fixed.graph.value_info[:]
@@ -244,7 +244,7 @@ def static_model(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> Model:
     for value in fixed.graph.output:
         for dim in value.type.tensor_type.shape.dim:
             dim.Clear()
-    return _shaped(fixed)
+    return fixed
 
 
 def judge_alternative(cost_model, device: Device | None, before: onnx.ModelProto,
@@ -257,14 +257,14 @@ def judge_alternative(cost_model, device: Device | None, before: onnx.ModelProto
         return ("a choice of form, kept only where measured faster: this device has no "
                 "cost calibration (graphopt calibrate)"), {}
     old = Counter((n.domain, n.op_type) for n in before.graph.node)
-    new_model = _shaped(after)
+    new_model = static_model(after, shapes)
     unmeasured = sorted({n.op for n in new_model.graph.nodes
                          if old[(n.domain or "", n.op)] == 0 and not cost_model.measured(n)})
     if unmeasured:
         return (f"{', '.join(unmeasured)} not measured on this device (graphopt calibrate "
                 f"measures it)"), {}
     before_s = static_latency(cost_model, before, device, shapes)
-    after_s = static_latency(cost_model, after, device, shapes)
+    after_s = cost_model.estimate(new_model, device, infer=False).latency_s
     figures = {"predicted_before_s": before_s, "predicted_after_s": after_s,
                "at_shapes": shapes}
     if after_s >= before_s:
@@ -349,6 +349,3 @@ def _shaped(proto: onnx.ModelProto) -> Model:
     infer_all_shapes(model)
     return model
 
-
-def median_abs(values: list[float]) -> float:
-    return statistics.median(abs(v) for v in values)

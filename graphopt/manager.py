@@ -92,7 +92,8 @@ class PassManager:
         cost model (library use: a caller that has measured the form itself)."""
         self.passes = list(passes)
         self.forced = forced
-        # verdicts on alternative rewrites: (pass, ops it added, ops it removed) -> reason
+        # verdicts on alternative rewrites: (pass, ops added, ops removed) -> (why
+        # declined or None, the predicted figures)
         self._verdicts: dict[tuple, tuple[str | None, dict]] = {}
         self.ctx = ctx or PassContext()
         self.strict = strict

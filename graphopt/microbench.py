@@ -180,7 +180,7 @@ def _qdq(tensor: str, i: int, scale: float, zero_point: int = 128):
     return nodes, [s, z], f"dq{i}"
 
 
-def _int8_weight(rng, name: str, w: np.ndarray):
+def _int8_weight(name: str, w: np.ndarray):
     """Per-output-channel symmetric int8 weight behind a DequantizeLinear (axis 0)."""
     scale = np.abs(w).reshape(len(w), -1).max(1) / 127 + 1e-12
     q = np.clip(np.round(w / scale.reshape(-1, *[1] * (w.ndim - 1))), -127, 127)
@@ -203,7 +203,7 @@ def _int8_conv(channels: int, kernel: int):
     def step(i, x, rng):
         nodes, inits, x = _qdq(x, i, 0.05, 128 if i == 0 else 0)
         w = _rand(rng, channels, channels, kernel, kernel, scale=(kernel * kernel * channels) ** -0.5)
-        wn, wi = _int8_weight(rng, f"w{i}", w)
+        wn, wi = _int8_weight(f"w{i}", w)
         bn, bi = _int32_bias(f"b{i}", _rand(rng, channels, scale=0.1),
                              onnx.numpy_helper.to_array(wi[1]) * 0.05)
         conv = helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"],
@@ -217,7 +217,7 @@ def _int8_matmul(k: int, n_out: int):
     def step(i, x, rng):
         nodes, inits, x = _qdq(x, i, 0.05)
         rows, cols = (k, n_out) if i % 2 == 0 else (n_out, k)
-        wn, wi = _int8_weight(rng, f"w{i}", _rand(rng, cols, rows, scale=rows ** -0.5))
+        wn, wi = _int8_weight(f"w{i}", _rand(rng, cols, rows, scale=rows ** -0.5))
         bn, bi = _int32_bias(f"b{i}", _rand(rng, cols, scale=0.1),
                              onnx.numpy_helper.to_array(wi[1]) * 0.05)
         gemm = helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [f"t{i}"], transB=1)
@@ -244,7 +244,7 @@ def _stem_conv(c_in: int, c_out: int, hw: int, batch: int, int8: bool):
                      helper.make_node("Relu", ["c"], ["y"])]
         else:
             nodes, inits, x = _qdq("x", 0, 0.05)
-            wn, wi = _int8_weight(rng, "w", w)
+            wn, wi = _int8_weight("w", w)
             bn, bi = _int32_bias("b", bias, onnx.numpy_helper.to_array(wi[1]) * 0.05)
             out, out_inits, last = _qdq("r", 1, 0.05, 0)
             nodes += wn + bn + [helper.make_node("Conv", [x, "w", "b"], ["c"], **attrs),

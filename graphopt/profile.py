@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from graphopt.analysis import peak_activation_bytes
-from graphopt.cost import roofline, tensor_bytes
+from graphopt.cost import quantized, roofline, tensor_bytes
 from graphopt.cost_calibration import cost_model_for, static_model
 from graphopt.errors import UsageError
 from graphopt.target import Target
@@ -119,7 +119,7 @@ def profile(proto: onnx.ModelProto, target: Target, feeds: dict[str, np.ndarray]
         if node is not None and node.name in estimates:
             flops, moved, _ = roofline(node, device)
             estimate = estimates[node.name]
-            compute_s = flops / device.peak("float32")
+            compute_s = flops / device.peak("int8" if quantized(node) else "float32")
             memory_s = moved / device.bandwidth
             kernel.node, kernel.estimated_s = node.name, estimate.latency_s
             kernel.flops, kernel.bytes = flops, moved

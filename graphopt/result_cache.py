@@ -23,7 +23,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graphopt.paths import TEMP_PREFIX
+from graphopt.errors import GraphoptError
+from graphopt.ir import Model, load, save
+from graphopt.paths import TEMP_PREFIX, input_files, is_folder_output
+from graphopt.target import Artifact
 
 
 def digest(value: Any) -> str:
@@ -75,6 +78,43 @@ class ResultCache:
     def __init__(self, folder: str | os.PathLike):
         self.root = Path(folder) / "results"
 
+    def key(self, model, target, output, **options) -> str:
+        """The key of a result: ``model`` by its bytes (files, external data too) or its
+        serialization, ``target`` by name and device fingerprint, ``output`` by what of
+        its path changes the files written, the data options (``calibration``,
+        ``validation``) by their files' bytes where they are files, ``calibration_file``
+        (the cost calibration in use) by its bytes, every other option by value."""
+        if isinstance(model, (str, os.PathLike)):
+            source = [path for _, path in input_files(model)]
+        else:
+            source = model.content_hash() if isinstance(model, Model) else model
+        try:
+            fingerprint = target.fingerprint()
+        except GraphoptError as exc:
+            fingerprint = f"no fingerprint: {exc}"
+        for name in ("calibration", "validation", "calibration_file"):
+            value = options.get(name)
+            if isinstance(value, (str, os.PathLike)) and Path(value).exists():
+                options[name] = Path(value)  # by content; module:function by name
+        written = None if output is None else \
+            "<folder>" if is_folder_output(Path(output)) else Path(output).name
+        return digest({"model": source, "target": target.name, "device": fingerprint,
+                       "output": written, **options})
+
+    def restore(self, entry: Path, key: str, target_name: str, output):
+        """``(model, report, artifact)`` of the stored result ``entry``, its artifact
+        files copied to ``output``."""
+        report = self.report(entry)
+        report["cache"] = {"hit": True, "key": key, "folder": str(self.root.parent)}
+        artifact = None
+        if output is not None:
+            main, files = self.copy_out(entry, Path(output))
+            artifact = Artifact(target=target_name, path=main, files=files,
+                                format=self.meta(entry)["format"] or "onnx")
+            report["output_path"] = str(main)
+            report["artifact_files"] = [str(f) for f in files]
+        return load(self.model_path(entry)), report, artifact
+
     def entry(self, key: str) -> Path | None:
         path = self.root / key
         return path if (path / "report.json").is_file() else None
@@ -105,8 +145,6 @@ class ResultCache:
     def put(self, key: str, model_proto: onnx.ModelProto, report: dict,
             output: Path | None, artifact) -> None:
         """Store a result (atomically: a half-written entry is never read)."""
-        from graphopt.ir import save
-
         self.root.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(dir=self.root, prefix=TEMP_PREFIX))
         try:

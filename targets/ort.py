@@ -122,21 +122,24 @@ class OrtTarget(Target):
         from graphopt.profile import median_by_name
 
         with tempfile.TemporaryDirectory(prefix="graphopt-profile-") as tmp:
-            session = verify.session(proto, optimize=True, threads=self.threads,
-                                     disabled_optimizers=DISABLED_ORT_OPTIMIZERS,
-                                     profile_prefix=str(Path(tmp) / "ort"))
+            session = self._session(proto, profile_prefix=str(Path(tmp) / "ort"))
             for _ in range(runs + 1):
                 session.run(None, feeds)
             trace = session.end_profiling()
             events = json.loads(Path(trace).read_text())
         return median_by_name(events)
 
+    def _session(self, proto: onnx.ModelProto, profile_prefix: str | None = None):
+        """A session for ``proto`` as this target's artifacts get one."""
+        return verify.session(proto, optimize=True, threads=self.threads,
+                              disabled_optimizers=DISABLED_ORT_OPTIMIZERS,
+                              profile_prefix=profile_prefix)
+
     def time_model(self, proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
-        """Seconds of one run (the lowest of three rounds' medians) in a session as this target's artifacts get one.
-        With one thread ORT computes on the calling thread, so its CPU time is timed
-        (what other jobs on a shared machine disturb least); else wall time."""
-        session = verify.session(proto, optimize=True, threads=self.threads,
-                                 disabled_optimizers=DISABLED_ORT_OPTIMIZERS)
+        """Seconds of one run (the lowest of three rounds' medians). With one thread ORT
+        computes on the calling thread, so its CPU time is timed (what other jobs on a
+        shared machine disturb least); else wall time."""
+        session = self._session(proto)
         clock = time.thread_time if self.threads == 1 else time.perf_counter
         for _ in range(3):
             session.run(None, feeds)

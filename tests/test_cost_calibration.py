@@ -15,10 +15,10 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt import microbench
 from graphopt.analysis import infer_all_shapes
-from graphopt.cost import AnalyticCostModel, Device, op_key, roofline
+from graphopt.cost import AnalyticCostModel, Device, fused_dequantize, op_key, roofline
 from graphopt.cost_calibration import (Calibration, CalibratedCostModel, calibration_path,
                                        cost_model_for, fit, read_calibration,
-                                       save_calibration)
+                                       save_calibration, with_input_shapes)
 from graphopt.errors import UsageError
 from graphopt.ir import load
 from graphopt.targets.ort import OrtTarget
@@ -48,9 +48,9 @@ def synthetic_time(proto: onnx.ModelProto, feeds=None) -> float:
     infer_all_shapes(model)
     total = TRUE_BASE
     for node in model.graph.nodes:
-        flops, moved, seconds = roofline(node, DEVICE)
-        if node.op == "DequantizeLinear" and flops == moved == seconds == 0.0:
+        if fused_dequantize(node):
             continue  # fused into its reader
+        seconds = roofline(node, DEVICE)[2]
         total += TRUE_OVERHEAD + true_factor(op_key(node), seconds) * seconds
     return total
 
@@ -77,7 +77,10 @@ def test_calibrated_model_predicts_what_the_device_does(synthetic_calibration, n
     (interpolated between probe sizes), much nearer than the roofline's."""
     proto = digits.digits_cnn() if name == "digits_cnn" else getattr(zoo, name)()
     proto = graphopt.optimize(proto, target="ort").model.to_onnx()
-    proto = _static(proto)
+    proto = with_input_shapes(proto, {  # symbolic dimensions: batch 4, sequence 32
+        value.name: [d.dim_value or (4 if i == 0 else 32)
+                     for i, d in enumerate(value.type.tensor_type.shape.dim)]
+        for value in proto.graph.input})
     truth = synthetic_time(proto)
     model = load(proto)
     infer_all_shapes(model)
@@ -85,22 +88,6 @@ def test_calibrated_model_predicts_what_the_device_does(synthetic_calibration, n
     analytic = AnalyticCostModel().estimate(model, DEVICE).latency_s
     assert abs(calibrated / truth - 1) < 0.15
     assert abs(calibrated / truth - 1) < max(abs(analytic / truth - 1) / 2, 0.05)
-
-
-def _static(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Symbolic input dimensions fixed (batch 4, sequence 32)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    del out.graph.value_info[:]
-    for value in out.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        for i, dim in enumerate(dims):
-            if not dim.HasField("dim_value"):
-                dim.dim_value = 4 if i == 0 else 32
-    for value in out.graph.output:
-        for dim in value.type.tensor_type.shape.dim:
-            dim.Clear()
-    return out
 
 
 def test_unmeasured_classes_borrow_from_their_family_then_from_all():
