@@ -16,7 +16,6 @@ from typing import Sequence
 from graphopt import artifact as artifact_check
 from graphopt import verify
 from graphopt.analysis import Summary, summarize
-from graphopt.compression import CompressionPass, join_compression
 from graphopt import microbench
 from graphopt.cost import CostModel
 from graphopt.cost_calibration import Calibration, cost_model_for
@@ -24,18 +23,18 @@ from graphopt.cost_calibration import calibrate as run_calibration
 from graphopt.calibration import check_feeds
 from graphopt.errors import GraphoptError, ModelError, UsageError, VerificationError
 from graphopt.ir import Model, ModelSource, load, save
-from graphopt.lossy import (compression_report, load_lossy_data, lossy_passes,
-                            quantization_report, split_tolerance, verify_lossy,
-                            warn_unmeasured, with_schemes)
-from graphopt.manager import DEFAULT_MAX_ITERATIONS, Instrument, PassManager
+from graphopt.lossy import (compression_report, load_lossy_data, quantization_report,
+                            split_tolerance, verify_lossy, warn_unmeasured)
+from graphopt.manager import DEFAULT_MAX_ITERATIONS, Instrument
 from graphopt.metric import Metric, get_metric
-from graphopt.pass_infra import Pass, PassContext
+from graphopt.pass_infra import Pass
 from graphopt.profile import Profile
 from graphopt.profile import profile as measure_profile
 from graphopt.paths import check_outputs, input_files
 from graphopt.result_cache import ResultCache
-from graphopt.pipeline import build_passes
-from graphopt.registry import create_target, pass_registry, target_registry
+from graphopt.planner import plan as run_planner
+from graphopt.transform import Setup, transform
+from graphopt.registry import create_target, target_registry
 from graphopt.target import Artifact, Target, read_manifest
 
 __all__ = ["optimize", "load", "save", "inspect", "compare", "get_target", "OptimizeResult",
@@ -43,7 +42,7 @@ __all__ = ["optimize", "load", "save", "inspect", "compare", "get_target", "Opti
 
 DEFAULT_TARGET = "ort"
 DEFAULT_RECOVERY = "recover"
-GOALS = ("latency", "flops", "size")
+GOALS = ("latency", "flops", "size", "balanced")
 
 
 @dataclass
@@ -81,8 +80,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
              format: str | None = None, verify_artifact: bool | None = None,
              tune_trials: int = 0, rpc: str | None = None,
              schemes: dict[str, str | Sequence[str]] | None = None,
-             metric: str | Metric | None = None, goal: str = "latency",
-             recovery: str | None = DEFAULT_RECOVERY,
+             metric: str | Metric | None = None, goal: str | None = None,
+             plan: bool | None = None, recovery: str | None = DEFAULT_RECOVERY,
              cache_dir: str | os.PathLike | None = None) -> OptimizeResult:
     """Optimize ``model`` for ``target`` and, when ``output`` is given, lower it there.
 
@@ -98,7 +97,14 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     (``graphopt.metric``: ``cosine`` by default, ``mean-cosine``, ``top1`` or
     ``module:function``; default budget 0.99). The pass manager, the compression search
     and the final verification all use that one metric. ``goal`` is what compression
-    saves first: ``latency`` (the target's cost model), ``flops`` or ``size``.
+    saves first: ``latency`` (the target's cost model; the default), ``flops``, ``size``
+    or ``balanced`` (latency and size alike).
+
+    ``plan`` runs the planner (``graphopt.planner``): candidate combinations of the lossy
+    schemes (those in ``schemes``, else every installed one the target runs), each
+    measured on the data and timed on the target; the best for ``goal`` within the budget
+    is kept (report section ``plan``). ``None`` (default): planned when a ``goal`` is
+    given and no scheme is. The planner needs calibration data.
     ``recovery`` names the pass that re-fits compressed candidates to the original
     (``None``: no recovery).
 
@@ -126,8 +132,14 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     chosen = dict(schemes or {})
     if quantize is not None:
         chosen["quantize"] = quantize
-    if goal not in GOALS:
+    if goal is not None and goal not in GOALS:
         raise UsageError(f"unknown goal {goal!r}", hint=f"choose one of {', '.join(GOALS)}")
+    planned = plan if plan is not None else (goal is not None and not chosen)
+    if planned and calibration is None:
+        raise UsageError("the planner measures the accuracy of every candidate: give "
+                         "calibration data (--calibration-data)",
+                         hint="or name the lossy schemes yourself (--quantize, --prune)")
+    goal = goal or "latency"
     metric = get_metric(metric)
     tgt = get_target(target)
     if rpc:
@@ -158,7 +170,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
             schemes=chosen, calibration=calibration, validation=validation,
             measure=measure, format=format, verify_artifact=verify_artifact,
             tune_trials=tune_trials, rpc=rpc, metric=metric.name, goal=goal,
-            recovery=recovery)
+            plan=planned, recovery=recovery)
         entry = cache.entry(key)
         if entry is not None:
             return OptimizeResult(*cache.restore(entry, key, tgt.name, output))
@@ -167,50 +179,29 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         verify.check_runtime(original.meta)
     working = original.clone()
     tgt.prepare(working, input_shapes)
-    pipeline = build_passes(with_schemes(tgt.default_pipeline if passes is None else passes,
-                                         chosen, pass_registry(), measure),
-                            pass_registry(), skip, defaults=tgt.pass_defaults)
-    # A pass that can emit some op the target runs stays (it asks ctx.supports per op);
-    # one whose every op is foreign is left out of the target's pipeline, and is an
-    # error when the user named it (--passes, --quantize).
-    named = {p.name for p in build_passes(passes, pass_registry())} if passes is not None \
-        else set()
-    if chosen:
-        named |= lossy_passes(pipeline)
-    unsupported = {p.name: [f"{d or 'ai.onnx'}::{op}" for d, op in p.emits]
-                   for p in pipeline
-                   if p.emits and not any(tgt.supports(op, d) for d, op in p.emits)}
-    for name, ops in unsupported.items():
-        if name in named:
-            raise UsageError(f"pass {name!r} emits {', '.join(ops)}, which target "
-                             f"{tgt.name!r} does not run",
-                             hint="choose another target or drop the pass")
-    pipeline = join_compression([p for p in pipeline if p.name not in unsupported])
     original_proto = original.to_onnx()
     data = check_feeds(data, original_proto)
-    ctx = PassContext(target=tgt, cost_model=cost_model, device=tgt.device, seed=seed,
-                      logger=logger or logging.getLogger("graphopt"), metric=metric,
-                      reference=original_proto, goal=goal)
-    lossy, lossy_data = lossy_passes(pipeline), load_lossy_data(original_proto, calibration,
-                                                                validation, budget)
-    ctx.calibration, ctx.validation = lossy_data.calibration, lossy_data.validation
-    ctx.tolerance = lossy_data.budget
+    setup = Setup(target=tgt, cost_model=cost_model, original=original_proto,
+                  lossy_data=load_lossy_data(original_proto, calibration, validation,
+                                             budget),
+                  metric=metric, passes=passes, skip=skip, measure=measure,
+                  recovery=recovery, goal=goal, seed=seed, strict=strict,
+                  max_iterations=max_iterations, tolerance=tolerance,
+                  instruments=instruments, logger=logger or logging.getLogger("graphopt"),
+                  data=data, input_shapes=input_shapes)
+    plan_section = None
+    if planned:
+        best, plan_section = run_planner(setup, working, goal, chosen or None)
+        run, working = best.run, best.run.model
+        chosen = {}
+        for stage in best.stages:
+            chosen.setdefault(stage["flag"], []).append(stage["value"])
+    else:
+        run = transform(setup, working, chosen)
+    manager, pipeline, ctx, lossy, feeds = run.manager, run.pipeline, run.ctx, run.lossy, \
+        run.feeds
+    unsupported, lossy_data = run.unsupported, setup.lossy_data
     warn_unmeasured(ctx.logger, lossy_data, lossy)
-    if recovery and any(isinstance(p, CompressionPass) for p in pipeline):
-        ctx.recovery = build_passes([recovery], pass_registry())[0]
-        if ctx.recovery.family != "recovery":
-            raise UsageError(f"{ctx.recovery.name} is not a recovery pass (family "
-                             f"{ctx.recovery.family})",
-                             hint="recovery passes: " + ", ".join(
-                                 n for n, c in sorted(pass_registry().load_all()[0].items())
-                                 if getattr(c, "family", None) == "recovery"))
-    feeds = data or (lossy_data.check_feeds if lossy else None) or \
-        _probe_or_none(original_proto, seed, input_shapes)
-    ctx.input_shapes = {name: list(value.shape) for name, value in feeds[0].items()} \
-        if feeds else None
-    manager = PassManager(pipeline, ctx, strict=strict, max_iterations=max_iterations,
-                          tolerance=tolerance, probe_feeds=feeds, instruments=instruments)
-    manager.run(working)
     if manager.numeric_check != "ok" and not tgt.compiled:  # ORT runs the result: why not?
         verify.check_runs(original_proto, feeds, data_given=bool(data), shapes=input_shapes)
 
@@ -237,6 +228,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         "verification": verification,
         "output_path": None,
     }
+    if plan_section is not None:
+        report["plan"] = plan_section
     if lossy:
         report["compression"] = compression_report(manager.trace, pipeline, lossy_data, metric)
         quantizers = {n for n in lossy if n not in report["compression"]["passes"]}
@@ -419,17 +412,6 @@ def compare(a: ModelSource, b: ModelSource, data: list[verify.Feeds] | None = No
 
 def _summary(model: Model, target: Target, cost_model: CostModel | None = None) -> Summary:
     return summarize(model, target.device, cost_model)
-
-
-def _probe_or_none(proto, seed, shapes) -> list[verify.Feeds] | None:
-    try:
-        return verify.probe_inputs(proto, seed=seed, shapes=shapes)
-    except verify.ProbeTooLarge:
-        raise
-    except UsageError:
-        if shapes:
-            raise
-        return None
 
 
 def _verify(original_proto, model: Model, feeds, tolerance, numeric_check: str) -> dict:

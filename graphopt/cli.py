@@ -117,9 +117,15 @@ class _Progress:
               "lowest --metric score allowed (default 0.99).")
 @click.option("--metric", help="Accuracy metric of lossy passes: cosine (minimum per-sample "
               "output cosine, default), mean-cosine, top1, or module:function.")
-@click.option("--goal", type=click.Choice(list(api.GOALS)), default="latency",
-              show_default=True, help="What compression saves first (latency: the "
-              "target's cost model).")
+@click.option("--goal", type=click.Choice(list(api.GOALS)),
+              help="What compression saves first: latency (the target's cost model; the "
+              "default), flops, size or balanced. Given without a lossy scheme, the "
+              "planner chooses the schemes (see --plan).")
+@click.option("--plan", "plan", is_flag=True, default=None,
+              help="Choose among the lossy schemes (those named, else every installed one "
+              "the target runs) by measuring candidate combinations on the data and the "
+              "target; the best for --goal within the budget is written. Needs "
+              "--calibration-data.")
 @click.option("--recover", "recover", metavar="PASS", is_flag=False, flag_value="recover",
               default="recover", show_default=True,
               help="The recovery pass each compressed candidate gets: recover (least-squares "
@@ -168,7 +174,7 @@ def optimize(ctx, model, config_path, **_):
 
 def _optimize(model, output, target, passes, skip, report_path, strict, data, input_shape,
               rtol, atol, seed, calibration_data, validation_data, tolerance, metric, goal,
-              recover, no_recover, finetune_steps, finetune_time, measure, format_,
+              plan, recover, no_recover, finetune_steps, finetune_time, measure, format_,
               verify_, tune_trials, rpc, config_path, cache_dir, **scheme_values):
     # Before any work: no output may overwrite an input or another output, and each can
     # be written; then everything is staged and moved into place at the end, or nothing.
@@ -193,7 +199,7 @@ def _optimize(model, output, target, passes, skip, report_path, strict, data, in
             verify_artifact=verify_, tune_trials=tune_trials, rpc=rpc,
             schemes={_SCHEME_FLAGS[k]: [v.strip() for v in value.split(",") if v.strip()]
                      for k, value in scheme_values.items() if value},
-            metric=metric, goal=goal, recovery=recovery, cache_dir=cache_dir)
+            metric=metric, goal=goal, plan=plan, recovery=recovery, cache_dir=cache_dir)
         report = staging.final_paths(result.report)
         staging.commit(json.dumps(report, indent=2, default=float) if report_path else None)
     _print_summary(report)
@@ -265,11 +271,42 @@ def _print_summary(report: dict) -> None:
     if report.get("cache", {}).get("hit"):
         err.print(f"from the cache ({escape(report['cache']['folder'])}): nothing was "
                   f"optimized again", highlight=False)
+    if report.get("plan"):
+        _print_plan(report["plan"])
     for line in summary_lines(report):
         err.print(escape(line), highlight=False, soft_wrap=True)
     if "artifact" in report:
         for line in _artifact_lines(report["artifact"]):
             err.print(escape(line), highlight=False, soft_wrap=True)
+
+
+def _print_plan(section: dict) -> None:
+    """The planner's candidates as a table: score, size, predicted and measured latency,
+    the Pareto frontier (*) and the one chosen (>)."""
+    shapes = section.get("timed_at") or {}
+    at = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items())
+    table = Table(title=f"plan: goal {section['goal']}, budget {section['metric']} >= "
+                        f"{section['budget']} on {section['data']}; latency at {at}")
+    for column in ("", "candidate", section["metric"], "size", "predicted ms", "measured ms"):
+        table.add_column(column, justify="left" if column in ("", "candidate") else "right")
+
+    def ms(value):
+        return "-" if value is None else f"{value * 1e3:.3f}"
+
+    for cand in section["candidates"]:
+        mark = (">" if cand["label"] == section["chosen"] else " ") + \
+            ("*" if cand.get("pareto") else " ")
+        score = "-" if cand["score"] is None else f"{cand['score']:.4f}"
+        if cand.get("error"):
+            score = "failed"
+        elif not cand["meets_budget"]:
+            score += " (over)"
+        table.add_row(mark, escape(cand["label"]), score, f"{cand['size_bytes']:,}",
+                      ms(cand["predicted_latency_s"]), ms(cand["measured_latency_s"]))
+    err.print(table)
+    err.print(f"plan: {escape(section['chosen'])}: {escape(section['why'])}", highlight=False)
+    if section.get("slower_than_input"):
+        err.print("[yellow]the result is slower than the input model here[/]")
 
 
 def _artifact_lines(check: dict) -> list[str]:

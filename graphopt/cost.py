@@ -145,13 +145,16 @@ def roofline(node: gs.Node, device: Device) -> tuple[float, float, float]:
 
 def int8_roofline(node: gs.Node, device: Device, dynamic: bool) -> tuple[float, float]:
     """``(op seconds, input quantization seconds)`` of float ``node`` run in int8 by the
-    roofline: int8 weights and input, int8 output for a static Conv (the next layer's
-    quantization folds in), float otherwise."""
+    roofline, counted as ``roofline`` counts the node in the QDQ form the int8 pass
+    writes (what calibration factors are fitted to): int8 input and weights, int32
+    bias, the op's output as it leaves the op (float: its quantization is the next
+    layer's)."""
     x, y = node.inputs[0], node.outputs[0]
     weight = node.inputs[1] if len(node.inputs) > 1 else None
-    compute = node_flops(node) / (device.peak("int8") * _EFFICIENCY.get(node.op, 0.5))
-    out_bytes = numel(y) * (1 if node.op in ("Conv", "FusedConv") and not dynamic else 4)
-    moved = numel(x) + numel(weight) + out_bytes
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.op in ("Conv", "FusedConv",
+                                                                  "Gemm") else None
+    compute = node_flops(node) / (device.peak("int8") * _EFFICIENCY.get(node.op, 0.25))
+    moved = numel(x) + numel(weight) + 4 * numel(bias) + 4 * numel(y)
     # quantizing the input: read float, write uint8 (dynamic: one more pass for min/max)
     quant = numel(x) * (9 if dynamic else 5) / device.bandwidth
     return max(compute, moved / device.bandwidth), quant
@@ -233,7 +236,14 @@ def op_key(node: gs.Node) -> tuple[str, str, str]:
         return "softmax", dtype, op
     if op in _FREE:
         return "view", dtype, op
+    if op in ("QuantizeLinear", "DequantizeLinear"):
+        return QUANTIZE  # an activation's (weights' are fused: no time of their own)
     return "elementwise", dtype, op
+
+
+# Quantizing or dequantizing an activation: one class, probed as Quantize -> Dequantize
+# pairs (the two move the same bytes).
+QUANTIZE = ("quantize", "int8", "activation")
 
 
 def _from_dequantize(tensor: gs.Tensor) -> bool:

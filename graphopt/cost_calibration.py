@@ -31,8 +31,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis import infer_all_shapes
-from graphopt.cost import (AnalyticCostModel, Cost, Device, fused_dequantize, int8_roofline,
-                           op_key, op_width, roofline)
+from graphopt.cost import (QUANTIZE, AnalyticCostModel, Cost, Device, fused_dequantize,
+                           int8_roofline, op_key, op_width, roofline)
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model, load
 from graphopt.microbench import Probe
@@ -142,7 +142,7 @@ class CalibratedCostModel(AnalyticCostModel):
         cal = self.calibration
         return 2 * cal.node_overhead_s + \
             cal.factor((family, "int8", kind), op_s, op_width(node)) * op_s + \
-            cal.factor(("elementwise", "uint8", "QuantizeLinear"), quant_s) * quant_s
+            cal.factor(QUANTIZE, quant_s) * quant_s
 
     def latency(self, node: gs.Node, roofline_s: float, device: Device) -> float:
         return self.calibration.node_overhead_s + \
@@ -197,12 +197,14 @@ def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict
             cal.base_s = max(short_t - cal.node_overhead_s * len(short_nodes), 0.0)
             cal.probes.append(record)
             continue
-        # The probe measures the class with most roofline time in the extra copies; the
-        # other nodes there (a Quantize before an int8 Conv) are predicted as calibrated.
+        # The probe measures the class it names, else the one with most roofline time in
+        # the extra copies; the other nodes there (a Quantize before an int8 Conv) are
+        # predicted as calibrated.
         totals: dict[Key, float] = {}
         for key, seconds, _, _ in unit:
             totals[key] = totals.get(key, 0.0) + seconds
-        target = max(totals, key=lambda k: totals[k])
+        named = [k for k in totals if k[0] == probe.measures]
+        target = named[0] if named else max(totals, key=lambda k: totals[k])
         targets = [(s, w) for k, s, _, w in unit if k == target]
         rest = sum(cal.factor(k, s, w) * s for k, s, _, w in unit if k != target)
         overheads = cal.node_overhead_s * sum(1 for _, _, paid, _ in unit if paid)
@@ -211,7 +213,11 @@ def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict
             continue
         factor = (unit_t - overheads - rest) / work
         cal.add(target, work / len(targets), factor, targets[0][1])
-        record.update(key="/".join(target), roofline_s=work / len(targets), factor=factor)
+        # the class's share of the time measured: the fit's error on it is the error of
+        # the rest's prediction divided by this (small for a first layer's conv)
+        share = factor * work / unit_t if unit_t > 0 else 0.0
+        record.update(key="/".join(target), roofline_s=work / len(targets), factor=factor,
+                      share=round(share, 4))
         cal.probes.append(record)
     if progress:
         progress(len(probes), len(probes), "done")

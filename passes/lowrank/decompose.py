@@ -280,16 +280,18 @@ class DecomposeLowRank(CompressionPass):
         self._start_run(model, fresh=False)
         layers = {layer.site: layer for layer in self.layers(model)}
         multiple = self._multiple(ctx)
-        chosen = []
+        chosen, stats = [], {}
         for name, ratio in choice.items():
             layer = layers.get(name)
             if layer is None:
                 raise ValueError(f"{self.name}: no site {name!r} in the model")
-            if layer.refusal is not None:
-                raise ValueError(f"{self.name}: site {name!r} refused: {layer.refusal}")
             if not 0.0 < float(ratio) <= 1.0:
                 raise ValueError(f"{self.name}: site {name!r}: ratio {ratio} not in (0, 1]")
-            if float(ratio) < 1.0:
+            if float(ratio) < 1.0 and layer.refusal is not None:
+                # refused now, not when the sites were listed: a pass before this one
+                # in a joint search narrowed it (pruning), so it is left as it is
+                stats[name] = {"ratio": 1.0, "skipped": layer.refusal}
+            elif float(ratio) < 1.0:
                 chosen.append((layer, float(ratio)))
         whitened = self.options.method == "whitened" and bool(ctx.calibration)
         if whitened:
@@ -300,7 +302,6 @@ class DecomposeLowRank(CompressionPass):
              "not used (method svd)")
         taken = tensor_names(model.all_graphs())
         node_names = {n.name for g in model.all_graphs() for n in g.nodes}
-        stats: dict = {}
         for layer, ratio in chosen:
             s = self._whitening(layer) if whitened else None
             rows = self._stats[layer.node.inputs[0].name].count if whitened else 0

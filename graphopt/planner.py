@@ -1,0 +1,362 @@
+"""The planner (``--goal latency|size|balanced|flops`` with no scheme named, or ``plan=True``):
+which lossy techniques run, in which order, and with how much of the accuracy budget
+each, chosen by measuring whole candidates on the target.
+
+Per site the techniques choose for themselves under the budget they are given: pruning
+ratios and ranks by the compression search (``graphopt.compression``: damage per unit of
+predicted saving), int8 per layer by the calibrated cost model and measured sensitivity.
+What no single technique can decide is how to combine them: whether pruning should
+leave part of the budget to int8, and whether a technique pays on this target at all
+(int8 on an AVX2 CPU without VNNI, or on a layer pruned to a few channels, can be slower
+than float). The planner:
+
+1. lists the techniques: every installed pass that declares a scheme and emits ops the
+   target runs (or those the user named), split into **structural** ones (pruning,
+   low-rank: they run on the cleaned-up graph, before the target's fusions) and
+   **quantizers** (int8, int4 weights, fp16: after the whole pipeline);
+2. measures the lossless result, each quantizer alone and the structural passes searched
+   together, each under the whole budget;
+3. combines the structural search under a share of the budget (``SHARES``: the rest is
+   left to the quantizer, measured against the original) with each quantizer that paid
+   alone;
+4. measures every candidate with the one metric on the same data, its file size, its
+   latency on the target at the data's shapes (``Target.time_model``) and the cost
+   model's prediction;
+5. keeps the best candidate for the goal among those within the budget. Measured
+   latencies within ``NOISE`` of the best count as a tie, broken by the prediction and
+   then by fewer stages, so the choice does not flip with timing noise. When no candidate
+   gains ``MIN_GAIN`` over the lossless result, the lossless result is kept and the report
+   says so.
+
+Candidates run in order and each is deterministic for the seed. The report's ``plan``
+section lists every candidate, marks the Pareto frontier (score against measured latency)
+and the one chosen.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import onnx
+
+from graphopt.cost_calibration import static_model
+from graphopt.errors import GraphoptError
+from graphopt.ir import Model
+from graphopt.lossy import EARLY_BELOW, schemes, verify_lossy
+from graphopt.registry import pass_registry
+from graphopt import verify
+from graphopt.transform import Setup, Transformed, cost_shapes, transform
+
+PLAN_GOALS = ("latency", "size", "balanced", "flops")
+SHARES = (0.5, 0.8)  # shares of the budget the structural search gets before a quantizer
+# what the structural search saves first, per goal (each tried, measured)
+RANKINGS = {"latency": ("latency", "flops"), "balanced": ("latency", "flops"),
+            "size": ("size",), "flops": ("flops",)}
+TIMING_ROUNDS = 3
+NOISE = 0.05  # measured latencies this close to the best are a tie
+MIN_GAIN = {"latency": 0.05, "size": 0.01, "balanced": 0.03, "flops": 0.01}
+
+
+@dataclass
+class Technique:
+    flag: str
+    value: str
+    pass_name: str
+    structural: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.flag} {self.value}"
+
+
+@dataclass
+class Candidate:
+    label: str
+    stages: list[dict]
+    rank_by: str | None = None  # what the compression search saved first
+    run: Transformed | None = None
+    score: float | None = None
+    ok: bool = False
+    changed: bool = False
+    size_bytes: int = 0
+    flops: float = 0.0
+    predicted_s: float | None = None
+    measured_s: float | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    frontier: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "stages": self.stages, "rank_by": self.rank_by,
+                "score": None if self.score is None else round(self.score, 6),
+                "meets_budget": self.ok, "changed": self.changed,
+                "size_bytes": self.size_bytes, "flops": self.flops,
+                "predicted_latency_s": self.predicted_s,
+                "measured_latency_s": self.measured_s,
+                "seconds": round(self.seconds, 2), "pareto": self.frontier,
+                **({"error": self.error} if self.error else {}),
+                **({"notes": self.notes} if self.notes else {})}
+
+
+def techniques(target, named: dict[str, list[str]] | None = None) -> list[Technique]:
+    """The lossy techniques the planner may use on ``target``: those ``named``
+    ({flag: values}) or, without names, every installed scheme whose pass emits ops the
+    target runs (``--measure``-only or sampling variants are the passes' own options)."""
+    registry = pass_registry()
+    out = []
+    for flag, table in sorted(schemes(registry).items()):
+        for value, name in sorted(table.items()):
+            if named is not None and value not in named.get(flag, ()) \
+                    and "all" not in named.get(flag, ()):
+                continue
+            cls = registry.get(name)
+            if cls.emits and not any(target.supports(op, d) for d, op in cls.emits):
+                continue
+            out.append(Technique(flag, value, name, cls.scheme_order < EARLY_BELOW))
+    return out
+
+
+def plan(setup: Setup, prepared: Model, goal: str,
+         named: dict[str, list[str]] | None = None) -> tuple[Candidate, dict]:
+    """Candidates run on copies of ``prepared`` (the target-prepared working model); the
+    chosen one (its ``run`` holds the model and trace) and the report's ``plan``
+    section."""
+    techs = techniques(setup.target, named)
+    quantizers = [t for t in techs if not t.structural]
+    structural = [t for t in techs if t.structural]
+    budget = setup.lossy_data.budget
+    runner = _Runner(setup, prepared, setup.lossy_data.check_feeds or setup.data)
+    baseline = runner.measure(Candidate("lossless", []))
+    base = baseline.score if baseline.score is not None else 1.0
+    singles = [runner.measure(Candidate(t.label, [_stage(t, budget)])) for t in quantizers]
+    searched = []
+    if structural:
+        # The search ranks sites by damage per predicted saving; where the cost model is
+        # unsure of a layer (few channels, int8), FLOPs can rank better: both are tried
+        # and measured.
+        for rank in RANKINGS[goal]:
+            joint = runner.measure(Candidate(
+                " + ".join(t.label for t in structural) + f" (ranked by {rank})",
+                [_stage(t, budget) for t in structural], rank_by=rank))
+            searched.append(joint)
+        # only the passes that found something to compress in this model go on
+        found = set().union(*(_with_sites(c) for c in searched))
+        structural = [t for t in structural if t.pass_name in found]
+        for cand in searched if structural else []:
+            cand.label = " + ".join(t.label for t in structural) + \
+                f" (ranked by {cand.rank_by})"
+    candidates = [baseline, *singles, *searched]
+    runner.time(candidates)
+    objective = _objective(goal, baseline)
+    valid_structural = [c for c in searched if c.ok and c.changed]
+    if structural and valid_structural:
+        best = min(valid_structural, key=objective)
+        paid = [c for c in singles if c.ok and c.changed
+                and objective(c) < objective(baseline) * (1 - MIN_GAIN[goal])]
+        for cand in paid:
+            tech = next(t for t in quantizers if t.label == cand.label)
+            for share in SHARES:
+                early = base - share * (base - budget)
+                label = " + ".join(t.label for t in structural) + \
+                    f" (ranked by {best.rank_by}, {share:.0%} of the budget) + {tech.label}"
+                candidates.append(runner.measure(Candidate(
+                    label, [_stage(t, early) for t in structural] + [_stage(tech, budget)],
+                    rank_by=best.rank_by), early_budget=early))
+        runner.time(candidates)  # all again, interleaved: one comparable set of times
+    chosen, why = choose(candidates, goal, baseline)
+    _mark_frontier(candidates)
+    section = {
+        "goal": goal, "budget": budget, "metric": setup.metric.name,
+        "data": setup.lossy_data.describe(), "timed_at": runner.shapes,
+        "timing": f"median of {TIMING_ROUNDS} interleaved rounds of the target's "
+                  f"time_model per candidate",
+        "techniques": [t.label for t in techs],
+        "candidates": [c.to_dict() for c in candidates],
+        "chosen": chosen.label, "why": why,
+        "input_latency_s": runner.input_latency,
+    }
+    if chosen.measured_s is not None and runner.input_latency is not None \
+            and chosen.measured_s > runner.input_latency * (1 + NOISE):
+        section["slower_than_input"] = True
+    return chosen, section
+
+
+def _with_sites(cand: Candidate) -> set[str]:
+    """Names of the compression passes that had a site to search in ``cand``'s run."""
+    out: set[str] = set()
+    for entry in cand.run.manager.trace if cand.run else []:
+        info = (entry.stats or {}).get("compression")
+        if not info:
+            continue
+        parts = entry.pass_name.split("+")
+        for site in info.get("sites") or {}:
+            prefix, sep, _ = site.partition(":")
+            out.add(prefix if sep and prefix in parts else parts[0])
+    return out
+
+
+def _stage(tech: Technique, budget: float) -> dict:
+    return {"flag": tech.flag, "value": tech.value, "pass": tech.pass_name,
+            "budget": round(budget, 6)}
+
+
+class _Runner:
+    """Builds, scores and times candidates on copies of the prepared model."""
+
+    def __init__(self, setup: Setup, prepared: Model, feeds):
+        self.setup, self.prepared, self.feeds = setup, prepared, feeds
+        self.shapes = cost_shapes(feeds, setup.input_shapes)
+        self.timing = feeds[0] if feeds and self.shapes == cost_shapes(feeds, None) else \
+            verify.probe_inputs(setup.original, seed=setup.seed, shapes=self.shapes)[0]
+        self.input_latency: float | None = None
+
+    def measure(self, cand: Candidate, early_budget: float | None = None) -> Candidate:
+        """Build ``cand`` and measure its score, size and predicted cost (timing is
+        ``time``'s, for all candidates together)."""
+        setup, start = self.setup, time.perf_counter()
+        self.setup.logger.info("plan: %s", cand.label)
+        chosen: dict[str, list[str]] = {}
+        for stage in cand.stages:
+            chosen.setdefault(stage["flag"], []).append(stage["value"])
+        try:
+            cand.run = transform(setup, self.prepared.clone(), chosen, early_budget,
+                                 cand.rank_by)
+        except GraphoptError as exc:
+            cand.error = str(exc).splitlines()[0]
+            cand.seconds = time.perf_counter() - start
+            return cand
+        run = cand.run
+        cand.changed = any(e.changed and e.pass_name in run.lossy for e in run.manager.trace)
+        for stage in cand.stages:
+            _stage_status(stage, run)
+        proto = run.model.to_onnx()
+        if cand.changed:
+            check = verify_lossy(setup.original, proto, self.feeds, setup.lossy_data.budget,
+                                 setup.metric)
+            cand.score, cand.ok = check.get("score"), check.get("ok") is True
+        else:  # lossless: verified like any lossless result, by optimize
+            cand.score, cand.ok = 1.0, True
+        cand.size_bytes = model_bytes(proto)
+        cost = self._cost(proto)
+        if cost is not None:
+            cand.predicted_s, cand.flops = cost.latency_s, cost.flops
+        cand.seconds = time.perf_counter() - start
+        return cand
+
+    def time(self, candidates: Sequence[Candidate]) -> None:
+        """Time the input model and every built candidate on the target, in
+        ``TIMING_ROUNDS`` interleaved rounds (load changes on the machine hit all alike);
+        each gets the median of its rounds."""
+        built = [c for c in candidates if c.run is not None]
+        protos = [self.setup.original] + [c.run.model.to_onnx() for c in built]
+        rounds: list[list[float | None]] = [[] for _ in protos]
+        for _ in range(TIMING_ROUNDS):
+            for i, proto in enumerate(protos):
+                rounds[i].append(self._time(proto))
+        medians = [None if None in r else statistics.median(r) for r in rounds]
+        self.input_latency = medians[0]
+        for cand, value in zip(built, medians[1:]):
+            cand.measured_s = value
+
+    def _cost(self, proto: onnx.ModelProto):
+        setup = self.setup
+        try:
+            shaped = static_model(proto, self.shapes) if self.shapes else \
+                Model.from_proto(proto)
+            return setup.cost_model.estimate(shaped, setup.target.device, infer=False)
+        except Exception:  # noqa: BLE001 - a model the estimate cannot shape: no figure
+            return None
+
+    def _time(self, proto: onnx.ModelProto) -> float | None:
+        try:
+            return self.setup.target.time_model(proto, self.timing)
+        except GraphoptError:
+            return None
+
+
+def _stage_status(stage: dict, run: Transformed) -> None:
+    """What the stage's pass did in ``run``: its trace status (for one part of a joint
+    search: changed if one of its sites did) and reason."""
+    entry = next((e for e in reversed(run.manager.trace)
+                  if stage["pass"] in e.pass_name.split("+")), None)
+    stage["status"] = entry.status if entry else "not run"
+    if entry is None:
+        return
+    if entry.reason:
+        stage["reason"] = entry.reason
+    if entry.changed and "+" in entry.pass_name:
+        sites = (entry.stats.get("compression") or {}).get("sites") or {}
+        mine = [v for k, v in sites.items() if k.startswith(stage["pass"] + ":")]
+        stage["status"] = "changed" if any(v.get("changed") for v in mine) else "unchanged"
+
+
+def model_bytes(proto: onnx.ModelProto) -> int:
+    """The model file's size (initializers and graph), also past protobuf's 2 GB."""
+    try:
+        return proto.ByteSize()
+    except (ValueError, OverflowError):
+        return sum(t.ByteSize() for t in proto.graph.initializer)
+
+
+def _objective(goal: str, baseline: Candidate):
+    """Lower is better; latency measured where it could be, else predicted."""
+
+    def latency(c: Candidate) -> float:
+        value = c.measured_s if c.measured_s is not None else c.predicted_s
+        return value if value is not None else math.inf
+
+    if goal == "size":
+        return lambda c: float(c.size_bytes)
+    if goal == "flops":
+        return lambda c: c.flops
+    if goal == "balanced":
+        lat0, size0 = latency(baseline), float(baseline.size_bytes) or 1.0
+        return lambda c: math.sqrt(latency(c) / lat0 * c.size_bytes / size0)
+    return latency
+
+
+def choose(candidates: Sequence[Candidate], goal: str, baseline: Candidate
+           ) -> tuple[Candidate, str]:
+    """The best candidate within the budget for ``goal`` (see the module docstring), and
+    why it was chosen."""
+    objective = _objective(goal, baseline)
+    valid = [c for c in candidates if c.ok and c.error is None]
+    best_value = min(objective(c) for c in valid)
+    noisy = goal in ("latency", "balanced")
+    tied = [c for c in valid if objective(c) <= best_value * (1 + NOISE)] if noisy \
+        else [c for c in valid if objective(c) == best_value]
+    chosen = min(tied, key=lambda c: (c.predicted_s if c.predicted_s is not None
+                                      else math.inf, len(c.stages), c.label))
+    gain = 1.0 - objective(chosen) / objective(baseline) if objective(baseline) else 0.0
+    if chosen is not baseline and gain < MIN_GAIN[goal]:
+        return baseline, (f"no lossy technique gains {MIN_GAIN[goal]:.0%} on {goal} within "
+                          f"the budget (best: {chosen.label}, {gain:+.1%}): the model "
+                          f"stays lossless")
+    if chosen is baseline:
+        return baseline, ("no lossy technique gains on " + goal + " within the budget: "
+                          "the model stays lossless")
+    return chosen, f"{goal} {1 - gain:.3f}x the lossless result's, within the budget"
+
+
+def _mark_frontier(candidates: Sequence[Candidate]) -> None:
+    """Pareto frontier of the candidates within the budget: score (higher) against
+    latency (measured, else predicted; lower)."""
+    def lat(c: Candidate) -> float:
+        v = c.measured_s if c.measured_s is not None else c.predicted_s
+        return math.inf if v is None else v
+
+    valid = [c for c in candidates if c.ok and c.score is not None]
+    for c in valid:
+        c.frontier = not any(o is not c and o.score >= c.score and lat(o) <= lat(c)
+                             and (o.score > c.score or lat(o) < lat(c)) for o in valid)
+
+
+def frontier_rows(section: dict) -> list[dict]:
+    """The candidates of a report's ``plan`` section, chosen and frontier marked (CLI)."""
+    return [{**c, "chosen": c["label"] == section["chosen"]} for c in section["candidates"]]
+
