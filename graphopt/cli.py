@@ -287,8 +287,10 @@ def _print_plan(section: dict) -> None:
     at = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items())
     table = Table(title=f"plan: goal {section['goal']}, budget {section['metric']} >= "
                         f"{section['budget']} on {section['data']}; latency at {at}")
-    for column in ("", "candidate", section["metric"], "size", "predicted ms", "measured ms"):
-        table.add_column(column, justify="left" if column in ("", "candidate") else "right")
+    for column in ("", "candidate", section["metric"], "size", "predicted ms", "measured ms",
+                   "note"):
+        table.add_column(column, justify="left" if column in ("", "candidate", "note")
+                         else "right")
 
     def ms(value):
         return "-" if value is None else f"{value * 1e3:.3f}"
@@ -301,8 +303,13 @@ def _print_plan(section: dict) -> None:
             score = "failed"
         elif not cand["meets_budget"]:
             score += " (over)"
+        note = cand.get("error") or ("" if cand["changed"] or not cand["stages"] else
+                                     "changed nothing: " + "; ".join(dict.fromkeys(
+                                         s.get("reason", s["status"])
+                                         for s in cand["stages"])))
         table.add_row(mark, escape(cand["label"]), score, f"{cand['size_bytes']:,}",
-                      ms(cand["predicted_latency_s"]), ms(cand["measured_latency_s"]))
+                      ms(cand["predicted_latency_s"]), ms(cand["measured_latency_s"]),
+                      escape(note[:90]))
     err.print(table)
     err.print(f"plan: {escape(section['chosen'])}: {escape(section['why'])}", highlight=False)
     if section.get("slower_than_input"):

@@ -158,6 +158,8 @@ def plan(setup: Setup, prepared: Model, goal: str,
         best = min(valid_structural, key=objective)
         paid = [c for c in singles if c.ok and c.changed
                 and objective(c) < objective(baseline) * (1 - MIN_GAIN[goal])]
+        # (a quantizer that does not pay alone may on a pruned model, but the cost model
+        # decides per layer inside it; the pairs tried are those measured to pay)
         for cand in paid:
             tech = next(t for t in quantizers if t.label == cand.label)
             for share in SHARES:
@@ -168,7 +170,7 @@ def plan(setup: Setup, prepared: Model, goal: str,
                     label, [_stage(t, early) for t in structural] + [_stage(tech, budget)],
                     rank_by=best.rank_by), early_budget=early))
         runner.time(candidates)  # all again, interleaved: one comparable set of times
-    chosen, why = choose(candidates, goal, baseline)
+    chosen, why = choose(candidates, goal, baseline, runner.noise)
     _mark_frontier(candidates)
     section = {
         "goal": goal, "budget": budget, "metric": setup.metric.name,
@@ -179,6 +181,7 @@ def plan(setup: Setup, prepared: Model, goal: str,
         "candidates": [c.to_dict() for c in candidates],
         "chosen": chosen.label, "why": why,
         "input_latency_s": runner.input_latency,
+        "timing_noise": round(runner.noise, 4),
     }
     if chosen.measured_s is not None and runner.input_latency is not None \
             and chosen.measured_s > runner.input_latency * (1 + NOISE):
@@ -214,6 +217,7 @@ class _Runner:
         self.timing = feeds[0] if feeds and self.shapes == cost_shapes(feeds, None) else \
             verify.probe_inputs(setup.original, seed=setup.seed, shapes=self.shapes)[0]
         self.input_latency: float | None = None
+        self.noise = 0.0  # relative difference of one model timed in two sessions
 
     def measure(self, cand: Candidate, early_budget: float | None = None) -> Candidate:
         """Build ``cand`` and measure its score, size and predicted cost (timing is
@@ -251,16 +255,22 @@ class _Runner:
     def time(self, candidates: Sequence[Candidate]) -> None:
         """Time the input model and every built candidate on the target, in
         ``TIMING_ROUNDS`` interleaved rounds (load changes on the machine hit all alike);
-        each gets the median of its rounds."""
+        each gets the median of its rounds. The input is timed twice, in two sessions:
+        how far apart the same model's two figures land is the noise a gain must
+        exceed (``self.noise``)."""
         built = [c for c in candidates if c.run is not None]
-        protos = [self.setup.original] + [c.run.model.to_onnx() for c in built]
+        protos = [self.setup.original, self.setup.original] + \
+            [c.run.model.to_onnx() for c in built]
         rounds: list[list[float | None]] = [[] for _ in protos]
         for _ in range(TIMING_ROUNDS):
             for i, proto in enumerate(protos):
                 rounds[i].append(self._time(proto))
         medians = [None if None in r else statistics.median(r) for r in rounds]
-        self.input_latency = medians[0]
-        for cand, value in zip(built, medians[1:]):
+        first, second = medians[:2]
+        if first is not None and second is not None:
+            self.input_latency = min(first, second)
+            self.noise = max(self.noise, abs(first - second) / min(first, second))
+        for cand, value in zip(built, medians[2:]):
             cand.measured_s = value
 
     def _cost(self, proto: onnx.ModelProto):
@@ -287,8 +297,16 @@ def _stage_status(stage: dict, run: Transformed) -> None:
     stage["status"] = entry.status if entry else "not run"
     if entry is None:
         return
-    if entry.reason:
-        stage["reason"] = entry.reason
+    stats = entry.stats or {}
+    skipped = stats.get("skipped")
+    reason = entry.reason or stats.get("reason") or \
+        (stats.get("compression") or {}).get("reason") or \
+        (skipped if isinstance(skipped, str) else None) or \
+        (f"{len(skipped)} site(s) skipped, e.g. {next(iter(skipped))}: "
+         f"{next(iter(skipped.values()))}" if isinstance(skipped, dict) and skipped
+         and not entry.changed else None)
+    if reason:
+        stage["reason"] = reason
     if entry.changed and "+" in entry.pass_name:
         sites = (entry.stats.get("compression") or {}).get("sites") or {}
         mine = [v for k, v in sites.items() if k.startswith(stage["pass"] + ":")]
@@ -320,21 +338,25 @@ def _objective(goal: str, baseline: Candidate):
     return latency
 
 
-def choose(candidates: Sequence[Candidate], goal: str, baseline: Candidate
-           ) -> tuple[Candidate, str]:
+def choose(candidates: Sequence[Candidate], goal: str, baseline: Candidate,
+           noise: float = 0.0) -> tuple[Candidate, str]:
     """The best candidate within the budget for ``goal`` (see the module docstring), and
-    why it was chosen."""
+    why it was chosen. A candidate whose lossy passes changed nothing is the lossless
+    result again, whatever its timing says; measured latencies count as different only
+    beyond ``NOISE`` and twice the ``noise`` the timing showed."""
     objective = _objective(goal, baseline)
-    valid = [c for c in candidates if c.ok and c.error is None]
+    valid = [c for c in candidates if c.ok and c.error is None
+             and (c.changed or c is baseline)]
     best_value = min(objective(c) for c in valid)
     noisy = goal in ("latency", "balanced")
-    tied = [c for c in valid if objective(c) <= best_value * (1 + NOISE)] if noisy \
-        else [c for c in valid if objective(c) == best_value]
+    margin = max(NOISE, 2 * noise) if noisy else 0.0
+    tied = [c for c in valid if objective(c) <= best_value * (1 + margin)]
     chosen = min(tied, key=lambda c: (c.predicted_s if c.predicted_s is not None
                                       else math.inf, len(c.stages), c.label))
     gain = 1.0 - objective(chosen) / objective(baseline) if objective(baseline) else 0.0
-    if chosen is not baseline and gain < MIN_GAIN[goal]:
-        return baseline, (f"no lossy technique gains {MIN_GAIN[goal]:.0%} on {goal} within "
+    needed = max(MIN_GAIN[goal], 2 * noise if noisy else 0.0)
+    if chosen is not baseline and gain < needed:
+        return baseline, (f"no lossy technique gains {needed:.0%} on {goal} within "
                           f"the budget (best: {chosen.label}, {gain:+.1%}): the model "
                           f"stays lossless")
     if chosen is baseline:
