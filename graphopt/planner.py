@@ -134,28 +134,35 @@ def plan(setup: Setup, prepared: Model, goal: str,
     baseline = runner.measure(Candidate("lossless", []))
     base = baseline.score if baseline.score is not None else 1.0
     singles = [runner.measure(Candidate(t.label, [_stage(t, budget)])) for t in quantizers]
-    searched = []
+    searched: list[Candidate] = []
     if structural:
         # The search ranks sites by damage per predicted saving; where the cost model is
         # unsure of a layer (few channels, int8), FLOPs can rank better: both are tried
         # and measured.
         for rank in RANKINGS[goal]:
-            joint = runner.measure(Candidate(
-                " + ".join(t.label for t in structural) + f" (ranked by {rank})",
-                [_stage(t, budget) for t in structural], rank_by=rank))
-            searched.append(joint)
+            searched.append(runner.measure(Candidate(
+                "", [_stage(t, budget) for t in structural], rank_by=rank)))
         # only the passes that found something to compress in this model go on
         found = set().union(*(_with_sites(c) for c in searched))
         structural = [t for t in structural if t.pass_name in found]
-        for cand in searched if structural else []:
-            cand.label = " + ".join(t.label for t in structural) + \
-                f" (ranked by {cand.rank_by})"
+        for cand in searched:
+            cand.label = _label(structural or techs, cand.rank_by)
     candidates = [baseline, *singles, *searched]
     runner.time(candidates)
     objective = _objective(goal, baseline)
+    if len(structural) > 1:  # each alone too, ranked as the better joint search was
+        rank = min((c for c in searched if c.ok and c.changed), key=objective,
+                   default=searched[0]).rank_by
+        for tech in structural:
+            searched.append(runner.measure(Candidate(_label([tech], rank),
+                                                     [_stage(tech, budget)], rank_by=rank)))
+        candidates += searched[-len(structural):]
+        runner.time(candidates)
     valid_structural = [c for c in searched if c.ok and c.changed]
-    if structural and valid_structural:
+    if valid_structural:
         best = min(valid_structural, key=objective)
+        techs_of_best = [t for t in structural
+                         if any(s["pass"] == t.pass_name for s in best.stages)]
         paid = [c for c in singles if c.ok and c.changed
                 and objective(c) < objective(baseline) * (1 - MIN_GAIN[goal])]
         # (a quantizer that does not pay alone may on a pruned model, but the cost model
@@ -164,11 +171,10 @@ def plan(setup: Setup, prepared: Model, goal: str,
             tech = next(t for t in quantizers if t.label == cand.label)
             for share in SHARES:
                 early = base - share * (base - budget)
-                label = " + ".join(t.label for t in structural) + \
-                    f" (ranked by {best.rank_by}, {share:.0%} of the budget) + {tech.label}"
+                label = _label(techs_of_best, best.rank_by, share) + f" + {tech.label}"
                 candidates.append(runner.measure(Candidate(
-                    label, [_stage(t, early) for t in structural] + [_stage(tech, budget)],
-                    rank_by=best.rank_by), early_budget=early))
+                    label, [_stage(t, early) for t in techs_of_best] +
+                    [_stage(tech, budget)], rank_by=best.rank_by), early_budget=early))
         runner.time(candidates)  # all again, interleaved: one comparable set of times
     chosen, why = choose(candidates, goal, baseline, runner.noise)
     _mark_frontier(candidates)
@@ -201,6 +207,12 @@ def _with_sites(cand: Candidate) -> set[str]:
             prefix, sep, _ = site.partition(":")
             out.add(prefix if sep and prefix in parts else parts[0])
     return out
+
+
+def _label(techs: Sequence[Technique], rank: str | None, share: float | None = None) -> str:
+    how = [f"ranked by {rank}"] if rank else []
+    how += [f"{share:.0%} of the budget"] if share is not None else []
+    return " + ".join(t.label for t in techs) + (f" ({', '.join(how)})" if how else "")
 
 
 def _stage(tech: Technique, budget: float) -> dict:
@@ -366,19 +378,17 @@ def choose(candidates: Sequence[Candidate], goal: str, baseline: Candidate,
 
 
 def _mark_frontier(candidates: Sequence[Candidate]) -> None:
-    """Pareto frontier of the candidates within the budget: score (higher) against
-    latency (measured, else predicted; lower)."""
+    """Pareto frontier of the candidates within the budget that are not the lossless
+    result again: score (higher, as reported) against latency (measured, else predicted;
+    lower)."""
     def lat(c: Candidate) -> float:
         v = c.measured_s if c.measured_s is not None else c.predicted_s
         return math.inf if v is None else v
 
-    valid = [c for c in candidates if c.ok and c.score is not None]
+    valid = [c for c in candidates if c.ok and c.score is not None
+             and (c.changed or not c.stages)]
     for c in valid:
-        c.frontier = not any(o is not c and o.score >= c.score and lat(o) <= lat(c)
-                             and (o.score > c.score or lat(o) < lat(c)) for o in valid)
-
-
-def frontier_rows(section: dict) -> list[dict]:
-    """The candidates of a report's ``plan`` section, chosen and frontier marked (CLI)."""
-    return [{**c, "chosen": c["label"] == section["chosen"]} for c in section["candidates"]]
-
+        score = round(c.score, 6)
+        c.frontier = not any(o is not c and round(o.score, 6) >= score and lat(o) <= lat(c)
+                             and (round(o.score, 6) > score or lat(o) < lat(c))
+                             for o in valid)
