@@ -34,6 +34,7 @@ from graphopt.paths import check_outputs, input_files
 from graphopt.result_cache import ResultCache
 from graphopt.planner import plan as run_planner
 from graphopt.transform import Setup, transform
+from graphopt.workers import Workers
 from graphopt.registry import create_target, target_registry
 from graphopt.target import Artifact, Target, read_manifest
 
@@ -81,7 +82,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
              tune_trials: int = 0, rpc: str | None = None,
              schemes: dict[str, str | Sequence[str]] | None = None,
              metric: str | Metric | None = None, goal: str | None = None,
-             plan: bool | None = None, recovery: str | None = DEFAULT_RECOVERY,
+             plan: bool | None = None, workers: str | int | None = None,
+             recovery: str | None = DEFAULT_RECOVERY,
              cache_dir: str | os.PathLike | None = None) -> OptimizeResult:
     """Optimize ``model`` for ``target`` and, when ``output`` is given, lower it there.
 
@@ -104,7 +106,9 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     schemes (those in ``schemes``, else every installed one the target runs), each
     measured on the data and timed on the target; the best for ``goal`` within the budget
     is kept (report section ``plan``). ``None`` (default): planned when a ``goal`` is
-    given and no scheme is. The planner needs calibration data.
+    given and no scheme is. The planner needs calibration data. ``workers`` builds the
+    candidates on Ray (``graphopt.workers``: N local workers or ``ray://HOST:PORT``);
+    they are timed here.
     ``recovery`` names the pass that re-fits compressed candidates to the original
     (``None``: no recovery).
 
@@ -140,6 +144,9 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
                          "calibration data (--calibration-data)",
                          hint="or name the lossy schemes yourself (--quantize, --prune)")
     goal = goal or "latency"
+    pool = Workers(workers)
+    if pool.remote and not planned:
+        raise UsageError("--workers runs the planner's candidates: give --goal or --plan")
     metric = get_metric(metric)
     tgt = get_target(target)
     if rpc:
@@ -191,7 +198,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
                   data=data, input_shapes=input_shapes)
     plan_section = None
     if planned:
-        best, plan_section = run_planner(setup, working, goal, chosen or None)
+        with pool:
+            best, plan_section = run_planner(setup, working, goal, chosen or None, pool)
         run, working = best.run, best.run.model
         chosen = {}
         for stage in best.stages:

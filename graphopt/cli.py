@@ -126,6 +126,9 @@ class _Progress:
               "the target runs) by measuring candidate combinations on the data and the "
               "target; the best for --goal within the budget is written. Needs "
               "--calibration-data.")
+@click.option("--workers", metavar="N|ray://HOST:PORT",
+              help="Build the planner's candidates on Ray: N local worker processes, or an "
+              "existing cluster (needs graphopt[ray]); they are timed here.")
 @click.option("--recover", "recover", metavar="PASS", is_flag=False, flag_value="recover",
               default="recover", show_default=True,
               help="The recovery pass each compressed candidate gets: recover (least-squares "
@@ -174,7 +177,7 @@ def optimize(ctx, model, config_path, **_):
 
 def _optimize(model, output, target, passes, skip, report_path, strict, data, input_shape,
               rtol, atol, seed, calibration_data, validation_data, tolerance, metric, goal,
-              plan, recover, no_recover, finetune_steps, finetune_time, measure, format_,
+              plan, workers, recover, no_recover, finetune_steps, finetune_time, measure, format_,
               verify_, tune_trials, rpc, config_path, cache_dir, **scheme_values):
     # Before any work: no output may overwrite an input or another output, and each can
     # be written; then everything is staged and moved into place at the end, or nothing.
@@ -199,7 +202,8 @@ def _optimize(model, output, target, passes, skip, report_path, strict, data, in
             verify_artifact=verify_, tune_trials=tune_trials, rpc=rpc,
             schemes={_SCHEME_FLAGS[k]: [v.strip() for v in value.split(",") if v.strip()]
                      for k, value in scheme_values.items() if value},
-            metric=metric, goal=goal, plan=plan, recovery=recovery, cache_dir=cache_dir)
+            metric=metric, goal=goal, plan=plan, workers=workers, recovery=recovery,
+            cache_dir=cache_dir)
         report = staging.final_paths(result.report)
         staging.commit(json.dumps(report, indent=2, default=float) if report_path else None)
     _print_summary(report)

@@ -37,19 +37,19 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import onnx
 
-from graphopt.cost_calibration import static_model
+from graphopt.candidates import Built, Job, build, job_setup
 from graphopt.errors import GraphoptError
 from graphopt.ir import Model
-from graphopt.lossy import EARLY_BELOW, schemes, verify_lossy
+from graphopt.lossy import EARLY_BELOW, schemes
 from graphopt.registry import pass_registry
 from graphopt import verify
-from graphopt.transform import Setup, Transformed, cost_shapes, transform
+from graphopt.transform import Setup, Transformed, cost_shapes
+from graphopt.workers import Workers
 
 PLAN_GOALS = ("latency", "size", "balanced", "flops")
 SHARES = (0.5, 0.8)  # shares of the budget the structural search gets before a quantizer
@@ -78,7 +78,11 @@ class Candidate:
     label: str
     stages: list[dict]
     rank_by: str | None = None  # what the compression search saved first
+    early_budget: float | None = None  # the structural stages' budget
     run: Transformed | None = None
+    proto: bytes | None = None
+    digest: str = ""
+    with_sites: set = field(default_factory=set)
     score: float | None = None
     ok: bool = False
     changed: bool = False
@@ -91,6 +95,14 @@ class Candidate:
     frontier: bool = False
     notes: list[str] = field(default_factory=list)
 
+    def take(self, built: Built) -> None:
+        """The figures of a ``candidates.build``."""
+        for name in ("stages", "changed", "score", "ok", "size_bytes", "flops",
+                     "predicted_s", "seconds", "error", "with_sites", "digest", "proto"):
+            setattr(self, name, getattr(built, name))
+        if built.run is not None:
+            self.run = built.run
+
     def to_dict(self) -> dict:
         return {"label": self.label, "stages": self.stages, "rank_by": self.rank_by,
                 "score": None if self.score is None else round(self.score, 6),
@@ -99,6 +111,7 @@ class Candidate:
                 "predicted_latency_s": self.predicted_s,
                 "measured_latency_s": self.measured_s,
                 "seconds": round(self.seconds, 2), "pareto": self.frontier,
+                "model_hash": self.digest,
                 **({"error": self.error} if self.error else {}),
                 **({"notes": self.notes} if self.notes else {})}
 
@@ -122,28 +135,28 @@ def techniques(target, named: dict[str, list[str]] | None = None) -> list[Techni
 
 
 def plan(setup: Setup, prepared: Model, goal: str,
-         named: dict[str, list[str]] | None = None) -> tuple[Candidate, dict]:
-    """Candidates run on copies of ``prepared`` (the target-prepared working model); the
-    chosen one (its ``run`` holds the model and trace) and the report's ``plan``
-    section."""
+         named: dict[str, list[str]] | None = None,
+         workers: Workers | None = None) -> tuple[Candidate, dict]:
+    """Candidates run on copies of ``prepared`` (the target-prepared working model),
+    built on ``workers`` (default: here); the chosen one (its ``run`` holds the model and
+    trace) and the report's ``plan`` section."""
+    workers = workers or Workers()
     techs = techniques(setup.target, named)
     quantizers = [t for t in techs if not t.structural]
     structural = [t for t in techs if t.structural]
     budget = setup.lossy_data.budget
-    runner = _Runner(setup, prepared, setup.lossy_data.check_feeds or setup.data)
-    baseline = runner.measure(Candidate("lossless", []))
+    runner = _Runner(setup, prepared, workers, goal)
+    baseline = Candidate("lossless", [])
+    singles = [Candidate(t.label, [_stage(t, budget)]) for t in quantizers]
+    # The search ranks sites by damage per predicted saving; where the cost model is
+    # unsure of a layer (few channels, int8), FLOPs can rank better: both are tried and
+    # measured.
+    searched = [Candidate("", [_stage(t, budget) for t in structural], rank_by=rank)
+                for rank in (RANKINGS[goal] if structural else ())]
+    runner.build([baseline, *singles, *searched])
     base = baseline.score if baseline.score is not None else 1.0
-    singles = [runner.measure(Candidate(t.label, [_stage(t, budget)])) for t in quantizers]
-    searched: list[Candidate] = []
-    if structural:
-        # The search ranks sites by damage per predicted saving; where the cost model is
-        # unsure of a layer (few channels, int8), FLOPs can rank better: both are tried
-        # and measured.
-        for rank in RANKINGS[goal]:
-            searched.append(runner.measure(Candidate(
-                "", [_stage(t, budget) for t in structural], rank_by=rank)))
-        # only the passes that found something to compress in this model go on
-        found = set().union(*(_with_sites(c) for c in searched))
+    if searched:  # only the passes that found something to compress go on
+        found = set().union(*(c.with_sites for c in searched))
         structural = [t for t in structural if t.pass_name in found]
         for cand in searched:
             cand.label = _label(structural or techs, cand.rank_by)
@@ -153,36 +166,42 @@ def plan(setup: Setup, prepared: Model, goal: str,
     if len(structural) > 1:  # each alone too, ranked as the better joint search was
         rank = min((c for c in searched if c.ok and c.changed), key=objective,
                    default=searched[0]).rank_by
-        for tech in structural:
-            searched.append(runner.measure(Candidate(_label([tech], rank),
-                                                     [_stage(tech, budget)], rank_by=rank)))
-        candidates += searched[-len(structural):]
+        alone = [Candidate(_label([t], rank), [_stage(t, budget)], rank_by=rank)
+                 for t in structural]
+        runner.build(alone)
+        searched += alone
+        candidates += alone
         runner.time(candidates)
     valid_structural = [c for c in searched if c.ok and c.changed]
     if valid_structural:
         best = min(valid_structural, key=objective)
         techs_of_best = [t for t in structural
                          if any(s["pass"] == t.pass_name for s in best.stages)]
-        paid = [c for c in singles if c.ok and c.changed
-                and objective(c) < objective(baseline) * (1 - MIN_GAIN[goal])]
         # (a quantizer that does not pay alone may on a pruned model, but the cost model
         # decides per layer inside it; the pairs tried are those measured to pay)
+        paid = [c for c in singles if c.ok and c.changed
+                and objective(c) < objective(baseline) * (1 - MIN_GAIN[goal])]
+        combos = []
         for cand in paid:
             tech = next(t for t in quantizers if t.label == cand.label)
             for share in SHARES:
                 early = base - share * (base - budget)
-                label = _label(techs_of_best, best.rank_by, share) + f" + {tech.label}"
-                candidates.append(runner.measure(Candidate(
-                    label, [_stage(t, early) for t in techs_of_best] +
-                    [_stage(tech, budget)], rank_by=best.rank_by), early_budget=early))
+                combos.append(Candidate(
+                    _label(techs_of_best, best.rank_by, share) + f" + {tech.label}",
+                    [_stage(t, early) for t in techs_of_best] + [_stage(tech, budget)],
+                    rank_by=best.rank_by, early_budget=early))
+        runner.build(combos)
+        candidates += combos
         runner.time(candidates)  # all again, interleaved: one comparable set of times
     chosen, why = choose(candidates, goal, baseline, runner.noise)
     _mark_frontier(candidates)
+    runner.keep_run(chosen)
     section = {
         "goal": goal, "budget": budget, "metric": setup.metric.name,
         "data": setup.lossy_data.describe(), "timed_at": runner.shapes,
         "timing": f"median of {TIMING_ROUNDS} interleaved rounds of the target's "
                   f"time_model per candidate",
+        "built_on": workers.describe(),
         "techniques": [t.label for t in techs],
         "candidates": [c.to_dict() for c in candidates],
         "chosen": chosen.label, "why": why,
@@ -195,18 +214,13 @@ def plan(setup: Setup, prepared: Model, goal: str,
     return chosen, section
 
 
-def _with_sites(cand: Candidate) -> set[str]:
-    """Names of the compression passes that had a site to search in ``cand``'s run."""
-    out: set[str] = set()
-    for entry in cand.run.manager.trace if cand.run else []:
-        info = (entry.stats or {}).get("compression")
-        if not info:
-            continue
-        parts = entry.pass_name.split("+")
-        for site in info.get("sites") or {}:
-            prefix, sep, _ = site.partition(":")
-            out.add(prefix if sep and prefix in parts else parts[0])
-    return out
+def _speed_gated() -> list[str]:
+    """Installed lossy passes with a ``require-speedup`` option."""
+    from graphopt.pass_infra import option_fields
+
+    registry = pass_registry()
+    return [name for table in schemes(registry).values() for name in table.values()
+            if "require_speedup" in option_fields(registry.get(name))]
 
 
 def _label(techs: Sequence[Technique], rank: str | None, share: float | None = None) -> str:
@@ -221,48 +235,44 @@ def _stage(tech: Technique, budget: float) -> dict:
 
 
 class _Runner:
-    """Builds, scores and times candidates on copies of the prepared model."""
+    """Builds candidates (on the workers) and times them (here, one at a time)."""
 
-    def __init__(self, setup: Setup, prepared: Model, feeds):
-        self.setup, self.prepared, self.feeds = setup, prepared, feeds
+    def __init__(self, setup: Setup, prepared: Model, workers: Workers, goal: str):
+        self.setup, self.workers = setup, workers
+        # For size, a quantizer quantizes what it may, not only what runs faster
+        self.options = {name: {"require-speedup": False} for name in _speed_gated()} \
+            if goal == "size" else {}
+        self.prepared = prepared.to_onnx().SerializeToString()
+        feeds = setup.lossy_data.check_feeds or setup.data
         self.shapes = cost_shapes(feeds, setup.input_shapes)
         self.timing = feeds[0] if feeds and self.shapes == cost_shapes(feeds, None) else \
             verify.probe_inputs(setup.original, seed=setup.seed, shapes=self.shapes)[0]
         self.input_latency: float | None = None
         self.noise = 0.0  # relative difference of one model timed in two sessions
 
-    def measure(self, cand: Candidate, early_budget: float | None = None) -> Candidate:
-        """Build ``cand`` and measure its score, size and predicted cost (timing is
-        ``time``'s, for all candidates together)."""
-        setup, start = self.setup, time.perf_counter()
-        self.setup.logger.info("plan: %s", cand.label)
-        chosen: dict[str, list[str]] = {}
-        for stage in cand.stages:
-            chosen.setdefault(stage["flag"], []).append(stage["value"])
-        try:
-            cand.run = transform(setup, self.prepared.clone(), chosen, early_budget,
-                                 cand.rank_by)
-        except GraphoptError as exc:
-            cand.error = str(exc).splitlines()[0]
-            cand.seconds = time.perf_counter() - start
-            return cand
-        run = cand.run
-        cand.changed = any(e.changed and e.pass_name in run.lossy for e in run.manager.trace)
-        for stage in cand.stages:
-            _stage_status(stage, run)
-        proto = run.model.to_onnx()
-        if cand.changed:
-            check = verify_lossy(setup.original, proto, self.feeds, setup.lossy_data.budget,
-                                 setup.metric)
-            cand.score, cand.ok = check.get("score"), check.get("ok") is True
-        else:  # lossless: verified like any lossless result, by optimize
-            cand.score, cand.ok = 1.0, True
-        cand.size_bytes = model_bytes(proto)
-        cost = self._cost(proto)
-        if cost is not None:
-            cand.predicted_s, cand.flops = cost.latency_s, cost.flops
-        cand.seconds = time.perf_counter() - start
-        return cand
+    def _job(self, cand: Candidate, keep_run: bool) -> Job:
+        return Job(job_setup(self.setup), self.prepared, cand.stages, self.shapes,
+                   cand.early_budget, cand.rank_by, keep_run, self.options)
+
+    def build(self, cands: Sequence[Candidate]) -> None:
+        """Build and measure (score, size, prediction) each candidate, on the workers."""
+        for cand in cands:
+            self.setup.logger.info("plan: %s", cand.label)
+        results = self.workers.map(build, [self._job(c, not self.workers.remote)
+                                           for c in cands])
+        for cand, built in zip(cands, results):
+            cand.take(built)
+
+    def keep_run(self, cand: Candidate) -> None:
+        """The chosen candidate's full run (trace, pipeline) for the report: built on a
+        worker, it is built again here, and must come out the same."""
+        if cand.run is not None:
+            return
+        built = build(self._job(cand, True))
+        if built.digest != cand.digest:
+            raise GraphoptError(f"planner: candidate {cand.label!r} came out different "
+                                f"here than on the workers", hint="report a bug")
+        cand.take(built)
 
     def time(self, candidates: Sequence[Candidate]) -> None:
         """Time the input model and every built candidate on the target, in
@@ -270,9 +280,9 @@ class _Runner:
         each gets the median of its rounds. The input is timed twice, in two sessions:
         how far apart the same model's two figures land is the noise a gain must
         exceed (``self.noise``)."""
-        built = [c for c in candidates if c.run is not None]
+        built = [c for c in candidates if c.proto is not None]
         protos = [self.setup.original, self.setup.original] + \
-            [c.run.model.to_onnx() for c in built]
+            [onnx.load_from_string(c.proto) for c in built]
         rounds: list[list[float | None]] = [[] for _ in protos]
         for _ in range(TIMING_ROUNDS):
             for i, proto in enumerate(protos):
@@ -285,52 +295,11 @@ class _Runner:
         for cand, value in zip(built, medians[2:]):
             cand.measured_s = value
 
-    def _cost(self, proto: onnx.ModelProto):
-        setup = self.setup
-        try:
-            shaped = static_model(proto, self.shapes) if self.shapes else \
-                Model.from_proto(proto)
-            return setup.cost_model.estimate(shaped, setup.target.device, infer=False)
-        except Exception:  # noqa: BLE001 - a model the estimate cannot shape: no figure
-            return None
-
     def _time(self, proto: onnx.ModelProto) -> float | None:
         try:
             return self.setup.target.time_model(proto, self.timing)
         except GraphoptError:
             return None
-
-
-def _stage_status(stage: dict, run: Transformed) -> None:
-    """What the stage's pass did in ``run``: its trace status (for one part of a joint
-    search: changed if one of its sites did) and reason."""
-    entry = next((e for e in reversed(run.manager.trace)
-                  if stage["pass"] in e.pass_name.split("+")), None)
-    stage["status"] = entry.status if entry else "not run"
-    if entry is None:
-        return
-    stats = entry.stats or {}
-    skipped = stats.get("skipped")
-    reason = entry.reason or stats.get("reason") or \
-        (stats.get("compression") or {}).get("reason") or \
-        (skipped if isinstance(skipped, str) else None) or \
-        (f"{len(skipped)} site(s) skipped, e.g. {next(iter(skipped))}: "
-         f"{next(iter(skipped.values()))}" if isinstance(skipped, dict) and skipped
-         and not entry.changed else None)
-    if reason:
-        stage["reason"] = reason
-    if entry.changed and "+" in entry.pass_name:
-        sites = (entry.stats.get("compression") or {}).get("sites") or {}
-        mine = [v for k, v in sites.items() if k.startswith(stage["pass"] + ":")]
-        stage["status"] = "changed" if any(v.get("changed") for v in mine) else "unchanged"
-
-
-def model_bytes(proto: onnx.ModelProto) -> int:
-    """The model file's size (initializers and graph), also past protobuf's 2 GB."""
-    try:
-        return proto.ByteSize()
-    except (ValueError, OverflowError):
-        return sum(t.ByteSize() for t in proto.graph.initializer)
 
 
 def _objective(goal: str, baseline: Candidate):

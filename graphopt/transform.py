@@ -95,15 +95,20 @@ def early(p: Pass) -> bool:
 
 
 def transform(setup: Setup, working: Model, chosen: Mapping[str, Sequence[str] | str],
-              early_budget: float | None = None, rank_by: str | None = None) -> Transformed:
+              early_budget: float | None = None, rank_by: str | None = None,
+              options: Mapping[str, Mapping[str, Any]] | None = None) -> Transformed:
     """Run the pipeline with the lossy ``chosen`` schemes on ``working`` (edited in
     place). ``early_budget``: the accuracy budget of the structural passes (the rest
     keep the whole budget, measured against the original); ``rank_by``: what the
-    compression search saves first (default: the setup's goal)."""
+    compression search saves first (default: the setup's goal); ``options``: pass name
+    -> {option: value} over the target's defaults (options a spec names win)."""
     tgt, registry = setup.target, pass_registry()
     spec = tgt.default_pipeline if setup.passes is None else setup.passes
+    defaults = {name: dict(values) for name, values in tgt.pass_defaults.items()}
+    for name, values in (options or {}).items():
+        defaults.setdefault(name, {}).update(values)
     pipeline = build_passes(with_schemes(spec, chosen, registry, setup.measure), registry,
-                            setup.skip, defaults=tgt.pass_defaults)
+                            setup.skip, defaults=defaults)
     # A pass that can emit some op the target runs stays (it asks ctx.supports per op);
     # one whose every op is foreign is left out of the target's pipeline, and is an
     # error when the user named it (--passes, --quantize).

@@ -180,6 +180,27 @@ def test_a_goal_with_a_scheme_does_not_plan():
     assert "plan" not in result.report
 
 
+def test_candidates_built_on_two_ray_workers_equal_the_serial_ones():
+    """A local Ray cluster of 2 workers (object store capped) builds the same candidates,
+    model for model, with the same scores and sizes, and the same choice (size: exact)."""
+    pytest.importorskip("ray", reason="Ray is not installed (graphopt[ray])")
+    runs = [graphopt.optimize(tiny_mlp(), goal="size", calibration=tiny_data(),
+                              workers=workers).report["plan"] for workers in (None, 2)]
+    serial, ray = runs
+    assert ray["built_on"] == "a local Ray cluster of 2 workers"
+    keys = ("label", "model_hash", "score", "size_bytes", "flops", "predicted_latency_s",
+            "meets_budget", "changed")
+    assert [[c[k] for k in keys] for c in ray["candidates"]] == \
+        [[c[k] for k in keys] for c in serial["candidates"]]
+    assert len({c["model_hash"] for c in serial["candidates"]}) >= 3
+    assert ray["chosen"] == serial["chosen"] == "quantize fp16"
+
+
+def test_workers_need_the_planner():
+    with pytest.raises(UsageError, match="--workers"):
+        graphopt.optimize(tiny_mlp(), workers=2)
+
+
 # ============================================================================ stage budget
 def test_a_structural_stage_runs_under_its_own_budget():
     """The planner's share of the budget: the pruning search is held to 0.995 while the
