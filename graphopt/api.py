@@ -106,7 +106,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     schemes (those in ``schemes``, else every installed one the target runs), each
     measured on the data and timed on the target; the best for ``goal`` within the budget
     is kept (report section ``plan``). ``None`` (default): planned when a ``goal`` is
-    given and no scheme is. The planner needs calibration data. ``workers`` builds the
+    given and neither a scheme nor ``passes`` is. The planner needs calibration data. ``workers`` builds the
     candidates on Ray (``graphopt.workers``: N local workers or ``ray://HOST:PORT``);
     they are timed here.
     ``recovery`` names the pass that re-fits compressed candidates to the original
@@ -138,11 +138,14 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         chosen["quantize"] = quantize
     if goal is not None and goal not in GOALS:
         raise UsageError(f"unknown goal {goal!r}", hint=f"choose one of {', '.join(GOALS)}")
-    planned = plan if plan is not None else (goal is not None and not chosen)
+    planned = plan if plan is not None else \
+        (goal is not None and not chosen and passes is None)
     if planned and calibration is None:
         raise UsageError("the planner measures the accuracy of every candidate: give "
                          "calibration data (--calibration-data)",
                          hint="or name the lossy schemes yourself (--quantize, --prune)")
+    if planned and measure:
+        raise UsageError("the planner times every candidate itself: leave out --measure")
     goal = goal or "latency"
     pool = Workers(workers)
     if pool.remote and not planned:

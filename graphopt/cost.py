@@ -135,26 +135,43 @@ def roofline(node: gs.Node, device: Device) -> tuple[float, float, float]:
     int8 = quantized(node)
     inputs = [t.inputs[0].inputs[0] if int8 and _from_dequantize(t) else t
               for t in node.inputs]
+    outputs = [_Quantized(t) if int8 and _quantized_next(t) else t for t in node.outputs]
     moved = 0.0 if node.op in _FREE else float(sum(tensor_bytes(t) for t in
-                                                   [*inputs, *node.outputs]))
+                                                   [*inputs, *outputs]))
     dtype = "int8" if int8 else \
         _dtype_name(node.outputs[0]) if node.outputs else "float32"
     compute_s = flops / (device.peak(dtype) * _EFFICIENCY.get(node.op, 0.25))
     return flops, moved, max(compute_s, moved / device.bandwidth)
 
 
+class _Quantized:
+    """An int8 op's float output that the runtime writes as int8 (one byte per element)
+    because only a QuantizeLinear reads it (through a Relu it fuses, or not)."""
+
+    def __init__(self, tensor: gs.Tensor):
+        self.name, self.shape, self.dtype = tensor.name, tensor.shape, np.int8
+
+
+def _quantized_next(tensor: gs.Tensor) -> bool:
+    readers = list(tensor.outputs)
+    if len(readers) == 1 and readers[0].op == "Relu":
+        readers = list(readers[0].outputs[0].outputs)
+    return bool(readers) and all(r.op == "QuantizeLinear" for r in readers)
+
+
 def int8_roofline(node: gs.Node, device: Device, dynamic: bool) -> tuple[float, float]:
     """``(op seconds, input quantization seconds)`` of float ``node`` run in int8 by the
     roofline, counted as ``roofline`` counts the node in the QDQ form the int8 pass
     writes (what calibration factors are fitted to): int8 input and weights, int32
-    bias, the op's output as it leaves the op (float: its quantization is the next
-    layer's)."""
+    bias, an int8 output for a static Conv (the runtime writes the next layer's
+    quantized input directly), float otherwise."""
     x, y = node.inputs[0], node.outputs[0]
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     bias = node.inputs[2] if len(node.inputs) > 2 and node.op in ("Conv", "FusedConv",
                                                                   "Gemm") else None
     compute = node_flops(node) / (device.peak("int8") * _EFFICIENCY.get(node.op, 0.25))
-    moved = numel(x) + numel(weight) + 4 * numel(bias) + 4 * numel(y)
+    out_bytes = numel(y) * (1 if node.op in ("Conv", "FusedConv") and not dynamic else 4)
+    moved = numel(x) + numel(weight) + 4 * numel(bias) + out_bytes
     # quantizing the input: read float, write uint8 (dynamic: one more pass for min/max)
     quant = numel(x) * (9 if dynamic else 5) / device.bandwidth
     return max(compute, moved / device.bandwidth), quant

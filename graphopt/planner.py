@@ -14,23 +14,27 @@ than float). The planner:
    target runs (or those the user named), split into **structural** ones (pruning,
    low-rank: they run on the cleaned-up graph, before the target's fusions) and
    **quantizers** (int8, int4 weights, fp16: after the whole pipeline);
-2. measures the lossless result, each quantizer alone and the structural passes searched
-   together, each under the whole budget;
-3. combines the structural search under a share of the budget (``SHARES``: the rest is
-   left to the quantizer, measured against the original) with each quantizer that paid
-   alone;
-4. measures every candidate with the one metric on the same data, its file size, its
-   latency on the target at the data's shapes (``Target.time_model``) and the cost
-   model's prediction;
+2. builds the lossless result, each quantizer alone and the structural passes searched
+   together (sites ranked by predicted latency saved and by FLOPs saved), each under the
+   whole budget; then each structural pass alone (ranked as the better joint search
+   was) and pairs of the quantizers that paid alone (int4 weights, then int8 for the
+   embedding table int4 leaves);
+3. combines the best structural candidate under a share of the budget (``SHARES``: the
+   rest is left to the quantizer, measured against the original) with each quantizer
+   that paid alone;
+4. measures every candidate with the one metric on the same data, its file size, the
+   cost model's prediction at the deployment's input shapes and its latency on the
+   target (``Target.time_model``, interleaved rounds, here);
 5. keeps the best candidate for the goal among those within the budget. Measured
-   latencies within ``NOISE`` of the best count as a tie, broken by the prediction and
-   then by fewer stages, so the choice does not flip with timing noise. When no candidate
-   gains ``MIN_GAIN`` over the lossless result, the lossless result is kept and the report
-   says so.
+   latencies closer than ``NOISE`` (or twice the noise measured by timing the input in
+   two sessions) count as a tie, broken by the prediction and then by fewer stages, so
+   the choice does not flip with timing noise. When no candidate gains that much over
+   the lossless result, the lossless result is kept and the report says so.
 
-Candidates run in order and each is deterministic for the seed. The report's ``plan``
-section lists every candidate, marks the Pareto frontier (score against measured latency)
-and the one chosen.
+Candidates are built on ``graphopt.workers`` (here, or on a Ray cluster: a build is a
+pure function of its job and the seed) and timed here, one at a time. The report's
+``plan`` section lists every candidate, marks the Pareto frontier (score against
+measured latency) and the one chosen.
 """
 
 from __future__ import annotations
@@ -163,24 +167,33 @@ def plan(setup: Setup, prepared: Model, goal: str,
     candidates = [baseline, *singles, *searched]
     runner.time(candidates)
     objective = _objective(goal, baseline)
+    # (a quantizer that does not pay alone may on a pruned model, but the cost model
+    # decides per layer inside it; the combinations tried are of those measured to pay)
+    paid = sorted((c for c in singles if c.ok and c.changed
+                   and objective(c) < objective(baseline) * (1 - MIN_GAIN[goal])),
+                  key=objective)
+    second: list[Candidate] = []
     if len(structural) > 1:  # each alone too, ranked as the better joint search was
         rank = min((c for c in searched if c.ok and c.changed), key=objective,
                    default=searched[0]).rank_by
-        alone = [Candidate(_label([t], rank), [_stage(t, budget)], rank_by=rank)
-                 for t in structural]
-        runner.build(alone)
-        searched += alone
-        candidates += alone
+        second += [Candidate(_label([t], rank), [_stage(t, budget)], rank_by=rank)
+                   for t in structural]
+    # two quantizers in a row (int4 weights, then int8 for what int4 leaves: the
+    # embedding table), the better one alone first; of the best three that paid
+    top = paid[:3]
+    second += [Candidate(f"{a.label} + {b.label}", [_fresh(a.stages[0]),
+                                                     _fresh(b.stages[0])])
+               for i, a in enumerate(top) for b in top[i + 1:]]
+    if second:
+        runner.build(second)
+        searched += [c for c in second if c.rank_by]
+        candidates += second
         runner.time(candidates)
     valid_structural = [c for c in searched if c.ok and c.changed]
     if valid_structural:
         best = min(valid_structural, key=objective)
         techs_of_best = [t for t in structural
                          if any(s["pass"] == t.pass_name for s in best.stages)]
-        # (a quantizer that does not pay alone may on a pruned model, but the cost model
-        # decides per layer inside it; the pairs tried are those measured to pay)
-        paid = [c for c in singles if c.ok and c.changed
-                and objective(c) < objective(baseline) * (1 - MIN_GAIN[goal])]
         combos = []
         for cand in paid:
             tech = next(t for t in quantizers if t.label == cand.label)
@@ -227,6 +240,11 @@ def _label(techs: Sequence[Technique], rank: str | None, share: float | None = N
     how = [f"ranked by {rank}"] if rank else []
     how += [f"{share:.0%} of the budget"] if share is not None else []
     return " + ".join(t.label for t in techs) + (f" ({', '.join(how)})" if how else "")
+
+
+def _fresh(stage: dict) -> dict:
+    """A stage as planned (without what a build found)."""
+    return {k: stage[k] for k in ("flag", "value", "pass", "budget")}
 
 
 def _stage(tech: Technique, budget: float) -> dict:
