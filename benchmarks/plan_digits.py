@@ -86,7 +86,9 @@ def main() -> None:
           f"{at_one[0] * 1e6:.1f} us at batch 1")
     plan = planned.report["plan"]
     print(f"\nplanner: chose {plan['chosen']} ({plan['why']}); timing noise "
-          f"{plan['timing_noise']:.1%}; cost model: {planned.report['cost_model']['kind']}")
+          f"{plan['timing_noise']:.1%}; cost model: {planned.report['cost_model']['kind']}, "
+          f"Kendall tau of predicted against measured latency over the candidates "
+          f"{plan['prediction_tau']}")
     for c in plan["candidates"]:
         pred = c["predicted_latency_s"] * 1e3 if c["predicted_latency_s"] else float("nan")
         meas = c["measured_latency_s"] * 1e3 if c["measured_latency_s"] else float("nan")

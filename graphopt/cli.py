@@ -316,6 +316,10 @@ def _print_plan(section: dict) -> None:
                       escape(note[:90]))
     err.print(table)
     err.print(f"plan: {escape(section['chosen'])}: {escape(section['why'])}", highlight=False)
+    if section.get("prediction_tau") is not None:
+        err.print(f"the cost model ranked the candidates with Kendall tau "
+                  f"{section['prediction_tau']:+.2f} against their measured latency "
+                  f"(timing noise {section['timing_noise']:.1%})", highlight=False)
     if section.get("slower_than_input"):
         err.print("[yellow]the result is slower than the input model here[/]")
 

@@ -220,11 +220,29 @@ def plan(setup: Setup, prepared: Model, goal: str,
         "chosen": chosen.label, "why": why,
         "input_latency_s": runner.input_latency,
         "timing_noise": round(runner.noise, 4),
+        "prediction_tau": _prediction_tau(candidates),
     }
     if chosen.measured_s is not None and runner.input_latency is not None \
             and chosen.measured_s > runner.input_latency * (1 + NOISE):
         section["slower_than_input"] = True
     return chosen, section
+
+
+def _prediction_tau(candidates: Sequence[Candidate]) -> float | None:
+    """Kendall's tau (tau-a) of the cost model's predicted latency against the measured
+    one over the distinct models built: how well the model ranked them here."""
+    pairs, seen = [], set()
+    for c in candidates:
+        if c.predicted_s is not None and c.measured_s is not None and c.digest not in seen:
+            seen.add(c.digest)
+            pairs.append((c.predicted_s, c.measured_s))
+    n = len(pairs)
+    if n < 3:
+        return None
+    concordance = sum(math.copysign(1, (a[0] - b[0]) * (a[1] - b[1]))
+                      for i, a in enumerate(pairs) for b in pairs[i + 1:]
+                      if (a[0] - b[0]) * (a[1] - b[1]) != 0)
+    return round(concordance / (n * (n - 1) / 2), 3)
 
 
 def _speed_gated() -> list[str]:

@@ -87,6 +87,7 @@ def test_plan_tries_structural_searches_and_budget_shares(planned):
     searched = [c for c in cands if c["rank_by"] and len(c["stages"]) >= 1
                 and all(s["flag"] in ("prune", "low-rank") for s in c["stages"])]
     assert {c["rank_by"] for c in searched} == {"latency", "flops"}
+    assert -1.0 <= report["plan"]["prediction_tau"] <= 1.0
     for c in cands:  # every built candidate measured every way
         assert c["score"] is not None and c["size_bytes"] > 0
         assert c["predicted_latency_s"] > 0 and c["measured_latency_s"] > 0
@@ -258,3 +259,18 @@ def test_size_goal_is_exact():
     a = cand("a", 2.0, 2.0, size=300)
     b = cand("b", 0.5, 0.5, size=301)
     assert choose([base, a, b], "size", base)[0] is a
+
+
+def test_prediction_tau_counts_each_model_once():
+    from graphopt.planner import _prediction_tau
+
+    def c(label, pred, meas, digest):
+        out = cand(label, meas, pred)
+        out.digest = digest
+        return out
+
+    same = [c("a", 1.0, 1.0, "x"), c("b", 2.0, 2.5, "y"), c("c", 3.0, 2.0, "z")]
+    assert _prediction_tau(same) == pytest.approx(1 / 3, abs=1e-3)  # 2 of 3 pairs agree
+    assert _prediction_tau(same + [c("a again", 1.0, 1.0, "x")]) == \
+        _prediction_tau(same)
+    assert _prediction_tau(same[:2]) is None
