@@ -320,9 +320,10 @@ class _Runner:
         protos = [self.setup.original, self.setup.original] + \
             [onnx.load_from_string(c.proto) for c in built]
         rounds: list[list[float | None]] = [[] for _ in protos]
-        for _ in range(TIMING_ROUNDS):
-            for i, proto in enumerate(protos):
-                rounds[i].append(self._time(proto))
+        for r in range(TIMING_ROUNDS):  # each round starts elsewhere: no model is always
+            for k in range(len(protos)):  # timed first (or right after the same one)
+                i = (k + r * len(protos) // TIMING_ROUNDS) % len(protos)
+                rounds[i].append(self._time(protos[i]))
         medians = [None if None in r else statistics.median(r) for r in rounds]
         first, second = medians[:2]
         if first is not None and second is not None:
