@@ -297,7 +297,7 @@ def _print_plan(section: dict) -> None:
                          else "right")
 
     def ms(value):
-        return "-" if value is None else f"{value * 1e3:.3f}"
+        return "-" if value is None else f"{value * 1e3:.3g}"
 
     for cand in section["candidates"]:
         mark = (">" if cand["label"] == section["chosen"] else " ") + \
@@ -313,7 +313,7 @@ def _print_plan(section: dict) -> None:
                                          for s in cand["stages"])))
         table.add_row(mark, escape(cand["label"]), score, f"{cand['size_bytes']:,}",
                       ms(cand["predicted_latency_s"]), ms(cand["measured_latency_s"]),
-                      escape(note[:90]))
+                      escape(note[:160]))
     err.print(table)
     err.print(f"plan: {escape(section['chosen'])}: {escape(section['why'])}", highlight=False)
     if section.get("prediction_tau") is not None:

@@ -173,7 +173,8 @@ def plan(setup: Setup, prepared: Model, goal: str,
                    and objective(c) < objective(baseline) * (1 - MIN_GAIN[goal])),
                   key=objective)
     second: list[Candidate] = []
-    if len(structural) > 1:  # each alone too, ranked as the better joint search was
+    if len(structural) > 1 and any(c.changed for c in searched):
+        # each alone too, ranked as the better joint search was
         rank = min((c for c in searched if c.ok and c.changed), key=objective,
                    default=searched[0]).rank_by
         second += [Candidate(_label([t], rank), [_stage(t, budget)], rank_by=rank)
