@@ -242,13 +242,22 @@ def infer_shapes(proto: onnx.ModelProto, strict: bool = False,
     return proto
 
 
-# Contrib ops neither ONNX's nor ONNX Runtime's shape inference follows, and the standard
-# op each has the output shape of (inputs and attributes it keeps): inference runs on the
-# skeleton with the stand-in, so the shapes after e.g. a FusedConv stay known.
+# Contrib ops neither ONNX's nor ONNX Runtime's shape inference follows (or not past
+# them), and the standard op each has the output shape of: (op, inputs kept, attributes
+# kept (None: all but the op's own), input cast to float first or None). Inference runs
+# on the skeleton with the stand-ins, so the shapes after e.g. a FusedConv or a
+# DynamicQuantizeMatMul stay known. Ops whose output has their first input's shape
+# (attention, GELU forms) stand in as Identity when they have one output.
 _STAND_INS = {
-    ("com.microsoft", "FusedConv"): ("Conv", 3, {"activation", "activation_params"}),
+    ("com.microsoft", "FusedConv"): ("Conv", 3, {"activation", "activation_params"}, None),
     ("com.microsoft", "FusedGemm"): ("Gemm", 3, {"activation", "activation_alpha",
-                                                  "activation_beta", "activation_gamma"}),
+                                                  "activation_beta", "activation_gamma"},
+                                     None),
+    ("com.microsoft", "DynamicQuantizeMatMul"): ("MatMul", 2, set(), 1),
+    ("com.microsoft", "QAttention"): ("Identity", 1, set(), 0),  # (its input is uint8)
+    ("com.microsoft", "Attention"): ("Identity", 1, set(), None),
+    ("com.microsoft", "BiasGelu"): ("Identity", 1, set(), None),
+    ("com.microsoft", "FastGelu"): ("Identity", 1, set(), None),
 }
 
 
@@ -256,16 +265,32 @@ def _standard_stand_ins(graph: onnx.GraphProto) -> None:
     """Swap the nodes of ``_STAND_INS`` for their standard stand-ins, in place (on a
     skeleton: the model itself keeps its ops)."""
     for g in _all_graphs(graph):
+        nodes = []
         for node in g.node:
             stand_in = _STAND_INS.get((node.domain, node.op_type))
-            if stand_in is None:
+            if stand_in is None or (stand_in[0] == "Identity" and
+                                    len([o for o in node.output if o]) > 1):
+                nodes.append(node)
                 continue
-            op, inputs, dropped = stand_in
-            kept = [a for a in node.attribute if a.name not in dropped]
+            op, inputs, dropped, cast = stand_in
+            kept = [a for a in node.attribute if a.name not in dropped] if dropped else []
             del node.input[inputs:]
+            if cast is not None:
+                floated = f"{node.input[cast]}__as_float_{len(nodes)}"
+                nodes.append(onnx.helper.make_node("Cast", [node.input[cast]], [floated],
+                                                   to=onnx.TensorProto.FLOAT))
+                node.input[cast] = floated
+            del node.output[1:]
             del node.attribute[:]
             node.attribute.extend(kept)
             node.op_type, node.domain = op, ""
+            nodes.append(node)
+        if len(nodes) != len(g.node):
+            copies = [onnx.NodeProto() for _ in nodes]
+            for copy, node in zip(copies, nodes):
+                copy.CopyFrom(node)
+            del g.node[:]
+            g.node.extend(copies)
 
 
 def skeleton(proto: onnx.ModelProto, max_elements: int = 1024) -> onnx.ModelProto:

@@ -200,3 +200,34 @@ def test_constant_shared_by_subgraphs_is_stored_once():
         feeds = {"c": np.array(c), "x": x}
         np.testing.assert_allclose(verify.run(twice, feeds)["y"], verify.run(proto, feeds)["y"],
                                    rtol=1e-6)
+
+
+def test_shapes_pass_contrib_ops_by_stand_ins():
+    """DynamicQuantizeMatMul (int8 weight), QAttention and BiasGelu: neither ONNX's nor
+    ORT's inference follows all of them; the shapes after them stay known, the model
+    keeps its ops."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphopt.ir import infer_shapes
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.integers(-8, 8, (64, 32)).astype(np.int8), "w")
+    scale = numpy_helper.from_array(np.array([0.1], np.float32), "s")
+    bias = numpy_helper.from_array(np.zeros(32, np.float32), "b")
+    nodes = [helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "", "b"], ["y"],
+                              domain="com.microsoft"),
+             helper.make_node("BiasGelu", ["y", "b"], ["g"], domain="com.microsoft"),
+             helper.make_node("Relu", ["g"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["batch", 7, 64])], [helper.make_tensor_value_info(
+            "out", TensorProto.FLOAT, None)], [w, scale, bias])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    infer_shapes(proto)
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in proto.graph.value_info}
+    assert shapes["y"] == ["batch", 7, 32] and shapes["g"] == ["batch", 7, 32]
+    assert [n.op_type for n in proto.graph.node] == ["DynamicQuantizeMatMul", "BiasGelu",
+                                                     "Relu"]
+    assert [d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim][1:] == \
+        [7, 32]
