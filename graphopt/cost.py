@@ -238,6 +238,8 @@ def op_key(node: gs.Node) -> tuple[str, str, str]:
         else:
             kind = "spatial"
         return "conv", dtype, kind
+    if op == "DynamicQuantizeMatMul":  # its input quantized at run time: its own class
+        return "matmul", "int8", "dynamic"
     if op in _MATMUL:
         b = node.inputs[1] if len(node.inputs) > 1 else None
         constant = b is not None and (isinstance(b, gs.Constant) or _from_dequantize(b)

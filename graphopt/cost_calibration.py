@@ -140,6 +140,12 @@ class CalibratedCostModel(AnalyticCostModel):
         op_s, quant_s = int8_roofline(node, device, dynamic)
         family, _, kind = op_key(node)
         cal = self.calibration
+        if dynamic and family == "matmul" and kind == "weights":
+            # DynamicQuantizeMatMul: quantizing its input is part of the measured class
+            key = (family, "int8", "dynamic")
+            if "/".join(key) in cal.points:
+                return cal.node_overhead_s + cal.factor(key, op_s + quant_s, op_width(
+                    node)) * (op_s + quant_s)
         return 2 * cal.node_overhead_s + \
             cal.factor((family, "int8", kind), op_s, op_width(node)) * op_s + \
             cal.factor(QUANTIZE, quant_s) * quant_s

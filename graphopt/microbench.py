@@ -238,6 +238,24 @@ def _int8_matmul(k: int, n_out: int):
     return step
 
 
+def _dynamic_matmul(k: int, n_out: int):
+    """com.microsoft DynamicQuantizeMatMul (what quantize-int8-dynamic writes): the
+    float input quantized at run time, int8 per-column weights, a float bias."""
+    def step(i, x, rng):
+        rows, cols = (k, n_out) if i % 2 == 0 else (n_out, k)
+        w = _rand(rng, rows, cols, scale=rows ** -0.5)
+        scale = np.abs(w).max(0) / 127 + 1e-12
+        inits = [numpy_helper.from_array(np.round(w / scale).astype(np.int8), f"w{i}"),
+                 numpy_helper.from_array(scale.astype(np.float32), f"s{i}"),
+                 numpy_helper.from_array(np.zeros(cols, np.int8), f"z{i}"),
+                 numpy_helper.from_array(_rand(rng, cols, scale=0.1), f"b{i}")]
+        node = helper.make_node("DynamicQuantizeMatMul", [x, f"w{i}", f"s{i}", f"z{i}",
+                                                          f"b{i}"], [f"t{i}"],
+                                domain=MICROSOFT)
+        return [node], inits, f"t{i}"
+    return step
+
+
 def _alternating(rows: int, k: int, n_out: int):
     return lambda n: [rows, k if n % 2 == 0 else n_out]
 
@@ -373,4 +391,7 @@ def suite(quick: bool = False) -> list[Probe]:
     for rows, k, n_out in int8_gemms:
         probes.append(Probe(f"Int8Gemm-{rows}x{k}x{n_out}", _chain(
             [rows, k], _int8_matmul(k, n_out), out_shape=_alternating(rows, k, n_out))))
+        probes.append(Probe(f"DynamicInt8MatMul-{rows}x{k}x{n_out}", _chain(
+            [rows, k], _dynamic_matmul(k, n_out), ms=True,
+            out_shape=_alternating(rows, k, n_out))))
     return probes
