@@ -204,9 +204,10 @@ def plan(setup: Setup, prepared: Model, goal: str,
                     _label(techs_of_best, best.rank_by, share) + f" + {tech.label}",
                     [_stage(t, early) for t in techs_of_best] + [_stage(tech, budget)],
                     rank_by=best.rank_by, early_budget=early))
-        runner.build(combos)
-        candidates += combos
-        runner.time(candidates)  # all again, interleaved: one comparable set of times
+        if combos:
+            runner.build(combos)
+            candidates += combos
+            runner.time(candidates)  # all again, interleaved: one comparable set of times
     chosen, why = choose(candidates, goal, baseline, runner.noise)
     _mark_frontier(candidates)
     runner.keep_run(chosen)
