@@ -34,8 +34,10 @@ class Job:
     options: dict = field(default_factory=dict)  # pass name -> {option: value}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Built:
+    """What building a candidate found (``build``)."""
+
     proto: bytes | None = None
     stages: list[dict] = field(default_factory=list)
     changed: bool = False
@@ -76,9 +78,8 @@ def build(job: Job) -> Built:
     out.with_sites = with_sites(run)
     proto = run.model.to_onnx()
     if out.changed:
-        feeds = setup.lossy_data.check_feeds or setup.data
-        check = verify_lossy(setup.original, proto, feeds, setup.lossy_data.budget,
-                             setup.metric)
+        check = verify_lossy(setup.original, proto, setup.lossy_feeds,
+                             setup.lossy_data.budget, setup.metric)
         out.score, out.ok = check.get("score"), check.get("ok") is True
     else:  # the lossless result: verified like any lossless result, by optimize
         out.score, out.ok = 1.0, True
@@ -116,26 +117,31 @@ def with_sites(run: Transformed) -> set[str]:
 
 def stage_status(stage: dict, run: Transformed) -> None:
     """What the stage's pass did in ``run``: its trace status (for one part of a joint
-    search: changed if one of its sites did) and reason."""
+    search: changed if one of its sites did) and the reason it gave."""
     entry = next((e for e in reversed(run.manager.trace)
                   if stage["pass"] in e.pass_name.split("+")), None)
     stage["status"] = entry.status if entry else "not run"
     if entry is None:
         return
     stats = entry.stats or {}
-    skipped = stats.get("skipped")
     reason = entry.reason or stats.get("reason") or \
         (stats.get("compression") or {}).get("reason") or \
-        (skipped if isinstance(skipped, str) else None) or \
-        (f"{len(skipped)} site(s) skipped, e.g. {next(iter(skipped))}: "
-         f"{next(iter(skipped.values()))}" if isinstance(skipped, dict) and skipped
-         and not entry.changed else None)
+        (None if entry.changed else _skipped(stats.get("skipped")))
     if reason:
         stage["reason"] = reason
     if entry.changed and "+" in entry.pass_name:
         sites = (stats.get("compression") or {}).get("sites") or {}
         mine = [v for k, v in sites.items() if k.startswith(stage["pass"] + ":")]
         stage["status"] = "changed" if any(v.get("changed") for v in mine) else "unchanged"
+
+
+def _skipped(skipped: str | dict | None) -> str | None:
+    """A quantizer's ``skipped`` stats in one line: the whole pass's reason, or how many
+    sites and the first one's."""
+    if not skipped or isinstance(skipped, str):
+        return skipped or None
+    name, why = next(iter(skipped.items()))
+    return f"{len(skipped)} site(s) skipped, e.g. {name}: {why}"
 
 
 def model_bytes(proto: onnx.ModelProto) -> int:

@@ -135,24 +135,20 @@ def roofline(node: gs.Node, device: Device) -> tuple[float, float, float]:
     int8 = quantized(node)
     inputs = [t.inputs[0].inputs[0] if int8 and _from_dequantize(t) else t
               for t in node.inputs]
-    outputs = [_Quantized(t) if int8 and _quantized_next(t) else t for t in node.outputs]
-    moved = 0.0 if node.op in _FREE else float(sum(tensor_bytes(t) for t in
-                                                   [*inputs, *outputs]))
+    # an int8 op's output that only a QuantizeLinear reads (through a Relu or not) is
+    # written as int8 by the runtime: one byte per element
+    moved = 0.0 if node.op in _FREE else float(
+        sum(tensor_bytes(t) for t in inputs) +
+        sum(numel(t) if int8 and _quantized_next(t) else tensor_bytes(t)
+            for t in node.outputs))
     dtype = "int8" if int8 else \
         _dtype_name(node.outputs[0]) if node.outputs else "float32"
     compute_s = flops / (device.peak(dtype) * _EFFICIENCY.get(node.op, 0.25))
     return flops, moved, max(compute_s, moved / device.bandwidth)
 
 
-class _Quantized:
-    """An int8 op's float output that the runtime writes as int8 (one byte per element)
-    because only a QuantizeLinear reads it (through a Relu it fuses, or not)."""
-
-    def __init__(self, tensor: gs.Tensor):
-        self.name, self.shape, self.dtype = tensor.name, tensor.shape, np.int8
-
-
 def _quantized_next(tensor: gs.Tensor) -> bool:
+    """Whether only QuantizeLinear nodes read ``tensor`` (directly or through a Relu)."""
     readers = list(tensor.outputs)
     if len(readers) == 1 and readers[0].op == "Relu":
         readers = list(readers[0].outputs[0].outputs)

@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx_graphsurgeon.ir.tensor import SparseValues
 
-from graphopt import external_data
+from graphopt import external_data, stand_ins
 from graphopt.errors import ModelError
 from graphopt.external_data import all_graphs as _all_graphs
 from graphopt.external_data import all_nodes as _all_nodes  # noqa: F401 - model_check
@@ -226,7 +226,7 @@ def infer_shapes(proto: onnx.ModelProto, strict: bool = False,
     ``symbolic=True`` adds ONNX Runtime's symbolic shape inference.
     """
     light = skeleton(proto)
-    _standard_stand_ins(light.graph)
+    stand_ins.apply(list(_all_graphs(light.graph)))
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=strict,
                                                      data_prop=True)
@@ -240,93 +240,6 @@ def infer_shapes(proto: onnx.ModelProto, strict: bool = False,
         for out, inferred_out in zip(full.output, skel.output):
             out.type.CopyFrom(inferred_out.type)
     return proto
-
-
-# Contrib ops neither ONNX's nor ONNX Runtime's shape inference follows (or not past
-# them), and the standard op each has the output shape of: (op, inputs kept, attributes
-# kept (None: all but the op's own), input cast to float first or None). Inference runs
-# on the skeleton with the stand-ins, so the shapes after e.g. a FusedConv or a
-# DynamicQuantizeMatMul stay known. Ops whose output has their first input's shape
-# (GELU forms; not attention: pruned heads narrow its output) stand in as Identity when
-# they have one output.
-_STAND_INS = {
-    ("com.microsoft", "FusedConv"): ("Conv", 3, {"activation", "activation_params"}, None),
-    ("com.microsoft", "FusedGemm"): ("Gemm", 3, {"activation", "activation_alpha",
-                                                  "activation_beta", "activation_gamma"},
-                                     None),
-    ("com.microsoft", "DynamicQuantizeMatMul"): ("MatMul", 2, set(), 1),
-    ("com.microsoft", "BiasGelu"): ("Identity", 1, set(), None),
-    ("com.microsoft", "FastGelu"): ("Identity", 1, set(), None),
-}
-
-
-_ATTENTION = {("com.microsoft", "Attention"): False, ("com.microsoft", "QAttention"): True}
-
-
-def _attention_stand_in(graph: onnx.GraphProto, node: onnx.NodeProto, quantized: bool,
-                        index: int) -> list[onnx.NodeProto] | None:
-    """(Q)Attention's output, [batch, sequence, v_hidden], as a MatMul of its (float)
-    input by a typed stand-in weight [hidden, v_hidden] added as a graph input: v_hidden
-    from ``qkv_hidden_sizes`` or a third of the weight's columns (pruned heads narrow
-    it). ``None`` when the weight's shape is not at hand or it has more outputs."""
-    if len([o for o in node.output if o]) != 1 or len(node.input) < 2:
-        return None
-    dims = next(([d.dim_value for d in v.type.tensor_type.shape.dim]
-                 for v in graph.input if v.name == node.input[1]), None) or \
-        next((list(t.dims) for t in graph.initializer if t.name == node.input[1]), None)
-    if not dims or len(dims) != 2 or not all(dims):
-        return None
-    sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"),
-                 None)
-    v_hidden = sizes[2] if sizes and len(sizes) == 3 else dims[1] // 3
-    stub = f"{node.name or node.output[0]}__stand_in_weight_{index}"
-    graph.input.append(onnx.helper.make_tensor_value_info(
-        stub, onnx.TensorProto.FLOAT, [dims[0], v_hidden]))
-    x, out = node.input[0], []
-    if quantized:  # its input is uint8
-        out.append(onnx.helper.make_node("Cast", [x], [f"{stub}_x"],
-                                         to=onnx.TensorProto.FLOAT))
-        x = f"{stub}_x"
-    out.append(onnx.helper.make_node("MatMul", [x, stub], [node.output[0]],
-                                     name=node.name))
-    return out
-
-
-def _standard_stand_ins(graph: onnx.GraphProto) -> None:
-    """Swap the nodes of ``_STAND_INS`` for their standard stand-ins, in place (on a
-    skeleton: the model itself keeps its ops)."""
-    for g in _all_graphs(graph):
-        nodes = []
-        for node in g.node:
-            attention = _ATTENTION.get((node.domain, node.op_type))
-            if attention is not None and g is graph:
-                replaced = _attention_stand_in(g, node, attention, len(nodes))
-                nodes.extend(replaced or [node])
-                continue
-            stand_in = _STAND_INS.get((node.domain, node.op_type))
-            if stand_in is None or (stand_in[0] == "Identity" and
-                                    len([o for o in node.output if o]) > 1):
-                nodes.append(node)
-                continue
-            op, inputs, dropped, cast = stand_in
-            kept = [a for a in node.attribute if a.name not in dropped] if dropped else []
-            del node.input[inputs:]
-            if cast is not None:
-                floated = f"{node.input[cast]}__as_float_{len(nodes)}"
-                nodes.append(onnx.helper.make_node("Cast", [node.input[cast]], [floated],
-                                                   to=onnx.TensorProto.FLOAT))
-                node.input[cast] = floated
-            del node.output[1:]
-            del node.attribute[:]
-            node.attribute.extend(kept)
-            node.op_type, node.domain = op, ""
-            nodes.append(node)
-        if len(nodes) != len(g.node):
-            copies = [onnx.NodeProto() for _ in nodes]
-            for copy, node in zip(copies, nodes):
-                copy.CopyFrom(node)
-            del g.node[:]
-            g.node.extend(copies)
 
 
 def skeleton(proto: onnx.ModelProto, max_elements: int = 1024) -> onnx.ModelProto:

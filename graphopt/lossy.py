@@ -82,7 +82,7 @@ def with_schemes(spec: Any, chosen: Mapping[str, Sequence[str] | str | None],
             if "measure" not in option_fields(registry.get(name)):
                 raise UsageError(f"--measure is not supported by {name}")
             name += "(measure=true)"
-        (early if registry.get(name.partition("(")[0]).scheme_order < EARLY_BELOW
+        (early if runs_early(registry.get(name.partition("(")[0]))
          else late).append(name)
     if measure and "quantize" not in chosen:
         raise UsageError("--measure needs --quantize")
@@ -102,6 +102,15 @@ def with_schemes(spec: Any, chosen: Mapping[str, Sequence[str] | str | None],
 
 # Schemes whose passes' ``scheme_order`` is below this run before the target's fusions.
 EARLY_BELOW = 50
+
+
+def runs_early(p) -> bool:
+    """Whether the lossy scheme pass ``p`` (class or instance) is structural: it runs on
+    the cleaned-up graph, before the target's fusions (pruning, low-rank; a joint
+    search of such passes too), not after the whole pipeline (quantizers)."""
+    parts = getattr(p, "parts", None) or [p]
+    return all(not q.lossless and getattr(q, "scheme", None) is not None
+               and q.scheme_order < EARLY_BELOW for q in parts)
 
 
 def parse_items(spec: Any) -> list[tuple[str, Any]]:

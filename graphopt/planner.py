@@ -39,9 +39,10 @@ measured latency) and the one chosen.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import onnx
@@ -49,13 +50,12 @@ import onnx
 from graphopt.candidates import Built, Job, build, job_setup
 from graphopt.errors import GraphoptError
 from graphopt.ir import Model
-from graphopt.lossy import EARLY_BELOW, schemes
+from graphopt.lossy import runs_early, schemes
 from graphopt.registry import pass_registry
 from graphopt import verify
-from graphopt.transform import Setup, Transformed, cost_shapes
+from graphopt.transform import Setup, cost_shapes
 from graphopt.workers import Workers
 
-PLAN_GOALS = ("latency", "size", "balanced", "flops")
 SHARES = (0.5, 0.8)  # shares of the budget the structural search gets before a quantizer
 # what the structural search saves first, per goal (each tried, measured)
 RANKINGS = {"latency": ("latency", "flops"), "balanced": ("latency", "flops"),
@@ -78,34 +78,20 @@ class Technique:
 
 
 @dataclass
-class Candidate:
-    label: str
-    stages: list[dict]
+class Candidate(Built):
+    """A plan to build (label, ``stages``, how) and, once built and timed, its figures."""
+
+    label: str = ""
     rank_by: str | None = None  # what the compression search saved first
     early_budget: float | None = None  # the structural stages' budget
-    run: Transformed | None = None
-    proto: bytes | None = None
-    digest: str = ""
-    with_sites: set = field(default_factory=set)
-    score: float | None = None
-    ok: bool = False
-    changed: bool = False
-    size_bytes: int = 0
-    flops: float = 0.0
-    predicted_s: float | None = None
     measured_s: float | None = None
-    seconds: float = 0.0
-    error: str | None = None
     frontier: bool = False
-    notes: list[str] = field(default_factory=list)
 
     def take(self, built: Built) -> None:
-        """The figures of a ``candidates.build``."""
-        for name in ("stages", "changed", "score", "ok", "size_bytes", "flops",
-                     "predicted_s", "seconds", "error", "with_sites", "digest", "proto"):
-            setattr(self, name, getattr(built, name))
-        if built.run is not None:
-            self.run = built.run
+        """The figures of a ``candidates.build`` (its run, when it kept one)."""
+        for f in dataclasses.fields(Built):
+            if f.name != "run" or built.run is not None:
+                setattr(self, f.name, getattr(built, f.name))
 
     def to_dict(self) -> dict:
         return {"label": self.label, "stages": self.stages, "rank_by": self.rank_by,
@@ -116,8 +102,7 @@ class Candidate:
                 "measured_latency_s": self.measured_s,
                 "seconds": round(self.seconds, 2), "pareto": self.frontier,
                 "model_hash": self.digest,
-                **({"error": self.error} if self.error else {}),
-                **({"notes": self.notes} if self.notes else {})}
+                **({"error": self.error} if self.error else {})}
 
 
 def techniques(target, named: dict[str, list[str]] | None = None) -> list[Technique]:
@@ -134,7 +119,7 @@ def techniques(target, named: dict[str, list[str]] | None = None) -> list[Techni
             cls = registry.get(name)
             if cls.emits and not any(target.supports(op, d) for d, op in cls.emits):
                 continue
-            out.append(Technique(flag, value, name, cls.scheme_order < EARLY_BELOW))
+            out.append(Technique(flag, value, name, runs_early(cls)))
     return out
 
 
@@ -150,12 +135,12 @@ def plan(setup: Setup, prepared: Model, goal: str,
     structural = [t for t in techs if t.structural]
     budget = setup.lossy_data.budget
     runner = _Runner(setup, prepared, workers, goal)
-    baseline = Candidate("lossless", [])
-    singles = [Candidate(t.label, [_stage(t, budget)]) for t in quantizers]
+    baseline = Candidate(label="lossless")
+    singles = [Candidate(label=t.label, stages=[_stage(t, budget)]) for t in quantizers]
     # The search ranks sites by damage per predicted saving; where the cost model is
     # unsure of a layer (few channels, int8), FLOPs can rank better: both are tried and
     # measured.
-    searched = [Candidate("", [_stage(t, budget) for t in structural], rank_by=rank)
+    searched = [Candidate(stages=[_stage(t, budget) for t in structural], rank_by=rank)
                 for rank in (RANKINGS[goal] if structural else ())]
     runner.build([baseline, *singles, *searched])
     base = baseline.score if baseline.score is not None else 1.0
@@ -177,13 +162,13 @@ def plan(setup: Setup, prepared: Model, goal: str,
         # each alone too, ranked as the better joint search was
         rank = min((c for c in searched if c.ok and c.changed), key=objective,
                    default=searched[0]).rank_by
-        second += [Candidate(_label([t], rank), [_stage(t, budget)], rank_by=rank)
-                   for t in structural]
+        second += [Candidate(label=_label([t], rank), stages=[_stage(t, budget)],
+                             rank_by=rank) for t in structural]
     # two quantizers in a row (int4 weights, then int8 for what int4 leaves: the
     # embedding table), the better one alone first; of the best three that paid
     top = paid[:3]
-    second += [Candidate(f"{a.label} + {b.label}", [_fresh(a.stages[0]),
-                                                     _fresh(b.stages[0])])
+    second += [Candidate(label=f"{a.label} + {b.label}",
+                         stages=[_fresh(a.stages[0]), _fresh(b.stages[0])])
                for i, a in enumerate(top) for b in top[i + 1:]]
     if second:
         runner.build(second)
@@ -201,8 +186,8 @@ def plan(setup: Setup, prepared: Model, goal: str,
             for share in SHARES:
                 early = base - share * (base - budget)
                 combos.append(Candidate(
-                    _label(techs_of_best, best.rank_by, share) + f" + {tech.label}",
-                    [_stage(t, early) for t in techs_of_best] + [_stage(tech, budget)],
+                    label=_label(techs_of_best, best.rank_by, share) + f" + {tech.label}",
+                    stages=[_stage(t, early) for t in techs_of_best] + [_stage(tech, budget)],
                     rank_by=best.rank_by, early_budget=early))
         if combos:
             runner.build(combos)
@@ -231,20 +216,17 @@ def plan(setup: Setup, prepared: Model, goal: str,
 
 
 def _prediction_tau(candidates: Sequence[Candidate]) -> float | None:
-    """Kendall's tau (tau-a) of the cost model's predicted latency against the measured
-    one over the distinct models built: how well the model ranked them here."""
-    pairs, seen = [], set()
-    for c in candidates:
-        if c.predicted_s is not None and c.measured_s is not None and c.digest not in seen:
-            seen.add(c.digest)
-            pairs.append((c.predicted_s, c.measured_s))
-    n = len(pairs)
-    if n < 3:
+    """Kendall's tau of the cost model's predicted latency against the measured one over
+    the distinct models built: how well the model ranked them here."""
+    from scipy.stats import kendalltau
+
+    pairs = {c.digest: (c.predicted_s, c.measured_s) for c in candidates
+             if c.predicted_s is not None and c.measured_s is not None}
+    if len(pairs) < 3:
         return None
-    concordance = sum(math.copysign(1, (a[0] - b[0]) * (a[1] - b[1]))
-                      for i, a in enumerate(pairs) for b in pairs[i + 1:]
-                      if (a[0] - b[0]) * (a[1] - b[1]) != 0)
-    return round(concordance / (n * (n - 1) / 2), 3)
+    predicted, measured = zip(*pairs.values())
+    tau = kendalltau(predicted, measured).statistic
+    return None if math.isnan(tau) else round(float(tau), 3)
 
 
 def _speed_gated() -> list[str]:
@@ -281,7 +263,7 @@ class _Runner:
         self.options = {name: {"require-speedup": False} for name in _speed_gated()} \
             if goal == "size" else {}
         self.prepared = prepared.to_onnx().SerializeToString()
-        feeds = setup.lossy_data.check_feeds or setup.data
+        feeds = setup.lossy_feeds
         self.shapes = cost_shapes(feeds, setup.input_shapes)
         self.timing = feeds[0] if feeds and self.shapes == cost_shapes(feeds, None) else \
             verify.probe_inputs(setup.original, seed=setup.seed, shapes=self.shapes)[0]

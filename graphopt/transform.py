@@ -12,11 +12,11 @@ from typing import Any, Mapping, Sequence
 import onnx
 
 from graphopt import verify
-from graphopt.compression import CompressionPass, JointCompression, join_compression
+from graphopt.compression import CompressionPass, join_compression
 from graphopt.cost import CostModel
 from graphopt.errors import UsageError
 from graphopt.ir import Model
-from graphopt.lossy import EARLY_BELOW, LossyData, lossy_passes, with_schemes
+from graphopt.lossy import LossyData, lossy_passes, runs_early, with_schemes
 from graphopt.manager import PassManager
 from graphopt.metric import Metric
 from graphopt.pass_infra import Pass, PassContext, PassResult
@@ -48,6 +48,12 @@ class Setup:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("graphopt"))
     data: list[verify.Feeds] | None = None  # the user's verification inputs
     input_shapes: dict[str, list[int]] | None = None
+
+    @property
+    def lossy_feeds(self) -> list[verify.Feeds] | None:
+        """What a lossy result is checked on (the pass manager, the planner, the final
+        verification): the user's inputs, else the validation (calibration) batches."""
+        return self.data or self.lossy_data.check_feeds
 
 
 @dataclass
@@ -84,14 +90,6 @@ class Budgeted(Pass):
 
     def __repr__(self) -> str:
         return f"{self.inner!r}[budget={self.budget:g}]"
-
-
-def early(p: Pass) -> bool:
-    """Whether ``p`` is a lossy pass of the structural kind that runs before the target's
-    fusions (pruning, low-rank: ``scheme_order`` below ``EARLY_BELOW``)."""
-    parts = p.parts if isinstance(p, JointCompression) else [p]
-    return not p.lossless and all(getattr(q, "scheme", None) and
-                                  q.scheme_order < EARLY_BELOW for q in parts)
 
 
 def transform(setup: Setup, working: Model, chosen: Mapping[str, Sequence[str] | str],
@@ -134,9 +132,9 @@ def transform(setup: Setup, working: Model, chosen: Mapping[str, Sequence[str] |
     if setup.recovery and any(isinstance(p, CompressionPass) for p in pipeline):
         ctx.recovery = recovery_pass(setup.recovery)
     if early_budget is not None:
-        pipeline = [Budgeted(p, early_budget) if early(p) else p for p in pipeline]
+        pipeline = [Budgeted(p, early_budget) if runs_early(p) else p for p in pipeline]
     lossy = lossy_passes(pipeline)
-    feeds = setup.data or (data.check_feeds if lossy else None) or \
+    feeds = (setup.lossy_feeds if lossy else setup.data) or \
         probe_or_none(setup.original, setup.seed, setup.input_shapes)
     ctx.input_shapes = cost_shapes(feeds, setup.input_shapes)
     manager = PassManager(pipeline, ctx, strict=setup.strict,

@@ -203,9 +203,9 @@ def test_constant_shared_by_subgraphs_is_stored_once():
 
 
 def test_shapes_pass_contrib_ops_by_stand_ins():
-    """DynamicQuantizeMatMul (int8 weight), QAttention and BiasGelu: neither ONNX's nor
-    ORT's inference follows all of them; the shapes after them stay known, the model
-    keeps its ops."""
+    """DynamicQuantizeMatMul (int8 weight), BiasGelu and an Attention with pruned heads:
+    ONNX's inference follows none of them; the shapes after them stay known (the
+    attention's narrower output too), the model keeps its ops."""
     from onnx import TensorProto, helper, numpy_helper
 
     from graphopt.ir import infer_shapes
@@ -214,20 +214,27 @@ def test_shapes_pass_contrib_ops_by_stand_ins():
     w = numpy_helper.from_array(rng.integers(-8, 8, (64, 32)).astype(np.int8), "w")
     scale = numpy_helper.from_array(np.array([0.1], np.float32), "s")
     bias = numpy_helper.from_array(np.zeros(32, np.float32), "b")
+    # an Attention whose heads were pruned: 32 wide in, 3 x 16 wide QKV, 16 wide out
+    qkv = numpy_helper.from_array(rng.standard_normal((32, 48)).astype(np.float32), "qkv")
+    qkv_b = numpy_helper.from_array(np.zeros(48, np.float32), "qkv_b")
     nodes = [helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "", "b"], ["y"],
                               domain="com.microsoft"),
              helper.make_node("BiasGelu", ["y", "b"], ["g"], domain="com.microsoft"),
-             helper.make_node("Relu", ["g"], ["out"])]
+             helper.make_node("Attention", ["g", "qkv", "qkv_b"], ["a"], num_heads=2,
+                              domain="com.microsoft"),
+             helper.make_node("Relu", ["a"], ["out"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
         "x", TensorProto.FLOAT, ["batch", 7, 64])], [helper.make_tensor_value_info(
-            "out", TensorProto.FLOAT, None)], [w, scale, bias])
+            "out", TensorProto.FLOAT, None)], [w, scale, bias, qkv, qkv_b])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)])
     infer_shapes(proto)
     shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in proto.graph.value_info}
     assert shapes["y"] == ["batch", 7, 32] and shapes["g"] == ["batch", 7, 32]
+    assert shapes["a"] == ["batch", 7, 16]
     assert [n.op_type for n in proto.graph.node] == ["DynamicQuantizeMatMul", "BiasGelu",
-                                                     "Relu"]
+                                                     "Attention", "Relu"]
     assert [d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim][1:] == \
-        [7, 32]
+        [7, 16]
+    assert [i.name for i in proto.graph.input] == ["x"]  # stand-in weights stay outside
