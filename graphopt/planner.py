@@ -298,8 +298,8 @@ class _Runner:
         """Time the input model and every built candidate on the target, in
         ``TIMING_ROUNDS`` interleaved rounds (load changes on the machine hit all alike);
         each gets the median of its rounds. The input is timed twice, in two sessions:
-        how far apart the same model's two figures land is the noise a gain must
-        exceed (``self.noise``)."""
+        how far apart the same model's two figures land (their medians, or the median
+        round) is the noise a gain must exceed (``self.noise``)."""
         built = [c for c in candidates if c.proto is not None]
         protos = [self.setup.original, self.setup.original] + \
             [onnx.load_from_string(c.proto) for c in built]
@@ -312,7 +312,11 @@ class _Runner:
         first, second = medians[:2]
         if first is not None and second is not None:
             self.input_latency = min(first, second)
-            self.noise = max(self.noise, abs(first - second) / min(first, second))
+            # the rounds' typical gap too, not only the medians': one gap is a small
+            # sample of the noise (at microseconds a 5% "gain" can be one session's luck)
+            gaps = [abs(a - b) / min(a, b) for a, b in zip(*rounds[:2])]
+            self.noise = max(self.noise, abs(first - second) / min(first, second),
+                             statistics.median(gaps))
         for cand, value in zip(built, medians[2:]):
             cand.measured_s = value
 

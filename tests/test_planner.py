@@ -143,9 +143,13 @@ def tiny_data() -> dict:
 
 def test_nothing_pays_on_a_tiny_mlp_and_it_says_so():
     """Sixteen-wide layers: int8 costs more than it saves (the cost model says so per
-    layer), nothing prunes within a 0.999 budget: the lossless result is kept."""
+    layer), nothing prunes within a 0.999 budget: the lossless result is kept. (fp16 is
+    left out: nothing gates it by cost, and whether an 8-microsecond model runs a few
+    percent faster in float16 is the CPU's and the timing's call, not a fixed fact.)"""
     result = graphopt.optimize(tiny_mlp(), goal="latency", calibration=tiny_data(),
-                               tolerance=0.999)
+                               tolerance=0.999, plan=True,
+                               schemes={"quantize": ["int8", "int8-dynamic"],
+                                        "prune": ["channels", "ffn"]})
     plan = result.report["plan"]
     assert plan["chosen"] == "lossless" and "stays lossless" in plan["why"]
     int8 = next(c for c in plan["candidates"] if c["label"] == "quantize int8")
