@@ -76,6 +76,18 @@ class CompressionPass(Pass):
 
     lossless = False
     technique: ClassVar[str] = "compress"
+    # Whether ``join_compression`` may search this pass's sites together with its
+    # neighbours' (a pass that cannot apply on top of another's narrowing says no).
+    joinable: ClassVar[bool] = True
+    # Whether the recovery pass re-fits what this pass changed (a quantizer that rounds
+    # with its own error compensation, GPTQ, is not re-fitted in float).
+    recoverable: ClassVar[bool] = True
+
+    def search_goal(self, ctx: PassContext) -> str:
+        """What a site's setting is judged to save (``latency``, ``flops``, ``size``):
+        the run's goal, unless the pass serves another (weight-only quantization saves
+        bytes whatever the goal, unless told to be faster too)."""
+        return ctx.goal
 
     @abstractmethod
     def sites(self, model: Model, ctx: PassContext) -> list[Site]:
@@ -93,6 +105,11 @@ class CompressionPass(Pass):
         into the metric's score. ``None`` (default): the core builds and measures each
         pair. Pairs left out are built and measured by the core."""
         return None
+
+    def not_sites(self) -> dict[str, int]:
+        """Optional: places that are not sites at all, counted by why (e.g. a MatMul of
+        two activations has no weight to quantize), after ``sites``; for the report."""
+        return {}
 
     def fixed_choice(self, sites: list[Site]) -> dict[str, Any] | None:
         """The settings the options fix (e.g. one ratio for every site), or ``None`` to let
@@ -133,13 +150,14 @@ class _Option:
     saved_s: float
     saved_flops: float
     saved_params: int
+    saved_bytes: int = 0  # of the weights as stored (a quantizer saves bytes, not params)
 
     def ratio(self, goal: str) -> float:
         """Damage per unit saved of ``goal`` (lower is a better deal). The metric may be
         coarse (top-1 on a few hundred samples moves in steps), so damage ranks by the
         metric first and the output error second."""
         gain = {"latency": self.saved_s, "flops": self.saved_flops,
-                "size": float(self.saved_params)}.get(goal, self.saved_s)
+                "size": float(self.saved_bytes)}.get(goal, self.saved_s)
         return (self.damage + 1e-3 * self.error) / gain if gain > 0 else float("inf")
 
 
@@ -163,10 +181,11 @@ class Driver:
         self.metric = ctx.metric or get_metric(None)
         self.budget = DEFAULT_BUDGET if ctx.tolerance is None else ctx.tolerance
         self.evaluations = 0
-        self.goal = ctx.goal
+        self.goal = compression.search_goal(ctx)
+        self.recovery = ctx.recovery if compression.recoverable else None
         # Measure each site alone after recovery too: what recovery can undo differs
         # from site to site, and unrecovered damage would rank them wrongly.
-        self.recover_alone = ctx.recovery is not None
+        self.recover_alone = self.recovery is not None
 
     # ------------------------------------------------------------------ data
     def _data(self, model: Model) -> tuple[list, str]:
@@ -215,10 +234,10 @@ class Driver:
         applied = self.cp.apply(model, dict(choice), self.ctx)
         kept = compose_kept(self.ctx.kept or {}, applied.kept)
         recovery = None
-        if recover and self.ctx.recovery is not None and choice:
+        if recover and self.recovery is not None and choice:
             saved = self.ctx.kept
             self.ctx.kept = kept
-            recoverer = self.ctx.recovery
+            recoverer = self.recovery
             if recover == "quick" and hasattr(recoverer, "quick"):
                 recoverer = self._quick = getattr(self, "_quick", None) or recoverer.quick()
             try:
@@ -241,10 +260,13 @@ class Driver:
         stats: dict = {"technique": self.cp.technique, "metric": self.metric.name,
                        "budget": self.budget, "data": data_text,
                        "refused": {s.name: s.refused for s in sites if s.refused}}
+        if self.cp.not_sites():
+            stats["not_sites"] = self.cp.not_sites()
         if not active:
             stats["reason"] = "no site can be compressed"
             return PassResult(False, {"compression": stats})
         base_cost = self._cost(model)
+        self.base_bytes = model.weight_bytes()
         self.base_score, _ = self.measure(model.to_onnx())
         fixed = self.cp.fixed_choice(active)
         if fixed is not None:
@@ -274,6 +296,8 @@ class Driver:
             "sites": self._site_report(active, best.choice, options),
             "applied": best.stats,
             "recovery": best.recovery,
+            "weight_bytes_before": self.base_bytes,
+            "weight_bytes_after": model.weight_bytes(),
         })
         if base_cost is not None and after is not None:
             stats["cost"] = {"flops_before": base_cost.flops, "flops_after": after.flops,
@@ -309,7 +333,8 @@ class Driver:
                          base_cost.params - cost.params) if cost and base_cost else (0, 0, 0)
                 out[site.name].append(_Option(site.name, index, setting,
                                               max(self.base_score - score, 0.0), error,
-                                              *saved))
+                                              *saved,
+                                              self.base_bytes - cand.model.weight_bytes()))
                 damage = self.base_score - score
                 if damage > 0.5 or damage > 4 * slack:
                     break  # stronger settings only hurt more
@@ -412,6 +437,7 @@ class Driver:
                               "output_error_alone": float(f"{opt.error:.4g}"),
                               "flops_saved": opt.saved_flops,
                               "params_saved": int(opt.saved_params),
+                              "bytes_saved": int(opt.saved_bytes),
                               "predicted_latency_saved_s": float(f"{opt.saved_s:.4g}")})
             report[site.name] = entry
         return report
@@ -490,7 +516,8 @@ def join_compression(passes: list[Pass]) -> list[Pass]:
         run.clear()
 
     for p in passes:
-        if isinstance(p, CompressionPass) and not isinstance(p, JointCompression):
+        if isinstance(p, CompressionPass) and not isinstance(p, JointCompression) \
+                and p.joinable:
             run.append(p)
         else:
             flush()

@@ -24,6 +24,7 @@ _STAND_INS = {
                                                   "activation_beta", "activation_gamma"},
                                      None),
     ("com.microsoft", "DynamicQuantizeMatMul"): ("MatMul", 2, set(), 1),
+    ("com.microsoft", "GatherBlockQuantized"): ("Gather", 2, set(), 0),
     ("com.microsoft", "BiasGelu"): ("Identity", 1, set(), None),
     ("com.microsoft", "FastGelu"): ("Identity", 1, set(), None),
 }

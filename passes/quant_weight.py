@@ -58,17 +58,20 @@ more damping generalizes better). ``benchmarks/quant_weight.py`` has the full ta
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from graphopt.compression import Applied, CompressionPass, Site
 from graphopt.ir import Model
-from graphopt.pass_infra import Pass, PassContext, PassResult
+from graphopt.pass_infra import PassContext, PassResult
 from graphopt.passes._patterns import MICROSOFT, is_default_domain, upgrade_opset
 from graphopt.passes._weights import Linear, capture, drop_feeders, linears
 from graphopt.rewrite import constant_value, consumers, remove_node, tensor_names, unique_name
@@ -306,15 +309,63 @@ def qdq_constants(blocks: Blocks) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 # ====================================================================== the pass
-class QuantizeWeightInt4(Pass):
-    """Weight-only block quantization (int4/int8) of MatMul/Gemm constant weights."""
+@dataclass
+class Embedding:
+    """A Gather of rows of a constant [V, D] table (axis 0)."""
+
+    node: gs.Node
+    graph: gs.Graph
+    table: np.ndarray  # [V, D], float
+    source: gs.Constant
+
+    @property
+    def k(self) -> int:
+        return int(self.table.shape[1])
+
+    @property
+    def n(self) -> int:
+        return int(self.table.shape[0])
+
+
+def embeddings(model: Model, misses: Counter) -> list[Embedding]:
+    """Every Gather of a constant 2-D float table along its rows, that alone reads it
+    (a table tied to an output projection would be stored twice); ``misses`` counts why
+    other Gathers of constants are not."""
+    found = []
+    for graph in model.all_graphs():
+        for node in graph.nodes:
+            if node.op != "Gather" or not is_default_domain(node) or \
+                    not isinstance(node.inputs[0], gs.Constant):
+                continue
+            table = node.inputs[0]
+            value = np.asarray(table.values)
+            if value.ndim != 2 or value.dtype not in (np.float32, np.float16):
+                misses["table is not a 2-D float matrix"] += 1
+            elif int(node.attrs.get("axis", 0)) != 0:
+                misses["Gather along the table's columns"] += 1
+            elif len(consumers(table)) > 1 or table in graph.outputs:
+                misses["table also read elsewhere"] += 1
+            else:
+                found.append(Embedding(node, graph, value, table))
+    return found
+
+
+class QuantizeWeightInt4(CompressionPass):
+    """Weight-only block quantization (int4/int8) of MatMul/Gemm weights and embedding
+    tables, chosen per weight under the accuracy budget (a client of
+    ``graphopt.compression``): each weight is a site whose settings are float (32 bits),
+    int8 and int4 (with ``bits=4``). The core measures each weight's damage alone and
+    gives the most bytes to the weights that cost the least accuracy; ``per_layer=false``
+    quantizes every weight to ``bits`` (the result checked as a whole)."""
 
     name = "quantize-int4-weight"
     scheme = ("quantize", "int4-weight")
     scheme_order = 90  # after pruning and low-rank: quantize what is left
     family = "quantization"
-    lossless = False
-    # MatMulNBits is emitted only where the target runs it (checked at run time).
+    technique = "weight quantization"
+    joinable = False  # it applies on the fused graph, after the structural passes
+    recoverable = False  # GPTQ compensates its own rounding; no float re-fit
+    # MatMulNBits / GatherBlockQuantized are emitted only where the target runs them.
     emits = (("", "DequantizeLinear"),)
 
     @dataclass(frozen=True)
@@ -331,6 +382,9 @@ class QuantizeWeightInt4(Pass):
         clip_search: bool = True        # per block, shrink the range if that rounds better
         act_order: bool = True          # GPTQ: most active input channels first
         fold_bias: bool = True          # MatMulNBits takes a following Add's bias
+        embeddings: bool = True         # also embedding tables (Gather of a constant)
+        per_layer: bool = True          # bits per weight under the budget (else all)
+        require_speedup: bool = False   # judge by the goal's latency, not by bytes
 
         def __post_init__(self) -> None:
             if self.bits not in (4, 8):
@@ -347,87 +401,117 @@ class QuantizeWeightInt4(Pass):
             if not 0 <= self.accuracy_level <= 4:
                 raise ValueError("accuracy_level must be 0..4")
 
+    # ------------------------------------------------------------------ the contract
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        self._format_of = self._format(ctx)
+        self._gather_format = self._embedding_format(ctx)
+        self._blocks: dict = {}        # (site, bits, method, weight digest) -> Blocks
+        self._statistics: tuple | None = None  # (hessians, means) by input name
+        self._awq: dict = {}           # member node names -> scale or None
+        if self._format_of is None:
+            return PassResult(False, {"compression": {
+                "technique": self.technique,
+                "reason": "the target runs neither MatMulNBits nor DequantizeLinear"}})
+        return super().run(model, ctx)
+
+    def search_goal(self, ctx: PassContext) -> str:
+        return ctx.goal if self.options.require_speedup else "size"
+
+    def fixed_choice(self, sites: list[Site]) -> dict[str, Any] | None:
+        if self.options.per_layer:
+            return None
+        return {s.name: s.settings[-1] for s in sites}
+
+    def sites(self, model: Model, ctx: PassContext) -> list[Site]:
         opts = self.options
-        stats: dict = {"quantized": 0, "bits": opts.bits, "block_size": opts.block_size}
-        fmt = self._format(ctx)
-        if fmt is None:
-            stats["reason"] = "the target runs neither MatMulNBits nor DequantizeLinear"
-            return PassResult(changed=False, stats=stats)
         misses: Counter = Counter()
-        found = self._candidates(model, fmt, misses)
-        if not found:
-            stats["skipped"] = dict(misses)
-            return PassResult(changed=False, stats=stats)
-        if fmt == "qdq" and model.opset < QDQ_OPSET:
+        refused: dict[str, str] = {}
+        lins, embs = self._find(model, misses, refused)
+        upgrade = None
+        if self._needs_qdq(lins, embs) and model.opset < QDQ_OPSET:
+            upgrade = upgrade_opset(model.clone(), QDQ_OPSET)
+        settings = (32, 8, 4) if opts.bits == 4 else (32, 8)
+        out = []
+        for name, item in {**lins, **embs}.items():
+            kind = "embedding" if isinstance(item, Embedding) else "weight"
+            why = upgrade and f"blocked DequantizeLinear needs opset {QDQ_OPSET}: {upgrade}"
+            if kind == "embedding" and self._gather_format is None:
+                why = "the target runs neither GatherBlockQuantized nor DequantizeLinear"
+            out.append(Site(name, kind, settings, (item.node.name,), item.k * item.n,
+                            why or None, {"weight": item.source.name}))
+        out.extend(Site(name, "weight", (32,), (name,), refused=why)
+                   for name, why in refused.items())
+        self._misses = dict(misses)
+        return out
+
+    def apply(self, model: Model, choice: Mapping[str, Any], ctx: PassContext) -> Applied:
+        opts = self.options
+        chosen = {k: int(v) for k, v in choice.items() if int(v) != 32}
+        stats: dict = {"quantized": 0, "block_size": opts.block_size}
+        lins, embs = self._find(model, Counter(), {})
+        if self._needs_qdq([lins[k] for k in chosen if k in lins],
+                           [embs[k] for k in chosen if k in embs]) and \
+                model.opset < QDQ_OPSET:
             why = upgrade_opset(model, QDQ_OPSET)
             if why:
-                stats["reason"] = f"blocked DequantizeLinear needs opset {QDQ_OPSET}: {why}"
-                return PassResult(changed=False, stats=stats)
-            misses = Counter()
-            found = self._candidates(model, fmt, misses)
-
+                raise ValueError(f"blocked DequantizeLinear needs opset {QDQ_OPSET}: {why}")
+            lins, embs = self._find(model, Counter(), {})
         method = opts.method
-        hessians: dict[int, np.ndarray] = {}  # by id(node)
-        means: dict[str, np.ndarray] = {}     # by input name
         if method != "rtn" and not ctx.calibration:
             stats["note"] = f"no calibration data: {method} fell back to rtn"
             method = "rtn"
-        elif method != "rtn":
-            captured = [lin for lin in found if lin.graph is model.graph]
-            by_name, means = collect_statistics(model, captured, ctx.calibration)
-            hessians = {id(lin.node): by_name[lin.x.name] for lin in captured
-                        if lin.x.name in by_name}
-        ratios = CLIP_RATIOS if opts.clip_search else (1.0,)
-        baseline = sum(output_error(w, rtn(w, opts.bits, opts.block_size, opts.symmetric,
-                                           lin.weight.dtype, ratios).dequantize(),
-                                    hessians[id(lin.node)])
-                       for lin in found if id(lin.node) in hessians
-                       for w in [_effective_weight(lin)])
-        awq_nodes: set[int] = set()
-        if method == "awq":
-            awq_nodes = self._awq(model, found, hessians, means, stats)
-
+        hessians, means = self._hessians(model, lins, ctx) if method != "rtn" else ({}, {})
+        errors = {method: 0.0, "rtn": 0.0}  # tr(dW^T H dW), and what rtn would give
+        for name, bits in chosen.items():
+            lin = lins.get(name)
+            if lin is not None and lin.x.name in hessians and \
+                    hessians[lin.x.name].shape[0] == lin.k:
+                weight = _effective_weight(lin)
+                errors["rtn"] += output_error(weight, self._quantized(
+                    name, weight, bits, "rtn", None, lin.weight.dtype).dequantize(),
+                    hessians[lin.x.name])
+        awq = self._apply_awq(model, {k: lins[k] for k in chosen if k in lins},
+                              hessians, means, stats) if method == "awq" else {}
         names = tensor_names(model.all_graphs())
         node_names = {n.name for g in model.all_graphs() for n in g.nodes if n.name}
         before = after = 0
-        errors = {method: 0.0} if hessians else None
         used: Counter = Counter()
-        for lin in found:
-            weight = _effective_weight(lin)
-            hessian = hessians.get(id(lin.node))
-            dtype = lin.weight.dtype
-            if method == "gptq" and hessian is not None:
-                blocks = gptq(weight, hessian, opts.bits, opts.block_size, opts.symmetric,
-                              opts.damp, dtype, ratios, opts.act_order)
-                used["gptq"] += 1
+        by_bits: Counter = Counter()
+        for name, bits in chosen.items():
+            item = lins.get(name) or embs[name]
+            if isinstance(item, Embedding):
+                blocks = self._quantized(name, item.table.T.astype(np.float64), bits,
+                                         "rtn", None, item.table.dtype)
+                before += item.table.nbytes
+                after += _emit_gather(model, item, blocks, names, node_names,
+                                      self._gather_format)
+                used["rtn"] += 1
             else:
-                blocks = rtn(weight, opts.bits, opts.block_size, opts.symmetric, dtype, ratios)
-                used["awq" if id(lin.node) in awq_nodes else "rtn"] += 1
-            if errors is not None and hessian is not None:
-                errors[method] += output_error(weight, blocks.dequantize(), hessian)
-            before += lin.weight.nbytes
-            if fmt == "nbits":
-                after += self._emit_nbits(model, lin, blocks, names, node_names)
-            else:
-                after += self._emit_qdq(lin, blocks, names, node_names)
-        if errors is not None:
-            errors["rtn"] = baseline  # what rtn gives, for comparison
+                weight = _effective_weight(item)
+                hessian = awq.get(id(item.node), hessians.get(item.x.name))
+                if hessian is not None and hessian.shape[0] != item.k:
+                    hessian = None  # (an earlier pass narrowed it)
+                use = "gptq" if method == "gptq" and hessian is not None else "rtn"
+                blocks = self._quantized(name, weight, bits, use, hessian, item.weight.dtype)
+                used["awq" if id(item.node) in awq else use] += 1
+                if hessian is not None:
+                    errors[method] += output_error(weight, blocks.dequantize(), hessian)
+                before += item.weight.nbytes
+                after += _emit_nbits_node(model, item, blocks, names, node_names,
+                                          opts.accuracy_level, opts.fold_bias) \
+                    if self._format_of == "nbits" else \
+                    _emit_qdq_node(item, blocks, names, node_names)
+            by_bits[bits] += 1
+        if hessians and method != "rtn":
             stats["proxy_output_error"] = {k: float(f"{v:.6g}") for k, v in errors.items()}
-        stats.update(quantized=len(found), format=fmt, method=dict(used),
+        stats.update(quantized=len(chosen), bits=dict(sorted(by_bits.items())),
+                     embeddings=sum(1 for k in chosen if k in embs),
+                     format=self._format_of, method=dict(used),
                      weight_bytes_before=before, weight_bytes_after=after)
-        if misses:
-            stats["skipped"] = dict(misses)
-        return PassResult(changed=True, stats=stats)
+        return Applied(stats)
 
-    def _emit_nbits(self, model: Model, lin: Linear, blocks: Blocks, names: set[str],
-                    node_names: set[str]) -> int:
-        return _emit_nbits_node(model, lin, blocks, names, node_names,
-                                self.options.accuracy_level, self.options.fold_bias)
-
-    def _emit_qdq(self, lin: Linear, blocks: Blocks, names: set[str],
-                  node_names: set[str]) -> int:
-        return _emit_qdq_node(lin, blocks, names, node_names)
+    def not_sites(self) -> dict[str, int]:
+        return self._misses
 
     # ------------------------------------------------------------------ selection
     def _format(self, ctx: PassContext) -> str | None:
@@ -438,54 +522,115 @@ class QuantizeWeightInt4(Pass):
             return "qdq"
         return None
 
-    def _candidates(self, model: Model, fmt: str, misses: Counter) -> list[Linear]:
-        opts = self.options
-        found = []
-        for lin in linears(model, misses):
-            names = (lin.node.name or "", lin.source.name or "")
-            if any(fnmatch.fnmatchcase(n, pat) for pat in opts.exclude for n in names if n):
-                misses["excluded"] += 1
-            elif lin.k * lin.n < opts.min_size:
-                misses["smaller than min_size"] += 1
-            elif fmt == "nbits" and lin.node.op == "Gemm" and _gemm_bias(lin) is False:
-                misses["Gemm bias is not a constant vector"] += 1
-            elif fmt == "nbits" and lin.x.dtype is not None and \
-                    np.dtype(lin.x.dtype) != lin.weight.dtype:
-                misses["activation and weight types differ"] += 1
-            else:
-                found.append(lin)
-        return found
+    def _embedding_format(self, ctx: PassContext) -> str | None:
+        if not self.options.embeddings:
+            return None
+        fmt = self.options.format
+        if fmt in ("auto", "nbits") and ctx.supports("GatherBlockQuantized", MICROSOFT):
+            return "nbits"
+        if fmt in ("auto", "qdq") and ctx.supports("DequantizeLinear", ""):
+            return "qdq"
+        return None
 
-    # ------------------------------------------------------------------ AWQ
-    def _awq(self, model: Model, found: list[Linear], hessians: dict[int, np.ndarray],
-             means: dict[str, np.ndarray], stats: dict) -> set[int]:
-        """Search and apply activation-aware scales for the groups of weights whose input
-        can absorb them (``hessians`` follow the rescaling); returns the ids of the
-        nodes whose weights were scaled."""
+    def _needs_qdq(self, lins, embs) -> bool:
+        return bool((lins and self._format_of == "qdq") or
+                    (embs and self._gather_format == "qdq"))
+
+    def _find(self, model: Model, misses: Counter, refused: dict
+              ) -> tuple[dict[str, Linear], dict[str, Embedding]]:
+        """The weights to quantize by site name; ``refused``: name -> why not."""
+        opts = self.options
+        fmt = self._format_of
+        lins: dict[str, Linear] = {}
+        embs: dict[str, Embedding] = {}
+        found: list = list(linears(model, misses))
+        if opts.embeddings:
+            found += embeddings(model, misses)
+        for item in found:
+            names = (item.node.name or "", item.source.name or "")
+            name = _site_name(item, lins, embs)
+            if any(fnmatch.fnmatchcase(n, pat) for pat in opts.exclude for n in names if n):
+                refused[name] = "excluded"
+            elif item.k * item.n < opts.min_size:
+                misses["smaller than min_size"] += 1
+            elif isinstance(item, Embedding):
+                if item.k % opts.block_size:
+                    refused[name] = f"width {item.k} is not a multiple of block_size"
+                else:
+                    embs[name] = item
+            elif fmt == "nbits" and item.node.op == "Gemm" and _gemm_bias(item) is False:
+                refused[name] = "Gemm bias is not a constant vector"
+            elif fmt == "nbits" and item.x.dtype is not None and \
+                    np.dtype(item.x.dtype) != item.weight.dtype:
+                refused[name] = "activation and weight types differ"
+            else:
+                lins[name] = item
+        return lins, embs
+
+    # ------------------------------------------------------------------ numbers
+    def _quantized(self, name: str, weight: np.ndarray, bits: int, method: str,
+                   hessian: np.ndarray | None, dtype: np.dtype) -> Blocks:
+        """The blocks of ``weight`` ([K, N], float64), computed once per run."""
+        opts = self.options
+        digest = hashlib.blake2b(weight.tobytes(), digest_size=16).hexdigest()
+        key = (name, bits, method, digest, weight.shape)
+        if key not in self._blocks:
+            ratios = CLIP_RATIOS if opts.clip_search else (1.0,)
+            self._blocks[key] = gptq(weight, hessian, bits, opts.block_size, opts.symmetric,
+                                     opts.damp, dtype, ratios, opts.act_order) \
+                if method == "gptq" else \
+                rtn(weight, bits, opts.block_size, opts.symmetric, dtype, ratios)
+        return self._blocks[key]
+
+    def _hessians(self, model: Model, lins: dict[str, Linear], ctx: PassContext
+                  ) -> tuple[dict, dict]:
+        """``H`` and mean |x| of each weight's input (main graph), captured once per run
+        on the first model the pass applies to (the model the sites came from)."""
+        if self._statistics is None:
+            captured = [lin for lin in lins.values() if lin.graph is model.graph]
+            self._statistics = collect_statistics(model, captured, ctx.calibration)
+        return self._statistics
+
+    def _apply_awq(self, model: Model, chosen: dict[str, Linear], hessians: dict,
+                   means: dict, stats: dict) -> dict[int, np.ndarray]:
+        """Activation-aware scales for the groups of chosen weights whose input can
+        absorb them (searched once per group and run): the scaled nodes' ids, each with
+        the Hessian of its rescaled input."""
         from graphopt.passes.smoothquant import apply_scales, smoothable_groups
 
-        wanted = {id(lin.node): lin for lin in found}
-        scaled: set[int] = set()
+        wanted = {id(lin.node): lin for lin in chosen.values()}
+        scaled: dict[int, np.ndarray] = {}
         names = tensor_names(model.all_graphs())
         groups, _ = smoothable_groups(model)
         count = 0
         for group in groups:
             members = [wanted.get(id(lin.node)) for lin in group.linears]
-            if any(m is None or id(m.node) not in hessians for m in members) or \
+            if any(m is None or m.x.name not in hessians for m in members) or \
                     group.x.name not in means:
                 continue
-            hessian = hessians[id(members[0].node)]
-            scale = awq_search(members, hessian, means[group.x.name], self.options)
+            hessian = hessians[members[0].x.name]
+            key = tuple(m.node.name for m in members)
+            if key not in self._awq:
+                self._awq[key] = awq_search(members, hessian, means[group.x.name],
+                                            self.options)
+            scale = self._awq[key]
             if scale is None:
                 continue
             group.linears = members  # share the Linear objects: their weights get scaled
             apply_scales(group, scale, names)
             for lin in members:
-                hessians[id(lin.node)] = hessian / np.outer(scale, scale)
-                scaled.add(id(lin.node))
+                scaled[id(lin.node)] = hessian / np.outer(scale, scale)
             count += 1
         stats["awq_groups"] = count
         return scaled
+
+
+def _site_name(item, lins: dict, embs: dict) -> str:
+    name = item.node.name or item.source.name or "weight"
+    base, i = name, 1
+    while name in lins or name in embs:
+        name, i = f"{base}#{i}", i + 1
+    return name
 
 
 def _effective_weight(lin: Linear) -> np.ndarray:
@@ -642,3 +787,64 @@ def _emit_qdq_node(lin: Linear, blocks: Blocks, names: set[str], node_names: set
     return size
 
 
+
+
+def _emit_gather(model: Model, emb: Embedding, blocks: Blocks, names: set[str],
+                 node_names: set[str], fmt: str) -> int:
+    """Replace an embedding table [V, D] by its codes, quantized in blocks along D
+    (``blocks`` quantized ``table.T``): ``com.microsoft.GatherBlockQuantized`` (``nbits``:
+    only the gathered rows are dequantized) or ``DequantizeLinear`` (axis 1) feeding the
+    Gather. Returns the bytes stored."""
+    import ml_dtypes
+
+    hint = emb.source.name or emb.node.name or "table"
+    dtype = emb.table.dtype
+    scales = gs.Constant(unique_name(names, f"{hint}_scales"),
+                         np.ascontiguousarray(blocks.scales.T.astype(dtype)))  # [V, D/B]
+    if fmt == "nbits":
+        codes = blocks.codes[:blocks.k].T  # [V, D], unsigned
+        zeros = None if blocks.symmetric else blocks.zero_points.T
+        if blocks.bits == 4:  # int4 without zero points (0), uint4 with them
+            kind = ml_dtypes.uint4
+            if blocks.symmetric:
+                codes, kind = codes.astype(np.int16) - 8, ml_dtypes.int4
+            quant = _subbyte_constant
+        else:  # uint8; without zero points ORT takes 128, the symmetric offset
+            kind, quant = np.uint8, gs.Constant
+        inputs = [quant(unique_name(names, f"{hint}_Q{blocks.bits}"),
+                        np.ascontiguousarray(codes.astype(kind))),
+                  emb.node.inputs[1], scales]
+        if zeros is not None:
+            inputs.append(quant(unique_name(names, f"{hint}_zero_points"),
+                                np.ascontiguousarray(zeros.astype(kind))))
+        node = gs.Node("GatherBlockQuantized", domain=MICROSOFT,
+                       name=unique_name(node_names, f"{emb.node.name or 'Gather'}_Q"),
+                       attrs={"bits": blocks.bits, "block_size": blocks.block_size,
+                              "gather_axis": 0, "quantize_axis": 1},
+                       inputs=[], outputs=[])
+        index = next(i for i, n in enumerate(emb.graph.nodes) if n is emb.node)
+        output = emb.node.outputs[0]
+        emb.node.outputs.clear()
+        node.inputs.extend(inputs)
+        node.outputs.append(output)
+        remove_node(emb.node, emb.graph)
+        emb.graph.nodes.insert(min(index, len(emb.graph.nodes)), node)
+        model.require_opset(MICROSOFT, 1)
+    else:
+        codes, zeros = qdq_constants(blocks)  # [D, V], [D/B, V]
+        quant = _subbyte_constant if blocks.bits == 4 else gs.Constant
+        inputs = [quant(unique_name(names, f"{hint}_Q{blocks.bits}"),
+                        np.ascontiguousarray(codes.T)), scales]
+        if zeros is not None:
+            inputs.append(quant(unique_name(names, f"{hint}_zero_point"),
+                                np.ascontiguousarray(zeros.T)))
+        table = gs.Variable(unique_name(names, f"{hint}_dequantized"), dtype=dtype,
+                            shape=list(emb.table.shape))
+        emb.graph.nodes.append(gs.Node(
+            "DequantizeLinear", name=unique_name(node_names, f"{emb.node.name or 'Gather'}_DQ"),
+            attrs={"axis": 1, "block_size": blocks.block_size}, inputs=inputs,
+            outputs=[table]))
+        emb.node.inputs[0] = table
+    v, d = emb.table.shape
+    zero_bytes = 0 if blocks.symmetric else blocks.zero_points.size * blocks.bits // 8
+    return v * d * blocks.bits // 8 + int(blocks.scales.size * dtype.itemsize) + zero_bytes

@@ -35,12 +35,19 @@ def ort_ctx(calibration=None) -> PassContext:
 
 
 def quantize(proto, ctx=None, **options):
+    """The pass on ``proto``; every weight at ``bits`` unless ``per_layer`` is given."""
+    options.setdefault("per_layer", False)
     model = load(proto)
     model.infer_shapes()
     result = QuantizeWeightInt4(**options).run(model, ctx or ort_ctx())
     out = model.to_onnx()
     onnx.checker.check_model(out)
     return out, result
+
+
+def applied(result) -> dict:
+    """What the pass did (its stats under the compression contract)."""
+    return result.stats["compression"].get("applied", {})
 
 
 def weights(proto) -> dict[str, np.ndarray]:
@@ -121,7 +128,7 @@ def test_matmul_computes_with_the_dequantized_weight(fmt, bits, symmetric, k):
     proto, w = matmul_model(k=k)
     out, result = quantize(proto, format=fmt, bits=bits, symmetric=symmetric,
                            block_size=32, min_size=0)
-    assert result.changed and result.stats["quantized"] == 1
+    assert result.changed and applied(result)["quantized"] == 1
     ops = count_ops(out)
     if fmt == "nbits":
         assert ops["MatMulNBits"] == 1 and ops["MatMul"] == 0
@@ -147,7 +154,7 @@ def test_symmetric_nbits_omits_zero_points_and_sizes_add_up():
     assert inits[node.input[1]].shape == (128, 8, 16) and inits[node.input[1]].dtype == np.uint8
     assert inits[node.input[2]].shape == (128, 8)
     after = sum(inits[i].nbytes for i in node.input[1:])
-    assert after == result.stats["weight_bytes_after"]
+    assert after == applied(result)["weight_bytes_after"]
     assert after / w.nbytes == pytest.approx((4 + 32 / 32) / 32)  # 4 bits + fp32 scale/32
 
 
@@ -171,7 +178,7 @@ def test_gemm_trans_b_alpha_and_bias(fmt, bias):
     proto, w = matmul_model(k, n, gemm=True, trans_b=True, alpha=0.5,
                             bias=None if c is None else c.astype(np.float32))
     out, result = quantize(proto, format=fmt, min_size=0)
-    assert result.stats["quantized"] == 1
+    assert applied(result)["quantized"] == 1
     x = rng.standard_normal((5, k)).astype(np.float32)
     bias_value = 0 if c is None else c
     got = run(out, x)
@@ -185,7 +192,8 @@ def test_gemm_with_a_matrix_bias_stays_with_matmulnbits_only():
     proto, _ = matmul_model(64, 32, gemm=True, bias=np.zeros((5, 32), np.float32))
     _, result = quantize(proto, min_size=0)
     assert not result.changed
-    assert result.stats["skipped"] == {"Gemm bias is not a constant vector": 1}
+    assert result.stats["compression"]["refused"] == {"gemm": "Gemm bias is not a constant "
+                                                                 "vector"}
     _, result = quantize(proto, min_size=0, format="qdq")
     assert result.changed
 
@@ -194,7 +202,7 @@ def test_target_without_com_microsoft_gets_dequantize_linear():
     proto, _ = matmul_model(k=64)
     out, result = quantize(proto, PassContext(target=PlainOnnxTarget()), min_size=0,
                            symmetric=True)
-    assert result.stats["format"] == "qdq" and count_ops(out)["DequantizeLinear"] == 1
+    assert applied(result)["format"] == "qdq" and count_ops(out)["DequantizeLinear"] == 1
     dq = next(n for n in out.graph.node if n.op_type == "DequantizeLinear")
     assert {a.name: oh.get_attribute_value(a) for a in dq.attribute} == \
         {"axis": 0, "block_size": 32}
@@ -206,18 +214,18 @@ def test_target_without_com_microsoft_gets_dequantize_linear():
 def test_qdq_on_an_old_opset_that_cannot_be_upgraded_changes_nothing():
     proto, _ = matmul_model(k=64, opset=11)
     _, result = quantize(proto, PassContext(target=PlainOnnxTarget()), min_size=0)
-    assert not result.changed and "opset 21" in result.stats["reason"]
+    assert not result.changed and "opset 21" in result.stats["compression"]["refused"]["mm"]
 
 
 def test_skips_small_excluded_and_non_constant_weights():
     proto, _ = matmul_model(k=64, n=48)  # 3072 elements
     assert not quantize(proto)[1].changed  # default min_size 4096
     _, result = quantize(proto, min_size=0, exclude=("m*",))
-    assert result.stats["skipped"] == {"excluded": 1}
+    assert result.stats["compression"]["refused"] == {"mm": "excluded"}
     dyn = build_model([oh.make_node("MatMul", ["x", "w"], ["y"])],
                       [vi("x", [2, 64]), vi("w", [64, 64])], [vi("y", [2, 64])])
     _, result = quantize(dyn, min_size=0)
-    assert result.stats["skipped"] == {"weight is not a constant matrix": 1}
+    assert result.stats["compression"]["not_sites"] == {"weight is not a constant matrix": 1}
 
 
 def test_weight_behind_a_transpose_is_quantized_and_the_transpose_goes():
@@ -241,8 +249,97 @@ def test_bad_options_are_usage_errors(options):
 def test_gptq_without_calibration_falls_back_to_rtn():
     proto, _ = matmul_model(k=64, n=64)
     _, result = quantize(proto, method="gptq")
-    assert result.stats["method"] == {"rtn": 1} and "fell back" in result.stats["note"]
+    assert applied(result)["method"] == {"rtn": 1} and "fell back" in applied(result)["note"]
 
+
+
+# ---------------------------------------------------------------------- embeddings
+def embedding_model(v=50, d=64, *, tied=False):
+    """ids [2, 3] -> Gather of a [V, D] table (and, ``tied``, the table also as an output
+    projection)."""
+    table = (rng.standard_normal((v, d)) * 0.1).astype(np.float32)
+    nodes = [oh.make_node("Gather", ["E", "ids"], ["y"], name="embed")]
+    outputs = [vi("y", [2, 3, d])]
+    if tied:
+        nodes.append(oh.make_node("MatMul", ["y", "E"], ["logits"], name="tied"))
+    ids = oh.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])
+    if tied:  # y @ E^T is what a tied head computes; E read a second time is what counts
+        nodes[-1] = oh.make_node("Gemm", ["y2", "E"], ["logits"], name="tied", transB=1)
+        nodes.insert(1, oh.make_node("Reshape", ["y", "shape"], ["y2"]))
+        outputs = [vi("logits", [6, v])]
+    inits = [f32("E", table)] + ([oh.make_tensor("shape", TensorProto.INT64, [2], [6, d])]
+                                 if tied else [])
+    return build_model(nodes, [ids], outputs, inits, opset=17), table
+
+
+@pytest.mark.parametrize("fmt", ["nbits", "qdq"])
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, False), (8, True)])
+def test_embedding_rows_are_the_dequantized_table(fmt, bits, symmetric):
+    """GatherBlockQuantized (ONNX Runtime) or DequantizeLinear along the rows then Gather
+    (standard): each gathered row is the table's row quantized in blocks along D."""
+    proto, table = embedding_model()
+    out, result = quantize(proto, format=fmt, bits=bits, symmetric=symmetric, min_size=0)
+    assert applied(result)["embeddings"] == 1
+    ops = count_ops(out)
+    assert ops["GatherBlockQuantized" if fmt == "nbits" else "DequantizeLinear"] == 1
+    ids = np.array([[0, 7, 49], [3, 3, 12]])
+    expected = rtn(table.T.astype(np.float64), bits, 32, symmetric,
+                   ratios=CLIP_RATIOS).dequantize().T[ids]
+    got = verify.run(out, {"ids": ids})["y"]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    stored = result.stats["compression"]["weight_bytes_after"]
+    assert stored < table.nbytes * (bits + 2) / 32  # codes, and a scale (+ zero) per 32
+
+
+def test_a_tied_embedding_table_stays_float():
+    proto, _ = embedding_model(tied=True)
+    _, result = quantize(proto, min_size=0)
+    assert result.stats["compression"]["not_sites"]["table also read elsewhere"] == 1
+    assert applied(result).get("embeddings", 0) == 0
+
+
+# ---------------------------------------------------------------------- per weight
+def two_layer_model():
+    """x [8, 64] -> W1 -> W2 -> y. W1's values lie on a 16-level grid that spans every
+    block (int4 holds it exactly); W2 is Gaussian (int4 rounding costs accuracy)."""
+    local = np.random.default_rng(5)
+    w1 = local.integers(-8, 8, (64, 64)).astype(np.float32)
+    w1[::16, :] = -8
+    w1[1::16, :] = 7
+    w1 *= 0.02
+    w2 = (local.standard_normal((64, 64)) * 0.1).astype(np.float32)
+    nodes = [oh.make_node("MatMul", ["x", "W1"], ["h"], name="first"),
+             oh.make_node("MatMul", ["h", "W2"], ["y"], name="second")]
+    return build_model(nodes, [vi("x", [8, 64])], [vi("y", [8, 64])],
+                       [f32("W1", w1), f32("W2", w2)])
+
+
+def test_each_weight_takes_the_fewest_bits_the_budget_allows():
+    """Under the contract each weight is a site (float, int8, int4): the weight whose int4
+    damage breaks the budget falls back to int8, the other goes to int4, and the result
+    (measured on the calibration data) meets the budget that every weight in int4
+    misses."""
+    proto = two_layer_model()
+    local = np.random.default_rng(6)
+    data = [{"x": local.standard_normal((8, 64)).astype(np.float32)} for _ in range(4)]
+
+    def ctx():
+        return PassContext(target=OrtTarget(), calibration=data, tolerance=0.999)
+
+    out, result = quantize(proto, ctx(), min_size=0, per_layer=True)
+    info = result.stats["compression"]
+    assert {k: v["setting"] for k, v in info["sites"].items()} == {"first": 4, "second": 8}
+    assert applied(result)["bits"] == {4: 1, 8: 1}
+    assert info["score"] >= 0.999 and info["meets_budget"]
+    assert info["sites"]["first"]["damage_alone"] == 0
+    assert info["weight_bytes_after"] < 0.25 * info["weight_bytes_before"] * 1.5
+    # every weight in int4: below the budget (what the search avoided)
+    _, fixed = quantize(proto, ctx(), min_size=0)
+    assert fixed.stats["compression"]["score"] < 0.999
+    # and the score is what the written model gives
+    ref = [verify.run(proto, f) for f in data]
+    got = [verify.run(out, f) for f in data]
+    assert min_cosine(ref, got) == pytest.approx(info["score"], abs=1e-5)
 
 # ---------------------------------------------------------------------- bert_tiny
 @pytest.fixture(scope="module")
@@ -252,8 +349,8 @@ def tiny():
     held_out = bert_token_feeds(zoo.BERT_TINY_VOCAB, count=2, batch=4, seed=2)
     reference = [verify.run(proto, f) for f in held_out]
     results = {}
-    for method in ("rtn", "gptq", "awq"):
-        out, result = quantize(proto, ort_ctx(calibration), method=method)
+    for method in ("rtn", "gptq", "awq"):  # (on the MatMul weights: embeddings are rtn)
+        out, result = quantize(proto, ort_ctx(calibration), method=method, embeddings=False)
         got = [verify.run(out, f) for f in held_out]
         error = float(np.mean([np.abs(r["last_hidden_state"] - g["last_hidden_state"]).mean()
                                for r, g in zip(reference, got)]))
@@ -264,9 +361,10 @@ def tiny():
 def test_bert_tiny_int4_shrinks_weights_and_stays_close(tiny):
     proto, _, results = tiny
     out, result, cos, _ = results["rtn"]
-    assert result.stats["quantized"] == 12  # 2 layers x (Q, K, V, O, FC1, FC2)
+    stats = applied(result)
+    assert stats["quantized"] == 12  # 2 layers x (Q, K, V, O, FC1, FC2)
     assert count_ops(out)["MatMulNBits"] == 12 and count_ops(out)["MatMul"] == 4  # attention
-    assert result.stats["weight_bytes_after"] <= 0.2 * result.stats["weight_bytes_before"]
+    assert stats["weight_bytes_after"] <= 0.2 * stats["weight_bytes_before"]
     assert cos > 0.999
 
 
@@ -274,12 +372,12 @@ def test_bert_tiny_gptq_and_awq_beat_rtn(tiny):
     _, _, results = tiny
     rtn_error = results["rtn"][3]
     gptq_out, gptq_result, _, gptq_error = results["gptq"]
-    assert gptq_result.stats["method"] == {"gptq": 12}
-    proxy = gptq_result.stats["proxy_output_error"]
+    assert applied(gptq_result)["method"] == {"gptq": 12}
+    proxy = applied(gptq_result)["proxy_output_error"]
     assert proxy["gptq"] < 0.7 * proxy["rtn"]
     assert gptq_error < 0.8 * rtn_error, (gptq_error, rtn_error)
     _, awq_result, _, _ = results["awq"]
-    proxy = awq_result.stats["proxy_output_error"]
+    proxy = applied(awq_result)["proxy_output_error"]
     assert proxy["awq"] <= proxy["rtn"]
 
 
@@ -302,9 +400,11 @@ def test_qdq_result_survives_the_cleanup_pipeline(tiny):
     result = graphopt.optimize(out)
     assert not result.report["rolled_back"]
     final = result.model.to_onnx()
-    assert count_ops(final)["DequantizeLinear"] == 12
+    assert count_ops(final)["DequantizeLinear"] == 14  # 12 weights, 2 embedding tables
     feeds = bert_token_feeds(zoo.BERT_TINY_VOCAB)[0]
-    assert min_cosine([verify.run(proto, feeds)], [verify.run(final, feeds)]) > 0.999
+    assert min_cosine([verify.run(proto, feeds)], [verify.run(final, feeds)]) > 0.995
+    np.testing.assert_allclose(verify.run(final, feeds)["last_hidden_state"],
+                               verify.run(out, feeds)["last_hidden_state"], atol=1e-4)
 
 
 # ---------------------------------------------------------------------- MiniLM
@@ -328,8 +428,9 @@ def minilm():
 def test_minilm_int4_size_and_accuracy(minilm):
     proto, feeds, reference, outs = minilm
     out, result, cos = outs["gptq"]
-    assert result.stats["quantized"] == 36
-    assert result.stats["weight_bytes_after"] <= 0.2 * result.stats["weight_bytes_before"]
+    assert applied(result)["quantized"] == 38  # and the word and position embeddings
+    stats = result.stats["compression"]
+    assert stats["weight_bytes_after"] <= 0.2 * stats["weight_bytes_before"]
     assert cos.min() >= 0.98, cos
     # runs in ORT with its own graph optimizations on too
     optimized = verify.run(verify.session(out, optimize=True), feeds)["sentence_embedding"]
@@ -341,6 +442,6 @@ def test_minilm_int4_size_and_accuracy(minilm):
 def test_minilm_gptq_beats_rtn(minilm):
     _, _, _, outs = minilm
     rtn_cos, gptq_cos = outs["rtn"][2], outs["gptq"][2]
-    proxy = outs["gptq"][1].stats["proxy_output_error"]
+    proxy = applied(outs["gptq"][1])["proxy_output_error"]
     assert proxy["gptq"] < 0.5 * proxy["rtn"]
     assert (1 - gptq_cos).mean() < 0.7 * (1 - rtn_cos).mean(), (rtn_cos, gptq_cos)
