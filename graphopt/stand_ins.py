@@ -15,7 +15,8 @@ import onnx
 
 
 # contrib op -> (standard op, inputs kept, the node's own attributes to drop (empty: drop
-# them all), index of an input cast to float first or None). Ops whose output has their
+# them all), None or (index of an input cast first, index of the input whose float type
+# it is cast to: float32 when that type is not at hand). Ops whose output has their
 # first input's shape (GELU forms) stand in as Identity; attention does not (pruned heads
 # narrow its output): see ``_attention_stand_in``.
 _STAND_INS = {
@@ -23,8 +24,8 @@ _STAND_INS = {
     ("com.microsoft", "FusedGemm"): ("Gemm", 3, {"activation", "activation_alpha",
                                                   "activation_beta", "activation_gamma"},
                                      None),
-    ("com.microsoft", "DynamicQuantizeMatMul"): ("MatMul", 2, set(), 1),
-    ("com.microsoft", "GatherBlockQuantized"): ("Gather", 2, set(), 0),
+    ("com.microsoft", "DynamicQuantizeMatMul"): ("MatMul", 2, set(), (1, 0)),
+    ("com.microsoft", "GatherBlockQuantized"): ("Gather", 2, set(), (0, 2)),
     ("com.microsoft", "BiasGelu"): ("Identity", 1, set(), None),
     ("com.microsoft", "FastGelu"): ("Identity", 1, set(), None),
 }
@@ -48,17 +49,29 @@ def _attention_stand_in(graph: onnx.GraphProto, node: onnx.NodeProto, quantized:
     sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"),
                  None)
     v_hidden = sizes[2] if sizes and len(sizes) == 3 else dims[1] // 3
+    # the output's float type is the bias's (float32, or float16 after convert-fp16)
+    elem = (_elem_type(graph, node.input[2]) if len(node.input) > 2 else None) or \
+        onnx.TensorProto.FLOAT
     stub = f"{node.name or node.output[0]}__stand_in_weight_{index}"
-    graph.input.append(onnx.helper.make_tensor_value_info(
-        stub, onnx.TensorProto.FLOAT, [dims[0], v_hidden]))
+    graph.input.append(onnx.helper.make_tensor_value_info(stub, elem, [dims[0], v_hidden]))
     x, out = node.input[0], []
     if quantized:  # its input is uint8
-        out.append(onnx.helper.make_node("Cast", [x], [f"{stub}_x"],
-                                         to=onnx.TensorProto.FLOAT))
+        out.append(onnx.helper.make_node("Cast", [x], [f"{stub}_x"], to=elem))
         x = f"{stub}_x"
     out.append(onnx.helper.make_node("MatMul", [x, stub], [node.output[0]],
                                      name=node.name))
     return out
+
+
+def _elem_type(graph: onnx.GraphProto, name: str) -> int | None:
+    """The element type of a graph input, initializer or typed value named ``name``."""
+    for t in graph.initializer:
+        if t.name == name:
+            return t.data_type
+    for v in (*graph.input, *graph.value_info):
+        if v.name == name and v.type.tensor_type.elem_type:
+            return v.type.tensor_type.elem_type
+    return None
 
 
 def apply(graphs: Sequence[onnx.GraphProto]) -> None:
@@ -91,12 +104,14 @@ def _replace(graph: onnx.GraphProto, node: onnx.NodeProto, index: int,
     op, inputs, dropped, cast = stand_in
     out = []
     kept = [a for a in node.attribute if a.name not in dropped] if dropped else []
-    del node.input[inputs:]
     if cast is not None:
-        floated = f"{node.input[cast]}__as_float_{index}"
-        out.append(onnx.helper.make_node("Cast", [node.input[cast]], [floated],
-                                         to=onnx.TensorProto.FLOAT))
-        node.input[cast] = floated
+        which, like = cast
+        to = (_elem_type(graph, node.input[like]) if len(node.input) > like else None) \
+            or onnx.TensorProto.FLOAT
+        floated = f"{node.input[which]}__as_float_{index}"
+        out.append(onnx.helper.make_node("Cast", [node.input[which]], [floated], to=to))
+        node.input[which] = floated
+    del node.input[inputs:]
     del node.output[1:]
     del node.attribute[:]
     node.attribute.extend(kept)

@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto
 
 from graphopt import verify
-from graphopt.ir import load
+from graphopt.ir import infer_shapes, load
 from graphopt.manager import PassManager
 from tests.helpers import min_cosine
 from graphopt.pass_infra import PassContext, make_options
@@ -301,3 +301,22 @@ def test_combines_with_int4_weights(order):
     assert io_types(out)[1] == [F32, F32]
     # (0.999 with the embedding tables in float)
     assert_close(proto, out, bert_token_feeds(zoo.BERT_TINY_VOCAB, count=2), floor=0.995)
+    infer_shapes(out, strict=True)  # the stand-ins follow the float16 types (as the
+    # pass manager checks: it rolled fp16 back after int4 when they did not)
+
+
+def test_after_dynamic_int8_and_fused_attention_strict_shapes_hold():
+    """convert-fp16 after quantize-int8-dynamic on a fused transformer (QAttention,
+    DynamicQuantizeMatMul): strict shape inference holds, so the pass manager keeps it."""
+    import graphopt
+
+    proto = zoo.bert_tiny("torchscript")
+    feeds = bert_token_feeds(zoo.BERT_TINY_VOCAB, count=4, batch=4, seed=1)
+    result = graphopt.optimize(proto, quantize=["int8-dynamic", "fp16"], calibration=feeds,
+                               tolerance=0.9)
+    trace = {e["pass_name"]: e["status"] for e in result.report["trace"]}
+    assert trace["quantize-int8-dynamic"] == "changed", result.report["trace"]
+    assert trace["convert-fp16"] == "changed", result.report["trace"]
+    out = result.model.to_onnx()
+    assert count_ops(out)["QAttention"] > 0
+    infer_shapes(out, strict=True)
