@@ -259,9 +259,10 @@ class _Runner:
 
     def __init__(self, setup: Setup, prepared: Model, workers: Workers, goal: str):
         self.setup, self.workers = setup, workers
-        # For size, a quantizer quantizes what it may, not only what runs faster
-        self.options = {name: {"require-speedup": False} for name in _speed_gated()} \
-            if goal == "size" else {}
+        # For latency, a quantizer quantizes only what runs faster (by the cost model);
+        # for size, what it may; otherwise each pass's own default.
+        self.options = {name: {"require-speedup": goal == "latency"}
+                        for name in _speed_gated()} if goal in ("latency", "size") else {}
         self.prepared = prepared.to_onnx().SerializeToString()
         feeds = setup.lossy_feeds
         self.shapes = cost_shapes(feeds, setup.input_shapes)
