@@ -65,9 +65,11 @@ def build(job: Job) -> Built:
     chosen: dict[str, list[str]] = {}
     for stage in stages:
         chosen.setdefault(stage["flag"], []).append(stage["value"])
+    budgets = {s["pass"]: s["budget"] for s in stages
+               if s["budget"] != setup.lossy_data.budget}  # (a stage with its own)
     try:
         run = transform(setup, Model.from_proto(onnx.load_from_string(job.prepared)), chosen,
-                        job.early_budget, job.rank_by, job.options)
+                        job.early_budget, job.rank_by, job.options, budgets)
     except GraphoptError as exc:
         return Built(stages=stages, error=str(exc).splitlines()[0],
                      seconds=time.perf_counter() - start)

@@ -17,8 +17,8 @@ than float). The planner:
 2. builds the lossless result, each quantizer alone and the structural passes searched
    together (sites ranked by predicted latency saved and by FLOPs saved), each under the
    whole budget; then each structural pass alone (ranked as the better joint search
-   was) and pairs of the quantizers that paid alone (int4 weights, then int8 for the
-   embedding table int4 leaves);
+   was) and pairs of the quantizers that paid alone, the first under ``PAIR_SHARE`` of
+   the budget (int4 weights, then int8 for the fused attention weights int4 leaves);
 3. combines the best structural candidate under a share of the budget (``SHARES``: the
    rest is left to the quantizer, measured against the original) with each quantizer
    that paid alone;
@@ -57,6 +57,7 @@ from graphopt.transform import Setup, cost_shapes
 from graphopt.workers import Workers
 
 SHARES = (0.5, 0.8)  # shares of the budget the structural search gets before a quantizer
+PAIR_SHARE = 0.8  # share of the budget the first of two quantizers in a row gets
 # what the structural search saves first, per goal (each tried, measured)
 RANKINGS = {"latency": ("latency", "flops"), "balanced": ("latency", "flops"),
             "size": ("size",), "flops": ("flops",)}
@@ -164,11 +165,14 @@ def plan(setup: Setup, prepared: Model, goal: str,
                    default=searched[0]).rank_by
         second += [Candidate(label=_label([t], rank), stages=[_stage(t, budget)],
                              rank_by=rank) for t in structural]
-    # two quantizers in a row (int4 weights, then int8 for what int4 leaves: the
-    # embedding table), the better one alone first; of the best three that paid
+    # two quantizers in a row (int4 weights, then int8 for what int4 leaves: a fused
+    # attention's weights), the better one alone first, under PAIR_SHARE of the budget
+    # (the whole of it would leave the second nothing); of the best three that paid
     top = paid[:3]
-    second += [Candidate(label=f"{a.label} + {b.label}",
-                         stages=[_fresh(a.stages[0]), _fresh(b.stages[0])])
+    first_budget = base - PAIR_SHARE * (base - budget)
+    second += [Candidate(label=f"{a.label} ({PAIR_SHARE:.0%} of the budget) + {b.label}",
+                         stages=[{**_fresh(a.stages[0]), "budget": round(first_budget, 6)},
+                                 _fresh(b.stages[0])])
                for i, a in enumerate(top) for b in top[i + 1:]]
     if second:
         runner.build(second)

@@ -94,10 +94,12 @@ class Budgeted(Pass):
 
 def transform(setup: Setup, working: Model, chosen: Mapping[str, Sequence[str] | str],
               early_budget: float | None = None, rank_by: str | None = None,
-              options: Mapping[str, Mapping[str, Any]] | None = None) -> Transformed:
+              options: Mapping[str, Mapping[str, Any]] | None = None,
+              budgets: Mapping[str, float] | None = None) -> Transformed:
     """Run the pipeline with the lossy ``chosen`` schemes on ``working`` (edited in
-    place). ``early_budget``: the accuracy budget of the structural passes (the rest
-    keep the whole budget, measured against the original); ``rank_by``: what the
+    place). ``early_budget``: the accuracy budget of the structural passes, ``budgets``:
+    pass name -> its own budget (e.g. the first of two quantizers); the rest keep the
+    whole budget, measured against the original; ``rank_by``: what the
     compression search saves first (default: the setup's goal); ``options``: pass name
     -> {option: value} over the target's defaults (options a spec names win)."""
     tgt, registry = setup.target, pass_registry()
@@ -133,6 +135,9 @@ def transform(setup: Setup, working: Model, chosen: Mapping[str, Sequence[str] |
         ctx.recovery = recovery_pass(setup.recovery)
     if early_budget is not None:
         pipeline = [Budgeted(p, early_budget) if runs_early(p) else p for p in pipeline]
+    pipeline = [Budgeted(p, budgets[p.name])
+                if p.name in (budgets or {}) and not isinstance(p, Budgeted) else p
+                for p in pipeline]
     lossy = lossy_passes(pipeline)
     feeds = (setup.lossy_feeds if lossy else setup.data) or \
         probe_or_none(setup.original, setup.seed, setup.input_shapes)

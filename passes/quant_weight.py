@@ -66,7 +66,8 @@ embedding cosine to float32 on 24 other sentences, mean / min): asymmetric beats
 symmetric (rtn 0.978 / 0.971 against 0.973 / 0.959) for 3 % more bytes; GPTQ with
 act_order and damping 0.1 reaches 0.991 / 0.987, against 0.986 / 0.978 with the
 reference's 0.01 and natural order (tens of sentences make a poorly conditioned H, and
-more damping generalizes better). ``benchmarks/quant_weight.py`` has the full table.
+more damping generalizes better), so GPTQ is the default wherever there is calibration
+data. ``benchmarks/quant_weight.py`` has the full table.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class QuantizeWeightInt4(CompressionPass):
         bits: int = 4                   # 4 or 8
         block_size: int = 32            # a power of two, >= 16
         symmetric: bool = False         # True: no zero points (code 2^(bits-1) is 0)
-        method: str = "rtn"             # rtn | gptq | awq
+        method: str = "gptq"            # rtn | gptq | awq (rtn without calibration data)
         min_size: int = 4096            # weights with fewer elements stay float
         exclude: tuple[str, ...] = ()   # node or weight names (fnmatch patterns)
         format: str = "auto"            # auto | nbits (MatMulNBits) | qdq (DequantizeLinear)

@@ -331,7 +331,7 @@ def test_each_weight_takes_the_fewest_bits_the_budget_allows():
     assert {k: v["setting"] for k, v in info["sites"].items()} == {"first": 4, "second": 8}
     assert applied(result)["bits"] == {4: 1, 8: 1}
     assert info["score"] >= 0.999 and info["meets_budget"]
-    assert info["sites"]["first"]["damage_alone"] == 0
+    assert info["sites"]["first"]["damage_alone"] < 1e-9  # (rounding of float sums)
     assert info["weight_bytes_after"] < 0.25 * info["weight_bytes_before"] * 1.5
     # every weight in int4: below the budget (what the search avoided)
     _, fixed = quantize(proto, ctx(), min_size=0)
