@@ -27,13 +27,15 @@ class Summary:
     ops: dict[str, int] = field(default_factory=dict)
     heaviest: list[NodeCost] = field(default_factory=list)
     shapes_known: bool = True
+    # per op type: FLOPs and the cost model's estimated seconds, summed over its nodes
+    op_costs: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self, top: int = 10) -> dict:
         return {
             "nodes": self.nodes, "params": self.params, "weight_bytes": self.weight_bytes,
             "flops": self.flops, "estimated_latency_s": self.latency_s,
             "peak_activation_bytes": self.peak_activation_bytes, "device": self.device,
-            "shapes_known": self.shapes_known, "ops": self.ops,
+            "shapes_known": self.shapes_known, "ops": self.ops, "op_costs": self.op_costs,
             "heaviest_nodes": [vars(n) for n in self.heaviest[:top]],
         }
 
@@ -78,7 +80,20 @@ def summarize(model: Model, device: Device, cost_model: CostModel | None = None)
         ops=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
         heaviest=sorted(cost.nodes, key=lambda n: -n.latency_s),
         shapes_known=known,
+        op_costs=op_costs(cost.nodes, ops),
     )
+
+
+def op_costs(nodes: list[NodeCost], ops: dict[str, int]) -> dict[str, dict[str, float]]:
+    """{op type: {"flops", "estimated_latency_s"}} summed over the costed nodes of that
+    type, in the order of ``ops`` (the histogram). The whole model's estimate can exceed
+    the sum: a calibrated cost model adds a per-run overhead no op type owns."""
+    out = {op: {"flops": 0.0, "estimated_latency_s": 0.0} for op in ops}
+    for n in nodes:
+        entry = out.setdefault(n.op_type, {"flops": 0.0, "estimated_latency_s": 0.0})
+        entry["flops"] += n.flops
+        entry["estimated_latency_s"] += n.latency_s
+    return out
 
 
 def peak_activation_bytes(graph: gs.Graph) -> int:
