@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from graphopt import api, config, paths, verify
+from graphopt import api, config, html_report, paths, verify
 from graphopt.cli_measure import calibrate, profile
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.lossy import schemes, summary_lines
@@ -101,7 +101,8 @@ class _Progress:
               "'fold-constants,eliminate-dead-code'.")
 @click.option("--skip", help="Comma-separated passes to leave out.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the JSON report here.")
+              help="Write the report here: an HTML page when the name ends in .html or "
+              ".htm, else JSON.")
 @click.option("--strict", is_flag=True, help="Fail if any pass is rolled back.")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False),
               help="Inputs (.npz) to verify on instead of random probe inputs.")
@@ -205,8 +206,15 @@ def _optimize(model, output, target, passes, skip, report_path, strict, data, in
             metric=metric, goal=goal, plan=plan, workers=workers, recovery=recovery,
             cache_dir=cache_dir)
         report = staging.final_paths(result.report)
-        staging.commit(json.dumps(report, indent=2, default=float) if report_path else None)
+        staging.commit(_report_text(report, report_path) if report_path else None)
     _print_summary(report)
+
+
+def _report_text(report: dict, path: Path) -> str:
+    """The report as written to ``path``: an HTML page for a .html/.htm name (rendered
+    from the JSON text, so its numbers are the JSON's), else the JSON."""
+    text = json.dumps(report, indent=2, default=float)
+    return html_report.render(json.loads(text)) if html_report.is_html(path) else text
 
 
 def _recovery(spec: str, steps: int | None, seconds: float | None) -> str:
@@ -375,6 +383,34 @@ def verify_cmd(artifact, reference, target, data, input_shape, rtol, atol, toler
     else:
         for line in _artifact_lines(result.report):
             err.print(escape(line), highlight=False, soft_wrap=True)
+
+
+@main.command("report")
+@click.argument("report_json", metavar="REPORT.json", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The HTML page to write (.html or .htm).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print what was written (path, bytes, sections with data) as JSON.")
+def report_cmd(report_json, output, as_json):
+    """Render REPORT.json, written by `graphopt optimize --report R.json`, as a
+    self-contained HTML page (inline CSS and SVG charts, no script, no network)."""
+    if not html_report.is_html(output):
+        raise UsageError(f"-o {output}: the page is HTML, its name must end in .html or .htm",
+                         hint=f"e.g. -o {Path(output).with_suffix('.html').name}")
+    if paths.same_file(report_json, output):
+        raise UsageError(f"-o {output} would overwrite the input report {report_json}",
+                         hint="choose another output path; graphopt never modifies its input")
+    report = html_report.read(report_json)
+    page = html_report.render(report)
+    paths.write_text(output, page, "-o")
+    if as_json:
+        click.echo(json.dumps({"report": str(report_json), "output": str(output),
+                               "bytes": len(page.encode()),
+                               "sections": html_report.sections(report)}, indent=2))
+    else:
+        drawn = [k for k, has in html_report.sections(report).items() if has]
+        err.print(f"wrote {escape(str(output))} (sections with data: {', '.join(drawn)})",
+                  highlight=False, soft_wrap=True)
 
 
 @main.command("passes")

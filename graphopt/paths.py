@@ -210,7 +210,7 @@ class Staging:
                 raise UsageError(f"--report {self.report} is a file the target writes",
                                  hint="give the report its own path")
             if self._report_tmp is not None:
-                self._report_tmp.write_text(report_text or "")
+                self._report_tmp.write_text(report_text or "", encoding="utf-8")
                 os.chmod(self._report_tmp, 0o644)  # mkstemp makes 0600
             for src, dst in moves:
                 _move(src, dst)
@@ -241,6 +241,27 @@ class Staging:
                     folder.rmdir()  # only if empty
                 except OSError:
                     pass
+
+
+def write_text(path: Path, text: str, what: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: into a temporary file beside it,
+    then renamed over it, so ``path`` is either as it was or complete. Missing folders
+    are created. ``what`` names the path in errors (``UsageError``)."""
+    path = Path(path)
+    check_writable(path, what)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.abspath(path.parent), prefix=TEMP_PREFIX)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise _write_error(exc) from exc
 
 
 def _move(src: Path, dst: Path) -> None:
