@@ -94,7 +94,9 @@ def quantization(r: dict) -> str:
     section = r.get("quantization")
     if not section:
         return para("No quantizer ran (no --quantize scheme).")
-    parts = [(f"<p>Scheme <b>{escape(str(section.get('scheme')))}</b>, budget "
+    scheme = section.get("scheme")
+    scheme = ", ".join(map(str, scheme)) if isinstance(scheme, list) else str(scheme)
+    parts = [(f"<p>Scheme <b>{escape(scheme)}</b>, budget "
               f"{escape(str(section.get('budget')))}, on "
               f"{escape(str(section.get('data')))}.</p>")]
     for name in section.get("passes", []):

@@ -173,10 +173,11 @@ def artifact(r: dict) -> str:
                     f"{r.get('target')!s} writes the ONNX model ONNX Runtime runs (verified "
                     "above), or the check was turned off (--no-verify).")
     facts = [("result", f"<td>{status(a.get('ok'))}</td>"),
-             ("detail", text(a.get("detail"), "long")),
-             ("max abs diff", num(a.get("max_abs_diff"), "/artifact/max_abs_diff")),
-             ("min cosine", num(a.get("min_cosine"), "/artifact/min_cosine", "score")),
-             ("batches", num(a.get("batches"), "/artifact/batches", "int"))]
+             ("detail", text(a.get("detail"), "long"))]
+    facts += [(label, num(a[key], f"/artifact/{key}", unit))
+              for label, key, unit in (("max abs diff", "max_abs_diff", "value"),
+                                       ("min cosine", "min_cosine", "score"),
+                                       ("batches", "batches", "int")) if key in a]
     parts = [table(["", ""], ([f"<th>{escape(k)}</th>", c] for k, c in facts),
                    "artifact-check")]
     lat = a.get("latency")

@@ -7,6 +7,7 @@ compressed transformer's with every plot drawn and no error."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -204,6 +205,24 @@ def test_planner_page_lists_every_candidate(small_plan):
     assert plan["chosen"] in page.sections["plan"]
 
 
+def test_quantized_page_shows_the_quantizer():
+    """The digits CNN in int8: the layers quantized, those skipped where the cost model
+    says int8 does not pay (the first convolution, on a CPU without VNNI), and the
+    variants --measure times (given here: timing decides what --measure keeps)."""
+    xtr, _, _, _ = digits_data()
+    report = as_json(graphopt.optimize(digits_cnn(), quantize="int8",
+                                       calibration={"input": xtr[:200]}).report)
+    info = report["quantization"]["quantize-int8"]
+    assert info["status"] == "changed" and info["quantized"]
+    info["timing"] = {"ms": {"float": 1.25, "all": 0.75}, "kept": "all"}  # as --measure
+    page = check_page(report)
+    srcs = {c["data-src"] for c in page.cells}
+    assert {"/quantization/quantize-int8/accuracy/score",
+            "/quantization/quantize-int8/timing/ms/float"} <= srcs
+    assert page.rows.get("skipped-quantize-int8", []) == list(info["skipped"] or {})
+    assert "kept: all" in page.sections["quantization"]
+
+
 def test_a_page_is_deterministic_and_escapes_text(lossless):
     report = json.loads(json.dumps(lossless))
     assert html_report.render(report) == html_report.render(json.loads(json.dumps(report)))
@@ -221,6 +240,21 @@ def test_an_older_report_without_op_costs_still_renders(lossless):
     page = check_page(report)
     assert "no FLOPs or estimated time per op type" in page.sections["op-types"]
     assert len(page.plots) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tvm") is None,
+                    reason="Apache TVM is not installed (pip install 'graphopt[tvm]')")
+def test_compiled_artifact_section(tmp_path):
+    """A TVM library for this CPU, run against ONNX Runtime and timed: its check and its
+    latency beside ORT's."""
+    report = as_json(graphopt.optimize(EXAMPLE, target="x86", output=tmp_path / "x86").report)
+    assert report["artifact"]["ok"] is True
+    page = check_page(report)
+    srcs = {c["data-src"] for c in page.cells}
+    assert {"/artifact/max_abs_diff", "/artifact/latency/artifact_s",
+            "/artifact/latency/ort_s"} <= srcs
+    assert "Latency: artifact and ONNX Runtime" in html_report.render(report)
+    assert html_report.sections(report)["artifact"]
 
 
 # ============================================================================ the CLI
