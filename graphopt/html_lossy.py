@@ -208,6 +208,7 @@ def _point(i: int, c: dict, chosen: Any) -> dict | None:
     if c.get("score") is None or latency is None:
         return None
     return {"x": latency * 1e3, "y": c["score"], "label": str(i + 1),
+            "name": str(c.get("label")) + (" (chosen)" if c.get("label") == chosen else ""),
             "within": bool(c.get("meets_budget")) and not c.get("error"),
             "frontier": bool(c.get("pareto")), "chosen": c.get("label") == chosen,
             "tip": f"{i + 1}. {c.get('label')}: score {c['score']}, "

@@ -160,10 +160,11 @@ def timeline(entries: Sequence[tuple[str, float, str, str]], unit: str, title: s
 
 def scatter(points: Sequence[dict], x_unit: str, y_label: str, title: str,
             budget: float | None = None) -> str:
-    """Points ({"x", "y", "label", "within": bool, "frontier": bool, "chosen": bool}):
-    circles numbered by ``label``, grey when not ``within`` the budget, the frontier
-    points joined by a line in order of x, the chosen one ringed; ``budget`` a dashed
-    horizontal line."""
+    """Points ({"x", "y", "label", "name", "tip", "within": bool, "frontier": bool,
+    "chosen": bool}): circles marked with their short ``label``, grey when not
+    ``within`` the budget, the frontier points joined by a line in order of x, the
+    chosen one ringed; ``budget`` a dashed horizontal line; below, a key of each
+    label's ``name``."""
     xs = [p["x"] for p in points]
     ys = [p["y"] for p in points] + ([budget] if budget is not None else [])
     x_lo, x_hi = _padded(min(xs), max(xs))
@@ -207,7 +208,11 @@ def scatter(points: Sequence[dict], x_unit: str, y_label: str, title: str,
         body.append(f'<circle cx="{_n(x)}" cy="{_n(y)}" r="6" fill="{colour}">'
                     f'<title>{escape(p["tip"])}</title></circle>')
         body.append(_text(x + 9, y - 8, p["label"]))
-    return _svg(bottom + 40, body, title)
+    key_top = bottom + 56
+    for i, p in enumerate(points):
+        body.append(_text(left, key_top + i * 15, f"{p['label']}  {_clip(p['name'], 110)}",
+                          extra=' font-weight="bold"' if p["chosen"] else ""))
+    return _svg(key_top + len(points) * 15, body, title)
 
 
 def _padded(lo: float, hi: float) -> tuple[float, float]:
