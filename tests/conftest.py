@@ -93,3 +93,35 @@ def _isolated_cache(tmp_path_factory):
         os.environ.pop("GRAPHOPT_CACHE_DIR", None)
     else:
         os.environ["GRAPHOPT_CACHE_DIR"] = old
+
+
+# ---------------------------------------------------------------- the planner on digits
+@pytest.fixture(scope="session")
+def digits_planned(tmp_path_factory):
+    """The digits CNN through the CLI: --goal latency, no scheme named; calibration on
+    unlabeled training images, the budget on 257 images it never saw (about 80 s: the
+    planner tests and the HTML report's browser test share it). Returns the CLI result,
+    the JSON report and the model written (None when the run failed) and the folder."""
+    import json
+
+    from click.testing import CliRunner
+
+    from graphopt.cli import main
+    from tests.digits import TRAINED_ON, digits_cnn, digits_data, validation_split
+
+    folder = tmp_path_factory.mktemp("plan")
+    xtr, _, _, _ = digits_data()
+    xval, _ = validation_split()
+    onnx.save(digits_cnn(), folder / "digits.onnx")
+    np.savez(folder / "cal.npz", input=xtr[:TRAINED_ON])
+    np.savez(folder / "val.npz", input=xval)
+    result = CliRunner().invoke(main, [
+        "optimize", str(folder / "digits.onnx"), "-o", str(folder / "out.onnx"),
+        "--goal", "latency", "--calibration-data", str(folder / "cal.npz"),
+        "--validation-data", str(folder / "val.npz"), "--metric", "mean-cosine",
+        "--tolerance", "0.99", "--report", str(folder / "report.json")],
+        env={"COLUMNS": "250"})  # (rows unwrapped, to read the table back)
+    ok = result.exit_code == 0
+    report = json.loads((folder / "report.json").read_text()) if ok else None
+    out = onnx.load(folder / "out.onnx") if ok else None
+    return result, report, out, folder

@@ -212,7 +212,7 @@ def test_quantization_aware_training_of_int4_weights():
     xtr, _, xte, yte = digits_data()
     x, xt = xtr.reshape(len(xtr), -1)[:CALIBRATION], xte.reshape(len(xte), -1)
     quantize = "quantize-int4-weight(format=qdq,symmetric=true,block_size=256,min_size=0," \
-               "per_layer=false," \
+               "per_layer=false,method=rtn," \
                "clip_search=false)"
 
     def run(passes):

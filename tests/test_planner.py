@@ -4,7 +4,6 @@ kept, the lossless result when nothing pays; and its choice on made-up candidate
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import onnx
@@ -32,24 +31,9 @@ def flops(proto: onnx.ModelProto) -> float:
 
 
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory):
-    """The digits CNN through the CLI: --goal latency, no scheme named; calibration on
-    unlabeled training images, the budget on 257 images it never saw."""
-    folder = tmp_path_factory.mktemp("plan")
-    xtr, _, _, _ = digits_data()
-    xval, _ = validation_split()
-    onnx.save(digits_cnn(), folder / "digits.onnx")
-    np.savez(folder / "cal.npz", input=xtr[:TRAINED_ON])
-    np.savez(folder / "val.npz", input=xval)
-    result = CliRunner().invoke(main, [
-        "optimize", str(folder / "digits.onnx"), "-o", str(folder / "out.onnx"),
-        "--goal", "latency", "--calibration-data", str(folder / "cal.npz"),
-        "--validation-data", str(folder / "val.npz"), "--metric", "mean-cosine",
-        "--tolerance", "0.99", "--report", str(folder / "report.json")],
-        env={"COLUMNS": "250"})  # (rows unwrapped, to read the table back)
-    report = json.loads((folder / "report.json").read_text()) if result.exit_code == 0 \
-        else None
-    out = onnx.load(folder / "out.onnx") if result.exit_code == 0 else None
+def planned(digits_planned):
+    """The digits CNN planned through the CLI (``conftest.digits_planned``)."""
+    result, report, out, _ = digits_planned
     return result, report, out
 
 
