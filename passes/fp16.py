@@ -12,6 +12,9 @@ What changes, in one forward walk over the nodes (subgraphs included, in order):
     ``DEFAULT_FP32_OPS``), or its name matches ``exclude``;
   - it computes shapes: its non-constant inputs all derive from ``Shape``/``Size``
     (float16 holds integers exactly only up to 2048);
+  - it belongs to an int8 QDQ group: a Quantize/DequantizeLinear, or an op that reads
+    a DequantizeLinear or feeds a QuantizeLinear (the runtime fuses the group into an
+    int8 kernel; a Cast inside would stop that);
   - the op schema (ONNX's, or ONNX Runtime's for ``com.microsoft``) does not allow
     float16 there, the op is random, or it has subgraphs (If/Loop/Scan keep their
     interface; their bodies are converted like the main graph).
@@ -80,6 +83,9 @@ FOLLOWERS = frozenset({
 ATTRIBUTE_TYPED = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike",
                              "RandomUniformLike", "Multinomial", "Bernoulli", "EyeLike"})
 SHAPE_SOURCES = frozenset({"Shape", "Size"})
+# int8 QDQ groups (DequantizeLinear -> op -> QuantizeLinear) stay float32 as they are:
+# the runtime fuses them into int8 kernels, which a Cast in between would prevent.
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 _ONNX_TYPE = {F32: onnx.TensorProto.FLOAT, F16: onnx.TensorProto.FLOAT16}
 _PRECISION = {np.dtype(np.float16): 1, np.dtype(np.float32): 2, np.dtype(np.float64): 3}
 
@@ -283,6 +289,10 @@ class _Converter:
                      tainted: bool, inputs: list[gs.Tensor]) -> str | None:
         if _subgraphs(node):
             return "has subgraphs"
+        if node.op in QDQ_OPS or any(p.op == "DequantizeLinear" for t in inputs
+                                     for p in t.inputs) or \
+                any(r.op in QDQ_OPS for t in node.outputs for r in consumers(t)):
+            return "in an int8 QDQ group"
         if node.op in self.fp32_ops or f"{node.domain}:{node.op}" in self.fp32_ops:
             return f"{node.op} is in fp32_ops"
         if node.name and any(fnmatch.fnmatchcase(node.name, p) for p in self.options.exclude):

@@ -320,3 +320,30 @@ def test_after_dynamic_int8_and_fused_attention_strict_shapes_hold():
     out = result.model.to_onnx()
     assert count_ops(out)["QAttention"] > 0
     infer_shapes(out, strict=True)
+
+
+def test_after_static_int8_the_qdq_groups_stay_float32():
+    """convert-fp16 after quantize-int8 (QDQ) on bert_tiny: the DequantizeLinear -> op ->
+    QuantizeLinear groups keep float32 (a Cast inside would stop ONNX Runtime fusing them
+    into int8 kernels, and float16 into QuantizeLinear does not run at opset 13), the
+    float ops around them (normalization, softmax, residual adds) take float16."""
+    import graphopt
+
+    proto = zoo.bert_tiny("torchscript")
+    feeds = bert_token_feeds(zoo.BERT_TINY_VOCAB, count=4, batch=4, seed=1)
+    int8 = graphopt.optimize(proto, quantize="int8", calibration=feeds, tolerance=0.9,
+                             passes=["fold-constants"])
+    both = graphopt.optimize(proto, quantize=["int8", "fp16"], calibration=feeds,
+                             tolerance=0.9, passes=["fold-constants"])
+    trace = {e["pass_name"]: e for e in both.report["trace"]}
+    assert trace["quantize-int8"]["status"] == "changed"
+    assert trace["convert-fp16"]["status"] == "changed", trace["convert-fp16"]
+    assert trace["convert-fp16"]["stats"]["kept_float32"]["in an int8 QDQ group"] > 0
+    a, b = int8.model.to_onnx(), both.model.to_onnx()
+    for op in ("QuantizeLinear", "DequantizeLinear"):
+        assert count_ops(b)[op] == count_ops(a)[op] > 0
+    for node in b.graph.node:  # no Cast between a DequantizeLinear and its reader
+        if node.op_type == "Cast":
+            assert not any(n.op_type == "DequantizeLinear" and node.input[0] in n.output
+                           for n in b.graph.node)
+    assert_close(a, b, bert_token_feeds(zoo.BERT_TINY_VOCAB, count=2, seed=3), floor=0.999)
