@@ -222,8 +222,20 @@ class Driver:
 
     # ------------------------------------------------------------------ building
     def _cost(self, model: Model):
+        """The cost model's estimate at the deployment's input shapes where known (a
+        sequence of 128 tokens is not one of unknown length: int4 weights save time at
+        one token and cost it at 128), else at the shapes the graph has."""
         if self.ctx.cost_model is None or self.ctx.device is None:
             return None
+        if self.ctx.input_shapes:
+            from graphopt.cost_calibration import static_model
+            from graphopt.errors import GraphoptError
+
+            try:
+                shaped = static_model(model.to_onnx(references=True), self.ctx.input_shapes)
+                return self.ctx.cost_model.estimate(shaped, self.ctx.device, infer=False)
+            except GraphoptError:
+                pass  # shapes as the graph has them
         return self.ctx.cost_model.estimate(model, self.ctx.device)
 
     def build(self, base: Model, choice: Mapping[str, Any], recover: bool | str,
