@@ -148,18 +148,6 @@ class Model:
     def num_params(self) -> int:
         return sum(int(np.prod(t.shape)) for t in self.initializers())
 
-    def weight_bytes(self) -> int:
-        """Bytes the constants take as stored (4-bit types packed two to a byte)."""
-        total = 0
-        for t in self.initializers():
-            try:
-                dtype = np.dtype(t.dtype)
-            except TypeError:  # an ONNX type numpy has no name for (gs keeps its enum)
-                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(t.dtype)))
-            bits = 4 if dtype.name in _SUBBYTE_TYPES else 8 * dtype.itemsize
-            total += (int(np.prod(t.shape, dtype=np.int64)) * bits + 7) // 8
-        return total
-
     def initializers(self) -> list[gs.Constant]:
         seen: dict[int, gs.Constant] = {}
         for g in self.all_graphs():

@@ -12,7 +12,8 @@ from typing import Any, Mapping, Sequence
 import onnx
 
 from graphopt import verify
-from graphopt.compression import CompressionPass, join_compression
+from graphopt.compression import CompressionPass
+from graphopt.joint import join_compression
 from graphopt.cost import CostModel
 from graphopt.errors import UsageError
 from graphopt.ir import Model

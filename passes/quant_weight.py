@@ -151,7 +151,8 @@ class QuantizeWeightInt4(CompressionPass):
     # ------------------------------------------------------------------ the contract
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         self._format_of = self._format(ctx)
-        self._gather_format = self._embedding_format(ctx)
+        self._gather_format = self._format(ctx, "GatherBlockQuantized") \
+            if self.options.embeddings else None
         self._blocks: dict = {}        # (site, bits, method, weight digest) -> Blocks
         self._statistics: tuple | None = None  # (hessians, means) by input name
         self._awq: dict = {}           # member node names -> scale or None
@@ -261,19 +262,11 @@ class QuantizeWeightInt4(CompressionPass):
         return self._misses
 
     # ------------------------------------------------------------------ selection
-    def _format(self, ctx: PassContext) -> str | None:
+    def _format(self, ctx: PassContext, contrib_op: str = "MatMulNBits") -> str | None:
+        """``nbits`` where the target runs ``contrib_op`` (com.microsoft), else ``qdq``
+        where it runs DequantizeLinear, as the ``format`` option allows; else None."""
         fmt = self.options.format
-        if fmt in ("auto", "nbits") and ctx.supports("MatMulNBits", MICROSOFT):
-            return "nbits"
-        if fmt in ("auto", "qdq") and ctx.supports("DequantizeLinear", ""):
-            return "qdq"
-        return None
-
-    def _embedding_format(self, ctx: PassContext) -> str | None:
-        if not self.options.embeddings:
-            return None
-        fmt = self.options.format
-        if fmt in ("auto", "nbits") and ctx.supports("GatherBlockQuantized", MICROSOFT):
+        if fmt in ("auto", "nbits") and ctx.supports(contrib_op, MICROSOFT):
             return "nbits"
         if fmt in ("auto", "qdq") and ctx.supports("DequantizeLinear", ""):
             return "qdq"
