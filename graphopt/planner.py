@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -203,7 +202,7 @@ def plan(setup: Setup, prepared: Model, goal: str,
     section = {
         "goal": goal, "budget": budget, "metric": setup.metric.name,
         "data": setup.lossy_data.describe(), "timed_at": runner.shapes,
-        "timing": f"median of {TIMING_ROUNDS} interleaved rounds of the target's "
+        "timing": f"least of {TIMING_ROUNDS} interleaved rounds of the target's "
                   f"time_model per candidate",
         "built_on": workers.describe(),
         "techniques": [t.label for t in techs],
@@ -301,10 +300,11 @@ class _Runner:
 
     def time(self, candidates: Sequence[Candidate]) -> None:
         """Time the input model and every built candidate on the target, in
-        ``TIMING_ROUNDS`` interleaved rounds (load changes on the machine hit all alike);
-        each gets the median of its rounds. The input is timed twice, in two sessions:
-        how far apart the same model's two figures land (their medians, or the median
-        round) is the noise a gain must exceed (``self.noise``)."""
+        ``TIMING_ROUNDS`` interleaved rounds; each gets the least of its rounds (what the
+        machine's other work disturbs only upwards: a round that a background job hit
+        says nothing of the model). The input is timed twice, in two sessions: how far
+        apart the same model's two figures land is the noise a gain must exceed
+        (``self.noise``)."""
         built = [c for c in candidates if c.proto is not None]
         protos = [self.setup.original, self.setup.original] + \
             [onnx.load_from_string(c.proto) for c in built]
@@ -313,16 +313,12 @@ class _Runner:
             for k in range(len(protos)):  # timed first (or right after the same one)
                 i = (k + r * len(protos) // TIMING_ROUNDS) % len(protos)
                 rounds[i].append(self._time(protos[i]))
-        medians = [None if None in r else statistics.median(r) for r in rounds]
-        first, second = medians[:2]
+        least = [None if None in r else min(r) for r in rounds]
+        first, second = least[:2]
         if first is not None and second is not None:
             self.input_latency = min(first, second)
-            # the rounds' typical gap too, not only the medians': one gap is a small
-            # sample of the noise (at microseconds a 5% "gain" can be one session's luck)
-            gaps = [abs(a - b) / min(a, b) for a, b in zip(*rounds[:2])]
-            self.noise = max(self.noise, abs(first - second) / min(first, second),
-                             statistics.median(gaps))
-        for cand, value in zip(built, medians[2:]):
+            self.noise = max(self.noise, abs(first - second) / min(first, second))
+        for cand, value in zip(built, least[2:]):
             cand.measured_s = value
 
     def _time(self, proto: onnx.ModelProto) -> float | None:
