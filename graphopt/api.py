@@ -69,6 +69,7 @@ def get_target(name: str | Target) -> Target:
 
 
 def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
+             threads: int | None = None,
              passes: str | Sequence[str | Pass] | None = None, skip: Sequence[str] = (),
              output: str | os.PathLike | None = None, strict: bool = False,
              data: list[verify.Feeds] | None = None,
@@ -87,6 +88,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
              cache_dir: str | os.PathLike | None = None) -> OptimizeResult:
     """Optimize ``model`` for ``target`` and, when ``output`` is given, lower it there.
 
+    ``threads``: the threads the target runs with (``Target.with_threads``), for the
+    checks, timings and the planner's measurements; default: the target's own.
     ``passes`` defaults to the target's pipeline. The input is never modified. The result
     is verified against the original on ``data`` (or random probe inputs): on a mismatch a
     ``VerificationError`` is raised and nothing is written.
@@ -151,7 +154,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     if pool.remote and not planned:
         raise UsageError("--workers runs the planner's candidates: give --goal or --plan")
     metric = get_metric(metric)
-    tgt = get_target(target)
+    tgt = _with_threads(target, threads)
     if rpc:
         tgt = tgt.connect(rpc)
     if tune_trials < 0 or (tune_trials and not tgt.tunable):

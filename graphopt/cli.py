@@ -98,6 +98,9 @@ class _Progress:
               help="Where to write the result (an .onnx file for --target ort).")
 @click.option("-t", "--target", default=api.DEFAULT_TARGET, show_default=True,
               help="Target to optimize for (see `graphopt targets`).")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads the target runs "
+              "with (checks, timings, the planner; default: the target's own, ORT: every "
+              "core).")
 @click.option("-p", "--passes", help="Pipeline instead of the target's, e.g. "
               "'fold-constants,eliminate-dead-code'.")
 @click.option("--skip", help="Comma-separated passes to leave out.")
@@ -177,7 +180,7 @@ def optimize(ctx, model, config_path, **_):
     _optimize(**options)
 
 
-def _optimize(model, output, target, passes, skip, report_path, strict, data, input_shape,
+def _optimize(model, output, target, threads, passes, skip, report_path, strict, data, input_shape,
               rtol, atol, seed, calibration_data, validation_data, tolerance, metric, goal,
               plan, workers, recover, no_recover, finetune_steps, finetune_time, measure, format_,
               verify_, tune_trials, rpc, config_path, cache_dir, **scheme_values):
@@ -194,7 +197,8 @@ def _optimize(model, output, target, passes, skip, report_path, strict, data, in
     with paths.Staging(output, report_path) as staging, \
             err.status("loading", spinner="dots") as status:
         result = api.optimize(
-            model, target=target, passes=passes, output=staging.staged_output, strict=strict,
+            model, target=target, threads=threads, passes=passes,
+            output=staging.staged_output, strict=strict,
             skip=[s.strip() for s in skip.split(",") if s.strip()] if skip else (),
             data=feeds, input_shapes=shapes,
             tolerance=(tolerance, verify.Tolerance(rtol=rtol, atol=atol))

@@ -76,6 +76,23 @@ def test_skip_leaves_a_pass_out(tmp_path):
     assert "eliminate-identity" not in {e["pass_name"] for e in report["trace"]}
 
 
+def test_threads_reach_the_target(tmp_path, monkeypatch):
+    """``--threads N``: the target the run checks and times with is the target's
+    ``with_threads(N)``; a target without the setting is a usage error."""
+    from graphopt.targets.ort import OrtTarget
+
+    made = []
+    real = OrtTarget.with_threads
+    monkeypatch.setattr(OrtTarget, "with_threads",
+                        lambda self, n: made.append(real(self, n)) or made[-1])
+    result = cli("optimize", EXAMPLE, "-o", tmp_path / "m.onnx", "--threads", "1",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [t.threads for t in made] == [1] and made[0].device.cores == 1
+    bad = cli("optimize", EXAMPLE, "-o", tmp_path / "m.onnx", "--threads", "0", cwd=tmp_path)
+    assert bad.returncode == 2 and "--threads" in bad.stderr
+
+
 def test_compare_exit_codes(tmp_path):
     same = cli("compare", EXAMPLE, EXAMPLE, "--json", cwd=tmp_path)
     assert same.returncode == 0 and json.loads(same.stdout)["ok"] is True
