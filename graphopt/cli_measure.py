@@ -15,7 +15,7 @@ from rich.table import Table
 
 from pathlib import Path
 
-from graphopt import api, verify
+from graphopt import api
 
 out = Console(highlight=False)
 

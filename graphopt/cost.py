@@ -8,6 +8,7 @@ deterministic and needs only shapes, so it can rank rewrites before anything run
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -279,7 +280,7 @@ def _shapes_known(model: "Model") -> bool:
 def numel(tensor: gs.Tensor | None) -> int:
     if tensor is None or tensor.shape is None:
         return 0
-    return int(np.prod([d if isinstance(d, int) and d >= 0 else 1 for d in tensor.shape]))
+    return math.prod(d if isinstance(d, int) and d >= 0 else 1 for d in tensor.shape)
 
 
 # Element types narrower than a byte (ml_dtypes names), packed two per byte in ONNX.

@@ -123,14 +123,14 @@ def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
     return tuple(shape)
 
 
-def make_constant(graph: gs.Graph, name_hint: str, value: np.ndarray) -> gs.Constant:
-    """A new initializer with a name unique in ``graph``."""
-    names = graph.tensors().keys()
-    name, i = name_hint, 0
-    while name in names:
-        i += 1
-        name = f"{name_hint}_{i}"
-    return gs.Constant(name, np.asarray(value))
+def make_constant(graph: gs.Graph, name_hint: str, value: np.ndarray,
+                  taken: set[str] | None = None) -> gs.Constant:
+    """A new initializer with a name unique in ``graph``. A pass that makes many passes
+    ``taken``, the graph's tensor names gathered once (``tensor_names``; the new name is
+    added to it): gathering them costs a walk of the whole graph."""
+    if taken is None:
+        taken = set(graph.tensors())
+    return gs.Constant(unique_name(taken, name_hint), np.asarray(value))
 
 
 def tensor_names(graphs: Iterable[gs.Graph]) -> set[str]:

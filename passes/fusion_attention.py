@@ -788,7 +788,7 @@ class _Emitter:
         return gs.Variable(unique_name(self.names, hint), dtype=dtype)
 
     def _constant(self, hint: str, value: np.ndarray) -> gs.Constant:
-        return make_constant(self.graph, unique_name(self.names, hint), value)
+        return make_constant(self.graph, hint, value, taken=self.names)
 
     def _node(self, op: str, inputs: list, hint: str, dtype=None, domain: str | None = None,
               **attrs) -> gs.Variable:

@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 from graphopt.ir import Model
 from graphopt.pass_infra import Pass, PassContext, PassResult
 from graphopt.rewrite import (consumers, constant_value, is_graph_output, make_constant,
-                              remove_node, tensor_names, unique_name, walk)
+                              remove_node, tensor_names, walk)
 
 FLOATS = (np.float16, np.float32, np.float64)
 
@@ -45,7 +45,7 @@ class _Scope:
 
     def constant(self, graph: gs.Graph, hint: str, value: np.ndarray) -> gs.Constant:
         """A new initializer whose name is unused in every graph of the model."""
-        return make_constant(graph, unique_name(self.names, hint), value)
+        return make_constant(graph, hint, value, taken=self.names)
 
     def absorb(self, producer: gs.Node, reader: gs.Node) -> None:
         """Let ``producer`` write ``reader``'s output (name and readers kept); drop ``reader``."""

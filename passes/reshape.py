@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from graphopt.errors import ModelError
 from graphopt.ir import Model
 from graphopt.pass_infra import Pass, PassContext, PassResult
-from graphopt.rewrite import constant_value, make_constant, walk
+from graphopt.rewrite import constant_value, make_constant, tensor_names, walk
 
 
 def constant_target(node: gs.Node) -> np.ndarray | None:
@@ -55,13 +55,14 @@ class FoldReshapeTargets(Pass):
             model.infer_shapes(symbolic=True)
         except ModelError as exc:
             return PassResult(changed=False, stats={"skipped": str(exc)})
-        folded = 0
+        folded, taken = 0, tensor_names(model.all_graphs())
         for graph, node in walk(model.all_graphs()):
             if node.op != "Reshape" or constant_value(node.inputs[1]) is not None:
                 continue
             target = constant_target(node)
             if target is None:
                 continue
-            node.inputs[1] = make_constant(graph, f"{node.outputs[0].name}_shape", target)
+            node.inputs[1] = make_constant(graph, f"{node.outputs[0].name}_shape", target,
+                                           taken=taken)
             folded += 1
         return PassResult(changed=folded > 0, stats={"targets_folded": folded})
