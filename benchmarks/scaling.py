@@ -9,7 +9,9 @@ known, a duplicated bias initializer, and a repeated Relu for common-subexpressi
 elimination (16 nodes a block). ``graphopt.optimize`` runs the target's whole lossless
 pipeline and verifies the result against ONNX Runtime on the input; printed per size:
 nodes before and after, wall time, microseconds per input node and that figure relative
-to the smallest model's (1.0 everywhere = linear growth).
+to the smallest model's (1.0 everywhere = linear growth); beside it, onnxslim's nodes
+after and wall time on the same model (in process, as ``onnxslim.slim``; it does not
+verify its result).
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ def main() -> None:
     args = parser.parse_args()
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni"})
     print(f"cpu flags: {', '.join(flags)}")
-    print(f"{'nodes':>8} {'after':>8} {'seconds':>9} {'us/node':>9} {'relative':>9}")
+    print(f"{'nodes':>8} {'after':>8} {'seconds':>9} {'us/node':>9} {'relative':>9} "
+          f"{'onnxslim after':>15} {'onnxslim s':>11}")
     first = None
     for count in (int(n) for n in args.nodes.split(",")):
         model = chain_model(max(1, count // NODES_PER_BLOCK))
@@ -93,8 +96,21 @@ def main() -> None:
             raise SystemExit(f"not verified at {count} nodes: {result.report['verification']}")
         per_node = seconds / len(model.graph.node) * 1e6
         first = first or per_node
+        slim, slim_s = run_onnxslim(model)
         print(f"{len(model.graph.node):>8} {result.report['output']['nodes']:>8} "
-              f"{seconds:>9.2f} {per_node:>9.1f} {per_node / first:>9.2f}", flush=True)
+              f"{seconds:>9.2f} {per_node:>9.1f} {per_node / first:>9.2f} "
+              f"{slim:>15} {slim_s:>11}", flush=True)
+
+
+def run_onnxslim(model: onnx.ModelProto) -> tuple[str, str]:
+    """(nodes after, seconds) of onnxslim on ``model``, or ("-", why) without it."""
+    try:
+        import onnxslim
+    except ImportError:
+        return "-", "not installed"
+    start = time.perf_counter()
+    out = onnxslim.slim(model)
+    return str(len(out.graph.node)), f"{time.perf_counter() - start:.2f}"
 
 
 if __name__ == "__main__":
