@@ -28,6 +28,10 @@ prune-heads+prune-ffn searched under mean cosine >= 0.98 on the validation sente
 
     python benchmarks/compress_minilm.py --configs \
         '[["prune-heads+prune-ffn", [{}, {}], true, 0.98]]'
+
+With 4096 calibration sentences (``--calibration 4096``), prune-ffn 0.3125 with the
+re-fit: 0.792x, 0.9827 / 0.7988 (validation 0.9816; everyday 0.8855 / 0.7338) in 1182 s;
+prune-ffn 0.25: 0.834x, 0.9875 / 0.8337 (everyday 0.9080 / 0.7625) in 673 s.
 """
 
 from __future__ import annotations
