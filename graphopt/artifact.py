@@ -54,14 +54,15 @@ def check(target: Target, artifact: Artifact, reference: onnx.ModelProto,
             worst_cosine = min(worst_cosine, *sample_cosines(want, got, batch_size(f)))
     if budget is not None:
         ok = worst_cosine >= budget
-        return {"ok": ok, "ran": True, "batches": len(feeds), "min_cosine": worst_cosine,
+        return {"ok": ok, "ran": True, **_ran_on(target), "batches": len(feeds),
+                "min_cosine": worst_cosine,
                 "budget": budget, "detail": f"min output cosine {worst_cosine:.6f} "
                                             f"{'>=' if ok else '<'} budget {budget}"}
     worst = comparison.worst()
     detail = "outputs match ONNX Runtime on the original" if worst is None else \
         f"output {worst.name!r}: max abs diff {worst.max_abs:.3g} {worst.note}".strip()
-    return {**comparison.summary(), "ran": True, "detail": detail, "batches": len(feeds),
-            "rtol": tolerance.rtol, "atol": tolerance.atol}
+    return {**comparison.summary(), "ran": True, **_ran_on(target), "detail": detail,
+            "batches": len(feeds), "rtol": tolerance.rtol, "atol": tolerance.atol}
 
 
 def latency(target: Target, artifact: Artifact, reference: onnx.ModelProto,
@@ -88,6 +89,12 @@ def latency(target: Target, artifact: Artifact, reference: onnx.ModelProto,
     if seconds is None:
         result["note"] = "the artifact runs under emulation here: no device timing"
     return result
+
+
+def _ran_on(target: Target) -> dict:
+    """``{"ran_on": where}`` where the target says where its runs executed, else ``{}``."""
+    where = target.ran_on()
+    return {} if where is None else {"ran_on": where}
 
 
 def _repeat(one_run_s: float) -> int:

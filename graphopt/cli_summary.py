@@ -100,7 +100,8 @@ def artifact_lines(check: dict) -> list[str]:
     """The artifact check (``graphopt.artifact``) in a few lines."""
     if check.get("ok") is None:
         return [f"artifact not run here: {check.get('detail')}"]
-    lines = [f"artifact verified: {check['detail']}" + (
+    where = f" in {check['ran_on']}" if check.get("ran_on") else ""
+    lines = [f"artifact verified{where}: {check['detail']}" + (
         f" (max abs diff {check['max_abs_diff']:.3g})" if "max_abs_diff" in check else "")]
     lat = check.get("latency")
     if lat:

@@ -174,6 +174,7 @@ def artifact(r: dict) -> str:
                     "above), or the check was turned off (--no-verify).")
     facts = [("result", f"<td>{status(a.get('ok'))}</td>"),
              ("detail", text(a.get("detail"), "long"))]
+    facts += [("ran on", text(a["ran_on"], "long"))] if a.get("ran_on") else []
     facts += [(label, num(a[key], f"/artifact/{key}", unit))
               for label, key, unit in (("max abs diff", "max_abs_diff", "value"),
                                        ("min cosine", "min_cosine", "score"),

@@ -31,7 +31,7 @@ SIDECAR_SUFFIXES = (".data", ".session.json")
 # Prefix of temporary names: short, so a temporary beside a long output name still fits.
 TEMP_PREFIX = ".go-"
 # Names a target writes into an output folder (a report there must not take them).
-_FOLDER_NAMES = ("manifest.json", "model.", "tuning")
+_FOLDER_NAMES = ("manifest.json", "model.", "tuning", "index.html", "run.js", "ort-web")
 
 Labeled = Sequence[tuple[str, Path]]
 

@@ -183,6 +183,12 @@ class Target(ABC):
             raise UsageError(f"target {self.name!r} cannot time models on its device here")
         return seconds
 
+    def ran_on(self) -> str | None:
+        """Where the last ``run``/``measure`` of an artifact executed, for the report's
+        ``artifact`` section (``"this machine's Chromium 139 ..."``); ``None``: nothing
+        to add to the target's device."""
+        return None
+
     def profile_nodes(self, proto: onnx.ModelProto, feeds: dict[str, np.ndarray],
                       runs: int) -> tuple[dict[str, tuple[str, float]], float] | None:
         """Per-kernel times of ``runs`` runs of ``proto`` on the device: ``({kernel

@@ -1,0 +1,322 @@
+"""ONNX Runtime Web in a browser (wasm execution provider). ``lower`` writes a folder::
+
+    out/model.onnx            the optimized model (as the ``ort`` target writes it)
+    out/model.onnx.data[.N]   its weights, for a model over the external-data threshold,
+                              in files under 2 GB each (a browser ArrayBuffer's limit)
+    out/manifest.json         inputs/outputs (dtype, shape), external-data files, the
+                              onnxruntime-web version and files, hashes
+    out/index.html, run.js    the page: loads the model with ``ort.InferenceSession.create``
+    out/ort-web/              onnxruntime-web's wasm-only ES module, its Emscripten module
+                              and WebAssembly binary, copied from the npm package
+
+The page takes nothing from the network: ``env.wasm.wasmPaths`` points at ``ort-web/``.
+Served with the cross-origin isolation headers (``python -m graphopt.targets.web_browser
+out``) it runs on wasm threads.
+
+The wasm build is ONNX Runtime's CPU execution provider compiled to WebAssembly: the
+same graph optimizer, the same contrib ops (FusedConv, SkipLayerNormalization, ...) and
+the same QDQ int8 kernels. So the ``ort`` target's pipeline is right here too; what
+differs is the runtime around it (``run``/``measure`` drive the page in the system's
+headless Chromium, ``graphopt.targets.web_browser``) and the device (SIMD128 wasm).
+The runtime comes from the npm package ``onnxruntime-web``
+(``graphopt.targets.web_install``); without it lowering is refused before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx.external_data_helper import uses_external_data
+
+from graphopt.cost import Device
+from graphopt.errors import UsageError
+from graphopt.external_data import all_tensors
+from graphopt.ir import Model, external_threshold, save
+from graphopt.paths import TEMP_PREFIX
+from graphopt.target import (MANIFEST, Artifact, Target, cpu_model, graph_inputs,
+                             read_manifest, sha256, value_info)
+from graphopt.targets import web_browser, web_install, web_page
+from graphopt.targets.ort import _CORES, OrtTarget
+
+FORMAT = "graphopt-web/1"
+MODEL_FILE = "model.onnx"
+PAGE_FILE = "index.html"
+SCRIPT_FILE = "run.js"
+RUNTIME_FOLDER = "ort-web"
+# One fetch must fit an ArrayBuffer: 2 GB minus a little in Chromium's V8.
+BROWSER_FILE_LIMIT = 2**31 - 2**26
+# wasm32 addresses 4 GiB: weights, activations and the runtime must share it.
+WASM_MEMORY = 2**32
+# The newest ONNX IR version onnxruntime-web 1.31 reads: it refuses IR 14 (onnx >= 1.23
+# writes it) with "Unsupported model IR version: 14, max supported IR version: 13". IR 14
+# adds no construct graphopt's passes produce, so the written model says 13; the
+# verification in the browser catches a model that needed more.
+MAX_IR_VERSION = 13
+
+
+def browser_device(cores: int = _CORES) -> Device:
+    """This machine's CPU as ONNX Runtime Web's wasm build uses it. Theoretical peaks from
+    the instruction set: wasm SIMD128 has 4 float32 lanes and no fused multiply-add in
+    the build ONNX Runtime ships (no relaxed SIMD), so a core does 2 units x 4 lanes x 1
+    FLOP per cycle, a quarter of AVX2 with FMA; int8 goes through ``i32x4.dot_i16x8_s``
+    (two int8 MACs per 16-bit lane pair, no saturation: ``int8_fast`` is unknown rather
+    than False, so the quantizer keeps the full int8 range). Measured on the example CNN
+    quantized so: the browser's outputs were 3e-6 from the QDQ graph's values, native ORT's
+    AVX2 kernels (16-bit saturation) 0.57."""
+    fp32 = max(cores, 1) * 24e9
+    return Device(name="browser-wasm", peak_flops={"float32": fp32, "float16": fp32,
+                                                   "int8": fp32 * 2.0},
+                  bandwidth=20e9, cores=cores, node_overhead_s=4e-6, int8_fast=None,
+                  channel_multiple=4)
+
+
+class WebTarget(Target):
+    """ONNX Runtime Web (wasm) in a browser. The pipeline, capabilities and preparation
+    are the ``ort`` target's (the same CPU execution provider, compiled to wasm); it is
+    delegated to rather than inherited because everything ``OrtTarget`` adds besides
+    (``.ort`` format, timing and profiling through the native runtime) would be wrong
+    here."""
+
+    name = "web"
+    description = "ONNX Runtime Web (wasm) in a browser, verified in headless Chromium here"
+    produces = "a folder: model.onnx, manifest.json, index.html, run.js, ort-web/ (wasm)"
+    device = browser_device(max(1, min(4, -(-_CORES // 2))))  # ORT Web's default threads
+    capabilities = OrtTarget.capabilities
+    default_pipeline = OrtTarget.default_pipeline
+    pass_defaults = OrtTarget.pass_defaults
+    compiled = True  # the browser's runtime, not the ORT the pass manager verified with
+
+    def __init__(self, threads: int | None = None):
+        """``threads``: wasm threads of the page's session (default: ONNX Runtime Web's,
+        half the cores and at most 4; one where the page is not cross-origin isolated).
+        On a 2-core machine shared with other work, 2 wasm threads ran the example CNN
+        int8 at batch 32 in 37 ms against 18 ms on one: threads that wait for each other
+        lose more on a busy machine than native ones do."""
+        if threads is not None and threads < 1:
+            raise UsageError(f"threads must be >= 1, got {threads}")
+        self.threads = threads
+        if threads is not None:
+            self.device = browser_device(threads)
+        self._ort = OrtTarget(threads)
+
+    def with_threads(self, threads: int) -> "WebTarget":
+        return WebTarget(threads=threads)
+
+    def availability(self) -> str | None:
+        problem = web_install.why_missing()
+        return None if problem is None else \
+            f"{problem}; install it with: {web_install.install_command()}"
+
+    def run_availability(self) -> str | None:
+        """Running needs only the folder (it carries the runtime), Chromium and
+        playwright."""
+        return web_browser.why_unavailable()
+
+    def prepare(self, model: Model, input_shapes: dict[str, list[int]] | None) -> None:
+        self._ort.prepare(model, input_shapes)
+
+    def fingerprint(self) -> dict:
+        folder, _ = web_install.candidate()
+        return {"target": self.name, "device": self.device.name, "cpu": cpu_model(),
+                "cores": self.device.cores, "threads": self.threads,
+                "onnxruntime_web": web_install.package_version(folder),
+                "chromium": web_browser.chromium_version()}
+
+    # ------------------------------------------------------------------ lowering
+    def lower(self, model: Model, out: Path) -> Artifact:
+        """Write the folder ``out`` (see the module docstring) atomically: staged beside
+        it and moved in; nothing is written when anything fails, the ONNX Runtime Web
+        package missing included."""
+        out = Path(out)
+        if (out.suffix and not out.is_dir()) or out.is_file():
+            raise UsageError(f"target {self.name!r} writes a folder (model.onnx, "
+                             f"manifest.json, index.html, ...), not {str(out)!r}",
+                             hint="give -o a folder name without a suffix")
+        package = web_install.find_package()
+        ort_version = web_install.package_version(package) or "unknown"
+        proto = model.to_onnx(references=True)  # weights stay in their file until saved
+        del proto.graph.value_info[:]  # as the ort target writes it (see without_value_info)
+        ir_version = proto.ir_version
+        if ir_version > MAX_IR_VERSION:
+            proto.ir_version = MAX_IR_VERSION
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=TEMP_PREFIX))
+        try:
+            save(proto, stage / MODEL_FILE)
+            data_files = _split_external_data(stage / MODEL_FILE,
+                                              min(external_threshold(), BROWSER_FILE_LIMIT))
+            (stage / RUNTIME_FOLDER).mkdir()
+            runtime = [f"{RUNTIME_FOLDER}/{name}" for name in web_install.DIST_FILES]
+            for name in web_install.DIST_FILES:
+                shutil.copyfile(package / "dist" / name, stage / RUNTIME_FOLDER / name)
+            (stage / SCRIPT_FILE).write_text(web_page.run_js(web_install.ENTRY))
+            (stage / PAGE_FILE).write_text(web_page.index_html(proto.graph.name or "model",
+                                                               ort_version))
+            files = [MODEL_FILE, *data_files, PAGE_FILE, SCRIPT_FILE, *runtime]
+            manifest = _manifest(self, proto, model, stage, files, data_files, runtime,
+                                 ort_version)
+            manifest["ir_version"] = {"model": ir_version, "written": proto.ir_version}
+            (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            files.append(MANIFEST)
+            _move_in(stage, out, files)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return Artifact(target=self.name, path=out / PAGE_FILE,
+                        files=[out / f for f in files], format="onnxruntime-web")
+
+    # ------------------------------------------------------------------ running
+    def run(self, artifact: Artifact, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._page(artifact).run(feeds)
+
+    def measure(self, artifact: Artifact, feeds: dict[str, np.ndarray], *,
+                repeat: int = 20) -> float:
+        """Median wall time of ``repeat`` runs in the page (after a warm-up), timed with
+        ``performance.now()`` around ``session.run``: this machine's Chromium."""
+        return statistics.median(self._page(artifact).time(feeds, max(repeat, 1)))
+
+    def ran_on(self) -> str | None:
+        return web_browser.last_run()
+
+    def _page(self, artifact: Artifact) -> web_browser.Page:
+        folder = Path(artifact.path).parent
+        if not (folder / MANIFEST).is_file() or not (folder / PAGE_FILE).is_file():
+            raise UsageError(f"{folder} is not a web artifact folder (no {MANIFEST} and "
+                             f"{PAGE_FILE})", hint="lower the model with --target web")
+        missing = web_browser.why_unavailable()
+        if missing:
+            raise UsageError(f"cannot run the web artifact here: {missing}")
+        return web_browser.page(folder, self.threads)
+
+
+# ---------------------------------------------------------------------- helpers
+def _manifest(target: WebTarget, proto: onnx.ModelProto, model: Model, stage: Path,
+              files: list[str], data_files: list[str], runtime: list[str],
+              ort_version: str) -> dict:
+    from graphopt.api import graphopt_version
+
+    weights = sum((stage / f).stat().st_size for f in [MODEL_FILE, *data_files])
+    if weights > WASM_MEMORY * 7 // 8:
+        logging.getLogger("graphopt").warning(
+            "target web: the model's %.2f GB leave little of wasm32's 4 GiB for "
+            "activations; it may not load in a browser", weights / 1e9)
+    return {
+        "format": FORMAT,
+        "target": target.name,
+        "description": target.description,
+        "artifact": PAGE_FILE,
+        "artifact_format": "onnxruntime-web",
+        "model": MODEL_FILE,
+        "page": PAGE_FILE,
+        "script": SCRIPT_FILE,
+        "inputs": [value_info(v) for v in graph_inputs(proto)],
+        "outputs": [value_info(v) for v in proto.graph.output],
+        "external_data": data_files,
+        "onnxruntime_web": {"version": ort_version, "package": web_install.PACKAGE,
+                            "execution_provider": "wasm", "entry": runtime[0],
+                            "files": runtime},
+        "serve": {"headers": {k: v for k, v in web_browser.HEADERS.items()
+                              if k.startswith("Cross-Origin")},
+                  "command": "python -m graphopt.targets.web_browser FOLDER"},
+        "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+                      None),
+        "graphopt_version": graphopt_version(),
+        "model_content_hash": model.content_hash(),
+        "files": files + [MANIFEST],
+        "sha256": {name: sha256(stage / name) for name in files},
+        "toolchain": {"onnx": onnx.__version__, "python": platform.python_version()},
+    }
+
+
+def _split_external_data(model_path: Path, limit: int) -> list[str]:
+    """Rewrite the external data ``save`` wrote beside ``model_path`` (one
+    ``<name>.data``) into files of at most ``limit`` bytes each (``<name>.data.0``,
+    ``.1``, ...) where it is larger: the page fetches each file into one ArrayBuffer.
+    A tensor is never split; one larger than ``limit`` gets a file of its own, and one
+    larger than a browser can fetch is refused. Returns the data files' names."""
+    proto = onnx.load(model_path, load_external_data=False)
+    tensors = [t for t in all_tensors(proto) if uses_external_data(t)]
+    if not tensors:
+        return []
+    data = model_path.with_name(model_path.name + ".data")
+    if data.stat().st_size <= limit:
+        return [data.name]
+    layout: dict[tuple[int, int], tuple[str, int]] = {}  # (offset, length) -> new place
+    names: list[str] = []
+    size = 0
+    with open(data, "rb") as src:
+        for tensor in sorted(tensors, key=lambda t: _extent(t)[0]):
+            offset, length = _extent(tensor)
+            if length > BROWSER_FILE_LIMIT:
+                raise UsageError(f"tensor {tensor.name!r} is {length / 2**30:.2f} GiB: a "
+                                 f"browser cannot fetch it into one ArrayBuffer (under 2 GiB)",
+                                 hint="split the tensor in the model, or use --target ort")
+            if (offset, length) not in layout:
+                start = -(-size // 4096) * 4096  # page-aligned, as save() aligns them
+                if not names or start + length > limit:
+                    names.append(f"{data.name}.{len(names)}")
+                    start = 0
+                with open(model_path.parent / names[-1], "ab") as dst:
+                    dst.truncate(start)
+                    dst.seek(start)
+                    _copy_range(src, dst, offset, length)
+                size = start + length
+                layout[(offset, length)] = (names[-1], start)
+            location, start = layout[(offset, length)]
+            _set_location(tensor, location, start, length)
+    data.unlink()
+    model_path.write_bytes(proto.SerializeToString())
+    return names
+
+
+def _extent(tensor: onnx.TensorProto) -> tuple[int, int]:
+    info = {e.key: e.value for e in tensor.external_data}
+    return int(info.get("offset", 0)), int(info["length"])
+
+
+def _set_location(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)),
+                       ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _copy_range(src, dst, offset: int, length: int, chunk: int = 1 << 24) -> None:
+    src.seek(offset)
+    while length > 0:
+        block = src.read(min(chunk, length))
+        if not block:
+            raise OSError(f"{src.name}: shorter than its tensors need")
+        dst.write(block)
+        length -= len(block)
+
+
+def _move_in(stage: Path, out: Path, files: list[str]) -> None:
+    """Move the staged folder's ``files`` into ``out``: the whole folder at once when
+    ``out`` does not exist, else file by file (each ``os.replace`` atomic, the manifest
+    last), removing files an earlier web lowering listed that this one did not write."""
+    if not out.exists():
+        os.chmod(stage, 0o755)  # mkdtemp makes 0700
+        os.replace(stage, out)
+        return
+    try:
+        old = read_manifest(out)
+        stale = old.get("files", []) if old.get("target") == "web" else []
+    except UsageError:
+        stale = []
+    for name in files:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(stage / name, out / name)
+    for name in stale:
+        path = out / name
+        if name not in files and path.resolve().is_relative_to(out.resolve()):
+            path.unlink(missing_ok=True)
