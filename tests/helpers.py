@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import traceback
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -232,3 +235,18 @@ def store_calibration(target, skip_layer_norm: float | None) -> None:
         if skip_layer_norm is not None:
             cal.add(("norm", "float32", "SkipLayerNormalization"), seconds, skip_layer_norm)
     save_calibration(cal, calibration_path(target.fingerprint()))
+
+
+def cli(*args, cwd) -> SimpleNamespace:
+    """``graphopt ARGS`` in-process, in ``cwd``: returncode, stdout, stderr (an escaped
+    exception's traceback appended, as the process would print it)."""
+    from click.testing import CliRunner
+
+    from graphopt.cli import main
+
+    with contextlib.chdir(cwd):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=stderr)

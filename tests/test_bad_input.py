@@ -4,7 +4,6 @@ real process matters (--debug)."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -13,19 +12,17 @@ import pathlib
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
-from click.testing import CliRunner
 from onnx import TensorProto, numpy_helper
 
 import graphopt
 from graphopt import verify
-from graphopt.cli import main
 from graphopt.errors import ModelError, UsageError
+from tests.helpers import cli
 
 
 def small_model(opset: int = 17) -> onnx.ModelProto:
@@ -46,16 +43,6 @@ def save_external(model: onnx.ModelProto, folder: Path, location: str = "m.data"
     return path
 
 
-def cli(*args, cwd: Path) -> SimpleNamespace:
-    """``graphopt ARGS`` in-process, in ``cwd``: returncode, stdout, stderr."""
-    with contextlib.chdir(cwd):
-        result = CliRunner().invoke(main, [str(a) for a in args])
-    stderr = result.stderr
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        import traceback  # an escaped exception: show it as the process would
-
-        stderr += "".join(traceback.format_exception(result.exception))
-    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=stderr)
 
 
 def cli_process(*args, cwd: Path) -> subprocess.CompletedProcess:

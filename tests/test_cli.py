@@ -3,33 +3,21 @@ in-process (click's CliRunner); one test runs the real ``graphopt`` process."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import subprocess
 import sys
-import traceback
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
-from click.testing import CliRunner
 
 from graphopt import verify
-from graphopt.cli import main
+from tests.helpers import cli
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "small_cnn.onnx"
 
 
-def cli(*args, cwd: Path) -> SimpleNamespace:
-    """``graphopt ARGS`` in-process, in ``cwd``: returncode, stdout, stderr."""
-    with contextlib.chdir(cwd):
-        result = CliRunner().invoke(main, [str(a) for a in args])
-    stderr = result.stderr
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        stderr += "".join(traceback.format_exception(result.exception))
-    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=stderr)
 
 
 def cli_process(*args, cwd: Path) -> subprocess.CompletedProcess:

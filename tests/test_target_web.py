@@ -8,29 +8,25 @@ tests of refusals need none of them. One Chromium serves the whole module.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import traceback
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import onnx.version_converter
 import pytest
-from click.testing import CliRunner
 from onnx import numpy_helper
 
 import graphopt
 from graphopt.accuracy import sample_cosines
-from graphopt.cli import main
 from graphopt.errors import UsageError, VerificationError
 from graphopt.target import sha256
 from graphopt.targets import web_browser, web_install
 from graphopt.targets.ort import LOSSLESS_PIPELINE
 from graphopt.targets.web import MAX_IR_VERSION, WebTarget
 from tests.zoo import mlp
+from tests.helpers import cli
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "small_cnn.onnx"
 
@@ -61,13 +57,6 @@ def small_cnn() -> onnx.ModelProto:
     return onnx.version_converter.convert_version(onnx.load(EXAMPLE), 17)
 
 
-def cli(*args, cwd: Path) -> SimpleNamespace:
-    with contextlib.chdir(cwd):
-        result = CliRunner().invoke(main, [str(a) for a in args])
-    stderr = result.stderr
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        stderr += "".join(traceback.format_exception(result.exception))
-    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=stderr)
 
 
 def tree(folder: Path) -> list[str]:
