@@ -22,6 +22,7 @@ from graphopt.cost_calibration import Calibration, cost_model_for
 from graphopt.cost_calibration import calibrate as run_calibration
 from graphopt.calibration import check_feeds
 from graphopt.errors import GraphoptError, ModelError, UsageError, VerificationError
+from graphopt.gc_policy import graph_work
 from graphopt.ir import Model, ModelSource, load, save
 from graphopt.lossy import (compression_report, load_lossy_data, quantization_report,
                             split_tolerance, verify_lossy, warn_unmeasured)
@@ -68,6 +69,7 @@ def get_target(name: str | Target) -> Target:
     return create_target(target_registry(), name)
 
 
+@graph_work()
 def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
              threads: int | None = None,
              passes: str | Sequence[str | Pass] | None = None, skip: Sequence[str] = (),

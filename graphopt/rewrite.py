@@ -189,8 +189,29 @@ def remove_dead(nodes: Iterable[gs.Node], graph: gs.Graph) -> int:
 
 def remove_node(node: gs.Node, graph: gs.Graph) -> None:
     """Disconnect ``node`` and drop it from ``graph`` (by identity: gs compares nodes and
-    tensors by name and contents, so ``list.remove`` could drop a look-alike)."""
+    tensors by name and contents, so ``list.remove`` could drop a look-alike).
+
+    Passes remove nodes as they walk the graph in order, so the search starts where the
+    previous removal from this graph was and wraps around: a whole pass's removals cost
+    about one walk of the node list, not one walk each (quadratic on 100k nodes)."""
     node.inputs.clear()
     node.outputs.clear()
-    index = next(i for i, n in enumerate(graph.nodes) if n is node)
-    del graph.nodes[index]
+    nodes = graph.nodes
+    start = min(vars(graph).get(_REMOVED_AT, 0), len(nodes))  # gs's getattr would log
+    index = _index_from(nodes, node, start)
+    if index is None:
+        index = _index_from(nodes, node, 0, start)
+    if index is None:
+        raise ValueError(f"node {node.name!r} is not in graph {graph.name!r}")
+    del nodes[index]
+    vars(graph)[_REMOVED_AT] = index
+
+
+_REMOVED_AT = "_graphopt_removed_at"  # where ``remove_node`` last removed from a graph
+
+
+def _index_from(nodes: list, node: gs.Node, start: int, stop: int | None = None) -> int | None:
+    for i in range(start, len(nodes) if stop is None else stop):
+        if nodes[i] is node:
+            return i
+    return None

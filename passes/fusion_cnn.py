@@ -35,9 +35,10 @@ class _Scope:
     def sole_producer(self, tensor: gs.Tensor, reader: gs.Node) -> gs.Node | None:
         """The node writing ``tensor`` when ``reader`` is its only reader, the tensor is no
         graph output and both nodes live in the same graph."""
+        if len(tensor.inputs) != 1:  # a constant or graph input: read by many, often
+            return None
         readers = consumers(tensor)
-        if len(tensor.inputs) != 1 or len(readers) != 1 or readers[0] is not reader \
-                or is_graph_output(tensor, self.graphs):
+        if len(readers) != 1 or readers[0] is not reader or is_graph_output(tensor, self.graphs):
             return None
         producer = tensor.inputs[0]
         same_graph = self.owner.get(id(producer)) is self.owner.get(id(reader))

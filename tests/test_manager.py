@@ -229,3 +229,40 @@ def test_deferred_and_per_pass_checks_give_the_same_model():
         PassManager(passes, ctx, check_each_pass=check_each_pass).run(model)
         results.append(model.content_hash())
     assert results[0] == results[1] == fast.report["output_hash"]
+
+
+@pytest.mark.parametrize("order", ["forward", "backward", "shuffled"])
+def test_remove_node_drops_exactly_that_node_in_any_order(order):
+    """``remove_node`` starts each search where the previous removal was; whatever the
+    order, the node removed is the one asked for (by identity: the look-alike nodes
+    here compare equal), and the others keep their order."""
+    import onnx_graphsurgeon as gs
+
+    from graphopt.rewrite import remove_node
+
+    graph = gs.Graph()
+    nodes = [gs.Node("Relu", name="same") for _ in range(40)]
+    graph.nodes.extend(nodes)
+    doomed = nodes[3::3]
+    if order == "backward":
+        doomed = doomed[::-1]
+    elif order == "shuffled":
+        doomed = [doomed[i] for i in np.random.default_rng(0).permutation(len(doomed))]
+    for node in doomed:
+        remove_node(node, graph)
+    gone = {id(n) for n in doomed}
+    assert [id(n) for n in graph.nodes] == [id(n) for n in nodes if id(n) not in gone]
+    with pytest.raises(ValueError, match="not in graph"):
+        remove_node(doomed[0], graph)
+
+
+def test_graph_work_restores_the_callers_collector_thresholds():
+    import gc
+
+    from graphopt.gc_policy import YOUNG_THRESHOLD, graph_work
+
+    before = gc.get_threshold()
+    with graph_work():
+        assert gc.get_threshold()[0] >= YOUNG_THRESHOLD
+        assert gc.get_threshold()[1:] == before[1:]
+    assert gc.get_threshold() == before
