@@ -196,9 +196,13 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     tgt.prepare(working, input_shapes)
     original_proto = original.to_onnx()
     data = check_feeds(data, original_proto)
+    # Lossy data is batched for the model the passes see: a target that binds
+    # ``--input-shape`` (compiled targets) takes the batch it was given, not the
+    # original's dynamic one.
+    bound = working.to_onnx(references=True) if input_shapes and \
+        (calibration is not None or validation is not None) else original_proto
     setup = Setup(target=tgt, cost_model=cost_model, original=original_proto,
-                  lossy_data=load_lossy_data(original_proto, calibration, validation,
-                                             budget),
+                  lossy_data=load_lossy_data(bound, calibration, validation, budget),
                   metric=metric, passes=passes, skip=skip, measure=measure,
                   recovery=recovery, goal=goal, seed=seed, strict=strict,
                   max_iterations=max_iterations, tolerance=tolerance,

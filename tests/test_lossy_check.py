@@ -126,6 +126,29 @@ def test_static_batch_model_quantizes_with_any_number_of_samples():
     assert v["ok"] is True and v["batches"] == 8 and v["score"] >= 0.98
 
 
+def test_calibration_is_batched_for_the_shapes_a_target_binds():
+    """A target that fixes ``--input-shape`` in the model before the pipeline (compiled
+    targets do) gets calibration in that batch: it was stacked for the original's dynamic
+    batch, which the bound model refused, and the quantizer was rolled back."""
+    from graphopt.targets.ort import OrtTarget
+    from graphopt.targets.shapes import bind_input_shapes
+    from tests.test_quant_int8 import mlp_inputs, outlier_mlp
+
+    class BindingTarget(OrtTarget):
+        def prepare(self, model, input_shapes):
+            bind_input_shapes(model, input_shapes)
+
+    x = mlp_inputs(8, seed=1)
+    result = graphopt.optimize(outlier_mlp(), target=BindingTarget(), quantize="int8",
+                               calibration={"x": x}, tolerance=0.98,
+                               input_shapes={"x": [1, x.shape[1]]})
+    entry = next(e for e in result.report["trace"] if e["pass_name"] == "quantize-int8")
+    assert entry["status"] == "changed", entry["reason"]
+    assert result.model.graph.inputs[0].shape[0] == 1
+    v = result.report["verification"]
+    assert v["ok"] is True and v["score"] >= 0.98
+
+
 class Spy(Pass):
     """A lossy pass that changes nothing but records the data it was given."""
 
