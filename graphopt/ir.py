@@ -27,6 +27,7 @@ from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from graphopt import external_data, stand_ins
 from graphopt.errors import ModelError
+from graphopt.symbolic import shapes as symbolic_shapes
 from graphopt.external_data import all_graphs as _all_graphs
 from graphopt.external_data import all_nodes as _all_nodes  # noqa: F401 - model_check
 from graphopt.external_data import all_tensors as _all_tensors
@@ -284,51 +285,6 @@ def _copy_field(dst, descriptor, value) -> None:
         getattr(dst, descriptor.name).CopyFrom(value)
     else:
         setattr(dst, descriptor.name, value)
-
-
-def symbolic_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX Runtime's symbolic shape inference (merges equal symbolic dimensions).
-
-    Runs the engine's loop directly rather than ``SymbolicShapeInference.infer_shapes``:
-    that entry point raises on a partial result and, before raising, writes the model
-    into the current directory. A partial result is still useful here.
-    """
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    engine = SymbolicShapeInference(int_max=2**31 - 1, auto_merge=True,
-                                    guess_output_rank=False, verbose=0)
-    try:
-        engine._preprocess(_constants_as_tensors(proto))
-        while engine.run_:
-            engine._infer_impl()
-        engine._update_output_from_vi()
-    except Exception as exc:  # it raises bare Exceptions on ops it cannot follow
-        raise ModelError(f"symbolic shape inference failed: {_first_line(exc)}") from exc
-    return engine.out_mp_
-
-
-def _constants_as_tensors(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose Constant nodes hold ``value`` tensors: ORT's symbolic inference does
-    not read ``value_int``/``value_float``/``value_ints``/``value_floats`` (dynamo exports
-    use them)."""
-    forms = {"value_int": (onnx.TensorProto.INT64, False), "value_ints": (onnx.TensorProto.INT64, True),
-             "value_float": (onnx.TensorProto.FLOAT, False),
-             "value_floats": (onnx.TensorProto.FLOAT, True)}
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    for graph in _all_graphs(copy.graph):
-        for node in graph.node:
-            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
-                continue
-            for attr in list(node.attribute):
-                if attr.name in forms:
-                    dtype, is_list = forms[attr.name]
-                    value = onnx.helper.get_attribute_value(attr)
-                    tensor = onnx.helper.make_tensor("value", dtype, [len(value)] if is_list else [],
-                                                     value if is_list else [value])
-                    node.attribute.remove(attr)
-                    node.attribute.append(onnx.helper.make_attribute("value", tensor))
-    return copy
 
 
 def proto_hash(proto: onnx.ModelProto) -> str:
