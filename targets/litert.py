@@ -1,0 +1,363 @@
+"""LiteRT (TensorFlow Lite) on phones: ``lower`` writes a folder::
+
+    out/model.tflite     the flatbuffer, written by graphopt from the optimized graph
+                         (no TensorFlow, no converter): builtin operators only, NHWC
+                         inside, the ONNX model's input/output names and layout outside
+    out/manifest.json    inputs/outputs (shape, dtype, layout), the shapes the model was
+                         lowered at, operators, Transposes left inside, hashes
+
+``run`` loads the file in ``ai_edge_litert``'s interpreter (XNNPACK, as on a phone's CPU)
+and ``optimize`` compares its outputs with ONNX Runtime on the original model.
+
+TFLite tensors have static shapes here: symbolic dimensions are fixed at lowering, by
+``--input-shape`` where given; otherwise a leading batch dimension shared by every input
+and output is lowered at 1 (what an app feeds) and ``run`` feeds a larger batch one sample
+at a time, and any other symbolic dimension is lowered at the size probe inputs use. The
+manifest records which.
+
+The pipeline is the lossless one without ONNX Runtime's contrib fusions (FusedConv,
+SkipLayerNormalization, Attention...): the target's capabilities are the ONNX ops the
+writer maps (``tflite_ops.HANDLERS``), so a pass emitting anything else is left out.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphopt.errors import GraphoptError, UsageError
+from graphopt.ir import Model
+from graphopt.paths import TEMP_PREFIX
+from graphopt.target import (MANIFEST, Artifact, Capabilities, Target, read_manifest,
+                             sha256)
+from graphopt.targets.ort import LOSSLESS_PIPELINE, host_device
+from graphopt.targets.shapes import bind_input_shapes
+from graphopt.targets.tflite_lower import lower_graph
+from graphopt.targets.tflite_ops import MAPPED_OPS
+from graphopt.targets.tflite_writer import INSTALL_HINT
+from graphopt.verify import DEFAULT_SYMBOLIC_SIZE
+
+FORMAT = "graphopt-litert/1"
+MODEL_FILE = "model.tflite"
+IO_LAYOUTS = ("onnx", "nhwc")
+# Passes of the lossless pipeline that only write ops of the ONNX Runtime contrib domain
+# (or forms the writer does not map): not worth listing for this target.
+_CONTRIB_ONLY = {"fuse-conv-act", "fuse-silu", "fuse-attention", "fuse-skip-layer-norm",
+                 "fuse-bias-gelu", "fuse-rms-norm"}
+
+
+class LiteRtTarget(Target):
+    """LiteRT's CPU interpreter with XNNPACK, as phones run ``.tflite`` files."""
+
+    name = "litert"
+    description = "LiteRT (TensorFlow Lite) .tflite for phones, verified in LiteRT's " \
+                  "interpreter (XNNPACK) here"
+    produces = "a folder: model.tflite, manifest.json"
+    device = host_device(cores=1)
+    capabilities = Capabilities(domains=frozenset({""}),
+                                ops=frozenset(("", op) for op in MAPPED_OPS),
+                                dtypes=frozenset({"float32"}))
+    default_pipeline = tuple(p for p in LOSSLESS_PIPELINE if p not in _CONTRIB_ONLY)
+    compiled = True  # LiteRT runs it, not the ONNX Runtime the pass manager verified with
+
+    def __init__(self, threads: int | None = None, io_layout: str = "onnx",
+                 name: str | None = None):
+        """``threads``: the interpreter's threads (default 1, a phone app's usual
+        setting); ``io_layout="nhwc"`` exposes 4-D inputs and outputs as NHWC (camera
+        frames) instead of the ONNX model's layout; ``name``: the registered alias."""
+        if threads is not None and threads < 1:
+            raise UsageError(f"threads must be >= 1, got {threads}")
+        if io_layout not in IO_LAYOUTS:
+            raise UsageError(f"unknown io layout {io_layout!r}",
+                             hint=f"choose one of {', '.join(IO_LAYOUTS)}")
+        self.threads = threads or 1
+        self.io_layout = io_layout
+        if name is not None:
+            self.name = name
+        self.device = host_device(cores=self.threads)
+
+    def with_threads(self, threads: int) -> "LiteRtTarget":
+        return LiteRtTarget(threads, self.io_layout, self.name)
+
+    def availability(self) -> str | None:
+        if importlib.util.find_spec("ai_edge_litert") is None:
+            return f"the ai-edge-litert package is missing: {INSTALL_HINT}"
+        return None
+
+    def fingerprint(self) -> dict:
+        return {**super().fingerprint(), "threads": self.threads,
+                "ai_edge_litert": _litert_version()}
+
+    def prepare(self, model: Model, input_shapes: dict[str, list[int]] | None) -> None:
+        """``--input-shape`` fixes those inputs in the ``.tflite`` (and lets the pipeline
+        fold the shape arithmetic); other symbolic dimensions are fixed at lowering."""
+        bind_input_shapes(model, input_shapes)
+
+    # ------------------------------------------------------------------ lowering
+    def lower(self, model: Model, out: Path) -> Artifact:
+        """Write the folder ``out`` atomically (staged beside it, then moved in); an op
+        without a TFLite mapping is refused before anything is written."""
+        out = Path(out)
+        if (out.suffix and not out.is_dir()) or out.is_file():
+            raise UsageError(f"target {self.name!r} writes a folder (model.tflite, "
+                             f"manifest.json), not {str(out)!r}",
+                             hint="give -o a folder name without a suffix")
+        missing = self.availability()
+        if missing:
+            raise UsageError(f"target {self.name!r} is not available here: {missing}")
+        static, bound, per_sample = static_model(model)
+        lowered = lower_graph(static, nhwc_io=self.io_layout == "nhwc")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=TEMP_PREFIX))
+        try:
+            (stage / MODEL_FILE).write_bytes(lowered.data)
+            manifest = self._manifest(model, lowered, bound, per_sample, stage)
+            (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            _move_in(stage, out, [MODEL_FILE, MANIFEST])
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return Artifact(target=self.name, path=out / MODEL_FILE,
+                        files=[out / MODEL_FILE, out / MANIFEST], format="tflite")
+
+    def _manifest(self, model: Model, lowered, bound: dict, per_sample: bool,
+                  stage: Path) -> dict:
+        from graphopt.api import graphopt_version
+
+        return {
+            "format": FORMAT,
+            "target": self.name,
+            "description": self.description,
+            "artifact": MODEL_FILE,
+            "artifact_format": "tflite",
+            "inputs": lowered.inputs,
+            "outputs": lowered.outputs,
+            "io_layout": self.io_layout,
+            "precision": {"weights": lowered.weights, "compute": "float32"},
+            "static_shapes": {
+                "bound": bound,
+                "per_sample_batch": per_sample,
+                "note": "TFLite tensors are static here: symbolic dimensions were fixed "
+                        "at these sizes (--input-shape fixes them explicitly)" +
+                        ("; a larger batch runs one sample at a time" if per_sample else ""),
+            },
+            "operators": lowered.operators,
+            "transposes": lowered.transposes,
+            "builtin_only": True,
+            "graphopt_version": graphopt_version(),
+            "model_content_hash": model.content_hash(),
+            "files": [MODEL_FILE, MANIFEST],
+            "sha256": {MODEL_FILE: sha256(stage / MODEL_FILE)},
+            "toolchain": {"ai_edge_litert": _litert_version(), "onnx": onnx.__version__,
+                          "python": platform.python_version()},
+        }
+
+    # ------------------------------------------------------------------ running
+    def run(self, artifact: Artifact, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The outputs of the ``.tflite`` in LiteRT's interpreter, named and laid out as
+        the ONNX model's (NHWC artifacts get transposed feeds and outputs back)."""
+        path = os.path.abspath(artifact.path)
+        try:
+            manifest, runner = _interpreter(path, os.stat(path).st_mtime_ns, self.threads)
+        except (ValueError, RuntimeError) as exc:  # the interpreter refuses the file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GraphoptError(f"LiteRT cannot load {path}: {first}") from exc
+        inputs = {i["name"]: i for i in manifest["inputs"]}
+        missing = set(inputs) - set(feeds)
+        if missing:
+            raise UsageError(f"no feed for input(s) {', '.join(sorted(missing))}")
+        arrays = {}
+        for name, spec in inputs.items():
+            array = np.asarray(feeds[name])
+            if spec["layout"] == "NHWC" and array.ndim == 4:
+                array = array.transpose(0, 2, 3, 1)
+            arrays[name] = np.ascontiguousarray(array.astype(spec["dtype"], copy=False))
+        chunks = _chunks(arrays, inputs, manifest["static_shapes"]["per_sample_batch"])
+        results = [runner(chunk) for chunk in chunks]
+        outputs = {}
+        for spec in manifest["outputs"]:
+            array = np.concatenate([r[spec["name"]] for r in results], axis=0) \
+                if len(results) > 1 else results[0][spec["name"]]
+            if spec["layout"] == "NHWC" and array.ndim == 4:
+                array = array.transpose(0, 3, 1, 2)
+            outputs[spec["name"]] = array
+        return outputs
+
+    def ran_on(self) -> str | None:
+        return f"this machine's CPU in LiteRT {_litert_version()} (XNNPACK, " \
+               f"{self.threads} thread{'s' if self.threads > 1 else ''})"
+
+
+# ---------------------------------------------------------------------- static shapes
+def static_model(model: Model) -> tuple[onnx.ModelProto, dict[str, int], bool]:
+    """A shape-inferred copy of ``model`` with every dimension fixed, the erf/tanh GELU
+    written as one ``Gelu`` (LiteRT has a builtin GELU but no Erf): ``(proto, the sizes
+    symbolic dimensions were bound at, whether the batch runs one sample at a time)``."""
+    work = model.clone()
+    inputs = [t for t in work.graph.inputs if not isinstance(t, gs.Constant)]
+    symbolic = {d for t in inputs for d in (t.shape or []) if isinstance(d, str)}
+    batch = _batch_dim(work, inputs)
+    sizes = {d: 1 if d == batch else DEFAULT_SYMBOLIC_SIZE for d in symbolic}
+    shapes = {t.name: [sizes.get(d, d) if isinstance(d, str) else d for d in t.shape]
+              for t in inputs if t.shape}
+    for name, dims in shapes.items():
+        if any(not isinstance(d, int) or d < 1 for d in dims):
+            raise UsageError(f"input {name!r} has an unknown dimension: {dims}",
+                             hint=f"fix it with --input-shape {name}=1x...")
+    bind_input_shapes(work, shapes)
+    proto = work.to_onnx()
+    del proto.graph.value_info[:]
+    proto = _complete_shapes(onnx.shape_inference.infer_shapes(proto, data_prop=True))
+    work = Model.from_proto(proto)
+    _fuse_gelu(work)
+    proto = work.to_onnx()
+    return proto, dict(sorted(sizes.items())), batch is not None
+
+
+def _complete_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Static shapes for the values ONNX's inference left open (it does not follow every
+    exporter's shape arithmetic): measured by one ONNX Runtime run on zeros at the bound
+    input shapes, with those values as extra outputs."""
+    known = {v.name for v in proto.graph.value_info if _static(v)} | \
+        {v.name for v in proto.graph.initializer} | {v.name for v in proto.graph.input}
+    open_ = [o for node in proto.graph.node for o in node.output if o and o not in known]
+    if not open_:
+        return proto
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in open_)
+    inits = {i.name for i in proto.graph.initializer}
+    feeds = {}
+    for v in proto.graph.input:
+        if v.name not in inits:
+            t = v.type.tensor_type
+            feeds[v.name] = np.zeros([d.dim_value for d in t.shape.dim],
+                                     onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    values = ort.InferenceSession(probe.SerializeToString(), options,
+                                  providers=["CPUExecutionProvider"]).run(open_, feeds)
+    measured = {n: v for n, v in zip(open_, values)}
+    kept = [v for v in proto.graph.value_info if v.name not in measured]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
+    proto.graph.value_info.extend(
+        onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(
+            np.asarray(v).dtype), np.shape(v)) for n, v in measured.items())
+    return proto
+
+
+def _static(value: onnx.ValueInfoProto) -> bool:
+    t = value.type.tensor_type
+    return bool(t.elem_type) and t.HasField("shape") and \
+        all(d.HasField("dim_value") for d in t.shape.dim)
+
+
+def _batch_dim(model: Model, inputs) -> str | None:
+    """The symbolic dimension leading every input and output and found nowhere else in
+    them: a batch the ``.tflite`` can run one sample at a time."""
+    tensors = [*inputs, *model.graph.outputs]
+    if not tensors or any(not t.shape for t in tensors):
+        return None
+    first = tensors[0].shape[0]
+    if not isinstance(first, str) or not first:
+        return None
+    for t in tensors:
+        if t.shape[0] != first or first in list(t.shape[1:]):
+            return None
+    return first
+
+
+def _fuse_gelu(model: Model) -> None:
+    """0.5·x·(1 + erf(x/√2)) (and the tanh form) → one ``Gelu`` node, for the writer only
+    (graphopt's ``fuse-gelu`` writes the standard op at opset 20 only)."""
+    from graphopt.passes._patterns import Scope
+    from graphopt.passes.fusion_gelu import match_gelu
+
+    scope = Scope(model)
+    for graph in scope.graphs:
+        for node in list(graph.nodes):
+            if node.op not in ("Erf", "Tanh") or node.domain not in ("", None, "ai.onnx") \
+                    or not scope.alive(node):
+                continue
+            match = match_gelu(node, scope)
+            if match:
+                attrs = {"approximate": "tanh"} if match.approximate == "tanh" else {}
+                scope.replace(match.nodes, "Gelu", [match.x], [match.output], attrs)
+
+
+# ---------------------------------------------------------------------- running
+def _chunks(arrays: dict[str, np.ndarray], inputs: dict[str, dict],
+            per_sample: bool) -> list[dict[str, np.ndarray]]:
+    """The feeds as the ``.tflite`` takes them: as they are when their shapes match;
+    split into samples when the model was lowered at batch 1 for a symbolic batch."""
+    if all(list(a.shape) == inputs[n]["shape"] for n, a in arrays.items()):
+        return [arrays]
+    batches = {a.shape[0] for a in arrays.values() if a.ndim}
+    if per_sample and len(batches) == 1 and all(
+            a.ndim and list(a.shape[1:]) == inputs[n]["shape"][1:] for n, a in arrays.items()):
+        return [{n: a[i:i + 1] for n, a in arrays.items()} for i in range(batches.pop())]
+    wanted = ", ".join(f"{n}={'x'.join(map(str, s['shape']))}" for n, s in inputs.items())
+    got = ", ".join(f"{n}={'x'.join(map(str, a.shape))}" for n, a in arrays.items())
+    raise UsageError(f"the .tflite was lowered at {wanted}; the feeds are {got}",
+                     hint="lower it again with --input-shape at the shapes you feed")
+
+
+@functools.lru_cache(maxsize=8)
+def _interpreter(path: str, mtime_ns: int, threads: int):
+    """One interpreter per file version and thread count (creating one, and XNNPACK's
+    weight packing, cost more than a small model's run): ``(the manifest beside the
+    file, run(feeds))``."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    manifest = read_manifest(Path(path).parent)
+    interpreter = Interpreter(model_path=path, num_threads=threads)
+    interpreter.allocate_tensors()
+    ins = {d["name"]: d["index"] for d in interpreter.get_input_details()}
+    outs = {d["name"]: d["index"] for d in interpreter.get_output_details()}
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, array in feeds.items():
+            interpreter.set_tensor(ins[name], array)
+        interpreter.invoke()
+        return {name: interpreter.get_tensor(index) for name, index in outs.items()}
+
+    return manifest, run
+
+
+def _litert_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ai-edge-litert")
+    except PackageNotFoundError:
+        return None
+
+
+def _move_in(stage: Path, out: Path, files: list[str]) -> None:
+    """The staged folder becomes ``out`` in one rename when ``out`` does not exist, else
+    its files replace those in ``out`` one by one (each ``os.replace`` atomic, the
+    manifest last)."""
+    if not out.exists():
+        os.chmod(stage, 0o755)  # mkdtemp makes 0700
+        os.replace(stage, out)
+        return
+    for name in files:
+        os.replace(stage / name, out / name)
+
+
+# The alias ``--target tflite``: the same target under LiteRT's former name.
+TFLITE = LiteRtTarget(name="tflite")

@@ -1,0 +1,379 @@
+"""ONNX graph → TFLite subgraph, with the NCHW→NHWC layout conversion.
+
+Layout is tracked per value instead of being rewritten into the ONNX graph first: every
+ONNX value has a *home* permutation ``P`` such that its TFLite tensor equals
+``onnx_value.transpose(P)``. Convolutions and pools put their outputs at home in NHWC
+(``P = (0, 2, 3, 1)``), elementwise ops, concatenations, pads and reductions keep the
+layout of their inputs (axes are remapped, constants are transposed when written), an
+ONNX ``Transpose`` becomes a change of ``P`` and no operator at all. A TRANSPOSE is
+emitted only where an op needs a layout its input does not have (a Reshape of NHWC data,
+for example) and is counted: at the model's inputs and outputs (``boundary``, so the
+``.tflite`` keeps the ONNX model's layout) or ``inside``. Where a layout change moves
+only dimensions of size 1 the memory order is the same and a RESHAPE does it for free
+(global pooling followed by Flatten is the common case).
+
+Op mappings live in ``graphopt.targets.tflite_ops``; the flatbuffer in
+``graphopt.targets.tflite_writer``. Shapes are static: the model reaching here has every
+dimension known (``litert`` binds symbolic dimensions first).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from graphopt.errors import UsageError
+from graphopt.targets.tflite_writer import FlatbufferBuilder, enum, options
+
+NHWC = (0, 2, 3, 1)
+F32 = np.float32
+NONE = 0  # ActivationFunctionType.NONE
+
+
+def identity(rank: int) -> tuple[int, ...]:
+    return tuple(range(rank))
+
+
+def inverse(perm) -> tuple[int, ...]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
+@dataclass
+class Value:
+    """An ONNX value as the lowering sees it: its ONNX shape and dtype, a constant's
+    array, or the TFLite tensors holding it per layout (``home`` first)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    const: np.ndarray | None = None
+    home: tuple[int, ...] = ()
+    tensors: dict[tuple[int, ...], int] = field(default_factory=dict)
+    # A flattened NHWC value read only by matrix products: TFLite column j holds ONNX
+    # column columns[j], and the products permute their weights to match.
+    columns: np.ndarray | None = None
+    # A constant that was float16 in the ONNX graph (held here as float32): written as
+    # float16 weights that the runtime dequantizes (see FlatbufferBuilder.constant).
+    half: bool = False
+
+
+@dataclass
+class Lowered:
+    """The ``.tflite`` bytes and what the manifest says about them."""
+
+    data: bytes
+    operators: dict[str, int]
+    transposes: dict[str, int]
+    inputs: list[dict]
+    outputs: list[dict]
+    weights: str  # "float32"; "float16" (--quantize fp16), "int8" (int8-dynamic) where used
+
+
+class Lowering:
+    """One ONNX graph (shape-inferred, static shapes) being lowered into a builder."""
+
+    def __init__(self, proto: onnx.ModelProto):
+        self.opset = next((o.version for o in proto.opset_import
+                           if o.domain in ("", "ai.onnx")), 1)
+        self.fb = FlatbufferBuilder(description=f"graphopt: {proto.graph.name or 'model'}")
+        self.values: dict[str, Value] = {}
+        self.transposes: Counter = Counter()
+        self.skipped: set[int] = set()  # ids of nodes folded into an earlier operator
+        self._input_tensors: set[int] = set()
+        self._types = {v.name: v.type.tensor_type for v in
+                       [*proto.graph.value_info, *proto.graph.input, *proto.graph.output]}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        self.producer = {o: node for node in proto.graph.node for o in node.output if o}
+        for node in proto.graph.node:
+            for name in node.input:
+                if name:
+                    self.readers.setdefault(name, []).append(node)
+        self.graph_outputs = {o.name for o in proto.graph.output}
+        for init in proto.graph.initializer:
+            self.set_const(init.name, numpy_helper.to_array(init))
+
+    # ------------------------------------------------------------------ values
+    def value(self, name: str) -> Value:
+        if name not in self.values:
+            raise UsageError(f"value {name!r} is used before it is computed")
+        return self.values[name]
+
+    def const(self, name: str, what: str = "this input") -> np.ndarray:
+        value = self.value(name).const
+        if value is None:
+            raise Unmappable(f"{what} ({name!r}) must be a constant")
+        return value
+
+    def is_const(self, name: str) -> bool:
+        return bool(name) and self.value(name).const is not None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.value(name).shape
+
+    def rank(self, name: str) -> int:
+        return len(self.shape(name))
+
+    def home(self, name: str) -> tuple[int, ...]:
+        value = self.value(name)
+        return value.home if value.const is None else identity(len(value.shape))
+
+    def onnx_info(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """The inferred static shape and dtype of the ONNX value ``name``."""
+        tensor = self._types.get(name)
+        if tensor is None or not tensor.HasField("shape") or not tensor.elem_type:
+            raise UsageError(f"the shape of {name!r} is unknown after shape inference",
+                             hint="fix the input shapes with --input-shape")
+        dims = []
+        for d in tensor.shape.dim:
+            if not d.HasField("dim_value"):
+                raise UsageError(f"{name!r} has a dynamic dimension "
+                                 f"({d.dim_param or '?'}); TFLite tensors are static here",
+                                 hint="fix it with --input-shape NAME=1x...")
+            dims.append(d.dim_value)
+        return tuple(dims), _computed(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+
+    # ------------------------------------------------------------------ tensors
+    def get(self, name: str, perm=None, dtype=None) -> int:
+        """The TFLite tensor of ``name`` in layout ``perm`` (default: its home). A
+        constant is written transposed; a computed value is converted by RESHAPE where
+        only size-1 dimensions move, else by a TRANSPOSE (counted)."""
+        value = self.value(name)
+        perm = value.home if perm is None and value.const is None else \
+            tuple(perm) if perm is not None else identity(len(value.shape))
+        if value.const is not None:
+            array = value.const.transpose(perm) if perm else value.const
+            if dtype is not None:
+                array = array.astype(dtype)
+            key = (perm, np.dtype(array.dtype).str)
+            if key not in value.tensors:
+                value.tensors[key] = self.fb.constant(name, array, half=value.half)
+            return value.tensors[key]
+        if perm in value.tensors:
+            return value.tensors[perm]
+        source = value.tensors[value.home]
+        step = tuple(inverse(value.home)[p] for p in perm)  # home tensor -> wanted
+        home_shape = self.fb.tensors[source].shape
+        target = self.fb.tensor(_layout_name(name, perm), tuple(home_shape[i] for i in step),
+                                value.dtype)
+        moved = [i for i in step if home_shape[i] != 1]
+        if moved == sorted(moved):
+            self.reshape(source, target)
+        else:
+            self.fb.op("TRANSPOSE", [source, self.fb.constant(f"{name}/perm",
+                                                              np.array(step, np.int32))],
+                       [target])
+            self.transposes["boundary" if source in self._input_tensors else "inside"] += 1
+        value.tensors[perm] = target
+        return target
+
+    def reshape(self, source: int, target: int) -> None:
+        shape = np.array(self.fb.tensors[target].shape, np.int32)
+        self.fb.op("RESHAPE", [source, self.fb.constant("shape", shape)], [target],
+                   options("ReshapeOptions", newShape=shape.tolist()))
+
+    def output(self, name: str, perm=None) -> int:
+        """A new TFLite tensor for the ONNX value ``name``, at home in ``perm``."""
+        shape, dtype = self.onnx_info(name)
+        perm = tuple(perm) if perm is not None else identity(len(shape))
+        index = self.fb.tensor(_layout_name(name, perm), tuple(shape[p] for p in perm), dtype)
+        self.values[name] = Value(name, shape, dtype, home=perm, tensors={perm: index})
+        return index
+
+    def add_input(self, name: str, perm) -> int:
+        """The graph input ``name`` as a subgraph input laid out in ``perm``."""
+        index = self.output(name, perm)
+        self.fb.rename(index, name)
+        self.fb.inputs.append(index)
+        self._input_tensors.add(index)
+        return index
+
+    def is_input(self, name: str) -> bool:
+        """Whether ``name`` is a graph input as it stands (passed through untouched)."""
+        value = self.value(name)
+        return value.const is None and value.tensors[value.home] in self._input_tensors
+
+    def temp(self, hint: str, shape, dtype=np.float32) -> int:
+        return self.fb.tensor(hint, tuple(shape), dtype)
+
+    def alias(self, name: str, source: str) -> None:
+        """``name`` is the same value as ``source`` (Identity, a no-op Cast, ...)."""
+        src = self.value(source)
+        self.values[name] = Value(name, src.shape, src.dtype, src.const, src.home,
+                                  src.tensors, src.columns, src.half)
+
+    def set_const(self, name: str, array: np.ndarray) -> None:
+        """``name`` holds a constant; float16 is held as float32, marked ``half``."""
+        array = np.asarray(array)
+        half = array.dtype == np.float16
+        array = array.astype(_computed(array.dtype))
+        self.values[name] = Value(name, array.shape, array.dtype, array, half=half)
+
+    def is_half(self, name: str) -> bool:
+        return bool(name) and self.value(name).half
+
+    def broadcast_const(self, hint: str, array: np.ndarray, rank: int, perm,
+                        half: bool = False) -> int:
+        """A constant broadcastable against a rank-``rank`` value at home in ``perm``:
+        padded to the rank (numpy's rule) and transposed like the value."""
+        array = np.asarray(array).reshape((1,) * (rank - np.ndim(array)) + np.shape(array))
+        return self.fb.constant(hint, np.ascontiguousarray(array.transpose(perm)), half=half)
+
+    # ------------------------------------------------------------------ fusion helpers
+    def sole_reader(self, name: str) -> onnx.NodeProto | None:
+        readers = self.readers.get(name, [])
+        if len(readers) != 1 or name in self.graph_outputs:
+            return None
+        return readers[0]
+
+    def fused_activation(self, node: onnx.NodeProto, out: str | None = None) -> tuple[int, str]:
+        """The activation a TFLite operator can apply itself (``fused_activation_function``)
+        when the only reader of ``out`` (default: the node's output) is a Relu or a Clip
+        to [0, 6] / [-1, 1]: ``(ActivationFunctionType, ONNX name the operator writes)``;
+        the activation node is then skipped."""
+        out = out or node.output[0]
+        reader = self.sole_reader(out)
+        kind = reader is not None and self._activation_kind(reader)
+        if not kind:
+            return enum("ActivationFunctionType", "NONE"), out
+        self.skipped.add(id(reader))
+        return enum("ActivationFunctionType", kind), reader.output[0]
+
+    def _activation_kind(self, node: onnx.NodeProto) -> str | None:
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "Relu":
+            return "RELU"
+        if node.op_type == "Clip":
+            bounds = self.clip_bounds(node)
+            return {(0.0, 6.0): "RELU6", (-1.0, 1.0): "RELU_N1_TO_1"}.get(bounds)
+        return None
+
+    def clip_bounds(self, node: onnx.NodeProto) -> tuple[float, float] | None:
+        """(min, max) of a Clip with constant bounds (attributes before opset 11)."""
+        if self.opset < 11:
+            attrs = {a.name: a.f for a in node.attribute}
+            return attrs.get("min", -np.inf), attrs.get("max", np.inf)
+        bounds = []
+        for i, default in ((1, -np.inf), (2, np.inf)):
+            name = node.input[i] if len(node.input) > i else ""
+            if name and not self.is_const(name):
+                return None
+            bounds.append(float(self.value(name).const) if name else default)
+        return tuple(bounds)
+
+
+# ---------------------------------------------------------------------- node helpers
+def attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def input_name(node: onnx.NodeProto, i: int) -> str:
+    return node.input[i] if len(node.input) > i else ""
+
+
+def int_list(lw: Lowering, node: onnx.NodeProto, key: str, index: int, opset: int):
+    """A list operand that moved from an attribute to an input at ``opset``."""
+    if lw.opset < opset:
+        return attrs(node).get(key)
+    name = input_name(node, index)
+    return None if not name else [int(v) for v in lw.const(name, key).reshape(-1)]
+
+
+class Unmappable(Exception):
+    """An op the mapping cannot express as it stands (reported with the node's name)."""
+
+
+def _computed(dtype: np.dtype) -> np.dtype:
+    """The dtype a value is computed in: float16 graphs (``--quantize fp16``) compute in
+    float32 here, their float16 constants becoming float16 weights."""
+    return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
+
+
+def _layout_name(name: str, perm: tuple[int, ...]) -> str:
+    return name if perm == identity(len(perm)) else f"{name}:{''.join(map(str, perm))}"
+
+
+# ---------------------------------------------------------------------- driver
+def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False) -> Lowered:
+    """``proto`` (static shapes, shape-inferred, default domain) as ``.tflite`` bytes. An
+    op without a mapping is a UsageError naming its type and node before anything is
+    built; the caller writes nothing in that case."""
+    from graphopt.targets.tflite_ops import HANDLERS, fold_constant_node
+
+    check_mapped(proto)
+    lw = Lowering(proto)
+    initializers = {i.name for i in proto.graph.initializer}
+    io_inputs = []
+    for inp in proto.graph.input:
+        if inp.name in initializers:
+            continue
+        shape, dtype = lw.onnx_info(inp.name)
+        perm = NHWC if nhwc_io and len(shape) == 4 else identity(len(shape))
+        lw.add_input(inp.name, perm)
+        io_inputs.append({"name": inp.name, "shape": [shape[p] for p in perm],
+                          "dtype": dtype.name, "layout": _layout(perm)})
+    for node in proto.graph.node:
+        if id(node) in lw.skipped:
+            continue
+        try:
+            if not fold_constant_node(lw, node):
+                HANDLERS[node.op_type](lw, node)
+        except Unmappable as exc:
+            raise UsageError(f"op {node.op_type} (node {node.name or node.output[0]!r}) has "
+                             f"no TFLite mapping here: {exc}",
+                             hint="the litert target lowers the ops listed in its "
+                                  "capabilities") from None
+    io_outputs = []
+    before = Counter(lw.transposes)
+    for out in proto.graph.output:
+        value = lw.value(out.name)
+        if value.const is not None or lw.is_input(out.name):
+            raise UsageError(f"graph output {out.name!r} is a constant or an input; a "
+                             f".tflite output must be computed")
+        perm = NHWC if nhwc_io and len(value.shape) == 4 else identity(len(value.shape))
+        index = lw.get(out.name, perm)
+        lw.fb.rename(index, out.name)
+        lw.fb.outputs.append(index)
+        io_outputs.append({"name": out.name, "shape": list(lw.fb.tensors[index].shape),
+                           "dtype": value.dtype.name, "layout": _layout(perm)})
+    # Conversions made for the outputs are boundary ones, wherever their source was.
+    moved = lw.transposes["inside"] - before["inside"]
+    lw.transposes["inside"] -= moved
+    lw.transposes["boundary"] += moved
+    kinds = {"float16" for t in lw.fb.tensors if t.half} | \
+        {"int8" for t in lw.fb.tensors if t.quant is not None}
+    data = lw.fb.finish([i["name"] for i in io_inputs], [o["name"] for o in io_outputs])
+    ops = Counter(o.code for o in lw.fb.operators)
+    return Lowered(data, dict(sorted(ops.items())),
+                   {"inside": lw.transposes["inside"], "boundary": lw.transposes["boundary"]},
+                   io_inputs, io_outputs, " + ".join(sorted(kinds)) or "float32")
+
+
+def check_mapped(proto: onnx.ModelProto) -> None:
+    """Refuse a graph holding an op no handler maps (type and node named), before work.
+    Nodes computing constants only (shape arithmetic at static shapes, an exporter's
+    position-id buffers) are evaluated ahead of time, whatever their op."""
+    from graphopt.targets.tflite_ops import HANDLERS
+
+    known = {i.name for i in proto.graph.initializer} | {""}
+    for node in proto.graph.node:
+        if node.op_type == "Shape" or all(i in known for i in node.input):
+            known.update(node.output)
+            continue
+        if node.domain not in ("", "ai.onnx") or node.op_type not in HANDLERS:
+            domain = f"{node.domain}::" if node.domain not in ("", "ai.onnx") else ""
+            raise UsageError(f"op {domain}{node.op_type} (node {node.name or node.output[0]!r}) "
+                             f"has no TFLite mapping",
+                             hint="remove or replace it before lowering for litert; "
+                                  "`graphopt targets` lists what each target runs")
+
+
+def _layout(perm: tuple[int, ...]) -> str:
+    return "NHWC" if perm == NHWC else "as ONNX"

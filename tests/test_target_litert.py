@@ -1,0 +1,436 @@
+"""The ``litert`` target: ``.tflite`` files written by graphopt, run in LiteRT's
+interpreter (``ai-edge-litert``) and compared with ONNX Runtime on the original model.
+
+The models are built here with onnx.helper (only the decomposed BERT is a torch export,
+skipped without transformers), so the module runs in about half a minute. Skips with the
+reason where ai-edge-litert is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt.errors import UsageError
+from graphopt.registry import target_registry
+from graphopt.targets.litert import LiteRtTarget
+from tests.helpers import cli
+from tests.zoo import mlp
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "small_cnn.onnx"
+TOL = 1e-4  # max abs diff relative to the output's scale (float32 end to end)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def litert():
+    missing = LiteRtTarget().availability()
+    if missing:
+        pytest.skip(missing)
+
+
+# ---------------------------------------------------------------------- model builders
+def _w(rng, *shape, scale=None):
+    scale = scale if scale is not None else 1.0 / np.sqrt(np.prod(shape[1:]) or 1)
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _model(nodes, inputs, outputs, inits, opset=17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "m", inputs, outputs,
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def depthwise_cnn(seed: int = 0) -> onnx.ModelProto:
+    """MobileNet-style: stem Conv+Clip(0,6), depthwise 3x3 (stride 2) + HardSwish, a
+    squeeze-excite (GAP, 1x1 convs, HardSigmoid, Mul), pointwise Conv + residual-free
+    projection, MaxPool, AveragePool, Concat of two branches, Pad, GAP, Flatten, Gemm,
+    Softmax. Input [N, 3, 24, 24], N dynamic."""
+    r = np.random.default_rng(seed)
+    i = {"stem.w": _w(r, 16, 3, 3, 3), "stem.b": _w(r, 16, scale=0.1),
+         "dw.w": _w(r, 16, 1, 3, 3), "dw.b": _w(r, 16, scale=0.1),
+         "se1.w": _w(r, 4, 16, 1, 1), "se1.b": _w(r, 4, scale=0.1),
+         "se2.w": _w(r, 16, 4, 1, 1), "se2.b": _w(r, 16, scale=0.1),
+         "pw.w": _w(r, 24, 16, 1, 1), "pw.b": _w(r, 24, scale=0.1),
+         "fc.w": _w(r, 10, 48), "fc.b": _w(r, 10, scale=0.1),
+         "clip.lo": np.array(0, np.float32), "clip.hi": np.array(6, np.float32),
+         "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)}
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["x", "stem.w", "stem.b"], ["c1"], name="stem", pads=[1, 1, 1, 1]),
+        n("Clip", ["c1", "clip.lo", "clip.hi"], ["a1"], name="stem_relu6"),
+        n("Conv", ["a1", "dw.w", "dw.b"], ["c2"], name="dw", group=16, strides=[2, 2],
+          pads=[1, 1, 1, 1]),
+        n("HardSwish", ["c2"], ["a2"], name="dw_hswish"),
+        n("GlobalAveragePool", ["a2"], ["s0"], name="se_pool"),
+        n("Conv", ["s0", "se1.w", "se1.b"], ["s1"], name="se_fc1"),
+        n("Relu", ["s1"], ["s2"], name="se_relu"),
+        n("Conv", ["s2", "se2.w", "se2.b"], ["s3"], name="se_fc2"),
+        n("HardSigmoid", ["s3"], ["s4"], name="se_gate", alpha=1 / 6, beta=0.5),
+        n("Mul", ["a2", "s4"], ["se"], name="se_mul"),
+        n("Conv", ["se", "pw.w", "pw.b"], ["p"], name="pw"),
+        n("MaxPool", ["p"], ["mp"], name="maxpool", kernel_shape=[3, 3], strides=[2, 2],
+          pads=[1, 1, 1, 1]),
+        n("AveragePool", ["p"], ["ap"], name="avgpool", kernel_shape=[2, 2], strides=[2, 2]),
+        n("Concat", ["mp", "ap"], ["cat"], name="concat", axis=1),
+        n("Pad", ["cat", "pads"], ["padded"], name="pad"),
+        n("Sigmoid", ["padded"], ["sig"], name="sigmoid"),
+        n("GlobalAveragePool", ["sig"], ["g"], name="gap"),
+        n("Flatten", ["g"], ["f"], name="flatten"),
+        n("Gemm", ["f", "fc.w", "fc.b"], ["logits"], name="fc", transB=1),
+        n("Softmax", ["logits"], ["y"], name="softmax", axis=-1),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                        ["N", 3, 24, 24])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], i)
+
+
+def flatten_cnn(seed: int = 0, mode: str = "nearest") -> onnx.ModelProto:
+    """Digits-style: Conv+Relu, Resize x2 (``mode``), MaxPool, Conv+BN+Relu, then
+    Flatten of a 4x4 map into Gemm+Relu and Gemm. Input [N, 1, 8, 8]."""
+    r = np.random.default_rng(seed)
+    i = {"c1.w": _w(r, 8, 1, 3, 3), "c1.b": _w(r, 8, scale=0.1),
+         "c2.w": _w(r, 16, 8, 3, 3), "bn.g": 1 + _w(r, 16, scale=0.1),
+         "bn.b": _w(r, 16, scale=0.1), "bn.m": _w(r, 16, scale=0.1),
+         "bn.v": np.abs(_w(r, 16)) + 0.5, "fc1.w": _w(r, 32, 256), "fc1.b": _w(r, 32),
+         "fc2.w": _w(r, 32, 10), "scales": np.array([1, 1, 2, 2], np.float32)}
+    n = helper.make_node
+    resize = dict(mode="nearest", coordinate_transformation_mode="asymmetric",
+                  nearest_mode="floor") if mode == "nearest" else \
+        dict(mode="linear", coordinate_transformation_mode="half_pixel")
+    nodes = [n("Conv", ["x", "c1.w", "c1.b"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             n("Relu", ["c1"], ["a1"], name="relu1"),
+             n("Resize", ["a1", "", "scales"], ["up"], name="upsample", **resize),
+             n("MaxPool", ["up"], ["p1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+             n("Conv", ["p1", "c2.w"], ["c2"], name="conv2", pads=[0, 0, 0, 0],
+               strides=[1, 1], dilations=[2, 2]),
+             n("BatchNormalization", ["c2", "bn.g", "bn.b", "bn.m", "bn.v"], ["bn"],
+               name="bn"),
+             n("Relu", ["bn"], ["a2"], name="relu2"),
+             n("Flatten", ["a2"], ["f"], name="flatten"),
+             n("Gemm", ["f", "fc1.w", "fc1.b"], ["h"], name="fc1", transB=1),
+             n("Relu", ["h"], ["ha"], name="relu3"),
+             n("MatMul", ["ha", "fc2.w"], ["y"], name="fc2")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                        ["N", 1, 8, 8])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], i)
+
+
+def transformer_block(seed: int = 0, seq: int = 8, hidden: int = 32,
+                      heads: int = 4) -> onnx.ModelProto:
+    """A BERT layer as exporters write it: Q/K/V MatMul+Add, Reshape/Transpose into heads,
+    scaled Q·Kᵀ plus an additive mask from Gather'd ids, Softmax, context, output
+    projection, residual, LayerNorm decomposed into ReduceMean/Sub/Pow/Sqrt/Div, an erf
+    GELU feed-forward, a second LayerNormalization. Inputs: ids [1, seq] (int64)."""
+    r = np.random.default_rng(seed)
+    d, hd, ffn = hidden, hidden // heads, hidden * 4
+    i = {"emb": _w(r, 50, d, scale=1.0), "mask_table": np.array([0, -1e4], np.float32)}
+    for k in "qkvo":
+        i[f"{k}.w"], i[f"{k}.b"] = _w(r, d, d), _w(r, d, scale=0.1)
+    i.update({"f1.w": _w(r, d, ffn), "f1.b": _w(r, ffn, scale=0.1), "f2.w": _w(r, ffn, d),
+              "f2.b": _w(r, d, scale=0.1), "ln1.g": 1 + _w(r, d, scale=0.1),
+              "ln1.b": _w(r, d, scale=0.1), "ln2.g": 1 + _w(r, d, scale=0.1),
+              "ln2.b": _w(r, d, scale=0.1),
+              "heads": np.array([1, seq, heads, hd], np.int64),
+              "merged": np.array([1, seq, d], np.int64),
+              "scale": np.array(1 / np.sqrt(hd), np.float32), "two": np.array(2, np.float32),
+              "eps": np.array(1e-12, np.float32), "sqrt2": np.array(np.sqrt(2), np.float32),
+              "one": np.array(1, np.float32), "half": np.array(0.5, np.float32),
+              "axes_last": np.array([-1], np.int64)})
+    n = helper.make_node
+    nodes = [n("Gather", ["emb", "ids"], ["h0"], name="embed"),
+             n("Gather", ["mask_table", "pad"], ["m0"], name="mask_lookup"),
+             n("Unsqueeze", ["m0", "axes_mask"], ["mask"], name="mask_unsqueeze")]
+    i["axes_mask"] = np.array([1, 2], np.int64)
+    for k in "qkv":
+        nodes += [n("MatMul", ["h0", f"{k}.w"], [f"{k}0"], name=f"{k}_matmul"),
+                  n("Add", [f"{k}0", f"{k}.b"], [f"{k}1"], name=f"{k}_add"),
+                  n("Reshape", [f"{k}1", "heads"], [f"{k}2"], name=f"{k}_split"),
+                  n("Transpose", [f"{k}2"], [f"{k}3"], name=f"{k}_heads",
+                    perm=[0, 2, 3, 1] if k == "k" else [0, 2, 1, 3])]
+    nodes += [n("MatMul", ["q3", "k3"], ["att0"], name="qk"),
+              n("Mul", ["att0", "scale"], ["att1"], name="att_scale"),
+              n("Add", ["att1", "mask"], ["att2"], name="att_mask"),
+              n("Softmax", ["att2"], ["att3"], name="att_softmax", axis=-1),
+              n("MatMul", ["att3", "v3"], ["ctx0"], name="context"),
+              n("Transpose", ["ctx0"], ["ctx1"], name="ctx_merge", perm=[0, 2, 1, 3]),
+              n("Reshape", ["ctx1", "merged"], ["ctx2"], name="ctx_reshape"),
+              n("MatMul", ["ctx2", "o.w"], ["o0"], name="o_matmul"),
+              n("Add", ["o0", "o.b"], ["o1"], name="o_add"),
+              n("Add", ["o1", "h0"], ["res1"], name="residual1"),
+              # LayerNorm 1, decomposed as older exporters write it
+              n("ReduceMean", ["res1"], ["mu"], name="ln1_mean", axes=[-1]),
+              n("Sub", ["res1", "mu"], ["dev"], name="ln1_sub"),
+              n("Pow", ["dev", "two"], ["sq"], name="ln1_pow"),
+              n("ReduceMean", ["sq"], ["var"], name="ln1_var", axes=[-1]),
+              n("Add", ["var", "eps"], ["var_eps"], name="ln1_eps"),
+              n("Sqrt", ["var_eps"], ["std"], name="ln1_sqrt"),
+              n("Div", ["dev", "std"], ["normed"], name="ln1_div"),
+              n("Mul", ["normed", "ln1.g"], ["ln1s"], name="ln1_scale"),
+              n("Add", ["ln1s", "ln1.b"], ["ln1"], name="ln1_bias"),
+              # erf GELU feed-forward
+              n("MatMul", ["ln1", "f1.w"], ["f0"], name="ffn1_matmul"),
+              n("Add", ["f0", "f1.b"], ["f1"], name="ffn1_add"),
+              n("Div", ["f1", "sqrt2"], ["g0"], name="gelu_div"),
+              n("Erf", ["g0"], ["g1"], name="gelu_erf"),
+              n("Add", ["g1", "one"], ["g2"], name="gelu_add"),
+              n("Mul", ["f1", "g2"], ["g3"], name="gelu_mul"),
+              n("Mul", ["g3", "half"], ["g4"], name="gelu_half"),
+              n("MatMul", ["g4", "f2.w"], ["f3"], name="ffn2_matmul"),
+              n("Add", ["f3", "f2.b"], ["f4"], name="ffn2_add"),
+              n("Add", ["f4", "ln1"], ["res2"], name="residual2"),
+              n("LayerNormalization", ["res2", "ln2.g", "ln2.b"], ["y"], name="ln2",
+                axis=-1, epsilon=1e-12)]
+    return _model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, seq]),
+                          helper.make_tensor_value_info("pad", TensorProto.INT64, [1, seq])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, d])], i)
+
+
+def with_op(op: str) -> onnx.ModelProto:
+    """x -> Relu -> ``op`` -> y: a graph holding one op the writer has no mapping for."""
+    n = helper.make_node
+    return _model([n("Relu", ["x"], ["r"], name="relu"), n(op, ["r"], ["y"], name="odd_one")],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], {})
+
+
+# ---------------------------------------------------------------------- helpers
+def _ort(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(),
+                                providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _lower(model, tmp_path: Path, **kwargs):
+    """optimize --target litert -o tmp/out: (result, the manifest)."""
+    out = tmp_path / "out"
+    result = graphopt.optimize(model, target="litert", output=out, **kwargs)
+    return result, json.loads((out / "manifest.json").read_text())
+
+
+def _check_against_ort(model: onnx.ModelProto, result, feeds: dict) -> float:
+    """Run the written .tflite here and compare with ORT on the original ourselves (not
+    only through optimize's own check); returns the worst relative difference."""
+    target = LiteRtTarget()
+    got = target.run(result.artifact, feeds)
+    want = _ort(model, feeds)
+    worst = 0.0
+    for out, ref in zip(model.graph.output, want):
+        assert got[out.name].shape == ref.shape
+        diff = np.abs(got[out.name] - ref).max() / max(np.abs(ref).max(), 1e-6)
+        worst = max(worst, float(diff))
+    assert worst < TOL, worst
+    return worst
+
+
+# ---------------------------------------------------------------------- tests
+def test_alias_registered():
+    registry = target_registry()
+    assert {"litert", "tflite"} <= set(registry.names())
+    assert registry.get("tflite").name == "tflite"
+
+
+def test_example_cnn_cli_no_transposes_inside(tmp_path):
+    out = tmp_path / "cnn"
+    run = cli("optimize", EXAMPLE, "--target", "litert", "-o", out,
+              "--report", tmp_path / "r.json", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["transposes"]["inside"] == 0
+    assert manifest["operators"].get("CONV_2D") == 3
+    assert "TRANSPOSE" not in manifest["operators"] or \
+        manifest["operators"]["TRANSPOSE"] == manifest["transposes"]["boundary"]
+    artifact = json.loads((tmp_path / "r.json").read_text())["artifact"]
+    assert artifact["ok"] is True and artifact["max_abs_diff"] < 1e-4
+    # dynamic batch: lowered at 1, a batch of 3 runs one sample at a time
+    assert manifest["static_shapes"]["bound"] == {"batch": 1}
+    model = onnx.load(EXAMPLE)
+    x = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    got = LiteRtTarget().run(LiteRtTarget().open(out), {"input": x})["logits"]
+    np.testing.assert_allclose(got, _ort(model, {"input": x})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_mlp_fully_connected(tmp_path):
+    model = mlp()
+    result, manifest = _lower(model, tmp_path, input_shapes={"x": [4, 32]})
+    assert manifest["operators"] == {"FULLY_CONNECTED": 3}  # bias and Relu fused
+    assert manifest["inputs"][0]["shape"] == [4, 32]
+    feeds = {"x": np.random.default_rng(2).standard_normal((4, 32)).astype(np.float32)}
+    _check_against_ort(model, result, feeds)
+    # the serving_default signature addresses tensors by the ONNX names
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(result.artifact.path)).get_signature_runner()
+    np.testing.assert_allclose(runner(**feeds)["y"], _ort(model, feeds)[0], rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_depthwise_cnn(tmp_path):
+    model = depthwise_cnn()
+    result, manifest = _lower(model, tmp_path)
+    ops = manifest["operators"]
+    assert ops["DEPTHWISE_CONV_2D"] == 1 and ops["HARD_SWISH"] == 1
+    assert ops["MAX_POOL_2D"] == 1 and ops["AVERAGE_POOL_2D"] == 1
+    assert manifest["transposes"]["inside"] == 0
+    feeds = {"x": np.random.default_rng(3).standard_normal((2, 3, 24, 24)).astype(np.float32)}
+    _check_against_ort(model, result, feeds)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_flatten_into_gemm_folds_the_transpose_into_weights(tmp_path, mode):
+    model = flatten_cnn(mode=mode)
+    result, manifest = _lower(model, tmp_path, input_shapes={"x": [2, 1, 8, 8]})
+    ops = manifest["operators"]
+    assert manifest["transposes"]["inside"] == 0
+    assert ops["FULLY_CONNECTED"] == 2 and ops["CONV_2D"] == 2
+    assert ops["RESIZE_NEAREST_NEIGHBOR" if mode == "nearest" else "RESIZE_BILINEAR"] == 1
+    feeds = {"x": np.random.default_rng(5).standard_normal((2, 1, 8, 8)).astype(np.float32)}
+    _check_against_ort(model, result, feeds)
+
+
+def test_float16_weights(tmp_path):
+    """--quantize fp16: the graph's float16 weights become float16 constants that a
+    DEQUANTIZE turns into float32 at load; compute stays float32."""
+    model = onnx.load(EXAMPLE)
+    shapes = {"input": [1, 3, 32, 32]}
+    result, manifest = _lower(model, tmp_path, input_shapes=shapes, quantize="fp16")
+    assert manifest["precision"]["weights"] == "float16"
+    assert manifest["operators"]["DEQUANTIZE"] >= 4  # three convolutions and the head
+    full = graphopt.optimize(model, target="litert", output=tmp_path / "fp32",
+                             input_shapes=shapes)
+    half_size = (tmp_path / "out" / "model.tflite").stat().st_size
+    assert half_size < 0.6 * (tmp_path / "fp32" / "model.tflite").stat().st_size
+    x = np.random.default_rng(7).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    got = LiteRtTarget().run(result.artifact, {"input": x})["logits"]
+    want = _ort(model, {"input": x})[0]
+    assert np.abs(got - want).max() < 1e-2 * np.abs(want).max()
+    assert not np.array_equal(got, LiteRtTarget().run(full.artifact, {"input": x})["logits"])
+
+
+def test_dynamic_range_int8(tmp_path):
+    """quantize-int8-dynamic's standard form (DynamicQuantizeLinear → MatMulInteger → Cast
+    → Mul) becomes LiteRT's dynamic-range FULLY_CONNECTED: int8 weights in the file."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = mlp()
+    result, manifest = _lower(model, tmp_path, input_shapes={"x": [4, 32]},
+                              passes="quantize-int8-dynamic(require-speedup=false)")
+    assert manifest["precision"]["weights"] == "int8"
+    assert manifest["operators"] == {"FULLY_CONNECTED": 3}
+    interpreter = Interpreter(model_path=str(result.artifact.path))
+    weights = [d for d in interpreter.get_tensor_details() if d["dtype"] == np.int8]
+    assert len(weights) == 3 and all(len(d["quantization_parameters"]["scales"]) > 1
+                                     for d in weights)  # per output channel
+    x = np.random.default_rng(8).standard_normal((4, 32)).astype(np.float32)
+    got = LiteRtTarget().run(result.artifact, {"x": x})["y"]
+    want = _ort(model, {"x": x})[0]
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() > 0.999 and np.abs(got - want).max() > 1e-6  # int8, not float
+
+
+def test_depthwise_cnn_nhwc_io(tmp_path):
+    model = depthwise_cnn()
+    out = tmp_path / "nhwc"
+    result = graphopt.optimize(model, target=LiteRtTarget(io_layout="nhwc"), output=out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"][0]["layout"] == "NHWC"
+    assert manifest["inputs"][0]["shape"] == [1, 24, 24, 3]
+    assert sum(manifest["transposes"].values()) == 0
+    assert result.report["artifact"]["ok"] is True
+
+
+def test_transformer_block(tmp_path):
+    model = transformer_block()
+    result, manifest = _lower(model, tmp_path)
+    ops = manifest["operators"]
+    assert ops.get("GELU") == 1 and "Erf" not in json.dumps(ops)
+    assert ops.get("BATCH_MATMUL") == 2 and ops.get("SOFTMAX") == 1
+    assert ops.get("RSQRT") == 2  # two LayerNorms, decomposed
+    rng = np.random.default_rng(4)
+    feeds = {"ids": rng.integers(0, 50, (1, 8)).astype(np.int64),
+             "pad": np.array([[0] * 6 + [1] * 2], np.int64)}
+    _check_against_ort(model, result, feeds)
+
+
+def test_decomposed_bert(tmp_path):
+    """The tiny BERT as torch exports it (opset 14: LayerNorms and tanh GELUs written out
+    in elementwise ops, SDPA's NaN guard, position-id buffers): dynamic batch and
+    sequence, lowered at a sequence of 16 with a padded attention mask."""
+    pytest.importorskip("transformers")
+    from tests import decomposed_bert
+
+    model = decomposed_bert.bert_tiny("torchscript")
+    shapes = {"input_ids": [1, 16], "attention_mask": [1, 16]}
+    result, manifest = _lower(model, tmp_path, input_shapes=shapes)
+    ops = manifest["operators"]
+    assert ops["GELU"] == 2 and ops["RSQRT"] == 5 and ops["FULLY_CONNECTED"] == 12
+    rng = np.random.default_rng(6)
+    feeds = {"input_ids": rng.integers(1, 100, (1, 16)).astype(np.int64),
+             "attention_mask": np.array([[1] * 11 + [0] * 5], np.int64)}
+    _check_against_ort(model, result, feeds)
+
+
+def test_bare_erf_in_builtin_ops(tmp_path):
+    """An Erf outside a GELU: no Flex op, builtin arithmetic within 1e-6 of ORT."""
+    model = _model([helper.make_node("Erf", ["x"], ["y"], name="erf")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], {})
+    result, manifest = _lower(model, tmp_path)
+    assert "GELU" not in manifest["operators"] and manifest["operators"]["EXP"] == 1
+    x = np.linspace(-4, 4, 8, dtype=np.float32)[None]
+    got = LiteRtTarget().run(result.artifact, {"x": x})["y"]
+    np.testing.assert_allclose(got, _ort(model, {"x": x})[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("include_pad", [0, 1])
+def test_average_pool_padding(tmp_path, include_pad):
+    """TFLite's SAME average excludes the padding: count_include_pad=1 pads explicitly."""
+    n = helper.make_node
+    model = _model([n("AveragePool", ["x"], ["y"], name="avg", kernel_shape=[3, 3],
+                      pads=[1, 1, 1, 1], count_include_pad=include_pad)],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], {})
+    result, manifest = _lower(model, tmp_path)
+    assert ("PAD" in manifest["operators"]) == bool(include_pad)
+    x = np.random.default_rng(10).standard_normal((1, 4, 6, 6)).astype(np.float32)
+    _check_against_ort(model, result, {"x": x})
+
+
+def test_square_and_root_powers(tmp_path):
+    """Pow by 2 and by 0.5 (decomposed norms) become SQUARE and SQRT, which XNNPACK runs."""
+    n = helper.make_node
+    model = _model([n("Pow", ["x", "two"], ["p"]), n("Pow", ["p", "half"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+                   {"two": np.array(2, np.float32), "half": np.array(0.5, np.float32)})
+    result, manifest = _lower(model, tmp_path, passes="eliminate-identity")
+    assert manifest["operators"] == {"SQUARE": 1, "SQRT": 1}
+    x = np.random.default_rng(9).standard_normal((2, 8)).astype(np.float32)
+    _check_against_ort(model, result, {"x": x})
+
+
+def test_unmapped_op_refused_before_writing(tmp_path):
+    out = tmp_path / "never"
+    path = tmp_path / "model.onnx"
+    onnx.save(with_op("Hardmax"), path)
+    run = cli("optimize", path, "--target", "litert", "-o", out, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert "Hardmax" in run.stderr and "odd_one" in run.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".go-")]
+
+
+def test_shape_mismatch_is_a_usage_error(tmp_path):
+    model = mlp()
+    result, _ = _lower(model, tmp_path, input_shapes={"x": [4, 32]})
+    with pytest.raises(UsageError, match="lowered at x=4x32"):
+        LiteRtTarget().run(result.artifact, {"x": np.zeros((5, 32), np.float32)})
