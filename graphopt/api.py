@@ -78,7 +78,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
              input_shapes: dict[str, list[int]] | None = None,
              tolerance: verify.Tolerance | float = verify.Tolerance(),
              max_iterations: int = DEFAULT_MAX_ITERATIONS, seed: int = 0,
-             instruments: Sequence[Instrument] = (),
+             instruments: Sequence[Instrument] = (), progress=None,
              logger: logging.Logger | None = None, quantize: str | None = None,
              calibration=None, validation=None, measure: bool = False,
              format: str | None = None, verify_artifact: bool | None = None,
@@ -119,6 +119,10 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
 
     ``format`` picks one of the target's artifact formats (``Target.formats``; ``ort``:
     ``onnx`` or ``ort``); ``None`` is the target's default.
+
+    ``progress(what, done, total)`` is told how long steps advance (each site's damage
+    measured alone, the compression search's models, the planner's candidates; ``total``
+    0 when not known ahead); ``instruments`` are told before and after each pass.
 
     ``cache_dir`` reuses a stored result of the same model and options
     (``graphopt.result_cache``; the report's ``cache`` says whether it was a hit) and
@@ -206,7 +210,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
                   metric=metric, passes=passes, skip=skip, measure=measure,
                   recovery=recovery, goal=goal, seed=seed, strict=strict,
                   max_iterations=max_iterations, tolerance=tolerance,
-                  instruments=instruments, logger=logger or logging.getLogger("graphopt"),
+                  instruments=instruments, progress=progress,
+                  logger=logger or logging.getLogger("graphopt"),
                   data=data, input_shapes=input_shapes)
     plan_section = None
     if planned:

@@ -54,9 +54,9 @@ class Built:
 
 
 def job_setup(setup: Setup) -> Setup:
-    """``setup`` without what cannot travel to a worker (instruments: a terminal's
-    progress display)."""
-    return dataclasses.replace(setup, instruments=())
+    """``setup`` without what cannot travel to a worker (instruments and progress: a
+    terminal's display)."""
+    return dataclasses.replace(setup, instruments=(), progress=None)
 
 
 def build(job: Job) -> Built:

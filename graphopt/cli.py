@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -78,17 +79,48 @@ def _load_data(path: str | None) -> list[verify.Feeds] | None:
 
 
 class _Progress:
-    """Instrument that shows which pass is running (on a terminal)."""
+    """Instrument that shows which pass is running and how far a long step is, with the
+    time left (a status line on stderr: shown only on a terminal)."""
 
     def __init__(self, status):
         self.status = status
+        self.started: dict[str, float] = {}
 
     def before_pass(self, p: Pass, iteration: int) -> None:
         self.status.update(f"iteration {iteration}: {p.name}")
 
+    def progress(self, what: str, done: int, total: int) -> None:
+        """``api.optimize``'s ``progress``: e.g. "prune-ffn: damage of each site alone:
+        12/48, about 3 min left" (counts only when the total is not known ahead)."""
+        now = time.monotonic()
+        if done == 0 or what not in self.started:
+            self.started[what] = now
+        text = f"{what}: {done}/{total}" if total else f"{what}: {done}"
+        if total and 0 < done < total:
+            text += f", about {_duration((now - self.started[what]) / done * (total - done))}" \
+                    " left"
+        self.status.update(escape(text))
+
     def after_pass(self, p: Pass, entry: TraceEntry) -> None:
         if entry.status == "rolled-back":
             err.print(f"[yellow]rolled back[/] {p.name}: {escape(entry.reason)}", highlight=False)
+
+
+class _Silent:
+    """A status line that shows nothing (``--quiet``)."""
+
+    def update(self, text: str) -> None:
+        pass
+
+    def __enter__(self) -> "_Silent":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 100 else f"{seconds / 60:.0f} min"
 
 
 # MODEL arguments are checked by graphopt.ir.load (a folder or unreadable file: exit 3).
@@ -158,6 +190,10 @@ class _Progress:
               "database is kept beside the artifact and reused.")
 @click.option("--rpc", metavar="HOST:PORT[:KEY]", help="Run (and tune) on a remote device "
               "through the target's RPC: an RPC server, or a tracker with KEY.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress and no summary (errors "
+              "still go to stderr; the exit code says how it went).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout "
+              "instead of the summary.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Reuse a stored result of the same model and options (and store new "
                    "ones) in this folder.")
@@ -183,7 +219,8 @@ def optimize(ctx, model, config_path, **_):
 def _optimize(model, output, target, threads, passes, skip, report_path, strict, data, input_shape,
               rtol, atol, seed, calibration_data, validation_data, tolerance, metric, goal,
               plan, workers, recover, no_recover, finetune_steps, finetune_time, measure, format_,
-              verify_, tune_trials, rpc, config_path, cache_dir, **scheme_values):
+              verify_, tune_trials, rpc, config_path, cache_dir, quiet=False, as_json=False,
+              **scheme_values):
     # Before any work: no output may overwrite an input or another output, and each can
     # be written; then everything is staged and moved into place at the end, or nothing.
     inputs = paths.input_files(model, data=data, calibration=calibration_data,
@@ -195,7 +232,8 @@ def _optimize(model, output, target, threads, passes, skip, report_path, strict,
     recovery = None if no_recover or not recover else \
         _recovery(recover, finetune_steps, finetune_time)
     with paths.Staging(output, report_path) as staging, \
-            err.status("loading", spinner="dots") as status:
+            (_Silent() if quiet else err.status("loading", spinner="dots")) as status:
+        shown = _Progress(status)
         result = api.optimize(
             model, target=target, threads=threads, passes=passes,
             output=staging.staged_output, strict=strict,
@@ -203,7 +241,7 @@ def _optimize(model, output, target, threads, passes, skip, report_path, strict,
             data=feeds, input_shapes=shapes,
             tolerance=(tolerance, verify.Tolerance(rtol=rtol, atol=atol))
             if tolerance is not None else verify.Tolerance(rtol=rtol, atol=atol), seed=seed,
-            instruments=[_Progress(status)], calibration=calibration_data,
+            instruments=[shown], progress=shown.progress, calibration=calibration_data,
             validation=validation_data, measure=measure, format=format_,
             verify_artifact=verify_, tune_trials=tune_trials, rpc=rpc,
             schemes={_SCHEME_FLAGS[k]: [v.strip() for v in value.split(",") if v.strip()]
@@ -212,7 +250,10 @@ def _optimize(model, output, target, threads, passes, skip, report_path, strict,
             cache_dir=cache_dir)
         report = staging.final_paths(result.report)
         staging.commit(_report_text(report, report_path) if report_path else None)
-    print_summary(report)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=float))
+    elif not quiet:
+        print_summary(report)
 
 
 def _report_text(report: dict, path: Path) -> str:
@@ -318,46 +359,71 @@ def report_cmd(report_json, output, as_json):
 @main.command("passes")
 @click.option("-l", "--long", "long_", is_flag=True,
               help="Import each pass to show family, losslessness and options.")
-def list_passes(long_: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_passes(long_: bool, as_json: bool) -> None:
     """List the passes installed (from every distribution's entry points)."""
     registry = pass_registry()
+    rows = []
+    for name in registry.names():
+        row = {"pass": name, "distribution": registry.info(name).distribution}
+        if long_:
+            try:
+                cls = registry.get(name)
+                row.update(family=cls.family, lossless=cls.lossless, about=cls.describe(),
+                           options={k.replace("_", "-"): f.default
+                                    for k, f in option_fields(cls).items()})
+            except GraphoptError as exc:
+                row["broken"] = str(exc)
+        rows.append(row)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=repr))
+        return
     table = Table()
     for col in ("pass", "distribution") + (("family", "lossless", "options", "about")
                                             if long_ else ()):
         table.add_column(col)
-    for name in registry.names():
-        info = registry.info(name)
-        row = [name, info.distribution]
-        if long_:
-            try:
-                cls = registry.get(name)
-                opts = ", ".join(f"{k.replace('_', '-')}={f.default!r}"
-                                 for k, f in option_fields(cls).items())
-                row += [cls.family, "yes" if cls.lossless else "no", opts, cls.describe()]
-            except GraphoptError as exc:
-                row += ["[red]broken[/]", "", "", str(exc)]
-        table.add_row(*row)
+    for row in rows:
+        cells = [row["pass"], row["distribution"]]
+        if "broken" in row:
+            cells += ["[red]broken[/]", "", "", escape(row["broken"])]
+        elif long_:
+            cells += [row["family"], "yes" if row["lossless"] else "no",
+                      ", ".join(f"{k}={v!r}" for k, v in row["options"].items()),
+                      row["about"]]
+        table.add_row(*cells)
     out.print(table)
 
 
 @main.command("targets")
-def list_targets() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_targets(as_json: bool) -> None:
     """List the targets installed, what each produces and whether it works here."""
     registry = target_registry()
+    rows = []
+    for name in registry.names():
+        row = {"target": name, "distribution": registry.info(name).distribution}
+        try:
+            target = create_target(registry, name)
+            row.update(produces=target.produces, lowers_here=target.availability(),
+                       runs_here=target.run_availability())
+        except GraphoptError as exc:
+            row["broken"] = str(exc)
+        rows.append(row)
+    if as_json:  # lowers_here/runs_here: null where it does, else why not
+        click.echo(json.dumps(rows, indent=2))
+        return
     table = Table()
     for col in ("target", "distribution", "produces", "lowers here", "runs here"):
         table.add_column(col)
-    for name in registry.names():
-        info = registry.info(name)
-        try:
-            target = create_target(registry, name)
-            lowers, runs = target.availability(), target.run_availability()
-            table.add_row(name, info.distribution, escape(target.produces),
-                          "yes" if lowers is None else escape(f"no: {lowers}"),
-                          "yes" if runs is None else escape(f"no: {runs}"))
-        except GraphoptError as exc:
-            table.add_row(name, info.distribution, "", f"[red]broken:[/] {escape(str(exc))}",
-                          "")
+    for row in rows:
+        if "broken" in row:
+            table.add_row(row["target"], row["distribution"], "",
+                          f"[red]broken:[/] {escape(row['broken'])}", "")
+            continue
+        lowers, runs = row["lowers_here"], row["runs_here"]
+        table.add_row(row["target"], row["distribution"], escape(row["produces"]),
+                      "yes" if lowers is None else escape(f"no: {lowers}"),
+                      "yes" if runs is None else escape(f"no: {runs}"))
     out.print(table)
 
 

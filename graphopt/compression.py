@@ -335,7 +335,8 @@ class Driver:
         fast = self.cp.damages(model, active, self.data, self._score_outputs) or {}
         recover = "quick" if self.recover_alone else False
         out: dict[str, list[_Option]] = {}
-        for site in active:
+        for done, site in enumerate(active):
+            self.ctx.step(f"{self.cp.name}: damage of each site alone", done, len(active))
             out[site.name] = []
             for index, setting in enumerate(site.settings[1:], start=1):
                 if fixed is not None and fixed.get(site.name) != setting:
@@ -383,6 +384,8 @@ class Driver:
 
         def attempt(i: int) -> _Candidate:
             if i not in cache:
+                self.ctx.step(f"{self.cp.name}: searching the settings (models measured)",
+                              len(tried))
                 choice = self._choice_at(active, options, thresholds[i])
                 cache[i] = self.build(model, choice, recover=True)
                 tried.append({"threshold": float(f"{thresholds[i]:.4g}"),
@@ -429,6 +432,8 @@ class Driver:
                 break
             _, name, setting = min(steps, key=lambda t: (t[0], t[1]))
             step = {**choice, name: setting}
+            self.ctx.step(f"{self.cp.name}: searching the settings (models measured)",
+                          len(tried))
             cand = next((c for c in measured if c.choice == step), None) or \
                 self.build(model, step, recover=True)
             ok = cand.score >= self.budget

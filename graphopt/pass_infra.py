@@ -26,7 +26,7 @@ import logging
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -79,10 +79,18 @@ class PassContext:
     kept: dict = field(default_factory=dict)
     seed: int = 0
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("graphopt"))
+    # Told how a long step advances: (what, done, total; total 0 when not known ahead).
+    # The CLI shows it with the time left; library callers pass their own (or nothing).
+    progress: Callable[[str, int, int], None] | None = None
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
+
+    def step(self, what: str, done: int, total: int = 0) -> None:
+        """Report progress of a long step (a measurement per site, a search's models)."""
+        if self.progress is not None:
+            self.progress(what, done, total)
 
     def supports(self, op_type: str, domain: str = "") -> bool:
         """Whether the target runs ``op_type`` (every op, when there is no target)."""

@@ -283,7 +283,7 @@ class _Runner:
         for cand in cands:
             self.setup.logger.info("plan: %s", cand.label)
         results = self.workers.map(build, [self._job(c, not self.workers.remote)
-                                           for c in cands])
+                                           for c in cands], done=self._progress("building"))
         for cand, built in zip(cands, results):
             cand.take(built)
 
@@ -309,8 +309,10 @@ class _Runner:
         protos = [self.setup.original, self.setup.original] + \
             [onnx.load_from_string(c.proto) for c in built]
         rounds: list[list[float | None]] = [[] for _ in protos]
+        tell = self._progress("timing")
         for r in range(TIMING_ROUNDS):  # each round starts elsewhere: no model is always
             for k in range(len(protos)):  # timed first (or right after the same one)
+                tell(r * len(protos) + k, TIMING_ROUNDS * len(protos))
                 i = (k + r * len(protos) // TIMING_ROUNDS) % len(protos)
                 rounds[i].append(self._time(protos[i]))
         least = [None if None in r else min(r) for r in rounds]
@@ -320,6 +322,11 @@ class _Runner:
             self.noise = max(self.noise, abs(first - second) / min(first, second))
         for cand, value in zip(built, least[2:]):
             cand.measured_s = value
+
+    def _progress(self, doing: str):
+        """A ``(done, total)`` callback telling ``setup.progress`` about candidates."""
+        report = self.setup.progress or (lambda what, done, total: None)
+        return lambda done, total: report(f"plan: {doing} candidates", done, total)
 
     def _time(self, proto: onnx.ModelProto) -> float | None:
         try:

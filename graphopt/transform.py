@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import onnx
 
@@ -46,6 +46,7 @@ class Setup:
     max_iterations: int = 8
     tolerance: verify.Tolerance = field(default_factory=verify.Tolerance)
     instruments: Sequence = ()
+    progress: Callable[[str, int, int], None] | None = None  # see PassContext.progress
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("graphopt"))
     data: list[verify.Feeds] | None = None  # the user's verification inputs
     input_shapes: dict[str, list[int]] | None = None
@@ -129,7 +130,8 @@ def transform(setup: Setup, working: Model, chosen: Mapping[str, Sequence[str] |
     data = setup.lossy_data
     ctx = PassContext(target=tgt, cost_model=setup.cost_model, device=tgt.device,
                       seed=setup.seed, logger=setup.logger, metric=setup.metric,
-                      reference=setup.original, goal=rank_by or setup.goal)
+                      reference=setup.original, goal=rank_by or setup.goal,
+                      progress=setup.progress)
     ctx.calibration, ctx.validation = data.calibration, data.validation
     ctx.tolerance = data.budget
     if setup.recovery and any(isinstance(p, CompressionPass) for p in pipeline):

@@ -54,12 +54,27 @@ class Workers:
             return f"a local Ray cluster of {self.spec} workers"
         return f"the Ray cluster at {self.spec}"
 
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any],
+            done: Callable[[int, int], None] | None = None) -> list[Any]:
+        """``[fn(item) for item in items]``, here or on the cluster; ``done(count,
+        total)`` is told as results come in (here: before each item and at the end)."""
+        tell = done or (lambda count, total: None)
         if self.spec is None or len(items) < 2:
-            return [fn(item) for item in items]
+            out = []
+            for item in items:
+                tell(len(out), len(items))
+                out.append(fn(item))
+            tell(len(out), len(items))
+            return out
         ray = self._ray()
         task = ray.remote(num_cpus=1)(fn)
-        return ray.get([task.remote(item) for item in items])
+        refs = [task.remote(item) for item in items]
+        pending = list(refs)
+        while pending:
+            tell(len(refs) - len(pending), len(refs))
+            _, pending = ray.wait(pending, num_returns=1)
+        tell(len(refs), len(refs))
+        return ray.get(refs)
 
     def close(self) -> None:
         if self._started:

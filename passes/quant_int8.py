@@ -118,7 +118,7 @@ class _Int8Pass(Pass):
                               self.evaluate_modes, ctx.metric)
 
         def rank() -> list[str]:
-            self._rank(base, plan, evaluator)
+            self._rank(base, plan, evaluator, ctx)
             return sorted(plan.sites, key=lambda n: -plan.sites[n].sensitivity)
 
         result = fallback_search(list(plan.sites), rank,
@@ -273,12 +273,14 @@ class _Int8Pass(Pass):
         return work.to_onnx()
 
     # ------------------------------------------------------------------ ranking
-    def _rank(self, base: onnx.ModelProto, plan: _Plan, evaluator: Evaluator) -> None:
+    def _rank(self, base: onnx.ModelProto, plan: _Plan, evaluator: Evaluator,
+              ctx: PassContext) -> None:
         if self.options.sensitivity == "output":
             proto, flags = switchboard.build(
                 base, list(plan.sites), lambda w, n: self._quantize_site(w, n, plan))
             sess = session(proto, optimize=True)
-            for name, site in plan.sites.items():
+            for done, (name, site) in enumerate(plan.sites.items()):
+                ctx.step(f"{self.name}: sensitivity of each layer", done, len(plan.sites))
                 outputs = run_all(sess, [switchboard.feeds_with(flags, name, f)
                                          for f in evaluator.data])
                 worst = min(min(sample_cosines(r, g, batch_size(f)), default=1.0)

@@ -98,6 +98,46 @@ def test_compare_exit_codes(tmp_path):
     assert abs(json.loads(diff.stdout)["max_abs_diff"] - 0.5) < 1e-6
 
 
+def test_json_prints_the_report_and_quiet_prints_nothing(tmp_path):
+    """For build systems: ``--json`` puts the report on stdout (what ``--report`` writes);
+    ``--quiet`` leaves stdout and stderr empty on success, the exit code says it all."""
+    result = cli("optimize", EXAMPLE, "-o", tmp_path / "a.onnx", "--report", tmp_path / "a.json",
+                 "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed == json.loads((tmp_path / "a.json").read_text())
+    assert printed["verification"]["ok"] is True and "nodes" not in result.stderr
+    quiet = cli("optimize", EXAMPLE, "-o", tmp_path / "b.onnx", "--quiet", cwd=tmp_path)
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
+
+
+def test_progress_line_counts_and_estimates_the_time_left(monkeypatch):
+    from graphopt import cli as cli_module
+
+    shown = []
+    status = type("Status", (), {"update": lambda self, text: shown.append(text)})()
+    progress = cli_module._Progress(status)
+    clock = iter([100.0, 130.0, 131.0])
+    monkeypatch.setattr(cli_module.time, "monotonic", lambda: next(clock))
+    progress.progress("prune-ffn: damage of each site alone", 0, 4)
+    progress.progress("prune-ffn: damage of each site alone", 1, 4)  # 30 s for the first
+    progress.progress("plan: searching", 3, 0)  # no total: a count only
+    assert shown == ["prune-ffn: damage of each site alone: 0/4",
+                     "prune-ffn: damage of each site alone: 1/4, about 90 s left",
+                     "plan: searching: 3"]
+
+
+def test_passes_and_targets_list_as_json(tmp_path):
+    passes = json.loads(cli("passes", "--long", "--json", cwd=tmp_path).stdout)
+    fold = next(p for p in passes if p["pass"] == "fold-constants")
+    assert fold["lossless"] is True and fold["family"] and isinstance(fold["options"], dict)
+    int8 = next(p for p in passes if p["pass"] == "quantize-int8")
+    assert int8["lossless"] is False and int8["options"]["exclude"] == []
+    targets = {t["target"]: t for t in json.loads(cli("targets", "--json", cwd=tmp_path).stdout)}
+    assert targets["ort"]["lowers_here"] is None and targets["ort"]["runs_here"] is None
+
+
 def test_targets_lists_ort(tmp_path):
     result = cli_process("targets", cwd=tmp_path)  # the real process, entry point and all
     assert result.returncode == 0 and "ort" in result.stdout and "yes" in result.stdout

@@ -232,6 +232,18 @@ def test_budget_keeps_the_sensitive_layer_float_and_the_report_names_it(tmp_path
     assert cos.min() >= 0.999
 
 
+def test_progress_counts_each_layer_whose_sensitivity_is_measured():
+    """``progress`` hears of the long step: one call per layer measured, counting up to
+    the number of layers (what the CLI turns into a count with the time left)."""
+    seen = []
+    graphopt.optimize(outlier_mlp(), quantize="int8", calibration={"x": mlp_inputs(64, 1)},
+                      tolerance=0.999, progress=lambda *call: seen.append(call))
+    steps = [(done, total) for what, done, total in seen if "sensitivity" in what]
+    assert len(steps) >= 2
+    assert [done for done, _ in steps] == list(range(len(steps)))
+    assert {total for _, total in steps} == {len(steps)}
+
+
 @pytest.mark.parametrize("sensitivity", ["output", "local"])
 @pytest.mark.parametrize("scheme", ["quantize-int8", "quantize-int8-dynamic"])
 def test_both_sensitivity_methods_find_the_layer(scheme, sensitivity):
