@@ -117,6 +117,11 @@ class Pass(ABC):
     # it where the target's cost model, calibrated by measurement on the device, predicts
     # it faster, and declines it otherwise (``graphopt calibrate``).
     alternative: ClassVar[bool] = False
+    # For an ``alternative``: the rewrites a target's runtime makes into the same form by
+    # itself, per target name (``{"ort": ("SkipLayerNormFusion",)}``). That target keeps
+    # them off in the sessions it measures and the artifacts it writes, so the form the
+    # pass manager chose by measurement (kept or declined) is the form that runs.
+    runtime_rewrites: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, options: Any = None, **kwargs: Any):
         if options is None:

@@ -388,6 +388,7 @@ class FuseSkipLayerNorm(Pass):
     family = "fusion"
     lossless = True
     alternative = True  # ORT 1.32's CPU kernel measured 5x slower than Add + LayerNorm
+    runtime_rewrites = {"ort": ("SkipLayerNormFusion",)}  # ORT's session does the same
     emits = ((MICROSOFT, "SkipLayerNormalization"),
              (MICROSOFT, "SkipSimplifiedLayerNormalization"))
 

@@ -19,6 +19,7 @@ from graphopt.cost import Device
 from graphopt.errors import UsageError
 from graphopt.ir import Model, save, saved_files
 from graphopt.paths import TEMP_PREFIX
+from graphopt.registry import pass_registry
 from graphopt.target import Artifact, Capabilities, Target, cpu_flags, cpu_model
 
 # The lossless pipeline. Shape folding feeds constant folding; chains and no-ops expose
@@ -60,10 +61,19 @@ _CORES = os.cpu_count() or 1
 
 NAME_MAX = 255  # bytes of a file name (Linux, macOS, Windows)
 
-# ORT graph rewrites the .ort conversion leaves out (and session.json records), measured
-# slower on this runtime's CPU kernels: SkipLayerNormFusion (see LOSSLESS_PIPELINE). Off,
-# MiniLM at ORT_ENABLE_ALL ran 1.05x faster than its input; on, 0.97x.
-DISABLED_ORT_OPTIMIZERS = ("SkipLayerNormFusion",)
+
+@functools.cache
+def disabled_optimizers() -> tuple[str, ...]:
+    """ONNX Runtime's own session rewrites into forms graphopt chooses by measurement
+    (``Pass.runtime_rewrites`` of the installed alternatives), left out of every session
+    this target measures and of the ``.ort`` files it writes (session.json records them):
+    where the calibrated cost model declined a form (SkipLayerNormalization on an AVX2
+    CPU: MiniLM ran 1.05x faster than its input with ORT's fusion off, 0.97x with it on),
+    ORT must not put it back; where graphopt kept it, ORT finds nothing left to fuse."""
+    loaded, _ = pass_registry().load_all()
+    return tuple(sorted({rewrite for cls in loaded.values()
+                         if getattr(cls, "alternative", False)
+                         for rewrite in getattr(cls, "runtime_rewrites", {}).get("ort", ())}))
 
 # CPU flags (Linux /proc/cpuinfo names) of int8 dot-product instructions ONNX Runtime's
 # MLAS kernels use: VNNI (AVX-512 or AVX), AMX, Arm dotprod (asimddp) / i8mm.
@@ -132,7 +142,7 @@ class OrtTarget(Target):
     def _session(self, proto: onnx.ModelProto, profile_prefix: str | None = None):
         """A session for ``proto`` as this target's artifacts get one."""
         return verify.session(proto, optimize=True, threads=self.threads,
-                              disabled_optimizers=DISABLED_ORT_OPTIMIZERS,
+                              disabled_optimizers=disabled_optimizers(),
                               profile_prefix=profile_prefix)
 
     def time_model(self, proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
@@ -191,13 +201,13 @@ class OrtTarget(Target):
                 options.add_session_config_entry("session.save_model_format", "ORT")
                 options.log_severity_level = 3
                 ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"],
-                                     disabled_optimizers=list(DISABLED_ORT_OPTIMIZERS))
+                                     disabled_optimizers=list(disabled_optimizers()))
                 session_info = {
                     "format": "ort",
                     "onnxruntime": ort.__version__,
                     "providers": ["CPUExecutionProvider"],
                     "graph_optimization_level": "ORT_ENABLE_ALL",
-                    "disabled_optimizers": list(DISABLED_ORT_OPTIMIZERS),
+                    "disabled_optimizers": list(disabled_optimizers()),
                     "note": "graph already optimized at this level, NCHWc layout included "
                             "(this CPU); load with this onnxruntime version or a newer one "
                             "reading the same ORT format version",

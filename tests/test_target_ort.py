@@ -25,6 +25,13 @@ def test_format_ort_writes_a_runnable_matching_ort_file(tmp_path):
     session_info = json.loads(out.with_name("m.ort.session.json").read_text())
     assert session_info["graph_optimization_level"] == "ORT_ENABLE_ALL"
     assert session_info["onnxruntime"] == ort.__version__
+    # ORT's own fusion into a form graphopt chooses by measurement stays off: declared by
+    # the alternative pass (Pass.runtime_rewrites), not listed by hand in the target.
+    from graphopt.registry import pass_registry
+
+    skip_ln = pass_registry().get("fuse-skip-layer-norm")
+    assert skip_ln.alternative and skip_ln.runtime_rewrites["ort"] == ("SkipLayerNormFusion",)
+    assert session_info["disabled_optimizers"] == ["SkipLayerNormFusion"]
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["output_path"] == str(out) and report["verification"]["ok"] is True
     assert sorted(Path(f).name for f in report["artifact_files"]) == ["m.ort",
