@@ -33,6 +33,7 @@ from graphopt.profile import Profile
 from graphopt.profile import profile as measure_profile
 from graphopt.paths import check_outputs, input_files
 from graphopt.result_cache import ResultCache
+from graphopt.spill import Spill
 from graphopt.planner import plan as run_planner
 from graphopt.transform import Setup, transform
 from graphopt.workers import Workers
@@ -193,7 +194,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         entry = cache.entry(key)
         if entry is not None:
             return OptimizeResult(*cache.restore(entry, key, tgt.name, output))
-    original = load(model)
+    weights = Spill(load(model))  # large weights: in a temporary file for the run
+    original = weights.model
     if not tgt.compiled:  # its artifact is the ONNX model itself, run by ONNX Runtime
         verify.check_runtime(original.meta)
     working = original.clone()
@@ -291,7 +293,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         cache.put(key, working.to_onnx(), report, None if output is None else Path(output),
                   artifact)
         report["cache"] = {"hit": False, "key": key, "folder": str(cache_dir)}
-    return OptimizeResult(model=working, report=report, artifact=artifact)
+    return OptimizeResult(model=weights.release(working), report=report, artifact=artifact)
 
 
 @dataclass

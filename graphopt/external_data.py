@@ -108,7 +108,7 @@ def materialize(proto: onnx.ModelProto) -> onnx.ModelProto:
         where = extent(tensor)
         if where is not None:
             tensor.raw_data = read(where)
-            tensor.data_location = TensorProto.DEFAULT
+            tensor.ClearField("data_location")  # as if never external: same bytes
             del tensor.external_data[:]
     return proto
 
@@ -353,6 +353,29 @@ def write(proto: onnx.ModelProto, path: Path, data_path: Path,
         out.close()
         for tensor, backup in changed:
             tensor.CopyFrom(backup)
+
+
+def move_out(proto: onnx.ModelProto, data_path: Path, min_bytes: int = MIN_MAPPED_BYTES) -> int:
+    """Move ``proto``'s inline initializers of ``min_bytes`` or more (raw bytes numpy can
+    view) into a new file ``data_path``, each becoming a reference to it (in place), as
+    if the model had been loaded with external data. Returns the bytes moved."""
+    path = Path(data_path).resolve()
+    out = _DataFile(path)
+    moved = 0
+    try:
+        for tensor in _initializers(proto):
+            if extent(tensor) is not None or not tensor.HasField("raw_data"):
+                continue
+            length = len(tensor.raw_data)
+            if length < min_bytes or _view_bytes(tensor) != length:
+                continue
+            offset = out.append(tensor.raw_data)
+            _set_extent(tensor, Extent(str(path), offset, length))
+            moved += length
+    finally:
+        out.close()
+    _trusted.add(str(path))
+    return moved
 
 
 class _DataFile:
