@@ -50,6 +50,7 @@ from graphopt.verify import DEFAULT_SYMBOLIC_SIZE
 FORMAT = "graphopt-litert/1"
 MODEL_FILE = "model.tflite"
 IO_LAYOUTS = ("onnx", "nhwc")
+IO_DTYPES = ("float32", "int8")
 # Passes of the lossless pipeline that only write ops of the ONNX Runtime contrib domain
 # (or forms the writer does not map): not worth listing for this target.
 _CONTRIB_ONLY = {"fuse-conv-act", "fuse-silu", "fuse-attention", "fuse-skip-layer-norm",
@@ -69,25 +70,47 @@ class LiteRtTarget(Target):
                                 dtypes=frozenset({"float32"}))
     default_pipeline = tuple(p for p in LOSSLESS_PIPELINE if p not in _CONTRIB_ONLY)
     compiled = True  # LiteRT runs it, not the ONNX Runtime the pass manager verified with
+    # The quantizers decide with require-speedup by the host cost model, which prices
+    # ONNX Runtime's kernels: it leaves the zoo's MLP float at batch 2 (int8-dynamic) and
+    # the example CNN's head float (int8). LiteRT's kernels answer otherwise: two FC
+    # layers on the dynamic-range or the full-integer int8 kernels ran at about float32's
+    # speed at 64x64 (0.71-1.08x over two runs on this shared machine) and 1.2-3.5x
+    # faster from 256x256 to 128x384x1536 (1 thread; benchmarks/litert_target.py
+    # --fc-sweep), with a quarter of the weight bytes; so no layer is left float for
+    # speed, only for the accuracy budget.
+    # (reduce-range stays auto: XNNPACK's int8 kernels do not saturate on full-range
+    # weights, but the quantizer measures its candidates in ONNX Runtime's fused
+    # kernels, which do on x86 without VNNI, so 8-bit weights would be judged less
+    # accurate there and kept float.)
+    pass_defaults = {"quantize-int8": {"require-speedup": False},
+                     "quantize-int8-dynamic": {"require-speedup": False}}
 
     def __init__(self, threads: int | None = None, io_layout: str = "onnx",
-                 name: str | None = None):
+                 name: str | None = None, io_dtype: str = "float32"):
         """``threads``: the interpreter's threads (default 1, a phone app's usual
         setting); ``io_layout="nhwc"`` exposes 4-D inputs and outputs as NHWC (camera
-        frames) instead of the ONNX model's layout; ``name``: the registered alias."""
+        frames) instead of the ONNX model's layout; ``name``: the registered alias;
+        ``io_dtype="int8"``: in a full-integer model, inputs read only by a
+        QuantizeLinear and quantized outputs are int8 tensors (their scale and zero point
+        in the manifest) instead of float32 with a QUANTIZE/DEQUANTIZE; ``run`` still
+        takes and gives float32."""
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be >= 1, got {threads}")
+        if io_dtype not in IO_DTYPES:
+            raise UsageError(f"unknown io dtype {io_dtype!r}",
+                             hint=f"choose one of {', '.join(IO_DTYPES)}")
         if io_layout not in IO_LAYOUTS:
             raise UsageError(f"unknown io layout {io_layout!r}",
                              hint=f"choose one of {', '.join(IO_LAYOUTS)}")
         self.threads = threads or 1
         self.io_layout = io_layout
+        self.io_dtype = io_dtype
         if name is not None:
             self.name = name
         self.device = host_device(cores=self.threads)
 
     def with_threads(self, threads: int) -> "LiteRtTarget":
-        return LiteRtTarget(threads, self.io_layout, self.name)
+        return LiteRtTarget(threads, self.io_layout, self.name, self.io_dtype)
 
     def availability(self) -> str | None:
         if importlib.util.find_spec("ai_edge_litert") is None:
@@ -116,7 +139,8 @@ class LiteRtTarget(Target):
         if missing:
             raise UsageError(f"target {self.name!r} is not available here: {missing}")
         static, bound, per_sample = static_model(model)
-        lowered = lower_graph(static, nhwc_io=self.io_layout == "nhwc")
+        lowered = lower_graph(static, nhwc_io=self.io_layout == "nhwc",
+                              int8_io=self.io_dtype == "int8")
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=TEMP_PREFIX))
         try:
@@ -142,7 +166,8 @@ class LiteRtTarget(Target):
             "inputs": lowered.inputs,
             "outputs": lowered.outputs,
             "io_layout": self.io_layout,
-            "precision": {"weights": lowered.weights, "compute": "float32"},
+            "io_dtype": self.io_dtype,
+            "precision": {"weights": lowered.weights, "compute": lowered.compute},
             "static_shapes": {
                 "bound": bound,
                 "per_sample_batch": per_sample,
@@ -180,6 +205,9 @@ class LiteRtTarget(Target):
             array = np.asarray(feeds[name])
             if spec["layout"] == "NHWC" and array.ndim == 4:
                 array = array.transpose(0, 2, 3, 1)
+            if "quantization" in spec:  # an int8 input: the codes of the float feed
+                q = spec["quantization"]
+                array = np.clip(np.round(array / q["scale"]) + q["zero_point"], -128, 127)
             arrays[name] = np.ascontiguousarray(array.astype(spec["dtype"], copy=False))
         chunks = _chunks(arrays, inputs, manifest["static_shapes"]["per_sample_batch"])
         results = [runner(chunk) for chunk in chunks]
@@ -189,6 +217,10 @@ class LiteRtTarget(Target):
                 if len(results) > 1 else results[0][spec["name"]]
             if spec["layout"] == "NHWC" and array.ndim == 4:
                 array = array.transpose(0, 3, 1, 2)
+            if "quantization" in spec:  # an int8 output: the real values of its codes
+                q = spec["quantization"]
+                array = ((array.astype(np.float32) - q["zero_point"]) *
+                         np.float32(q["scale"])).astype(np.float32)
             outputs[spec["name"]] = array
         return outputs
 

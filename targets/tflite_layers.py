@@ -58,8 +58,15 @@ def _spatial(lw: Lowering, node: onnx.NodeProto, kernel) -> tuple:
         pads = list(a.get("pads", [0, 0, 0, 0]))
     expected = [(size + b + e - k) // s + 1 for size, k, s, b, e in
                 zip(in_hw, k_eff, strides, pads[:2], pads[2:])]
-    if list(lw.onnx_info(node.output[0])[0][2:]) != expected:
-        raise Unmappable("ceil_mode changes the output size; TFLite pools round down")
+    actual = list(lw.onnx_info(node.output[0])[0][2:])
+    if actual != expected:
+        if node.op_type != "MaxPool" or not a.get("ceil_mode", 0):
+            raise Unmappable("ceil_mode changes the output size; TFLite pools round down "
+                             "(mapped for MaxPool, whose extra windows pad with -inf)")
+        # ceil_mode: the last windows hang over the end; padding the end by the overhang
+        # (with the lowest value) makes TFLite's rounding down give the same windows.
+        pads = pads[:2] + [e + max((o - 1) * s + k - (size + b + e), 0) for o, size, k, s, b, e
+                           in zip(actual, in_hw, k_eff, strides, pads[:2], pads[2:])]
     xi = lw.get(x, NHWC)
     padding = _padding(in_hw, k_eff, strides, pads)
     if padding == "SAME" and node.op_type == "AveragePool" and a.get("count_include_pad", 0):
@@ -69,10 +76,15 @@ def _spatial(lw: Lowering, node: onnx.NodeProto, kernel) -> tuple:
             raise Unmappable("average pooling over asymmetric pads that exclude the pad")
         n, c, h, w = lw.shape(x)
         paddings = np.array([[0, 0], [pads[0], pads[2]], [pads[1], pads[3]], [0, 0]], np.int32)
-        padded = lw.temp(f"{x}/padded", (n, h + pads[0] + pads[2], w + pads[1] + pads[3], c))
+        like = lw.fb.tensors[xi]  # int8 codes (a QDQ layer) pad with their zero point
+        padded = lw.fb.tensor(f"{x}/padded", (n, h + pads[0] + pads[2], w + pads[1] + pads[3],
+                                              c), like.dtype, quant=like.quant)
         if node.op_type == "MaxPool":
+            lowest = np.array(-np.inf, F32) if like.quant is None else \
+                np.array(-128, np.int8)
             lw.fb.op("PADV2", [xi, lw.fb.constant("paddings", paddings),
-                               lw.fb.constant("pad_value", np.array(-np.inf, F32))], [padded])
+                               lw.fb.constant("pad_value", lowest, quant=like.quant)],
+                     [padded])
         else:
             lw.fb.op("PAD", [xi, lw.fb.constant("paddings", paddings)], [padded])
         xi, padding = padded, "VALID"
@@ -92,21 +104,40 @@ def conv(lw: Lowering, node: onnx.NodeProto) -> None:
     common = dict(padding=padding, strideH=strides[0], strideW=strides[1],
                   dilationHFactor=dilations[0], dilationWFactor=dilations[1],
                   fusedActivationFunction=act)
-    if group == 1:
-        code, weights = "CONV_2D", w.transpose(0, 2, 3, 1)  # OIHW -> OHWI
-        opts = options("Conv2DOptions", **common)
-    elif in_per_group == 1 and out_c % group == 0 and group == lw.shape(node.input[0])[1]:
-        code = "DEPTHWISE_CONV_2D"
+    code = conv_kind(lw, node, w)
+    if code == "DEPTHWISE_CONV_2D":
         weights = w.reshape(out_c, kh, kw).transpose(1, 2, 0)[None]  # -> 1HWC
         opts = options("DepthwiseConv2DOptions", depthMultiplier=out_c // group, **common)
-    else:
-        raise Unmappable(f"grouped convolution (group={group}) other than depthwise")
+    else:  # OIHW -> OHWI; grouped: I is the input channels / group
+        weights = w.transpose(0, 2, 3, 1)
+        opts = options("Conv2DOptions", **common)
     inputs = [xi, lw.fb.constant(f"{node.input[1]}:tflite", weights.astype(F32),
                                  half=lw.is_half(node.input[1])),
               lw.fb.constant(f"{node.name or out}/bias", bias.astype(F32),
                              half=lw.is_half(input_name(node, 2)))]
-    lw.fb.op(code, inputs, [lw.output(out, NHWC)], opts,
-             version=2 if code == "DEPTHWISE_CONV_2D" else 1)
+    lw.fb.op(code.replace("GROUPED_", ""), inputs, [lw.output(out, NHWC)], opts,
+             version=CONV_VERSIONS[code])
+
+
+# Operator versions: depthwise from 2 (dilation); a grouped CONV_2D (filters that see a
+# fraction of the input channels) is version 6, which LiteRT's kernels and XNNPACK run.
+CONV_VERSIONS = {"CONV_2D": 1, "DEPTHWISE_CONV_2D": 2, "GROUPED_CONV_2D": 6}
+
+
+def conv_kind(lw: Lowering, node: onnx.NodeProto, w: np.ndarray) -> str:
+    """CONV_2D; DEPTHWISE_CONV_2D (one input channel per group, each input channel its
+    own group); or GROUPED_CONV_2D, a CONV_2D whose filters see input channels / group
+    channels each (TFLite's native grouped convolution: no split into a convolution per
+    group and a concatenation)."""
+    group = attrs(node).get("group", 1)
+    out_c, in_per_group = w.shape[:2]
+    in_c = lw.shape(node.input[0])[1]
+    if group == 1:
+        return "CONV_2D"
+    if out_c % group or in_per_group * group != in_c:
+        raise Unmappable(f"group={group} does not divide {in_c} input and {out_c} output "
+                         f"channels")
+    return "DEPTHWISE_CONV_2D" if in_per_group == 1 else "GROUPED_CONV_2D"
 
 
 def pool(lw: Lowering, node: onnx.NodeProto) -> None:

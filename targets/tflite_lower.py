@@ -19,6 +19,7 @@ dimension known (``litert`` binds symbolic dimensions first).
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -62,6 +63,11 @@ class Value:
     # A constant that was float16 in the ONNX graph (held here as float32): written as
     # float16 weights that the runtime dequantizes (see FlatbufferBuilder.constant).
     half: bool = False
+    # A value of a QDQ graph held as int8 codes, (scale, zero point): ``tensors`` are
+    # int8; float readers get ``float_tensors`` (a DEQUANTIZE, made once per layout).
+    # See ``graphopt.targets.tflite_quant``.
+    quant: tuple[float, int] | None = None
+    float_tensors: dict[tuple[int, ...], int] = field(default_factory=dict)
 
 
 @dataclass
@@ -73,7 +79,8 @@ class Lowered:
     transposes: dict[str, int]
     inputs: list[dict]
     outputs: list[dict]
-    weights: str  # "float32"; "float16" (--quantize fp16), "int8" (int8-dynamic) where used
+    weights: str  # "float32"; "float16" (--quantize fp16), "int8" (int8, int8-dynamic)
+    compute: str = "float32"  # "int8 + float32" where QDQ layers run on int8 kernels
 
 
 class Lowering:
@@ -86,6 +93,11 @@ class Lowering:
         self.values: dict[str, Value] = {}
         self.transposes: Counter = Counter()
         self.skipped: set[int] = set()  # ids of nodes folded into an earlier operator
+        # While an int8 kernel is written: ``get`` gives int8 codes, and the outputs named
+        # in ``int8_out`` are int8 tensors with those (scale, zero point).
+        self.int8_mode = False
+        self.int8_io = False  # quantized model inputs/outputs stay int8 (tflite_quant)
+        self.int8_out: dict[str, tuple[float, int]] = {}
         self._input_tensors: set[int] = set()
         self._types = {v.name: v.type.tensor_type for v in
                        [*proto.graph.value_info, *proto.graph.input, *proto.graph.output]}
@@ -155,13 +167,18 @@ class Lowering:
             if key not in value.tensors:
                 value.tensors[key] = self.fb.constant(name, array, half=value.half)
             return value.tensors[key]
+        if value.quant is not None and not self.int8_mode:
+            return self._dequantized(value, perm)
+        if value.quant is None and self.int8_mode:
+            raise Unmappable(f"{name!r} is not quantized where an int8 kernel reads it")
         if perm in value.tensors:
             return value.tensors[perm]
         source = value.tensors[value.home]
         step = tuple(inverse(value.home)[p] for p in perm)  # home tensor -> wanted
-        home_shape = self.fb.tensors[source].shape
+        home = self.fb.tensors[source]
+        home_shape = home.shape
         target = self.fb.tensor(_layout_name(name, perm), tuple(home_shape[i] for i in step),
-                                value.dtype)
+                                home.dtype, quant=home.quant)
         moved = [i for i in step if home_shape[i] != 1]
         if moved == sorted(moved):
             self.reshape(source, target)
@@ -173,6 +190,27 @@ class Lowering:
         value.tensors[perm] = target
         return target
 
+    def _dequantized(self, value: Value, perm: tuple[int, ...]) -> int:
+        """The float32 tensor of the int8 ``value`` in layout ``perm``: a DEQUANTIZE of
+        its codes (moved into ``perm`` as int8, a quarter of the bytes)."""
+        if perm not in value.float_tensors:
+            with self.int8():
+                codes = self.get(value.name, perm)
+            index = self.fb.tensor(f"{self.fb.tensors[codes].name}/dequantized",
+                                   self.fb.tensors[codes].shape, F32)
+            self.fb.op("DEQUANTIZE", [codes], [index], version=2)  # int8 input: v2
+            value.float_tensors[perm] = index
+        return value.float_tensors[perm]
+
+    @contextlib.contextmanager
+    def int8(self):
+        """Within: ``get`` reads int8 codes (an int8 kernel is being written)."""
+        before, self.int8_mode = self.int8_mode, True
+        try:
+            yield
+        finally:
+            self.int8_mode = before
+
     def reshape(self, source: int, target: int) -> None:
         shape = np.array(self.fb.tensors[target].shape, np.int32)
         self.fb.op("RESHAPE", [source, self.fb.constant("shape", shape)], [target],
@@ -182,8 +220,11 @@ class Lowering:
         """A new TFLite tensor for the ONNX value ``name``, at home in ``perm``."""
         shape, dtype = self.onnx_info(name)
         perm = tuple(perm) if perm is not None else identity(len(shape))
-        index = self.fb.tensor(_layout_name(name, perm), tuple(shape[p] for p in perm), dtype)
-        self.values[name] = Value(name, shape, dtype, home=perm, tensors={perm: index})
+        quant = self.int8_out.get(name) if self.int8_mode else None
+        index = self.fb.tensor(_layout_name(name, perm), tuple(shape[p] for p in perm),
+                               np.int8 if quant else dtype, quant=quant)
+        self.values[name] = Value(name, shape, np.dtype(F32) if quant else dtype, home=perm,
+                                  tensors={perm: index}, quant=quant)
         return index
 
     def add_input(self, name: str, perm) -> int:
@@ -206,7 +247,8 @@ class Lowering:
         """``name`` is the same value as ``source`` (Identity, a no-op Cast, ...)."""
         src = self.value(source)
         self.values[name] = Value(name, src.shape, src.dtype, src.const, src.home,
-                                  src.tensors, src.columns, src.half)
+                                  src.tensors, src.columns, src.half, src.quant,
+                                  src.float_tensors)
 
     def set_const(self, name: str, array: np.ndarray) -> None:
         """``name`` holds a constant; float16 is held as float32, marked ``half``."""
@@ -301,14 +343,18 @@ def _layout_name(name: str, perm: tuple[int, ...]) -> str:
 
 
 # ---------------------------------------------------------------------- driver
-def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False) -> Lowered:
+def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False,
+                int8_io: bool = False) -> Lowered:
     """``proto`` (static shapes, shape-inferred, default domain) as ``.tflite`` bytes. An
     op without a mapping is a UsageError naming its type and node before anything is
-    built; the caller writes nothing in that case."""
+    built; the caller writes nothing in that case. ``int8_io``: quantized inputs and
+    outputs of a QDQ graph stay int8 (see ``tflite_quant``)."""
     from graphopt.targets.tflite_ops import HANDLERS, fold_constant_node
+    from graphopt.targets.tflite_quant import lower_int8
 
     check_mapped(proto)
     lw = Lowering(proto)
+    lw.int8_io = int8_io
     initializers = {i.name for i in proto.graph.initializer}
     io_inputs = []
     for inp in proto.graph.input:
@@ -323,7 +369,7 @@ def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False) -> Lowered:
         if id(node) in lw.skipped:
             continue
         try:
-            if not fold_constant_node(lw, node):
+            if not fold_constant_node(lw, node) and not lower_int8(lw, node):
                 HANDLERS[node.op_type](lw, node)
         except Unmappable as exc:
             raise UsageError(f"op {node.op_type} (node {node.name or node.output[0]!r}) has "
@@ -338,22 +384,29 @@ def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False) -> Lowered:
             raise UsageError(f"graph output {out.name!r} is a constant or an input; a "
                              f".tflite output must be computed")
         perm = NHWC if nhwc_io and len(value.shape) == 4 else identity(len(value.shape))
-        index = lw.get(out.name, perm)
+        with lw.int8() if int8_io and value.quant is not None else contextlib.nullcontext():
+            index = lw.get(out.name, perm)
         lw.fb.rename(index, out.name)
         lw.fb.outputs.append(index)
         io_outputs.append({"name": out.name, "shape": list(lw.fb.tensors[index].shape),
-                           "dtype": value.dtype.name, "layout": _layout(perm)})
+                           "dtype": value.dtype.name, "layout": _layout(perm),
+                           **_quantization(lw.fb.tensors[index])})
+    for spec, index in zip(io_inputs, lw.fb.inputs):  # int8 inputs (int8_io)
+        spec.update(_quantization(lw.fb.tensors[index]))
     # Conversions made for the outputs are boundary ones, wherever their source was.
     moved = lw.transposes["inside"] - before["inside"]
     lw.transposes["inside"] -= moved
     lw.transposes["boundary"] += moved
     kinds = {"float16" for t in lw.fb.tensors if t.half} | \
-        {"int8" for t in lw.fb.tensors if t.quant is not None}
+        {"int8" for t in lw.fb.tensors if t.quant is not None and t.data is not None}
+    int8_kernels = any(lw.fb.tensors[o.outputs[0]].dtype == np.int8 and o.code not in
+                       ("QUANTIZE", "RESHAPE", "TRANSPOSE") for o in lw.fb.operators)
     data = lw.fb.finish([i["name"] for i in io_inputs], [o["name"] for o in io_outputs])
     ops = Counter(o.code for o in lw.fb.operators)
     return Lowered(data, dict(sorted(ops.items())),
                    {"inside": lw.transposes["inside"], "boundary": lw.transposes["boundary"]},
-                   io_inputs, io_outputs, " + ".join(sorted(kinds)) or "float32")
+                   io_inputs, io_outputs, " + ".join(sorted(kinds)) or "float32",
+                   "int8 + float32" if int8_kernels else "float32")
 
 
 def check_mapped(proto: onnx.ModelProto) -> None:
@@ -373,6 +426,14 @@ def check_mapped(proto: onnx.ModelProto) -> None:
                              f"has no TFLite mapping",
                              hint="remove or replace it before lowering for litert; "
                                   "`graphopt targets` lists what each target runs")
+
+
+def _quantization(tensor) -> dict:
+    """The manifest's description of an int8 model input or output (none for float)."""
+    if tensor.quant is None:
+        return {}
+    return {"dtype": "int8", "quantization": {"scale": float(tensor.quant[0]),
+                                              "zero_point": int(tensor.quant[1])}}
 
 
 def _layout(perm: tuple[int, ...]) -> str:

@@ -4,8 +4,8 @@ A handler reads its inputs through the ``Lowering`` (``lw.get(name, perm)`` give
 tensor in the layout it needs) and registers its outputs with their home layout
 (``lw.output(name, perm)``); see ``graphopt.targets.tflite_lower`` for the layout rules.
 Only builtin operators are emitted, never Flex (TensorFlow) ops: stock LiteRT runs the
-result. What TFLite cannot express as the ONNX op stands (a grouped convolution, a
-ceil-mode pool that changes the output size, ...) raises ``Unmappable``, which the
+result. What TFLite cannot express as the ONNX op stands (a ceil-mode average pool
+that changes the output size, ...) raises ``Unmappable``, which the
 driver turns into a UsageError naming the node.
 """
 
@@ -19,6 +19,7 @@ from graphopt.targets.tflite_layers import (batch_norm, conv, dynamic_quantize, 
                                             softmax)
 from graphopt.targets.tflite_lower import (F32, NONE, Lowering, Unmappable, Value, attrs,
                                            identity, input_name, int_list, inverse)
+from graphopt.targets.tflite_quant import dequantize, quantize
 from graphopt.targets.tflite_writer import enum, options
 
 
@@ -229,7 +230,8 @@ def transpose(lw: Lowering, node: onnx.NodeProto) -> None:
     home = tuple(inv[h] for h in lw.home(x))
     shape, _ = lw.onnx_info(node.output[0])
     lw.values[node.output[0]] = Value(node.output[0], shape, value.dtype, home=home,
-                                      tensors={home: lw.get(x)})
+                                      tensors={home: lw.get(x)},
+                                      quant=value.quant if lw.int8_mode else None)
 
 
 def concat(lw: Lowering, node: onnx.NodeProto) -> None:
@@ -422,6 +424,7 @@ HANDLERS = {
     **{op: reduce for op in REDUCE},
     "LayerNormalization": layer_norm, "Resize": resize, "IsNaN": isnan, "Erf": erf,
     "DynamicQuantizeLinear": dynamic_quantize, "MatMulInteger": quantized_product,
+    "QuantizeLinear": quantize, "DequantizeLinear": dequantize,  # QDQ: tflite_quant
     # evaluated ahead of time by fold_constant_node when their inputs are constants
     **{op: constants_only for op in ("Constant", "Shape", "ConstantOfShape", "Range")},
 }

@@ -50,8 +50,9 @@ class Tensor:
     dtype: np.dtype
     data: np.ndarray | None = None  # constants only
     half: bool = False  # a float32 constant stored as float16 (see _dequantize_half)
-    # int8 codes: (scales along dimension 0, zero point); symmetric per channel
-    quant: tuple[np.ndarray, int] | None = None
+    # int8 codes: (scales, zero point(s)[, quantized dimension: 0 unless given]); one
+    # scale per tensor, or one per slice along that dimension (per-channel weights)
+    quant: tuple | None = None
 
 
 @dataclass
@@ -145,11 +146,11 @@ class FlatbufferBuilder:
             tt.type = getattr(s.TensorType, TENSOR_TYPES[t.dtype])
             tt.buffer = 0
             if t.quant is not None:
-                scales, zero = t.quant
+                scales, zero, *dim = t.quant
                 qp = s.QuantizationParametersT()
                 qp.scale = [float(v) for v in np.asarray(scales).reshape(-1)]
-                qp.zeroPoint = [int(zero)] * len(qp.scale)
-                qp.quantizedDimension = 0
+                qp.zeroPoint = [int(z) for z in np.broadcast_to(zero, len(qp.scale))]
+                qp.quantizedDimension = dim[0] if dim else 0
                 tt.quantization = qp
             if t.data is not None:
                 buf = s.BufferT()
@@ -236,3 +237,58 @@ def options(name: str, **fields):
 def enum(kind: str, member: str) -> int:
     """A member of a schema enum (``enum("Padding", "SAME")``)."""
     return getattr(getattr(schema(), kind), member)
+
+
+def with_metadata(tflite: bytes, entries: dict[str, bytes]) -> bytes:
+    """``tflite`` with the model metadata ``entries`` (name -> bytes) added, replacing
+    entries of the same name: how a runtime is told things the graph does not say, such
+    as TFLite Micro's offline memory plan ("OfflineMemoryAllocation"). Each entry's bytes
+    start 16-byte aligned in the file, because readers cast them to int32 arrays."""
+    import flatbuffers
+
+    s = schema()
+    model = s.ModelT.InitFromPackedBuf(tflite, 0)
+    model.buffers = model.buffers or [s.BufferT()]
+    model.metadata = [m for m in (model.metadata or [])
+                      if _text(m.name) not in entries]
+    for name, data in entries.items():
+        model.buffers.append(_AlignedBuffer(bytes(data)))
+        entry = s.MetadataT()
+        entry.name, entry.buffer = name, len(model.buffers) - 1
+        model.metadata.append(entry)
+    fb = flatbuffers.Builder(len(tflite) + 1024)
+    fb.ForceDefaults(False)
+    fb.Finish(model.Pack(fb), file_identifier=FILE_IDENTIFIER)
+    return bytes(fb.Output())
+
+
+def metadata(tflite: bytes) -> dict[str, bytes]:
+    """The model metadata of ``tflite``: name -> the bytes of its buffer."""
+    s = schema()
+    model = s.ModelT.InitFromPackedBuf(tflite, 0)
+    return {_text(m.name): bytes(np.asarray(model.buffers[m.buffer].data, np.uint8))
+            for m in (model.metadata or [])}
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _AlignedBuffer:
+    """A ``BufferT`` whose bytes the builder places at a 16-byte boundary (the object
+    API's own ``Pack`` aligns a byte vector to 1)."""
+
+    ALIGN = 16
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def Pack(self, builder):  # noqa: N802 (the schema object API's name)
+        s = schema()
+        builder.StartVector(1, len(self.data), self.ALIGN)
+        builder.head = builder.head - len(self.data)
+        builder.Bytes[builder.head:builder.head + len(self.data)] = self.data
+        vector = builder.EndVector()
+        s.BufferStart(builder)
+        s.BufferAddData(builder, vector)
+        return s.BufferEnd(builder)

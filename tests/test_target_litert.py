@@ -418,6 +418,34 @@ def test_square_and_root_powers(tmp_path):
     _check_against_ort(model, result, {"x": x})
 
 
+def test_grouped_conv_and_ceil_mode_max_pool(tmp_path):
+    """A grouped convolution (not depthwise) as TFLite's native grouped CONV_2D, and a
+    ceil_mode MaxPool whose last window hangs over the input (padded with -inf); a
+    ceil_mode AveragePool that changes the output size is refused, naming the node."""
+    r = np.random.default_rng(15)
+    n = helper.make_node
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 10, 10])
+    model = _model([n("Conv", ["x", "w", "b"], ["c"], name="gconv", group=2,
+                      pads=[1, 1, 1, 1]),
+                    n("Relu", ["c"], ["a"], name="relu"),
+                    n("MaxPool", ["a"], ["y"], name="pool", kernel_shape=[3, 3],
+                      strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1)],  # 6, not 5
+                   [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                       [1, 12, 6, 6])],
+                   {"w": _w(r, 12, 4, 3, 3), "b": _w(r, 12, scale=0.1)})
+    result, manifest = _lower(model, tmp_path)
+    assert manifest["operators"] == {"CONV_2D": 1, "PADV2": 1, "MAX_POOL_2D": 1,
+                                     "TRANSPOSE": 2}
+    _check_against_ort(model, result, {"x": r.standard_normal((1, 8, 10, 10)).astype(
+        np.float32)})
+    average = _model([n("AveragePool", ["x"], ["y"], name="avg_ceil", kernel_shape=[3, 3],
+                        strides=[2, 2], ceil_mode=1)],
+                     [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                         [1, 8, 5, 5])], {})
+    with pytest.raises(UsageError, match="AveragePool.*avg_ceil.*ceil_mode"):
+        _lower(average, tmp_path / "avg")
+
+
 def test_unmapped_op_refused_before_writing(tmp_path):
     out = tmp_path / "never"
     path = tmp_path / "model.onnx"
