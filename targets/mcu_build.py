@@ -110,14 +110,15 @@ def _sources(folder: Path, work: Path, extra: tuple[str, ...]) -> list[str]:
             *(str(work / n) for n in ("harness.c", *extra))]
 
 
-def build_host(folder: Path, work: Path) -> Path:
-    """The host harness binary for the model in ``folder``."""
+def build_host(folder: Path, work: Path, extra: tuple[str, ...] = ()) -> Path:
+    """The host harness binary for the model in ``folder``; ``extra``: more compiler
+    flags (``-DGRAPHOPT_PLAIN_KERNELS`` builds the plain reference loops)."""
     cc = host_compiler()
     if cc is None:
         raise UsageError(why_no_host())
     exe = work / "harness"
-    _compile([cc, *CFLAGS, "-I", str(folder), *_sources(folder, work, ()), "-o", str(exe),
-              "-lm"], "host")
+    _compile([cc, *CFLAGS, *extra, "-I", str(folder), *_sources(folder, work, ()), "-o",
+              str(exe), "-lm"], "host")
     return exe
 
 
