@@ -115,7 +115,7 @@ class _Int8Pass(Pass):
         self._calibrate(base, plan, calibration)
         budget = ctx.tolerance or DEFAULT_LOSSY_TOLERANCE
         evaluator = Evaluator(reference, evaluation, budget, opts.min_top1,
-                              self.evaluate_modes, ctx.metric)
+                              self.evaluate_modes if _runs_ort(ctx) else (False,), ctx.metric)
 
         def rank() -> list[str]:
             self._rank(base, plan, evaluator, ctx)
@@ -385,7 +385,7 @@ class QuantizeInt8(_Int8Pass):
         percentile: float = 99.999
         symmetric_activations: bool = False
         per_channel: bool = True
-        reduce_range: str = "auto"  # auto: 7-bit weights where int8 has no dot product
+        reduce_range: str = "auto"  # auto: 7 bits where ORT runs int8 with no dot product
         ops: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
         exclude: tuple[str, ...] = ()  # node names or fnmatch patterns
         embeddings: bool = True
@@ -553,7 +553,16 @@ def _reduce_range(option, ctx: PassContext) -> bool:
         return True
     if option in (False, "false"):
         return False
-    return ctx.device is not None and ctx.device.int8_fast is False
+    return _runs_ort(ctx) and ctx.device is not None and ctx.device.int8_fast is False
+
+
+def _runs_ort(ctx: PassContext) -> bool:
+    """Whether the result runs on ONNX Runtime's own int8 kernels (the ``ort`` target, or
+    no target): on x86 without VNNI they add pairs of products in saturating 16-bit sums,
+    so weights take 7 bits there and candidates are scored with ORT's fusions on as well
+    as off. A compiled target runs its own kernels (TFLite, C with int32 accumulators,
+    TVM, ORT-web's wasm): it gets 8-bit weights and is scored on the QDQ graph itself."""
+    return ctx.target is None or not ctx.target.compiled
 
 
 def _name_nodes(graph: gs.Graph) -> None:

@@ -232,6 +232,24 @@ def test_budget_keeps_the_sensitive_layer_float_and_the_report_names_it(tmp_path
     assert cos.min() >= 0.999
 
 
+def test_only_onnx_runtime_gets_7_bit_weights_on_a_cpu_without_dot_products():
+    """ORT's int8 kernels saturate 16-bit sums on x86 without VNNI, so weights take 7 bits
+    there; a compiled target's own kernels (TFLite, C, TVM) do not, and get 8."""
+    from graphopt.targets.ort import OrtTarget, host_device
+
+    class Compiled(OrtTarget):
+        compiled = True
+
+    for target, seven_bits in ((OrtTarget(), True), (Compiled(), False)):
+        target.device = host_device(flags=frozenset({"avx2", "fma"}))  # no VNNI
+        result = graphopt.optimize(outlier_mlp(), target=target, quantize="int8",
+                                   calibration={"x": mlp_inputs(64, 1)}, tolerance=0.9)
+        stats = next(e for e in result.report["trace"]
+                     if e["pass_name"] == "quantize-int8")["stats"]
+        assert stats["reduce_range"] is seven_bits
+        assert quant_section(result)["quantized"]
+
+
 def test_progress_counts_each_layer_whose_sensitivity_is_measured():
     """``progress`` hears of the long step: one call per layer measured, counting up to
     the number of layers (what the CLI turns into a count with the time left)."""
