@@ -81,6 +81,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", default="1000,10000,100000")
     parser.add_argument("--target", default="ort")
+    parser.add_argument("--no-onnxslim", action="store_true",
+                        help="graphopt only (onnxslim's weight tying is quadratic: hours at "
+                             "100k nodes)")
     args = parser.parse_args()
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni"})
     print(f"cpu flags: {', '.join(flags)}")
@@ -96,10 +99,11 @@ def main() -> None:
             raise SystemExit(f"not verified at {count} nodes: {result.report['verification']}")
         per_node = seconds / len(model.graph.node) * 1e6
         first = first or per_node
-        slim, slim_s = run_onnxslim(model)
         print(f"{len(model.graph.node):>8} {result.report['output']['nodes']:>8} "
-              f"{seconds:>9.2f} {per_node:>9.1f} {per_node / first:>9.2f} "
-              f"{slim:>15} {slim_s:>11}", flush=True)
+              f"{seconds:>9.2f} {per_node:>9.1f} {per_node / first:>9.2f} ", end="",
+              flush=True)
+        slim, slim_s = ("-", "not run") if args.no_onnxslim else run_onnxslim(model)
+        print(f"{slim:>15} {slim_s:>11}", flush=True)
 
 
 def run_onnxslim(model: onnx.ModelProto) -> tuple[str, str]:
