@@ -102,11 +102,13 @@ def referenced_bytes(proto: onnx.ModelProto) -> int:
     return sum(e.length for e in map(extent, _initializers(proto)) if e is not None)
 
 
-def materialize(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Read every reference of ``proto`` into it (in place): a self-contained model."""
+def materialize(proto: onnx.ModelProto, only: Path | None = None) -> onnx.ModelProto:
+    """Read every reference of ``proto`` (``only``: to that file) into it, in place: a
+    self-contained model."""
+    only_path = None if only is None else str(Path(only).resolve())
     for tensor in _initializers(proto):
         where = extent(tensor)
-        if where is not None:
+        if where is not None and only_path in (None, where.path):
             tensor.raw_data = read(where)
             tensor.ClearField("data_location")  # as if never external: same bytes
             del tensor.external_data[:]

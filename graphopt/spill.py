@@ -26,30 +26,33 @@ from graphopt.ir import Model
 from graphopt.paths import TEMP_PREFIX
 
 SPILL_BYTES = 16 << 20  # smaller models gain little: their copies are cheap
+DATA_FILE = "weights.data"
 
 
 class Spill:
     """``model`` (the run's own copy) with its large inline weights in a temporary file,
     as ``self.model``; unchanged when they add up to less than ``min_bytes``."""
 
-    def __init__(self, model: Model, min_bytes: int = SPILL_BYTES):
+    def __init__(self, model: Model, min_bytes: int | None = None):
         self.model, self.folder, self.moved = model, None, 0
         inline = sum(_inline_bytes(t) for t in model.initializers())
-        if inline < min_bytes:
+        if inline < (SPILL_BYTES if min_bytes is None else min_bytes):
             return
         self.folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + "weights-"))
         self._remove = weakref.finalize(self, shutil.rmtree, self.folder, True)
         proto = model.to_onnx(references=True)
-        self.moved = external_data.move_out(proto, self.folder / "weights.data")
+        self.moved = external_data.move_out(proto, self.folder / DATA_FILE)
         self.model = Model.from_proto(proto)
 
     def release(self, result: Model) -> Model:
-        """``result`` with every weight read back in, and the temporary file removed."""
+        """``result`` with the weights in the temporary file read back in (those in the
+        input's own data file stay references to it), and the temporary file removed."""
         if self.folder is None:
             return result
-        released = Model.from_proto(result.to_onnx(references=False))
+        proto = result.to_onnx(references=True)
+        external_data.materialize(proto, only=self.folder / DATA_FILE)
         self._remove()
-        return released
+        return Model.from_proto(proto)
 
 
 def _inline_bytes(const: gs.Constant) -> int:

@@ -279,3 +279,38 @@ def test_one_weight_under_two_names(small, tmp_path):
     out = graphopt.save(model, tmp_path / "o" / "model.onnx", external_data=True)
     written = weights(out)
     np.testing.assert_array_equal(written["b1_w1_copy"], written["b0_w1"])
+
+
+def test_large_inline_weights_spill_to_a_temporary_file_for_the_run(tmp_path, monkeypatch):
+    """A model's inline weights go to a temporary data file for the run (exports then
+    carry references, not bytes); the result reads them back, the file goes, and what is
+    written is byte-identical to a run without the spill."""
+    import tempfile
+
+    from graphopt import external_data, spill
+    from graphopt.ir import Model, load
+    from tests.zoo import mlp
+
+    model = mlp(hidden=256)
+    alone = spill.Spill(load(model), min_bytes=1024)
+    assert alone.moved > 200_000 and alone.folder.is_dir()
+    assert external_data.has_references(alone.model.to_onnx(references=True))
+    released = alone.release(alone.model)
+    assert not alone.folder.exists()
+    assert not external_data.has_references(released.to_onnx(references=True))
+    assert released.to_onnx().SerializeToString() == load(model).to_onnx().SerializeToString()
+
+    plain = graphopt.optimize(model, output=tmp_path / "plain.onnx")
+    monkeypatch.setattr(spill, "SPILL_BYTES", 1024)
+    moved = []
+    move_out = external_data.move_out
+    monkeypatch.setattr(external_data, "move_out",
+                        lambda *a, **k: moved.append(move_out(*a, **k)) or moved[-1])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    spilled = graphopt.optimize(model, output=tmp_path / "spilled.onnx")
+    assert (tmp_path / "spilled.onnx").read_bytes() == (tmp_path / "plain.onnx").read_bytes()
+    assert spilled.model.to_onnx().SerializeToString() == \
+        plain.model.to_onnx().SerializeToString()
+    assert moved and moved[0] > 200_000  # the run did work on references
+    assert not list((tmp_path / "tmp").iterdir())  # the temporary data file is gone
