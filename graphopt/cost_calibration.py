@@ -34,7 +34,7 @@ from graphopt.analysis import infer_all_shapes
 from graphopt.cost import (QUANTIZE, AnalyticCostModel, Cost, Device, fused_dequantize,
                            int8_roofline, op_key, op_width, roofline)
 from graphopt.errors import GraphoptError, UsageError
-from graphopt.ir import Model, load
+from graphopt.ir import Model
 from graphopt.microbench import Probe
 
 if typing.TYPE_CHECKING:
@@ -357,7 +357,9 @@ def errors(model: CalibratedCostModel | AnalyticCostModel, device: Device,
 
 
 def _shaped(proto: onnx.ModelProto) -> Model:
-    model = load(proto)
+    """``proto`` (graphopt's own export: checked when the user's model was loaded, its
+    weights possibly references to a data file) with every shape inferred."""
+    model = Model.from_proto(proto)
     infer_all_shapes(model)
     return model
 
