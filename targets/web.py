@@ -5,6 +5,8 @@
                               in files under 2 GB each (a browser ArrayBuffer's limit)
     out/manifest.json         inputs/outputs (dtype, shape), external-data files, the
                               onnxruntime-web version and files, hashes
+    out/model.ort             with ``format="ort"`` (``--format ort``) only: ONNX Runtime's
+                              own format of the model, which the page then loads instead
     out/index.html, run.js    the page: loads the model with ``ort.InferenceSession.create``
     out/ort-web/              onnxruntime-web's wasm-only ES module, its Emscripten module
                               and WebAssembly binary, copied from the npm package
@@ -38,17 +40,18 @@ import onnx
 from onnx.external_data_helper import uses_external_data
 
 from graphopt.cost import Device
-from graphopt.errors import UsageError
+from graphopt.errors import UsageError, VerificationError
 from graphopt.external_data import all_tensors
 from graphopt.ir import Model, external_threshold, save
 from graphopt.paths import TEMP_PREFIX
 from graphopt.target import (MANIFEST, Artifact, Target, cpu_model, graph_inputs,
                              read_manifest, sha256, value_info)
 from graphopt.targets import web_browser, web_install, web_page
-from graphopt.targets.ort import _CORES, OrtTarget
+from graphopt.targets.ort import _CORES, OrtTarget, disabled_optimizers
 
 FORMAT = "graphopt-web/1"
 MODEL_FILE = "model.onnx"
+ORT_FILE = "model.ort"  # --format ort: what the page loads instead of model.onnx
 PAGE_FILE = "index.html"
 SCRIPT_FILE = "run.js"
 RUNTIME_FOLDER = "ort-web"
@@ -94,6 +97,7 @@ class WebTarget(Target):
     default_pipeline = OrtTarget.default_pipeline
     pass_defaults = OrtTarget.pass_defaults
     compiled = True  # the browser's runtime, not the ORT the pass manager verified with
+    formats = ("onnx", "ort")
 
     def __init__(self, threads: int | None = None):
         """``threads``: wasm threads of the page's session (default: ONNX Runtime Web's,
@@ -132,10 +136,14 @@ class WebTarget(Target):
                 "chromium": web_browser.chromium_version()}
 
     # ------------------------------------------------------------------ lowering
-    def lower(self, model: Model, out: Path) -> Artifact:
+    def lower(self, model: Model, out: Path, *, format: str = "onnx") -> Artifact:
         """Write the folder ``out`` (see the module docstring) atomically: staged beside
         it and moved in; nothing is written when anything fails, the ONNX Runtime Web
-        package missing included."""
+        package missing included. ``format="ort"`` adds ``model.ort`` (``_write_ort``),
+        which the page loads instead of ``model.onnx``."""
+        if format not in self.formats:
+            raise UsageError(f"target {self.name!r} does not write format {format!r}",
+                             hint=f"formats: {', '.join(self.formats)}")
         out = Path(out)
         if (out.suffix and not out.is_dir()) or out.is_file():
             raise UsageError(f"target {self.name!r} writes a folder (model.onnx, "
@@ -154,6 +162,7 @@ class WebTarget(Target):
             save(proto, stage / MODEL_FILE)
             data_files = _split_external_data(stage / MODEL_FILE,
                                               min(external_threshold(), BROWSER_FILE_LIMIT))
+            session = _write_ort(stage, data_files) if format == "ort" else None
             (stage / RUNTIME_FOLDER).mkdir()
             runtime = [f"{RUNTIME_FOLDER}/{name}" for name in web_install.DIST_FILES]
             for name in web_install.DIST_FILES:
@@ -161,9 +170,13 @@ class WebTarget(Target):
             (stage / SCRIPT_FILE).write_text(web_page.run_js(web_install.ENTRY))
             (stage / PAGE_FILE).write_text(web_page.index_html(proto.graph.name or "model",
                                                                ort_version))
-            files = [MODEL_FILE, *data_files, PAGE_FILE, SCRIPT_FILE, *runtime]
+            files = [MODEL_FILE, *data_files, *([ORT_FILE] if session else []),
+                     PAGE_FILE, SCRIPT_FILE, *runtime]
             manifest = _manifest(self, proto, model, stage, files, data_files, runtime,
                                  ort_version)
+            if session:
+                manifest["session_model"] = ORT_FILE
+                manifest["ort_format"] = session
             manifest["ir_version"] = {"model": ir_version, "written": proto.ir_version}
             (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             files.append(MANIFEST)
@@ -174,6 +187,17 @@ class WebTarget(Target):
                         files=[out / f for f in files], format="onnxruntime-web")
 
     # ------------------------------------------------------------------ running
+    def open(self, path: Path) -> Artifact:
+        """The folder ``lower`` wrote, its files checked against the manifest's sha256
+        first: ``graphopt verify out/`` compares the browser with ONNX Runtime on the
+        folder's own ``model.onnx``, which a changed weight file would change for both.
+        A file missing or changed since lowering is a ``VerificationError`` naming it."""
+        artifact = super().open(path)
+        folder = Path(path)
+        if folder.is_dir():
+            _check_hashes(folder, read_manifest(folder))
+        return artifact
+
     def run(self, artifact: Artifact, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._page(artifact).run(feeds)
 
@@ -234,6 +258,52 @@ def _manifest(target: WebTarget, proto: onnx.ModelProto, model: Model, stage: Pa
         "sha256": {name: sha256(stage / name) for name in files},
         "toolchain": {"onnx": onnx.__version__, "python": platform.python_version()},
     }
+
+
+def _check_hashes(folder: Path, manifest: dict) -> None:
+    """Every file the manifest hashes is there with that hash (the model and its weight
+    files, the page, the runtime: what the browser would load)."""
+    bad = []
+    for name, digest in sorted(manifest.get("sha256", {}).items()):
+        path = folder / name
+        if not path.resolve().is_relative_to(folder.resolve()):
+            bad.append(f"{name} (outside the folder)")
+        elif not path.is_file():
+            bad.append(f"{name} (missing)")
+        elif sha256(path) != digest:
+            bad.append(f"{name} (changed)")
+    if bad:
+        raise VerificationError(f"{folder} does not match its {MANIFEST}: "
+                                f"{', '.join(bad)} since it was written",
+                                hint="lower the model again with --target web")
+
+
+def _write_ort(stage: Path, data_files: list[str]) -> dict:
+    """ONNX Runtime's ``.ort`` file of the staged ``model.onnx``, made by a session of the
+    installed onnxruntime that saves its optimized graph in ORT format (onnxruntime-web
+    1.31 loads the ones 1.32 writes). At ORT_ENABLE_EXTENDED, not ALL: ALL adds the
+    NCHWc layout rewrite (``com.microsoft.nchwc`` ops, blocked for this CPU's vector
+    width), which the wasm build has no kernels for; the extended fusions are CPU
+    execution provider kernels, which it has. One flatbuffer holds every weight, so the
+    model must fit one browser fetch. Returns what the manifest records of it."""
+    import onnxruntime as ort
+
+    size = sum((stage / f).stat().st_size for f in [MODEL_FILE, *data_files])
+    if size > BROWSER_FILE_LIMIT:
+        raise UsageError(f"--format ort: the model's {size / 2**30:.2f} GiB do not fit one "
+                         f".ort file a browser can fetch (under 2 GiB)",
+                         hint="leave --format out: model.onnx keeps its weights in chunks")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(stage / ORT_FILE)
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    options.log_severity_level = 3
+    disabled = list(disabled_optimizers())
+    ort.InferenceSession(str(stage / MODEL_FILE), options,
+                         providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    return {"file": ORT_FILE, "made_by": f"onnxruntime {ort.__version__}",
+            "graph_optimization_level": "ORT_ENABLE_EXTENDED",
+            "disabled_optimizers": disabled}
 
 
 def _split_external_data(model_path: Path, limit: int) -> list[str]:

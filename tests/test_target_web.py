@@ -112,7 +112,12 @@ def test_mlp_runs_in_chromium_like_ort_with_no_network(browser, tmp_path, run_or
     bias = next(t for t in proto.graph.initializer if numpy_helper.to_array(t).shape == (10,))
     bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 0.5, bias.name))
     onnx.save(proto, tampered / "model.onnx")
-    with pytest.raises(VerificationError, match="does not match"):
+    with pytest.raises(VerificationError, match=r"model\.onnx \(changed\)"):
+        graphopt.verify_artifact(tampered, reference=model, timing=False)
+    # ... by the manifest's hashes first; with those made to agree, by the browser itself.
+    manifest["sha256"]["model.onnx"] = sha256(tampered / "model.onnx")
+    (tampered / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(VerificationError, match="does not match ONNX Runtime"):
         graphopt.verify_artifact(tampered, reference=model, timing=False)
 
 
