@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx.helper as oh
 from onnx import TensorProto
 

@@ -20,7 +20,7 @@ from graphopt.errors import UsageError
 from graphopt.ir import Model, save, saved_files
 from graphopt.paths import TEMP_PREFIX
 from graphopt.registry import pass_registry
-from graphopt.target import Artifact, Capabilities, Target, cpu_flags, cpu_model
+from graphopt.target import Artifact, Capabilities, Target, cpu_flags
 
 # The lossless pipeline. Shape folding feeds constant folding; chains and no-ops expose
 # more folding; fusions fold arithmetic into weights; dead code and duplicates are swept

@@ -288,7 +288,7 @@ def test_large_inline_weights_spill_to_a_temporary_file_for_the_run(tmp_path, mo
     import tempfile
 
     from graphopt import external_data, spill
-    from graphopt.ir import Model, load
+    from graphopt.ir import load
     from tests.zoo import mlp
 
     model = mlp(hidden=256)

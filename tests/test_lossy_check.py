@@ -4,7 +4,6 @@ rolled back by the manager instead of failing the final check."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import onnx.helper as oh
@@ -18,7 +17,6 @@ from graphopt.metric import get_metric
 from graphopt.rewrite import make_constant
 from tests.helpers import build_model, min_cosine
 
-import onnx_graphsurgeon as gs
 
 
 def relu_model():

@@ -13,7 +13,7 @@ from onnx import TensorProto, numpy_helper
 import graphopt
 from graphopt.ir import Model, infer_shapes
 from graphopt.pass_infra import PassContext
-from graphopt.passes.prune.channels import PruneChannels, analyse, keep_count, narrow
+from graphopt.passes.prune.channels import PruneChannels, analyse, keep_count
 from graphopt.targets.ort import OrtTarget
 from tests import zoo
 from tests.digits import accuracy, digits_cnn, digits_data, digits_mlp, validation_split
