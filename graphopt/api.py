@@ -6,6 +6,7 @@ model, the same report and the same errors (``graphopt.errors``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from graphopt.planner import plan as run_planner
 from graphopt.transform import Setup, transform
 from graphopt.workers import Workers
 from graphopt.registry import create_target, target_registry
-from graphopt.target import Artifact, Target, read_manifest
+from graphopt.target import MANIFEST, Artifact, Target, read_manifest
 
 __all__ = ["optimize", "load", "save", "inspect", "compare", "get_target", "OptimizeResult",
            "verify_artifact", "ArtifactCheck"]
@@ -281,6 +282,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         if verify_artifact or (verify_artifact is None and tgt.compiled):
             lossy_budget = ctx.tolerance if verification.get("score") is not None \
                 else None
+            if lossy_budget is not None:
+                _record_budget(artifact, lossy_budget)
             try:
                 report["artifact"] = _check_artifact(tgt, artifact, original_proto, feeds,
                                                      tolerance, lossy_budget,
@@ -313,7 +316,7 @@ def verify_artifact(path: str | os.PathLike, reference: ModelSource | None = Non
                     target: str | Target | None = None,
                     data: list[verify.Feeds] | None = None,
                     input_shapes: dict[str, list[int]] | None = None,
-                    tolerance: verify.Tolerance | float = verify.Tolerance(), seed: int = 0,
+                    tolerance: verify.Tolerance | float | None = None, seed: int = 0,
                     rpc: str | None = None, timing: bool = True) -> ArtifactCheck:
     """Run the artifact at ``path`` (a folder with ``manifest.json``, or a model file of
     ``target``, default ``ort``) and compare it with ONNX Runtime on ``reference`` (the
@@ -321,7 +324,9 @@ def verify_artifact(path: str | os.PathLike, reference: ModelSource | None = Non
     manifest names it). A float ``tolerance`` compares by minimum output cosine (for
     quantized artifacts). Inputs: ``data``, else probe inputs shaped as the manifest
     says (symbolic dimensions: ``input_shapes`` or 2). ``timing`` adds the latency of the
-    artifact next to ONNX Runtime's on the reference."""
+    artifact next to ONNX Runtime's on the reference. ``tolerance=None``: the accuracy
+    budget a lossy artifact was checked with when written (its manifest's
+    ``accuracy_budget``), else the float tolerance."""
     path = Path(path)
     manifest = read_manifest(path) if path.is_dir() else {}
     tgt = get_target(target or manifest.get("target") or DEFAULT_TARGET)
@@ -338,6 +343,8 @@ def verify_artifact(path: str | os.PathLike, reference: ModelSource | None = Non
     shapes = {**_static_shapes(manifest), **(input_shapes or {})}
     feeds = check_feeds(data, ref_proto) or \
         verify.probe_inputs(ref_proto, seed=seed, shapes=shapes or None)
+    if tolerance is None:
+        tolerance = manifest.get(BUDGET_KEY) or verify.Tolerance()
     budget, rtol_atol = split_tolerance(tolerance)
     try:
         report = _check_artifact(tgt, art, ref_proto, feeds, rtol_atol, budget,
@@ -351,6 +358,25 @@ def verify_artifact(path: str | os.PathLike, reference: ModelSource | None = Non
                                             "graphopt wrote") from exc
     report["reference"] = str(reference)
     return ArtifactCheck(artifact=art, report=report)
+
+
+BUDGET_KEY = "accuracy_budget"  # in a lossy artifact's manifest: min output cosine
+
+
+def _record_budget(art: Artifact, budget: float) -> None:
+    """Write the accuracy budget a lossy artifact is checked with into its manifest (a
+    folder's ``manifest.json``, replaced atomically), so ``verify`` applies it later."""
+    folder = Path(art.path) if Path(art.path).is_dir() else Path(art.path).parent
+    path = folder / MANIFEST
+    if not path.is_file():
+        return
+    manifest = json.loads(path.read_text())
+    if manifest.get("target") != art.target:  # not this artifact's: leave it alone
+        return
+    manifest[BUDGET_KEY] = budget
+    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staged.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(staged, path)
 
 
 def _check_artifact(tgt: Target, art: Artifact, reference, feeds, tolerance, budget,

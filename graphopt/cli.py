@@ -315,7 +315,10 @@ def verify_cmd(artifact, reference, target, data, input_shape, rtol, atol, toler
                rpc, no_timing, as_json):
     """Run ARTIFACT (a folder written by optimize, or a model file) and compare it with
     ONNX Runtime on the original model (exit 4 when they differ)."""
-    tol = tolerance if tolerance is not None else verify.Tolerance(rtol=rtol, atol=atol)
+    given = click.get_current_context().get_parameter_source
+    float_tol = any(given(n) is not click.core.ParameterSource.DEFAULT for n in ("rtol", "atol"))
+    tol = tolerance if tolerance is not None else \
+        verify.Tolerance(rtol=rtol, atol=atol) if float_tol else None  # None: the manifest's
     with err.status("running the artifact", spinner="dots"):
         result = api.verify_artifact(artifact, reference, target=target,
                                      data=_load_data(data),

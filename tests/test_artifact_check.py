@@ -168,6 +168,14 @@ def test_quantized_artifact_is_checked_against_the_budget(tmp_path):
     check = result.report["artifact"]
     assert check["ok"] is True and check["budget"] == 0.98
     assert 0.98 <= check["min_cosine"] < 1.0
+    # verify later, against the float original: the budget it was written with applies
+    assert read_manifest(tmp_path / "q")["accuracy_budget"] == 0.98
+    again = graphopt.verify_artifact(tmp_path / "q", proto, target=FolderTarget(),
+                                     data=calib)
+    assert again.ok is True and again.report["budget"] == 0.98
+    with pytest.raises(VerificationError):  # a float tolerance, asked for, still applies
+        graphopt.verify_artifact(tmp_path / "q", proto, target=FolderTarget(), data=calib,
+                                 tolerance=verify.Tolerance())
 
 
 def test_messages_with_brackets_reach_the_terminal_intact(tmp_path):
