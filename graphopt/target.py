@@ -210,6 +210,16 @@ class Target(ABC):
         return statistics.median(times)
 
 
+def folder_output(target: str, out, contents: str) -> Path:
+    """``out`` as the folder a target writes (``contents``: what goes in, for the
+    message); a path naming a file, or with a file's suffix, is a usage error."""
+    out = Path(out)
+    if (out.suffix and not out.is_dir()) or out.is_file():
+        raise UsageError(f"target {target!r} writes a folder ({contents}), not {str(out)!r}",
+                         hint="give -o a folder name without a suffix")
+    return out
+
+
 def read_manifest(folder: Path) -> dict:
     """The manifest of the artifact folder ``folder`` (a UsageError names what is wrong)."""
     path = Path(folder) / MANIFEST

@@ -38,8 +38,8 @@ import onnx_graphsurgeon as gs
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model
 from graphopt.paths import TEMP_PREFIX
-from graphopt.target import (MANIFEST, Artifact, Capabilities, Target, read_manifest,
-                             sha256)
+from graphopt.target import (MANIFEST, Artifact, Capabilities, Target, folder_output,
+                             read_manifest, sha256)
 from graphopt.targets.ort import LOSSLESS_PIPELINE, host_device
 from graphopt.targets.shapes import bind_input_shapes
 from graphopt.targets.tflite_lower import lower_graph
@@ -130,11 +130,7 @@ class LiteRtTarget(Target):
     def lower(self, model: Model, out: Path) -> Artifact:
         """Write the folder ``out`` atomically (staged beside it, then moved in); an op
         without a TFLite mapping is refused before anything is written."""
-        out = Path(out)
-        if (out.suffix and not out.is_dir()) or out.is_file():
-            raise UsageError(f"target {self.name!r} writes a folder (model.tflite, "
-                             f"manifest.json), not {str(out)!r}",
-                             hint="give -o a folder name without a suffix")
+        out = folder_output(self.name, out, "model.tflite, manifest.json")
         missing = self.availability()
         if missing:
             raise UsageError(f"target {self.name!r} is not available here: {missing}")

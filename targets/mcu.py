@@ -41,7 +41,8 @@ from graphopt.cost import Device
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model, save
 from graphopt.paths import TEMP_PREFIX
-from graphopt.target import MANIFEST, Artifact, Capabilities, Target, read_manifest, sha256
+from graphopt.target import (MANIFEST, Artifact, Capabilities, Target, folder_output,
+                             read_manifest, sha256)
 from graphopt.targets import mcu_build
 from graphopt.targets.mcu_build import ArmBoard
 from graphopt.targets.mcu_codegen import HEADER, SOURCE, generate
@@ -184,11 +185,7 @@ class McuTarget(Target):
     def lower(self, model: Model, out: Path) -> Artifact:
         """Write the folder ``out`` atomically (staged beside it, moved in): nothing is
         written when a node has no kernel or the model does not fit the budget."""
-        out = Path(out)
-        if (out.suffix and not out.is_dir()) or out.is_file():
-            raise UsageError(f"target {self.name!r} writes a folder (model.c, model.h, "
-                             f"manifest.json, ...), not {str(out)!r}",
-                             hint="give -o a folder name without a suffix")
+        out = folder_output(self.name, out, "model.c, model.h, manifest.json, ...")
         proto = model.to_onnx()
         program = lower_graph(proto)
         external = {n for n, _ in program.inputs} | {n for n, _ in program.outputs}

@@ -44,8 +44,8 @@ from graphopt.errors import UsageError, VerificationError
 from graphopt.external_data import all_tensors
 from graphopt.ir import Model, external_threshold, save
 from graphopt.paths import TEMP_PREFIX
-from graphopt.target import (MANIFEST, Artifact, Target, cpu_model, graph_inputs,
-                             read_manifest, sha256, value_info)
+from graphopt.target import (MANIFEST, Artifact, Target, cpu_model, folder_output,
+                             graph_inputs, read_manifest, sha256, value_info)
 from graphopt.targets import web_browser, web_install, web_page
 from graphopt.targets.ort import _CORES, OrtTarget, disabled_optimizers
 
@@ -144,11 +144,7 @@ class WebTarget(Target):
         if format not in self.formats:
             raise UsageError(f"target {self.name!r} does not write format {format!r}",
                              hint=f"formats: {', '.join(self.formats)}")
-        out = Path(out)
-        if (out.suffix and not out.is_dir()) or out.is_file():
-            raise UsageError(f"target {self.name!r} writes a folder (model.onnx, "
-                             f"manifest.json, index.html, ...), not {str(out)!r}",
-                             hint="give -o a folder name without a suffix")
+        out = folder_output(self.name, out, "model.onnx, manifest.json, index.html, ...")
         package = web_install.find_package()
         ort_version = web_install.package_version(package) or "unknown"
         proto = model.to_onnx(references=True)  # weights stay in their file until saved

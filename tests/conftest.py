@@ -55,6 +55,22 @@ def run_ort():
 _NODE_COUNTS: dict[str, tuple[int, int]] = {}
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """For the web target's tests: skip where it cannot lower and run here (no
+    onnxruntime-web package, Chromium or playwright); close Chromium after the module."""
+    from graphopt.targets import web_browser, web_install
+
+    missing = web_install.why_missing()
+    if missing:
+        pytest.skip(f"{missing} (install: {web_install.install_command()})")
+    missing = web_browser.why_unavailable()
+    if missing:
+        pytest.skip(missing)
+    yield
+    web_browser.close_all()
+
+
 @pytest.fixture
 def record_nodes(request, record_property):
     """``record_nodes(before, after)``: keep a test's node counts for the end-of-session

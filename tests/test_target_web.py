@@ -31,19 +31,6 @@ from tests.helpers import cli
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "small_cnn.onnx"
 
 
-@pytest.fixture(scope="module")
-def browser():
-    """Skip where the web target cannot lower and run here; close Chromium afterwards."""
-    missing = web_install.why_missing()
-    if missing:
-        pytest.skip(f"{missing} (install: {web_install.install_command()})")
-    missing = web_browser.why_unavailable()
-    if missing:
-        pytest.skip(missing)
-    yield
-    web_browser.close_all()
-
-
 @pytest.fixture
 def package():
     missing = web_install.why_missing()

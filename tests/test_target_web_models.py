@@ -29,19 +29,6 @@ from tests import zoo
 from tests.helpers import cli
 
 
-@pytest.fixture(scope="module")
-def browser():
-    """Skip where the web target cannot lower and run here; close Chromium afterwards."""
-    missing = web_install.why_missing()
-    if missing:
-        pytest.skip(f"{missing} (install: {web_install.install_command()})")
-    missing = web_browser.why_unavailable()
-    if missing:
-        pytest.skip(missing)
-    yield
-    web_browser.close_all()
-
-
 def run_web(folder, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     target = WebTarget()
     return target.run(target.open(folder), feeds)
