@@ -203,17 +203,37 @@ def _flatten_columns(lw: Lowering, x: str, out: str) -> np.ndarray | None:
     only by Gemm/MatMul with constant 2-D weights: the ONNX column of each TFLite one."""
     perm, shape = lw.home(x), lw.shape(x)
     out_shape, _ = lw.onnx_info(out)
-    readers = lw.readers.get(out, [])
-    if perm == identity(len(shape)) or perm[0] != 0 or out in lw.graph_outputs or \
-            len(out_shape) != 2 or out_shape[0] != shape[0] or not readers:
+    if perm == identity(len(shape)) or perm[0] != 0 or len(out_shape) != 2 or \
+            out_shape[0] != shape[0]:
         return None
-    for r in readers:
-        if r.op_type not in ("Gemm", "MatMul") or r.input[0] != out or r.input[1] == out \
+    products = _products_through_qdq(lw, out)
+    if not products:
+        return None
+    for r, a in products:
+        if r.op_type not in ("Gemm", "MatMul") or r.input[0] != a or r.input[1] == a \
                 or not lw.is_const(r.input[1]) or lw.rank(r.input[1]) != 2 or \
                 attrs(r).get("transA", 0):
             return None
     flat = np.arange(int(np.prod(shape[1:]))).reshape(shape[1:])
     return flat.transpose([p - 1 for p in perm[1:]]).reshape(-1)
+
+
+def _products_through_qdq(lw: Lowering, name: str) -> list[tuple[onnx.NodeProto, str]]:
+    """The nodes reading ``name``, looking through QuantizeLinear/DequantizeLinear (an
+    int8 graph's flatten reaches its Gemm as Flatten → Q → DQ → Gemm), each with the
+    name it reads; empty when a graph output or nothing reads it on the way."""
+    found, todo = [], [name]
+    while todo:
+        value = todo.pop()
+        readers = lw.readers.get(value, [])
+        if value in lw.graph_outputs or not readers:
+            return []
+        for r in readers:
+            if r.op_type in ("QuantizeLinear", "DequantizeLinear") and r.input[0] == value:
+                todo.append(r.output[0])
+            else:
+                found.append((r, value))
+    return found
 
 
 def transpose(lw: Lowering, node: onnx.NodeProto) -> None:

@@ -114,6 +114,7 @@ def quantize(lw: Lowering, node: onnx.NodeProto) -> None:
         perm = NHWC if lw.is_input(x) and lw.rank(x) == 4 else lw.home(x)
         source = lw.get(x, perm)
     _requantize(lw, source, out, perm, params)
+    lw.value(out).columns = value.columns  # elementwise: a flattened NHWC value stays one
 
 
 def _requantize(lw: Lowering, source: int, name: str, perm, params) -> None:
