@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphopt import verify
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model
 from graphopt.paths import TEMP_PREFIX
@@ -242,12 +243,15 @@ def static_model(model: Model) -> tuple[onnx.ModelProto, dict[str, int], bool]:
             raise UsageError(f"input {name!r} has an unknown dimension: {dims}",
                              hint=f"fix it with --input-shape {name}=1x...")
     bind_input_shapes(work, shapes)
-    proto = work.to_onnx()
+    # Weights in a data file (a spilled run, or a model loaded with external data) stay
+    # references here: shape inference and the probe session never copy them, and the
+    # lowering reads each through a memory map.
+    proto = work.to_onnx(references=True)
     del proto.graph.value_info[:]
     proto = _complete_shapes(onnx.shape_inference.infer_shapes(proto, data_prop=True))
     work = Model.from_proto(proto)
     _fuse_gelu(work)
-    proto = work.to_onnx()
+    proto = work.to_onnx(references=True)
     return proto, dict(sorted(sizes.items())), batch is not None
 
 
@@ -260,8 +264,6 @@ def _complete_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     open_ = [o for node in proto.graph.node for o in node.output if o and o not in known]
     if not open_:
         return proto
-    import onnxruntime as ort
-
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     del probe.graph.output[:]
@@ -273,11 +275,7 @@ def _complete_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
             t = v.type.tensor_type
             feeds[v.name] = np.zeros([d.dim_value for d in t.shape.dim],
                                      onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    values = ort.InferenceSession(probe.SerializeToString(), options,
-                                  providers=["CPUExecutionProvider"]).run(open_, feeds)
+    values = verify.session(probe).run(open_, feeds)  # rewrites off; references mapped
     measured = {n: v for n, v in zip(open_, values)}
     kept = [v for v in proto.graph.value_info if v.name not in measured]
     del proto.graph.value_info[:]

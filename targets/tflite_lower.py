@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from graphopt import external_data
 from graphopt.errors import UsageError
 from graphopt.targets.tflite_writer import FlatbufferBuilder, enum, options
 
@@ -74,7 +75,7 @@ class Value:
 class Lowered:
     """The ``.tflite`` bytes and what the manifest says about them."""
 
-    data: bytes
+    data: bytes | memoryview  # (a view of the builder's buffer: not copied)
     operators: dict[str, int]
     transposes: dict[str, int]
     inputs: list[dict]
@@ -108,8 +109,10 @@ class Lowering:
                 if name:
                     self.readers.setdefault(name, []).append(node)
         self.graph_outputs = {o.name for o in proto.graph.output}
-        for init in proto.graph.initializer:
-            self.set_const(init.name, numpy_helper.to_array(init))
+        for init in proto.graph.initializer:  # a reference: a view of its mapped file
+            self.set_const(init.name, external_data.MappedValues(init).load()
+                           if external_data.extent(init) is not None
+                           else numpy_helper.to_array(init))
 
     # ------------------------------------------------------------------ values
     def value(self, name: str) -> Value:
@@ -254,7 +257,7 @@ class Lowering:
         """``name`` holds a constant; float16 is held as float32, marked ``half``."""
         array = np.asarray(array)
         half = array.dtype == np.float16
-        array = array.astype(_computed(array.dtype))
+        array = array.astype(_computed(array.dtype), copy=False)  # (a mapped view stays one)
         self.values[name] = Value(name, array.shape, array.dtype, array, half=half)
 
     def is_half(self, name: str) -> bool:

@@ -118,7 +118,7 @@ class FlatbufferBuilder:
         self.operators.append(Operator(code, list(inputs), list(outputs), options, version))
 
     # ------------------------------------------------------------------ packing
-    def finish(self, input_names: list[str], output_names: list[str]) -> bytes:
+    def finish(self, input_names: list[str], output_names: list[str]) -> memoryview:
         """The model as ``.tflite`` bytes, with a ``serving_default`` signature whose keys
         are ``input_names``/``output_names`` (the ONNX model's names)."""
         import flatbuffers
@@ -183,10 +183,11 @@ class FlatbufferBuilder:
         model.subgraphs = [sub]
         model.signatureDefs = [_signature(s, self.inputs, input_names, self.outputs,
                                           output_names)]
-        fb = flatbuffers.Builder(1 << 20)
+        # Sized for the weights up front: growing copies the buffer at each doubling.
+        fb = flatbuffers.Builder(weights + (1 << 20))
         fb.ForceDefaults(False)
         fb.Finish(model.Pack(fb), file_identifier=FILE_IDENTIFIER)
-        return bytes(fb.Output())
+        return memoryview(fb.Bytes)[fb.Head():]  # the finished bytes, not a copy of them
 
 
     def _dequantize_half(self) -> None:
