@@ -10,6 +10,7 @@ outputs ([batch, classes]). Candidates run in ONNX Runtime the way the target ru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -89,6 +90,42 @@ def batch_size(feeds: Feeds) -> int | None:
     return int(first.shape[0]) if first is not None and first.ndim else None
 
 
+# ============================================================================ references
+# Within ``shared_references()`` (one optimize run), the original's outputs on a list of
+# batches are computed once: the pass manager's lossy check, a quantizer's evaluator and
+# the final verification all score against the original on the same batches.
+_memo: list[tuple[onnx.ModelProto, list, list[Feeds]]] | None = None
+
+
+@contextlib.contextmanager
+def shared_references():
+    """Remember reference outputs (``reference_outputs``) for the length of the block
+    (or the decorated function); nothing outlives it."""
+    global _memo
+    before, _memo = _memo, []
+    try:
+        yield
+    finally:
+        _memo = before
+
+
+def reference_outputs(proto: onnx.ModelProto, data: Sequence[Feeds]) -> list[Feeds]:
+    """``proto``'s outputs on each batch of ``data``, in ONNX Runtime with its rewrites
+    off (the graph as written); the same proto object on the same batch objects is run
+    once inside ``shared_references()``."""
+    data = list(data)
+    if _memo is not None:
+        for model, batches, outputs in _memo:
+            if model is proto and len(batches) == len(data) and \
+                    all(a is b for a, b in zip(batches, data)):
+                return outputs
+    outputs = run_all(session(proto, optimize=False), data)
+    if _memo is not None:
+        _memo.append((proto, data, outputs))
+        del _memo[:-2]  # the original on the check batches and on the calibration ones
+    return outputs
+
+
 class Evaluator:
     """Measures candidate models against ``reference`` on ``data``."""
 
@@ -102,7 +139,7 @@ class Evaluator:
         self.metric = get_metric(metric)
         self.min_top1 = min_top1
         self.modes = tuple(modes)
-        self.reference = run_all(session(reference, optimize=False), self.data)
+        self.reference = reference_outputs(reference, self.data)
         self.evaluations = 0
 
     def measure(self, proto: onnx.ModelProto) -> Measurement:

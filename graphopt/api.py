@@ -16,6 +16,7 @@ from typing import Sequence
 
 from graphopt import artifact as artifact_check
 from graphopt import verify
+from graphopt.accuracy import shared_references
 from graphopt.analysis import Summary, summarize
 from graphopt import microbench
 from graphopt.cost import CostModel
@@ -72,6 +73,7 @@ def get_target(name: str | Target) -> Target:
 
 
 @graph_work()
+@shared_references()
 def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
              threads: int | None = None,
              passes: str | Sequence[str | Pass] | None = None, skip: Sequence[str] = (),
@@ -201,7 +203,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         verify.check_runtime(original.meta)
     working = original.clone()
     tgt.prepare(working, input_shapes)
-    original_proto = original.to_onnx()
+    original_proto = original.to_onnx(references=True)  # spilled weights: not copied
     data = check_feeds(data, original_proto)
     # Lossy data is batched for the model the passes see: a target that binds
     # ``--input-shape`` (compiled targets) takes the batch it was given, not the
@@ -229,13 +231,18 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     manager, pipeline, ctx, lossy, feeds = run.manager, run.pipeline, run.ctx, run.lossy, \
         run.feeds
     unsupported, lossy_data = run.unsupported, setup.lossy_data
+    working = weights.refresh(working)  # weights the passes wrote: not copied from here on
     warn_unmeasured(ctx.logger, lossy_data, lossy)
     if manager.numeric_check != "ok" and not tgt.compiled:  # ORT runs the result: why not?
         verify.check_runs(original_proto, feeds, data_given=bool(data), shapes=input_shapes)
 
     if any(e.changed and e.pass_name in lossy for e in manager.trace):
-        verification = verify_lossy(original_proto, working.to_onnx(), feeds, ctx.tolerance,
-                                    metric)
+        verification = verify_lossy(
+            original_proto, working.to_onnx(), feeds, ctx.tolerance, metric,
+            # (the manager ran the original on these batches first; a planned run's
+            # may have started from another stage's result)
+            reference=manager.original_outputs
+            if plan_section is None and manager.probe_feeds is feeds else None)
     else:
         verification = _verify(original_proto, working, feeds, tolerance,
                                manager.numeric_check)

@@ -32,7 +32,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import numpy as np
 import onnx
 
-from graphopt import verify
+from graphopt import accuracy, verify
 from graphopt.accuracy import run_all, session
 from graphopt.cost import tensor_bytes
 from graphopt.ir import Model
@@ -272,7 +272,7 @@ class Driver:
         ctx = self.ctx
         reference = ctx.reference if ctx.reference is not None else model.to_onnx()
         self.data, data_text = self._data(model)
-        self.reference_outputs = run_all(session(reference, optimize=False), self.data)
+        self.reference_outputs = accuracy.reference_outputs(reference, self.data)
         sites = self.cp.sites(model, ctx)
         active = [s for s in sites if s.searchable]
         stats: dict = {"technique": self.cp.technique, "metric": self.metric.name,

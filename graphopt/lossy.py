@@ -6,6 +6,7 @@ and ``quantization`` sections. It names no pass: schemes come from the passes'
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -13,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import onnx
 
 from graphopt import verify
-from graphopt.accuracy import run_all, session
+from graphopt.accuracy import reference_outputs, run_all, session
 from graphopt.calibration import count_samples, group, load_data
 from graphopt.errors import UsageError
 from graphopt.metric import DEFAULT_BUDGET, Metric
@@ -159,11 +160,12 @@ class LossyData:
     batchable: bool = True  # False: an input has a static batch, samples go one by one
     held_out: bool = False  # validation = samples held out of the calibration data
 
-    @property
+    @functools.cached_property
     def check_feeds(self) -> list[verify.Feeds] | None:
         """What the manager checks passes on and the result is verified on: the
         validation (else calibration) samples in few large batches (one ORT session per
-        batch and check)."""
+        batch and check). The same batch objects every time: the original's outputs on
+        them are computed once a run (``accuracy.reference_outputs``)."""
         data = self.validation or self.calibration
         return group(data, CHECK_BATCHES if self.batchable else 1) if data else None
 
@@ -211,13 +213,16 @@ def lossy_passes(pipeline: Sequence) -> set[str]:
 
 
 def verify_lossy(original: onnx.ModelProto, result: onnx.ModelProto,
-                 feeds: list[verify.Feeds] | None, budget: float, metric: Metric) -> dict:
+                 feeds: list[verify.Feeds] | None, budget: float, metric: Metric,
+                 reference: list[verify.Feeds] | None = None) -> dict:
     """The final check of a lossily optimized model: its score on ``metric`` against the
-    original on ``feeds`` (the same metric and data the pass manager checked with)."""
+    original on ``feeds`` (the same metric and data the pass manager checked with).
+    ``reference``: the original's outputs on ``feeds`` when already computed (the pass
+    manager ran the original on them before its first pass)."""
     if not feeds:
         return {"ok": None, "detail": "no inputs to verify on"}
     try:
-        ref = run_all(session(original, optimize=False), feeds)
+        ref = reference if reference is not None else reference_outputs(original, feeds)
         got = run_all(session(result, optimize=False), feeds)
     except Exception as exc:
         return {"ok": False, "detail": f"ONNX Runtime failed on the result: {exc}"}

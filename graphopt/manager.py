@@ -106,6 +106,8 @@ class PassManager:
         self.numeric_check: str = "not run"  # why numbers could not be checked, if so
         self._deferring = False  # numbers of lossless passes checked at iteration end
         self._suspects: set[str] = set()  # passes that broke the numbers: always checked
+        # The input model's outputs on ``probe_feeds`` (ORT, rewrites off), once run.
+        self.original_outputs: list[verify.Feeds] | None = None
 
     def run(self, model: Model) -> Model:
         """Optimize ``model`` in place (and return it).
@@ -114,7 +116,7 @@ class PassManager:
         fixpoint, then it runs once (it is judged against the original, and rerunning a
         quantizer on its own output, or cleanups between, would not converge)."""
         state = self._initial_state(model)
-        original_outputs = state.outputs
+        original_outputs = self.original_outputs = state.outputs
         iteration = 0
         for lossless, lossy in _stages(self.passes):
             for _ in range(self.max_iterations if lossless else 0):

@@ -34,25 +34,45 @@ class Spill:
     as ``self.model``; unchanged when they add up to less than ``min_bytes``."""
 
     def __init__(self, model: Model, min_bytes: int | None = None):
-        self.model, self.folder, self.moved = model, None, 0
+        self.model, self.folder, self.moved, self.files = model, None, 0, 0
+        self.min_bytes = SPILL_BYTES if min_bytes is None else min_bytes
         inline = sum(_inline_bytes(t) for t in model.initializers())
-        if inline < (SPILL_BYTES if min_bytes is None else min_bytes):
+        if inline < self.min_bytes:
             return
-        self.folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + "weights-"))
-        self._remove = weakref.finalize(self, shutil.rmtree, self.folder, True)
+        self._make_folder()
         proto = model.to_onnx(references=True)
         self.moved = external_data.move_out(proto, self.folder / DATA_FILE)
         self.model = Model.from_proto(proto)
 
+    def refresh(self, model: Model) -> Model:
+        """``model`` (a pass pipeline's result) with its large new inline weights moved to
+        the temporary folder too: folding BatchNorm into every convolution, say, writes
+        new arrays, and the verification sessions, the target's lowering and every export
+        after would copy them again. Unchanged below the size that starts a spill."""
+        inline = sum(_inline_bytes(t) for t in model.initializers())
+        if inline < self.min_bytes:
+            return model
+        if self.folder is None:
+            self._make_folder()
+        self.files += 1
+        proto = model.to_onnx(references=True)
+        self.moved += external_data.move_out(proto, self.folder / f"weights-{self.files}.data")
+        return Model.from_proto(proto)
+
     def release(self, result: Model) -> Model:
-        """``result`` with the weights in the temporary file read back in (those in the
-        input's own data file stay references to it), and the temporary file removed."""
+        """``result`` with the weights in the temporary files read back in (those in the
+        input's own data file stay references to it), and the temporary files removed."""
         if self.folder is None:
             return result
         proto = result.to_onnx(references=True)
-        external_data.materialize(proto, only=self.folder / DATA_FILE)
+        for path in sorted(self.folder.iterdir()):
+            external_data.materialize(proto, only=path)
         self._remove()
         return Model.from_proto(proto)
+
+    def _make_folder(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + "weights-"))
+        self._remove = weakref.finalize(self, shutil.rmtree, self.folder, True)
 
 
 def _inline_bytes(const: gs.Constant) -> int:

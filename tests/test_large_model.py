@@ -314,3 +314,37 @@ def test_large_inline_weights_spill_to_a_temporary_file_for_the_run(tmp_path, mo
         plain.model.to_onnx().SerializeToString()
     assert moved and moved[0] > 200_000  # the run did work on references
     assert not list((tmp_path / "tmp").iterdir())  # the temporary data file is gone
+
+
+@pytest.mark.parametrize("target", ["ort", "litert"])
+def test_weights_the_passes_write_spill_too(tmp_path, monkeypatch, target):
+    """A torch-exported ResNet-style CNN: folding its BatchNorms writes a new weight for
+    every convolution. Those go to the run's temporary folder too (``Spill.refresh``),
+    so verification and the target's lowering read references; what is written is
+    byte-identical to a run without the spill, and the temporary files are gone."""
+    import tempfile
+
+    from graphopt import external_data, spill
+    from graphopt.targets.litert import LiteRtTarget
+    from tests import zoo
+
+    if target == "litert" and LiteRtTarget().availability():
+        pytest.skip(LiteRtTarget().availability())
+    model = zoo.resnet_cnn()
+    name = "model.tflite" if target == "litert" else "model.onnx"
+    plain = tmp_path / "plain" / name if target == "ort" else tmp_path / "plain"
+    graphopt.optimize(model, target=target, output=plain)
+    monkeypatch.setattr(spill, "SPILL_BYTES", 1024)
+    moved = []
+    move_out = external_data.move_out
+    monkeypatch.setattr(external_data, "move_out",
+                        lambda *a, **k: moved.append(move_out(*a, **k)) or moved[-1])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    spilled = tmp_path / "spilled" / name if target == "ort" else tmp_path / "spilled"
+    result = graphopt.optimize(model, target=target, output=spilled)
+    assert len(moved) == 2 and moved[0] > 100_000 and moved[1] > 100_000, moved
+    assert (tmp_path / "spilled" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    assert result.report["artifact" if target == "litert" else "verification"]["ok"] is True
+    assert not external_data.has_references(result.model.to_onnx(references=True))
+    assert not list((tmp_path / "tmp").iterdir())
