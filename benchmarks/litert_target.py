@@ -45,8 +45,19 @@ from graphopt.targets.litert import LiteRtTarget  # noqa: E402
 from tests import zoo  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "small_cnn.onnx"
+def _digits(which: str):
+    from tests.digits import digits_cnn, digits_mlp
+
+    if which == "cnn":
+        return digits_cnn(), {"input": [1, 1, 8, 8]}
+    return digits_mlp(), {"input": [1, 64]}
+
+
 MODELS = {
     "small_cnn": lambda: (onnx.load(EXAMPLE), {"input": [1, 3, 32, 32]}),
+    "digits_cnn": lambda: _digits("cnn"),
+    "digits_mlp": lambda: _digits("mlp"),
+    "resnet50": lambda: (zoo.resnet50(), {"input": [1, 3, 224, 224]}),
     "mlp": lambda: (zoo.mlp(), {"x": [1, 32]}),
     "mobilenet_cnn": lambda: (zoo.mobilenet_cnn(), {"input": [1, 3, 32, 32]}),
     "resnet_cnn": lambda: (zoo.resnet_cnn(), {"input": [1, 3, 32, 32]}),
@@ -71,27 +82,139 @@ def _timed(runners: dict, rounds: int, runs: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench(name: str, rounds: int, runs: int, tmp: Path, precision: str = "float") -> dict:
+def _rss_mb(field: str) -> float | None:
+    """This process's resident set (``VmRSS:``) or its peak (``VmHWM:``), in MB (Linux)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Start a new peak-RSS measurement (Linux: ``5`` into ``/proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _written(proto, shapes: dict, out: Path, options: dict):
+    """``optimize --target litert`` (with its verification in LiteRT): (result, seconds,
+    peak MB above the resident set before it, with the model loaded)."""
+    measured = _reset_peak()
+    before = _rss_mb("VmRSS:")
+    start = time.perf_counter()
+    result = graphopt.optimize(proto, target="litert", output=out, input_shapes=shapes,
+                               threads=1, **options)
+    seconds = time.perf_counter() - start
+    peak = _rss_mb("VmHWM:") if measured else None
+    return result, seconds, None if peak is None or before is None else peak - before
+
+
+def bench(name: str, rounds: int, runs: int, tmp: Path, precision: str = "float",
+          onnx2tf_python: str | None = None) -> dict:
     proto, shapes = MODELS[name]()
     options = {}
     if precision == "int8":
         if proto.opset_import[0].version < 13:
             proto = version_converter.convert_version(proto, 17)
-        options = {"quantize": "int8"}
+        options = {"quantize": "int8", **_calibration(name)}
+    model_mb = proto.ByteSize() / 2**20
     out = tmp / f"{name}-{precision}"
-    result = graphopt.optimize(proto, target="litert", output=out, input_shapes=shapes,
-                               threads=1, **options)
+    result, seconds, extra_mb = _written(proto, shapes, out, options)
     check = result.report["artifact"]
+    # graphopt's ONNX output for ONNX Runtime (the ort target's pipeline), timed beside.
+    ort_out = tmp / f"{name}-{precision}.onnx"
+    graphopt.optimize(proto, target="ort", output=ort_out, input_shapes=shapes, threads=1,
+                      **options)
     feeds = verify.probe_inputs(proto, seed=0, shapes=shapes)[0]
     target = LiteRtTarget(threads=1)
-    session = verify.session(proto, optimize=True, threads=1)
-    med = _timed({"litert": lambda: target.run(result.artifact, feeds),
-                  "ort": lambda: verify.run(session, feeds)}, rounds, runs)
+    session = verify.session(onnx.load(ort_out), optimize=True, threads=1)
+    runners = {"litert": lambda: target.run(result.artifact, feeds),
+               "ort": lambda: verify.run(session, feeds)}
+    theirs = _onnx2tf(onnx2tf_python, proto, shapes, tmp / f"{name}-onnx2tf", precision,
+                      options) if onnx2tf_python else None
+    if isinstance(theirs, Path):
+        runners["onnx2tf"] = _raw_runner(theirs, feeds)
+    med = _timed(runners, rounds, runs)
     return {"model": name, "precision": precision, "litert_ms": med["litert"] * 1e3,
             "ort_ms": med["ort"] * 1e3, "ratio": med["ort"] / med["litert"],
             "check": f"{check['min_cosine']:.5f} cos" if "min_cosine" in check
             else f"{check['max_abs_diff']:.2g} diff",
-            "tflite_kb": (out / "model.tflite").stat().st_size / 1024}
+            "tflite_kb": (out / "model.tflite").stat().st_size / 1024,
+            "onnx_kb": ort_out.stat().st_size / 1024, "write_s": seconds,
+            "extra_mb": extra_mb, "model_mb": model_mb,
+            "onnx2tf_ms": med["onnx2tf"] * 1e3 if "onnx2tf" in med else None,
+            "onnx2tf_kb": theirs.stat().st_size / 1024 if isinstance(theirs, Path) else None,
+            "onnx2tf_note": theirs if isinstance(theirs, str) else None}
+
+
+def _calibration(name: str) -> dict:
+    """Real calibration images for the digits models; random probe inputs otherwise."""
+    if not name.startswith("digits"):
+        return {}
+    from tests.digits import TRAINED_ON, digits_data
+
+    x = digits_data()[0][:TRAINED_ON]
+    return {"calibration": {"input": x.reshape(len(x), -1) if name == "digits_mlp" else x}}
+
+
+def _onnx2tf(python: str, proto, shapes: dict, out: Path, precision: str,
+             options: dict) -> Path | str:
+    """onnx2tf's ``.tflite`` of ``proto`` (float32, or full-integer int8 calibrated on
+    the same data), converted by ``benchmarks/onnx2tf_convert.py`` under ``python`` (an
+    interpreter with TensorFlow and onnx2tf): its path, or why there is none."""
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = out / "model.onnx"
+    onnx.save(proto, model)
+    command = [python, str(Path(__file__).with_name("onnx2tf_convert.py")), str(model),
+               str(out)]
+    for name, dims in shapes.items():
+        command += ["--input-shape", f"{name}={'x'.join(map(str, dims))}"]
+    if precision == "int8":
+        data = options.get("calibration") or verify.probe_inputs(proto, seed=1,
+                                                                 shapes=shapes)[0]
+        np.savez(out / "calibration.npz", **{k: np.asarray(v) for k, v in data.items()})
+        command += ["--int8", str(out / "calibration.npz")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"onnx2tf failed: {done.stderr.strip().splitlines()[-1:]}"
+    made = json.loads(done.stdout.strip().splitlines()[-1])
+    path = made.get("int8" if precision == "int8" else "float32")
+    return Path(path) if path else f"onnx2tf wrote no {precision} file"
+
+
+def _raw_runner(path: Path, feeds: dict):
+    """A LiteRT interpreter (XNNPACK, 1 thread) on another converter's ``.tflite``: the
+    feeds matched to its inputs by name (or order), NCHW images given as NHWC where the
+    file takes them so."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path), num_threads=1)
+    interpreter.allocate_tensors()
+    details = interpreter.get_input_details()
+    arrays = list(feeds.values())
+    for i, d in enumerate(details):
+        name = d["name"].split(":")[0].removeprefix("serving_default_")
+        array = feeds.get(name, arrays[i] if i < len(arrays) else None)
+        if array.ndim == 4 and list(array.shape) != list(d["shape"]):
+            array = array.transpose(0, 2, 3, 1)
+        if d["dtype"] == np.int8:  # int8 input: quantized with the file's parameters
+            scale, zero = d["quantization"]
+            array = np.clip(np.round(array / scale) + zero, -128, 127)
+        interpreter.set_tensor(d["index"], np.ascontiguousarray(array.astype(d["dtype"])))
+
+    def run():
+        interpreter.invoke()
+    return run
 
 
 FC_SIZES = ((1, 64, 64), (2, 64, 64), (1, 256, 256), (1, 1024, 1024), (8, 512, 512),
@@ -151,6 +274,20 @@ def fc_sweep(rounds: int, runs: int, tmp: Path) -> None:
               f"{kb:>18}")
 
 
+def _onnx2tf_python(given: str | None) -> tuple[str | None, str]:
+    """The interpreter that converts with onnx2tf, or why there is none."""
+    import subprocess
+
+    python = given or sys.executable
+    probe = subprocess.run([python, "-c", "import onnx2tf, tensorflow"], capture_output=True,
+                           text=True)
+    if probe.returncode == 0:
+        return python, ""
+    return None, (f"{python} has no onnx2tf/TensorFlow (pass --onnx2tf PYTHON: an "
+                  f"interpreter with them, e.g. a virtualenv with `pip install tensorflow "
+                  f"onnx2tf`)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=DEFAULT, help=f"of {', '.join(MODELS)}")
@@ -159,19 +296,35 @@ def main() -> None:
     parser.add_argument("--precision", default="float", help="float, int8 or both")
     parser.add_argument("--fc-sweep", action="store_true",
                         help="time two FC layers: float, dynamic and full-integer int8")
+    parser.add_argument("--onnx2tf", metavar="PYTHON",
+                        help="an interpreter with TensorFlow and onnx2tf installed (default: "
+                             "this one, if it has them): adds onnx2tf's .tflite")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.fc_sweep:
             fc_sweep(args.rounds, args.runs, Path(tmp))
             return
-        print(f"{'model':<14} {'precision':<9} {'LiteRT ms':>10} {'ORT ms':>8} "
-              f"{'ORT/LiteRT':>10} {'check':>13} {'tflite KB':>9}")
+        python, why = _onnx2tf_python(args.onnx2tf)
+        print(f"onnx2tf: {'converted under ' + python if python else 'skipped, ' + why}")
+        print(f"{'model':<13} {'precision':<9} {'write s':>7} {'extra MB':>13} "
+              f"{'LiteRT ms':>10} {'ORT ms':>9} {'ORT/LiteRT':>10} {'check':>13} "
+              f"{'tflite KB':>9} {'onnx KB':>9} {'onnx2tf ms':>10} {'onnx2tf KB':>10}")
+        notes = []
         for name in args.models.split(","):
             for precision in args.precision.split(","):
-                r = bench(name, args.rounds, args.runs, Path(tmp), precision)
-                print(f"{r['model']:<14} {precision:<9} {r['litert_ms']:>10.4f} "
-                      f"{r['ort_ms']:>8.4f} {r['ratio']:>10.2f} {r['check']:>13} "
-                      f"{r['tflite_kb']:>9.1f}")
+                r = bench(name, args.rounds, args.runs, Path(tmp), precision, python)
+                extra = "-" if r["extra_mb"] is None else \
+                    f"{r['extra_mb']:.0f} ({r['extra_mb'] / r['model_mb']:.1f}x)"
+                theirs = ("-", "-") if r["onnx2tf_ms"] is None else \
+                    (f"{r['onnx2tf_ms']:.4f}", f"{r['onnx2tf_kb']:.1f}")
+                print(f"{r['model']:<13} {precision:<9} {r['write_s']:>7.1f} {extra:>13} "
+                      f"{r['litert_ms']:>10.4f} {r['ort_ms']:>9.4f} {r['ratio']:>10.2f} "
+                      f"{r['check']:>13} {r['tflite_kb']:>9.1f} {r['onnx_kb']:>9.1f} "
+                      f"{theirs[0]:>10} {theirs[1]:>10}")
+                if r["onnx2tf_note"]:
+                    notes.append(f"{r['model']} {precision}: {r['onnx2tf_note']}")
+        for note in notes:
+            print(note)
 
 
 if __name__ == "__main__":
