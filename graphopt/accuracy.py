@@ -129,9 +129,11 @@ def reference_outputs(proto: onnx.ModelProto, data: Sequence[Feeds]) -> list[Fee
 class Evaluator:
     """Measures candidate models against ``reference`` on ``data``."""
 
-    def __init__(self, reference: onnx.ModelProto, data: Sequence[Feeds], budget: float,
-                 min_top1: float | None = None, modes: Sequence[bool] = (True, False),
-                 metric=None):
+    def __init__(self, reference: onnx.ModelProto | list[Feeds], data: Sequence[Feeds],
+                 budget: float, min_top1: float | None = None,
+                 modes: Sequence[bool] = (True, False), metric=None):
+        """``reference``: the model candidates are compared with, or its outputs on
+        ``data`` when already known."""
         from graphopt.metric import get_metric
 
         self.data = list(data)
@@ -139,14 +141,23 @@ class Evaluator:
         self.metric = get_metric(metric)
         self.min_top1 = min_top1
         self.modes = tuple(modes)
-        self.reference = reference_outputs(reference, self.data)
+        self.reference = reference if isinstance(reference, list) else \
+            reference_outputs(reference, self.data)
         self.evaluations = 0
+        self._as_written: list[tuple[onnx.ModelProto, list[Feeds]]] = []
+
+    def outputs_of(self, proto: onnx.ModelProto) -> list[Feeds] | None:
+        """The outputs of ``proto`` (this very object) on the data with ORT's rewrites
+        off, if it was among the last models measured."""
+        return next((o for p, o in self._as_written if p is proto), None)
 
     def measure(self, proto: onnx.ModelProto) -> Measurement:
         self.evaluations += 1
         score, agree, total = float("inf"), 0, 0
         for optimize in self.modes:  # the worse of ORT's fused kernels and the graph
             outputs = run_all(session(proto, optimize=optimize), self.data)
+            if not optimize:
+                self._as_written = [*self._as_written[-3:], (proto, outputs)]
             score = min(score, self.metric.score(self.reference, outputs, self.data))
             if self.min_top1 is not None:
                 for ref, got in zip(self.reference, outputs):

@@ -35,6 +35,7 @@ from graphopt.profile import Profile
 from graphopt.profile import profile as measure_profile
 from graphopt.paths import check_outputs, input_files
 from graphopt.result_cache import ResultCache
+from graphopt import spill
 from graphopt.spill import Spill
 from graphopt.planner import plan as run_planner
 from graphopt.transform import Setup, transform
@@ -74,6 +75,7 @@ def get_target(name: str | Target) -> Target:
 
 @graph_work()
 @shared_references()
+@spill.scope()
 def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
              threads: int | None = None,
              passes: str | Sequence[str | Pass] | None = None, skip: Sequence[str] = (),
@@ -198,6 +200,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         if entry is not None:
             return OptimizeResult(*cache.restore(entry, key, tgt.name, output))
     weights = Spill(load(model))  # large weights: in a temporary file for the run
+    weights.activate()  # and those the passes write, as they write them
     original = weights.model
     if not tgt.compiled:  # its artifact is the ONNX model itself, run by ONNX Runtime
         verify.check_runtime(original.meta)

@@ -27,7 +27,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import onnx
 
-from graphopt import verify
+from graphopt import spill, verify
 from graphopt.errors import GraphoptError, VerificationError
 from graphopt.cost_calibration import judge_alternative
 from graphopt.ir import Model, infer_shapes, skeleton
@@ -200,6 +200,7 @@ class PassManager:
             self.probe_feeds = feeds
             outputs = _run_feeds(proto, feeds)
             self.numeric_check = "ok"
+            self.ctx.check_feeds, self.ctx.check_reference = feeds, outputs
         except GraphoptError as exc:
             self.numeric_check = f"skipped: {exc}"
         except Exception as exc:  # ORT cannot run the model (custom ops, ...)
@@ -221,6 +222,8 @@ class PassManager:
             if not isinstance(result, PassResult):
                 raise TypeError(f"run() returned {type(result).__name__}, not PassResult")
             entry.stats = dict(result.stats)
+            if result.changed:  # new large weights (folded, quantized): to the run's file
+                spill.refresh_active(model)
             if result.changed and p.alternative and p.name not in self.forced:
                 declined = self._judge(model, state, entry)
                 if declined:
@@ -229,7 +232,8 @@ class PassManager:
                     entry.seconds = time.perf_counter() - start
                     return entry, state
             if result.changed:
-                new_state = self._check(p, model, state, original_outputs)
+                new_state = self._check(p, model, state, original_outputs,
+                                        None if p.lossless else result.outputs)
                 entry.status = "changed"
                 entry.nodes_after = model.num_nodes()
                 new_state.cost_s = entry.cost_after_s = self._cost(model, new_state)
@@ -271,7 +275,11 @@ class PassManager:
         return reason
 
     def _check(self, p: Pass, model: Model, state: _State,
-               original_outputs: list[verify.Feeds] | None) -> _State:
+               original_outputs: list[verify.Feeds] | None,
+               measured: list[verify.Feeds] | None = None) -> _State:
+        """``model`` after ``p``: exportable, valid, shapes inferable, and its outputs on
+        the probe feeds equal to the state's (lossless) or within the budget of the
+        original's (lossy; ``measured``: the outputs the pass measured its result at)."""
         try:
             proto = model.to_onnx(references=True)
         except Exception as exc:
@@ -290,7 +298,8 @@ class PassManager:
         outputs = None
         if state.outputs is not None:
             try:
-                outputs = _run_feeds(proto, self.probe_feeds)
+                outputs = measured if _matches(measured, state.outputs) else \
+                    _run_feeds(proto, self.probe_feeds)
             except Exception as exc:
                 raise _Rejected(f"ONNX Runtime cannot run the result: {_first_line(exc)}")
             if p.lossless:
@@ -334,6 +343,14 @@ def _stages(passes: Sequence[Pass]) -> list[tuple[list[Pass], Pass | None]]:
 
 class _Rejected(Exception):
     """A pass's result failed a check; the message says which."""
+
+
+def _matches(outputs: list[verify.Feeds] | None, like: list[verify.Feeds]) -> bool:
+    """Whether a pass's ``outputs`` have the form of ``like`` (per batch, the same
+    output names and shapes): anything else is not taken on trust."""
+    return outputs is not None and len(outputs) == len(like) and all(
+        a.keys() == b.keys() and all(np.shape(a[k]) == np.shape(b[k]) for k in a)
+        for a, b in zip(outputs, like))
 
 
 def _run_feeds(proto: onnx.ModelProto, feeds: list[verify.Feeds]) -> list[verify.Feeds]:

@@ -50,6 +50,10 @@ class NoOptions:
 class PassResult:
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)
+    # A lossy pass that measured the very model it returns on ``ctx.check_feeds`` (ONNX
+    # Runtime, rewrites off) hands those outputs over: the manager's check scores them
+    # instead of running the model again. (The final verification runs it regardless.)
+    outputs: list[dict[str, np.ndarray]] | None = None
 
 
 @dataclass
@@ -82,6 +86,12 @@ class PassContext:
     # Told how a long step advances: (what, done, total; total 0 when not known ahead).
     # The CLI shows it with the time left; library callers pass their own (or nothing).
     progress: Callable[[str, int, int], None] | None = None
+    # What the pass manager checks lossy passes on (and the result is verified on), and
+    # the outputs of the model it started from on them (ORT, rewrites off): set before
+    # the first pass runs when numbers can be checked. A lossy pass that measures its
+    # candidates on these batches needs no reference run of its own.
+    check_feeds: list[dict[str, np.ndarray]] | None = None
+    check_reference: list[dict[str, np.ndarray]] | None = None
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:

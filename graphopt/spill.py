@@ -12,8 +12,11 @@ weights back in before the file is removed (at exit at the latest, if the run fa
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import shutil
 import tempfile
+import threading
 import weakref
 from pathlib import Path
 
@@ -34,7 +37,8 @@ class Spill:
     as ``self.model``; unchanged when they add up to less than ``min_bytes``."""
 
     def __init__(self, model: Model, min_bytes: int | None = None):
-        self.model, self.folder, self.moved, self.files = model, None, 0, 0
+        self.model, self.folder, self.moved, self._files = model, None, 0, itertools.count(1)
+        self._lock = threading.Lock()
         self.min_bytes = SPILL_BYTES if min_bytes is None else min_bytes
         inline = sum(_inline_bytes(t) for t in model.initializers())
         if inline < self.min_bytes:
@@ -44,19 +48,29 @@ class Spill:
         self.moved = external_data.move_out(proto, self.folder / DATA_FILE)
         self.model = Model.from_proto(proto)
 
+    def activate(self) -> None:
+        """Until the enclosing ``scope()`` ends, ``refresh_active`` refreshes models with
+        this spill (the pass manager calls it after each pass that changed the model)."""
+        global _active
+        if _scopes == 0:
+            raise RuntimeError("Spill.activate() outside spill.scope()")
+        _active = self
+
     def refresh(self, model: Model) -> Model:
         """``model`` (a pass pipeline's result) with its large new inline weights moved to
         the temporary folder too: folding BatchNorm into every convolution, say, writes
         new arrays, and the verification sessions, the target's lowering and every export
         after would copy them again. Unchanged below the size that starts a spill."""
-        inline = sum(_inline_bytes(t) for t in model.initializers())
-        if inline < self.min_bytes:
+        inline = sum(size for t in model.initializers()
+                     if (size := _inline_bytes(t)) >= external_data.MIN_MAPPED_BYTES)
+        if inline < self.min_bytes:  # (smaller tensors would stay inline anyway)
             return model
-        if self.folder is None:
-            self._make_folder()
-        self.files += 1
+        with self._lock:  # planner candidates may refresh from several threads
+            if self.folder is None:
+                self._make_folder()
         proto = model.to_onnx(references=True)
-        self.moved += external_data.move_out(proto, self.folder / f"weights-{self.files}.data")
+        path = self.folder / f"weights-{next(self._files)}.data"
+        self.moved += external_data.move_out(proto, path)
         return Model.from_proto(proto)
 
     def release(self, result: Model) -> Model:
@@ -73,6 +87,35 @@ class Spill:
     def _make_folder(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + "weights-"))
         self._remove = weakref.finalize(self, shutil.rmtree, self.folder, True)
+
+
+_active: Spill | None = None
+_scopes = 0
+
+
+@contextlib.contextmanager
+def scope():
+    """The length of one optimize run (a decorator on it): a spill activated inside is
+    inactive again after it, whether the run returned or raised."""
+    global _active, _scopes
+    before = _active
+    _scopes += 1
+    try:
+        yield
+    finally:
+        _scopes -= 1
+        _active = before
+
+
+def refresh_active(model: Model) -> None:
+    """``model`` with its large new inline weights moved into the running optimize's
+    temporary folder, in place (nothing without an activated spill, e.g. in a worker
+    process, or below the spill size)."""
+    spill = _active
+    if spill is not None:
+        refreshed = spill.refresh(model)
+        if refreshed is not model:
+            model.graph = refreshed.graph
 
 
 def _inline_bytes(const: gs.Constant) -> int:

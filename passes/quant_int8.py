@@ -111,11 +111,19 @@ class _Int8Pass(Pass):
             return PassResult(False, {**stats, **_skip_stats(plan), "quantized": []})
         base = self._prepare(work.to_onnx(), plan)
         calibration, measured = self._data(ctx, base)
-        evaluation = ctx.validation or calibration
         self._calibrate(base, plan, calibration)
         budget = ctx.tolerance or DEFAULT_LOSSY_TOLERANCE
-        evaluator = Evaluator(reference, evaluation, budget, opts.min_top1,
-                              self.evaluate_modes if _runs_ort(ctx) else (False,), ctx.metric)
+        modes = self.evaluate_modes if _runs_ort(ctx) else (False,)
+        if measured and ctx.check_feeds and ctx.check_reference is not None:
+            # Candidates are measured on what the manager checks and the result is
+            # verified on, against the original's outputs there (run once for all).
+            evaluation = ctx.check_feeds
+            evaluator = Evaluator(ctx.check_reference, evaluation, budget, opts.min_top1,
+                                  modes, ctx.metric)
+        else:
+            evaluation = ctx.validation or calibration
+            evaluator = Evaluator(reference, evaluation, budget, opts.min_top1, modes,
+                                  ctx.metric)
 
         def rank() -> list[str]:
             self._rank(base, plan, evaluator, ctx)
@@ -154,7 +162,8 @@ class _Int8Pass(Pass):
             stats.setdefault("reason", "the budget holds only with every layer in float")
             return PassResult(False, stats)
         model.graph = Model.from_proto(result.proto).graph
-        return PassResult(True, stats)
+        return PassResult(True, stats, outputs=evaluator.outputs_of(result.proto)
+                          if evaluation is ctx.check_feeds else None)
 
     # ------------------------------------------------------------------ data
     def _data(self, ctx: PassContext, proto: onnx.ModelProto) -> tuple[list, bool]:

@@ -183,3 +183,59 @@ def test_without_validation_data_a_fifth_of_the_calibration_is_held_out():
                               validation={"x": feeds["x"][:30]})
     assert (len(Spy.seen["calibration"]), len(Spy.seen["validation"])) == (200, 30)
     assert "held out" not in given.report["compression"]["data"]
+
+
+class HandsOver(ClipLarge):
+    """ClipLarge that hands the manager outputs for its result on ``ctx.check_feeds``:
+    the true ones (``lie=False``: ``np.clip`` of the inputs, what the model computes),
+    or the original's (``lie=True``), or a wrong form (``lie="shape"``)."""
+
+    name = "hands-over"
+    lie: bool | str = False
+
+    def run(self, model, ctx):
+        result = super().run(model, ctx)
+        feeds = ctx.check_feeds
+        HandsOver.seen = (feeds, ctx.check_reference)
+        if self.lie == "shape":
+            result.outputs = [{"y": np.zeros((1, 16), np.float32)} for _ in feeds]
+        elif self.lie:
+            result.outputs = ctx.check_reference
+        else:
+            result.outputs = [{"y": np.clip(f["x"], 0, 3)} for f in feeds]
+        return result
+
+
+@pytest.mark.parametrize("lie", [False, True, "shape"])
+def test_a_lossy_pass_hands_its_measured_outputs_to_the_manager(monkeypatch, lie):
+    """The manager gives lossy passes the batches it checks on and the original's
+    outputs there (``ctx.check_feeds``, ``ctx.check_reference``), and scores the outputs
+    a pass measured its result at instead of running the result again. Outputs of the
+    wrong form are not taken. The final verification runs the result itself: a pass
+    handing over the original's outputs for a damaged model is not reported as verified
+    (the manager keeps it; optimize raises)."""
+    from graphopt import manager as manager_module
+    from graphopt.errors import VerificationError
+
+    runs = []
+    real = manager_module._run_feeds
+    monkeypatch.setattr(manager_module, "_run_feeds",
+                        lambda proto, feeds: runs.append(len(feeds)) or real(proto, feeds))
+    monkeypatch.setattr(HandsOver, "lie", lie)
+    feeds = data(damaged=True)
+    if lie is True:
+        with pytest.raises(VerificationError, match="below the budget|does not match"):
+            graphopt.optimize(relu_model(), passes=[HandsOver()], calibration=feeds,
+                              tolerance=0.99)
+        assert len(runs) == 1  # the original only: the lie was taken by the manager
+        return
+    result = graphopt.optimize(relu_model(), passes=[HandsOver()], calibration=feeds,
+                               tolerance=0.99)
+    check_feeds, reference = HandsOver.seen
+    assert reference is not None and len(reference) == len(check_feeds)
+    np.testing.assert_array_equal(np.concatenate([r["y"] for r in reference]),
+                                  np.maximum(np.concatenate([f["x"] for f in check_feeds]), 0))
+    entry = result.report["trace"][-1]
+    assert entry["status"] == "rolled-back" and "below the budget" in entry["reason"]
+    # the original, and the result only when the handed-over outputs had the wrong form
+    assert len(runs) == (1 if lie is False else 2), runs
