@@ -3,29 +3,20 @@ partly unknown (contrib ops such as Attention, symbolic dimensions to merge)."""
 
 from __future__ import annotations
 
-import importlib.util
 from functools import cache
-from pathlib import Path
 
 import onnx
 
 from graphopt.errors import ModelError
 from graphopt.external_data import all_graphs as _all_graphs
+from graphopt.ort_tools import ort_tool
 
 
 @cache
 def _engine_class():
-    """``SymbolicShapeInference`` from ``onnxruntime/tools/symbolic_shape_infer.py``,
-    loaded as a file: importing it as ``onnxruntime.tools.symbolic_shape_infer`` runs that
-    package's ``__init__``, which imports torch whenever torch is installed (6 s of a
-    13 s MiniLM run, for a helper graphopt never calls)."""
-    import onnxruntime
-
-    path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
-    spec = importlib.util.spec_from_file_location("graphopt._ort_symbolic_shape_infer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SymbolicShapeInference
+    """``SymbolicShapeInference`` from ``onnxruntime/tools/symbolic_shape_infer.py``
+    (without the torch import of that package's ``__init__``: ``graphopt.ort_tools``)."""
+    return ort_tool("symbolic_shape_infer").SymbolicShapeInference
 
 
 def shapes(proto: onnx.ModelProto) -> onnx.ModelProto:

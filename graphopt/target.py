@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from graphopt.cost import Device
-from graphopt.errors import UsageError
+from graphopt.errors import UsageError, VerificationError
 from graphopt.ir import Model
 
 # CPU flags (Linux /proc/cpuinfo names) that change which kernels a runtime picks: what a
@@ -106,6 +106,11 @@ class Target(ABC):
     # The artifact is code compiled from the optimized ONNX (not that ONNX itself), so
     # ``optimize`` runs it against the original by default where it can run here.
     compiled: ClassVar[bool] = False
+    # The artifact runs on ONNX Runtime's CPU kernels (the ``ort`` target; ``ort-mobile``,
+    # compiled to a .ort file, too): int8 passes then write what those kernels compute
+    # exactly (7-bit weights where their 16-bit sums would saturate, this machine's
+    # fused kernels in the score). Targets that are not ``compiled`` run ORT anyway.
+    onnxruntime_kernels: ClassVar[bool] = False
 
     def supports(self, op_type: str, domain: str = "") -> bool:
         return self.capabilities.supports(op_type, domain)
@@ -269,3 +274,23 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_hashes(folder: Path, manifest: dict) -> None:
+    """Every file the manifest of the artifact folder ``folder`` hashes (``sha256``) is
+    there with that hash; else a ``VerificationError`` naming each file missing or
+    changed since it was written."""
+    bad = []
+    for name, digest in sorted(manifest.get("sha256", {}).items()):
+        path = folder / name
+        if not path.resolve().is_relative_to(folder.resolve()):
+            bad.append(f"{name} (outside the folder)")
+        elif not path.is_file():
+            bad.append(f"{name} (missing)")
+        elif sha256(path) != digest:
+            bad.append(f"{name} (changed)")
+    if bad:
+        raise VerificationError(f"{folder} does not match its {MANIFEST}: "
+                                f"{', '.join(bad)} since it was written",
+                                hint=f"lower the model again with --target "
+                                     f"{manifest.get('target', '...')}")

@@ -566,12 +566,15 @@ def _reduce_range(option, ctx: PassContext) -> bool:
 
 
 def _runs_ort(ctx: PassContext) -> bool:
-    """Whether the result runs on ONNX Runtime's own int8 kernels (the ``ort`` target, or
-    no target): on x86 without VNNI they add pairs of products in saturating 16-bit sums,
-    so weights take 7 bits there and candidates are scored with ORT's fusions on as well
-    as off. A compiled target runs its own kernels (TFLite, C with int32 accumulators,
-    TVM, ORT-web's wasm): it gets 8-bit weights and is scored on the QDQ graph itself."""
-    return ctx.target is None or not ctx.target.compiled
+    """Whether the result runs on ONNX Runtime's own int8 kernels (the ``ort`` and
+    ``ort-mobile`` targets, or no target): on x86 without VNNI they add pairs of products
+    in saturating 16-bit sums, so weights take 7 bits there and candidates are scored with
+    ORT's fusions on as well as off. A compiled target runs its own kernels (TFLite, C
+    with int32 accumulators, TVM, ORT-web's wasm): it gets 8-bit weights and is scored on
+    the QDQ graph itself."""
+    target = ctx.target
+    return target is None or not target.compiled or \
+        getattr(target, "onnxruntime_kernels", False)
 
 
 def _name_nodes(graph: gs.Graph) -> None:

@@ -106,6 +106,7 @@ class OrtTarget(Target):
                                 dtypes=frozenset({"float32", "float16", "int8", "uint8"}))
     default_pipeline = LOSSLESS_PIPELINE
     formats = ("onnx", "ort")
+    onnxruntime_kernels = True
 
     def __init__(self, threads: int | None = None):
         """``threads``: ONNX Runtime's intra-op threads for runs, timings and the cost

@@ -40,12 +40,12 @@ import onnx
 from onnx.external_data_helper import uses_external_data
 
 from graphopt.cost import Device
-from graphopt.errors import UsageError, VerificationError
+from graphopt.errors import UsageError
 from graphopt.external_data import all_tensors
 from graphopt.ir import Model, external_threshold, save
 from graphopt.paths import TEMP_PREFIX
-from graphopt.target import (MANIFEST, Artifact, Target, cpu_model, folder_output,
-                             graph_inputs, read_manifest, sha256, value_info)
+from graphopt.target import (MANIFEST, Artifact, Target, check_hashes, cpu_model,
+                             folder_output, graph_inputs, read_manifest, sha256, value_info)
 from graphopt.targets import web_browser, web_install, web_page
 from graphopt.targets.ort import _CORES, OrtTarget, disabled_optimizers
 
@@ -191,7 +191,7 @@ class WebTarget(Target):
         artifact = super().open(path)
         folder = Path(path)
         if folder.is_dir():
-            _check_hashes(folder, read_manifest(folder))
+            check_hashes(folder, read_manifest(folder))
         return artifact
 
     def run(self, artifact: Artifact, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -254,24 +254,6 @@ def _manifest(target: WebTarget, proto: onnx.ModelProto, model: Model, stage: Pa
         "sha256": {name: sha256(stage / name) for name in files},
         "toolchain": {"onnx": onnx.__version__, "python": platform.python_version()},
     }
-
-
-def _check_hashes(folder: Path, manifest: dict) -> None:
-    """Every file the manifest hashes is there with that hash (the model and its weight
-    files, the page, the runtime: what the browser would load)."""
-    bad = []
-    for name, digest in sorted(manifest.get("sha256", {}).items()):
-        path = folder / name
-        if not path.resolve().is_relative_to(folder.resolve()):
-            bad.append(f"{name} (outside the folder)")
-        elif not path.is_file():
-            bad.append(f"{name} (missing)")
-        elif sha256(path) != digest:
-            bad.append(f"{name} (changed)")
-    if bad:
-        raise VerificationError(f"{folder} does not match its {MANIFEST}: "
-                                f"{', '.join(bad)} since it was written",
-                                hint="lower the model again with --target web")
 
 
 def _write_ort(stage: Path, data_files: list[str]) -> dict:

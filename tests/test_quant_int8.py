@@ -234,13 +234,17 @@ def test_budget_keeps_the_sensitive_layer_float_and_the_report_names_it(tmp_path
 
 def test_only_onnx_runtime_gets_7_bit_weights_on_a_cpu_without_dot_products():
     """ORT's int8 kernels saturate 16-bit sums on x86 without VNNI, so weights take 7 bits
-    there; a compiled target's own kernels (TFLite, C, TVM) do not, and get 8."""
+    there (the ort target, and ort-mobile's .ort file, run there by its check); a compiled
+    target's own kernels (TFLite, C, TVM) do not, and get 8."""
     from graphopt.targets.ort import OrtTarget, host_device
+    from graphopt.targets.ort_mobile import OrtMobileTarget
 
     class Compiled(OrtTarget):
         compiled = True
+        onnxruntime_kernels = False
 
-    for target, seven_bits in ((OrtTarget(), True), (Compiled(), False)):
+    for target, seven_bits in ((OrtTarget(), True), (OrtMobileTarget(), True),
+                               (Compiled(), False)):
         target.device = host_device(flags=frozenset({"avx2", "fma"}))  # no VNNI
         result = graphopt.optimize(outlier_mlp(), target=target, quantize="int8",
                                    calibration={"x": mlp_inputs(64, 1)}, tolerance=0.9)
