@@ -93,11 +93,14 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
              metric: str | Metric | None = None, goal: str | None = None,
              plan: bool | None = None, workers: str | int | None = None,
              recovery: str | None = DEFAULT_RECOVERY,
-             cache_dir: str | os.PathLike | None = None) -> OptimizeResult:
+             cache_dir: str | os.PathLike | None = None,
+             target_options: dict[str, str] | None = None) -> OptimizeResult:
     """Optimize ``model`` for ``target`` and, when ``output`` is given, lower it there.
 
     ``threads``: the threads the target runs with (``Target.with_threads``), for the
     checks, timings and the planner's measurements; default: the target's own.
+    ``target_options``: settings of the artifact the target declares (``Target.options``,
+    e.g. litert's ``{"io_layout": "nhwc"}``; ``--target-option KEY=VALUE``).
     ``passes`` defaults to the target's pipeline. The input is never modified. The result
     is verified against the original on ``data`` (or random probe inputs): on a mismatch a
     ``VerificationError`` is raised and nothing is written.
@@ -167,6 +170,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         raise UsageError("--workers runs the planner's candidates: give --goal or --plan")
     metric = get_metric(metric)
     tgt = _with_threads(target, threads)
+    if target_options:
+        tgt = tgt.with_options(**target_options)
     if rpc:
         tgt = tgt.connect(rpc)
     if tune_trials < 0 or (tune_trials and not tgt.tunable):

@@ -74,6 +74,17 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]] | None:
     return shapes or None
 
 
+def _parse_target_options(values) -> dict[str, str] | None:
+    options = {}
+    for value in values:
+        key, eq, setting = str(value).partition("=")
+        if not eq or not key.strip() or not setting.strip():
+            raise UsageError(f"cannot parse --target-option {value!r}",
+                             hint="write KEY=VALUE, e.g. io_layout=nhwc")
+        options[key.strip().replace("-", "_")] = setting.strip()
+    return options or None
+
+
 def _load_data(path: str | None) -> list[verify.Feeds] | None:
     return verify.load_feeds(path) if path else None
 
@@ -133,6 +144,9 @@ def _duration(seconds: float) -> str:
 @click.option("--threads", type=click.IntRange(min=1), help="Threads the target runs "
               "with (checks, timings, the planner; default: the target's own, ORT: every "
               "core).")
+@click.option("--target-option", "target_option", multiple=True, metavar="KEY=VALUE",
+              help="A setting of the target's artifact, e.g. --target-option io_layout=nhwc "
+              "for litert (`graphopt targets --long` lists each target's); repeatable.")
 @click.option("-p", "--passes", help="Pipeline instead of the target's, e.g. "
               "'fold-constants,eliminate-dead-code'.")
 @click.option("--skip", help="Comma-separated passes to leave out.")
@@ -220,7 +234,7 @@ def _optimize(model, output, target, threads, passes, skip, report_path, strict,
               rtol, atol, seed, calibration_data, validation_data, tolerance, metric, goal,
               plan, workers, recover, no_recover, finetune_steps, finetune_time, measure, format_,
               verify_, tune_trials, rpc, config_path, cache_dir, quiet=False, as_json=False,
-              **scheme_values):
+              target_option=(), **scheme_values):
     # Before any work: no output may overwrite an input or another output, and each can
     # be written; then everything is staged and moved into place at the end, or nothing.
     inputs = paths.input_files(model, data=data, calibration=calibration_data,
@@ -247,7 +261,7 @@ def _optimize(model, output, target, threads, passes, skip, report_path, strict,
             schemes={_SCHEME_FLAGS[k]: [v.strip() for v in value.split(",") if v.strip()]
                      for k, value in scheme_values.items() if value},
             metric=metric, goal=goal, plan=plan, workers=workers, recovery=recovery,
-            cache_dir=cache_dir)
+            cache_dir=cache_dir, target_options=_parse_target_options(target_option))
         report = staging.final_paths(result.report)
         staging.commit(_report_text(report, report_path) if report_path else None)
     if as_json:
@@ -399,7 +413,9 @@ def list_passes(long_: bool, as_json: bool) -> None:
 
 @main.command("targets")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def list_targets(as_json: bool) -> None:
+@click.option("--long", "long_", is_flag=True, help="Also each target's --target-option "
+              "settings.")
+def list_targets(as_json: bool, long_: bool) -> None:
     """List the targets installed, what each produces and whether it works here."""
     registry = target_registry()
     rows = []
@@ -408,7 +424,7 @@ def list_targets(as_json: bool) -> None:
         try:
             target = create_target(registry, name)
             row.update(produces=target.produces, lowers_here=target.availability(),
-                       runs_here=target.run_availability())
+                       runs_here=target.run_availability(), options=dict(target.options))
         except GraphoptError as exc:
             row["broken"] = str(exc)
         rows.append(row)
@@ -416,17 +432,21 @@ def list_targets(as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     table = Table()
-    for col in ("target", "distribution", "produces", "lowers here", "runs here"):
+    for col in ("target", "distribution", "produces", "lowers here", "runs here") + \
+            (("options",) if long_ else ()):
         table.add_column(col)
     for row in rows:
         if "broken" in row:
             table.add_row(row["target"], row["distribution"], "",
-                          f"[red]broken:[/] {escape(row['broken'])}", "")
+                          f"[red]broken:[/] {escape(row['broken'])}", "",
+                          *([""] if long_ else []))
             continue
         lowers, runs = row["lowers_here"], row["runs_here"]
         table.add_row(row["target"], row["distribution"], escape(row["produces"]),
                       "yes" if lowers is None else escape(f"no: {lowers}"),
-                      "yes" if runs is None else escape(f"no: {runs}"))
+                      "yes" if runs is None else escape(f"no: {runs}"),
+                      *([escape("\n".join(f"{k}: {v}" for k, v in row["options"].items()))]
+                        if long_ else []))
     out.print(table)
 
 

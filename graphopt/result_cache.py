@@ -99,7 +99,8 @@ class ResultCache:
         written = None if output is None else \
             "<folder>" if is_folder_output(Path(output)) else Path(output).name
         return digest({"model": source, "target": target.name, "device": fingerprint,
-                       "output": written, **options})
+                       "target_options": target.option_values(), "output": written,
+                       **options})
 
     def restore(self, entry: Path, key: str, target_name: str, output):
         """``(model, report, artifact)`` of the stored result ``entry``, its artifact

@@ -111,6 +111,9 @@ class Target(ABC):
     # exactly (7-bit weights where their 16-bit sums would saturate, this machine's
     # fused kernels in the score). Targets that are not ``compiled`` run ORT anyway.
     onnxruntime_kernels: ClassVar[bool] = False
+    # Settings of the artifact ``--target-option KEY=VALUE`` gives (``with_options``):
+    # name -> what it does and the values it takes.
+    options: ClassVar[dict[str, str]] = {}
 
     def supports(self, op_type: str, domain: str = "") -> bool:
         return self.capabilities.supports(op_type, domain)
@@ -160,6 +163,20 @@ class Target(ABC):
         if not path.is_file():
             raise UsageError(f"no artifact at {path}")
         return Artifact(target=self.name, path=path, files=[path], format=path.suffix[1:])
+
+    def with_options(self, **values: str) -> "Target":
+        """This target with the artifact settings ``values`` (``--target-option``).
+        Default: the target has none, so any is a usage error naming it."""
+        unknown = sorted(set(values) - set(self.options))
+        if unknown:
+            raise UsageError(f"target {self.name!r} has no option {unknown[0]!r}",
+                             hint=f"its options: {', '.join(self.options)}" if self.options
+                             else "this target takes no --target-option")
+        return self
+
+    def option_values(self) -> dict[str, str]:
+        """The settings of ``options`` this instance has (what the result depends on)."""
+        return {}
 
     def with_threads(self, threads: int) -> "Target":
         """This target running on ``threads`` threads (``--threads``). Default: the

@@ -86,6 +86,11 @@ class LiteRtTarget(Target):
     pass_defaults = {"quantize-int8": {"require-speedup": False},
                      "quantize-int8-dynamic": {"require-speedup": False}}
 
+    options = {"io_layout": "onnx (default): the ONNX model's layout at inputs and "
+                            "outputs; nhwc: 4-D ones as NHWC (camera frames)",
+               "io_dtype": "float32 (default); int8: a full-integer model's quantized "
+                           "inputs and outputs as int8 tensors"}
+
     def __init__(self, threads: int | None = None, io_layout: str = "onnx",
                  name: str | None = None, io_dtype: str = "float32"):
         """``threads``: the interpreter's threads (default 1, a phone app's usual
@@ -112,6 +117,14 @@ class LiteRtTarget(Target):
 
     def with_threads(self, threads: int) -> "LiteRtTarget":
         return LiteRtTarget(threads, self.io_layout, self.name, self.io_dtype)
+
+    def with_options(self, **values: str) -> "LiteRtTarget":
+        super().with_options(**values)
+        merged = {**self.option_values(), **values}
+        return LiteRtTarget(self.threads, merged["io_layout"], self.name, merged["io_dtype"])
+
+    def option_values(self) -> dict[str, str]:
+        return {"io_layout": self.io_layout, "io_dtype": self.io_dtype}
 
     def availability(self) -> str | None:
         if importlib.util.find_spec("ai_edge_litert") is None:

@@ -462,3 +462,48 @@ def test_shape_mismatch_is_a_usage_error(tmp_path):
     result, _ = _lower(model, tmp_path, input_shapes={"x": [4, 32]})
     with pytest.raises(UsageError, match="lowered at x=4x32"):
         LiteRtTarget().run(result.artifact, {"x": np.zeros((5, 32), np.float32)})
+
+
+def test_target_options_from_the_cli(tmp_path):
+    """--target-option io_layout=nhwc: NHWC model inputs (camera frames), outputs the
+    same as the default layout's for the same image; an option a target does not have,
+    or a value it does not take, is a usage error (exit 2) that writes nothing; `graphopt
+    targets --json` lists each target's options; the result cache keys on them."""
+    from graphopt.result_cache import ResultCache
+
+    run = cli("optimize", EXAMPLE, "--target", "litert", "--target-option", "io_layout=nhwc",
+              "-o", tmp_path / "nhwc", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((tmp_path / "nhwc" / "manifest.json").read_text())
+    assert manifest["inputs"][0]["shape"] == [1, 32, 32, 3]
+    assert manifest["inputs"][0]["layout"] == "NHWC"
+    assert manifest["transposes"] == {"inside": 0, "boundary": 0}
+    from ai_edge_litert.interpreter import Interpreter
+
+    x = np.random.default_rng(4).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    interpreter = Interpreter(model_path=str(tmp_path / "nhwc" / "model.tflite"))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"],
+                           np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+    interpreter.invoke()
+    got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(got, _ort(onnx.load(EXAMPLE), {"input": x})[0], rtol=1e-4,
+                               atol=1e-5)
+
+    for target, option, message in (("litert", "io_layot=nhwc", "has no option 'io_layot'"),
+                                    ("litert", "io_layout=nchw", "unknown io layout"),
+                                    ("ort", "io_layout=nhwc", "has no option"),
+                                    ("litert", "io_layout", "cannot parse")):
+        bad = cli("optimize", EXAMPLE, "--target", target, "--target-option", option,
+                  "-o", tmp_path / "bad", cwd=tmp_path)
+        assert bad.returncode == 2 and message in bad.stderr, (option, bad.stderr)
+        assert not (tmp_path / "bad").exists()
+
+    listed = {row["target"]: row for row in json.loads(
+        cli("targets", "--json", cwd=tmp_path).stdout)}
+    assert set(listed["litert"]["options"]) == {"io_layout", "io_dtype"}
+    assert listed["ort"]["options"] == {}
+    cache = ResultCache(tmp_path / "cache")
+    keys = {cache.key(onnx.load(EXAMPLE), LiteRtTarget().with_options(**o), tmp_path / "o")
+            for o in ({}, {"io_layout": "nhwc"}, {"io_dtype": "int8"})}
+    assert len(keys) == 3
