@@ -283,3 +283,19 @@ def test_never_worse_than_the_refit():
     a = {t.name: _array(t) for t in tuned.to_onnx().graph.initializer}
     b = {t.name: _array(t) for t in plain.to_onnx().graph.initializer}
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_progress_reports_each_training_run():
+    """``PassContext.step`` hears each training run's share of its budget: the learning
+    rate probes, then the run itself, counting up to 100 (the CLI shows the time left)."""
+    seen = []
+    model, ctx = _pruned(0.5, progress=lambda *call: seen.append(call))
+    stats = Finetune(steps=60).run(model, ctx).stats
+    runs: dict[str, list[int]] = {}
+    for what, done, total in seen:
+        assert what.startswith("fine-tuning at lr") and total == 100
+        runs.setdefault(what, []).append(done)
+    assert len([w for w in runs if "(probe)" in w]) == len(stats["lr_probes"]) == 3
+    final = [done for w, done in ((w, d) for w in runs if "(probe)" not in w
+                                  for d in runs[w])]
+    assert final == sorted(final) and final[-1] == 100 and len(final) >= 30

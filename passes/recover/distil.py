@@ -32,10 +32,12 @@ CURVE_POINTS = 20  # evaluations of the loss curve in the report, at most
 def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], train,
            sites, kept: dict,
            opts, metric, tolerance: float | None, seed: int,
-           quantized: list[QuantizedWeight] = ()) -> dict:
+           quantized: list[QuantizedWeight] = (), report=None) -> dict:
     """Train the weights and biases of the layers ``train`` of ``model`` (in place) to
     reproduce ``teacher``'s outputs, and its values at the outputs of ``sites``, on
-    ``data`` (``opts``: ``Finetune.Options``). Returns the statistics for the report."""
+    ``data`` (``opts``: ``Finetune.Options``). Returns the statistics for the report.
+    ``report(what, done, total)`` (``PassContext.step``) hears how far each training run
+    is, in percent of its budget (steps, or time when that ends first)."""
     proto = model.to_onnx()
     outputs = [o.name for o in proto.graph.output]
     features = [(layer.y.name, layer.narrowing(kept)) for layer in sites] + \
@@ -133,6 +135,9 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
                 optimizer.step()
                 epoch_loss.append(float(loss.detach()))
                 run["step"] += 1
+                if report is not None:
+                    report(f"fine-tuning at lr {lr:.3g}{' (probe)' if stop_after else ''},"
+                           f" % of its budget", min(100, int(100 * progress())), 100)
                 if cut():
                     break
             score, held_loss = evaluate()

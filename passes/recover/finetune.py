@@ -183,7 +183,7 @@ class Finetune(Pass):
 
         result = distil(model, teacher, data, held, train, sites, kept, opts, metric=metric,
                         quantized=quantized,
-                        tolerance=ctx.tolerance, seed=ctx.seed)
+                        tolerance=ctx.tolerance, seed=ctx.seed, report=ctx.step)
         stats.update(result)
         if not result["improved"] and snapshot is not None:
             fallback = self._fallback.run(snapshot, ctx)
