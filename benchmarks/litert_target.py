@@ -134,9 +134,10 @@ def bench(name: str, rounds: int, runs: int, tmp: Path, precision: str = "float"
     graphopt.optimize(proto, target="ort", output=ort_out, input_shapes=shapes, threads=1,
                       **options)
     feeds = verify.probe_inputs(proto, seed=0, shapes=shapes)[0]
-    target = LiteRtTarget(threads=1)
     session = verify.session(onnx.load(ort_out), optimize=True, threads=1)
-    runners = {"litert": lambda: target.run(result.artifact, feeds),
+    # Both .tflite files the same way: the interpreter's set_tensor, invoke, get_tensor
+    # (as ORT's run takes feeds and gives outputs), not graphopt's run wrapper.
+    runners = {"litert": _raw_runner(result.artifact.path, feeds),
                "ort": lambda: verify.run(session, feeds)}
     theirs = _onnx2tf(onnx2tf_python, proto, shapes, tmp / f"{name}-onnx2tf", precision,
                       options) if onnx2tf_python else None
@@ -189,6 +190,9 @@ def _onnx2tf(python: str, proto, shapes: dict, out: Path, precision: str,
         return f"onnx2tf failed: {done.stderr.strip().splitlines()[-1:]}"
     made = json.loads(done.stdout.strip().splitlines()[-1])
     path = made.get("int8" if precision == "int8" else "float32")
+    print(f"  onnx2tf {made['onnx2tf']} (TensorFlow {made['tensorflow']}) converted "
+          f"{out.name.removesuffix('-onnx2tf')} in {made['seconds']:.1f} s, peak "
+          f"{made['peak_rss_mb']} MB")
     return Path(path) if path else f"onnx2tf wrote no {precision} file"
 
 
@@ -201,7 +205,7 @@ def _raw_runner(path: Path, feeds: dict):
     interpreter = Interpreter(model_path=str(path), num_threads=1)
     interpreter.allocate_tensors()
     details = interpreter.get_input_details()
-    arrays = list(feeds.values())
+    arrays, inputs = list(feeds.values()), []
     for i, d in enumerate(details):
         name = d["name"].split(":")[0].removeprefix("serving_default_")
         array = feeds.get(name, arrays[i] if i < len(arrays) else None)
@@ -210,10 +214,14 @@ def _raw_runner(path: Path, feeds: dict):
         if d["dtype"] == np.int8:  # int8 input: quantized with the file's parameters
             scale, zero = d["quantization"]
             array = np.clip(np.round(array / scale) + zero, -128, 127)
-        interpreter.set_tensor(d["index"], np.ascontiguousarray(array.astype(d["dtype"])))
+        inputs.append((d["index"], np.ascontiguousarray(array.astype(d["dtype"]))))
+    outputs = [d["index"] for d in interpreter.get_output_details()]
 
     def run():
+        for index, array in inputs:
+            interpreter.set_tensor(index, array)
         interpreter.invoke()
+        return [interpreter.get_tensor(index) for index in outputs]
     return run
 
 
