@@ -51,8 +51,9 @@ def main() -> None:
     ops = {n.op_type for n in model.graph.node}
     shapes = [f"{name}:{dims.replace('x', ',')}"
               for name, _, dims in (s.rpartition("=") for s in args.input_shape)]
+    # (no copy_onnx_input_output_names_to_tflite: it needs flatc and fetches TensorFlow's
+    # schema.fbs from GitHub; the files keep TensorFlow's "serving_default_NAME:0" names)
     options = {"overwrite_input_shape": shapes or None, "non_verbose": True,
-               "copy_onnx_input_output_names_to_tflite": True,
                # (the Python API wants the lower-case names its CLI makes of -rtpo's)
                "replace_to_pseudo_operators": ["erf"] if "Erf" in ops else None}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,15 @@ def main() -> None:
         samples = np.random.default_rng(0).standard_normal((20, 128, 128, 3))
         np.save(Path(tmp) / "calibration_image_sample_data_20x128x128x3_float32.npy",
                 samples.astype(np.float32))
-        model_path, here = args.model.resolve(), os.getcwd()
+        # onnx2tf overwrites the file it is given with onnxsim's output: give it a copy
+        # (with any external data files beside it)
+        model_path, here = Path(tmp) / args.model.name, os.getcwd()
+        shutil.copy(args.model, model_path)
+        for tensor in onnx.external_data_helper._get_all_tensors(model):
+            for entry in tensor.external_data:
+                if entry.key == "location" and not (Path(tmp) / entry.value).exists():
+                    (Path(tmp) / entry.value).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(args.model.parent / entry.value, Path(tmp) / entry.value)
         os.chdir(tmp)
         start = time.perf_counter()
         try:
@@ -85,8 +94,11 @@ def main() -> None:
             os.chdir(here)
         seconds = time.perf_counter() - start
         made = {"float32": None, "int8": None}
+        # "_integer_quant" is int8 inside with float32 inputs and outputs; the glob also
+        # matches "_full_integer_quant" (int8 inputs and outputs), which is not wanted here
         for kind, suffix in (("float32", "_float32.tflite"), ("int8", "_integer_quant.tflite")):
-            found = sorted(folder.glob(f"*{suffix}"))
+            found = sorted(f for f in folder.glob(f"*{suffix}")
+                           if not f.name.endswith("_full_integer_quant.tflite"))
             if found:
                 made[kind] = str(shutil.copy(found[0], args.out / f"{kind}.tflite"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
