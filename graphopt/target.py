@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import statistics
 import time
 from abc import ABC, abstractmethod
@@ -157,6 +158,7 @@ class Target(ABC):
             if not main or not (path / main).is_file():
                 raise UsageError(f"{path / MANIFEST} names no artifact file that exists "
                                  f"(artifact: {main!r})")
+            check_hashes(path, manifest)  # a file changed since lowering is found here
             return Artifact(target=self.name, path=path / main,
                             files=sorted(p for p in path.rglob("*") if p.is_file()),
                             format=manifest.get("artifact_format", "unknown"))
@@ -311,3 +313,26 @@ def check_hashes(folder: Path, manifest: dict) -> None:
                                 f"{', '.join(bad)} since it was written",
                                 hint=f"lower the model again with --target "
                                      f"{manifest.get('target', '...')}")
+
+
+def move_in(stage: Path, out: Path, files: list[str], format_id: str) -> None:
+    """A target's staged folder ``stage`` moved to ``out``: in one rename when ``out``
+    does not exist, else its ``files`` one by one (each ``os.replace`` atomic; list the
+    manifest last), removing files an earlier lowering of the same ``format_id`` listed
+    in its manifest that this one did not write."""
+    if not out.exists():
+        os.chmod(stage, 0o755)  # mkdtemp makes 0700
+        os.replace(stage, out)
+        return
+    try:
+        old = read_manifest(out)
+        stale = old.get("files", []) if old.get("format") == format_id else []
+    except UsageError:
+        stale = []
+    for name in files:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(stage / name, out / name)
+    for name in stale:
+        path = out / name
+        if name not in files and path.resolve().is_relative_to(out.resolve()):
+            path.unlink(missing_ok=True)

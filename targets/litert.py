@@ -40,7 +40,7 @@ from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model
 from graphopt.paths import TEMP_PREFIX
 from graphopt.target import (MANIFEST, Artifact, Capabilities, Target, folder_output,
-                             read_manifest, sha256)
+                             move_in, read_manifest, sha256)
 from graphopt.targets.ort import LOSSLESS_PIPELINE, host_device
 from graphopt.targets.shapes import bind_input_shapes
 from graphopt.targets.tflite_lower import lower_graph
@@ -157,7 +157,7 @@ class LiteRtTarget(Target):
             (stage / MODEL_FILE).write_bytes(lowered.data)
             manifest = self._manifest(model, lowered, bound, per_sample, stage)
             (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            _move_in(stage, out, [MODEL_FILE, MANIFEST])
+            move_in(stage, out, [MODEL_FILE, MANIFEST], FORMAT)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         return Artifact(target=self.name, path=out / MODEL_FILE,
@@ -384,18 +384,6 @@ def _litert_version() -> str | None:
         return version("ai-edge-litert")
     except PackageNotFoundError:
         return None
-
-
-def _move_in(stage: Path, out: Path, files: list[str]) -> None:
-    """The staged folder becomes ``out`` in one rename when ``out`` does not exist, else
-    its files replace those in ``out`` one by one (each ``os.replace`` atomic, the
-    manifest last)."""
-    if not out.exists():
-        os.chmod(stage, 0o755)  # mkdtemp makes 0700
-        os.replace(stage, out)
-        return
-    for name in files:
-        os.replace(stage / name, out / name)
 
 
 # The alias ``--target tflite``: the same target under LiteRT's former name.

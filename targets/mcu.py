@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import shutil
 import tempfile
@@ -42,7 +41,7 @@ from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model, save
 from graphopt.paths import TEMP_PREFIX
 from graphopt.target import (MANIFEST, Artifact, Capabilities, Target, folder_output,
-                             read_manifest, sha256)
+                             move_in, read_manifest, sha256)
 from graphopt.targets import mcu_build
 from graphopt.targets.mcu_build import ArmBoard
 from graphopt.targets.mcu_codegen import HEADER, SOURCE, generate
@@ -215,7 +214,7 @@ class McuTarget(Target):
             manifest["memory"]["order"] = "memory-greedy" if reordered else "graph"
             (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             files.append(MANIFEST)
-            _move_in(stage, out, files)
+            move_in(stage, out, files, FORMAT)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         return Artifact(target=self.name, path=out / SOURCE, files=[out / f for f in files],
@@ -337,27 +336,6 @@ def _sample_count(ins: list[dict], feeds: dict[str, np.ndarray]) -> int:
     if len(counts) > 1:
         raise UsageError(f"the inputs give different batch sizes: {sorted(counts)}")
     return counts.pop() if counts else 1
-
-
-def _move_in(stage: Path, out: Path, files: list[str]) -> None:
-    """Move the staged folder in: at once when ``out`` does not exist, else file by file
-    (each ``os.replace`` atomic, the manifest last), removing files an earlier mcu
-    lowering listed that this one did not write."""
-    if not out.exists():
-        os.chmod(stage, 0o755)  # mkdtemp makes 0700
-        os.replace(stage, out)
-        return
-    try:
-        old = read_manifest(out)
-        stale = old.get("files", []) if old.get("format") == FORMAT else []
-    except UsageError:
-        stale = []
-    for name in files:
-        os.replace(stage / name, out / name)
-    for name in stale:
-        path = out / name
-        if name not in files and path.resolve().is_relative_to(out.resolve()):
-            path.unlink(missing_ok=True)
 
 
 CORTEX_M4 = McuTarget(PRESETS["cortex-m4"])

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import platform
 import tempfile
 from pathlib import Path
@@ -40,7 +39,7 @@ from graphopt import verify
 from graphopt.ir import Model, save
 from graphopt.ort_tools import ort_tool
 from graphopt.paths import TEMP_PREFIX
-from graphopt.target import (MANIFEST, Artifact, check_hashes, folder_output, graph_inputs,
+from graphopt.target import (MANIFEST, Artifact, folder_output, graph_inputs, move_in,
                              read_manifest, sha256, value_info)
 from graphopt.targets.ort import OrtTarget, disabled_optimizers
 
@@ -98,7 +97,7 @@ class OrtMobileTarget(OrtTarget):
                 "toolchain": {"onnx": onnx.__version__, "python": platform.python_version()},
             }
             (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            _move_in(stage, out, [*files, MANIFEST])
+            move_in(stage, out, [*files, MANIFEST], FORMAT)
         finally:
             if stage.exists():
                 for leftover in stage.iterdir():
@@ -107,15 +106,6 @@ class OrtMobileTarget(OrtTarget):
         return Artifact(target=self.name, path=out / MODEL_FILE,
                         files=[out / f for f in (MODEL_FILE, CONFIG_FILE, MANIFEST)],
                         format="ort")
-
-    def open(self, path: Path) -> Artifact:
-        """The folder ``lower`` wrote, every file checked against the manifest's sha256
-        (a ``VerificationError`` names a file missing or changed since)."""
-        artifact = super().open(path)
-        folder = Path(path)
-        if folder.is_dir():
-            check_hashes(folder, read_manifest(folder))
-        return artifact
 
     def run(self, artifact: Artifact, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         path = Path(artifact.path)
@@ -183,14 +173,3 @@ def _operators(config: Path) -> dict[str, list[str]]:
             domain, opset, names = line.split(";", 2)
             ops[f"{domain}:{opset}"] = names.split(",")
     return ops
-
-
-def _move_in(stage: Path, out: Path, files: list[str]) -> None:
-    """The staged files into ``out``: the whole folder at once when ``out`` does not
-    exist, else file by file (each replace atomic, the manifest last)."""
-    if not out.exists():
-        os.chmod(stage, 0o755)  # mkdtemp makes 0700
-        os.replace(stage, out)
-        return
-    for name in files:
-        os.replace(stage / name, out / name)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import shutil
 import statistics
@@ -44,8 +43,8 @@ from graphopt.errors import UsageError
 from graphopt.external_data import all_tensors
 from graphopt.ir import Model, external_threshold, save
 from graphopt.paths import TEMP_PREFIX
-from graphopt.target import (MANIFEST, Artifact, Target, check_hashes, cpu_model,
-                             folder_output, graph_inputs, read_manifest, sha256, value_info)
+from graphopt.target import (MANIFEST, Artifact, Target, cpu_model, folder_output,
+                             graph_inputs, move_in, sha256, value_info)
 from graphopt.targets import web_browser, web_install, web_page
 from graphopt.targets.ort import _CORES, OrtTarget, disabled_optimizers
 
@@ -176,24 +175,13 @@ class WebTarget(Target):
             manifest["ir_version"] = {"model": ir_version, "written": proto.ir_version}
             (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             files.append(MANIFEST)
-            _move_in(stage, out, files)
+            move_in(stage, out, files, FORMAT)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         return Artifact(target=self.name, path=out / PAGE_FILE,
                         files=[out / f for f in files], format="onnxruntime-web")
 
     # ------------------------------------------------------------------ running
-    def open(self, path: Path) -> Artifact:
-        """The folder ``lower`` wrote, its files checked against the manifest's sha256
-        first: ``graphopt verify out/`` compares the browser with ONNX Runtime on the
-        folder's own ``model.onnx``, which a changed weight file would change for both.
-        A file missing or changed since lowering is a ``VerificationError`` naming it."""
-        artifact = super().open(path)
-        folder = Path(path)
-        if folder.is_dir():
-            check_hashes(folder, read_manifest(folder))
-        return artifact
-
     def run(self, artifact: Artifact, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._page(artifact).run(feeds)
 
@@ -346,25 +334,3 @@ def _copy_range(src, dst, offset: int, length: int, chunk: int = 1 << 24) -> Non
             raise OSError(f"{src.name}: shorter than its tensors need")
         dst.write(block)
         length -= len(block)
-
-
-def _move_in(stage: Path, out: Path, files: list[str]) -> None:
-    """Move the staged folder's ``files`` into ``out``: the whole folder at once when
-    ``out`` does not exist, else file by file (each ``os.replace`` atomic, the manifest
-    last), removing files an earlier web lowering listed that this one did not write."""
-    if not out.exists():
-        os.chmod(stage, 0o755)  # mkdtemp makes 0700
-        os.replace(stage, out)
-        return
-    try:
-        old = read_manifest(out)
-        stale = old.get("files", []) if old.get("target") == "web" else []
-    except UsageError:
-        stale = []
-    for name in files:
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(stage / name, out / name)
-    for name in stale:
-        path = out / name
-        if name not in files and path.resolve().is_relative_to(out.resolve()):
-            path.unlink(missing_ok=True)

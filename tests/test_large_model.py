@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -281,12 +282,25 @@ def test_one_weight_under_two_names(small, tmp_path):
     np.testing.assert_array_equal(written["b1_w1_copy"], written["b0_w1"])
 
 
+def _spilling_small_models(monkeypatch, tmp: Path) -> list[int]:
+    """Spill from 1 KiB of weights, temporary files under ``tmp``: the list of bytes
+    each ``external_data.move_out`` moved (filled as the run goes)."""
+    from graphopt import external_data, spill
+
+    monkeypatch.setattr(spill, "SPILL_BYTES", 1024)
+    moved = []
+    move_out = external_data.move_out
+    monkeypatch.setattr(external_data, "move_out",
+                        lambda *a, **k: moved.append(move_out(*a, **k)) or moved[-1])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    tmp.mkdir()
+    return moved
+
+
 def test_large_inline_weights_spill_to_a_temporary_file_for_the_run(tmp_path, monkeypatch):
     """A model's inline weights go to a temporary data file for the run (exports then
     carry references, not bytes); the result reads them back, the file goes, and what is
     written is byte-identical to a run without the spill."""
-    import tempfile
-
     from graphopt import external_data, spill
     from graphopt.ir import load
     from tests.zoo import mlp
@@ -301,13 +315,7 @@ def test_large_inline_weights_spill_to_a_temporary_file_for_the_run(tmp_path, mo
     assert released.to_onnx().SerializeToString() == load(model).to_onnx().SerializeToString()
 
     plain = graphopt.optimize(model, output=tmp_path / "plain.onnx")
-    monkeypatch.setattr(spill, "SPILL_BYTES", 1024)
-    moved = []
-    move_out = external_data.move_out
-    monkeypatch.setattr(external_data, "move_out",
-                        lambda *a, **k: moved.append(move_out(*a, **k)) or moved[-1])
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
+    moved = _spilling_small_models(monkeypatch, tmp_path / "tmp")
     spilled = graphopt.optimize(model, output=tmp_path / "spilled.onnx")
     assert (tmp_path / "spilled.onnx").read_bytes() == (tmp_path / "plain.onnx").read_bytes()
     assert spilled.model.to_onnx().SerializeToString() == \
@@ -322,9 +330,7 @@ def test_weights_the_passes_write_spill_too(tmp_path, monkeypatch, target):
     every convolution. Those go to the run's temporary folder too (``Spill.refresh``),
     so verification and the target's lowering read references; what is written is
     byte-identical to a run without the spill, and the temporary files are gone."""
-    import tempfile
-
-    from graphopt import external_data, spill
+    from graphopt import external_data
     from graphopt.targets.litert import LiteRtTarget
     from tests import zoo
 
@@ -334,13 +340,7 @@ def test_weights_the_passes_write_spill_too(tmp_path, monkeypatch, target):
     name = "model.tflite" if target == "litert" else "model.onnx"
     plain = tmp_path / "plain" / name if target == "ort" else tmp_path / "plain"
     graphopt.optimize(model, target=target, output=plain)
-    monkeypatch.setattr(spill, "SPILL_BYTES", 1024)
-    moved = []
-    move_out = external_data.move_out
-    monkeypatch.setattr(external_data, "move_out",
-                        lambda *a, **k: moved.append(move_out(*a, **k)) or moved[-1])
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
+    moved = _spilling_small_models(monkeypatch, tmp_path / "tmp")
     spilled = tmp_path / "spilled" / name if target == "ort" else tmp_path / "spilled"
     result = graphopt.optimize(model, target=target, output=spilled)
     assert len(moved) == 2 and moved[0] > 100_000 and moved[1] > 100_000, moved

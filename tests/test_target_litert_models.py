@@ -22,15 +22,9 @@ import graphopt
 from graphopt.targets.litert import LiteRtTarget
 from tests import zoo
 from tests.digits import TRAINED_ON, digits_cnn, digits_data, digits_mlp
+from tests.test_target_litert import litert  # noqa: F401 (autouse: skips without LiteRT)
 
 TOL = 1e-4  # max abs diff relative to the output's scale (float32 end to end)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def litert():
-    missing = LiteRtTarget().availability()
-    if missing:
-        pytest.skip(missing)
 
 
 def _litert(result, feeds: dict) -> dict[str, np.ndarray]:
