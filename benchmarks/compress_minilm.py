@@ -43,13 +43,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import graphopt  # noqa: E402
+import graphopt.replay  # noqa: E402
 from graphopt import verify  # noqa: E402
+from graphopt.accuracy import median_latency  # noqa: E402
+from graphopt.analysis import summarize  # noqa: E402
+from graphopt.ir import Model  # noqa: E402
 from graphopt.registry import pass_registry  # noqa: E402
-from graphopt.targets.ort import LOSSLESS_PIPELINE, cpu_flags  # noqa: E402
+from graphopt.targets.ort import LOSSLESS_PIPELINE, cpu_flags, host_device  # noqa: E402
 from tests import corpus, zoo  # noqa: E402
 from tests.helpers import CALIBRATION_SENTENCES  # noqa: E402
 from tests.sentences import minilm_batches  # noqa: E402
@@ -70,10 +75,54 @@ def cosines(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return round(float(cos.mean()), 4), round(float(cos.min()), 4)
 
 
+def flops(proto) -> float:
+    return summarize(Model.from_proto(proto), host_device()).flops
+
+
+def latency_feeds(tokens: int, batch: int) -> dict[str, np.ndarray]:
+    """``batch`` sequences of ``tokens`` tokens (latency does not depend on the ids)."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 29000, size=(batch, tokens)).astype(np.int64)
+    ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+            "token_type_ids": np.zeros_like(ids)}
+
+
+def onnxsim_rows(lossless, sparsities, cal) -> dict:
+    """onnxsim 0.8's calibrated structured pruning of the FFN blocks (Wanda: row norm of
+    W2 times activation norm), alone and with its ridge re-fit of every MatMul. Its
+    attention-head pruning matches no block of MiniLM (graphopt's fused Attention,
+    onnxsim's simplified graph, ONNX Runtime's transformer optimizer: none changed), so
+    the FFN takes the whole cut."""
+    try:
+        import onnxsim
+    except ImportError as exc:
+        return {f"onnxsim (not installed: {exc})": None}
+    out = {}
+    for s in sparsities:
+        start = time.perf_counter()
+        pruned = onnxsim.apply_structured_wanda_pruning(lossless, calibration_data=cal,
+                                                        sparsity=s)
+        out[f"onnxsim ffn wanda {s:g}"] = (pruned, time.perf_counter() - start)
+        start = time.perf_counter()
+        tuned = onnxsim.apply_pruning_finetune(lossless, pruned, calibration_data=cal)
+        out[f"onnxsim ffn wanda {s:g} + ridge"] = (tuned, time.perf_counter() - start)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", type=int, default=512)
     parser.add_argument("--configs", default=json.dumps(DEFAULT))
+    parser.add_argument("--replay", help="JSON report (or {pass: {site: setting}}) whose "
+                        "settings the configurations apply instead of searching them")
+    parser.add_argument("--latency", default="",
+                        help="BATCHxTOKENS[,...]: ONNX Runtime latency (1 thread, median "
+                        "of interleaved runs) relative to the lossless result, e.g. 1x128")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--onnxsim", default="", help="FFN sparsities of onnxsim's "
+                        "structured Wanda pruning to print beside, e.g. 0.375")
+    parser.add_argument("--save", help="folder for each configuration's report and model")
     args = parser.parse_args()
     print("cpu flags:", " ".join(sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni",
                                                        "avx512vnni", "fma"})))
@@ -87,11 +136,29 @@ def main() -> None:
                                         list(zoo.MINILM_SENTENCES), 16)}
     proto = zoo.bert_minilm()
     refs = {k: embeddings(proto, b) for k, b in tests.items()}
-    lossless = graphopt.optimize(proto, target="ort").report["output"]["flops"]
+    lossless_proto = graphopt.optimize(proto, target="ort").model.to_onnx()
+    lossless = flops(lossless_proto)
+    shapes = [tuple(int(v) for v in x.split("x")) for x in args.latency.split(",") if x]
     print(f"calibration {len(cal_s)} / validation {len(val_s)} / test {len(test_s)} "
           f"docstring sentences + {len(refs['everyday'])} everyday sentences")
     print(f"{'pass':<20} {'options':<44} {'rec':<4} {'FLOPs':>6} {'params':>10} "
-          f"{'docstrings mean/min':>20} {'everyday mean/min':>18} {'s':>5}")
+          f"{'docstrings mean/min':>20} {'everyday mean/min':>18} {'s':>5}"
+          + "".join(f" {'t %dx%d' % b:>9}" for b in shapes) + f" {'MB':>5}")
+
+    def row(name, options, rec, out, seconds):
+        cos = {k: cosines(embeddings(out, b), refs[k]) for k, b in tests.items()}
+        times = "".join(
+            " %9.3f" % (lambda t: t[1] / t[0])(median_latency(
+                [lossless_proto, out], latency_feeds(tokens, batch), repeats=args.repeats))
+            for batch, tokens in shapes)
+        print(f"{name:<20} {options:<44} {rec:<4} {flops(out) / lossless:6.3f} "
+              f"{sum(int(np.prod(i.dims)) for i in out.graph.initializer):>10,} "
+              f"{'%.4f / %.4f' % cos['docstrings']:>20} {'%.4f / %.4f' % cos['everyday']:>18} "
+              f"{seconds:5.0f}{times} {out.ByteSize() / 1e6:5.1f}", flush=True)
+
+    if shapes:
+        row("lossless", "", "", lossless_proto, 0)
+    replay = None if args.replay is None else graphopt.replay.load(args.replay)
     for config in json.loads(args.configs):
         name, options, recover, *budget = config
         tolerance = budget[0] if budget else 0.01  # a fixed setting: any damage is kept
@@ -102,22 +169,32 @@ def main() -> None:
                                    calibration=cal, validation=val,
                                    recovery=recover if isinstance(recover, str)
                                    else "recover" if recover else None,
-                                   tolerance=tolerance, metric="mean-cosine", goal="flops")
+                                   tolerance=tolerance, metric="mean-cosine", goal="flops",
+                                   replay={k: v for k, v in (replay or {}).items()
+                                           if k == "+".join(p.name for p in lossy)} or None)
         out = result.model.to_onnx()
-        flops = result.report["output"]["flops"] / lossless
-        cos = {k: cosines(embeddings(out, b), refs[k]) for k, b in tests.items()}
         rec = recover.partition("(")[0][:4] if isinstance(recover, str) else \
             "yes" if recover else "no"
-        print(f"{name:<20} {json.dumps(options):<44} {rec:<4} "
-              f"{flops:6.3f} {result.model.num_params():>10,} "
-              f"{'%.4f / %.4f' % cos['docstrings']:>20} {'%.4f / %.4f' % cos['everyday']:>18} "
-              f"{time.perf_counter() - start:5.0f}", flush=True)
+        row(name, json.dumps(options), rec, out, time.perf_counter() - start)
+        if args.save:
+            folder = Path(args.save)
+            folder.mkdir(parents=True, exist_ok=True)
+            stem = f"{name}-{len(cal_s)}-{'rec' if recover else 'plain'}"
+            (folder / f"{stem}.json").write_text(json.dumps(result.report, indent=1,
+                                                            default=float))
+            onnx.save(out, folder / f"{stem}.onnx")
         for pass_name, info in result.report.get("compression", {}).get("passes",
                                                                        {}).items():
             chosen = [f"{site['setting']}/{site['size']}"
                       for site in info.get("sites", {}).values()]
             print(f"    {pass_name}: kept per block {' '.join(chosen)}; validation "
                   f"{info.get('score')}", flush=True)
+    sparsities = [float(x) for x in args.onnxsim.split(",") if x]
+    for name, entry in onnxsim_rows(lossless_proto, sparsities, cal).items():
+        if entry is None:
+            print(name)
+            continue
+        row(name, "", "ridg" if "ridge" in name else "no", *entry)
 
 
 if __name__ == "__main__":

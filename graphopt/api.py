@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from graphopt import artifact as artifact_check
+from graphopt import replay as replayed_settings
 from graphopt import verify
 from graphopt.accuracy import shared_references
 from graphopt.analysis import Summary, summarize
@@ -94,7 +95,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
              plan: bool | None = None, workers: str | int | None = None,
              recovery: str | None = DEFAULT_RECOVERY,
              cache_dir: str | os.PathLike | None = None,
-             target_options: dict[str, str] | None = None) -> OptimizeResult:
+             target_options: dict[str, str] | None = None,
+             replay: str | os.PathLike | dict | None = None) -> OptimizeResult:
     """Optimize ``model`` for ``target`` and, when ``output`` is given, lower it there.
 
     ``threads``: the threads the target runs with (``Target.with_threads``), for the
@@ -124,7 +126,10 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     candidates on Ray (``graphopt.workers``: N local workers or ``ray://HOST:PORT``);
     they are timed here.
     ``recovery`` names the pass that re-fits compressed candidates to the original
-    (``None``: no recovery).
+    (``None``: no recovery). ``replay`` (a JSON report's path, or the report) applies the
+    compression settings that report lists instead of searching them
+    (``graphopt.replay``): the same schemes must be asked; settings that no longer meet
+    the budget raise ``VerificationError``.
 
     ``format`` picks one of the target's artifact formats (``Target.formats``; ``ort``:
     ``onnx`` or ``ort``); ``None`` is the target's default.
@@ -146,8 +151,9 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     ``rpc`` (``HOST:PORT[:KEY]``) runs (and tunes) on a remote device through the target.
     """
     if output is not None:  # before any work: no output may overwrite an input
-        check_outputs(input_files(model, calibration=calibration, validation=validation),
-                      Path(output))
+        check_outputs(input_files(model, calibration=calibration, validation=validation,
+                                  replay=replay), Path(output))
+    settings = None if replay is None else replayed_settings.load(replay)
     verify.check_seed(seed)
     verify.check_shapes(input_shapes)
     budget, tolerance = split_tolerance(tolerance)
@@ -162,6 +168,9 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         raise UsageError("the planner measures the accuracy of every candidate: give "
                          "calibration data (--calibration-data)",
                          hint="or name the lossy schemes yourself (--quantize, --prune)")
+    if planned and settings is not None:
+        raise UsageError("--replay applies a report's settings: the planner searches them",
+                         hint="leave out --goal/--plan, and give the report's schemes")
     if planned and measure:
         raise UsageError("the planner times every candidate itself: leave out --measure")
     goal = goal or "latency"
@@ -200,7 +209,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
             schemes=chosen, calibration=calibration, validation=validation,
             measure=measure, format=format, verify_artifact=verify_artifact,
             tune_trials=tune_trials, rpc=rpc, metric=metric.name, goal=goal,
-            plan=planned, recovery=recovery)
+            plan=planned, recovery=recovery, replay=settings)
         entry = cache.entry(key)
         if entry is not None:
             return OptimizeResult(*cache.restore(entry, key, tgt.name, output))
@@ -225,7 +234,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
                   max_iterations=max_iterations, tolerance=tolerance,
                   instruments=instruments, progress=progress,
                   logger=logger or logging.getLogger("graphopt"),
-                  data=data, input_shapes=input_shapes)
+                  data=data, input_shapes=input_shapes, replay=settings)
     plan_section = None
     if planned:
         with pool:
@@ -239,6 +248,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     manager, pipeline, ctx, lossy, feeds = run.manager, run.pipeline, run.ctx, run.lossy, \
         run.feeds
     unsupported, lossy_data = run.unsupported, setup.lossy_data
+    if settings is not None:
+        replayed_settings.check_applied(settings, manager.trace)
     working = weights.refresh(working)  # weights the passes wrote: not copied from here on
     warn_unmeasured(ctx.logger, lossy_data, lossy)
     if manager.numeric_check != "ok" and not tgt.compiled:  # ORT runs the result: why not?

@@ -187,6 +187,10 @@ def _duration(seconds: float) -> str:
               "(re-fit, then distillation; needs graphopt[train]), or a plugin's, with "
               "options: 'finetune(steps=2000)'.")
 @click.option("--no-recover", is_flag=True, help="No recovery of compressed candidates.")
+@click.option("--replay", type=click.Path(dir_okay=False, path_type=Path),
+              metavar="REPORT.json", help="Apply the compression settings this report "
+              "(--report R.json of an earlier run) lists instead of searching them: the "
+              "same schemes and data options, one model built and checked.")
 @click.option("--finetune-steps", type=click.IntRange(min=1),
               help="Step budget of --recover finetune (default 1000).")
 @click.option("--finetune-time", type=click.FloatRange(min=0, min_open=True),
@@ -234,11 +238,11 @@ def _optimize(model, output, target, threads, passes, skip, report_path, strict,
               rtol, atol, seed, calibration_data, validation_data, tolerance, metric, goal,
               plan, workers, recover, no_recover, finetune_steps, finetune_time, measure, format_,
               verify_, tune_trials, rpc, config_path, cache_dir, quiet=False, as_json=False,
-              target_option=(), **scheme_values):
+              target_option=(), replay=None, **scheme_values):
     # Before any work: no output may overwrite an input or another output, and each can
     # be written; then everything is staged and moved into place at the end, or nothing.
     inputs = paths.input_files(model, data=data, calibration=calibration_data,
-                               validation=validation_data)
+                               validation=validation_data, replay=replay)
     if config_path is not None:
         inputs.append(("the config file", Path(config_path)))
     paths.check_outputs(inputs, output, report_path)
@@ -261,7 +265,8 @@ def _optimize(model, output, target, threads, passes, skip, report_path, strict,
             schemes={_SCHEME_FLAGS[k]: [v.strip() for v in value.split(",") if v.strip()]
                      for k, value in scheme_values.items() if value},
             metric=metric, goal=goal, plan=plan, workers=workers, recovery=recovery,
-            cache_dir=cache_dir, target_options=_parse_target_options(target_option))
+            cache_dir=cache_dir, target_options=_parse_target_options(target_option),
+            replay=replay)
         report = staging.final_paths(result.report)
         staging.commit(_report_text(report, report_path) if report_path else None)
     if as_json:

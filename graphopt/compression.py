@@ -18,7 +18,8 @@ does the rest, the same way for every technique:
 4. reports, per site: technique, setting, size before/after, damage alone, FLOPs and
    parameters saved, predicted latency change; and the measured score of the result.
 
-A pass that takes a fixed setting from its options (``fixed_choice``) skips the search;
+A pass that takes a fixed setting from its options (``fixed_choice``), or is given a
+previous run's settings (``PassContext.replay``, ``graphopt.replay``), skips the search;
 its result is still recovered, measured and reported.
 """
 
@@ -32,7 +33,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import numpy as np
 import onnx
 
-from graphopt import accuracy, verify
+from graphopt import accuracy, replay, verify
 from graphopt.accuracy import run_all, session
 from graphopt.cost import tensor_bytes
 from graphopt.ir import Model
@@ -286,14 +287,20 @@ class Driver:
         base_cost = self._cost(model)
         self.base_bytes = weight_bytes(model)
         self.base_score, _ = self.measure(model.to_onnx())
-        fixed = self.cp.fixed_choice(active)
+        replayed = (ctx.replay or {}).get(self.cp.name)
+        if replayed is not None:  # a previous run's choice (graphopt.replay)
+            fixed = replay.choice(self.cp.name, replayed, sites)
+        else:
+            fixed = self.cp.fixed_choice(active)
         if fixed is not None:
             fixed = {k: v for k, v in fixed.items()
                      if any(s.name == k and v != s.settings[0] for s in active)}
-        options = self._single_site_options(model, active, base_cost, fixed)
+        # (replayed: the search's measurements are in the report replayed, not redone)
+        options = {} if replayed is not None else \
+            self._single_site_options(model, active, base_cost, fixed)
         if fixed is not None:
             best = self.build(model, fixed, recover=True) if fixed else None
-            stats["mode"] = "fixed"
+            stats["mode"] = "fixed" if replayed is None else "replayed"
         else:
             best, stats["search"] = self._search(model, active, options)
             stats["mode"] = "searched"

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from graphopt import spill, verify
-from graphopt.errors import GraphoptError, VerificationError
+from graphopt.errors import GraphoptError, UsageError, VerificationError
 from graphopt.cost_calibration import judge_alternative
 from graphopt.ir import Model, infer_shapes, skeleton
 from graphopt.metric import DEFAULT_BUDGET, get_metric
@@ -240,6 +240,8 @@ class PassManager:
                 state = new_state
         except _Rejected as exc:
             entry.reason = str(exc)
+        except UsageError:
+            raise  # the user's request cannot be done (e.g. replayed settings that do not fit)
         except Exception as exc:
             entry.reason = f"raised {type(exc).__name__}: {_first_line(exc)}"
         entry.seconds = time.perf_counter() - start

@@ -37,7 +37,7 @@ Labeled = Sequence[tuple[str, Path]]
 
 
 def input_files(model: Any = None, *, data: Any = None, calibration: Any = None,
-                validation: Any = None) -> list[tuple[str, Path]]:
+                validation: Any = None, replay: Any = None) -> list[tuple[str, Path]]:
     """(what, path) of every existing file the command reads; sources that are not paths
     (bytes, protos, arrays, ``module:function`` of an importable module) have none."""
     from graphopt.ir import model_files  # ir imports nothing from here; avoid a cycle
@@ -47,7 +47,7 @@ def input_files(model: Any = None, *, data: Any = None, calibration: Any = None,
         found += [("the input model" if i == 0 else "the input model's external data", p)
                   for i, p in enumerate(model_files(model))]
     for what, source in (("--data", data), ("--calibration-data", calibration),
-                         ("--validation-data", validation)):
+                         ("--validation-data", validation), ("--replay", replay)):
         if not _is_path(source):
             continue
         path = Path(os.fspath(source))

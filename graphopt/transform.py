@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import onnx
 
-from graphopt import verify
+from graphopt import replay, verify
 from graphopt.compression import CompressionPass
 from graphopt.joint import join_compression
 from graphopt.cost import CostModel
@@ -50,6 +50,7 @@ class Setup:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("graphopt"))
     data: list[verify.Feeds] | None = None  # the user's verification inputs
     input_shapes: dict[str, list[int]] | None = None
+    replay: dict[str, dict[str, Any]] | None = None  # graphopt.replay: settings to apply
 
     @property
     def lossy_feeds(self) -> list[verify.Feeds] | None:
@@ -127,11 +128,14 @@ def transform(setup: Setup, working: Model, chosen: Mapping[str, Sequence[str] |
                              f"{tgt.name!r} does not run",
                              hint="choose another target or drop the pass")
     pipeline = join_compression([p for p in pipeline if p.name not in unsupported])
+    if setup.replay is not None:
+        replay.check_passes(setup.replay, {p.name for p in pipeline
+                                           if isinstance(p, CompressionPass)})
     data = setup.lossy_data
     ctx = PassContext(target=tgt, cost_model=setup.cost_model, device=tgt.device,
                       seed=setup.seed, logger=setup.logger, metric=setup.metric,
                       reference=setup.original, goal=rank_by or setup.goal,
-                      progress=setup.progress)
+                      progress=setup.progress, replay=setup.replay)
     ctx.calibration, ctx.validation = data.calibration, data.validation
     ctx.tolerance = data.budget
     if setup.recovery and any(isinstance(p, CompressionPass) for p in pipeline):

@@ -103,3 +103,88 @@ def _logits(proto, x) -> np.ndarray:
 
 def _rel_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+# ------------------------------------------------------------------ replay
+def test_replay_rebuilds_the_searched_model_without_the_search(pruned):
+    """The report's settings applied again: the same model (same weights, recovered the
+    same way), from one build and one measurement instead of the search's many."""
+    info = pruned.report["compression"]["passes"]["prune-channels"]
+    replayed = compress(schemes={"prune": "channels"}, replay=pruned.report)
+    again = replayed.report["compression"]["passes"]["prune-channels"]
+    assert replayed.model.content_hash() == pruned.model.content_hash()
+    assert again["mode"] == "replayed" and again["score"] == info["score"]
+    assert again["evaluations"] <= 2 < info["evaluations"], (again["evaluations"],
+                                                             info["evaluations"])
+    assert {k: v["setting"] for k, v in again["sites"].items()} == \
+        {k: v["setting"] for k, v in info["sites"].items()}
+    assert replayed.report["verification"]["ok"] is True
+
+
+def test_replay_that_breaks_the_budget_fails_instead_of_writing(pruned, tmp_path):
+    from graphopt.errors import VerificationError
+
+    out = tmp_path / "m.onnx"
+    with pytest.raises(VerificationError, match="replayed settings of prune-channels"):
+        graphopt.optimize(digits_cnn(), calibration={"input": digits_data()[0][:256]},
+                          metric="mean-cosine", tolerance=0.99999, goal="flops",
+                          schemes={"prune": "channels"}, replay=pruned.report, output=out)
+    assert not out.exists()
+
+
+def test_replay_of_another_run_is_a_usage_error(pruned):
+    from graphopt.errors import UsageError
+
+    report = pruned.report
+    with pytest.raises(UsageError, match="settings for prune-channels, which this run"):
+        compress(quantize="int8", replay=report)  # no --prune: the run has no such pass
+    with pytest.raises(UsageError, match="the planner searches them"):
+        compress(replay=report)  # --goal without a scheme: the planner
+    sites = report["compression"]["passes"]["prune-channels"]["sites"]
+    name, entry = next((k, v) for k, v in sites.items() if v["changed"])
+    bad_site = {"prune-channels": {name + "-other": entry["setting"]}}
+    with pytest.raises(UsageError, match="names site .*which this model does not have"):
+        compress(schemes={"prune": "channels"}, replay=bad_site)
+    bad_setting = {"prune-channels": {name: 10 ** 6}}
+    with pytest.raises(UsageError, match="cannot take the replayed setting 1000000"):
+        compress(schemes={"prune": "channels"}, replay=bad_setting)
+    with pytest.raises(UsageError, match="lists no compression settings"):
+        compress(schemes={"prune": "channels"}, replay={"compression": {"passes": {}}})
+
+
+def test_replay_from_the_command_line(pruned, tmp_path):
+    """--replay R.json: exit 0 and the searched model; the report cannot be overwritten
+    by the run's own outputs (exit 2, nothing written); a report that is not JSON: 2."""
+    import json
+
+    import onnx
+    from click.testing import CliRunner
+
+    from graphopt.cli import main
+
+    xtr, _, _, _ = digits_data()
+    xval, _ = validation_split()
+    onnx.save(digits_cnn(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "cal.npz", input=xtr[:TRAINED_ON])
+    np.savez(tmp_path / "val.npz", input=xval)
+    (tmp_path / "r.json").write_text(json.dumps(pruned.report, default=float))
+    common = ["optimize", str(tmp_path / "m.onnx"), "--prune", "channels",
+              "--calibration-data", str(tmp_path / "cal.npz"), "--validation-data",
+              str(tmp_path / "val.npz"), "--metric", "mean-cosine", "--tolerance", "0.99",
+              "--goal", "flops", "--replay", str(tmp_path / "r.json"), "-q"]
+    run = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "out.onnx")])
+    assert run.exit_code == 0, run.output
+    written, searched = onnx.load(tmp_path / "out.onnx"), pruned.model.to_onnx()
+    for proto in (written, searched):
+        del proto.graph.value_info[:]  # (shapes the writer leaves to the reader)
+    assert written.SerializeToString(deterministic=True) == \
+        searched.SerializeToString(deterministic=True)
+    before = (tmp_path / "r.json").read_bytes()
+    run = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "o2.onnx"),
+                                    "--report", str(tmp_path / "r.json")])
+    assert run.exit_code == 2 and "--replay" in run.output, run.output
+    assert (tmp_path / "r.json").read_bytes() == before and not (tmp_path / "o2.onnx").exists()
+    (tmp_path / "bad.json").write_text("{not json")
+    run = CliRunner().invoke(main, [*common[:-3], "--replay", str(tmp_path / "bad.json"),
+                                    "-o", str(tmp_path / "o3.onnx")])
+    assert run.exit_code == 2 and "is not JSON" in run.output, run.output
