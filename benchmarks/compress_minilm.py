@@ -79,13 +79,14 @@ def flops(proto) -> float:
     return summarize(Model.from_proto(proto), host_device()).flops
 
 
-def latency_feeds(tokens: int, batch: int) -> dict[str, np.ndarray]:
+def latency_feeds(proto, tokens: int, batch: int) -> dict[str, np.ndarray]:
     """``batch`` sequences of ``tokens`` tokens (latency does not depend on the ids)."""
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 29000, size=(batch, tokens)).astype(np.int64)
     ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids),
-            "token_type_ids": np.zeros_like(ids)}
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "token_type_ids": np.zeros_like(ids)}
+    return {i.name: feeds[i.name] for i in proto.graph.input}
 
 
 def onnxsim_rows(lossless, sparsities, cal) -> dict:
@@ -141,7 +142,7 @@ def main() -> None:
     shapes = [tuple(int(v) for v in x.split("x")) for x in args.latency.split(",") if x]
     print(f"calibration {len(cal_s)} / validation {len(val_s)} / test {len(test_s)} "
           f"docstring sentences + {len(refs['everyday'])} everyday sentences")
-    print(f"{'pass':<20} {'options':<44} {'rec':<4} {'FLOPs':>6} {'params':>10} "
+    print(f"{'pass':<31} {'options':<33} {'rec':<4} {'FLOPs':>6} {'params':>10} "
           f"{'docstrings mean/min':>20} {'everyday mean/min':>18} {'s':>5}"
           + "".join(f" {'t %dx%d' % b:>9}" for b in shapes) + f" {'MB':>5}")
 
@@ -149,9 +150,9 @@ def main() -> None:
         cos = {k: cosines(embeddings(out, b), refs[k]) for k, b in tests.items()}
         times = "".join(
             " %9.3f" % (lambda t: t[1] / t[0])(median_latency(
-                [lossless_proto, out], latency_feeds(tokens, batch), repeats=args.repeats))
+                [lossless_proto, out], latency_feeds(out, tokens, batch), repeats=args.repeats))
             for batch, tokens in shapes)
-        print(f"{name:<20} {options:<44} {rec:<4} {flops(out) / lossless:6.3f} "
+        print(f"{name:<31} {options:<33} {rec:<4} {flops(out) / lossless:6.3f} "
               f"{sum(int(np.prod(i.dims)) for i in out.graph.initializer):>10,} "
               f"{'%.4f / %.4f' % cos['docstrings']:>20} {'%.4f / %.4f' % cos['everyday']:>18} "
               f"{seconds:5.0f}{times} {out.ByteSize() / 1e6:5.1f}", flush=True)

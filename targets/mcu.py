@@ -3,6 +3,8 @@ writes a folder::
 
     out/model.c, model.h        the model: weights ``static const`` (flash), one ``static``
                                 arena, one kernel call per op; the API and sizes in model.h
+                                (``io=arena``: inputs and outputs in the arena too,
+                                addressed by graphopt_model_input/output)
     out/graphopt_kernels*.c, .h the kernels model.c calls (float32, and int8 for QDQ models
                                 from ``--quantize int8``; copied, no library)
     out/model.onnx              the optimized ONNX the C was generated from (the reference
@@ -46,12 +48,14 @@ from graphopt.targets import mcu_build
 from graphopt.targets.mcu_build import ArmBoard
 from graphopt.targets.mcu_codegen import HEADER, SOURCE, generate
 from graphopt.targets.mcu_ops import KERNELS, lower_graph
-from graphopt.targets.mcu_plan import overlaps, plan_best_order
+from graphopt.targets.mcu_plan import (Plan, Step, memory_greedy_order, overlaps,
+                                        plan_best_order, plan_memory)
 from graphopt.targets.ort import LOSSLESS_PIPELINE
 from graphopt.targets.shapes import bind_input_shapes
 
 FORMAT = "graphopt-mcu/1"
 MODEL_FILE = "model.onnx"
+IO_PLACES = ("caller", "arena")
 KiB, MiB = 1024, 1024 * 1024
 
 # The lossless pipeline without the passes that write ops these kernels lack (com.microsoft
@@ -131,24 +135,38 @@ class McuTarget(Target):
     default_pipeline = MCU_PIPELINE
     compiled = True
 
-    def __init__(self, preset: McuPreset, runner: str | None = None):
+    options = {"io": "caller (default): inputs and outputs in the caller's buffers, "
+                     "outside the arena; arena: in the arena, planned like any tensor (RAM "
+                     "is the arena alone; graphopt_model_input/output give their addresses)"}
+
+    def __init__(self, preset: McuPreset, runner: str | None = None, io: str = "caller"):
         if runner not in (None, "host", "qemu"):
             raise UsageError(f"unknown runner {runner!r}", hint="host or qemu")
-        self.preset, self.runner = preset, runner
+        if io not in IO_PLACES:
+            raise UsageError(f"unknown io place {io!r}",
+                             hint=f"choose one of {', '.join(IO_PLACES)}")
+        self.preset, self.runner, self.io = preset, runner, io
         self.name, self.description = preset.name, preset.description
         self.device = preset.device()
         self._ran_on: str | None = None
 
     def __repr__(self) -> str:
-        return f"McuTarget({self.preset.name!r}, runner={self.runner!r})"
+        return f"McuTarget({self.preset.name!r}, runner={self.runner!r}, io={self.io!r})"
 
     def with_runner(self, runner: str | None) -> "McuTarget":
-        return McuTarget(self.preset, runner)
+        return McuTarget(self.preset, runner, self.io)
 
     def with_budget(self, ram_bytes: int, flash_bytes: int) -> "McuTarget":
         """This preset with another memory budget (a board with less or more memory)."""
         board = replace(self.preset.board, ram_bytes=ram_bytes, flash_bytes=flash_bytes)
-        return McuTarget(replace(self.preset, board=board), self.runner)
+        return McuTarget(replace(self.preset, board=board), self.runner, self.io)
+
+    def with_options(self, **values: str) -> "McuTarget":
+        super().with_options(**values)
+        return McuTarget(self.preset, self.runner, values.get("io", self.io))
+
+    def option_values(self) -> dict[str, str]:
+        return {"io": self.io}
 
     # ------------------------------------------------------------------ availability
     def _chosen_runner(self) -> str:
@@ -187,18 +205,18 @@ class McuTarget(Target):
         out = folder_output(self.name, out, "model.c, model.h, manifest.json, ...")
         proto = model.to_onnx()
         program = lower_graph(proto)
-        external = {n for n, _ in program.inputs} | {n for n, _ in program.outputs}
-        order, plan = plan_best_order([op.step() for op in program.ops],
-                                      {t: program.nbytes(t) for t in program.shapes},
-                                      external)
+        io_names = {n for n, _ in program.inputs} | {n for n, _ in program.outputs}
+        order, plan = plan_program(program, in_arena=self.io == "arena")
         reordered = order != sorted(order)
         program.ops = [program.ops[i] for i in order]
         bad = overlaps(plan)
         if bad:  # the planner's own invariant: a bug, never the user's input
             raise GraphoptError(f"internal error: the memory plan overlaps {bad[:3]}")
-        header, source, weight_bytes = generate(program, plan, proto.graph.name or "model")
-        io_bytes = sum(program.nbytes(n) for n in external)
-        self._check_budget(plan.arena_bytes, io_bytes, weight_bytes)
+        header, source, weight_bytes = generate(program, plan, proto.graph.name or "model",
+                                                io_in_arena=self.io == "arena")
+        io_bytes = sum(program.nbytes(n) for n in io_names)
+        self._check_budget(plan.arena_bytes, 0 if self.io == "arena" else io_bytes,
+                           weight_bytes)
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=TEMP_PREFIX))
         try:
@@ -221,12 +239,14 @@ class McuTarget(Target):
                         format="c99")
 
     def _check_budget(self, arena: int, io_bytes: int, weights: int) -> None:
+        """``io_bytes``: the inputs and outputs outside the arena (0 when inside)."""
         p = self.preset
         if arena + io_bytes > p.ram_bytes:
-            raise UsageError(f"the model needs {arena + io_bytes} bytes of RAM (arena "
-                             f"{arena} + inputs/outputs {io_bytes}); {p.name} has "
-                             f"{p.ram_bytes}", hint="quantize or prune the model, lower "
-                             "--input-shape, or use a preset with more RAM")
+            parts = f"arena {arena} + inputs/outputs {io_bytes}" if io_bytes else \
+                f"the arena, inputs and outputs included"
+            raise UsageError(f"the model needs {arena + io_bytes} bytes of RAM ({parts}); "
+                             f"{p.name} has {p.ram_bytes}", hint="quantize or prune the "
+                             "model, lower --input-shape, or use a preset with more RAM")
         if weights > p.flash_bytes:
             raise UsageError(f"the model's weights are {weights} bytes; {p.name} has "
                              f"{p.flash_bytes} bytes of flash",
@@ -256,7 +276,10 @@ class McuTarget(Target):
                         for n, s in program.outputs],
             "memory": {"arena_bytes": plan.arena_bytes, "naive_bytes": program.naive_bytes,
                        "largest_tensor_bytes": plan.largest_bytes,
-                       "io_bytes": io_bytes, "weight_bytes": weight_bytes,
+                       "io_bytes": io_bytes, "io_in_arena": self.io == "arena",
+                       "ram_bytes": plan.arena_bytes + (0 if self.io == "arena" else
+                                                        io_bytes),
+                       "weight_bytes": weight_bytes,
                        "ram_budget": self.preset.ram_bytes,
                        "flash_budget": self.preset.flash_bytes},
             "ops": [{"kernel": op.kind, "node": op.node, "op_type": op.op_type,
@@ -317,6 +340,26 @@ class McuTarget(Target):
 
     def ran_on(self) -> str | None:
         return self._ran_on
+
+
+def plan_program(program, in_arena: bool) -> tuple[list[int], Plan]:
+    """``(op order, memory plan)`` of a lowered program. ``in_arena``: its inputs and
+    outputs are planned in the arena too (inputs written before the first op, outputs
+    alive to the end, reused like any tensor otherwise, as TFLite Micro does); else they
+    are the caller's buffers."""
+    steps = [op.step() for op in program.ops]
+    sizes = {t: program.nbytes(t) for t in program.shapes}
+    ins, outs = tuple(n for n, _ in program.inputs), tuple(n for n, _ in program.outputs)
+    if not in_arena:
+        return plan_best_order(steps, sizes, set(ins) | set(outs))
+    best: tuple[list[int], Plan] | None = None
+    for order in (list(range(len(steps))), memory_greedy_order(steps, sizes,
+                                                               set(ins) | set(outs))):
+        plan = plan_memory([Step("(inputs)", (), ins), *(steps[i] for i in order),
+                            Step("(outputs)", outs, ())], sizes, set())
+        if best is None or plan.arena_bytes < best[1].arena_bytes:
+            best = (order, plan)
+    return best
 
 
 def _sample_count(ins: list[dict], feeds: dict[str, np.ndarray]) -> int:

@@ -65,12 +65,16 @@ def _array(name: str, data: np.ndarray, ctype: str = "float") -> str:
 class _Emitter:
     """Writes the two files for one program and plan."""
 
-    def __init__(self, program: Program, plan: Plan, model_name: str):
+    def __init__(self, program: Program, plan: Plan, model_name: str,
+                 io_in_arena: bool = False):
         self.program, self.plan = program, plan
         self.model_name = model_name.replace("*/", "* /")
+        self.io_in_arena = io_in_arena
         taken: set[str] = set()
-        self.vars = {n: "in_" + c_name(n, taken) for n, _ in program.inputs}
-        self.vars.update({n: "out_" + c_name(n, taken) for n, _ in program.outputs})
+        self.params = {n: "in_" + c_name(n, taken) for n, _ in program.inputs}
+        self.params.update({n: "out_" + c_name(n, taken) for n, _ in program.outputs})
+        # the tensors that are the caller's memory (none when the arena holds them)
+        self.vars = {} if io_in_arena else self.params
         self.decls: list[str] = []
         self.calls: list[str] = []
         self.weight_bytes = 0
@@ -208,8 +212,24 @@ class _Emitter:
                           f"{{{', '.join(map(str, shape))}}}"]
             total = sum(math.prod(s) for _, s in tensors)
             lines.append(f"#define GRAPHOPT_MODEL_{kind}_FLOATS {total}")
-        lines += ["", "/* Runs the model: inputs, then outputs, in the order above. "
-                      "Returns 0. */",
+        if self.io_in_arena:
+            lines += ["", "/* Inputs and outputs live in the arena (no buffers of the "
+                          "caller's needed):", " * write input i at graphopt_model_input(i),"
+                          " call graphopt_model_invoke(), then read", " * output i at "
+                          "graphopt_model_output(i). The arena reuses the inputs' memory: "
+                          "write", " * them again before each invoke. */",
+                      "#define GRAPHOPT_MODEL_IO_IN_ARENA 1",
+                      "#define GRAPHOPT_MODEL_INPUT_SIZES {" + ", ".join(
+                          str(math.prod(s)) for _, s in prog.inputs) + "}",
+                      "#define GRAPHOPT_MODEL_OUTPUT_SIZES {" + ", ".join(
+                          str(math.prod(s)) for _, s in prog.outputs) + "}",
+                      "float *graphopt_model_input(int index);",
+                      "const float *graphopt_model_output(int index);",
+                      "/* Runs the model on the inputs in the arena. Returns 0. */",
+                      "int graphopt_model_invoke(void);"]
+        lines += ["", "/* Runs the model: inputs, then outputs, in the order above"
+                      + (" (copied into and out of the arena)" if self.io_in_arena else "")
+                      + ". Returns 0. */",
                   f"int graphopt_model_run({self._params()});",
                   "/* The same with the inputs (outputs) concatenated in one array. */",
                   "int graphopt_model_run_packed(const float *inputs, float *outputs);",
@@ -217,9 +237,30 @@ class _Emitter:
         return "\n".join(lines)
 
     def _params(self) -> str:
-        ins = [f"const float *{self.vars[n]}" for n, _ in self.program.inputs]
-        outs = [f"float *{self.vars[n]}" for n, _ in self.program.outputs]
+        ins = [f"const float *{self.params[n]}" for n, _ in self.program.inputs]
+        outs = [f"float *{self.params[n]}" for n, _ in self.program.outputs]
         return ", ".join(ins + outs)
+
+    def _io_functions(self) -> str:
+        """With the inputs and outputs in the arena: their addresses, ``invoke``, and
+        ``run`` copying the caller's arrays in and out around it."""
+        prog = self.program
+        text = ""
+        for kind, tensors, const in (("input", prog.inputs, ""),
+                                     ("output", prog.outputs, "const ")):
+            cases = "".join(f"    case {i}: return graphopt_arena + "
+                            f"{self.plan.offset(n) // 4};\n"
+                            for i, (n, _) in enumerate(tensors))
+            text += (f"{const}float *graphopt_model_{kind}(int index)\n{{\n"
+                     f"    switch (index) {{\n{cases}    default: return 0;\n    }}\n}}\n\n")
+        copies_in = "".join(
+            f"    memcpy(graphopt_arena + {self.plan.offset(n) // 4}, {self.params[n]}, "
+            f"{math.prod(shape)} * sizeof(float));\n" for n, shape in prog.inputs)
+        copies_out = "".join(
+            f"    memcpy({self.params[n]}, graphopt_arena + {self.plan.offset(n) // 4}, "
+            f"{math.prod(shape)} * sizeof(float));\n" for n, shape in prog.outputs)
+        return text + f"int graphopt_model_run({self._params()})\n{{\n{copies_in}" \
+            f"    graphopt_model_invoke();\n{copies_out}    return 0;\n}}\n\n"
 
     def source(self) -> str:
         arena_floats = max(self.plan.arena_bytes // 4, 1)
@@ -248,16 +289,23 @@ class _Emitter:
         if not used:
             head.append("/* (this model needs no arena: every tensor is an input or "
                         "output) */")
-        return "\n".join(head) + "\n" + "".join(self.decls) + "\n" + \
-            f"int graphopt_model_run({self._params()})\n{{\n{arena}{body}\n{unused}" \
-            f"    return 0;\n}}\n\n" \
+        if self.io_in_arena:
+            head.insert(head.index("#include <math.h>") + 1, "#include <string.h>")
+            run = f"int graphopt_model_invoke(void)\n{{\n{arena}{body}\n{unused}" \
+                f"    return 0;\n}}\n\n" + self._io_functions()
+        else:
+            run = f"int graphopt_model_run({self._params()})\n{{\n{arena}{body}\n" \
+                f"{unused}    return 0;\n}}\n\n"
+        return "\n".join(head) + "\n" + "".join(self.decls) + "\n" + run + \
             "int graphopt_model_run_packed(const float *inputs, float *outputs)\n{\n" \
             f"    return graphopt_model_run({', '.join(packed)});\n}}\n"
 
 
-def generate(program: Program, plan: Plan, model_name: str) -> tuple[str, str, int]:
-    """``(model.h, model.c, weight bytes)``."""
-    emitter = _Emitter(program, plan, model_name)
+def generate(program: Program, plan: Plan, model_name: str,
+             io_in_arena: bool = False) -> tuple[str, str, int]:
+    """``(model.h, model.c, weight bytes)``; ``io_in_arena``: the plan holds the inputs
+    and outputs too, and the API gives their addresses (see ``_io_functions``)."""
+    emitter = _Emitter(program, plan, model_name, io_in_arena)
     for i, op in enumerate(program.ops):
         emitter.emit(i, op)
     source = emitter.source()  # before the header: it counts the weights

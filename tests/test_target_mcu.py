@@ -600,3 +600,75 @@ def test_model_that_fits_the_plan_but_not_the_link_fails_at_link_time(arm, tmp_p
         tight.lower(model, tmp_path / "out")
     assert 0 < err.value.overflow["RAM"] < 2 * (mcu_build.HEAP_BYTES + mcu_build.STACK_BYTES)
     assert list(tmp_path.iterdir()) == []
+
+
+# ============================================================================ I/O in the arena
+POINTER_HARNESS = r"""
+#include <stdio.h>
+#include <string.h>
+#include "model.h"
+/* The caller keeps no buffers: input and output are read and written in the arena. */
+int main(void)
+{
+    FILE *in = fopen("x.bin", "rb"), *out = fopen("y.bin", "wb");
+    float *x = graphopt_model_input(0);
+    if (!in || !out || graphopt_model_input(1) != 0) return 2;
+    if (fread(x, sizeof(float), GRAPHOPT_MODEL_INPUT0_FLOATS, in) !=
+        GRAPHOPT_MODEL_INPUT0_FLOATS) return 3;
+    graphopt_model_invoke();
+    fwrite(graphopt_model_output(0), sizeof(float), GRAPHOPT_MODEL_OUTPUT0_FLOATS, out);
+    fclose(out);
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("make, shapes, io_kib, arena_kib", [
+    (small_cnn, {"input": [1, 3, 32, 32]}, 12328 / KiB, 96),
+    (conv_net, {"x": [1, 3, 32, 32]}, 76, 128)])
+def test_inputs_and_outputs_in_the_arena_cost_no_ram_of_their_own(
+        make, shapes, io_kib, arena_kib, host_cc, tmp_path, run_ort):
+    """--target-option io=arena: the inputs and outputs are planned in the arena (the
+    input dies after the first conv, the output fits beside the last live tensor), so the
+    RAM the model needs falls from arena + I/O to the arena alone, same size here; the
+    outputs still match ONNX Runtime, through graphopt_model_run's copies and through the
+    pointer API with no caller buffers."""
+    model, caller, arena = make(), tmp_path / "caller", tmp_path / "arena"
+    for out, target in ((caller, MCU), (arena, MCU.with_options(io="arena"))):
+        result = graphopt.optimize(model, target=target, output=out, input_shapes=shapes)
+        assert result.report["artifact"]["ok"] is True, result.report["artifact"]
+    before = json.loads((caller / "manifest.json").read_text())["memory"]
+    after = json.loads((arena / "manifest.json").read_text())["memory"]
+    assert before["io_in_arena"] is False and after["io_in_arena"] is True
+    assert before["io_bytes"] == after["io_bytes"] == pytest.approx(io_kib * KiB, abs=1)
+    assert before["ram_bytes"] == before["arena_bytes"] + before["io_bytes"]
+    assert after["ram_bytes"] == after["arena_bytes"] == before["arena_bytes"] == \
+        arena_kib * KiB
+    assert "graphopt_model_invoke(void);" in (arena / "model.h").read_text()
+    built = [json.loads((d / "manifest.json").read_text())["arm_build"] for d in (caller, arena)]
+    if all(b["built"] for b in built):  # the Cortex-M image: the harness's buffers are gone
+        assert built[0]["bss"] - built[1]["bss"] >= before["io_bytes"] - 64, built
+    assert "graphopt_model_invoke" not in (caller / "model.h").read_text()
+
+    name = next(iter(shapes))
+    x = np.random.default_rng(5).standard_normal(shapes[name]).astype(np.float32)
+    want = next(iter(run_ort(model, {name: x}).values()))
+    (tmp_path / "main.c").write_text(POINTER_HARNESS)
+    exe = tmp_path / "pointer"
+    sources = [str(arena / "model.c"), *(str(arena / n) for n in mcu_build.KERNEL_FILES
+                                         if n.endswith(".c")), str(tmp_path / "main.c")]
+    subprocess.run([mcu_build.host_compiler(), *mcu_build.CFLAGS, "-I", str(arena), *sources, "-o", str(exe),
+                    "-lm"], check=True, capture_output=True)
+    x.tofile(tmp_path / "x.bin")
+    subprocess.run([str(exe)], cwd=tmp_path, check=True)
+    got = np.fromfile(tmp_path / "y.bin", np.float32).reshape(want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_io_option_is_checked_and_listed(tmp_path):
+    with pytest.raises(UsageError, match="unknown io place 'flash'"):
+        MCU.with_options(io="flash")
+    with pytest.raises(UsageError, match="has no option 'layout'"):
+        MCU.with_options(layout="nhwc")
+    assert MCU.with_options(io="arena").option_values() == {"io": "arena"}
+    assert MCU.option_values() == {"io": "caller"}  # the default: the caller's buffers

@@ -6,8 +6,51 @@
 
 #include "model.h"
 
+#ifdef GRAPHOPT_MODEL_IO_IN_ARENA
+/* Inputs and outputs are read and written where they live, in the model's arena: the
+ * harness needs no buffers of its own (the image's RAM is the model's plan). */
+static const unsigned long input_sizes[] = GRAPHOPT_MODEL_INPUT_SIZES;
+static const unsigned long output_sizes[] = GRAPHOPT_MODEL_OUTPUT_SIZES;
+
+static int read_sample(FILE *in)
+{
+    int k;
+    for (k = 0; k < GRAPHOPT_MODEL_INPUT_COUNT; ++k)
+        if (fread(graphopt_model_input(k), sizeof(float), input_sizes[k], in) !=
+            input_sizes[k])
+            return 0;
+    return 1;
+}
+
+static int run_sample(void) { return graphopt_model_invoke(); }
+
+static int write_sample(FILE *out)
+{
+    int k;
+    for (k = 0; k < GRAPHOPT_MODEL_OUTPUT_COUNT; ++k)
+        if (fwrite(graphopt_model_output(k), sizeof(float), output_sizes[k], out) !=
+            output_sizes[k])
+            return 0;
+    return 1;
+}
+#else
 static float inputs[GRAPHOPT_MODEL_INPUT_FLOATS];
 static float outputs[GRAPHOPT_MODEL_OUTPUT_FLOATS];
+
+static int read_sample(FILE *in)
+{
+    return fread(inputs, sizeof(float), GRAPHOPT_MODEL_INPUT_FLOATS, in) ==
+           GRAPHOPT_MODEL_INPUT_FLOATS;
+}
+
+static int run_sample(void) { return graphopt_model_run_packed(inputs, outputs); }
+
+static int write_sample(FILE *out)
+{
+    return fwrite(outputs, sizeof(float), GRAPHOPT_MODEL_OUTPUT_FLOATS, out) ==
+           GRAPHOPT_MODEL_OUTPUT_FLOATS;
+}
+#endif
 
 int main(void)
 {
@@ -26,17 +69,15 @@ int main(void)
         return 1;
     }
     for (i = 0; i < count; ++i) {
-        if (fread(inputs, sizeof(float), GRAPHOPT_MODEL_INPUT_FLOATS, in) !=
-            GRAPHOPT_MODEL_INPUT_FLOATS) {
+        if (!read_sample(in)) {
             printf("graphopt-harness: graphopt_in.bin ends in sample %lu\n", i);
             return 1;
         }
-        if (graphopt_model_run_packed(inputs, outputs) != 0) {
+        if (run_sample() != 0) {
             printf("graphopt-harness: the model failed on sample %lu\n", i);
             return 1;
         }
-        if (fwrite(outputs, sizeof(float), GRAPHOPT_MODEL_OUTPUT_FLOATS, out) !=
-            GRAPHOPT_MODEL_OUTPUT_FLOATS) {
+        if (!write_sample(out)) {
             printf("graphopt-harness: cannot write sample %lu\n", i);
             return 1;
         }
