@@ -93,8 +93,9 @@ def latency(target: Target, artifact: Artifact, reference: onnx.ModelProto,
 
 def _ran_on(target: Target) -> dict:
     """``{"ran_on": where}`` where the target says where its runs executed, else ``{}``."""
-    where = target.ran_on()
-    return {} if where is None else {"ran_on": where}
+    where, details = target.ran_on(), target.run_details()
+    return {**({} if where is None else {"ran_on": where}),
+            **({"run_details": details} if details else {})}
 
 
 def _repeat(one_run_s: float) -> int:

@@ -180,6 +180,11 @@ class Target(ABC):
         """The settings of ``options`` this instance has (what the result depends on)."""
         return {}
 
+    def run_details(self) -> dict:
+        """Facts about the last ``run`` beyond ``ran_on`` that the report keeps (e.g. which
+        nodes ran on which processor); default: none."""
+        return {}
+
     def with_threads(self, threads: int) -> "Target":
         """This target running on ``threads`` threads (``--threads``). Default: the
         target has no such setting."""

@@ -43,8 +43,8 @@ from graphopt.errors import UsageError
 from graphopt.external_data import all_tensors
 from graphopt.ir import Model, external_threshold, save
 from graphopt.paths import TEMP_PREFIX
-from graphopt.target import (MANIFEST, Artifact, Target, cpu_model, folder_output,
-                             graph_inputs, move_in, sha256, value_info)
+from graphopt.target import (MANIFEST, Artifact, Capabilities, Target, cpu_model,
+                             folder_output, graph_inputs, move_in, sha256, value_info)
 from graphopt.targets import web_browser, web_install, web_page
 from graphopt.targets.ort import _CORES, OrtTarget, disabled_optimizers
 
@@ -98,21 +98,40 @@ class WebTarget(Target):
     compiled = True  # the browser's runtime, not the ORT the pass manager verified with
     formats = ("onnx", "ort")
 
-    def __init__(self, threads: int | None = None):
+    options = {"ep": "wasm (default): ONNX Runtime Web's CPU provider in WebAssembly; "
+                     "webgpu: its WebGPU provider (ops it lacks run on the CPU; the report "
+                     "says which), verified here on Chromium's software adapter"}
+
+    def __init__(self, threads: int | None = None, ep: str = "wasm"):
         """``threads``: wasm threads of the page's session (default: ONNX Runtime Web's,
         half the cores and at most 4; one where the page is not cross-origin isolated).
         On a 2-core machine shared with other work, 2 wasm threads ran the example CNN
         int8 at batch 32 in 37 ms against 18 ms on one: threads that wait for each other
-        lose more on a busy machine than native ones do."""
+        lose more on a busy machine than native ones do. ``ep``: the execution provider
+        the page asks for, ``wasm`` or ``webgpu`` (``WEBGPU``)."""
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be >= 1, got {threads}")
-        self.threads = threads
+        if ep not in web_install.RUNTIMES:
+            raise UsageError(f"unknown execution provider {ep!r}",
+                             hint=f"choose one of {', '.join(web_install.RUNTIMES)}")
+        self.threads, self.ep = threads, ep
         if threads is not None:
             self.device = browser_device(threads)
         self._ort = OrtTarget(threads)
+        if ep == "webgpu":
+            self.capabilities = webgpu_capabilities()
+            self.description = "ONNX Runtime Web (WebGPU) in a browser, verified in " \
+                               "headless Chromium here (software adapter)"
 
     def with_threads(self, threads: int) -> "WebTarget":
-        return WebTarget(threads=threads)
+        return WebTarget(threads=threads, ep=self.ep)
+
+    def with_options(self, **values: str) -> "WebTarget":
+        super().with_options(**values)
+        return WebTarget(self.threads, values.get("ep", self.ep))
+
+    def option_values(self) -> dict[str, str]:
+        return {"ep": self.ep}
 
     def availability(self) -> str | None:
         problem = web_install.why_missing()
@@ -159,10 +178,11 @@ class WebTarget(Target):
                                               min(external_threshold(), BROWSER_FILE_LIMIT))
             session = _write_ort(stage, data_files) if format == "ort" else None
             (stage / RUNTIME_FOLDER).mkdir()
-            runtime = [f"{RUNTIME_FOLDER}/{name}" for name in web_install.DIST_FILES]
-            for name in web_install.DIST_FILES:
+            dist = web_install.RUNTIMES[self.ep]
+            runtime = [f"{RUNTIME_FOLDER}/{name}" for name in dist]
+            for name in dist:
                 shutil.copyfile(package / "dist" / name, stage / RUNTIME_FOLDER / name)
-            (stage / SCRIPT_FILE).write_text(web_page.run_js(web_install.ENTRY))
+            (stage / SCRIPT_FILE).write_text(web_page.run_js(dist[0]))
             (stage / PAGE_FILE).write_text(web_page.index_html(proto.graph.name or "model",
                                                                ort_version))
             files = [MODEL_FILE, *data_files, *([ORT_FILE] if session else []),
@@ -186,13 +206,24 @@ class WebTarget(Target):
         return self._page(artifact).run(feeds)
 
     def measure(self, artifact: Artifact, feeds: dict[str, np.ndarray], *,
-                repeat: int = 20) -> float:
+                repeat: int = 20) -> float | None:
         """Median wall time of ``repeat`` runs in the page (after a warm-up), timed with
-        ``performance.now()`` around ``session.run``: this machine's Chromium."""
-        return statistics.median(self._page(artifact).time(feeds, max(repeat, 1)))
+        ``performance.now()`` around ``session.run``: this machine's Chromium. ``None``
+        for WebGPU on a software adapter (SwiftShader runs the shaders on this CPU: no
+        GPU's time)."""
+        page = self._page(artifact)
+        if (page.facts.get("adapter") or {}).get("software"):
+            return None
+        return statistics.median(page.time(feeds, max(repeat, 1)))
 
     def ran_on(self) -> str | None:
         return web_browser.last_run()
+
+    def run_details(self) -> dict:
+        """For WebGPU: where ONNX Runtime placed the nodes (per provider, the CPU's op
+        types, the copies between GPU and CPU memory)."""
+        facts = web_browser.last_facts() or {}
+        return {"placement": facts["placement"]} if facts.get("placement") else {}
 
     def _page(self, artifact: Artifact) -> web_browser.Page:
         folder = Path(artifact.path).parent
@@ -202,7 +233,7 @@ class WebTarget(Target):
         missing = web_browser.why_unavailable()
         if missing:
             raise UsageError(f"cannot run the web artifact here: {missing}")
-        return web_browser.page(folder, self.threads)
+        return web_browser.page(folder, self.threads, placement=self.ep == "webgpu")
 
 
 # ---------------------------------------------------------------------- helpers
@@ -229,7 +260,7 @@ def _manifest(target: WebTarget, proto: onnx.ModelProto, model: Model, stage: Pa
         "outputs": [value_info(v) for v in proto.graph.output],
         "external_data": data_files,
         "onnxruntime_web": {"version": ort_version, "package": web_install.PACKAGE,
-                            "execution_provider": "wasm", "entry": runtime[0],
+                            "execution_provider": target.ep, "entry": runtime[0],
                             "files": runtime},
         "serve": {"headers": {k: v for k, v in web_browser.HEADERS.items()
                               if k.startswith("Cross-Origin")},
@@ -242,6 +273,25 @@ def _manifest(target: WebTarget, proto: onnx.ModelProto, model: Model, stage: Pa
         "sha256": {name: sha256(stage / name) for name in files},
         "toolchain": {"onnx": onnx.__version__, "python": platform.python_version()},
     }
+
+
+# Ops the WebGPU provider's table lists that its native provider (1.31.1) ran on the CPU
+# when tried: ``com.microsoft.Attention`` with a mask (MiniLM, each layer's attention was
+# a CPU island with its copies). Measured, as the page reports the placement.
+WEBGPU_ON_CPU = frozenset({("com.microsoft", "Attention")})
+
+
+def webgpu_capabilities() -> Capabilities:
+    """What the pipeline may write for the WebGPU provider: the operators its table
+    lists (``web_install.webgpu_operators``), less ``WEBGPU_ON_CPU``; passes whose ops
+    are all outside it are left out, so their subgraphs stay in ops the GPU runs. Without
+    the package (lowering is refused then anyway), the CPU provider's."""
+    listed = web_install.webgpu_operators()
+    if listed is None:
+        return OrtTarget.capabilities
+    ops = frozenset(listed - WEBGPU_ON_CPU)
+    return Capabilities(domains=frozenset(d for d, _ in ops) | {""}, ops=ops,
+                        dtypes=OrtTarget.capabilities.dtypes)
 
 
 def _write_ort(stage: Path, data_files: list[str]) -> dict:

@@ -28,6 +28,7 @@ import base64
 import functools
 import http.server
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -44,7 +45,15 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "chromium-headless-shell")
 # would reach the network on its own.
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run",
-        "--disable-default-apps", "--disable-extensions"]
+        "--disable-default-apps", "--disable-extensions",
+        # WebGPU on SwiftShader, Chromium's software adapter: the same results on every
+        # machine (a CPU runs the shaders; no GPU's time is ever reported from it)
+        "--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader"]
+# ONNX Runtime's verbose log of where each node runs (``?log=verbose``): a header per
+# execution provider ("All nodes placed on ..." when there is one), then one line per
+# node: "  OpType (node name)".
+PLACED = re.compile(r"(?:Node\(s\)|All nodes) placed on \[(\w+)\]\. Number of nodes: (\d+)")
+PLACED_NODE = re.compile(r"VerifyEachNodeIsAssignedToAnEp\]\s{2,}(\w+) \((.*)\)\s*$")
 TIMEOUT_MS = 300_000  # creating a session of a model of gigabytes takes a while
 HEADERS = {"Cross-Origin-Opener-Policy": "same-origin",
            "Cross-Origin-Embedder-Policy": "require-corp",
@@ -127,29 +136,42 @@ class Server:
 class Page:
     """A folder's ``index.html`` open in Chromium with its ONNX Runtime session made."""
 
-    def __init__(self, browser, folder: Path, threads: int | None):
+    def __init__(self, browser, folder: Path, threads: int | None, placement: bool = False):
+        """``placement``: ask ONNX Runtime for its verbose log while the session is made,
+        and keep where each node runs (``facts["placement"]``)."""
         self.server = Server(folder)
         self.requests: list[str] = []
         self.refused: list[str] = []
         self.errors: list[str] = []
+        self.log: list[str] = []
         self.page = browser.new_page()
         self.page.set_default_timeout(TIMEOUT_MS)
         self.page.on("request", lambda r: self.requests.append(r.url))
-        self.page.on("console", lambda m: self.errors.append(m.text)
-                     if m.type == "error" else None)
+        self.page.on("console", self._console)
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.route("**/*", self._route)
-        query = f"?threads={threads}" if threads else ""
+        query = "&".join([*([f"threads={threads}"] if threads else []),
+                          *(["log=verbose"] if placement else [])])
+        query = f"?{query}" if query else ""
         try:
             self.page.goto(self.server.url + "index.html" + query, wait_until="load")
             self.page.wait_for_function("() => window.graphopt && window.graphopt.ready")
             self.facts = self.page.evaluate("() => window.graphopt.ready")
+            if placement:
+                self.facts["placement"] = placement_of(self.log)
         except Exception as exc:
             self.close()
             raise GraphoptError(f"the page {folder}/index.html failed in Chromium: "
                                 f"{_first_line(exc)}"
                                 + (f" (page errors: {'; '.join(self.errors[:3])})"
                                    if self.errors else "")) from exc
+
+    def _console(self, message) -> None:
+        text = message.text
+        if "[V:onnxruntime" in text or "[I:onnxruntime" in text:  # the verbose log
+            self.log.append(text)
+        elif message.type == "error":
+            self.errors.append(text)
 
     def _route(self, route) -> None:
         if route.request.url.startswith(self.server.url):
@@ -204,10 +226,11 @@ class Browser:
         self.version = self.browser.version
         self.pages: OrderedDict[tuple, Page] = OrderedDict()
 
-    def page(self, folder: Path, threads: int | None = None) -> Page:
+    def page(self, folder: Path, threads: int | None = None, placement: bool = False) -> Page:
         folder = Path(folder).resolve()
         manifest = folder / "manifest.json"
-        key = (str(folder), manifest.stat().st_mtime_ns if manifest.exists() else 0, threads)
+        key = (str(folder), manifest.stat().st_mtime_ns if manifest.exists() else 0, threads,
+               placement)
         if key in self.pages:
             self.pages.move_to_end(key)
             return self.pages[key]
@@ -215,7 +238,7 @@ class Browser:
             self.pages.pop(old).close()
         while len(self.pages) >= MAX_PAGES:
             self.pages.popitem(last=False)[1].close()
-        self.pages[key] = Page(self.browser, folder, threads)
+        self.pages[key] = Page(self.browser, folder, threads, placement)
         return self.pages[key]
 
     def close(self) -> None:
@@ -241,20 +264,66 @@ def browser() -> Browser:
     return found
 
 
-def page(folder: Path, threads: int | None = None) -> Page:
-    return browser().page(folder, threads)
+def page(folder: Path, threads: int | None = None, placement: bool = False) -> Page:
+    return browser().page(folder, threads, placement)
+
+
+def placement_of(log: list[str]) -> dict:
+    """Where ONNX Runtime placed the nodes, from its verbose log: per execution provider
+    the node count and the op types (memory copies between providers counted apart),
+    and ``cpu_ops``: the op types the CPU provider runs, by count."""
+    out: dict = {}
+    current = None
+    for line in log:
+        header = PLACED.search(line)
+        if header:
+            current = out.setdefault(header.group(1), {"nodes": int(header.group(2)),
+                                                       "ops": {}})
+            continue
+        node = PLACED_NODE.search(line)
+        if node and current is not None:
+            op = node.group(1)
+            current["ops"][op] = current["ops"].get(op, 0) + 1
+    cpu = out.get("CPUExecutionProvider", {}).get("ops", {})
+    copies = {op: n for p in out.values() for op, n in p["ops"].items()
+              if op.startswith("Memcpy")}
+    return {"providers": out, "cpu_ops": dict(sorted(cpu.items())),
+            "copies": dict(sorted(copies.items()))}
+
+
+def last_facts() -> dict | None:
+    """What the most recently used page of this thread said of its session."""
+    current = getattr(_local, "browser", None)
+    if current is None or not current.pages:
+        return None
+    return next(reversed(current.pages.values())).facts
 
 
 def last_run() -> str | None:
     """Where this thread's last page ran: Chromium's version, ONNX Runtime Web's version
-    and its threads (``None``: no page open)."""
-    current = getattr(_local, "browser", None)
-    if current is None or not current.pages:
+    and execution provider, its threads or (WebGPU) its adapter and where the nodes ran
+    (``None``: no page open)."""
+    facts = last_facts()
+    if facts is None:
         return None
-    facts = next(reversed(current.pages.values())).facts  # the most recently used
+    current = _local.browser
     threads = facts.get("threads")
-    return (f"this machine's Chromium {current.version} (headless), onnxruntime-web "
-            f"{facts.get('onnxruntime_web')} wasm, {threads} thread{'s' * (threads != 1)}")
+    where = (f"this machine's Chromium {current.version} (headless), onnxruntime-web "
+             f"{facts.get('onnxruntime_web')} {facts.get('ep', 'wasm')}")
+    if facts.get("ep") != "webgpu":
+        return where + f", {threads} thread{'s' * (threads != 1)}"
+    adapter = facts.get("adapter") or {}
+    where += f" on the {adapter.get('architecture') or 'unknown'} adapter" + \
+        (" (software: the shaders ran on this CPU)" if adapter.get("software") else "")
+    providers = facts.get("placement", {}).get("providers", {})
+    if providers:
+        gpu = sum(p["nodes"] for name, p in providers.items() if "Gpu" in name)
+        cpu = facts["placement"]["cpu_ops"]
+        copies = facts["placement"]["copies"]
+        where += f"; {gpu} nodes on WebGPU, {sum(cpu.values())} on the CPU" + \
+            (" (" + ", ".join(f"{op} x{n}" for op, n in cpu.items()) + ")" if cpu else "") + \
+            f", {copies.get('MemcpyToHost', 0)} copies GPU to CPU"
+    return where
 
 
 @atexit.register

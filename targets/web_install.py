@@ -8,7 +8,7 @@ whether a usable copy is there. ``GRAPHOPT_ORT_WEB`` names another copy instead 
 ``node_modules/onnxruntime-web`` folder, e.g. a web project's own).
 
 The package is not vendored into graphopt: it is 150 MB of builds for every backend, of
-which an artifact folder needs three files (``DIST_FILES``). Lowering copies those into
+which an artifact folder needs three files (``DIST_FILES``, or ``WEBGPU_FILES``). Lowering copies those into
 the folder, so the folder runs without npm, without the cache and without the network.
 """
 
@@ -35,6 +35,15 @@ ENV = "GRAPHOPT_ORT_WEB"
 # local copies (the artifact does: no CDN) imports it from there anyway.
 DIST_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
 ENTRY = DIST_FILES[0]
+# The WebGPU build: ONNX Runtime's native WebGPU execution provider (C++ over the
+# browser's WebGPU, compiled with asyncify), whose CPU execution provider runs what it
+# has no kernel for. (``ort.all``'s older JavaScript WebGPU provider, JSEP, failed on the
+# example CNN's Conv in 1.31.1: "dilations should be 2D".)
+WEBGPU_FILES = ("ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs",
+                "ort-wasm-simd-threaded.asyncify.wasm")
+RUNTIMES = {"wasm": DIST_FILES, "webgpu": WEBGPU_FILES}
+# The WebGPU provider's operator table, shipped in the package.
+WEBGPU_OPERATORS = "docs/webgpu-operators.md"
 
 
 def cache_folder() -> Path:
@@ -63,7 +72,8 @@ def why_missing(folder: Path | None = None) -> str | None:
     folder = folder if folder is not None else candidate()[0]
     if not (folder / "package.json").is_file():
         return f"no {PACKAGE} npm package at {folder}{where}"
-    missing = [name for name in DIST_FILES if not (folder / "dist" / name).is_file()]
+    missing = [name for name in DIST_FILES + WEBGPU_FILES
+               if not (folder / "dist" / name).is_file()]
     if missing:
         return f"{folder}{where} has no dist/{', dist/'.join(missing)} (version " \
                f"{package_version(folder)}; graphopt uses {VERSION})"
@@ -80,6 +90,24 @@ def find_package() -> Path:
                          f"with: {install_command()}",
                          hint=f"or set {ENV} to a node_modules/{PACKAGE} folder")
     return folder
+
+
+def webgpu_operators(folder: Path | None = None) -> frozenset[tuple[str, str]] | None:
+    """(domain, op) of every operator the package's WebGPU provider lists
+    (``docs/webgpu-operators.md``: "| Add | ai.onnx(7-12,13,14+) | |"); ``None`` when the
+    package or the table is missing."""
+    import re
+
+    folder = folder if folder is not None else candidate()[0]
+    try:
+        text = (folder / WEBGPU_OPERATORS).read_text()
+    except OSError:
+        return None
+    ops = set()
+    for op, versions in re.findall(r"^\|\s*(\w+)\s*\|\s*([^|]+)\|", text, re.M):
+        for domain in re.findall(r"([\w.]+)\(", versions):
+            ops.add(("" if domain == "ai.onnx" else domain, op))
+    return frozenset(ops) or None
 
 
 def package_version(folder: Path) -> str | None:

@@ -102,20 +102,35 @@ function randomFeeds(inputs) {
 
 async function start() {
   const manifest = await (await fetch('manifest.json')).json();
-  const threads = Number(new URLSearchParams(location.search).get('threads'));
+  const query = new URLSearchParams(location.search);
+  const threads = Number(query.get('threads'));
+  // ?log=verbose: ONNX Runtime's verbose log on the console (which node runs where)
+  const verbose = query.get('log') === 'verbose';
   ort.env.wasm.wasmPaths = new URL('ort-web/', location.href).href;
   // ?threads=N, else ONNX Runtime Web's default: half the cores (at most 4) where the
   // page is cross-origin isolated, else 1.
   if (threads > 0) ort.env.wasm.numThreads = threads;
-  ort.env.logLevel = 'warning';
+  ort.env.logLevel = verbose ? 'verbose' : 'warning';
+  const ep = manifest.onnxruntime_web.execution_provider || 'wasm';
+  let adapter = null;
+  if (ep === 'webgpu') {
+    const gpu = navigator.gpu && await navigator.gpu.requestAdapter();
+    if (!gpu) throw new Error('this browser offers no WebGPU adapter (needs WebGPU: ' +
+                              'Chrome/Edge 113+, a secure context)');
+    const info = gpu.info || {};
+    adapter = {vendor: info.vendor, architecture: info.architecture,
+               software: Boolean(gpu.isFallbackAdapter || info.architecture === 'swiftshader')};
+  }
   // model.ort where the folder has one (--format ort: weights inside), else model.onnx.
   const ortFormat = Boolean(manifest.session_model);
   const session = await ort.InferenceSession.create(manifest.session_model || manifest.model, {
-    executionProviders: ['wasm'],
+    executionProviders: [ep],
     graphOptimizationLevel: 'all',
     externalData: ortFormat ? [] : manifest.external_data.map(f => ({path: f, data: f})),
+    ...(verbose ? {logSeverityLevel: 0, logVerbosityLevel: 0} : {}),
   });
   const facts = {
+    ep, adapter,
     onnxruntime_web: ort.env.versions.web, threads: ort.env.wasm.numThreads,
     cross_origin_isolated: self.crossOriginIsolated, user_agent: navigator.userAgent,
     inputs: session.inputNames, outputs: session.outputNames,

@@ -247,3 +247,56 @@ def test_targets_names_what_to_install_for_each_missing_piece(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "playwright", None)
     runs = WebTarget().run_availability()
     assert "playwright" in runs and "pip install playwright" in runs, runs
+
+
+# ============================================================================ WebGPU
+def test_example_cnn_on_webgpu_runs_every_node_on_the_gpu(browser, tmp_path, run_ort):
+    """--target-option ep=webgpu: the folder carries ONNX Runtime Web's WebGPU build and
+    the page asks for that provider; on Chromium's software adapter the outputs match
+    ONNX Runtime, every node (FusedConv included) runs on WebGPU, and no latency is
+    claimed for a GPU the shaders did not run on."""
+    from tests.test_target_web import small_cnn
+
+    model = small_cnn()
+    x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    out = tmp_path / "cnn"
+    result = graphopt.optimize(model, target=WebTarget().with_options(ep="webgpu"),
+                               output=out, data=[{"input": x}])
+    check = result.report["artifact"]
+    assert check["ok"] is True and check["max_abs_diff"] < 1e-4, check
+    assert "webgpu on the swiftshader adapter (software" in check["ran_on"], check
+    assert check["latency"]["artifact_s"] is None  # software adapter: no GPU time
+    placement = check["run_details"]["placement"]
+    assert placement["cpu_ops"] == {} and set(placement["providers"]) == \
+        {"WebGpuExecutionProvider"}, placement
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["onnxruntime_web"]["execution_provider"] == "webgpu"
+    assert manifest["onnxruntime_web"]["files"] == [f"ort-web/{f}" for f in
+                                                    web_install.WEBGPU_FILES]
+    assert "FusedConv" in {n.op_type for n in onnx.load(out / "model.onnx").graph.node}
+    np.testing.assert_allclose(WebTarget(ep="webgpu").run(WebTarget().open(out),
+                                                          {"input": x})["logits"],
+                               run_ort(model, {"input": x})["logits"], rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_minilm_on_webgpu_keeps_attention_on_the_gpu(browser, tmp_path, run_ort):
+    """all-MiniLM-L6-v2 for WebGPU: the pipeline writes only ops the WebGPU provider
+    lists, less ORT's fused Attention, which that provider ran on the CPU in every layer
+    (measured: the ``ort`` pipeline's model put 6 Attention nodes on the CPU); so the
+    attention's MatMuls and Softmax run on the GPU, and the embeddings match ONNX Runtime
+    within 1e-4."""
+    model, feeds = zoo.bert_minilm(), zoo.minilm_tokenize()
+    out = tmp_path / "minilm"
+    target = WebTarget().with_options(ep="webgpu")
+    result = graphopt.optimize(model, target=target, output=out, data=[feeds])
+    check = result.report["artifact"]
+    assert check["ok"] is True and check["max_abs_diff"] <= 1e-4, check
+    assert "fuse-attention" in result.report["left_out"]
+    ops = {n.op_type for n in onnx.load(out / "model.onnx").graph.node}
+    assert "Attention" not in ops and "BiasGelu" not in ops, ops
+    placement = check["run_details"]["placement"]
+    gpu = placement["providers"]["WebGpuExecutionProvider"]
+    assert "Attention" not in placement["cpu_ops"] and "MatMul" not in placement["cpu_ops"]
+    assert gpu["ops"].get("MatMul", 0) + gpu["ops"].get("Gemm", 0) >= 36, gpu  # 6 per layer
+    assert gpu["nodes"] > 4 * sum(placement["cpu_ops"].values()), placement
