@@ -300,3 +300,25 @@ def test_minilm_on_webgpu_keeps_attention_on_the_gpu(browser, tmp_path, run_ort)
     assert "Attention" not in placement["cpu_ops"] and "MatMul" not in placement["cpu_ops"]
     assert gpu["ops"].get("MatMul", 0) + gpu["ops"].get("Gemm", 0) >= 36, gpu  # 6 per layer
     assert gpu["nodes"] > 4 * sum(placement["cpu_ops"].values()), placement
+
+
+def test_int4_weights_run_on_webgpu(browser, tmp_path):
+    """--quantize int4-weight for WebGPU writes MatMulNBits (in the provider's table), and
+    the browser runs every one of them on the GPU within the accuracy budget."""
+    from tests.zoo import mlp
+
+    rng = np.random.default_rng(0)
+    model = mlp(hidden=256)
+    calibration = [{"x": rng.standard_normal((16, 32)).astype(np.float32)} for _ in range(4)]
+    result = graphopt.optimize(model, target=WebTarget().with_options(ep="webgpu"),
+                               output=tmp_path / "int4", quantize="int4-weight",
+                               calibration=calibration, metric="mean-cosine", tolerance=0.98)
+    check = result.report["artifact"]
+    assert check["ok"] is True and check["min_cosine"] >= 0.98, check
+    ops = [n.op_type for n in onnx.load(tmp_path / "int4" / "model.onnx").graph.node]
+    placement = check["run_details"]["placement"]
+    gpu = placement["providers"]["WebGpuExecutionProvider"]
+    assert ops.count("MatMulNBits") >= 2 and "MatMulNBits" not in placement["cpu_ops"], \
+        (ops, placement)
+    assert gpu["ops"].get("MatMulNBits", 0) == ops.count("MatMulNBits") or \
+        set(placement["providers"]) == {"WebGpuExecutionProvider"}, placement
