@@ -193,6 +193,17 @@ class WebTarget(Target):
                 manifest["session_model"] = ORT_FILE
                 manifest["ort_format"] = session
             manifest["ir_version"] = {"model": ir_version, "written": proto.ir_version}
+            if self.ep == "webgpu":  # ops outside the provider's table run on the CPU
+                # (ONNX Runtime also keeps small integer shape arithmetic there, which only
+                # the placement measured in the browser shows)
+                def foreign(node) -> bool:
+                    return not self.capabilities.supports(node.op_type, node.domain)
+
+                ops: dict[str, int] = {}
+                for node in filter(foreign, proto.graph.node):
+                    ops[node.op_type] = ops.get(node.op_type, 0) + 1
+                manifest["webgpu"] = {"predicted_cpu_ops": dict(sorted(ops.items())),
+                                      "predicted_islands": islands(proto.graph, foreign)}
             (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             files.append(MANIFEST)
             move_in(stage, out, files, FORMAT)
@@ -233,7 +244,14 @@ class WebTarget(Target):
         missing = web_browser.why_unavailable()
         if missing:
             raise UsageError(f"cannot run the web artifact here: {missing}")
-        return web_browser.page(folder, self.threads, placement=self.ep == "webgpu")
+        page = web_browser.page(folder, self.threads, placement=self.ep == "webgpu")
+        placement = page.facts.get("placement")
+        if placement is not None and "islands" not in placement:
+            model = onnx.load(folder / MODEL_FILE, load_external_data=False)
+            names = set(placement["cpu_nodes"])  # (nodes ONNX Runtime added are not in it)
+            placement["islands"] = islands(model.graph, lambda n: bool(n.name) and
+                                           n.name in names)
+        return page
 
 
 # ---------------------------------------------------------------------- helpers
@@ -279,6 +297,27 @@ def _manifest(target: WebTarget, proto: onnx.ModelProto, model: Model, stage: Pa
 # when tried: ``com.microsoft.Attention`` with a mask (MiniLM, each layer's attention was
 # a CPU island with its copies). Measured, as the page reports the placement.
 WEBGPU_ON_CPU = frozenset({("com.microsoft", "Attention")})
+
+
+def islands(graph: onnx.GraphProto, on_cpu) -> int:
+    """How many connected groups the nodes ``on_cpu(node)`` says run on the CPU form in
+    ``graph`` (two are connected when one reads what the other writes): each group is one
+    trip from GPU memory to the CPU and back."""
+    nodes = [n for n in graph.node if on_cpu(n)]
+    parent = list(range(len(nodes)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    producer = {out: i for i, n in enumerate(nodes) for out in n.output if out}
+    for i, n in enumerate(nodes):
+        for name in n.input:
+            if name in producer:
+                parent[root(i)] = root(producer[name])
+    return len({root(i) for i in range(len(nodes))})
 
 
 def webgpu_capabilities() -> Capabilities:

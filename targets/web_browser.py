@@ -274,21 +274,25 @@ def placement_of(log: list[str]) -> dict:
     and ``cpu_ops``: the op types the CPU provider runs, by count."""
     out: dict = {}
     current = None
+    cpu_nodes: list[str] = []
     for line in log:
         header = PLACED.search(line)
         if header:
             current = out.setdefault(header.group(1), {"nodes": int(header.group(2)),
                                                        "ops": {}})
+            provider = header.group(1)
             continue
         node = PLACED_NODE.search(line)
         if node and current is not None:
             op = node.group(1)
             current["ops"][op] = current["ops"].get(op, 0) + 1
+            if provider == "CPUExecutionProvider":
+                cpu_nodes.append(node.group(2))
     cpu = out.get("CPUExecutionProvider", {}).get("ops", {})
     copies = {op: n for p in out.values() for op, n in p["ops"].items()
               if op.startswith("Memcpy")}
     return {"providers": out, "cpu_ops": dict(sorted(cpu.items())),
-            "copies": dict(sorted(copies.items()))}
+            "cpu_nodes": cpu_nodes, "copies": dict(sorted(copies.items()))}
 
 
 def last_facts() -> dict | None:
@@ -322,6 +326,8 @@ def last_run() -> str | None:
         copies = facts["placement"]["copies"]
         where += f"; {gpu} nodes on WebGPU, {sum(cpu.values())} on the CPU" + \
             (" (" + ", ".join(f"{op} x{n}" for op, n in cpu.items()) + ")" if cpu else "") + \
+            (f" in {facts['placement']['islands']} islands"
+             if "islands" in facts["placement"] else "") + \
             f", {copies.get('MemcpyToHost', 0)} copies GPU to CPU"
     return where
 
