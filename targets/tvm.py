@@ -454,6 +454,45 @@ class TvmTarget(Target):
         return _local_vm(str(path), path.stat().st_mtime_ns,
                          self.preset.device_kind).time(arrays, repeat)
 
+    def profile_nodes(self, proto: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                      runs: int) -> tuple[dict[str, tuple[str, float]], float]:
+        """Per-kernel times on this machine: the model compiled at the feeds' shapes, its
+        VM timed around each call (``tvm_runner.profile_vm``). TVM 0.27's Relax VM has
+        no profiler of its own; its instrument hook is what remains. Kernels are TVM's
+        fused functions (``fused_conv2d_add_relu``: op ``conv2d``), named as TVM names
+        them, so they match no graph node and carry no estimate; the VM's own calls
+        (allocation, shape checks) are rows of op ``vm``."""
+        from graphopt.cost_calibration import static_model
+        from graphopt.targets import tvm_runner
+
+        if self.remote is not None:
+            raise UsageError(f"target {self.name!r}: profiling over --rpc is not supported "
+                             "(the VM's per-call hook runs in the process that owns the VM)",
+                             hint="run graphopt profile on the device itself")
+        if self.preset.runner != "local":
+            raise UsageError(f"target {self.name!r} runs under emulation here: its kernel "
+                             "times would say nothing about the device",
+                             hint="run graphopt profile on the device itself")
+        self._check_local_device()
+        shapes = {name: list(np.shape(value)) for name, value in feeds.items()}
+        static = static_model(proto, shapes).to_onnx()
+        with tempfile.TemporaryDirectory(prefix="graphopt-tvm-profile-") as tmp:
+            library, link, _ = self._compile(static, Path(tmp))
+            if link:
+                raise UsageError(f"target {self.name!r}: no {self.preset.linker} here to "
+                                 "link the library it would profile")
+            vm = tvm_runner.load_vm(str(library), self._tvm_device())
+            names = [v.name for v in graph_inputs(static)]
+            calls, run_s = tvm_runner.profile_vm(vm, [feeds[n] for n in names], runs,
+                                                 self._tvm_device())
+        return {symbol: (_kernel_op(symbol), seconds)
+                for symbol, (_, seconds) in calls.items()}, run_s
+
+    def _tvm_device(self):
+        import tvm
+
+        return tvm.device(self.preset.device_kind, 0)
+
     def _check_local_device(self) -> None:
         """A GPU preset runs here only where TVM sees such a GPU (the PyPI wheel carries
         the CUDA runtime; the kernels' CUDA source is compiled when the library loads)."""
@@ -673,6 +712,15 @@ def _gpu_default_schedules():
     return dl.ApplyDefaultSchedule(*[_Tolerant(rule) for rule in (
         dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
         dl.gpu.Fallback())])
+
+
+def _kernel_op(symbol: str) -> str:
+    """What a VM call computes, from its symbol: ``fused_conv2d1_add_relu`` -> ``conv2d``,
+    ``matmul2`` -> ``matmul``, ``vm.builtin.alloc_tensor`` -> ``vm``."""
+    if symbol.startswith("vm."):
+        return "vm"
+    first = symbol.removeprefix("fused_").split("_")[0]
+    return first.rstrip("0123456789") or symbol
 
 
 def _ordered_inputs(manifest: dict, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
