@@ -297,7 +297,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     artifact = None
     if output is not None:
         options = {**({"format": format} if format else {}),
-                   **({"tune_trials": tune_trials} if tune_trials else {})}
+                   **({"tune_trials": tune_trials} if tune_trials else {}),
+                   **({"progress": progress} if tune_trials and progress else {})}
         try:
             artifact = tgt.lower(working, Path(output), **options)
         except OSError as exc:
@@ -313,7 +314,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
             try:
                 report["artifact"] = _check_artifact(tgt, artifact, original_proto, feeds,
                                                      tolerance, lossy_budget,
-                                                     required=bool(verify_artifact))
+                                                     required=bool(verify_artifact),
+                                                     progress=progress)
             except VerificationError:
                 for f in artifact.files:  # a wrong artifact is not left behind
                     Path(f).unlink(missing_ok=True)
@@ -406,13 +408,13 @@ def _record_budget(art: Artifact, budget: float) -> None:
 
 
 def _check_artifact(tgt: Target, art: Artifact, reference, feeds, tolerance, budget,
-                    required: bool, timing: bool = True) -> dict:
+                    required: bool, timing: bool = True, progress=None) -> dict:
     if not feeds:
         if required:
             raise UsageError("no inputs to run the artifact on",
                              hint="give --data or --input-shape")
         return {"ok": None, "detail": "no inputs to run the artifact on"}
-    result = artifact_check.check(tgt, art, reference, feeds, tolerance, budget)
+    result = artifact_check.check(tgt, art, reference, feeds, tolerance, budget, progress)
     if result["ok"] is None and required:
         raise UsageError(f"cannot run {art.path} here to verify it: {result['detail']}")
     if result["ok"] is False:

@@ -31,15 +31,19 @@ ROUNDS = 5
 
 def check(target: Target, artifact: Artifact, reference: onnx.ModelProto,
           feeds: list[verify.Feeds], tolerance: verify.Tolerance,
-          budget: float | None = None) -> dict:
+          budget: float | None = None, progress=None) -> dict:
     """Outputs of ``artifact`` against ONNX Runtime on ``reference``, batch by batch:
     within rtol/atol, or, for a lossily optimized model (``budget``), a minimum per-sample
     output cosine. ``{"ok": None, "detail": why}`` when the artifact cannot run here (the
-    target raised a UsageError: no emulator, no GPU, unlinked objects, ...)."""
+    target raised a UsageError: no emulator, no GPU, unlinked objects, ...).
+    ``progress(what, done, total)`` is told before each batch."""
     comparison = verify.Comparison()
     worst_cosine = 1.0
     ref_session = verify.session(reference)
-    for f in feeds:
+    for done, f in enumerate(feeds):
+        if progress is not None:  # (a browser or an emulator takes seconds a batch)
+            progress(f"running the {target.name} artifact against ONNX Runtime (batches)",
+                     done, len(feeds))
         try:
             got = target.run(artifact, f)
         except UsageError as exc:

@@ -226,13 +226,15 @@ class TvmTarget(Target):
             return tvm.target.Target(dict(self.preset.accelerator), host=self.llvm_target())
         return tvm.target.Target(self.llvm_target())
 
-    def lower(self, model: Model, out: Path, *, tune_trials: int = 0) -> Artifact:
+    def lower(self, model: Model, out: Path, *, tune_trials: int = 0,
+              progress=None) -> Artifact:
         """Compile ``model`` into the folder ``out``. ``tune_trials > 0`` first tunes the
         kernels with MetaSchedule and keeps the database in ``out/tuning``; a database
         already there is applied (and extended by tuning). Candidates are measured on this
         machine for ``runner="local"`` presets, else on the device through the RPC tracker
         this target is connected to (``connect("HOST:PORT:KEY")``); static shapes only;
-        minutes even for small budgets."""
+        minutes even for small budgets; ``progress(what, done, total)`` is told as the
+        candidates are measured."""
         out = Path(out)
         if out.suffix in (".onnx", ".so", ".tar") or out.is_file():
             raise UsageError(f"target {self.name!r} writes a directory (model.so, model.onnx, "
@@ -263,7 +265,7 @@ class TvmTarget(Target):
                 for name in TUNING_FILES:
                     if (out / TUNING / name).is_file():
                         shutil.copy2(out / TUNING / name, tuning / name)
-            library, link, tuned = self._compile(proto, tmp, tuning, tune_trials)
+            library, link, tuned = self._compile(proto, tmp, tuning, tune_trials, progress)
             model_path = save(proto, tmp / MODEL_FILE)
             manifest = self._manifest(proto, model, tmp, model_path, library, link)
             manifest["tuning"] = tuned
@@ -302,12 +304,12 @@ class TvmTarget(Target):
                              hint="connect to the device through an RPC tracker: --rpc "
                                   "TRACKER_HOST:9190:KEY, or lower without tuning")
 
-    def _tune(self, mod, target, work_dir: Path, trials: int) -> dict:
+    def _tune(self, mod, target, work_dir: Path, trials: int, progress=None) -> dict:
         """Tune here (LocalRunner), or on the tracker's servers: candidates are linked
         here with the preset's linker (the device needs no compiler) and measured there.
         Our own session is released first: the tuner asks the tracker for the servers."""
         if self.remote is None:
-            return _tune(mod, target, work_dir, trials)
+            return _tune(mod, target, work_dir, trials, progress=progress)
         import functools
 
         from graphopt.targets import tvm_rpc
@@ -321,10 +323,10 @@ class TvmTarget(Target):
         return _tune(mod, target, work_dir, trials,
                      runner=tvm_rpc.rpc_runner(self.remote.address, servers),
                      f_export=functools.partial(tvm_rpc.export_shared, linker),
-                     where=f"RPC tracker {self.remote.address}")
+                     where=f"RPC tracker {self.remote.address}", progress=progress)
 
     def _compile(self, proto: onnx.ModelProto, tmp: Path, tuning: Path | None = None,
-                 trials: int = 0) -> tuple[Path, str | None, dict | None]:
+                 trials: int = 0, progress=None) -> tuple[Path, str | None, dict | None]:
         """Import, optimize (Relax: legalize + fuse), tune or apply a tuning database,
         build and export; returns the library (or object archive), for an archive the
         command that links it, and what tuning did."""
@@ -351,7 +353,7 @@ class TvmTarget(Target):
                 mod = relax.get_pipeline("zero")(mod)
             tuned = None
             if tuning is not None:
-                tuned = self._tune(mod, target, tuning, trials) if trials > 0 else \
+                tuned = self._tune(mod, target, tuning, trials, progress) if trials > 0 else \
                     {"trials": 0, "database": "applied the one already in the folder"}
                 with target:
                     mod = relax.transform.MetaScheduleApplyDatabase(str(tuning))(mod)
@@ -591,7 +593,7 @@ def _pooled_builder_class():
 
 
 def _tune(mod, target, work_dir: Path, trials: int, runner=None, f_export=None,
-          where: str = "this machine") -> dict:
+          where: str = "this machine", progress=None) -> dict:
     """MetaSchedule-tune every fused kernel of ``mod``, candidates measured by ``runner``
     (default: here, ``LocalRunner``); the JSON database in ``work_dir`` (possibly holding
     earlier records) is extended. ``f_export`` exports a built candidate (default: an
@@ -614,11 +616,34 @@ def _tune(mod, target, work_dir: Path, trials: int, runner=None, f_export=None,
         max_trials_per_task=per_task, num_trials_per_iter=min(64, per_task),
         builder=_pooled_builder_class()(timeout_sec=120, f_export=f_export),
         runner=runner or ms.runner.LocalRunner(timeout_sec=60), cost_model=cost_model,
+        measure_callbacks=[*ms.MeasureCallback.create("default"),
+                           *([_progress_callback(progress, trials, where)] if progress
+                             else [])],
         seed=0)
     shutil.rmtree(work_dir / "logs", ignore_errors=True)
     return {"trials": trials, "tasks": len(tasks), "trials_per_task": per_task,
             "cost_model": cost_model, "measured_on": where,
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _progress_callback(progress, trials: int, where: str):
+    """A MetaSchedule measure callback telling ``progress`` how many candidates have been
+    measured, out of the trial budget."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    @derived_object
+    class Progress(PyMeasureCallback):
+        def __init__(self):
+            self.done = 0
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+                  runner_results):
+            self.done += len(measure_candidates)
+            progress(f"tuning kernels on {where} (candidates measured)",
+                     min(self.done, trials), trials)
+
+    return Progress()
 
 
 # ---------------------------------------------------------------------- helpers

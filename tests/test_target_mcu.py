@@ -672,3 +672,14 @@ def test_io_option_is_checked_and_listed(tmp_path):
         MCU.with_options(layout="nhwc")
     assert MCU.with_options(io="arena").option_values() == {"io": "arena"}
     assert MCU.option_values() == {"io": "caller"}  # the default: the caller's buffers
+
+
+def test_the_artifact_check_reports_its_progress(host_cc, tmp_path):
+    """The C harness (or qemu) runs batch by batch; optimize's progress hears each one."""
+    events = []
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    graphopt.optimize(small_cnn(), target=MCU.with_runner("host"), output=tmp_path / "c",
+                      input_shapes={"input": [1, 3, 32, 32]}, data=[{"input": x}] * 3,
+                      progress=lambda what, done, total: events.append((what, done, total)))
+    runs = [(d, t) for w, d, t in events if w.startswith("running the mcu artifact")]
+    assert runs == [(0, 3), (1, 3), (2, 3)], events

@@ -368,3 +368,26 @@ def test_a_distribution_can_register_a_preset_instance(tmp_path, monkeypatch):
         registry.get("not-a-target")
     for exc in (err.value, err2.value):
         assert "myboard" in str(exc) and "entry point" in str(exc)
+
+
+@needs_tvm
+@pytest.mark.slow
+def test_local_tuning_reports_its_progress(tmp_path, run_ort):
+    """--tune-trials on this machine (about 2 minutes on 2 cores, mostly MetaSchedule's
+    worker processes importing TVM): the progress callback hears every measured candidate
+    against the budget, the database lands in the folder, and the tuned library still
+    computes the model."""
+    from tests.test_target_tvm_rpc import _gemm_relu
+
+    events = []
+    proto = _gemm_relu()
+    result = graphopt.optimize(proto, target="x86", output=tmp_path / "tuned", tune_trials=4,
+                               input_shapes={"x": [4, 64]},
+                               progress=lambda what, done, total: events.append(
+                                   (what, done, total)))
+    tuning = [e for e in events if e[0].startswith("tuning kernels on this machine")]
+    assert tuning and tuning[-1][1:] == (4, 4), events
+    assert [d for _, d, _ in tuning] == sorted(d for _, d, _ in tuning)
+    manifest = json.loads((tmp_path / "tuned" / "manifest.json").read_text())
+    assert manifest["tuning"]["trials"] == 4
+    assert result.report["artifact"]["ok"] is True, result.report["artifact"]
