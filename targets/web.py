@@ -45,7 +45,7 @@ from graphopt.ir import Model, external_threshold, save
 from graphopt.paths import TEMP_PREFIX
 from graphopt.target import (MANIFEST, Artifact, Capabilities, Target, cpu_model,
                              folder_output, graph_inputs, move_in, sha256, value_info)
-from graphopt.targets import web_browser, web_install, web_page
+from graphopt.targets import web_browser, web_install, web_node, web_page
 from graphopt.targets.ort import _CORES, OrtTarget, disabled_optimizers
 
 FORMAT = "graphopt-web/1"
@@ -102,15 +102,26 @@ class WebTarget(Target):
                      "webgpu: its WebGPU provider (ops it lacks run on the CPU; the report "
                      "says which), verified here on Chromium's software adapter"}
 
-    def __init__(self, threads: int | None = None, ep: str = "wasm"):
+    def __init__(self, threads: int | None = None, ep: str = "wasm",
+                 runner: str | None = None):
         """``threads``: wasm threads of the page's session (default: ONNX Runtime Web's,
         half the cores and at most 4; one where the page is not cross-origin isolated).
         On a 2-core machine shared with other work, 2 wasm threads ran the example CNN
         int8 at batch 32 in 37 ms against 18 ms on one: threads that wait for each other
         lose more on a busy machine than native ones do. ``ep``: the execution provider
-        the page asks for, ``wasm`` or ``webgpu`` (``WEBGPU``)."""
+        the page asks for, ``wasm`` or ``webgpu`` (``WEBGPU``). ``runner``: what runs the
+        folder to check it, ``chromium`` (the page, headless), ``node`` (Node.js with the
+        folder's own runtime files, no browser; wasm only, one thread) or ``None``:
+        Chromium where it can run here, else Node.js."""
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be >= 1, got {threads}")
+        if runner not in (None, "chromium", "node"):
+            raise UsageError(f"unknown runner {runner!r}", hint="chromium or node")
+        if runner == "node" and ep == "webgpu":
+            raise UsageError("WebGPU needs a browser: Node.js runs the wasm provider only",
+                             hint="leave the runner to Chromium")
+        self.runner = runner
+        self._ran_on: str | None = None
         if ep not in web_install.RUNTIMES:
             raise UsageError(f"unknown execution provider {ep!r}",
                              hint=f"choose one of {', '.join(web_install.RUNTIMES)}")
@@ -124,11 +135,14 @@ class WebTarget(Target):
                                "headless Chromium here (software adapter)"
 
     def with_threads(self, threads: int) -> "WebTarget":
-        return WebTarget(threads=threads, ep=self.ep)
+        return WebTarget(threads=threads, ep=self.ep, runner=self.runner)
+
+    def with_runner(self, runner: str | None) -> "WebTarget":
+        return WebTarget(self.threads, self.ep, runner)
 
     def with_options(self, **values: str) -> "WebTarget":
         super().with_options(**values)
-        return WebTarget(self.threads, values.get("ep", self.ep))
+        return WebTarget(self.threads, values.get("ep", self.ep), self.runner)
 
     def option_values(self) -> dict[str, str]:
         return {"ep": self.ep}
@@ -139,9 +153,23 @@ class WebTarget(Target):
             f"{problem}; install it with: {web_install.install_command()}"
 
     def run_availability(self) -> str | None:
-        """Running needs only the folder (it carries the runtime), Chromium and
-        playwright."""
-        return web_browser.why_unavailable()
+        """Running needs only the folder (it carries the runtime) and Chromium with
+        playwright, or (wasm) Node.js."""
+        runner = self._chosen_runner()
+        if runner == "node":
+            return web_node.why_unavailable()
+        missing = web_browser.why_unavailable()
+        if missing and self.runner is None and self.ep == "wasm":
+            missing += f"; nor can Node.js run it instead: {web_node.why_unavailable()}"
+        return missing
+
+    def _chosen_runner(self) -> str:
+        if self.runner is not None:
+            return self.runner
+        if self.ep == "wasm" and web_browser.why_unavailable() and \
+                web_node.why_unavailable() is None:
+            return "node"
+        return "chromium"
 
     def prepare(self, model: Model, input_shapes: dict[str, list[int]] | None) -> None:
         self._ort.prepare(model, input_shapes)
@@ -214,6 +242,10 @@ class WebTarget(Target):
 
     # ------------------------------------------------------------------ running
     def run(self, artifact: Artifact, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._chosen_runner() == "node":
+            outputs, _, self._ran_on = web_node.run(self._folder(artifact), feeds)
+            return outputs
+        self._ran_on = None
         return self._page(artifact).run(feeds)
 
     def measure(self, artifact: Artifact, feeds: dict[str, np.ndarray], *,
@@ -222,25 +254,35 @@ class WebTarget(Target):
         ``performance.now()`` around ``session.run``: this machine's Chromium. ``None``
         for WebGPU on a software adapter (SwiftShader runs the shaders on this CPU: no
         GPU's time)."""
+        if self._chosen_runner() == "node":
+            _, times, self._ran_on = web_node.run(self._folder(artifact), feeds,
+                                                  max(repeat, 1))
+            return statistics.median(times)
         page = self._page(artifact)
         if (page.facts.get("adapter") or {}).get("software"):
             return None
         return statistics.median(page.time(feeds, max(repeat, 1)))
 
     def ran_on(self) -> str | None:
-        return web_browser.last_run()
+        return self._ran_on or web_browser.last_run()
 
     def run_details(self) -> dict:
         """For WebGPU: where ONNX Runtime placed the nodes (per provider, the CPU's op
         types, the copies between GPU and CPU memory)."""
+        if self._ran_on:  # Node.js: no placement to tell
+            return {}
         facts = web_browser.last_facts() or {}
         return {"placement": facts["placement"]} if facts.get("placement") else {}
 
-    def _page(self, artifact: Artifact) -> web_browser.Page:
+    def _folder(self, artifact: Artifact) -> Path:
         folder = Path(artifact.path).parent
         if not (folder / MANIFEST).is_file() or not (folder / PAGE_FILE).is_file():
             raise UsageError(f"{folder} is not a web artifact folder (no {MANIFEST} and "
                              f"{PAGE_FILE})", hint="lower the model with --target web")
+        return folder
+
+    def _page(self, artifact: Artifact) -> web_browser.Page:
+        folder = self._folder(artifact)
         missing = web_browser.why_unavailable()
         if missing:
             raise UsageError(f"cannot run the web artifact here: {missing}")

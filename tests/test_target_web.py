@@ -202,10 +202,37 @@ def test_missing_package_names_the_install_command_and_writes_nothing(tmp_path,
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
+def test_without_chromium_the_artifact_is_checked_in_node(package, tmp_path, monkeypatch,
+                                                          run_ort):
+    """No browser, but Node.js: the folder's own wasm runtime runs there, and the report
+    says where; WebGPU still needs a browser."""
+    from graphopt.targets import web_node
+
+    if web_node.why_unavailable():
+        pytest.skip(web_node.why_unavailable())
+    monkeypatch.setenv(web_browser.CHROMIUM_ENV, str(tmp_path / "no-chromium"))
+    assert WebTarget().run_availability() is None
+    x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
+    result = graphopt.optimize(mlp(), target="web", output=tmp_path / "out",
+                               data=[{"x": x}])
+    check = result.report["artifact"]
+    assert check["ok"] is True and "Node.js" in check["ran_on"] and \
+        "no browser" in check["ran_on"], check
+    assert check["latency"]["artifact_s"] > 0
+    got = WebTarget(runner="node").run(WebTarget().open(tmp_path / "out"), {"x": x})
+    np.testing.assert_allclose(got["y"], run_ort(mlp(), {"x": x})["y"], rtol=1e-4,
+                               atol=1e-5)
+    with pytest.raises(UsageError, match="WebGPU needs a browser"):
+        WebTarget(ep="webgpu", runner="node")
+
+
 def test_without_chromium_the_artifact_is_reported_unverified(package, tmp_path,
                                                               monkeypatch):
     monkeypatch.setenv(web_browser.CHROMIUM_ENV, str(tmp_path / "no-chromium"))
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # and no Node.js either
     assert "Chromium is missing" in WebTarget().run_availability()
+    assert "Node.js is missing" in WebTarget().run_availability()
     onnx.save(mlp(), tmp_path / "m.onnx")
     result = graphopt.optimize(tmp_path / "m.onnx", target="web", output=tmp_path / "out")
     check = result.report["artifact"]
