@@ -10,8 +10,10 @@ entry point and does not stop the others from working.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from graphopt.errors import PluginError, UsageError
@@ -107,7 +109,19 @@ class Registry(Generic[T]):
 
 def _dist_name(ep: EntryPoint) -> str:
     dist = getattr(ep, "dist", None)
-    return dist.metadata["Name"] if dist is not None else "<unknown>"
+    if dist is None:
+        return "<unknown>"
+    path = getattr(dist, "_path", None)  # a distribution on disk: read its metadata once
+    return _metadata_name(str(path)) if path is not None else dist.metadata["Name"]
+
+
+@functools.lru_cache(maxsize=None)
+def _metadata_name(path: str) -> str:
+    """The ``Name`` of the distribution whose metadata folder is ``path`` (parsing its
+    METADATA is most of what looking a plugin up costs, every pipeline built)."""
+    from importlib.metadata import PathDistribution
+
+    return PathDistribution(Path(path)).metadata["Name"]
 
 
 def pass_registry() -> "Registry":
