@@ -32,6 +32,15 @@ prune-heads+prune-ffn searched under mean cosine >= 0.98 on the validation sente
 With 4096 calibration sentences (``--calibration 4096``), prune-ffn 0.3125 with the
 re-fit: 0.792x, 0.9827 / 0.7988 (validation 0.9816; everyday 0.8855 / 0.7338) in 1182 s;
 prune-ffn 0.25: 0.834x, 0.9875 / 0.8337 (everyday 0.9080 / 0.7625) in 673 s.
+
+``--replay R.json`` applies the settings a report (or ``{pass: {site: setting}}``) lists
+instead of searching (``benchmarks/plans/minilm_heads_ffn_4096.json``: what the 4,096-
+sentence heads + FFN search chose); ``--latency 1x128,8x128`` adds ONNX Runtime's latency
+(1 thread) relative to the lossless result; ``--onnxsim 0.35`` adds onnxsim's structured
+Wanda pruning of the FFN at that sparsity, alone and with its ridge re-fit; ``--save DIR``
+keeps each configuration's report and model. Measured with all four (4,096 sentences):
+graphopt 0.764x FLOPs, 0.9822 / 0.7976 held out, latency 0.792x / 0.791x; onnxsim 0.767x,
+0.8600 / 0.6201 alone, 0.9707 / 0.7968 with its re-fit, latency 0.816x / 0.794x.
 """
 
 from __future__ import annotations
