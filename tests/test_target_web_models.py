@@ -11,6 +11,7 @@ availability test needs none of them. One Chromium serves the whole module.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import sys
@@ -229,8 +230,12 @@ def test_verify_rechecks_the_folder_and_finds_a_changed_weight_file(mobilenet_fo
 def test_targets_names_what_to_install_for_each_missing_piece(tmp_path, monkeypatch):
     monkeypatch.setenv(web_install.ENV, str(tmp_path / "node_modules" / "onnxruntime-web"))
     monkeypatch.setenv(web_browser.CHROMIUM_ENV, str(tmp_path / "no-chromium"))
+    path = os.environ.get("PATH", "")
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no Node.js to fall back on either
     target = WebTarget()
     lowers, runs = target.availability(), target.run_availability()
+    assert "Node.js is missing" in runs, runs
     assert "no onnxruntime-web npm package" in lowers and \
         "python -m graphopt.targets.web_install" in lowers, lowers
     assert "Chromium is missing" in runs and "apt-get install chromium" in runs, runs
@@ -240,6 +245,7 @@ def test_targets_names_what_to_install_for_each_missing_piece(tmp_path, monkeypa
     row = next(r for r in json.loads(listed.stdout) if r["target"] == "web")
     assert (row["lowers_here"], row["runs_here"]) == (lowers, runs)
 
+    monkeypatch.setenv("PATH", path)
     if web_browser.chromium_path() is None:
         return  # the playwright message comes after Chromium's
     monkeypatch.delenv(web_browser.CHROMIUM_ENV)
