@@ -11,7 +11,6 @@ thread), runs it and writes the outputs (and the run times) as JSON.
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.errors import GraphoptError, UsageError
-from graphopt.targets.web_browser import decode, encode
+from graphopt.targets.web_browser import _version, decode, encode
 
 NODE_MAJOR = 18  # onnxruntime-web's wasm build needs fetch-free file loading and ESM
 TIMEOUT_S = 600
@@ -80,14 +79,8 @@ def node_path() -> str | None:
     return shutil.which("node")
 
 
-@functools.lru_cache(maxsize=4)
 def node_version(path: str) -> str | None:
-    try:
-        done = subprocess.run([path, "--version"], capture_output=True, text=True,
-                              timeout=30, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
+    return _version(path)  # ``--version``, as for Chromium
 
 
 def why_unavailable() -> str | None:
