@@ -137,11 +137,11 @@ def main() -> None:
                                        calibration=calibration, validation=calibration,
                                        tolerance=args.tolerance)
             timings[label] = time.perf_counter() - start
-            section = result.report["quantization"]
-            info = section[schemes(pass_registry())["quantize"][scheme]]
+            section = result.report["compression"]["passes"]
+            sites = section[schemes(pass_registry())["quantize"][scheme]].get("sites") or {}
             models[label] = result.model.to_onnx()
-            notes[label] = {"float layers": list(info.get("float") or {}),
-                            "quantized": len(info.get("quantized") or [])}
+            notes[label] = {"float layers": [s for s, e in sites.items() if not e["changed"]],
+                            "quantized": sum(e["changed"] for e in sites.values())}
         src, dst = folder / "src.onnx", folder / "dst.onnx"
         onnx.save(fp32, src)
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)

@@ -91,8 +91,8 @@ def main() -> None:
     result = graphopt.optimize(model, quantize="int8", calibration=calibration)
     graphopt_s = time.perf_counter() - start
     ours = result.model.to_onnx()
-    section = result.report["quantization"].get("quantize-int8", {})
-    quantized = len(section.get("quantized", []))
+    section = result.report["compression"]["passes"].get("quantize-int8", {})
+    quantized = sum(e["changed"] for e in (section.get("sites") or {}).values())
     in_pass = sum(e["seconds"] for e in result.report["trace"]
                   if e["pass_name"] == "quantize-int8")
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,7 +27,7 @@ from graphopt.calibration import check_feeds
 from graphopt.errors import GraphoptError, ModelError, UsageError, VerificationError
 from graphopt.gc_policy import graph_work
 from graphopt.ir import Model, ModelSource, load, save
-from graphopt.lossy import (compression_report, load_lossy_data, quantization_report,
+from graphopt.lossy import (compression_report, load_lossy_data,
                             split_tolerance, verify_lossy, warn_unmeasured)
 from graphopt.manager import DEFAULT_MAX_ITERATIONS, Instrument
 from graphopt.metric import Metric, get_metric
@@ -285,11 +285,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     if plan_section is not None:
         report["plan"] = plan_section
     if lossy:
-        report["compression"] = compression_report(manager.trace, pipeline, lossy_data, metric)
-        quantizers = {n for n in lossy if n not in report["compression"]["passes"]}
-        if quantizers:
-            report["quantization"] = quantization_report(manager.trace, quantizers,
-                                                         lossy_data, chosen.get("quantize"))
+        report["compression"] = compression_report(manager.trace, lossy, lossy_data, metric)
     if verification.get("ok") is False:
         raise VerificationError(
             f"the optimized model does not match the original: {verification['detail']}",

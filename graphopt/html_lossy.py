@@ -1,5 +1,5 @@
 """The HTML report's sections on lossy optimization (``graphopt.html_report``): the
-compression passes per site, the quantizers, the planner's candidates with their Pareto
+compression passes per site (quantizers included), the planner's candidates with their Pareto
 frontier, and the accuracy of the result against the budget."""
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ def compression(r: dict) -> str:
     """Per compression pass: score against budget, cost before/after, per site."""
     section = r.get("compression")
     if not section:
-        return para("No compression pass ran (no --prune, --low-rank or other compression "
-                    "scheme).")
+        return para("No compression pass ran (no --quantize, --prune, --low-rank or other "
+                    "lossy scheme).")
     parts = [(f"<p>Metric <b>{escape(str(section.get('metric')))}</b>, budget "
               f"{escape(str(section.get('budget')))}, on "
               f"{escape(str(section.get('data')))}.</p>")]
     if not section.get("passes"):
-        parts.append(para("No compression pass ran (quantizers are reported under "
-                          "Quantization)."))
+        parts.append(para("No compression pass ran."))
     for name, info in (section.get("passes") or {}).items():
         parts.append(_compression_pass(name, info, pointer("compression", "passes", name)))
     return "".join(parts)
@@ -58,8 +57,14 @@ def _compression_pass(name: str, info: dict, at: str) -> str:
     sites = info.get("sites") or {}
     if sites:
         parts.append(_sites(name, sites, at + "/sites"))
-    else:
+    elif "stats" not in info:  # (a lossy pass outside the contract has no sites)
         parts.append(para("No site to compress."))
+    timing = (info.get("timing") or {}).get("ms") or {}
+    if timing:
+        parts.append(table(["variant timed", "ms"], (
+            [text(label), num(ms, f"{at}/timing/ms{pointer(label)}")]
+            for label, ms in timing.items()), f"timing-{name}", timing))
+        parts.append(para(f"kept: {info['timing'].get('kept')}"))
     for site, why in (info.get("refused") or {}).items():
         parts.append(para(f"refused: {site}: {why}"))
     return "".join(parts)
@@ -86,56 +91,6 @@ def _sites(name: str, sites: dict, at: str) -> str:
                               f"{name}: damage alone per changed site"))
     else:
         parts.append(para("No site was changed, or none has a measured damage."))
-    return "".join(parts)
-
-
-def quantization(r: dict) -> str:
-    """Per quantization pass: status, accuracy, layers quantized, kept float, skipped."""
-    section = r.get("quantization")
-    if not section:
-        return para("No quantizer ran (no --quantize scheme).")
-    scheme = section.get("scheme")
-    scheme = ", ".join(map(str, scheme)) if isinstance(scheme, list) else str(scheme)
-    parts = [(f"<p>Scheme <b>{escape(scheme)}</b>, budget "
-              f"{escape(str(section.get('budget')))}, on "
-              f"{escape(str(section.get('data')))}.</p>")]
-    for name in section.get("passes", []):
-        info = section.get(name) or {}
-        acc = info.get("accuracy") or {}
-        at = pointer("quantization", name)
-        parts.append(f"<h3>{escape(name)}</h3>" + table(["", ""], [
-            ["<th>status</th>", text(info.get("status"))],
-            ["<th>reason</th>", text(info.get("reason"), "long")],
-            ["<th>metric</th>", text(acc.get("metric"))],
-            ["<th>score</th>", num(acc.get("score"), at + "/accuracy/score", "score")],
-            ["<th>budget</th>", num(acc.get("budget"), at + "/accuracy/budget", "score")],
-            ["<th>layers quantized</th>", text(len(info.get("quantized") or []), "num")]],
-            f"quantization-{name}"))
-        if info.get("quantized"):
-            parts.append(f"<details><summary>quantized layers</summary><p>"
-                         f"{escape(', '.join(map(str, info['quantized'])))}</p></details>")
-        kept = info.get("float") or {}
-        if kept:
-            parts.append(table(["kept float", "reason", "sensitivity"], (
-                [text(layer, "long"), text(why.get("reason")),
-                 num(why.get("sensitivity"), f"{at}/float{pointer(layer)}/sensitivity")]
-                for layer, why in kept.items()), f"float-{name}", kept))
-        skipped = info.get("skipped")
-        if isinstance(skipped, str):
-            parts.append(para(f"skipped: {skipped}"))
-        elif skipped:
-            parts.append(table(["skipped", "why"], ([text(n, "long"), text(w, "long")]
-                                                    for n, w in skipped.items()),
-                               f"skipped-{name}", skipped))
-        timing = (info.get("timing") or {}).get("ms") or {}
-        if timing:
-            parts.append(table(["variant timed", "ms"], (
-                [text(label), num(ms, f"{at}/timing/ms{pointer(label)}")]
-                for label, ms in timing.items()), f"timing-{name}", timing))
-            parts.append(para(f"kept: {info['timing'].get('kept')}"))
-    if not section.get("measured", True):
-        parts.append(para("Accuracy UNMEASURED: no calibration/validation data, random "
-                          "inputs used.", "bad"))
     return "".join(parts)
 
 
@@ -222,7 +177,7 @@ def accuracy(r: dict) -> str:
         return para("No accuracy budget: the optimization was lossless, and the outputs "
                     "were compared within rtol/atol (see Summary).")
     data = next((s.get("data") for s in (r.get(k) or {} for k in
-                                         ("plan", "compression", "quantization"))
+                                         ("plan", "compression"))
                  if s.get("data")), None)
     facts = [("metric", text(v.get("metric"))),
              ("score", num(v.get("score"), "/verification/score", "score")),

@@ -6,8 +6,8 @@ has inline CSS and inline SVG charts (``graphopt.svg``), no script and no link t
 anything outside it, and the same report always gives the same bytes.
 
 Sections, each drawn only when the report holds its data (and saying so otherwise):
-summary, op types before/after, the pass trace as a timeline, compression (per site),
-quantization, the planner's candidates with their Pareto frontier, accuracy, and the
+summary, op types before/after, the pass trace as a timeline, compression (per site,
+quantizers included), the planner's candidates with their Pareto frontier, accuracy, and the
 compiled artifact's verification. Every number in a table is the report's own number,
 formatted: its cell carries the JSON pointer it came from (``data-src``) and the value
 as JSON (``data-value``), so the page can be checked against the report.
@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from graphopt import svg
 from graphopt.errors import UsageError
-from graphopt.html_lossy import accuracy, compression, plan, quantization
+from graphopt.html_lossy import accuracy, compression, plan
 from graphopt.html_parts import (OPEN_ROWS, flag, num, para, pointer, seconds_ms, status,
                                  table, text)
 
@@ -210,7 +210,6 @@ SECTIONS: tuple[tuple[str, str, Callable[[dict], str], Callable[[dict], bool]], 
     ("trace", "Pass trace", trace, lambda r: bool(r.get("trace"))),
     ("compression", "Compression", compression,
      lambda r: bool((r.get("compression") or {}).get("passes"))),
-    ("quantization", "Quantization", quantization, lambda r: bool(r.get("quantization"))),
     ("plan", "Planner", plan, lambda r: bool(r.get("plan"))),
     ("accuracy", "Accuracy", accuracy,
      lambda r: (r.get("verification") or {}).get("score") is not None),

@@ -1,13 +1,14 @@
 """Plumbing of lossy optimization for the API and the CLI: the schemes passes declare
 (``--quantize int8``, ``--prune channels``, ...), the calibration/validation data, the
 one accuracy metric, the verification of the result and the report's ``compression``
-and ``quantization`` sections. It names no pass: schemes come from the passes'
+section. It names no pass: schemes come from the passes'
 ``scheme`` attribute."""
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -23,6 +24,7 @@ from graphopt.pipeline import parse_spec
 # Samples per batch when running calibration/validation data (fewer ORT calls).
 DATA_BATCH = 32
 CHECK_BATCHES = 8  # DATA_BATCH-sized batches per check batch
+SUMMARY_SITES = 8  # changed sites listed one a line; more are counted by setting
 # Without validation data, every HOLD_OUT-th calibration sample is held out to measure
 # accuracy on (when there are at least MIN_HOLD_OUT samples): passes fit to the
 # calibration data (recovery re-fits layers by least squares, importance is measured on
@@ -236,83 +238,33 @@ def verify_lossy(original: onnx.ModelProto, result: onnx.ModelProto,
     return out
 
 
-def compression_report(trace, pipeline: Sequence, data: "LossyData", metric: Metric) -> dict:
-    """The report's ``compression`` section: per compression pass (those whose stats
-    carry a ``compression`` entry, see ``graphopt.compression``) the sites, the settings
-    chosen, the damage and the savings."""
+def compression_report(trace, lossy: set[str], data: "LossyData", metric: Metric) -> dict:
+    """The report's ``compression`` section, per lossy pass that ran: a client of
+    ``graphopt.compression`` gives its sites, the settings chosen, the damage and the
+    savings (its stats' ``compression`` entry); any other lossy pass (e.g. ``convert-fp16``)
+    its status and its own stats. A pass that ran more than once is reported by the run
+    that changed the model, else the last."""
     section: dict = {"metric": metric.name, "budget": data.budget, "data": data.describe(),
                      "measured": bool(data.check_feeds), "passes": {}}
+    latest: dict = {}
     for e in trace:
-        info = (e.stats or {}).get("compression")
-        if info is None:
-            continue
-        if e.status == "rolled-back":
-            info = {**info, "rolled_back": e.reason}
-        section["passes"][e.pass_name] = {"status": e.status, **info}
-    return section
-
-
-def quantization_report(trace, lossy: set[str], data: LossyData, scheme: str | None) -> dict:
-    """The report's ``quantization`` section, from the quantization passes' trace
-    entries (they are not yet clients of ``graphopt.compression``)."""
-    entries = [e for e in trace if e.pass_name in lossy]
-    section: dict = {"scheme": scheme, "passes": sorted(lossy), "budget": data.budget,
-                     "data": data.describe(),
-                     "measured": bool(data.check_feeds)}
-    latest = {}
-    for e in entries:  # the run that changed the model, else the last one
-        if e.changed or latest.get(e.pass_name) is None or not latest[e.pass_name].changed:
-            latest[e.pass_name] = e
-    for e in latest.values():
+        if e.pass_name in lossy or (e.stats or {}).get("compression") is not None:
+            if e.changed or e.pass_name not in latest or not latest[e.pass_name].changed:
+                latest[e.pass_name] = e
+    for name, e in latest.items():
         stats = e.stats or {}
-        section[e.pass_name] = {
-            "status": e.status, "reason": e.reason or stats.get("reason", ""),
-            "accuracy": stats.get("accuracy"), "quantized": stats.get("quantized"),
-            "float": stats.get("float"), "skipped": stats.get("skipped"),
-            "timing": stats.get("timing"),
-        }
-    if not data.check_feeds:
-        section["accuracy"] = "unmeasured: random data"
+        info = stats.get("compression")
+        if info is None:
+            info = {"reason": e.reason or stats.get("reason", ""), "stats": stats}
+        elif e.status == "rolled-back":
+            info = {**info, "rolled_back": e.reason}
+        section["passes"][name] = {"status": e.status, **info}
     return section
 
 
 def summary_lines(report: dict) -> list[str]:
-    """One-line-per-fact summary of the compression and quantization sections (CLI)."""
-    lines = _compression_lines(report.get("compression"))
-    section = report.get("quantization")
-    if not section:
-        return lines
-    for name in section.get("passes", []):
-        info = section.get(name) or {}
-        acc = info.get("accuracy") or {}
-        value = acc.get("score")
-        head = f"{name}: {info.get('status', 'not run')}"
-        if value is not None:
-            head += (f", {acc.get('metric')} {value:.5f} (budget {section['budget']}) on "
-                     f"{section['data']}")
-        if info.get("reason"):
-            head += f" ({info['reason']})"
-        lines.append(head)
-        for layer, why in (info.get("float") or {}).items():
-            lines.append(f"  kept float: {layer} (sensitivity {why.get('sensitivity')})")
-        skipped = info.get("skipped") or {}
-        if isinstance(skipped, str):  # the whole pass (e.g. an opset it cannot write)
-            lines.append(f"  skipped: {skipped}")
-        elif skipped:
-            lines.append(f"  skipped: {len(skipped)} node(s), e.g. "
-                         f"{next(iter(skipped))}: {next(iter(skipped.values()))}")
-    if not section.get("measured"):
-        lines.append("accuracy UNMEASURED: no calibration/validation data, random inputs used")
-    return lines
-
-
-def warn_unmeasured(logger: logging.Logger, data: LossyData, lossy: set[str]) -> None:
-    if lossy and not data.check_feeds:
-        logger.warning("lossy passes (%s) run WITHOUT calibration data: the accuracy of "
-                       "the result is UNMEASURED (random probe inputs)", ", ".join(sorted(lossy)))
-
-
-def _compression_lines(section: dict | None) -> list[str]:
+    """One-line-per-fact summary of the compression section (CLI)."""
+    section = report.get("compression")
     if not section:
         return []
     lines = []
@@ -328,11 +280,21 @@ def _compression_lines(section: dict | None) -> list[str]:
         if info.get("reason") or info.get("rolled_back"):
             head += f" ({info.get('rolled_back') or info.get('reason')})"
         lines.append(head)
-        changed = {k: v for k, v in (info.get("sites") or {}).items() if v.get("changed")}
-        for site, entry in changed.items():
-            lines.append(f"  {site}: {entry['kind']} {entry['setting']}"
-                         + (f" (damage alone {entry['damage_alone']})"
-                            if "damage_alone" in entry else ""))
+        sites = info.get("sites") or {}
+        changed = {k: v for k, v in sites.items() if v.get("changed")}
+        if len(changed) > SUMMARY_SITES:
+            settings = Counter(str(v["setting"]) for v in changed.values())
+            lines.append(f"  {len(changed)} of {len(sites)} sites changed: " + ", ".join(
+                f"{n} {setting}" for setting, n in settings.most_common()))
+        else:
+            for site, entry in changed.items():
+                lines.append(f"  {site}: {entry['kind']} {entry['setting']}"
+                             + (f" (damage alone {entry['damage_alone']})"
+                                if "damage_alone" in entry else ""))
+        kept = [k for k, v in sites.items() if not v.get("changed")]
+        if changed and kept:
+            lines.append(f"  kept unchanged within the budget: {len(kept)} site(s), e.g. "
+                         f"{kept[0]}")
         refused = info.get("refused") or {}
         if refused:
             first = next(iter(refused))
@@ -340,3 +302,9 @@ def _compression_lines(section: dict | None) -> list[str]:
     if not section.get("measured"):
         lines.append("accuracy UNMEASURED: no calibration/validation data, random inputs used")
     return lines
+
+
+def warn_unmeasured(logger: logging.Logger, data: LossyData, lossy: set[str]) -> None:
+    if lossy and not data.check_feeds:
+        logger.warning("lossy passes (%s) run WITHOUT calibration data: the accuracy of "
+                       "the result is UNMEASURED (random probe inputs)", ", ".join(sorted(lossy)))

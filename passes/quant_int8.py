@@ -1,31 +1,32 @@
 """Int8 quantization under an accuracy budget: ``quantize-int8`` (static, QDQ) and
-``quantize-int8-dynamic`` (activations quantized at run time).
+``quantize-int8-dynamic`` (activations quantized at run time), clients of the
+budgeted-compression contract (``graphopt.compression``).
 
-Both passes work the same way:
+What the passes say:
 
 1. **Sites.** Candidate nodes (Conv/MatMul/Gemm with a constant weight, embedding
-   Gathers of large constant tables), minus the ``exclude`` list and those already
-   quantized.
-2. **Cost.** A compute site is kept only if the target's cost model says int8 pays off:
-   roofline time at the device's int8 peak plus the activation quantization it needs,
-   against its float32 time (``require-speedup``). Embedding tables are quantized for
-   size (rows are dequantized after the gather, which costs next to nothing).
+   Gathers of large constant tables), each with the settings ``float`` and ``int8``;
+   nodes in the ``exclude`` list, or that cannot be quantized, are refused sites with the
+   reason, and so is a compute site whose int8 form the target's cost model says does not
+   pay off (``require-speedup``: roofline time at the device's int8 peak plus the
+   activation quantization it needs, against its float32 time). Embedding tables are
+   quantized for size (rows are dequantized after the gather: next to no time).
+2. **Savings** from that cost model per layer (and bytes of the weights), so no model
+   is built to cost a site.
 3. **Calibration** (static) on ``ctx.calibration``; without data, random probe inputs
    with a loud warning, and the accuracy is reported as unmeasured.
-4. **Budget.** The quantized model is measured against the float model on
-   ``ctx.validation`` (else the calibration data): minimum per-sample output cosine >=
-   ``ctx.tolerance`` (and top-1 agreement >= ``min-top1`` when asked). When the budget
-   fails, sites are ranked by sensitivity and the most sensitive stay float; the number
-   kept float is searched by doubling then bisection, and the model returned was measured
-   to meet the budget. Sensitivity (``sensitivity=output``, the default) is 1 - the
-   minimum output cosine with that site alone quantized, for every site from one ORT
-   session of a "switchboard" model (``graphopt.switchboard``: each site is an If on a
-   boolean input), so ranking N sites costs one session and N runs of the data, not N
-   model builds and sessions. ``sensitivity=local`` is cheaper still and cruder: each
-   site's own output NMSE on captured calibration activations (on MiniLM it ranks the
-   FFN inputs first and needs 3 float layers where ``output`` needs 1).
-5. **Measure** (optional): times ORT with and without each quantized op type on the
-   data and keeps the fastest variant that meets the budget.
+4. **Damages** of every site alone from one ONNX Runtime session of a "switchboard" model
+   (``graphopt.switchboard``: each site is an If on a boolean input): one session and N
+   runs of the data, not N model builds.
+
+The core does the rest (``graphopt.compression_driver``): every paying site quantized at
+once is measured first (``optimistic``: usually it meets the budget and no site needs
+measuring alone); otherwise sites are kept float by damage per unit saved until the
+budget holds. Candidates are measured on the batches the pass manager checks (so it takes
+the outputs measured) with ONNX Runtime's fused int8 kernels as well as the graph as
+written where ORT runs the result (the worse counts), with the run's one metric and, when
+asked, a top-1 agreement floor (``min-top1``). ``measure`` then times ORT with and without
+each quantized op type and keeps the fastest variant that meets the budget.
 
 Placement of ``quantize-int8`` follows ONNX Runtime's QDQ selectors, so ORT fuses it:
 DQ(x), DQ(w), DQ(int32 bias) -> Conv -> [Relu/Clip] -> Q becomes QLinearConv (the Relu
@@ -39,131 +40,149 @@ ORT drops the pair around it.
 from __future__ import annotations
 
 import fnmatch
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt import switchboard, verify
+from graphopt.accuracy import median_latency, run_all, session
 from graphopt.capture import subset
-from graphopt.accuracy import (Evaluator, batch_size, fallback_search, median_latency,
-                               run_all, sample_cosines, session)
+from graphopt.compression import Applied, CompressionPass, Saving, Site
+from graphopt.compression_driver import Driver
 from graphopt.cost_calibration import static_model
 from graphopt.errors import GraphoptError
 from graphopt.ir import Model
-from graphopt.metric import DEFAULT_BUDGET as DEFAULT_LOSSY_TOLERANCE
-from graphopt.pass_infra import Pass, PassContext, PassResult
+from graphopt.pass_infra import PassContext, PassResult
 from graphopt.passes._int8 import (UNFUSED, as_conv, attention_unsupported, bias_add,
-                                   dynamic_quantized, group_output, nmse,
-                                   pass_through_params, quantize_attention, single_node_model,
-                                   unfuse_conv, weight_axis)
-from graphopt.qdq import (METHODS, QdqWriter, activation_params,
-                          choose_range, collect_stats, fake_quant_activation,
-                          fake_quant_dynamic, fake_quant_weight, from_dequantize, is_float,
-                          quantize_weight, resolve_weight)
+                                   dynamic_quantized, group_output, pass_through_params,
+                                   quantize_attention, unfuse_conv, weight_axis)
+from graphopt.qdq import (METHODS, QdqWriter, activation_params, choose_range, collect_stats,
+                          from_dequantize, is_float, quantize_weight, resolve_weight)
 from graphopt.rewrite import constant_value, remove_dead, remove_node
 
 EMBEDDING_MIN_ELEMENTS = 1 << 16
+SETTINGS = ("float", "int8")
 
 
 @dataclass
-class Site:
+class _Layer:
+    """A node that can be quantized, with what the cost model says of it."""
+
     name: str
     op: str
     kind: str  # "compute" or "embedding"
+    size: int = 0  # elements of its weight
+    bytes_saved: int = 0  # of the weights as stored, float32 -> int8 plus scales
     float_s: float | None = None
     int8_s: float | None = None
-    sensitivity: float = 0.0
 
 
 @dataclass
 class _Plan:
-    """What a pass run decided before building variants (shared by build and stats)."""
+    """What a pass run found before building candidates (shared by every build)."""
 
-    sites: dict[str, Site]
+    sites: dict[str, _Layer]
     skipped: dict[str, str] = field(default_factory=dict)
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
-    samples: dict[str, list[np.ndarray]] = field(default_factory=dict)
     reduce_range: bool = False
+    already: int = 0  # nodes already quantized (not sites)
 
 
-class _Int8Pass(Pass):
+class _Int8Pass(CompressionPass):
     family = "quantization"
-    lossless = False
+    technique = "int8"
+    joinable = False  # it quantizes the fused graph, after the structural passes
+    recoverable = False  # a float re-fit cannot move int8 weights
+    optimistic = True
+    measures_check_feeds = True
     dynamic = False
     evaluate_modes: tuple[bool, ...] = (True, False)
 
-    # ------------------------------------------------------------------ the driver
+    # ------------------------------------------------------------------ the contract
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        opts = self.options
         if model.opset < 13:
-            return PassResult(False, {"skipped": f"opset {model.opset} < 13: per-axis "
-                                                 "DequantizeLinear needs opset 13"})
-        reference = model.to_onnx()
-        work = Model.from_proto(reference)  # ``model`` changes only if a variant is kept
-        _name_nodes(work.graph)
-        plan = _Plan(sites={}, reduce_range=_reduce_range(opts.reduce_range, ctx))
-        self._find_sites(work, plan)
-        self._filter_by_cost(work, ctx, plan)
-        stats: dict = {"reduce_range": plan.reduce_range}
-        if not plan.sites:
-            return PassResult(False, {**stats, **_skip_stats(plan), "quantized": []})
-        base = self._prepare(work.to_onnx(), plan)
-        calibration, measured = self._data(ctx, base)
-        self._calibrate(base, plan, calibration)
-        budget = ctx.tolerance or DEFAULT_LOSSY_TOLERANCE
-        modes = self.evaluate_modes if _runs_ort(ctx) else (False,)
-        if measured and ctx.check_feeds and ctx.check_reference is not None:
-            # Candidates are measured on what the manager checks and the result is
-            # verified on, against the original's outputs there (run once for all).
-            evaluation = ctx.check_feeds
-            evaluator = Evaluator(ctx.check_reference, evaluation, budget, opts.min_top1,
-                                  modes, ctx.metric)
-        else:
-            evaluation = ctx.validation or calibration
-            evaluator = Evaluator(reference, evaluation, budget, opts.min_top1, modes,
-                                  ctx.metric)
+            return PassResult(False, {"compression": {
+                "technique": self.technique, "reason": f"opset {model.opset} < 13: per-axis "
+                                                       "DequantizeLinear needs opset 13"}})
+        work = model.clone()  # ``model`` changes only if a candidate is kept
+        _name_nodes(work.graph)  # sites are addressed (and reported) by node name
+        self._ctx = ctx
+        self._plan = _Plan(sites={}, reduce_range=_reduce_range(self.options.reduce_range, ctx))
+        driver = Driver(self, ctx)
+        result = driver.run(work)
+        info = result.stats["compression"]
+        info["reduce_range"] = self._plan.reduce_range
+        if not getattr(self, "_measured", True):
+            info["data"] = "unmeasured: random probe data"
+        if result.changed and self.options.measure:
+            result = self._measure(work, driver, result)
+        if result.changed:
+            model.graph = work.graph
+        return result
 
-        def rank() -> list[str]:
-            self._rank(base, plan, evaluator, ctx)
-            return sorted(plan.sites, key=lambda n: -plan.sites[n].sensitivity)
+    def search_goal(self, ctx: PassContext) -> str:
+        return "size" if ctx.goal == "size" else "latency"  # int8 saves no FLOPs
 
-        result = fallback_search(list(plan.sites), rank,
-                                 lambda subset: self._build(base, plan, subset), evaluator)
-        quantized = [n for n in plan.sites if n not in result.keep_float]
-        if result.proto is not None and opts.measure:
-            result.proto, quantized, stats["timing"] = self._measure(
-                base, plan, quantized, result.proto, evaluation, evaluator)
-            if result.proto is None:
-                stats["reason"] = "int8 measured slower than float here"
-        stats.update(_skip_stats(plan))
-        stats.update({
-            "quantized": quantized,
-            "float": {n: {"reason": "accuracy budget", "sensitivity":
-                          float(f"{plan.sites[n].sensitivity:.4g}")}
-                      for n in result.keep_float},
-            "sensitivity_method": ("local: output NMSE of each layer quantized alone, on "
-                                   "captured calibration activations")
-            if opts.sensitivity == "local" else "output: 1 - min output cosine with each "
-                                                "layer quantized alone (one ORT session, a "
-                                                "switch per layer)",
-            "search": result.tried,
-            "evaluations": evaluator.evaluations,
-            "accuracy": {**(result.measurement.to_dict() if result.measurement else {}),
-                         "metric": evaluator.metric.name + (" + top-1 agreement"
-                                                            if opts.min_top1 is not None else ""),
-                         "budget": budget,
-                         "data": _describe_data(ctx, measured),
-                         "samples": sum(_batch(f) for f in evaluation),
-                         "measured": measured},
-        })
-        if result.proto is None or not quantized:
-            stats.setdefault("reason", "the budget holds only with every layer in float")
-            return PassResult(False, stats)
-        model.graph = Model.from_proto(result.proto).graph
-        return PassResult(True, stats, outputs=evaluator.outputs_of(result.proto)
-                          if evaluation is ctx.check_feeds else None)
+    def evaluation_modes(self, ctx: PassContext) -> tuple[bool, ...]:
+        return self.evaluate_modes if _runs_ort(ctx) else (False,)
+
+    def min_top1(self, ctx: PassContext) -> float | None:
+        return self.options.min_top1
+
+    def sites(self, model: Model, ctx: PassContext) -> list[Site]:
+        plan = self._plan
+        self._find_sites(model, plan)
+        self._filter_by_cost(model, ctx, plan)
+        out = [Site(name, "embedding" if layer.kind == "embedding" else layer.op, SETTINGS,
+                    (name,), layer.size) for name, layer in plan.sites.items()]
+        out += [Site(name, "layer", SETTINGS, (name,), refused=why)
+                for name, why in plan.skipped.items()]
+        if plan.sites:
+            self._base = self._prepare(model.to_onnx(), plan)
+            calibration, self._measured = self._data(ctx, self._base)
+            self._calibrate(self._base, plan, calibration)
+        return out
+
+    def not_sites(self) -> dict[str, int]:
+        return {"already quantized": self._plan.already} if self._plan.already else {}
+
+    def savings(self, model: Model, sites: list[Site], ctx: PassContext
+                ) -> dict[tuple[str, Any], Saving]:
+        out = {}
+        for site in sites:
+            layer = self._plan.sites[site.name]
+            seconds = layer.float_s - layer.int8_s if layer.float_s is not None else 0.0
+            if not self.options.require_speedup:
+                seconds = max(seconds, 0.0)  # told to quantize for size regardless
+            out[(site.name, "int8")] = Saving(seconds=seconds, bytes=layer.bytes_saved)
+        return out
+
+    def apply(self, model: Model, choice: Mapping[str, Any], ctx: PassContext) -> Applied:
+        chosen = {name for name, setting in choice.items() if setting == "int8"}
+        self._unfuse(model, self._plan)
+        self._quantize(model, self._plan, chosen)
+        stats: dict = {"quantized": len(chosen)}
+        if self.dynamic:
+            stats["form"] = self._form
+        return Applied(stats)
+
+    def damages(self, model: Model, sites: list[Site], data: list, score
+                ) -> dict[tuple[str, Any], float]:
+        """Each site alone, from one session of a switchboard model (an If per site)."""
+        plan, names = self._plan, [s.name for s in sites]
+        proto, flags = switchboard.build(self._base, names,
+                                         lambda w, n: self._quantize_site(w, n, plan))
+        sess = session(proto, optimize=True)
+        out = {}
+        for done, name in enumerate(names):
+            self._ctx.step(f"{self.name}: sensitivity of each layer", done, len(names))
+            out[(name, "int8")] = score(run_all(sess, [switchboard.feeds_with(flags, name, f)
+                                                       for f in data]))
+        return out
 
     # ------------------------------------------------------------------ data
     def _data(self, ctx: PassContext, proto: onnx.ModelProto) -> tuple[list, bool]:
@@ -186,7 +205,8 @@ class _Int8Pass(Pass):
                     if _excluded(node, opts.exclude):
                         plan.skipped[node.name] = "excluded"
                     else:
-                        plan.sites[node.name] = Site(node.name, node.op, "embedding")
+                        plan.sites[node.name] = _Layer(node.name, node.op, "embedding",
+                                                       table.size, _saved(table, 0))
                 continue
             if as_conv(node) not in opts.ops:
                 continue
@@ -194,9 +214,21 @@ class _Int8Pass(Pass):
             if why is None and _excluded(node, opts.exclude):
                 why = "excluded"
             if why is None:
-                plan.sites[node.name] = Site(node.name, node.op, "compute")
-            elif why != "already quantized":
+                plan.sites[node.name] = self._layer(node)
+            elif why == "already quantized":
+                plan.already += 1
+            else:
                 plan.skipped[node.name] = why
+
+    def _layer(self, node: gs.Node) -> _Layer:
+        if node.op == "Attention":  # packed QKV weights, per output channel
+            value = constant_value(node.inputs[1])
+            axis = 1
+        else:
+            value = resolve_weight(node.inputs[1])
+            axis = weight_axis(node, value)
+        return _Layer(node.name, node.op, "compute", int(value.size),
+                      _saved(value, axis if self.options.per_channel else None))
 
     def _unsupported(self, node: gs.Node) -> str | None:
         """Why ``node`` cannot be quantized (None: it can)."""
@@ -268,105 +300,74 @@ class _Int8Pass(Pass):
                 del plan.sites[name]
 
     def _prepare(self, base: onnx.ModelProto, plan: _Plan) -> onnx.ModelProto:
-        """The float model variants are built from: FusedConv sites split back into
-        Conv + activation (the pattern ORT's QDQ fusion matches). ``model`` itself stays
-        as it is until a quantized variant is accepted."""
-        fused = [n for n, site in plan.sites.items() if site.op == "FusedConv"]
-        if not fused:
-            return base
+        """The float model calibrated and switched on: see ``_unfuse``."""
         work = Model.from_proto(base)
-        writer = QdqWriter(work)
-        for node in work.graph.nodes:
-            if node.name in fused:
-                unfuse_conv(writer, node)
+        self._unfuse(work, plan)
         return work.to_onnx()
 
-    # ------------------------------------------------------------------ ranking
-    def _rank(self, base: onnx.ModelProto, plan: _Plan, evaluator: Evaluator,
-              ctx: PassContext) -> None:
-        if self.options.sensitivity == "output":
-            proto, flags = switchboard.build(
-                base, list(plan.sites), lambda w, n: self._quantize_site(w, n, plan))
-            sess = session(proto, optimize=True)
-            for done, (name, site) in enumerate(plan.sites.items()):
-                ctx.step(f"{self.name}: sensitivity of each layer", done, len(plan.sites))
-                outputs = run_all(sess, [switchboard.feeds_with(flags, name, f)
-                                         for f in evaluator.data])
-                worst = min(min(sample_cosines(r, g, batch_size(f)), default=1.0)
-                            for r, g, f in zip(evaluator.reference, outputs, evaluator.data))
-                site.sensitivity = 1.0 - worst
-            return
-        model = Model.from_proto(base)
-        nodes = {n.name: n for n in model.graph.nodes}
-        for name, site in plan.sites.items():
-            node = nodes[name]
-            if site.kind == "embedding":
-                table = constant_value(node.inputs[0])
-                site.sensitivity = nmse(table, fake_quant_weight(table, 0, False))
-            else:
-                site.sensitivity = self._local_error(model, node, plan)
-
-    def _local_error(self, model: Model, node: gs.Node, plan: _Plan) -> float:
-        xs = plan.samples.get(node.inputs[0].name, [])
-        if not xs:
-            return 0.0
-        w = resolve_weight(node.inputs[1])
-        wq = fake_quant_weight(w, weight_axis(node, w) if self.options.per_channel else None,
-                               plan.reduce_range)
-        rest = [constant_value(t) for t in node.inputs[2:] if t.name]
-        single = single_node_model(model, node, w, rest)
-        single_q = single_node_model(model, node, wq, rest)
-        ref_sess, q_sess = verify.session(single), verify.session(single_q)
-        num = den = 0.0
-        for x in xs:
-            if self.dynamic:
-                xq = fake_quant_dynamic(x)
-            else:
-                scale, zero = activation_params(*plan.ranges[node.inputs[0].name],
-                                                self.options.symmetric_activations)
-                xq = fake_quant_activation(x, float(scale), int(zero))
-            y = ref_sess.run(None, {"x": x})[0].astype(np.float64)
-            yq = q_sess.run(None, {"x": xq})[0].astype(np.float64)
-            num += float(((y - yq) ** 2).sum())
-            den += float((y ** 2).sum())
-        return num / den if den else 0.0
+    def _unfuse(self, model: Model, plan: _Plan) -> None:
+        """FusedConv sites split back into Conv + activation (the pattern ORT's QDQ
+        fusion matches; ORT fuses the ones left float again)."""
+        fused = {n for n, layer in plan.sites.items() if layer.op == "FusedConv"}
+        if fused:
+            writer = QdqWriter(model)
+            for node in list(model.graph.nodes):
+                if node.name in fused:
+                    unfuse_conv(writer, node)
 
     # ------------------------------------------------------------------ measuring
-    def _measure(self, base, plan, quantized, proto, data, evaluator):
-        feeds = data[0]
-        ops = sorted({plan.sites[n].op for n in quantized})
-        variants = [("float", base, []), ("all", proto, list(quantized))]
+    def _measure(self, work: Model, driver: Driver, result: PassResult) -> PassResult:
+        """Time ORT with every chosen site, without each quantized op type, and float;
+        keep the fastest that meets the budget."""
+        info = result.stats["compression"]
+        plan = self._plan
+        chosen = [n for n, e in info["sites"].items() if e["changed"]]
+        ops = sorted({plan.sites[n].op for n in chosen})
+        variants = [("float", self._base, []), ("all", work.to_onnx(), chosen)]
         if len(ops) > 1:
             for op in ops:
-                keep = [n for n in quantized if plan.sites[n].op != op]
-                variants.append((f"without {op}", self._build(base, plan, set(keep)), keep))
-        times = median_latency([v[1] for v in variants], feeds)
-        report = {label: round(t * 1e3, 4) for (label, _, _), t in zip(variants, times)}
-        ranked = sorted(zip(times, range(len(variants))))
-        for _, i in ranked:
-            label, candidate, names = variants[i]
-            if label == "float" or label == "all" or evaluator.ok(evaluator.measure(candidate)):
-                if label == "float":
-                    return None, [], {"ms": report, "kept": "float: int8 measured slower"}
-                return candidate, names, {"ms": report, "kept": label}
-        return proto, quantized, {"ms": report, "kept": "all"}
+                keep = [n for n in chosen if plan.sites[n].op != op]
+                variants.append((f"without {op}", self._build(self._base, plan, set(keep)),
+                                 keep))
+        times = median_latency([v[1] for v in variants], driver.data[0])
+        timing: dict = {"ms": {label: round(t * 1e3, 4)
+                               for (label, _, _), t in zip(variants, times)}}
+        info["timing"] = timing
+        for _, i in sorted(zip(times, range(len(variants)))):
+            label, proto, names = variants[i]
+            if label in ("float", "all") or driver.meets_budget(proto):
+                timing["kept"] = label
+                break
+        if timing["kept"] == "all":
+            return result
+        for name in set(chosen) - set(names):
+            info["sites"][name].update(changed=False, setting="float")
+        if label == "float":
+            info["reason"] = "int8 measured slower than float here"
+            return PassResult(False, result.stats)
+        work.graph = Model.from_proto(proto).graph
+        return PassResult(True, result.stats)
 
     # ------------------------------------------------------------------ building
-    def _build(self, base: onnx.ModelProto, plan: _Plan, subset: set[str]) -> onnx.ModelProto:
+    def _build(self, base: onnx.ModelProto, plan: _Plan, chosen: set[str]) -> onnx.ModelProto:
+        """``base`` (prepared) with the ``chosen`` sites quantized."""
         model = Model.from_proto(base)
+        self._quantize(model, plan, chosen)
+        return model.to_onnx()
+
+    def _quantize(self, model: Model, plan: _Plan, chosen: set[str]) -> None:
         writer = QdqWriter(model)
         dead: list[gs.Node] = []
         for node in list(model.graph.nodes):
-            if node.name not in subset:
+            if node.name not in chosen:
                 continue
             producer = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
             self._quantize_site(writer, node, plan)
             if producer is not None:
                 dead.append(producer)
         remove_dead(dead, model.graph)
-        if self.dynamic and getattr(self, "_form", "onnx") != "onnx":
+        if self.dynamic and self._form != "onnx":
             model.require_opset("com.microsoft", 1)
-        return model.to_onnx()
 
     def _quantize_site(self, writer: QdqWriter, node: gs.Node, plan: _Plan) -> None:
         if node.op == "Gather":
@@ -399,7 +400,6 @@ class QuantizeInt8(_Int8Pass):
         exclude: tuple[str, ...] = ()  # node names or fnmatch patterns
         embeddings: bool = True
         min_top1: float | None = None
-        sensitivity: str = "output"  # output (switchboard) or local
         require_speedup: bool = True
         measure: bool = False
         max_batches: int = 256
@@ -412,23 +412,19 @@ class QuantizeInt8(_Int8Pass):
     def _calibrate(self, base: onnx.ModelProto, plan: _Plan, data: list) -> None:
         model = Model.from_proto(base)
         nodes = {n.name: n for n in model.graph.nodes}
-        inputs, names = set(), []
+        names = []
         for name, site in plan.sites.items():
             if site.kind != "compute":
                 continue
             node = nodes[name]
-            inputs.add(node.inputs[0].name)
             names.append(node.inputs[0].name)
             if node.op == "Conv":
                 names.append(group_output(node, self.options.symmetric_activations).name)
         names = list(dict.fromkeys(names))
-        stats = collect_stats(base, names, data, histograms=self.options.method != "minmax",
-                              keep=inputs if self.options.sensitivity == "local" else set())
+        stats = collect_stats(base, names, data, histograms=self.options.method != "minmax")
         for name, s in stats.items():
             plan.ranges[name] = choose_range(s, self.options.method, self.options.percentile,
                                              self.options.symmetric_activations)
-            if s.samples:
-                plan.samples[name] = s.samples
 
     def _quantize_node(self, writer: QdqWriter, node: gs.Node, plan: _Plan) -> None:
         opts = self.options
@@ -473,7 +469,6 @@ class QuantizeInt8Dynamic(_Int8Pass):
         exclude: tuple[str, ...] = ()
         embeddings: bool = True
         min_top1: float | None = None
-        sensitivity: str = "output"
         require_speedup: bool = True
         measure: bool = False
         max_batches: int = 256
@@ -490,18 +485,11 @@ class QuantizeInt8Dynamic(_Int8Pass):
                 else "onnx"
         self._form = form
         result = super().run(model, ctx)
-        result.stats["form"] = form
+        result.stats["compression"]["form"] = form
         return result
 
     def _calibrate(self, base: onnx.ModelProto, plan: _Plan, data: list) -> None:
-        if self.options.sensitivity != "local":
-            return
-        model = Model.from_proto(base)
-        nodes = {n.name: n for n in model.graph.nodes}
-        names = list(dict.fromkeys(nodes[n].inputs[0].name for n, s in plan.sites.items()
-                                   if s.kind == "compute"))
-        stats = collect_stats(base, names, data[:8], histograms=False, keep=set(names))
-        plan.samples = {n: s.samples for n, s in stats.items()}
+        pass  # activations are quantized at run time
 
     def _quantize_node(self, writer: QdqWriter, node: gs.Node, plan: _Plan) -> None:
         if node.op == "Attention":
@@ -553,8 +541,6 @@ class QuantizeInt8Dynamic(_Int8Pass):
 def _check_common(opts) -> None:
     if opts.reduce_range not in ("auto", "true", "false", True, False):
         raise ValueError("reduce-range must be auto, true or false")
-    if opts.sensitivity not in ("local", "output"):
-        raise ValueError("sensitivity must be local or output")
 
 
 def _reduce_range(option, ctx: PassContext) -> bool:
@@ -593,16 +579,8 @@ def _excluded(node: gs.Node, patterns) -> bool:
     return any(fnmatch.fnmatchcase(node.name, p) or p == node.op for p in patterns)
 
 
-def _skip_stats(plan: _Plan) -> dict:
-    return {"skipped": dict(plan.skipped)} if plan.skipped else {}
-
-
-def _describe_data(ctx: PassContext, measured: bool) -> str:
-    if not measured:
-        return "unmeasured: random probe data"
-    return "validation data" if ctx.validation else "calibration data"
-
-
-def _batch(feeds: dict) -> int:
-    first = next(iter(feeds.values()), None)
-    return int(first.shape[0]) if first is not None and first.ndim else 1
+def _saved(weight: np.ndarray, axis: int | None) -> int:
+    """Bytes int8 saves on a float32 weight: 3 a value, less a float32 scale and an int8
+    zero point per channel (per tensor: one)."""
+    channels = weight.shape[axis] if axis is not None else 1
+    return 3 * int(weight.size) - 5 * int(channels)

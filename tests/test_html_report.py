@@ -169,7 +169,7 @@ def test_lossless_page_numbers_equal_the_json(lossless):
     assert {f"/input/op_costs/{op}/flops" for op in lossless["input"]["ops"]} <= srcs
     assert "/output/estimated_latency_s" in srcs and "/trace/0/seconds" in srcs
     assert len(page.plots) == 4  # nodes, FLOPs and est. time per op type; the trace
-    for absent in ("compression", "quantization", "plan", "artifact"):
+    for absent in ("compression", "plan", "artifact"):
         assert page.sections[absent].strip(), absent  # each says why it is empty
     assert "did not run" in page.sections["plan"]
     assert "lossless" in page.sections["accuracy"]
@@ -188,7 +188,7 @@ def test_compressed_transformer_page_shows_every_site(transformer):
             "/compression/passes/prune-ffn/cost/flops_after"} <= srcs
     assert html_report.sections(transformer) == {
         "summary": True, "op-types": True, "trace": True, "compression": True,
-        "quantization": False, "plan": False, "accuracy": True, "artifact": False}
+        "plan": False, "accuracy": True, "artifact": False}
 
 
 def test_planner_page_lists_every_candidate(small_plan):
@@ -210,15 +210,18 @@ def test_quantized_page_shows_the_quantizer():
     xtr, _, _, _ = digits_data()
     report = as_json(graphopt.optimize(digits_cnn(), quantize="int8",
                                        calibration={"input": xtr[:200]}).report)
-    info = report["quantization"]["quantize-int8"]
-    assert info["status"] == "changed" and info["quantized"]
+    info = report["compression"]["passes"]["quantize-int8"]
+    assert info["status"] == "changed" and any(e["changed"] for e in info["sites"].values())
+    assert info["refused"]  # the first convolution (or more, by the host's cost model)
     info["timing"] = {"ms": {"float": 1.25, "all": 0.75}, "kept": "all"}  # as --measure
     page = check_page(report)
     srcs = {c["data-src"] for c in page.cells}
-    assert {"/quantization/quantize-int8/accuracy/score",
-            "/quantization/quantize-int8/timing/ms/float"} <= srcs
-    assert page.rows.get("skipped-quantize-int8", []) == list(info["skipped"] or {})
-    assert "kept: all" in page.sections["quantization"]
+    assert {"/compression/passes/quantize-int8/score",
+            "/compression/passes/quantize-int8/timing/ms/float"} <= srcs
+    assert page.rows["sites-quantize-int8"] == list(info["sites"])
+    for site in info["refused"]:
+        assert f"refused: {site}: {info['refused'][site]}" in page.sections["compression"]
+    assert "kept: all" in page.sections["compression"]
 
 
 def test_a_page_is_deterministic_and_escapes_text(lossless):

@@ -66,7 +66,7 @@ def test_digits_float_and_int8_on_the_test_images(tmp_path, run_ort, which):
 
     int8 = graphopt.optimize(model, target="litert", output=tmp_path / "int8",
                              quantize="int8", calibration={"input": xtr[:TRAINED_ON]})
-    assert int8.report["quantization"]["quantize-int8"]["status"] == "changed"
+    assert int8.report["compression"]["passes"]["quantize-int8"]["status"] == "changed"
     manifest = _manifest(tmp_path / "int8")
     assert manifest["precision"]["weights"] == "int8", manifest["precision"]
     got8 = _litert(int8, {"input": xte})["logits"]
@@ -159,7 +159,7 @@ def test_minilm_float_and_int8_dynamic(tmp_path, run_ort):
     int8 = graphopt.optimize(model, target="litert", output=tmp_path / "int8",
                              input_shapes=shapes, quantize="int8-dynamic",
                              calibration=calibration)
-    assert int8.report["quantization"]["quantize-int8-dynamic"]["status"] == "changed"
+    assert int8.report["compression"]["passes"]["quantize-int8-dynamic"]["status"] == "changed"
     assert _manifest(tmp_path / "int8")["precision"]["weights"] == "int8"
     cos = _cosines(_embeddings(int8, test), want)
     assert cos.mean() >= 0.99 and cos.mean() < 1 - 1e-7, (cos.mean(), cos.min())

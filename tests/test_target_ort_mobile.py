@@ -108,7 +108,7 @@ def test_digits_int8_keeps_the_int8_models_accuracy(tmp_path, run_ort):
     out = tmp_path / "int8"
     result = graphopt.optimize(model, target="ort-mobile", output=out, quantize="int8",
                                calibration={"input": xtr[:TRAINED_ON]})
-    assert result.report["quantization"]["quantize-int8"]["status"] == "changed"
+    assert result.report["compression"]["passes"]["quantize-int8"]["status"] == "changed"
     assert result.report["artifact"]["ok"] is True, result.report["artifact"]
     used = _ops_in(out / "model.ort")
     assert "QLinearConv" in used["ai.onnx"] or "QLinearConv" in used.get("com.microsoft", ()),\

@@ -147,7 +147,7 @@ def test_int8_qdq_model_runs_in_chromium_like_native_ort(browser, tmp_path, run_
         model, target="web", output=out, quantize="int8", tolerance=0.98,
         passes=[*LOSSLESS_PIPELINE, "quantize-int8(require-speedup=false)"],
         calibration={"input": calibration}, validation={"input": validation})
-    assert result.report["quantization"]["quantize-int8"]["status"] == "changed"
+    assert result.report["compression"]["passes"]["quantize-int8"]["status"] == "changed"
     check = result.report["artifact"]
     assert check["ok"] is True and check["min_cosine"] >= 0.98, check
     ops = {n.op_type for n in onnx.load(out / "model.onnx").graph.node}

@@ -54,7 +54,7 @@ def test_digits_int8_in_chromium_keeps_the_int8_models_accuracy(browser, tmp_pat
         model, target="web", output=out, quantize="int8", metric="mean-cosine",
         tolerance=0.99, passes=[*LOSSLESS_PIPELINE, "quantize-int8(require-speedup=false)"],
         calibration={"input": xtr[:TRAINED_ON]})
-    assert result.report["quantization"]["quantize-int8"]["status"] == "changed"
+    assert result.report["compression"]["passes"]["quantize-int8"]["status"] == "changed"
     assert result.report["artifact"]["ok"] is True, result.report["artifact"]
     qdq = onnx.load(out / "model.onnx")
     ops = [n.op_type for n in qdq.graph.node]
