@@ -208,10 +208,17 @@ class Driver:
             stats["not_sites"] = self.cp.not_sites()
         if not active:
             stats["reason"] = "no site can be compressed"
+            if stats["refused"]:
+                first = next(iter(stats["refused"]))
+                stats["reason"] += (f": {len(stats['refused'])} refused, e.g. {first}: "
+                                    f"{stats['refused'][first]}")
             return PassResult(False, {"compression": stats})
         base_cost = self._cost(model)
         self.base_bytes = weight_bytes(model)
-        self.base_score = self.measure(model.to_onnx())[0]
+        if self.hand_over and ctx.check_current is not None:  # known: no run
+            self.base_score = self._score_outputs(ctx.check_current)
+        else:
+            self.base_score = self.measure(model.to_onnx())[0]
         self.savings = self.cp.savings(model, active, ctx) or {}
         replayed = (ctx.replay or {}).get(self.cp.name)
         if replayed is not None:  # a previous run's choice (graphopt.replay)

@@ -217,6 +217,8 @@ class PassManager:
         start = time.perf_counter()
         entry = TraceEntry(p.name, iteration, "unchanged", nodes_before, nodes_before, 0.0,
                            cost_before, cost_before)
+        # A lossy pass may score the model it starts from without running it again.
+        self.ctx.check_current = None if p.lossless or state.unchecked else state.outputs
         try:
             result = p.run(model, self.ctx)
             if not isinstance(result, PassResult):
@@ -244,6 +246,8 @@ class PassManager:
             raise  # the user's request cannot be done (e.g. replayed settings that do not fit)
         except Exception as exc:
             entry.reason = f"raised {type(exc).__name__}: {_first_line(exc)}"
+        finally:
+            self.ctx.check_current = None
         entry.seconds = time.perf_counter() - start
         if entry.reason:
             model.graph = Model.from_proto(state.proto).graph

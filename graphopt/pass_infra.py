@@ -92,6 +92,9 @@ class PassContext:
     # candidates on these batches needs no reference run of its own.
     check_feeds: list[dict[str, np.ndarray]] | None = None
     check_reference: list[dict[str, np.ndarray]] | None = None
+    # The outputs on ``check_feeds`` of the model a lossy pass starts from (ORT, rewrites
+    # off), when the manager has them checked; None otherwise.
+    check_current: list[dict[str, np.ndarray]] | None = None
     # Settings a previous run chose (``graphopt.replay``): compression pass name ->
     # {site: setting}; a pass named here applies them instead of searching.
     replay: dict[str, dict[str, Any]] | None = None

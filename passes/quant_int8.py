@@ -116,8 +116,6 @@ class _Int8Pass(CompressionPass):
         result = driver.run(work)
         info = result.stats["compression"]
         info["reduce_range"] = self._plan.reduce_range
-        if not getattr(self, "_measured", True):
-            info["data"] = "unmeasured: random probe data"
         if result.changed and self.options.measure:
             result = self._measure(work, driver, result)
         if result.changed:
@@ -143,7 +141,7 @@ class _Int8Pass(CompressionPass):
                 for name, why in plan.skipped.items()]
         if plan.sites:
             self._base = self._prepare(model.to_onnx(), plan)
-            calibration, self._measured = self._data(ctx, self._base)
+            calibration = self._data(ctx, self._base)
             self._calibrate(self._base, plan, calibration)
         return out
 
@@ -185,14 +183,14 @@ class _Int8Pass(CompressionPass):
         return out
 
     # ------------------------------------------------------------------ data
-    def _data(self, ctx: PassContext, proto: onnx.ModelProto) -> tuple[list, bool]:
+    def _data(self, ctx: PassContext, proto: onnx.ModelProto) -> list:
         if ctx.calibration:
-            return subset(ctx.calibration, self.options.max_batches), True
+            return subset(ctx.calibration, self.options.max_batches)
         ctx.logger.warning(
             "%s: NO CALIBRATION DATA: calibrating and checking accuracy on random probe "
             "inputs, so the accuracy of the quantized model is UNMEASURED; give real "
             "inputs (--calibration-data)", self.name)
-        return verify.probe_inputs(proto, count=8, seed=ctx.seed), False
+        return verify.probe_inputs(proto, count=8, seed=ctx.seed)
 
     # ------------------------------------------------------------------ sites and cost
     def _find_sites(self, model: Model, plan: _Plan) -> None:
