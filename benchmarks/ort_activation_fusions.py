@@ -1,4 +1,4 @@
-"""ONNX Runtime latency behind the choices in passes/fusion_act.py and passes/transpose.py.
+"""ONNX Runtime latency behind the choices in passes/fusion/act.py and passes/cleanup/transpose.py.
 
 1. Single-op cases (one thread, minimum over interleaved runs): Sigmoid*Mul vs QuickGelu
    vs Swish; the HardSwish forms vs HardSwish; Conv+Relu vs FusedConv; Conv+Add+Relu vs

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import graphopt  # noqa: E402
 from graphopt.ir import load  # noqa: E402
 from graphopt.pass_infra import PassContext  # noqa: E402
-from graphopt.passes.fp16 import ConvertFloat16  # noqa: E402
-from graphopt.passes.quant_weight import QuantizeWeightInt4  # noqa: E402
+from graphopt.passes.quantize.fp16 import ConvertFloat16  # noqa: E402
+from graphopt.passes.quantize.weight import QuantizeWeightInt4  # noqa: E402
 from graphopt.targets.ort import OrtTarget  # noqa: E402
 from helpers import minilm_calibration  # noqa: E402
 from tests import zoo  # noqa: E402

@@ -324,7 +324,7 @@ def _fuse_gelu(model: Model) -> None:
     """0.5·x·(1 + erf(x/√2)) (and the tanh form) → one ``Gelu`` node, for the writer only
     (graphopt's ``fuse-gelu`` writes the standard op at opset 20 only)."""
     from graphopt.passes._patterns import Scope
-    from graphopt.passes.fusion_gelu import match_gelu
+    from graphopt.passes.fusion.gelu import match_gelu
 
     scope = Scope(model)
     for graph in scope.graphs:

@@ -24,7 +24,7 @@ from graphopt.ir import load
 from graphopt.targets.ort import OrtTarget
 from graphopt.manager import PassManager
 from graphopt.pass_infra import PassContext
-from graphopt.passes.fusion_norm import FuseSkipLayerNorm
+from graphopt.passes.fusion.norm import FuseSkipLayerNorm
 from tests import digits, zoo
 from tests.helpers import store_calibration
 

@@ -19,7 +19,7 @@ from graphopt.ir import infer_shapes, load
 from graphopt.manager import PassManager
 from tests.helpers import min_cosine
 from graphopt.pass_infra import PassContext, make_options
-from graphopt.passes.fp16 import DEFAULT_FP32_OPS, ConvertFloat16
+from graphopt.passes.quantize.fp16 import DEFAULT_FP32_OPS, ConvertFloat16
 from fusion_checks import f32, i64, vi
 from helpers import bert_token_feeds, build_model, count_ops
 from tests import zoo
@@ -278,7 +278,7 @@ def test_minilm_sentences():
 def test_combines_with_int4_weights(order):
     """MatMulNBits and GatherBlockQuantized take float16 activations and scales
     (com.microsoft schemas)."""
-    from graphopt.passes.quant_weight import QuantizeWeightInt4
+    from graphopt.passes.quantize.weight import QuantizeWeightInt4
     from graphopt.targets.ort import OrtTarget
 
     proto = zoo.bert_tiny("torchscript")

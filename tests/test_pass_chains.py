@@ -10,7 +10,7 @@ from onnx import TensorProto, numpy_helper
 
 import graphopt
 from graphopt.pass_infra import PassContext
-from graphopt.passes.chains import MergeShapeChains
+from graphopt.passes.cleanup.chains import MergeShapeChains
 
 F = TensorProto.FLOAT
 

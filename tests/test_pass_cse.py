@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 import graphopt
-from graphopt.passes.cse import EliminateCommonSubexpressions
+from graphopt.passes.cleanup.cse import EliminateCommonSubexpressions
 from helpers import apply_pass, build_model, count_ops, run_pass
 
 F = TensorProto.FLOAT

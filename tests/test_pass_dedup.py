@@ -8,7 +8,7 @@ from onnx import TensorProto, numpy_helper
 
 import graphopt
 from graphopt import verify
-from graphopt.passes.dedup import MergeDuplicateInitializers
+from graphopt.passes.cleanup.dedup import MergeDuplicateInitializers
 from helpers import apply_pass, assert_same_outputs, build_model, run_pass
 
 F = TensorProto.FLOAT

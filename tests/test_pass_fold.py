@@ -18,7 +18,7 @@ from graphopt import verify
 from graphopt.errors import ModelError, UsageError
 from graphopt.ir import load
 from graphopt.pass_infra import PassContext
-from graphopt.passes.fold import FoldConstants, FoldShapes
+from graphopt.passes.cleanup.fold import FoldConstants, FoldShapes
 
 F = TensorProto.FLOAT
 

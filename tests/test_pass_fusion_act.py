@@ -19,7 +19,7 @@ import graphopt
 from graphopt import verify
 from graphopt.errors import UsageError
 from graphopt.pass_infra import PassContext
-from graphopt.passes.fusion_act import FuseConvActivation, FuseHardSwish, FuseSiLU
+from graphopt.passes.fusion.act import FuseConvActivation, FuseHardSwish, FuseSiLU
 from graphopt.target import Capabilities, Target
 from graphopt.targets.ort import LOSSLESS_PIPELINE, OrtTarget
 from helpers import apply_passes, assert_pass_unchanged, build_model, count_ops

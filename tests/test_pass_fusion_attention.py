@@ -21,8 +21,8 @@ from graphopt import verify
 from graphopt.cost import Device
 from graphopt.ir import load
 from graphopt.pass_infra import PassContext
-from graphopt.passes.dce import EliminateDeadCode
-from graphopt.passes.fusion_attention import FuseAttention
+from graphopt.passes.cleanup.dce import EliminateDeadCode
+from graphopt.passes.fusion.attention import FuseAttention
 from graphopt.target import Artifact, Capabilities, Target
 from graphopt.targets.ort import OrtTarget
 from helpers import count_ops

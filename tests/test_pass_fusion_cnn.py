@@ -16,7 +16,7 @@ from onnx import TensorProto, numpy_helper
 
 import graphopt
 from graphopt import verify
-from graphopt.passes.fusion_cnn import (FuseConvAdd, FuseConvBatchNorm, FuseConvMul,
+from graphopt.passes.fusion.cnn import (FuseConvAdd, FuseConvBatchNorm, FuseConvMul,
                                         FuseMatMulAdd, FusePadConv)
 from helpers import apply_passes, assert_pass_unchanged, build_model, count_ops
 

@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto
 
 from graphopt.pass_infra import PassContext
-from graphopt.passes.fusion_gelu import FuseBiasGelu, FuseGelu
+from graphopt.passes.fusion.gelu import FuseBiasGelu, FuseGelu
 from helpers import build_model, count_ops
 from fusion_checks import (assert_same, bert_feeds, NoNormTarget, PlainOnnxTarget, apply, assert_embeddings_match,
                            assert_unchanged, const, f32, optimize_checked, ops_in,

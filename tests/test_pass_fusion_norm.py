@@ -18,7 +18,7 @@ from onnx import TensorProto
 from graphopt import verify
 from graphopt.ir import load
 from graphopt.pass_infra import PassContext
-from graphopt.passes.fusion_norm import FuseLayerNorm, FuseRmsNorm, FuseSkipLayerNorm
+from graphopt.passes.fusion.norm import FuseLayerNorm, FuseRmsNorm, FuseSkipLayerNorm
 from graphopt.targets.ort import OrtTarget
 from helpers import build_model, count_ops, store_calibration
 from fusion_checks import (assert_same, bert_feeds, FLOAT, NoNormTarget, PlainOnnxTarget, apply,

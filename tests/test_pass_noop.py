@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 import graphopt
-from graphopt.passes.noop import EliminateIdentity, EliminateNoOps
+from graphopt.passes.cleanup.noop import EliminateIdentity, EliminateNoOps
 from helpers import apply_pass, build_model, count_ops, run_pass
 
 F, I64 = TensorProto.FLOAT, TensorProto.INT64

@@ -11,7 +11,7 @@ import graphopt
 from graphopt import verify
 from graphopt.ir import load
 from graphopt.pass_infra import PassContext
-from graphopt.passes.reshape import FoldReshapeTargets
+from graphopt.passes.cleanup.reshape import FoldReshapeTargets
 
 
 def int64(name, values):

@@ -15,7 +15,7 @@ from onnx import TensorProto, numpy_helper
 
 import graphopt
 from graphopt import verify
-from graphopt.passes.transpose import FoldTransposeIntoGemm, SinkTransposes
+from graphopt.passes.cleanup.transpose import FoldTransposeIntoGemm, SinkTransposes
 from graphopt.targets.ort import LOSSLESS_PIPELINE
 from helpers import apply_passes, assert_pass_unchanged, build_model, count_ops
 

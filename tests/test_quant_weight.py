@@ -20,8 +20,8 @@ from graphopt.ir import load
 from graphopt.manager import PassManager
 from tests.helpers import min_cosine
 from graphopt.pass_infra import PassContext, make_options
-from graphopt.passes._weight_blocks import CLIP_RATIOS, gptq, output_error, pack_nbits, rtn
-from graphopt.passes.quant_weight import QuantizeWeightInt4
+from graphopt.passes.quantize._weight_blocks import CLIP_RATIOS, gptq, output_error, pack_nbits, rtn
+from graphopt.passes.quantize.weight import QuantizeWeightInt4
 from graphopt.targets.ort import OrtTarget
 from fusion_checks import PlainOnnxTarget, f32, vi
 from helpers import (bert_token_feeds, build_model, count_ops, minilm_calibration)

@@ -12,7 +12,7 @@ from graphopt import verify
 from graphopt.ir import load
 from graphopt.manager import PassManager
 from graphopt.pass_infra import PassContext
-from graphopt.passes.smoothquant import SmoothQuant, activation_max, channel_ratio
+from graphopt.passes.quantize.smoothquant import SmoothQuant, activation_max, channel_ratio
 from fusion_checks import f32, vi
 from helpers import apply_passes, bert_token_feeds, build_model, count_ops
 from tests import zoo

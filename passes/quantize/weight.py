@@ -86,10 +86,10 @@ from graphopt.compression import Applied, CompressionPass, Site
 from graphopt.ir import Model
 from graphopt.pass_infra import PassContext, PassResult
 from graphopt.passes._patterns import MICROSOFT, upgrade_opset
-from graphopt.passes._weight_blocks import CLIP_RATIOS, Blocks, gptq, output_error, rtn
-from graphopt.passes._weight_emit import (Embedding, embeddings, emit_gather, emit_nbits,
+from graphopt.passes.quantize._weight_blocks import CLIP_RATIOS, Blocks, gptq, output_error, rtn
+from graphopt.passes.quantize._weight_emit import (Embedding, embeddings, emit_gather, emit_nbits,
                                           emit_qdq, gemm_bias)
-from graphopt.passes._weights import Linear, capture, linears
+from graphopt.passes.quantize._weights import Linear, capture, linears
 from graphopt.rewrite import tensor_names
 
 METHODS = ("rtn", "gptq", "awq")
@@ -336,7 +336,7 @@ class QuantizeWeightInt4(CompressionPass):
         """Activation-aware scales for the groups of chosen weights whose input can
         absorb them (searched once per group and run): the scaled nodes' ids, each with
         the Hessian of its rescaled input."""
-        from graphopt.passes.smoothquant import apply_scales, smoothable_groups
+        from graphopt.passes.quantize.smoothquant import apply_scales, smoothable_groups
 
         wanted = {id(lin.node): lin for lin in chosen.values()}
         scaled: dict[int, np.ndarray] = {}

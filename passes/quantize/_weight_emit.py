@@ -12,8 +12,8 @@ import onnx_graphsurgeon as gs
 
 from graphopt.ir import Model
 from graphopt.passes._patterns import MICROSOFT, is_default_domain
-from graphopt.passes._weight_blocks import Blocks, pack_nbits, qdq_constants, subbyte_constant
-from graphopt.passes._weights import Linear, drop_feeders
+from graphopt.passes.quantize._weight_blocks import Blocks, pack_nbits, qdq_constants, subbyte_constant
+from graphopt.passes.quantize._weights import Linear, drop_feeders
 from graphopt.rewrite import constant_value, consumers, remove_node, unique_name
 
 

@@ -39,7 +39,7 @@ import onnx_graphsurgeon as gs
 from graphopt.ir import Model
 from graphopt.pass_infra import Pass, PassContext, PassResult
 from graphopt.passes._patterns import MICROSOFT
-from graphopt.passes._weights import Linear, capture, linears, resolve_constant, set_weight
+from graphopt.passes.quantize._weights import Linear, capture, linears, resolve_constant, set_weight
 from graphopt.rewrite import consumers, remove_dead, tensor_names, unique_name
 
 # (domain, op) -> (index of the scale input, index of the bias input or None)

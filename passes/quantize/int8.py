@@ -57,7 +57,7 @@ from graphopt.cost_calibration import static_model
 from graphopt.errors import GraphoptError
 from graphopt.ir import Model
 from graphopt.pass_infra import PassContext, PassResult
-from graphopt.passes._int8 import (UNFUSED, as_conv, attention_unsupported, bias_add,
+from graphopt.passes.quantize._int8 import (UNFUSED, as_conv, attention_unsupported, bias_add,
                                    dynamic_quantized, group_output, pass_through_params,
                                    quantize_attention, unfuse_conv, weight_axis)
 from graphopt.qdq import (METHODS, QdqWriter, activation_params, choose_range, collect_stats,

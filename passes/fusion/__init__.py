@@ -1,0 +1,2 @@
+"""Fusion passes: CNN, activation, attention, normalization and GELU patterns into the
+fused ops a target runs (lossless)."""
