@@ -1,6 +1,7 @@
-"""Node-level helpers of the int8 passes (``quant_int8``): where a weight's channels are,
-where a Conv's output quantization goes, FusedConv unfusing, bias folding, the dynamic
-quantization chain, cost estimates and single-node models for local sensitivity."""
+"""The graph edits of the int8 passes (``graphopt.passes.quantize.int8``): which nodes can
+be quantized, where a weight's channels are, where a Conv's output quantization goes,
+FusedConv unfusing, bias folding, the static QDQ form of a node, the dynamic forms, and
+QAttention."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.ir import Model
-from graphopt.qdq import PASS_THROUGH, QdqWriter, quantize_weight, resolve_weight
+from graphopt.qdq import (PASS_THROUGH, QdqWriter, activation_params, from_dequantize,
+                          is_float, quantize_weight, resolve_weight)
 from graphopt.rewrite import consumers, constant_value, remove_node
 
 # com.microsoft Attention attributes QAttention takes too
@@ -108,26 +109,6 @@ def dynamic_quantized(writer: QdqWriter, a: gs.Tensor):
     return writer.quantized[key]
 
 
-def single_node_model(model: Model, node: gs.Node, weight: np.ndarray,
-                       rest: list[np.ndarray]) -> onnx.ModelProto:
-    """``node`` alone, reading input ``x`` and constant weight (and bias)."""
-    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
-    x = gs.Variable("x", dtype=np.float32,
-                    shape=[f"d{i}" for i in range(rank)] if rank is not None else None)
-    y = gs.Variable("y", dtype=np.float32)
-    inputs = [x, gs.Constant("w", weight)] + [gs.Constant(f"c{i}", v)
-                                              for i, v in enumerate(rest)]
-    clone = gs.Node(node.op, attrs=dict(node.attrs), inputs=inputs, outputs=[y])
-    graph = gs.Graph(nodes=[clone], inputs=[x], outputs=[y], opset=model.opset)
-    return gs.export_onnx(graph)
-
-
-def nmse(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64)
-    den = float((a ** 2).sum())
-    return float(((a - b) ** 2).sum()) / den if den else 0.0
-
-
 def attention_unsupported(node: gs.Node) -> str | None:
     """Why com.microsoft Attention ``node`` cannot become QAttention (None: it can)."""
     if node.domain != "com.microsoft":
@@ -158,3 +139,121 @@ def quantize_attention(writer: QdqWriter, node: gs.Node, per_channel: bool,
               writer.constant(f"{hint}_weight_scale", scale), mask or empty, xz,
               writer.constant(f"{hint}_weight_zero_point", np.zeros(scale.shape, np.int8))]
     writer.node("QAttention", inputs, [out], domain="com.microsoft", **attrs)
+
+
+def unsupported(node: gs.Node, dynamic: bool, form: str) -> str | None:
+    """Why ``node`` cannot be quantized by the static (``dynamic=False``) or dynamic pass
+    writing ``form`` (None: it can)."""
+    if node.op == "FusedConv":
+        if dynamic:
+            return "FusedConv is quantized by quantize-int8 only"
+        if len(node.inputs) > 3 and node.inputs[3].name:
+            return "FusedConv with a residual input (Z)"
+        if node.attrs.get("activation") not in UNFUSED:
+            return f"FusedConv activation {node.attrs.get('activation')!r}"
+    elif node.op == "Attention":
+        if not dynamic:
+            return "Attention is quantized by quantize-int8-dynamic only (QAttention)"
+        why = attention_unsupported(node)
+        if why is None and form == "onnx":
+            why = "QAttention needs the com.microsoft domain"
+        if why is not None:
+            return why
+    elif node.op not in ("Conv", "MatMul", "Gemm"):
+        return f"op {node.op} is not supported"
+    x, w = node.inputs[0], node.inputs[1]
+    if from_dequantize(x) or from_dequantize(w):
+        return "already quantized"
+    if constant_value(x) is not None or not is_float(x):
+        return "input is not a float32 activation"
+    value = resolve_weight(w)
+    if value is None and constant_value(w) is None:
+        return "both inputs are activations (only weights are quantized)"
+    if value is None or value.dtype != np.float32:
+        return "weight is not a float32 constant"
+    if node.op in ("MatMul", "Gemm") and value.ndim != 2:
+        return f"weight has rank {value.ndim}, not 2"
+    if node.op == "Gemm":
+        if node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0:
+            return "Gemm with transA or alpha != 1"
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            bias = constant_value(node.inputs[2])
+            n = value.shape[0] if node.attrs.get("transB", 0) else value.shape[1]
+            if bias is None or bias.size != n or node.attrs.get("beta", 1.0) != 1.0:
+                return "Gemm bias is not a constant vector with beta 1"
+    if as_conv(node) == "Conv" and len(node.inputs) > 2 and node.inputs[2].name \
+            and constant_value(node.inputs[2]) is None:
+        return "Conv bias is not constant"
+    return None
+
+
+def quantize_static(writer: QdqWriter, node: gs.Node, ranges: dict, symmetric: bool,
+                    per_channel: bool, reduce_range: bool) -> None:
+    """``node`` in QDQ form: its input quantized with the calibrated range (or the
+    parameters of the quantized tensor it passes through), per-channel weights, an int32
+    bias, and a Conv's output quantized too (QLinearConv needs it)."""
+    x = node.inputs[0]
+    if from_dequantize(x):  # shared with a node quantized before
+        scale = np.float32(constant_value(x.inputs[0].inputs[1]).reshape(()))
+    else:
+        scale, zero = pass_through_params(x) or activation_params(
+            *ranges[writer.source_name(x)], symmetric)
+        writer.activation(x, scale, zero)
+    value = resolve_weight(node.inputs[1])
+    axis = weight_axis(node, value) if per_channel else None
+    w_dq, w_scale = writer.weight(node.name + "_weight", value, axis, reduce_range)
+    node.inputs[1] = w_dq
+    if node.op in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2].name:
+        bias = constant_value(node.inputs[2]).reshape(-1)
+        node.inputs[2] = writer.bias(node.name + "_bias", bias, scale * w_scale)
+    out = group_output(node, symmetric)
+    if node.op == "Conv" and writer.source_name(out) in ranges:
+        # QLinearConv needs its output quantized
+        writer.activation(out, *activation_params(*ranges[writer.source_name(out)],
+                                                  symmetric))
+
+
+def quantize_dynamic(writer: QdqWriter, node: gs.Node, per_channel: bool,
+                     reduce_range: bool, form: str) -> None:
+    """MatMul/Gemm with a constant weight -> int8 weights, activations quantized at run
+    time: DynamicQuantizeMatMul (``com.microsoft``), DynamicQuantizeLinear +
+    MatMulIntegerToFloat (``shared``) or + MatMulInteger and float rescaling (``onnx``)."""
+    graph = writer.graph
+    value = resolve_weight(node.inputs[1])
+    if node.op == "Gemm" and node.attrs.get("transB", 0):
+        value = value.T
+    q, scale = quantize_weight(value, 1 if per_channel else None,
+                               reduce_range)
+    a, out = node.inputs[0], node.outputs[0]
+    bias = None
+    if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
+        bias = constant_value(node.inputs[2]).reshape(-1).astype(np.float32)
+    else:
+        add = bias_add(node, graph, value.shape[1])
+        if add is not None:
+            bias, out = add
+    remove_node(node, graph)
+    hint = node.name
+    bq = writer.constant(f"{hint}_weight_quantized", q)
+    bs = writer.constant(f"{hint}_weight_scale", scale)
+    bz = writer.constant(f"{hint}_weight_zero_point", np.zeros(scale.shape, np.int8))
+    b = writer.constant(f"{hint}_bias", bias) if bias is not None else None
+    if form == "com.microsoft":
+        writer.node("DynamicQuantizeMatMul", [a, bq, bs, bz] + ([b] if b is not None else []),
+                    [out], domain="com.microsoft")
+        return
+    aq, a_scale, a_zero = dynamic_quantized(writer, a)
+    if form == "shared":
+        writer.node("MatMulIntegerToFloat", [aq, bq, a_scale, bs, a_zero, bz] +
+                    ([b] if b is not None else []), [out], domain="com.microsoft")
+        return
+    acc = writer.variable(f"{hint}_int32", np.int32, out.shape)
+    writer.node("MatMulInteger", [aq, bq, a_zero, bz], [acc])
+    as_float = writer.variable(f"{hint}_acc_float", np.float32, out.shape)
+    writer.node("Cast", [acc], [as_float], to=onnx.TensorProto.FLOAT)
+    both = writer.variable(f"{hint}_scale", np.float32, list(scale.shape))
+    writer.node("Mul", [a_scale, bs], [both])
+    scaled = writer.variable(f"{hint}_scaled", np.float32, out.shape) if b is not None else out
+    writer.node("Mul", [as_float, both], [scaled])
+    if b is not None:
+        writer.node("Add", [scaled, b], [out])

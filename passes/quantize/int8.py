@@ -40,7 +40,6 @@ ORT drops the pair around it.
 from __future__ import annotations
 
 import fnmatch
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -57,12 +56,11 @@ from graphopt.cost_calibration import static_model
 from graphopt.errors import GraphoptError
 from graphopt.ir import Model
 from graphopt.pass_infra import PassContext, PassResult
-from graphopt.passes.quantize._int8 import (UNFUSED, as_conv, attention_unsupported, bias_add,
-                                   dynamic_quantized, group_output, pass_through_params,
-                                   quantize_attention, unfuse_conv, weight_axis)
-from graphopt.qdq import (METHODS, QdqWriter, activation_params, choose_range, collect_stats,
-                          from_dequantize, is_float, quantize_weight, resolve_weight)
-from graphopt.rewrite import constant_value, remove_dead, remove_node
+from graphopt.passes.quantize._int8 import (as_conv, group_output, quantize_attention,
+                                            quantize_dynamic, quantize_static, unfuse_conv,
+                                            unsupported, weight_axis)
+from graphopt.qdq import METHODS, QdqWriter, choose_range, collect_stats, resolve_weight
+from graphopt.rewrite import constant_value, remove_dead
 
 EMBEDDING_MIN_ELEMENTS = 1 << 16
 SETTINGS = ("float", "int8")
@@ -208,7 +206,7 @@ class _Int8Pass(CompressionPass):
                 continue
             if as_conv(node) not in opts.ops:
                 continue
-            why = self._unsupported(node)
+            why = unsupported(node, self.dynamic, getattr(self, "_form", "onnx"))
             if why is None and _excluded(node, opts.exclude):
                 why = "excluded"
             if why is None:
@@ -227,50 +225,6 @@ class _Int8Pass(CompressionPass):
             axis = weight_axis(node, value)
         return _Layer(node.name, node.op, "compute", int(value.size),
                       _saved(value, axis if self.options.per_channel else None))
-
-    def _unsupported(self, node: gs.Node) -> str | None:
-        """Why ``node`` cannot be quantized (None: it can)."""
-        if node.op == "FusedConv":
-            if self.dynamic:
-                return "FusedConv is quantized by quantize-int8 only"
-            if len(node.inputs) > 3 and node.inputs[3].name:
-                return "FusedConv with a residual input (Z)"
-            if node.attrs.get("activation") not in UNFUSED:
-                return f"FusedConv activation {node.attrs.get('activation')!r}"
-        elif node.op == "Attention":
-            if not self.dynamic:
-                return "Attention is quantized by quantize-int8-dynamic only (QAttention)"
-            why = attention_unsupported(node)
-            if why is None and getattr(self, "_form", "onnx") == "onnx":
-                why = "QAttention needs the com.microsoft domain"
-            if why is not None:
-                return why
-        elif node.op not in ("Conv", "MatMul", "Gemm"):
-            return f"op {node.op} is not supported"
-        x, w = node.inputs[0], node.inputs[1]
-        if from_dequantize(x) or from_dequantize(w):
-            return "already quantized"
-        if constant_value(x) is not None or not is_float(x):
-            return "input is not a float32 activation"
-        value = resolve_weight(w)
-        if value is None and constant_value(w) is None:
-            return "both inputs are activations (only weights are quantized)"
-        if value is None or value.dtype != np.float32:
-            return "weight is not a float32 constant"
-        if node.op in ("MatMul", "Gemm") and value.ndim != 2:
-            return f"weight has rank {value.ndim}, not 2"
-        if node.op == "Gemm":
-            if node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0:
-                return "Gemm with transA or alpha != 1"
-            if len(node.inputs) > 2 and node.inputs[2].name:
-                bias = constant_value(node.inputs[2])
-                n = value.shape[0] if node.attrs.get("transB", 0) else value.shape[1]
-                if bias is None or bias.size != n or node.attrs.get("beta", 1.0) != 1.0:
-                    return "Gemm bias is not a constant vector with beta 1"
-        if as_conv(node) == "Conv" and len(node.inputs) > 2 and node.inputs[2].name \
-                and constant_value(node.inputs[2]) is None:
-            return "Conv bias is not constant"
-        return None
 
     def _filter_by_cost(self, model: Model, ctx: PassContext, plan: _Plan) -> None:
         device, cost_model = ctx.device, ctx.cost_model
@@ -425,26 +379,8 @@ class QuantizeInt8(_Int8Pass):
                                              self.options.symmetric_activations)
 
     def _quantize_node(self, writer: QdqWriter, node: gs.Node, plan: _Plan) -> None:
-        opts = self.options
-        x = node.inputs[0]
-        if from_dequantize(x):  # shared with a node quantized before
-            scale = np.float32(constant_value(x.inputs[0].inputs[1]).reshape(()))
-        else:
-            scale, zero = pass_through_params(x) or activation_params(
-                *plan.ranges[writer.source_name(x)], opts.symmetric_activations)
-            writer.activation(x, scale, zero)
-        value = resolve_weight(node.inputs[1])
-        axis = weight_axis(node, value) if opts.per_channel else None
-        w_dq, w_scale = writer.weight(node.name + "_weight", value, axis, plan.reduce_range)
-        node.inputs[1] = w_dq
-        if node.op in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2].name:
-            bias = constant_value(node.inputs[2]).reshape(-1)
-            node.inputs[2] = writer.bias(node.name + "_bias", bias, scale * w_scale)
-        out = group_output(node, opts.symmetric_activations)
-        if node.op == "Conv" and writer.source_name(out) in plan.ranges:
-            # QLinearConv needs its output quantized
-            writer.activation(out, *activation_params(*plan.ranges[writer.source_name(out)],
-                                                      opts.symmetric_activations))
+        quantize_static(writer, node, plan.ranges, self.options.symmetric_activations,
+                        self.options.per_channel, plan.reduce_range)
 
 
 # ============================================================================ dynamic
@@ -492,47 +428,9 @@ class QuantizeInt8Dynamic(_Int8Pass):
     def _quantize_node(self, writer: QdqWriter, node: gs.Node, plan: _Plan) -> None:
         if node.op == "Attention":
             quantize_attention(writer, node, self.options.per_channel, plan.reduce_range)
-            return
-        graph = writer.graph
-        value = resolve_weight(node.inputs[1])
-        if node.op == "Gemm" and node.attrs.get("transB", 0):
-            value = value.T
-        q, scale = quantize_weight(value, 1 if self.options.per_channel else None,
-                                   plan.reduce_range)
-        a, out = node.inputs[0], node.outputs[0]
-        bias = None
-        if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
-            bias = constant_value(node.inputs[2]).reshape(-1).astype(np.float32)
         else:
-            add = bias_add(node, graph, value.shape[1])
-            if add is not None:
-                bias, out = add
-        remove_node(node, graph)
-        hint = node.name
-        bq = writer.constant(f"{hint}_weight_quantized", q)
-        bs = writer.constant(f"{hint}_weight_scale", scale)
-        bz = writer.constant(f"{hint}_weight_zero_point", np.zeros(scale.shape, np.int8))
-        b = writer.constant(f"{hint}_bias", bias) if bias is not None else None
-        form = getattr(self, "_form", "com.microsoft")
-        if form == "com.microsoft":
-            writer.node("DynamicQuantizeMatMul", [a, bq, bs, bz] + ([b] if b is not None else []),
-                        [out], domain="com.microsoft")
-            return
-        aq, a_scale, a_zero = dynamic_quantized(writer, a)
-        if form == "shared":
-            writer.node("MatMulIntegerToFloat", [aq, bq, a_scale, bs, a_zero, bz] +
-                        ([b] if b is not None else []), [out], domain="com.microsoft")
-            return
-        acc = writer.variable(f"{hint}_int32", np.int32, out.shape)
-        writer.node("MatMulInteger", [aq, bq, a_zero, bz], [acc])
-        as_float = writer.variable(f"{hint}_acc_float", np.float32, out.shape)
-        writer.node("Cast", [acc], [as_float], to=onnx.TensorProto.FLOAT)
-        both = writer.variable(f"{hint}_scale", np.float32, list(scale.shape))
-        writer.node("Mul", [a_scale, bs], [both])
-        scaled = writer.variable(f"{hint}_scaled", np.float32, out.shape) if b is not None else out
-        writer.node("Mul", [as_float, both], [scaled])
-        if b is not None:
-            writer.node("Add", [scaled, b], [out])
+            quantize_dynamic(writer, node, self.options.per_channel, plan.reduce_range,
+                             self._form)
 
 
 # ============================================================================ helpers
