@@ -264,7 +264,11 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
             if plan_section is None and manager.probe_feeds is feeds else None)
     else:
         verification = _verify(original_proto, working, feeds, tolerance,
-                               manager.numeric_check)
+                               manager.numeric_check,
+                               # (the original's outputs on these batches: run once a run)
+                               manager.original_outputs
+                               if plan_section is None and manager.probe_feeds is feeds
+                               else None)
     report = {
         "graphopt_version": graphopt_version(),
         "target": tgt.name,
@@ -491,16 +495,20 @@ def _summary(model: Model, target: Target, cost_model: CostModel | None = None) 
     return summarize(model, target.device, cost_model)
 
 
-def _verify(original_proto, model: Model, feeds, tolerance, numeric_check: str) -> dict:
-    """Compare the final model with the original on every probe/data batch."""
+def _verify(original_proto, model: Model, feeds, tolerance, numeric_check: str,
+            reference: list | None = None) -> dict:
+    """Compare the final model with the original on every probe/data batch (one ORT
+    session each; ``reference``: the original's outputs on ``feeds`` when known)."""
     if feeds is None or numeric_check != "ok":
         return {"ok": None, "detail": numeric_check}
     try:
-        final = model.to_onnx(references=True)  # weights left in their file
+        final = verify.session(model.to_onnx(references=True))  # weights left in their file
+        if reference is None:
+            original = verify.session(original_proto)
+            reference = [verify.run(original, f) for f in feeds]
         comparison = verify.Comparison()
-        for f in feeds:
-            comparison.outputs += verify.compare(verify.run(original_proto, f),
-                                                 verify.run(final, f), tolerance).outputs
+        for f, ref in zip(feeds, reference):
+            comparison.outputs += verify.compare(ref, verify.run(final, f), tolerance).outputs
     except GraphoptError:
         raise
     except Exception as exc:
