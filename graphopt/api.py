@@ -255,6 +255,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     if manager.numeric_check != "ok" and not tgt.compiled:  # ORT runs the result: why not?
         verify.check_runs(original_proto, feeds, data_given=bool(data), shapes=input_shapes)
 
+    output_hash = working.content_hash()
     if any(e.changed and e.pass_name in lossy for e in manager.trace):
         verification = verify_lossy(
             original_proto, working.to_onnx(), feeds, ctx.tolerance, metric,
@@ -263,12 +264,13 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
             reference=manager.original_outputs
             if plan_section is None and manager.probe_feeds is feeds else None)
     else:
+        own = plan_section is None and manager.probe_feeds is feeds
         verification = _verify(original_proto, working, feeds, tolerance,
                                manager.numeric_check,
-                               # (the original's outputs on these batches: run once a run)
-                               manager.original_outputs
-                               if plan_section is None and manager.probe_feeds is feeds
-                               else None)
+                               # (the original's outputs on these batches: run once a run;
+                               # the result's, when the manager ran this very model last)
+                               manager.original_outputs if own else None,
+                               manager.checked_outputs(output_hash) if own else None)
     report = {
         "graphopt_version": graphopt_version(),
         "target": tgt.name,
@@ -280,7 +282,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         "input": _summary(original, tgt, cost_model).to_dict(),
         "output": _summary(working, tgt, cost_model).to_dict(),
         "input_hash": original.content_hash(),
-        "output_hash": working.content_hash(),
+        "output_hash": output_hash,
         "trace": [e.to_dict() for e in manager.trace],
         "rolled_back": [e.pass_name for e in manager.trace if e.status == "rolled-back"],
         "verification": verification,
@@ -496,19 +498,22 @@ def _summary(model: Model, target: Target, cost_model: CostModel | None = None) 
 
 
 def _verify(original_proto, model: Model, feeds, tolerance, numeric_check: str,
-            reference: list | None = None) -> dict:
+            reference: list | None = None, result: list | None = None) -> dict:
     """Compare the final model with the original on every probe/data batch (one ORT
-    session each; ``reference``: the original's outputs on ``feeds`` when known)."""
+    session each; ``reference`` and ``result``: the original's and the final model's
+    outputs on ``feeds`` when the pass manager ran them already)."""
     if feeds is None or numeric_check != "ok":
         return {"ok": None, "detail": numeric_check}
     try:
-        final = verify.session(model.to_onnx(references=True))  # weights left in their file
+        if result is None:
+            final = verify.session(model.to_onnx(references=True))  # weights in their file
+            result = [verify.run(final, f) for f in feeds]
         if reference is None:
             original = verify.session(original_proto)
             reference = [verify.run(original, f) for f in feeds]
         comparison = verify.Comparison()
-        for f, ref in zip(feeds, reference):
-            comparison.outputs += verify.compare(ref, verify.run(final, f), tolerance).outputs
+        for ref, got in zip(reference, result):
+            comparison.outputs += verify.compare(ref, got, tolerance).outputs
     except GraphoptError:
         raise
     except Exception as exc:

@@ -30,7 +30,7 @@ import onnx
 from graphopt import spill, verify
 from graphopt.errors import GraphoptError, UsageError, VerificationError
 from graphopt.cost_calibration import judge_alternative
-from graphopt.ir import Model, infer_shapes, skeleton
+from graphopt.ir import Model, infer_shapes, proto_hash, skeleton
 from graphopt.metric import DEFAULT_BUDGET, get_metric
 from graphopt.pass_infra import Pass, PassContext, PassResult
 
@@ -79,6 +79,8 @@ class _State:
     # The numbers of ``proto`` are not checked yet: ``outputs`` are those of the model the
     # iteration started from, which ``proto`` must still match.
     unchecked: bool = False
+    # ``outputs`` are what a lossy pass measured and handed over, not the manager's run.
+    handed_over: bool = False
 
 
 class PassManager:
@@ -108,6 +110,7 @@ class PassManager:
         self._suspects: set[str] = set()  # passes that broke the numbers: always checked
         # The input model's outputs on ``probe_feeds`` (ORT, rewrites off), once run.
         self.original_outputs: list[verify.Feeds] | None = None
+        self._final: _State | None = None  # the last accepted state, once run
 
     def run(self, model: Model) -> Model:
         """Optimize ``model`` in place (and return it).
@@ -128,7 +131,17 @@ class PassManager:
             if lossy is not None:
                 iteration += 1
                 _, state = self._step(lossy, model, state, iteration, original_outputs)
+        self._final = state
         return model
+
+    def checked_outputs(self, final_hash: str) -> list[verify.Feeds] | None:
+        """The outputs the manager itself ran, on ``probe_feeds``, of the last model it
+        accepted, if that model's content hash is ``final_hash`` (the same graph and
+        weights: running it again would give the same numbers); otherwise ``None``."""
+        state = self._final
+        if state is None or state.unchecked or state.handed_over or state.outputs is None:
+            return None
+        return state.outputs if proto_hash(state.proto) == final_hash else None
 
     def _iterate(self, passes: list[Pass], model: Model, state: _State, iteration: int,
                  original_outputs: list[verify.Feeds] | None) -> tuple[bool, _State]:
@@ -321,7 +334,8 @@ class PassManager:
                 if score < floor:
                     raise _Rejected(f"{metric.name} {score:.5f} is below the budget {floor}")
         model.graph = Model.from_proto(proto).graph
-        return _State(proto, state.shapes_ok, outputs)
+        return _State(proto, state.shapes_ok, outputs,
+                      handed_over=outputs is not None and outputs is measured)
 
     def _cost(self, model: Model, state: _State) -> float | None:
         """Estimated latency of ``model``, the model of ``state``: its shapes were just

@@ -266,3 +266,29 @@ def test_graph_work_restores_the_callers_collector_thresholds():
         assert gc.get_threshold()[0] >= YOUNG_THRESHOLD
         assert gc.get_threshold()[1:] == before[1:]
     assert gc.get_threshold() == before
+
+
+def test_checked_outputs_only_for_the_very_model_the_manager_ran_last():
+    """The final verification may take the manager's outputs of the last model it
+    accepted instead of running it again, but only for that exact model (same content
+    hash): any later change, or a model the manager never ran, gives None."""
+    from graphopt.ir import proto_hash
+
+    model, manager = run_manager([RemoveOneDoubleNeg()])
+    outputs = manager.checked_outputs(model.content_hash())
+    assert outputs is not None
+    fresh = verify.run(model.to_onnx(), manager.probe_feeds[0])
+    assert all(np.array_equal(fresh[k], v) for k, v in outputs[0].items())
+    assert manager.checked_outputs(proto_hash(chain_model())) is None
+    model.graph.nodes[0].op = "Sigmoid"  # changed after the manager: not what it ran
+    assert manager.checked_outputs(model.content_hash()) is None
+
+
+def test_final_verification_compares_the_reused_outputs(monkeypatch):
+    """Reused outputs are still compared: damaged ones fail the verification (exit 4)."""
+    def damaged(self, final_hash):
+        return [{k: v + 1.0 for k, v in batch.items()} for batch in self._final.outputs]
+
+    monkeypatch.setattr(PassManager, "checked_outputs", damaged)
+    with pytest.raises(VerificationError, match="does not match the original"):
+        graphopt.optimize(chain_model())
