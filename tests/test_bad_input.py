@@ -543,3 +543,31 @@ def test_sparse_initializer_is_optimized_and_verified(tmp_path):
     sparse = {t.name: t for t in loaded.initializers()}["S"]
     assert sparse.values.dtype == np.float32
     np.testing.assert_array_equal(sparse.values, numpy_helper.to_array(model.graph.initializer[0]))
+
+
+def _with_weight(tensor: onnx.TensorProto) -> onnx.ModelProto:
+    x = oh.make_tensor_value_info("x", TensorProto.FLOAT, [2000])
+    y = oh.make_tensor_value_info("y", TensorProto.FLOAT, [2000])
+    graph = oh.make_graph([oh.make_node("Add", ["x", tensor.name], ["y"])], "g", [x], [y],
+                          [tensor])
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda t: t.float_data.extend([1.0] * 2000), "float_data and raw_data"),
+    (lambda t: (t.ClearField("raw_data"), t.int64_data.extend([1] * 2000)),
+     "belong in float_data, not int64_data"),
+    (lambda t: t.ClearField("raw_data"), "holds its values in no field"),
+])
+def test_large_weights_are_checked_as_the_onnx_checker_would(corrupt, message):
+    """The ONNX checker is given large weights as typed inputs (not their bytes): their
+    value fields are checked by graphopt with the checker's rules, as a usage of the
+    checker on the whole model would."""
+    weight = numpy_helper.from_array(np.ones(2000, np.float32), "w")
+    graphopt.optimize(_with_weight(weight))  # the valid model passes
+    corrupt(weight)
+    model = _with_weight(weight)
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)  # what the checker says of it whole
+    with pytest.raises(ModelError, match=message):
+        graphopt.optimize(model)
