@@ -141,7 +141,8 @@ def median_by_name(events: list[dict]) -> tuple[dict[str, tuple[str, float]], fl
     """``({kernel name: (op, median seconds per run)}, median run seconds)`` from
     ONNX Runtime profiler events (Chrome trace format). A kernel's time in a run is the
     sum of its invocations in that run (a loop body runs many times); the first run is
-    left out as warm-up when there are several."""
+    left out as warm-up when there are several. When the kernels' medians add up to more
+    than the median run (medians do not add), they are scaled down to it in proportion."""
     windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                      if e.get("cat") == "Session" and e.get("name") == "model_run")
     if not windows:
@@ -163,4 +164,8 @@ def median_by_name(events: list[dict]) -> tuple[dict[str, tuple[str, float]], fl
     times = {name: (ops[name], statistics.median(runs.get(i, 0.0) for i in counted))
              for name, runs in per.items()}
     run_s = statistics.median((end - start) * 1e-6 for start, end in windows[first:])
+    total = sum(seconds for _, seconds in times.values())
+    if total > run_s > 0:  # medians of the parts can add up past the median of the whole:
+        scale = run_s / total  # share the run out in their proportions (rows add up)
+        times = {name: (op, seconds * scale) for name, (op, seconds) in times.items()}
     return times, run_s

@@ -39,6 +39,27 @@ def test_kernel_times_are_summed_per_run_and_the_warm_up_left_out():
     assert times["body"] == ("Add", pytest.approx(10e-6))  # runs: 10, 20, 0 -> median 10
 
 
+def test_kernel_medians_past_the_median_run_are_scaled_to_it():
+    """Medians do not add: kernels a (60, 10, 60) and b (10, 60, 60) have medians of 60
+    each, 120 together, in runs whose median is 100. The rows still add up to the run,
+    shared in proportion."""
+    events = [_event("Session", "model_run", 0, 100),
+              _event("Node", "a_kernel_time", 0, 60, "Conv"),
+              _event("Node", "b_kernel_time", 60, 10, "Add"),
+              _event("Session", "model_run", 1000, 100),
+              _event("Node", "a_kernel_time", 1000, 60, "Conv"),
+              _event("Node", "b_kernel_time", 1060, 10, "Add"),
+              _event("Session", "model_run", 2000, 90),
+              _event("Node", "a_kernel_time", 2000, 10, "Conv"),
+              _event("Node", "b_kernel_time", 2010, 60, "Add"),
+              _event("Session", "model_run", 3000, 130),
+              _event("Node", "a_kernel_time", 3000, 60, "Conv"),
+              _event("Node", "b_kernel_time", 3060, 60, "Add")]
+    times, run_s = median_by_name(events)
+    assert run_s == pytest.approx(100e-6)
+    assert times["a"][1] == pytest.approx(50e-6) and times["b"][1] == pytest.approx(50e-6)
+
+
 def test_profile_digits_cnn_adds_up_and_matches_nodes(tmp_path):
     """Batch 256: the kernels take nearly the whole run, the rows add up to the run, and
     the convolutions (re-laid out by ONNX Runtime, renamed ``<output>_nchwc``) are matched
