@@ -49,11 +49,20 @@ class _Option:
         """Damage per unit saved of ``goal`` (lower is a better deal). The metric may be
         coarse (top-1 on a few hundred samples moves in steps), so damage ranks by the
         metric first and the output error second."""
-        gain = {"latency": self.saved_s, "flops": self.saved_flops,
-                "size": float(self.saved_bytes)}.get(goal, self.saved_s)
-        if goal == "latency" and self.saved_s == 0 and self.saved_bytes > 0:
-            gain = SECONDS_PER_BYTE * self.saved_bytes  # size where time does not move
+        gain = _gain(goal, Saving(self.saved_s, self.saved_flops, self.saved_params,
+                                  self.saved_bytes))
         return (self.damage + 1e-3 * self.error) / gain if gain > 0 else float("inf")
+
+
+def _gain(goal: str, saving: Saving) -> float:
+    """What ``saving`` is worth to ``goal`` (``latency``, ``flops`` or ``size``)."""
+    if goal == "flops":
+        return saving.flops
+    if goal == "size":
+        return float(saving.bytes)
+    if saving.seconds == 0 and saving.bytes > 0:
+        return SECONDS_PER_BYTE * saving.bytes  # size where time does not move
+    return saving.seconds
 
 
 @dataclass
@@ -283,7 +292,7 @@ class Driver:
         for site in active:
             for setting in reversed(site.settings[1:]):
                 known = self.savings.get((site.name, setting))
-                if known is None or self._pays(known):
+                if known is None or _gain(self.goal, known) > 0:
                     choice[site.name] = setting
                     break
         if not choice:
@@ -294,9 +303,6 @@ class Driver:
         return cand, {"all_sites": len(choice), "score": round(cand.score, 6),
                       "ok": self.ok(cand)}
 
-    def _pays(self, saving: Saving) -> bool:
-        return _Option("", 0, None, 0.0, 0.0, saving.seconds, saving.flops, saving.params,
-                       saving.bytes).ratio(self.goal) < float("inf")
 
     def _single_site_options(self, model: Model, active: list[Site], base_cost,
                              fixed: Mapping[str, Any] | None = None, measure: bool = True
