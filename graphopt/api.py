@@ -452,12 +452,15 @@ def calibrate(target: str | Target = DEFAULT_TARGET, *, threads: int | None = No
 def profile(model: ModelSource, target: str | Target = DEFAULT_TARGET, *,
             data: list[verify.Feeds] | None = None,
             input_shapes: dict[str, list[int]] | None = None, threads: int | None = None,
-            runs: int = 20, seed: int = 0) -> Profile:
-    """Measured time per kernel of ``model`` on ``target`` (its profiler), beside the
+            runs: int = 20, seed: int = 0, rpc: str | None = None) -> Profile:
+    """Measured time per kernel of ``model`` on ``target`` (its profiler; on the remote
+    device at ``rpc``, ``HOST:PORT[:KEY]``, for a target that connects), beside the
     cost model's estimate at the same input shapes (``graphopt.profile``). Inputs: the
     first batch of ``data``, else random probe inputs (``input_shapes`` fixes dynamic
     dimensions)."""
     tgt = _with_threads(target, threads)
+    if rpc:
+        tgt = tgt.connect(rpc)
     verify.check_shapes(input_shapes)
     loaded = load(model)
     proto = loaded.to_onnx(references=True)

@@ -72,15 +72,18 @@ def calibrate(target, threads, quick, as_json, quiet):
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="Heaviest kernels shown.")
+@click.option("--rpc", metavar="HOST:PORT[:KEY]", help="Profile on a remote device (TVM "
+              "targets: an RPC server, or a tracker and device key).")
 @click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
-def profile(model, target, data, input_shape, threads, runs, top, as_json):
+def profile(model, target, data, input_shape, threads, runs, top, rpc, as_json):
     """Measured time per kernel and per op type on the target, beside the cost model's
     estimate, with each heavy kernel's roofline position (compute- or memory-bound,
     fraction of the device's peak) and memory."""
     from graphopt.cli import _load_data, _parse_shapes
 
     result = api.profile(model, target, data=_load_data(data),
-                         input_shapes=_parse_shapes(input_shape), threads=threads, runs=runs)
+                         input_shapes=_parse_shapes(input_shape), threads=threads, runs=runs,
+                         rpc=rpc)
     if as_json:
         click.echo(json.dumps(result.to_dict(top=top), indent=2, default=float))
         return

@@ -164,8 +164,16 @@ def median_by_name(events: list[dict]) -> tuple[dict[str, tuple[str, float]], fl
     times = {name: (ops[name], statistics.median(runs.get(i, 0.0) for i in counted))
              for name, runs in per.items()}
     run_s = statistics.median((end - start) * 1e-6 for start, end in windows[first:])
+    return fit_to_run(times, run_s), run_s
+
+
+def fit_to_run(times: dict[str, tuple[str, float]], run_s: float
+               ) -> dict[str, tuple[str, float]]:
+    """``times`` ({kernel: (op, seconds)}) scaled down in proportion when they add up
+    past ``run_s``: medians of the parts, or parts timed on their own, can add up past
+    the whole's median; the run is shared out in their proportions (rows add up)."""
     total = sum(seconds for _, seconds in times.values())
-    if total > run_s > 0:  # medians of the parts can add up past the median of the whole:
-        scale = run_s / total  # share the run out in their proportions (rows add up)
-        times = {name: (op, seconds * scale) for name, (op, seconds) in times.items()}
-    return times, run_s
+    if total > run_s > 0:
+        scale = run_s / total
+        return {name: (op, seconds * scale) for name, (op, seconds) in times.items()}
+    return times

@@ -330,10 +330,16 @@ class TvmTarget(Target):
         """Import, optimize (Relax: legalize + fuse), tune or apply a tuning database,
         build and export; returns the library (or object archive), for an archive the
         command that links it, and what tuning did."""
+        executable, _, tuned = self._build(proto, tuning, trials, progress)
+        path, link = self._export(executable, tmp)
+        return path, link, tuned
+
+    def _build(self, proto: onnx.ModelProto, tuning: Path | None = None, trials: int = 0,
+               progress=None) -> tuple:
+        """(the VM executable, the Relax module it was built from, what tuning did)."""
         import tvm
         from tvm import relax
         from tvm.relax.frontend.onnx import from_onnx
-        from tvm.support import cc
 
         target = self.tvm_target()
         hint = _shape_hint(proto)
@@ -367,6 +373,13 @@ class TvmTarget(Target):
             raise GraphoptError(f"target {self.name!r}: TVM failed to compile the model: "
                                 f"{type(exc).__name__}: {_first_line(exc)}",
                                 hint=hint) from exc
+        return executable, mod, tuned
+
+    def _export(self, executable, tmp: Path) -> tuple[Path, str | None]:
+        """The executable as the library (or, without the preset's linker here, the
+        object archive and the command that links it)."""
+        from tvm.support import cc
+
         linker = shutil.which(self.preset.linker)
         if linker is None:
             # No linker for the triple: ship the objects and say how to link them.
@@ -374,10 +387,10 @@ class TvmTarget(Target):
             executable.export_library(str(path))
             link = (f"mkdir -p objs && tar -xf {OBJECTS} -C objs && "
                     f"{self.preset.linker} -shared -fPIC -o {LIBRARY} objs/*.o")
-            return path, link, tuned
+            return path, link
         path = tmp / LIBRARY
         executable.export_library(str(path), fcompile=cc.cross_compiler(linker))
-        return path, None, tuned
+        return path, None
 
     def _manifest(self, proto, model: Model, tmp: Path, model_path: Path, library: Path,
                   link: str | None) -> dict:
@@ -458,37 +471,58 @@ class TvmTarget(Target):
 
     def profile_nodes(self, proto: onnx.ModelProto, feeds: dict[str, np.ndarray],
                       runs: int) -> tuple[dict[str, tuple[str, float]], float]:
-        """Per-kernel times on this machine: the model compiled at the feeds' shapes, its
-        VM timed around each call (``tvm_runner.profile_vm``). TVM 0.27's Relax VM has
-        no profiler of its own; its instrument hook is what remains. Kernels are TVM's
-        fused functions (``fused_conv2d_add_relu``: op ``conv2d``), named as TVM names
-        them, so they match no graph node and carry no estimate; the VM's own calls
-        (allocation, shape checks) are rows of op ``vm``."""
+        """Per-kernel times of the model compiled at the feeds' shapes. Here: its VM
+        timed around each call (``tvm_runner.profile_vm``; TVM 0.27's Relax VM has no
+        profiler of its own, its instrument hook is what remains), the VM's own calls
+        (allocation, shape checks) as rows of op ``vm``. Over ``--rpc``: each kernel
+        timed by the remote device itself (``tvm_kernels``), the run by its VM there.
+        Kernels are TVM's fused functions (``fused_conv2d_add_relu``: op ``conv2d``),
+        named as TVM names them, so they match no graph node and carry no estimate."""
         from graphopt.cost_calibration import static_model
         from graphopt.targets import tvm_runner
 
-        if self.remote is not None:
-            raise UsageError(f"target {self.name!r}: profiling over --rpc is not supported "
-                             "(the VM's per-call hook runs in the process that owns the VM)",
-                             hint="run graphopt profile on the device itself")
-        if self.preset.runner != "local":
+        if self.remote is None and self.preset.runner != "local":
             raise UsageError(f"target {self.name!r} runs under emulation here: its kernel "
                              "times would say nothing about the device",
-                             hint="run graphopt profile on the device itself")
-        self._check_local_device()
+                             hint="connect to the device with --rpc HOST:PORT, or run "
+                                  "graphopt profile on it")
+        if self.remote is None:
+            self._check_local_device()
         shapes = {name: list(np.shape(value)) for name, value in feeds.items()}
         static = static_model(proto, shapes).to_onnx()
+        arrays = [feeds[v.name] for v in graph_inputs(static)]
         with tempfile.TemporaryDirectory(prefix="graphopt-tvm-profile-") as tmp:
-            library, link, _ = self._compile(static, Path(tmp))
+            executable, mod, _ = self._build(static)
+            library, link = self._export(executable, Path(tmp))
             if link:
                 raise UsageError(f"target {self.name!r}: no {self.preset.linker} here to "
                                  "link the library it would profile")
+            if self.remote is not None:
+                return self._profile_remote(executable, mod, library, arrays, runs)
             vm = tvm_runner.load_vm(str(library), self._tvm_device())
-            names = [v.name for v in graph_inputs(static)]
-            calls, run_s = tvm_runner.profile_vm(vm, [feeds[n] for n in names], runs,
-                                                 self._tvm_device())
+            calls, run_s = tvm_runner.profile_vm(vm, arrays, runs, self._tvm_device())
         return {symbol: (_kernel_op(symbol), seconds)
                 for symbol, (_, seconds) in calls.items()}, run_s
+
+    def _profile_remote(self, executable, mod, library: Path, arrays: list[np.ndarray],
+                        runs: int) -> tuple[dict[str, tuple[str, float]], float]:
+        """Each kernel the VM calls, timed on the remote device ``runs`` times (the
+        median, times its calls per run), and the whole run there (see ``tvm_kernels``)."""
+        from tvm.support import cc
+
+        from graphopt.profile import fit_to_run
+        from graphopt.targets import tvm_kernels
+
+        counts = tvm_kernels.calls(executable)
+        kernels = {name: sig for name, sig in tvm_kernels.signatures(mod).items()
+                   if counts.get(name)}
+        path = tvm_kernels.export_kernels(
+            executable, library.with_name("kernels.so"),
+            cc.cross_compiler(shutil.which(self.preset.linker)))
+        times = self.remote.time_kernels(path, kernels, runs)
+        run_s = self.remote.measure(library, arrays, runs)
+        return fit_to_run({name: (_kernel_op(name), counts[name] * seconds)
+                           for name, seconds in times.items()}, run_s), run_s
 
     def _tvm_device(self):
         import tvm

@@ -227,6 +227,34 @@ class Remote:
             raise GraphoptError(f"timing {library} on the RPC device {self.address} "
                                 f"failed: {_first_line(exc)}") from exc
 
+    def time_kernels(self, library: Path, kernels: dict, repeat: int) -> dict[str, float]:
+        """Median seconds of one call of each kernel of ``library`` (a library of TIR
+        functions, ``tvm_kernels.export_kernels``) on the remote device, timed there on
+        zero-filled arguments of the kernel's signature (``{name: [(shape, dtype)]}``):
+        one warm-up call, then ``repeat`` timed ones."""
+        from tvm import runtime
+
+        library = Path(library)
+        digest = hashlib.sha256(library.read_bytes()).hexdigest()[:16]
+        sess = self.session()
+        device = self.device()
+        out: dict[str, float] = {}
+        try:
+            sess.upload(str(library), f"graphopt-kernels-{digest}{library.suffix}")
+            module = sess.load_module(f"graphopt-kernels-{digest}{library.suffix}")
+            for name, signature in kernels.items():
+                args = [runtime.tensor(np.zeros(shape, dtype), device)
+                        for shape, dtype in signature]
+                timer = module.time_evaluator(name, device, number=1,
+                                              repeat=max(1, repeat))
+                out[name] = float(timer(*args).median)
+                del args
+        except Exception as exc:
+            self.release()
+            raise GraphoptError(f"timing the kernels of {library.name} on the RPC device "
+                                f"{self.address} failed: {_first_line(exc)}") from exc
+        return out
+
 
 # ---------------------------------------------------------------------- tuning
 def rpc_runner(address: RpcAddress, servers: int, timeout_s: int = 60):

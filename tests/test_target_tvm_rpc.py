@@ -332,6 +332,31 @@ def test_measure_over_rpc_is_the_devices_time(lowered, x86_remote):
 
 
 @needs_tvm
+def test_profile_over_rpc_times_the_same_kernels_on_the_device(x86_remote):
+    """``graphopt profile --rpc``: the VM's per-call hook cannot reach a remote VM, so
+    each kernel is timed by the device itself. The kernels are the ones the local
+    profile sees (the VM's bytecode calls them; a reshape the build turned into a view
+    is not one), each with a time, and they account for most of the run timed there;
+    the rest is the VM's own calls."""
+    from graphopt.profile import profile
+
+    proto = zoo.mobilenet_cnn()
+    feeds = {"input": np.random.default_rng(0).standard_normal(
+        (4, *zoo.CNN_INPUT)).astype(np.float32)}
+    local = _timed("profile mobilenet_cnn here",
+                   lambda: profile(proto, graphopt.get_target("x86"), feeds, runs=5))
+    remote = _timed("profile mobilenet_cnn over RPC",
+                    lambda: profile(proto, x86_remote, feeds, runs=5))
+    kernels = {k.name: k for k in remote.kernels}
+    assert set(kernels) == {k.name for k in local.kernels if k.op != "vm"}
+    assert all(k.measured_s > 0 for k in kernels.values()), remote.kernels
+    assert {k.name: k.op for k in local.kernels if k.op != "vm"} == \
+        {k.name: k.op for k in remote.kernels}
+    total = sum(k.measured_s for k in kernels.values())
+    assert 0.5 * remote.run_s < total <= remote.run_s * (1 + 1e-9), (total, remote.run_s)
+
+
+@needs_tvm
 def test_an_opened_artifact_folder_runs_over_rpc(lowered, x86_remote, run_ort):
     artifact, proto, feeds = lowered("x86")
     folder = artifact.path.parent
