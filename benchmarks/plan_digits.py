@@ -1,6 +1,7 @@
 """The planner on the digits CNN against each technique alone, at the same budget.
 
-    python benchmarks/plan_digits.py [--metric mean-cosine] [--tolerance 0.99] [--batch 256] [--repeats 30]
+    python benchmarks/plan_digits.py [--metric mean-cosine] [--tolerance 0.99]
+        [--recover finetune] [--batch 256] [--repeats 30]
 
 Each variant is optimized for ONNX Runtime on this machine (1 thread): the planner
 (``goal=latency``, no scheme named, timed at a batch of ``--batch`` images) and every
@@ -46,12 +47,16 @@ def main() -> None:
                              "class on the unseen images)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--recover", default="recover",
+                        help="the recovery pass of every variant (finetune: the planner "
+                             "searches with the re-fit and fine-tunes its best structural "
+                             "candidate; each technique alone searches with finetune)")
     args = parser.parse_args()
     xtr, _, xte, yte = digits_data()
     xval, _ = validation_split()
     common = dict(calibration={"input": xtr[:TRAINED_ON]}, validation={"input": xval},
                   metric=args.metric, tolerance=args.tolerance,
-                  input_shapes={"input": [args.batch, 1, 8, 8]})
+                  input_shapes={"input": [args.batch, 1, 8, 8]}, recovery=args.recover)
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})
     print(f"CPU: {platform.processor() or platform.machine()}, flags {', '.join(flags)}")
     original = digits_cnn()

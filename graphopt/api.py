@@ -39,7 +39,7 @@ from graphopt.result_cache import ResultCache
 from graphopt import spill
 from graphopt.spill import Spill
 from graphopt.planner import plan as run_planner
-from graphopt.transform import Setup, transform
+from graphopt.transform import DEFAULT_RECOVERY, Setup, transform
 from graphopt.workers import Workers
 from graphopt.registry import create_target, target_registry
 from graphopt.target import MANIFEST, Artifact, Target, read_manifest
@@ -48,7 +48,6 @@ __all__ = ["optimize", "load", "save", "inspect", "compare", "get_target", "Opti
            "verify_artifact", "ArtifactCheck"]
 
 DEFAULT_TARGET = "ort"
-DEFAULT_RECOVERY = "recover"
 GOALS = ("latency", "flops", "size", "balanced")
 
 

@@ -25,7 +25,12 @@ than float). The planner:
 4. measures every candidate with the one metric on the same data, its file size, the
    cost model's prediction at the deployment's input shapes and its latency on the
    target (``Target.time_model``, interleaved rounds, here);
-5. keeps the best candidate for the goal among those within the budget. Measured
+5. with a recovery the user named other than the re-fit (``--recover finetune``): every
+   candidate above is searched and recovered by the re-fit (training in each of the
+   search's evaluations would cost minutes per candidate), then the best structural one
+   is built again with the named recovery, which may hold more compression under the
+   budget; it is measured like the others and chosen only where it pays;
+6. keeps the best candidate for the goal among those within the budget. Measured
    latencies closer than ``NOISE`` (or twice the noise measured by timing the input in
    two sessions) count as a tie, broken by the prediction and then by fewer stages, so
    the choice does not flip with timing noise. When no candidate gains that much over
@@ -52,7 +57,7 @@ from graphopt.ir import Model
 from graphopt.lossy import runs_early, schemes
 from graphopt.registry import pass_registry
 from graphopt import verify
-from graphopt.transform import Setup, cost_shapes
+from graphopt.transform import DEFAULT_RECOVERY, Setup, cost_shapes
 from graphopt.workers import Workers
 
 SHARES = (0.5, 0.8)  # shares of the budget the structural search gets before a quantizer
@@ -86,6 +91,7 @@ class Candidate(Built):
     early_budget: float | None = None  # the structural stages' budget
     measured_s: float | None = None
     frontier: bool = False
+    recovery: str | None = None  # the recovery pass it was built with, when not the setup's
 
     def take(self, built: Built) -> None:
         """The figures of a ``candidates.build`` (its run, when it kept one)."""
@@ -101,6 +107,7 @@ class Candidate(Built):
                 "predicted_latency_s": self.predicted_s,
                 "measured_latency_s": self.measured_s,
                 "seconds": round(self.seconds, 2), "pareto": self.frontier,
+                **({"recovery": self.recovery} if self.recovery else {}),
                 "model_hash": self.digest,
                 **({"error": self.error} if self.error else {})}
 
@@ -130,6 +137,10 @@ def plan(setup: Setup, prepared: Model, goal: str,
     built on ``workers`` (default: here); the chosen one (its ``run`` holds the model and
     trace) and the report's ``plan`` section."""
     workers = workers or Workers()
+    named_recovery = setup.recovery \
+        if setup.recovery and setup.recovery.partition("(")[0] != DEFAULT_RECOVERY else None
+    if named_recovery:  # the candidates are searched with the re-fit; the named one last
+        setup = dataclasses.replace(setup, recovery=DEFAULT_RECOVERY)
     techs = techniques(setup.target, named)
     quantizers = [t for t in techs if not t.structural]
     structural = [t for t in techs if t.structural]
@@ -196,6 +207,12 @@ def plan(setup: Setup, prepared: Model, goal: str,
             runner.build(combos)
             candidates += combos
             runner.time(candidates)  # all again, interleaved: one comparable set of times
+    recovered = _recovered(candidates, {t.pass_name for t in techs if t.structural},
+                           objective, named_recovery)
+    if recovered is not None:
+        runner.build([recovered])
+        candidates.append(recovered)
+        runner.time(candidates)
     chosen, why = choose(candidates, goal, baseline, runner.noise)
     _mark_frontier(candidates)
     runner.keep_run(chosen)
@@ -216,6 +233,20 @@ def plan(setup: Setup, prepared: Model, goal: str,
             and chosen.measured_s > runner.input_latency * (1 + NOISE):
         section["slower_than_input"] = True
     return chosen, section
+
+
+def _recovered(candidates: Sequence[Candidate], structural: set[str], objective,
+               recovery: str | None) -> Candidate | None:
+    """The best candidate with a structural stage (within the budget, changed), planned
+    again to be recovered by ``recovery``; ``None`` without one."""
+    valid = [c for c in candidates if c.ok and c.changed and c.error is None
+             and any(s["pass"] in structural for s in c.stages)]
+    if recovery is None or not valid:
+        return None
+    best = min(valid, key=objective)
+    return Candidate(label=f"{best.label}, recovered by {recovery}",
+                     stages=[_fresh(s) for s in best.stages], rank_by=best.rank_by,
+                     early_budget=best.early_budget, recovery=recovery)
 
 
 def _prediction_tau(candidates: Sequence[Candidate]) -> float | None:
@@ -275,7 +306,10 @@ class _Runner:
         self.noise = 0.0  # relative difference of one model timed in two sessions
 
     def _job(self, cand: Candidate, keep_run: bool) -> Job:
-        return Job(job_setup(self.setup), self.prepared, cand.stages, self.shapes,
+        setup = job_setup(self.setup)
+        if cand.recovery:
+            setup = dataclasses.replace(setup, recovery=cand.recovery)
+        return Job(setup, self.prepared, cand.stages, self.shapes,
                    cand.early_budget, cand.rank_by, keep_run, self.options)
 
     def build(self, cands: Sequence[Candidate]) -> None:

@@ -59,6 +59,9 @@ class Setup:
         return self.data or self.lossy_data.check_feeds
 
 
+DEFAULT_RECOVERY = "recover"  # the training-free re-fit: what compression recovers with
+
+
 @dataclass
 class Transformed:
     model: Model

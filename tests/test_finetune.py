@@ -133,6 +133,31 @@ def test_the_search_goes_further_with_finetuning():
     assert loss <= 0.015, loss
 
 
+def test_the_planner_fine_tunes_its_best_structural_candidate():
+    """The planner with ``recovery=finetune``: its candidates are searched with the
+    re-fit, then the best structural one is planned again with fine-tuning, which holds
+    more compression under the same budget and is chosen (goal flops: exact)."""
+    xtr, _, _, _ = digits_data()
+    xval, _ = validation_split()
+    spec = "finetune(loss=kl, steps=300)"
+    result = graphopt.optimize(digits_cnn(), calibration={"input": xtr[:CALIBRATION]},
+                               validation={"input": xval}, metric="mean-cosine",
+                               tolerance=0.99, goal="flops", plan=True,
+                               schemes={"prune": ["channels"]}, recovery=spec)
+    plan = result.report["plan"]
+    *searched, recovered = plan["candidates"]
+    assert all("recovery" not in c for c in searched), searched
+    refit = min((c for c in searched if c["meets_budget"] and c["changed"]),
+                key=lambda c: c["flops"])
+    assert recovered["recovery"] == spec and recovered["label"] == \
+        f"{refit['label']}, recovered by {spec}"
+    assert [s["pass"] for s in recovered["stages"]] == [s["pass"] for s in refit["stages"]]
+    assert recovered["meets_budget"] and recovered["flops"] < 0.8 * refit["flops"], plan
+    assert plan["chosen"] == recovered["label"]
+    info = result.report["compression"]["passes"]["prune-channels"]
+    assert info["recovery"]["steps"] > 0 and macs(result.model) < 0.8 * macs(digits_cnn())
+
+
 def test_recovery_must_be_a_recovery_pass():
     from graphopt.errors import UsageError
 
