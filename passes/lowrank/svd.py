@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from scipy.linalg import solve_triangular
 
 DAMP = 1e-4  # whitening ridge, as a fraction of the mean diagonal of XᵀX/n
 
@@ -78,6 +77,8 @@ class Factorization:
 def factorize(w: np.ndarray, s: np.ndarray | None = None) -> Factorization:
     """The factorization of ``w`` (K×N), whitened by ``s`` (lower triangular, K×K, see
     ``whitening``) when given."""
+    from scipy.linalg import solve_triangular  # here: scipy.linalg takes 0.2 s to import
+
     w = np.asarray(w, dtype=np.float64)
     m = w if s is None else s.T @ w
     u, sigma, vt = np.linalg.svd(m, full_matrices=False)

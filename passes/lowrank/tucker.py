@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from scipy.linalg import solve_triangular
 
 from graphopt.rewrite import unique_name
 
@@ -43,6 +42,8 @@ def tucker2(w: np.ndarray, r_in: int, r_out: int, s: np.ndarray | None = None,
     """(first [r1, Cin, 1...], core [r2, r1, k...], last [Cout, r2, 1...]) float64 whose
     three convolutions approximate ``w`` [Cout, Cin, k...]; ``s`` (lower triangular
     Cin×Cin, ``svd.whitening`` of the input's channel Gram) makes it data-aware."""
+    from scipy.linalg import solve_triangular  # here: scipy.linalg takes 0.2 s to import
+
     w = np.asarray(w, dtype=np.float64)
     cout, cin = w.shape[:2]
     r_in, r_out = int(min(max(r_in, 1), cin)), int(min(max(r_out, 1), cout))
@@ -62,6 +63,8 @@ def spatial(w: np.ndarray, rank: int, s: np.ndarray | None = None
             ) -> tuple[np.ndarray, np.ndarray]:
     """(vertical [r, Cin, kh, 1], horizontal [Cout, r, 1, kw]) float64 approximating the
     2-D conv weight ``w`` [Cout, Cin, kh, kw] (whitened by ``s`` as in ``tucker2``)."""
+    from scipy.linalg import solve_triangular  # here: scipy.linalg takes 0.2 s to import
+
     w = np.asarray(w, dtype=np.float64)
     cout, cin, kh, kw = w.shape
     wt = w if s is None else np.einsum("ocij,cd->odij", w, s)
