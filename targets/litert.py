@@ -149,8 +149,12 @@ class LiteRtTarget(Target):
         if missing:
             raise UsageError(f"target {self.name!r} is not available here: {missing}")
         static, bound, per_sample = static_model(model)
+        # a symbolic batch: lowered at 2 as well, to find what follows it (resizable)
+        at_2 = static_model(model, batch=2)[0] if per_sample else None
         lowered = lower_graph(static, nhwc_io=self.io_layout == "nhwc",
-                              int8_io=self.io_dtype == "int8")
+                              int8_io=self.io_dtype == "int8", at_batch_2=at_2)
+        del at_2
+        per_sample = per_sample and not lowered.resizable_batch
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=TEMP_PREFIX))
         try:
@@ -181,8 +185,13 @@ class LiteRtTarget(Target):
             "static_shapes": {
                 "bound": bound,
                 "per_sample_batch": per_sample,
-                "note": "TFLite tensors are static here: symbolic dimensions were fixed "
-                        "at these sizes (--input-shape fixes them explicitly)" +
+                "resizable_batch": lowered.resizable_batch,
+                **({"batch_static_because": lowered.static_reason}
+                   if lowered.static_reason else {}),
+                "note": "symbolic dimensions were fixed at these sizes (--input-shape "
+                        "fixes them explicitly)" +
+                        ("; the batch is resizable (-1 in shape_signature)"
+                         if lowered.resizable_batch else "") +
                         ("; a larger batch runs one sample at a time" if per_sample else ""),
             },
             "operators": lowered.operators,
@@ -240,15 +249,16 @@ class LiteRtTarget(Target):
 
 
 # ---------------------------------------------------------------------- static shapes
-def static_model(model: Model) -> tuple[onnx.ModelProto, dict[str, int], bool]:
-    """A shape-inferred copy of ``model`` with every dimension fixed, the erf/tanh GELU
-    written as one ``Gelu`` (LiteRT has a builtin GELU but no Erf): ``(proto, the sizes
-    symbolic dimensions were bound at, whether the batch runs one sample at a time)``."""
+def static_model(model: Model, batch: int = 1) -> tuple[onnx.ModelProto, dict[str, int], bool]:
+    """A shape-inferred copy of ``model`` with every dimension fixed (a symbolic batch at
+    ``batch``), the erf/tanh GELU written as one ``Gelu`` (LiteRT has a builtin GELU but
+    no Erf): ``(proto, the sizes symbolic dimensions were bound at, whether it has a
+    symbolic batch: one that can be resized, or run one sample at a time)``."""
     work = model.clone()
     inputs = [t for t in work.graph.inputs if not isinstance(t, gs.Constant)]
     symbolic = {d for t in inputs for d in (t.shape or []) if isinstance(d, str)}
-    batch = _batch_dim(work, inputs)
-    sizes = {d: 1 if d == batch else DEFAULT_SYMBOLIC_SIZE for d in symbolic}
+    batch_dim = _batch_dim(work, inputs)
+    sizes = {d: batch if d == batch_dim else DEFAULT_SYMBOLIC_SIZE for d in symbolic}
     shapes = {t.name: [sizes.get(d, d) if isinstance(d, str) else d for d in t.shape]
               for t in inputs if t.shape}
     for name, dims in shapes.items():
@@ -265,7 +275,7 @@ def static_model(model: Model) -> tuple[onnx.ModelProto, dict[str, int], bool]:
     work = Model.from_proto(proto)
     _fuse_gelu(work)
     proto = work.to_onnx(references=True)
-    return proto, dict(sorted(sizes.items())), batch is not None
+    return proto, dict(sorted(sizes.items())), batch_dim is not None
 
 
 def _complete_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -345,6 +355,9 @@ def _chunks(arrays: dict[str, np.ndarray], inputs: dict[str, dict],
     split into samples when the model was lowered at batch 1 for a symbolic batch."""
     if all(list(a.shape) == inputs[n]["shape"] for n, a in arrays.items()):
         return [arrays]
+    if all(a.ndim and list(a.shape[1:]) == inputs[n]["shape"][1:]
+           and inputs[n].get("shape_signature", [None])[0] == -1 for n, a in arrays.items()):
+        return [arrays]  # a resizable batch: the interpreter is resized to it
     batches = {a.shape[0] for a in arrays.values() if a.ndim}
     if per_sample and len(batches) == 1 and all(
             a.ndim and list(a.shape[1:]) == inputs[n]["shape"][1:] for n, a in arrays.items()):
@@ -368,7 +381,14 @@ def _interpreter(path: str, mtime_ns: int, threads: int):
     ins = {d["name"]: d["index"] for d in interpreter.get_input_details()}
     outs = {d["name"]: d["index"] for d in interpreter.get_output_details()}
 
+    shapes = {d["name"]: list(d["shape"]) for d in interpreter.get_input_details()}
+
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if any(list(array.shape) != shapes[name] for name, array in feeds.items()):
+            for name, array in feeds.items():  # a resizable batch at another size
+                interpreter.resize_tensor_input(ins[name], list(array.shape))
+                shapes[name] = list(array.shape)
+            interpreter.allocate_tensors()
         for name, array in feeds.items():
             interpreter.set_tensor(ins[name], array)
         interpreter.invoke()

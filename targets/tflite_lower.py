@@ -82,6 +82,8 @@ class Lowered:
     outputs: list[dict]
     weights: str  # "float32"; "float16" (--quantize fp16), "int8" (int8, int8-dynamic)
     compute: str = "float32"  # "int8 + float32" where QDQ layers run on int8 kernels
+    resizable_batch: bool = False  # the batch is -1 in the shape signatures
+    static_reason: str | None = None  # why a batch asked to be resizable is not
 
 
 class Lowering:
@@ -347,11 +349,46 @@ def _layout_name(name: str, perm: tuple[int, ...]) -> str:
 
 # ---------------------------------------------------------------------- driver
 def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False,
-                int8_io: bool = False) -> Lowered:
+                int8_io: bool = False, at_batch_2: onnx.ModelProto | None = None) -> Lowered:
     """``proto`` (static shapes, shape-inferred, default domain) as ``.tflite`` bytes. An
     op without a mapping is a UsageError naming its type and node before anything is
     built; the caller writes nothing in that case. ``int8_io``: quantized inputs and
-    outputs of a QDQ graph stay int8 (see ``tflite_quant``)."""
+    outputs of a QDQ graph stay int8 (see ``tflite_quant``). ``at_batch_2``: the same
+    graph bound at batch 2 where ``proto`` is bound at batch 1: the batch is made
+    resizable where the two builds show it can be (``tflite_dynamic``)."""
+    from graphopt.targets.tflite_dynamic import generalize, snapshot
+
+    # (the build at batch 2 first, kept as a snapshot: two builds' weights are not held)
+    second = snapshot(_build(at_batch_2, nhwc_io, int8_io)[0].fb) \
+        if at_batch_2 is not None else None
+    lw, io_inputs, io_outputs = _build(proto, nhwc_io, int8_io)
+    static_reason = None
+    if second is not None:
+        static_reason = generalize(lw.fb, second)
+        del second
+        if static_reason is None:
+            for spec, index in [*zip(io_inputs, lw.fb.inputs), *zip(io_outputs,
+                                                                     lw.fb.outputs)]:
+                signature = lw.fb.tensors[index].signature
+                if signature is not None:
+                    spec["shape_signature"] = list(signature)
+    kinds = {"float16" for t in lw.fb.tensors if t.half} | \
+        {"int8" for t in lw.fb.tensors if t.quant is not None and t.data is not None}
+    int8_kernels = any(lw.fb.tensors[o.outputs[0]].dtype == np.int8 and o.code not in
+                       ("QUANTIZE", "RESHAPE", "TRANSPOSE") for o in lw.fb.operators)
+    data = lw.fb.finish([i["name"] for i in io_inputs], [o["name"] for o in io_outputs])
+    ops = Counter(o.code for o in lw.fb.operators)
+    return Lowered(data, dict(sorted(ops.items())),
+                   {"inside": lw.transposes["inside"], "boundary": lw.transposes["boundary"]},
+                   io_inputs, io_outputs, " + ".join(sorted(kinds)) or "float32",
+                   "int8 + float32" if int8_kernels else "float32",
+                   resizable_batch=at_batch_2 is not None and static_reason is None,
+                   static_reason=static_reason)
+
+
+def _build(proto: onnx.ModelProto, nhwc_io: bool, int8_io: bool
+           ) -> tuple["Lowering", list[dict], list[dict]]:
+    """The lowering of ``proto`` before packing, and its input and output specs."""
     from graphopt.targets.tflite_ops import HANDLERS, fold_constant_node
     from graphopt.targets.tflite_quant import lower_int8
 
@@ -400,16 +437,7 @@ def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False,
     moved = lw.transposes["inside"] - before["inside"]
     lw.transposes["inside"] -= moved
     lw.transposes["boundary"] += moved
-    kinds = {"float16" for t in lw.fb.tensors if t.half} | \
-        {"int8" for t in lw.fb.tensors if t.quant is not None and t.data is not None}
-    int8_kernels = any(lw.fb.tensors[o.outputs[0]].dtype == np.int8 and o.code not in
-                       ("QUANTIZE", "RESHAPE", "TRANSPOSE") for o in lw.fb.operators)
-    data = lw.fb.finish([i["name"] for i in io_inputs], [o["name"] for o in io_outputs])
-    ops = Counter(o.code for o in lw.fb.operators)
-    return Lowered(data, dict(sorted(ops.items())),
-                   {"inside": lw.transposes["inside"], "boundary": lw.transposes["boundary"]},
-                   io_inputs, io_outputs, " + ".join(sorted(kinds)) or "float32",
-                   "int8 + float32" if int8_kernels else "float32")
+    return lw, io_inputs, io_outputs
 
 
 def check_mapped(proto: onnx.ModelProto) -> None:

@@ -53,6 +53,8 @@ class Tensor:
     # int8 codes: (scales, zero point(s)[, quantized dimension: 0 unless given]); one
     # scale per tensor, or one per slice along that dimension (per-channel weights)
     quant: tuple | None = None
+    # with -1 where the interpreter may resize (a batch: ``tflite_dynamic``); None: static
+    signature: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -143,6 +145,8 @@ class FlatbufferBuilder:
             tt = s.TensorT()
             tt.name = t.name
             tt.shape = list(t.shape)
+            if t.signature is not None:
+                tt.shapeSignature = list(t.signature)
             tt.type = getattr(s.TensorType, TENSOR_TYPES[t.dtype])
             tt.buffer = 0
             if t.quant is not None:

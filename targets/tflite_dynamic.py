@@ -1,0 +1,160 @@
+"""A resizable batch in a ``.tflite``: which dimensions are the batch, found by lowering
+the graph at two batch sizes and comparing the two builds.
+
+TFLite tensors carry a static ``shape`` and a ``shape_signature`` where ``-1`` marks a
+dimension the interpreter may resize (``resize_tensor_input``). The lowering works at
+static shapes (every layout decision, folded shape arithmetic and permutation depends on
+them), so rather than tracking the batch through every handler the graph is lowered at
+batch 1 and at batch 2: a dimension that is 1 in the first and 2 in the second (or k
+and 2k: a batch folded into another axis) follows the batch and becomes ``-1``. The two
+builds must otherwise be the same graph: the same operators with the same options and
+the same constants, except a RESHAPE's target shape, which may differ in one entry (that
+entry becomes ``-1``, which TFLite's RESHAPE computes from the input's size). Anything
+else that follows the batch (a constant of the batch's size, a SLICE or BROADCAST_TO
+spelled out at it) keeps the batch static, with the reason; a constant folded at the
+batch's size that only broadcasting operators read is kept at size 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+from graphopt.targets.tflite_writer import FlatbufferBuilder, Operator, Tensor
+
+SMALL_BYTES = 1 << 20  # constants of a snapshot kept whole; larger ones by digest
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """What ``generalize`` compares of a build: its tensors (large constants by digest,
+    so the build's weights need not stay in memory) and operators."""
+
+    tensors: list[Tensor]
+    operators: list[Operator]
+
+
+class _Digest:
+    """A large constant's bytes by SHA-256 (compares equal to an array of those bytes)."""
+
+    def __init__(self, data: np.ndarray):
+        self.digest = hashlib.sha256(memoryview(np.ascontiguousarray(data)).cast("B")).digest()
+
+
+def snapshot(fb: FlatbufferBuilder) -> Snapshot:
+    """``fb``'s tensors and operators, constants over ``SMALL_BYTES`` by digest (a RESHAPE
+    target, a few integers, stays whole: ``generalize`` reads it)."""
+    return Snapshot([dataclasses.replace(t, data=_Digest(t.data))
+                     if t.data is not None and t.data.nbytes > SMALL_BYTES
+                     and not (t.data.ndim == 1 and t.data.nbytes <= 64) else t
+                     for t in fb.tensors], list(fb.operators))
+
+
+def _equal(x: np.ndarray, y) -> bool:
+    if isinstance(y, _Digest):
+        return _Digest(x).digest == y.digest
+    return x.shape == y.shape and np.array_equal(x, y)
+
+
+def generalize(a: FlatbufferBuilder, b: Snapshot) -> str | None:
+    """Mark in ``a`` (the build at batch 1) the dimensions that follow the batch, as
+    ``b`` (a snapshot of the build at batch 2) shows them: ``None`` when done, else why
+    the batch stays static (and ``a`` is left as it was)."""
+    if len(a.tensors) != len(b.tensors) or len(a.operators) != len(b.operators):
+        return "the graph lowers to different operators at another batch"
+    signatures: dict[int, tuple[int, ...]] = {}
+    for index, (x, y) in enumerate(zip(a.tensors, b.tensors)):
+        if x.dtype != y.dtype or len(x.shape) != len(y.shape) or x.half != y.half:
+            return f"tensor {x.name!r} changes type or rank with the batch"
+        dims = [i for i, (p, q) in enumerate(zip(x.shape, y.shape)) if p != q]
+        if any(y.shape[i] != 2 * x.shape[i] for i in dims):
+            return f"tensor {x.name!r} changes shape with the batch other than in " \
+                   f"proportion ({list(x.shape)} at 1, {list(y.shape)} at 2)"
+        if dims and x.data is None:
+            signatures[index] = tuple(-1 if i in dims else d for i, d in enumerate(x.shape))
+        elif dims and (isinstance(y.data, _Digest)
+                       or not _broadcast(index, x.data, y.data, dims, a.operators)):
+            return f"constant {x.name!r} follows the batch"
+    reshapes: dict[int, int] = {}  # shape constant -> the entry that becomes -1
+    for op_a, op_b in zip(a.operators, b.operators):
+        if (op_a.code, op_a.inputs, op_a.outputs, op_a.version) != \
+                (op_b.code, op_b.inputs, op_b.outputs, op_b.version):
+            return "the graph lowers to different operators at another batch"
+        if op_a.code == "RESHAPE" and len(op_a.inputs) > 1:
+            entry = _one_entry(a.tensors[op_a.inputs[1]].data, b.tensors[op_a.inputs[1]].data)
+            if entry is False:
+                return f"RESHAPE to {a.tensors[op_a.outputs[0]].name!r} has more than one " \
+                       f"dimension following the batch"
+            if entry is not None:
+                reshapes[op_a.inputs[1]] = entry
+        elif not _same(op_a.options, op_b.options):
+            return f"{op_a.code} writing {a.tensors[op_a.outputs[0]].name!r} is spelled " \
+                   f"out at the batch's size"
+    for index, (x, y) in enumerate(zip(a.tensors, b.tensors)):
+        if x.data is not None and index not in reshapes and x.shape == y.shape \
+                and not _equal(x.data, y.data):
+            return f"constant {x.name!r} follows the batch"
+    if not signatures:
+        return "no tensor follows the batch"
+    for index, signature in signatures.items():
+        a.tensors[index].signature = signature
+    for op in a.operators:
+        if op.code == "RESHAPE" and len(op.inputs) > 1 and op.inputs[1] in reshapes:
+            shape = a.tensors[op.inputs[1]].data.copy()
+            shape[reshapes[op.inputs[1]]] = -1
+            a.tensors[op.inputs[1]].data = shape
+            if op.options is not None and getattr(op.options, "newShape", None) is not None:
+                op.options.newShape = shape.tolist()
+    return None
+
+
+# Operators that broadcast their inputs: a constant folded at the batch's size (the same
+# rows repeated, e.g. a token-type embedding of zeros) reads as well at size 1.
+BROADCASTING = frozenset({"ADD", "SUB", "MUL", "DIV", "MAXIMUM", "MINIMUM", "POW",
+                          "SQUARED_DIFFERENCE", "LESS", "LESS_EQUAL", "GREATER",
+                          "GREATER_EQUAL", "EQUAL", "NOT_EQUAL", "LOGICAL_AND",
+                          "LOGICAL_OR", "SELECT_V2"})
+
+
+def _broadcast(index: int, x: np.ndarray, y: np.ndarray, dims: list[int],
+               operators) -> bool:
+    """Whether constant ``index`` (``x`` at batch 1, ``y`` at 2) is the same rows at
+    either size along ``dims`` and only broadcasting operators read it."""
+    if any(x.shape[d] != 1 for d in dims):
+        return False
+    tiled = x
+    for d in dims:
+        tiled = np.repeat(tiled, 2, axis=d)
+    readers = [o for o in operators if index in o.inputs]
+    return bool(readers) and np.array_equal(tiled, y) and \
+        all(o.code in BROADCASTING for o in readers)
+
+
+def _one_entry(x: np.ndarray | None, y: np.ndarray | None) -> int | None | bool:
+    """The one entry in which two RESHAPE target shapes differ (``None``: none; ``False``:
+    more than one, or a ``-1`` already there to be computed)."""
+    if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray) or x.shape != y.shape:
+        return False
+    entries = np.flatnonzero(x != y)
+    if len(entries) == 0:
+        return None
+    if len(entries) > 1 or (x == -1).any():
+        return False
+    return int(entries[0])
+
+
+def _same(x, y) -> bool:
+    """Whether two builtin-options objects (or values in them) are equal."""
+    if x is None or y is None:
+        return x is y
+    if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+        return np.array_equal(np.asarray(x), np.asarray(y))
+    if isinstance(x, (list, tuple)):
+        return isinstance(y, (list, tuple)) and len(x) == len(y) and \
+            all(_same(p, q) for p, q in zip(x, y))
+    if hasattr(x, "__dict__"):
+        return type(x) is type(y) and vars(x).keys() == vars(y).keys() and \
+            all(_same(v, vars(y)[k]) for k, v in vars(x).items())
+    return x == y
