@@ -378,10 +378,10 @@ def _interpreter(path: str, mtime_ns: int, threads: int):
     manifest = read_manifest(Path(path).parent)
     interpreter = Interpreter(model_path=path, num_threads=threads)
     interpreter.allocate_tensors()
-    ins = {d["name"]: d["index"] for d in interpreter.get_input_details()}
+    details = interpreter.get_input_details()
+    ins = {d["name"]: d["index"] for d in details}
+    shapes = {d["name"]: list(d["shape"]) for d in details}  # resized to the feeds
     outs = {d["name"]: d["index"] for d in interpreter.get_output_details()}
-
-    shapes = {d["name"]: list(d["shape"]) for d in interpreter.get_input_details()}
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if any(list(array.shape) != shapes[name] for name, array in feeds.items()):

@@ -36,26 +36,16 @@ class Snapshot:
     operators: list[Operator]
 
 
-class _Digest:
-    """A large constant's bytes by SHA-256 (compares equal to an array of those bytes)."""
-
-    def __init__(self, data: np.ndarray):
-        self.digest = hashlib.sha256(memoryview(np.ascontiguousarray(data)).cast("B")).digest()
+def _digest(data: np.ndarray) -> bytes:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(data)).cast("B")).digest()
 
 
 def snapshot(fb: FlatbufferBuilder) -> Snapshot:
-    """``fb``'s tensors and operators, constants over ``SMALL_BYTES`` by digest (a RESHAPE
-    target, a few integers, stays whole: ``generalize`` reads it)."""
-    return Snapshot([dataclasses.replace(t, data=_Digest(t.data))
-                     if t.data is not None and t.data.nbytes > SMALL_BYTES
-                     and not (t.data.ndim == 1 and t.data.nbytes <= 64) else t
+    """``fb``'s tensors and operators, constants over ``SMALL_BYTES`` by their SHA-256
+    digest (a RESHAPE target, a few integers, stays whole: ``generalize`` reads it)."""
+    return Snapshot([dataclasses.replace(t, data=_digest(t.data))
+                     if t.data is not None and t.data.nbytes > SMALL_BYTES else t
                      for t in fb.tensors], list(fb.operators))
-
-
-def _equal(x: np.ndarray, y) -> bool:
-    if isinstance(y, _Digest):
-        return _Digest(x).digest == y.digest
-    return x.shape == y.shape and np.array_equal(x, y)
 
 
 def generalize(a: FlatbufferBuilder, b: Snapshot) -> str | None:
@@ -74,7 +64,7 @@ def generalize(a: FlatbufferBuilder, b: Snapshot) -> str | None:
                    f"proportion ({list(x.shape)} at 1, {list(y.shape)} at 2)"
         if dims and x.data is None:
             signatures[index] = tuple(-1 if i in dims else d for i, d in enumerate(x.shape))
-        elif dims and (isinstance(y.data, _Digest)
+        elif dims and (isinstance(y.data, bytes)
                        or not _broadcast(index, x.data, y.data, dims, a.operators)):
             return f"constant {x.name!r} follows the batch"
     reshapes: dict[int, int] = {}  # shape constant -> the entry that becomes -1
@@ -93,8 +83,9 @@ def generalize(a: FlatbufferBuilder, b: Snapshot) -> str | None:
             return f"{op_a.code} writing {a.tensors[op_a.outputs[0]].name!r} is spelled " \
                    f"out at the batch's size"
     for index, (x, y) in enumerate(zip(a.tensors, b.tensors)):
-        if x.data is not None and index not in reshapes and x.shape == y.shape \
-                and not _equal(x.data, y.data):
+        if x.data is not None and index not in reshapes and x.shape == y.shape and not (
+                _digest(x.data) == y.data if isinstance(y.data, bytes)
+                else np.array_equal(x.data, y.data)):
             return f"constant {x.name!r} follows the batch"
     if not signatures:
         return "no tensor follows the batch"

@@ -480,6 +480,7 @@ class TvmTarget(Target):
         named as TVM names them, so they match no graph node and carry no estimate."""
         from graphopt.cost_calibration import static_model
         from graphopt.targets import tvm_runner
+        from graphopt.targets.tvm_kernels import kernel_op, profile_remote
 
         if self.remote is None and self.preset.runner != "local":
             raise UsageError(f"target {self.name!r} runs under emulation here: its kernel "
@@ -498,31 +499,12 @@ class TvmTarget(Target):
                 raise UsageError(f"target {self.name!r}: no {self.preset.linker} here to "
                                  "link the library it would profile")
             if self.remote is not None:
-                return self._profile_remote(executable, mod, library, arrays, runs)
+                return profile_remote(self.remote, executable, mod, library, arrays, runs,
+                                      shutil.which(self.preset.linker))
             vm = tvm_runner.load_vm(str(library), self._tvm_device())
             calls, run_s = tvm_runner.profile_vm(vm, arrays, runs, self._tvm_device())
-        return {symbol: (_kernel_op(symbol), seconds)
+        return {symbol: (kernel_op(symbol), seconds)
                 for symbol, (_, seconds) in calls.items()}, run_s
-
-    def _profile_remote(self, executable, mod, library: Path, arrays: list[np.ndarray],
-                        runs: int) -> tuple[dict[str, tuple[str, float]], float]:
-        """Each kernel the VM calls, timed on the remote device ``runs`` times (the
-        median, times its calls per run), and the whole run there (see ``tvm_kernels``)."""
-        from tvm.support import cc
-
-        from graphopt.profile import fit_to_run
-        from graphopt.targets import tvm_kernels
-
-        counts = tvm_kernels.calls(executable)
-        kernels = {name: sig for name, sig in tvm_kernels.signatures(mod).items()
-                   if counts.get(name)}
-        path = tvm_kernels.export_kernels(
-            executable, library.with_name("kernels.so"),
-            cc.cross_compiler(shutil.which(self.preset.linker)))
-        times = self.remote.time_kernels(path, kernels, runs)
-        run_s = self.remote.measure(library, arrays, runs)
-        return fit_to_run({name: (_kernel_op(name), counts[name] * seconds)
-                           for name, seconds in times.items()}, run_s), run_s
 
     def _tvm_device(self):
         import tvm
@@ -771,15 +753,6 @@ def _gpu_default_schedules():
     return dl.ApplyDefaultSchedule(*[_Tolerant(rule) for rule in (
         dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
         dl.gpu.Fallback())])
-
-
-def _kernel_op(symbol: str) -> str:
-    """What a VM call computes, from its symbol: ``fused_conv2d1_add_relu`` -> ``conv2d``,
-    ``matmul2`` -> ``matmul``, ``vm.builtin.alloc_tensor`` -> ``vm``."""
-    if symbol.startswith("vm."):
-        return "vm"
-    first = symbol.removeprefix("fused_").split("_")[0]
-    return first.rstrip("0123456789") or symbol
 
 
 def _ordered_inputs(manifest: dict, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -1,4 +1,5 @@
-"""Per-kernel timing of a TVM build on a remote device (``graphopt profile --rpc``).
+"""The kernels of a TVM build, and their timing on a remote device (``graphopt profile
+--rpc``).
 
 The Relax VM's instrument hook (``tvm_runner.profile_vm``) times each call in the process
 that owns the VM, so it cannot reach a VM behind an RPC server. What can: the remote's
@@ -57,18 +58,42 @@ def signatures(mod) -> dict[str, Signature]:
     return out
 
 
+def kernel_op(symbol: str) -> str:
+    """What a VM call computes, from its symbol: ``fused_conv2d1_add_relu`` -> ``conv2d``,
+    ``matmul2`` -> ``matmul``, ``vm.builtin.alloc_tensor`` -> ``vm``."""
+    if symbol.startswith("vm."):
+        return "vm"
+    first = symbol.removeprefix("fused_").split("_")[0]
+    return first.rstrip("0123456789") or symbol
+
+
 def calls(executable) -> Counter:
     """How many times a run calls each function (kernels and the VM's builtins), read
     from the VM's bytecode."""
     return Counter(_CALL.findall(executable.as_text()))
 
 
-def export_kernels(executable, path: Path, fcompile=None) -> Path:
+def export_kernels(executable, path: Path, linker: str) -> Path:
     """The build's kernels alone (the VM executable's compiled library) as a shared
-    library at ``path``, linked by ``fcompile`` (the preset's linker)."""
-    kernels = executable.mod.imports[0]
-    if fcompile is None:
-        kernels.export_library(str(path))
-    else:
-        kernels.export_library(str(path), fcompile=fcompile)
+    library at ``path``, linked by ``linker``."""
+    from tvm.support import cc
+
+    executable.mod.imports[0].export_library(str(path), fcompile=cc.cross_compiler(linker))
     return path
+
+
+def profile_remote(remote, executable, mod, library: Path, arrays: list, runs: int,
+                   linker: str) -> tuple[dict[str, tuple[str, float]], float]:
+    """``Target.profile_nodes`` on ``remote`` (a ``tvm_rpc.Remote``) of the build
+    ``executable`` (from the Relax module ``mod``; ``library``: its VM library): each
+    kernel the VM calls timed there ``runs`` times, its median times its calls per run,
+    and the whole run timed there; parts adding up past the run are scaled to it."""
+    from graphopt.profile import fit_to_run
+
+    counts = calls(executable)
+    kernels = {name: sig for name, sig in signatures(mod).items() if counts.get(name)}
+    path = export_kernels(executable, library.with_name("kernels.so"), linker)
+    times = remote.time_kernels(path, kernels, runs)
+    run_s = remote.measure(library, arrays, runs)
+    return fit_to_run({name: (kernel_op(name), counts[name] * seconds)
+                       for name, seconds in times.items()}, run_s), run_s
