@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence
 
@@ -74,13 +75,46 @@ class _State:
 
     proto: onnx.ModelProto
     shapes_ok: bool
-    outputs: list[verify.Feeds] | None
+    # outputs on the probe feeds: known, ``None`` (not run: ORT cannot run the model), or
+    # the original's, still being run in the background (``_Reference``)
+    known: list[verify.Feeds] | "_Reference" | None
     cost_s: float | None = None
     # The numbers of ``proto`` are not checked yet: ``outputs`` are those of the model the
     # iteration started from, which ``proto`` must still match.
     unchecked: bool = False
     # ``outputs`` are what a lossy pass measured and handed over, not the manager's run.
     handed_over: bool = False
+
+    @property
+    def outputs(self) -> list[verify.Feeds] | None:
+        """The outputs, waiting for the background run of the original if need be."""
+        return self.known.get() if isinstance(self.known, _Reference) else self.known
+
+
+class _Reference:
+    """The original model's outputs, run by ONNX Runtime in a background thread while the
+    first passes run (ORT lets go of the GIL): the first check that needs them waits."""
+
+    _threads: ThreadPoolExecutor | None = None
+
+    def __init__(self, proto: onnx.ModelProto, feeds: list[verify.Feeds], done):
+        # (serialized here: the proto is not touched from two threads at once)
+        model = verify.serialized(proto)
+        if _Reference._threads is None:
+            _Reference._threads = ThreadPoolExecutor(1, thread_name_prefix="graphopt-ref")
+        self._future: Future | None = _Reference._threads.submit(_run_feeds, model, feeds)
+        self._done, self._value = done, None
+
+    def get(self) -> list[verify.Feeds] | None:
+        if self._future is not None:
+            future, self._future = self._future, None
+            try:
+                self._value = future.result()
+            except Exception as exc:  # ORT cannot run the model (custom ops, ...)
+                self._done(None, exc)
+            else:
+                self._done(self._value, None)
+        return self._value
 
 
 class PassManager:
@@ -108,8 +142,7 @@ class PassManager:
         self.numeric_check: str = "not run"  # why numbers could not be checked, if so
         self._deferring = False  # numbers of lossless passes checked at iteration end
         self._suspects: set[str] = set()  # passes that broke the numbers: always checked
-        # The input model's outputs on ``probe_feeds`` (ORT, rewrites off), once run.
-        self.original_outputs: list[verify.Feeds] | None = None
+        self._initial: _State | None = None  # the input model's, once run
         self._final: _State | None = None  # the last accepted state, once run
 
     def run(self, model: Model) -> Model:
@@ -118,21 +151,31 @@ class PassManager:
         A lossy pass ends a stage: the lossless passes before it are iterated to their
         fixpoint, then it runs once (it is judged against the original, and rerunning a
         quantizer on its own output, or cleanups between, would not converge)."""
-        state = self._initial_state(model)
-        original_outputs = self.original_outputs = state.outputs
+        state = self._initial = self._initial_state(model)
         iteration = 0
         for lossless, lossy in _stages(self.passes):
             for _ in range(self.max_iterations if lossless else 0):
                 iteration += 1
-                changed_any, state = self._iterate(lossless, model, state, iteration,
-                                                   original_outputs)
+                changed_any, state = self._iterate(lossless, model, state, iteration)
                 if not changed_any:
                     break
             if lossy is not None:
                 iteration += 1
-                _, state = self._step(lossy, model, state, iteration, original_outputs)
+                self._wait_for_original()  # the lossy pass reads ctx.check_*
+                _, state = self._step(lossy, model, state, iteration)
+        self._wait_for_original()  # numeric_check is final after the run
         self._final = state
         return model
+
+    @property
+    def original_outputs(self) -> list[verify.Feeds] | None:
+        """The input model's outputs on ``probe_feeds`` (ORT, rewrites off), once run
+        (``None`` when ORT cannot run it)."""
+        return None if self._initial is None else self._initial.outputs
+
+    def _wait_for_original(self) -> None:
+        if self._initial is not None:
+            self._initial.outputs  # noqa: B018 - resolving it sets numeric_check, ctx
 
     def checked_outputs(self, final_hash: str) -> list[verify.Feeds] | None:
         """The outputs the manager itself ran, on ``probe_feeds``, of the last model it
@@ -143,18 +186,18 @@ class PassManager:
             return None
         return state.outputs if proto_hash(state.proto) == final_hash else None
 
-    def _iterate(self, passes: list[Pass], model: Model, state: _State, iteration: int,
-                 original_outputs: list[verify.Feeds] | None) -> tuple[bool, _State]:
+    def _iterate(self, passes: list[Pass], model: Model, state: _State,
+                 iteration: int) -> tuple[bool, _State]:
         """One pass over the lossless ``passes``, numbers checked at its end (see the
         module docstring); returns whether anything changed and the new state."""
         start, first_entry = state, len(self.trace)
-        self._deferring = state.outputs is not None and not self.check_each_pass
+        self._deferring = state.known is not None and not self.check_each_pass
         try:
             changed_any = False
             for p in passes:
                 if state.unchecked and p.name in self._suspects:
                     state = self._check_numbers(state)  # so the suspect is judged alone
-                changed, state = self._step(p, model, state, iteration, original_outputs)
+                changed, state = self._step(p, model, state, iteration)
                 changed_any |= changed
             if not state.unchecked:
                 return changed_any, state
@@ -168,12 +211,14 @@ class PassManager:
         model.graph = Model.from_proto(start.proto).graph
         changed_any = False
         for p in passes:
-            changed, start = self._step(p, model, start, iteration, original_outputs)
+            changed, start = self._step(p, model, start, iteration)
             changed_any |= changed
         return changed_any, start
 
     def _check_numbers(self, state: _State) -> _State:
         """Accept an iteration's unchecked result if its outputs still match."""
+        if state.outputs is None:  # ORT turned out not to run the original
+            return _State(state.proto, state.shapes_ok, None, state.cost_s)
         try:
             outputs = _run_feeds(state.proto, self.probe_feeds)
         except Exception as exc:
@@ -189,11 +234,11 @@ class PassManager:
                 raise _Rejected(f"output {worst.name!r} changed (max abs diff "
                                 f"{worst.max_abs:.3g}{', ' + worst.note if worst.note else ''})")
 
-    def _step(self, p: Pass, model: Model, state: _State, iteration: int,
-              original_outputs: list[verify.Feeds] | None) -> tuple[bool, _State]:
+    def _step(self, p: Pass, model: Model, state: _State,
+              iteration: int) -> tuple[bool, _State]:
         for instrument in self.instruments:
             instrument.before_pass(p, iteration)
-        entry, state = self._run_one(p, model, state, iteration, original_outputs)
+        entry, state = self._run_one(p, model, state, iteration)
         self.trace.append(entry)
         for instrument in self.instruments:
             instrument.after_pass(p, entry)
@@ -207,22 +252,32 @@ class PassManager:
         if shapes_ok:
             proto = inferred
             model.graph = Model.from_proto(proto).graph
-        outputs = None
         try:
             feeds = self.probe_feeds or verify.probe_inputs(proto, seed=self.ctx.seed)
-            self.probe_feeds = feeds
-            outputs = _run_feeds(proto, feeds)
-            self.numeric_check = "ok"
-            self.ctx.check_feeds, self.ctx.check_reference = feeds, outputs
         except GraphoptError as exc:
             self.numeric_check = f"skipped: {exc}"
-        except Exception as exc:  # ORT cannot run the model (custom ops, ...)
-            self.numeric_check = f"skipped: ONNX Runtime cannot run the model: " \
-                                 f"{_first_line(exc)}"
+            return _State(proto, shapes_ok, None)
+        self.probe_feeds = feeds
+        try:
+            outputs = _Reference(proto, feeds, self._reference_done)
+        except Exception as exc:  # cannot even serialize it for ORT
+            outputs = None
+            self._reference_done(None, exc)
         return _State(proto, shapes_ok, outputs)
 
-    def _run_one(self, p: Pass, model: Model, state: _State, iteration: int,
-                 original_outputs: list[verify.Feeds] | None) -> tuple[TraceEntry, _State]:
+    def _reference_done(self, outputs: list[verify.Feeds] | None,
+                        error: Exception | None) -> None:
+        if error is None:
+            self.numeric_check = "ok"
+            self.ctx.check_feeds, self.ctx.check_reference = self.probe_feeds, outputs
+        elif isinstance(error, GraphoptError):
+            self.numeric_check = f"skipped: {error}"
+        else:  # ORT cannot run the model (custom ops, ...)
+            self.numeric_check = f"skipped: ONNX Runtime cannot run the model: " \
+                                 f"{_first_line(error)}"
+
+    def _run_one(self, p: Pass, model: Model, state: _State,
+                 iteration: int) -> tuple[TraceEntry, _State]:
         nodes_before = model.num_nodes()
         if state.cost_s is None:
             state.cost_s = self._cost(model, state)
@@ -247,7 +302,7 @@ class PassManager:
                     entry.seconds = time.perf_counter() - start
                     return entry, state
             if result.changed:
-                new_state = self._check(p, model, state, original_outputs,
+                new_state = self._check(p, model, state,
                                         None if p.lossless else result.outputs)
                 entry.status = "changed"
                 entry.nodes_after = model.num_nodes()
@@ -294,7 +349,6 @@ class PassManager:
         return reason
 
     def _check(self, p: Pass, model: Model, state: _State,
-               original_outputs: list[verify.Feeds] | None,
                measured: list[verify.Feeds] | None = None) -> _State:
         """``model`` after ``p``: exportable, valid, shapes inferable, and its outputs on
         the probe feeds equal to the state's (lossless) or within the budget of the
@@ -313,7 +367,7 @@ class PassManager:
                 raise _Rejected("strict shape inference fails after the pass")
         if self._deferring and p.lossless and p.name not in self._suspects:
             model.graph = Model.from_proto(proto).graph
-            return _State(proto, state.shapes_ok, state.outputs, unchecked=True)
+            return _State(proto, state.shapes_ok, state.known, unchecked=True)
         outputs = None
         if state.outputs is not None:
             try:
@@ -330,7 +384,7 @@ class PassManager:
             else:
                 metric = get_metric(self.ctx.metric)
                 floor = DEFAULT_BUDGET if self.ctx.tolerance is None else self.ctx.tolerance
-                score = metric.score(original_outputs, outputs, self.probe_feeds)
+                score = metric.score(self.original_outputs, outputs, self.probe_feeds)
                 if score < floor:
                     raise _Rejected(f"{metric.name} {score:.5f} is below the budget {floor}")
         model.graph = Model.from_proto(proto).graph
@@ -373,7 +427,8 @@ def _matches(outputs: list[verify.Feeds] | None, like: list[verify.Feeds]) -> bo
         for a, b in zip(outputs, like))
 
 
-def _run_feeds(proto: onnx.ModelProto, feeds: list[verify.Feeds]) -> list[verify.Feeds]:
+def _run_feeds(proto: onnx.ModelProto | verify.Serialized,
+               feeds: list[verify.Feeds]) -> list[verify.Feeds]:
     """Outputs on every batch of ``feeds`` (one ORT session for all of them)."""
     sess = verify.session(proto)
     return [verify.run(sess, f) for f in feeds]

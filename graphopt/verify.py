@@ -173,7 +173,7 @@ def random_array(rng: np.random.Generator, dtype: np.dtype, dims: list[int]) -> 
                      hint="pass real inputs with --data")
 
 
-def session(proto: onnx.ModelProto | str | os.PathLike, optimize: bool = False,
+def session(proto: onnx.ModelProto | Serialized | str | os.PathLike, optimize: bool = False,
             threads: int = 1, disabled_optimizers: tuple[str, ...] = (),
             profile_prefix: str | None = None) -> ort.InferenceSession:
     """An ORT CPU session; ``optimize=False`` turns ORT's graph rewrites off,
@@ -200,19 +200,40 @@ def session(proto: onnx.ModelProto | str | os.PathLike, optimize: bool = False,
     kwargs = {"providers": ["CPUExecutionProvider"]}
     if disabled_optimizers:
         kwargs["disabled_optimizers"] = list(disabled_optimizers)
-    if not isinstance(proto, onnx.ModelProto):
+    if isinstance(proto, onnx.ModelProto):
+        proto = serialized(proto)
+    if not isinstance(proto, Serialized):
         return ort.InferenceSession(str(proto), options, **kwargs)
+    if proto.path is not None:
+        return ort.InferenceSession(str(proto.path), options, **kwargs)
+    if proto.folder is not None:
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", proto.folder)
+    return ort.InferenceSession(proto.data, options, **kwargs)
+
+
+@dataclass
+class Serialized:
+    """A model in the form an ORT session loads: its bytes and the folder their external
+    data references are relative to, or (a model over 2 GB) a file saved with external
+    data in a temporary folder that lives as long as this object."""
+
+    data: bytes = b""
+    folder: str | None = None
+    path: Path | None = None
+    _tmp: tempfile.TemporaryDirectory | None = None
+
+
+def serialized(proto: onnx.ModelProto) -> Serialized:
+    """``proto`` ready for ``session`` (which may then run in another thread: ``proto``
+    is not touched again)."""
     if fits_in_protobuf(proto):
-        data, folder = external_data.runtime_model(proto)
-        if folder is not None:
-            options.add_session_config_entry(
-                "session.model_external_initializers_file_folder_path", folder)
-        return ort.InferenceSession(data, options, **kwargs)
+        return Serialized(*external_data.runtime_model(proto))
     from graphopt.ir import save
 
-    with tempfile.TemporaryDirectory() as tmp:  # ORT reads external data while loading
-        path = save(proto, Path(tmp) / "model.onnx", external_data=True)
-        return ort.InferenceSession(str(path), options, **kwargs)
+    tmp = tempfile.TemporaryDirectory()  # ORT reads external data while loading
+    return Serialized(path=save(proto, Path(tmp.name) / "model.onnx", external_data=True),
+                      _tmp=tmp)
 
 
 def run(model: onnx.ModelProto | ort.InferenceSession, feeds: Feeds) -> Feeds:
