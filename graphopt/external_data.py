@@ -246,19 +246,20 @@ def tensor_proto(value: np.ndarray, name: str) -> TensorProto:
 _digests: dict[tuple, bytes] = {}
 
 
-def extent_digest(where: Extent) -> bytes:
-    """SHA-256 of a byte range, read from the file (no map: the pages are not this
-    process's), cached per file version."""
+def extent_digest(where: Extent, limit: int | None = None) -> bytes:
+    """SHA-256 of a byte range (of its first ``limit`` bytes, if given), read from the
+    file (no map: the pages are not this process's), cached per file version."""
     st = os.stat(where.path)
-    key = (where.path, st.st_ino, st.st_size, st.st_mtime_ns, where.offset, where.length)
+    length = where.length if limit is None else min(limit, where.length)
+    key = (where.path, st.st_ino, st.st_size, st.st_mtime_ns, where.offset, length)
     if key not in _digests:
         digest = hashlib.sha256()
-        buffer = bytearray(min(_CHUNK, max(where.length, 1)))
+        buffer = bytearray(min(_CHUNK, max(length, 1)))
         view = memoryview(buffer)
         with open(where.path, "rb") as fh:
             done = 0
-            while done < where.length:
-                got = os.preadv(fh.fileno(), [view[:min(len(buffer), where.length - done)]],
+            while done < length:
+                got = os.preadv(fh.fileno(), [view[:min(len(buffer), length - done)]],
                                 where.offset + done)
                 if got <= 0:
                     raise OSError(f"{where.path}: shorter than its tensors need")
@@ -268,15 +269,17 @@ def extent_digest(where: Extent) -> bytes:
     return _digests[key]
 
 
-def array_digest(array: np.ndarray) -> bytes:
+def array_digest(array: np.ndarray, limit: int | None = None) -> bytes:
+    """SHA-256 of an array's bytes (of its first ``limit`` bytes, if given)."""
     source = mapped_source(array)
     if source is not None:
-        return extent_digest(source.extent)
+        return extent_digest(source.extent, limit)
     array = np.ascontiguousarray(array)
     try:
-        return hashlib.sha256(memoryview(array).cast("B")).digest()
+        data = memoryview(array).cast("B")
     except (TypeError, ValueError):  # dtypes the buffer protocol lacks (bfloat16, ...)
-        return hashlib.sha256(array.tobytes()).digest()
+        data = memoryview(array.tobytes())
+    return hashlib.sha256(data if limit is None else data[:limit]).digest()
 
 
 def tensor_digest(tensor: TensorProto) -> bytes:
@@ -287,12 +290,13 @@ def tensor_digest(tensor: TensorProto) -> bytes:
     return array_digest(onnx.numpy_helper.to_array(tensor))
 
 
-def constant_digest(const: gs.Constant) -> bytes:
-    """SHA-256 of a constant's values, without mapping them when they are mapped."""
+def constant_digest(const: gs.Constant, limit: int | None = None) -> bytes:
+    """SHA-256 of a constant's values (of their first ``limit`` bytes, if given), without
+    mapping them when they are mapped."""
     source = mapped_source(const._values)  # noqa: SLF001
     if source is not None:
-        return extent_digest(source.extent)
-    return array_digest(np.asarray(const.values))
+        return extent_digest(source.extent, limit)
+    return array_digest(np.asarray(const.values), limit)
 
 
 # ---------------------------------------------------------------------- ONNX Runtime

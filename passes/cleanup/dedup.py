@@ -12,12 +12,16 @@ from graphopt.ir import Model
 from graphopt.pass_infra import Pass, PassContext, PassResult
 from graphopt.rewrite import replace_uses
 
+PREFIX_BYTES = 4096
+
 
 class MergeDuplicateInitializers(Pass):
     """Make nodes share one initializer where several hold the same type, shape and bytes.
 
-    Only constants that share a type and shape with another are hashed; weights still
-    in their external-data file are hashed from the file (cached), never mapped."""
+    Only constants that share a type and shape with another are hashed, and only those
+    whose first bytes are equal too are hashed whole (a model's weights of one shape
+    rarely share a prefix); weights still in their external-data file are hashed from
+    the file (cached), never mapped."""
 
     name = "merge-duplicate-initializers"
     family = "cleanup"
@@ -32,16 +36,26 @@ class MergeDuplicateInitializers(Pass):
                 groups[(str(_dtype(const)), tuple(const.shape))].append(const)
         merged = saved = 0
         for (dtype, shape), consts in groups.items():
-            if len(consts) < 2:
-                continue
-            first: dict[bytes, gs.Constant] = {}
-            for const in consts:
-                keep = first.setdefault(constant_digest(const), const)
-                if keep is not const:
-                    replace_uses(const, keep)
-                    merged += 1
-                    saved += int(np.prod(shape, dtype=np.int64)) * _dtype(const).itemsize
+            for same_start in _split(consts, PREFIX_BYTES):
+                first: dict[bytes, gs.Constant] = {}
+                for const in same_start:
+                    keep = first.setdefault(constant_digest(const), const)
+                    if keep is not const:
+                        replace_uses(const, keep)
+                        merged += 1
+                        saved += int(np.prod(shape, dtype=np.int64)) * _dtype(const).itemsize
         return PassResult(changed=merged > 0, stats={"merged": merged, "bytes_saved": saved})
+
+
+def _split(consts: list[gs.Constant], prefix: int) -> list[list[gs.Constant]]:
+    """``consts`` (of one type and shape) in groups of two or more whose first ``prefix``
+    bytes are equal, in their order."""
+    if len(consts) < 2:
+        return []
+    groups: dict[bytes, list[gs.Constant]] = defaultdict(list)
+    for const in consts:
+        groups[constant_digest(const, prefix)].append(const)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 def _dtype(const: gs.Constant) -> np.dtype:
