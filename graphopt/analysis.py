@@ -64,9 +64,11 @@ def shapes_known(model: Model) -> bool:
 
 
 def summarize(model: Model, device: Device, cost_model: CostModel | None = None) -> Summary:
-    """Summarize ``model`` (not modified: shape inference runs on a copy)."""
-    shaped = model.clone()
-    known = shapes_known(shaped) or infer_all_shapes(shaped)
+    """Summarize ``model`` (not modified: shape inference, if its shapes are not all
+    known, runs on a copy)."""
+    known = shapes_known(model)
+    shaped = model if known else model.clone()
+    known = known or infer_all_shapes(shaped)
     cost = (cost_model or AnalyticCostModel()).estimate(shaped, device)
     ops = Counter(n.op for g in shaped.all_graphs() for n in g.nodes)
     return Summary(

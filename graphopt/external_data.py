@@ -361,27 +361,95 @@ def write(proto: onnx.ModelProto, path: Path, data_path: Path,
             tensor.CopyFrom(backup)
 
 
-def move_out(proto: onnx.ModelProto, data_path: Path, min_bytes: int = MIN_MAPPED_BYTES) -> int:
-    """Move ``proto``'s inline initializers of ``min_bytes`` or more (raw bytes numpy can
-    view) into a new file ``data_path``, each becoming a reference to it (in place), as
-    if the model had been loaded with external data. Returns the bytes moved."""
+def move_out_constants(graph: gs.Graph, data_path: Path,
+                       min_bytes: int = MIN_MAPPED_BYTES) -> int:
+    """Constants of ``graph`` and its subgraphs whose values of ``min_bytes`` or more are
+    held in memory (an imported tensor's raw bytes, or an array a pass wrote) get their
+    bytes written to a new file ``data_path`` and become ``MappedValues`` of it, in
+    place, as if the model had been loaded with external data (no export of the model,
+    which would copy every weight once more). Returns the bytes moved."""
     path = Path(data_path).resolve()
     out = _DataFile(path)
+    _trusted.add(str(path))
     moved = 0
+    written: dict[int, tuple[int, int]] = {}  # id(values) -> (offset, length)
     try:
-        for tensor in _initializers(proto):
-            if extent(tensor) is not None or not tensor.HasField("raw_data"):
-                continue
-            length = len(tensor.raw_data)
-            if length < min_bytes or _view_bytes(tensor) != length:
-                continue
-            offset = out.append(tensor.raw_data)
-            _set_extent(tensor, Extent(str(path), offset, length))
-            moved += length
+        for g in (graph, *graph.subgraphs(recursive=True)):
+            for const in g.tensors().values():
+                if not isinstance(const, gs.Constant):
+                    continue
+                values = const._values  # noqa: SLF001 - reading .values would load it
+                found = _inline_raw(const, values, min_bytes)
+                if found is None:
+                    continue
+                data_type, data = found
+                if id(values) not in written:
+                    written[id(values)] = (out.append(data), len(data))
+                    moved += len(data)
+                offset, length = written[id(values)]
+                ref = TensorProto(name=const.name, data_type=data_type)
+                ref.dims.extend(const.shape)
+                _set_extent(ref, Extent(str(path), offset, length))
+                const._values = MappedValues(ref)  # noqa: SLF001
+                const.data_location = None
     finally:
         out.close()
-    _trusted.add(str(path))
     return moved
+
+
+def _inline_raw(const: gs.Constant, values, min_bytes: int) -> tuple[int, object] | None:
+    """``(ONNX data type, raw bytes)`` of a constant's in-memory values when they export
+    as those bytes unchanged and are ``min_bytes`` or more; ``None`` otherwise."""
+    if mapped_source(values) is not None:
+        return None
+    if isinstance(values, LazyValues):
+        if type(values) is not LazyValues:  # sparse, or a reference already
+            return None
+        tensor = values.tensor
+        if extent(tensor) is not None or not tensor.HasField("raw_data") or \
+                tensor.data_location == TensorProto.EXTERNAL:
+            return None
+        length = len(tensor.raw_data)
+        if length < min_bytes or _view_bytes(tensor) != length:
+            return None
+        return tensor.data_type, tensor.raw_data
+    if not isinstance(values, np.ndarray) or values.nbytes < min_bytes or \
+            not values.dtype.isnative:
+        return None
+    try:
+        data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+        exported = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(const.export_dtype))
+    except (KeyError, TypeError, ValueError):
+        return None
+    probe = TensorProto(data_type=data_type)
+    probe.dims.extend(values.shape)
+    if exported != data_type or _view_bytes(probe) != values.nbytes:
+        return None
+    try:
+        return data_type, memoryview(np.ascontiguousarray(values)).cast("B")
+    except (TypeError, ValueError):  # dtypes the buffer protocol lacks (bfloat16, ...)
+        return data_type, values.tobytes()
+
+
+def read_back(graph: gs.Graph, folder: Path) -> None:
+    """Constants of ``graph`` and its subgraphs whose values are (unchanged views of)
+    references into files under ``folder`` get their bytes read into memory, in place:
+    the files may go."""
+    folder = str(Path(folder).resolve())
+    for g in (graph, *graph.subgraphs(recursive=True)):
+        for const in g.tensors().values():
+            if not isinstance(const, gs.Constant):
+                continue
+            source = mapped_source(const._values)  # noqa: SLF001
+            if source is None or os.path.dirname(source.extent.path) != folder:
+                continue
+            tensor = TensorProto()
+            tensor.CopyFrom(source.tensor)
+            tensor.name = const.name
+            tensor.raw_data = read(source.extent)
+            tensor.ClearField("data_location")  # as if never external: same bytes
+            del tensor.external_data[:]
+            const._values = LazyValues(tensor)  # noqa: SLF001
 
 
 class _DataFile:

@@ -8,6 +8,8 @@ weights stay references to byte ranges of a file (``graphopt.external_data``). `
 gives every large model that form for the length of one run: the weights are written
 once to a temporary file, the run works on references, and ``release`` reads the result's
 weights back in before the file is removed (at exit at the latest, if the run fails).
+Moving them is done on the IR (``external_data.move_out_constants``): an export for it
+would copy every weight once more.
 """
 
 from __future__ import annotations
@@ -44,9 +46,7 @@ class Spill:
         if inline < self.min_bytes:
             return
         self._make_folder()
-        proto = model.to_onnx(references=True)
-        self.moved = external_data.move_out(proto, self.folder / DATA_FILE)
-        self.model = Model.from_proto(proto)
+        self.moved = external_data.move_out_constants(model.graph, self.folder / DATA_FILE)
 
     def activate(self) -> None:
         """Until the enclosing ``scope()`` ends, ``refresh_active`` refreshes models with
@@ -58,9 +58,10 @@ class Spill:
 
     def refresh(self, model: Model) -> Model:
         """``model`` (a pass pipeline's result) with its large new inline weights moved to
-        the temporary folder too: folding BatchNorm into every convolution, say, writes
-        new arrays, and the verification sessions, the target's lowering and every export
-        after would copy them again. Unchanged below the size that starts a spill."""
+        the temporary folder too, in place: folding BatchNorm into every convolution, say,
+        writes new arrays, and the verification sessions, the target's lowering and every
+        export after would copy them again. Unchanged below the size that starts a
+        spill."""
         inline = sum(size for t in model.initializers()
                      if (size := _inline_bytes(t)) >= external_data.MIN_MAPPED_BYTES)
         if inline < self.min_bytes:  # (smaller tensors would stay inline anyway)
@@ -68,21 +69,20 @@ class Spill:
         with self._lock:  # planner candidates may refresh from several threads
             if self.folder is None:
                 self._make_folder()
-        proto = model.to_onnx(references=True)
         path = self.folder / f"weights-{next(self._files)}.data"
-        self.moved += external_data.move_out(proto, path)
-        return Model.from_proto(proto)
+        self.moved += external_data.move_out_constants(model.graph, path,
+                                                       external_data.MIN_MAPPED_BYTES)
+        return model
 
     def release(self, result: Model) -> Model:
-        """``result`` with the weights in the temporary files read back in (those in the
-        input's own data file stay references to it), and the temporary files removed."""
+        """``result`` with the weights in the temporary files read back in, in place
+        (those in the input's own data file stay references to it), and the temporary
+        files removed."""
         if self.folder is None:
             return result
-        proto = result.to_onnx(references=True)
-        for path in sorted(self.folder.iterdir()):
-            external_data.materialize(proto, only=path)
+        external_data.read_back(result.graph, self.folder)
         self._remove()
-        return Model.from_proto(proto)
+        return result
 
     def _make_folder(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + "weights-"))
@@ -111,11 +111,8 @@ def refresh_active(model: Model) -> None:
     """``model`` with its large new inline weights moved into the running optimize's
     temporary folder, in place (nothing without an activated spill, e.g. in a worker
     process, or below the spill size)."""
-    spill = _active
-    if spill is not None:
-        refreshed = spill.refresh(model)
-        if refreshed is not model:
-            model.graph = refreshed.graph
+    if _active is not None:
+        _active.refresh(model)
 
 
 def _inline_bytes(const: gs.Constant) -> int:

@@ -284,13 +284,13 @@ def test_one_weight_under_two_names(small, tmp_path):
 
 def _spilling_small_models(monkeypatch, tmp: Path) -> list[int]:
     """Spill from 1 KiB of weights, temporary files under ``tmp``: the list of bytes
-    each ``external_data.move_out`` moved (filled as the run goes)."""
+    each ``external_data.move_out_constants`` moved (filled as the run goes)."""
     from graphopt import external_data, spill
 
     monkeypatch.setattr(spill, "SPILL_BYTES", 1024)
     moved = []
-    move_out = external_data.move_out
-    monkeypatch.setattr(external_data, "move_out",
+    move_out = external_data.move_out_constants
+    monkeypatch.setattr(external_data, "move_out_constants",
                         lambda *a, **k: moved.append(move_out(*a, **k)) or moved[-1])
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     tmp.mkdir()
