@@ -23,6 +23,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
+from onnx_graphsurgeon.importers.onnx_importer import (get_onnx_tensor_dtype,
+                                                        get_onnx_tensor_shape,
+                                                        get_onnx_tensor_type)
 from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from graphopt import external_data, stand_ins
@@ -101,7 +104,7 @@ class Model:
         _drop_outer_initializers(proto.graph, set())
         _hoist_shared_initializers(proto.graph)
         if not references and external_data.has_references(proto) and \
-                (references is not None or _tensor_bytes(proto) <= external_threshold()):
+                (references is not None or weight_bytes(proto) <= external_threshold()):
             external_data.materialize(proto)
         return proto
 
@@ -173,6 +176,21 @@ class Model:
         """
         proto = infer_shapes(self.to_onnx(references=True), symbolic=symbolic)
         self.graph = Model.from_proto(proto).graph
+
+    def adopt_types(self, proto: onnx.ModelProto) -> None:
+        """Take the types and shapes of ``proto`` (this model's own export, after shape
+        inference) onto the graph's variables, in place: what importing it again would
+        give them, at a fraction of the cost (the import builds every node anew)."""
+        infos = {vi.name: vi for g in _all_graphs(proto.graph)
+                 for vi in (*g.input, *g.value_info, *g.output)}
+        for g in self.all_graphs():
+            for tensor in g.tensors().values():
+                info = infos.get(tensor.name)
+                if info is None or isinstance(tensor, gs.Constant):
+                    continue
+                tensor.dtype = get_onnx_tensor_dtype(info)
+                tensor.shape = get_onnx_tensor_shape(info)
+                tensor.type = get_onnx_tensor_type(info)
 
 
 class _SparseValues(SparseValues):
@@ -428,7 +446,7 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
     proto = model.to_onnx(references=True) if isinstance(model, Model) else model
     path = Path(path)
     if external_data is None:
-        external_data = _tensor_bytes(proto) > external_threshold()
+        external_data = weight_bytes(proto) > external_threshold()
     if not external_data and ext.has_references(proto):
         if isinstance(model, onnx.ModelProto):
             proto = onnx.ModelProto()
@@ -459,11 +477,13 @@ def fits_in_protobuf(proto: onnx.ModelProto) -> bool:
     """Whether ``proto`` serializes under the 2 GB limit (estimated from tensor sizes,
     which is far cheaper than ``ByteSize`` on a large model; references to external
     data take no room)."""
-    inline = _tensor_bytes(proto) - external_data.referenced_bytes(proto)
+    inline = weight_bytes(proto) - external_data.referenced_bytes(proto)
     return inline < PROTOBUF_LIMIT - 2**26
 
 
-def _tensor_bytes(proto: onnx.ModelProto) -> int:
+def weight_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of all tensors of ``proto`` (initializers, attribute tensors), by their
+    shapes: references count as much as inline data."""
     total = 0
     for tensor in _all_tensors(proto):
         count = int(np.prod(tensor.dims)) if tensor.dims else 1

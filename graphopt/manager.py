@@ -31,11 +31,12 @@ import onnx
 from graphopt import spill, verify
 from graphopt.errors import GraphoptError, UsageError, VerificationError
 from graphopt.cost_calibration import judge_alternative
-from graphopt.ir import Model, infer_shapes, proto_hash, skeleton
+from graphopt.ir import Model, infer_shapes, proto_hash, skeleton, weight_bytes
 from graphopt.metric import DEFAULT_BUDGET, get_metric
 from graphopt.pass_infra import Pass, PassContext, PassResult
 
 DEFAULT_MAX_ITERATIONS = 8
+BACKGROUND_MAX_BYTES = 1 << 30  # see _Reference
 
 
 @dataclass
@@ -93,17 +94,26 @@ class _State:
 
 class _Reference:
     """The original model's outputs, run by ONNX Runtime in a background thread while the
-    first passes run (ORT lets go of the GIL): the first check that needs them waits."""
+    first passes run (ORT lets go of the GIL): the first check that needs them waits.
+    A model of more than ``BACKGROUND_MAX_BYTES`` of weights is run at once instead: the
+    session and the passes would hold its weights in memory together."""
 
     _threads: ThreadPoolExecutor | None = None
 
     def __init__(self, proto: onnx.ModelProto, feeds: list[verify.Feeds], done):
+        self._done, self._value = done, None
+        if weight_bytes(proto) > BACKGROUND_MAX_BYTES:
+            self._future: Future | None = Future()
+            try:
+                self._future.set_result(_run_feeds(proto, feeds))
+            except Exception as exc:  # (reported by get(), as from the thread)
+                self._future.set_exception(exc)
+            return
         # (serialized here: the proto is not touched from two threads at once)
         model = verify.serialized(proto)
         if _Reference._threads is None:
             _Reference._threads = ThreadPoolExecutor(1, thread_name_prefix="graphopt-ref")
-        self._future: Future | None = _Reference._threads.submit(_run_feeds, model, feeds)
-        self._done, self._value = done, None
+        self._future = _Reference._threads.submit(_run_feeds, model, feeds)
 
     def get(self) -> list[verify.Feeds] | None:
         if self._future is not None:
@@ -251,7 +261,7 @@ class PassManager:
         shapes_ok = inferred is not None
         if shapes_ok:
             proto = inferred
-            model.graph = Model.from_proto(proto).graph
+            model.adopt_types(proto)
         try:
             feeds = self.probe_feeds or verify.probe_inputs(proto, seed=self.ctx.seed)
         except GraphoptError as exc:
@@ -366,7 +376,7 @@ class PassManager:
             if proto is None:
                 raise _Rejected("strict shape inference fails after the pass")
         if self._deferring and p.lossless and p.name not in self._suspects:
-            model.graph = Model.from_proto(proto).graph
+            model.adopt_types(proto)
             return _State(proto, state.shapes_ok, state.known, unchecked=True)
         outputs = None
         if state.outputs is not None:
@@ -387,7 +397,7 @@ class PassManager:
                 score = metric.score(self.original_outputs, outputs, self.probe_feeds)
                 if score < floor:
                     raise _Rejected(f"{metric.name} {score:.5f} is below the budget {floor}")
-        model.graph = Model.from_proto(proto).graph
+        model.adopt_types(proto)
         return _State(proto, state.shapes_ok, outputs,
                       handed_over=outputs is not None and outputs is measured)
 
