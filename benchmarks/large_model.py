@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -136,23 +137,36 @@ def make_model(folder: Path, hidden: int = FULL_HIDDEN, blocks: int = BLOCKS,
     return path
 
 
-def measure(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``; wall time, peak RSS (of that child alone) and exit code."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    out_r, err_r = [], []
-    import threading  # drain both pipes while waiting (a full pipe would block the child)
+# Runs the command and writes its peak RSS (KiB) to the file named first. The command is
+# started from this small process: a child forked from a large one (pytest after many
+# tests) counts the parent's pages in its peak RSS until it execs.
+_PEAK = r"""
+import resource, subprocess, sys
+code = subprocess.call(sys.argv[2:])
+with open(sys.argv[1], "w") as fh:
+    fh.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(code)
+"""
 
-    threads = [threading.Thread(target=lambda s=s, b=b: b.append(s.read()))
-               for s, b in ((proc.stdout, out_r), (proc.stderr, err_r))]
-    for t in threads:
-        t.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    for t in threads:
-        t.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"seconds": time.perf_counter() - start, "peak_rss_gb": usage.ru_maxrss / 2**20,
-            "exit": proc.returncode, "stdout": out_r[0].decode(errors="replace"),
+
+def measure(cmd: list[str], env: dict | None = None) -> dict:
+    """Run ``cmd``; wall time, peak RSS (of that command alone) and exit code."""
+    with tempfile.NamedTemporaryFile(suffix=".peak") as peak:
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", _PEAK, peak.name, *cmd],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        out_r, err_r = [], []  # both pipes drained while waiting (a full one blocks)
+        threads = [threading.Thread(target=lambda s=s, b=b: b.append(s.read()))
+                   for s, b in ((proc.stdout, out_r), (proc.stderr, err_r))]
+        for t in threads:
+            t.start()
+        proc.wait()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - start
+        kib = int(Path(peak.name).read_text() or 0)
+    return {"seconds": seconds, "peak_rss_gb": kib / 2**20, "exit": proc.returncode,
+            "stdout": out_r[0].decode(errors="replace"),
             "stderr": err_r[0].decode(errors="replace")}
 
 

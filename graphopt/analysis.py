@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.cost import AnalyticCostModel, CostModel, Device, NodeCost, tensor_bytes
 from graphopt.errors import GraphoptError
-from graphopt.ir import Model
+from graphopt.ir import Model, toposort
 
 
 @dataclass
@@ -102,7 +102,7 @@ def peak_activation_bytes(graph: gs.Graph) -> int:
     """Peak bytes of live activations over a topological execution order: a tensor lives
     from the node that produces it (graph inputs: from the start) to its last consumer
     (graph outputs: to the end). Weights are not counted."""
-    graph.toposort()
+    toposort(graph)
     position = {id(node): i for i, node in enumerate(graph.nodes)}
     end = len(graph.nodes)
     outputs = {id(t) for t in graph.outputs}

@@ -27,6 +27,7 @@ from onnx_graphsurgeon.importers.onnx_importer import (get_onnx_tensor_dtype,
                                                         get_onnx_tensor_shape,
                                                         get_onnx_tensor_type)
 from onnx_graphsurgeon.ir.tensor import SparseValues
+from onnx_graphsurgeon.util.exception import OnnxGraphSurgeonException
 
 from graphopt import external_data, stand_ins
 from graphopt.errors import ModelError
@@ -90,7 +91,7 @@ class Model:
         and the model is too large for one protobuf (as ``save`` decides): ONNX Runtime
         sessions of ``graphopt.verify``, checks, shape inference and ``save`` take them,
         ``onnx.numpy_helper`` does not. Otherwise their bytes are read into the proto."""
-        self.graph.toposort(recurse_subgraphs=True)
+        toposort(self.graph)
         _pack_subbyte_constants(self.graph)
         external_data.unwrap(self.graph)
         proto = gs.export_onnx(self.graph, do_type_check=False)
@@ -494,6 +495,53 @@ def weight_bytes(proto: onnx.ModelProto) -> int:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def toposort(graph: gs.Graph, recurse_subgraphs: bool = True) -> gs.Graph:
+    """``graph.toposort()`` in the order onnx-graphsurgeon gives (nodes stably sorted by
+    their depth, in the post-order of a walk of their producers), in time linear in the
+    graph where it has no subgraphs or functions: onnx-graphsurgeon's own walks every
+    node's subgraphs for every node it visits (0.6 s of a MiniLM optimize run)."""
+    if graph.functions or next(_subgraphs(graph), None) is not None:
+        return graph.toposort(recurse_subgraphs=recurse_subgraphs)
+    nodes = graph.nodes
+    present = {id(n) for n in nodes}
+
+    def producers(node: gs.Node) -> list[gs.Node]:
+        found: dict[int, gs.Node] = {}
+        for tensor in node.inputs:
+            for producer in tensor.inputs:
+                if id(producer) in present:
+                    found.setdefault(id(producer), producer)
+        return list(found.values())
+
+    level: dict[int, int] = {}
+    order: list[gs.Node] = []
+    for root in nodes:
+        if id(root) in level:
+            continue
+        inputs = producers(root)
+        stack, walking = [(root, inputs, iter(inputs))], {id(root)}
+        while stack:
+            node, inputs, pending = stack[-1]
+            for producer in pending:
+                if id(producer) in level:
+                    continue
+                if id(producer) in walking:
+                    raise OnnxGraphSurgeonException(
+                        "Cycle detected in graph! Are there tensors with duplicate names "
+                        "in the graph?")
+                walking.add(id(producer))
+                below = producers(producer)
+                stack.append((producer, below, iter(below)))
+                break
+            else:
+                stack.pop()
+                walking.discard(id(node))
+                level[id(node)] = 1 + max((level[id(p)] for p in inputs), default=-1)
+                order.append(node)
+    graph.nodes = sorted(order, key=lambda n: level[id(n)])
+    return graph
 
 
 def _subgraphs(graph: gs.Graph) -> Iterator[gs.Graph]:

@@ -238,3 +238,34 @@ def test_shapes_pass_contrib_ops_by_stand_ins():
     assert [d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim][1:] == \
         [7, 16]
     assert [i.name for i in proto.graph.input] == ["x"]  # stand-in weights stay outside
+
+
+@pytest.mark.parametrize("make", ["bert_tiny", "resnet_cnn", "if_model"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_toposort_gives_onnx_graphsurgeons_order(make, seed):
+    """``ir.toposort`` (linear time) orders any shuffle of a graph's nodes exactly as
+    onnx-graphsurgeon's own sort does (graphs with subgraphs go to it)."""
+    import random
+
+    from tests import zoo
+
+    proto = getattr(zoo, make)() if make != "if_model" else zoo.if_model()
+    ours, theirs = ir.load(proto), ir.load(proto)
+    order = list(range(len(ours.graph.nodes)))
+    random.Random(seed).shuffle(order)
+    ours.graph.nodes = [ours.graph.nodes[i] for i in order]
+    theirs.graph.nodes = [theirs.graph.nodes[i] for i in order]
+    ir.toposort(ours.graph)
+    theirs.graph.toposort()
+    assert [n.name for n in ours.graph.nodes] == [n.name for n in theirs.graph.nodes]
+    assert ours.to_onnx().SerializeToString() == theirs.to_onnx().SerializeToString()
+
+
+def test_toposort_refuses_a_cycle():
+    from onnx_graphsurgeon.util.exception import OnnxGraphSurgeonException
+
+    model = ir.load(add_relu_model(17))
+    first, last = model.graph.nodes[0], model.graph.nodes[-1]
+    first.inputs[0] = last.outputs[0]  # the first node now reads the last one's output
+    with pytest.raises(OnnxGraphSurgeonException, match="Cycle"):
+        ir.toposort(model.graph)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.ir import Model
+from graphopt.ir import Model, toposort
 from graphopt.pass_infra import Pass, PassContext, PassResult
 from graphopt.rewrite import (bypass, constant_value, consumers, is_graph_output, remove_node,
                               static_shape, tensor_names, unique_name)
@@ -62,7 +62,7 @@ class _Merger:
         self.taken = tensor_names(self.graphs)
 
     def merge_graph(self, graph: gs.Graph) -> None:
-        graph.toposort(recurse_subgraphs=False)
+        toposort(graph, recurse_subgraphs=False)
         self.graph = graph
         self.alive = {id(n) for n in graph.nodes}
         for node in list(graph.nodes):

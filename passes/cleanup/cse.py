@@ -9,7 +9,7 @@ import hashlib
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.ir import Model
+from graphopt.ir import Model, toposort
 from graphopt.pass_infra import Pass, PassContext, PassResult
 from graphopt.rewrite import is_inference_dropout, remove_node, replace_uses, take_output_place
 
@@ -33,7 +33,7 @@ class EliminateCommonSubexpressions(Pass):
         for graph in list(model.all_graphs()):
             # In topological order a duplicate's inputs are already merged when it is
             # reached, so chains of duplicates collapse in one sweep.
-            graph.toposort(recurse_subgraphs=False, mode="nodes")
+            toposort(graph, recurse_subgraphs=False)
             seen: dict[tuple, gs.Node] = {}
             for node in list(graph.nodes):
                 key = _key(node, model.opset)

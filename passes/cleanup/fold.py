@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 from graphopt import verify
 from graphopt.errors import ModelError
 from graphopt.external_data import mapped_source
-from graphopt.ir import Model
+from graphopt.ir import Model, toposort
 from graphopt.pass_infra import Pass, PassContext, PassResult
 from graphopt.rewrite import (constant_value, produced_in, remove_dead, remove_node,
                               replace_with_constant, static_shape, tensor_names)
@@ -113,7 +113,7 @@ class _Folder:
         self.graph_outputs = {id(t) for g in graphs for t in g.outputs}
 
     def run(self) -> None:
-        self.graph.toposort(recurse_subgraphs=False)
+        toposort(self.graph, recurse_subgraphs=False)
         blocked: set[int] = set()
         while True:
             foldable = self._foldable(blocked)
