@@ -180,9 +180,9 @@ class SessionCounter:
         self.calls = 0
         real = manager_module._run_feeds
 
-        def counting(proto, feeds):
+        def counting(proto, feeds, *args):
             self.calls += 1
-            return real(proto, feeds)
+            return real(proto, feeds, *args)
 
         monkeypatch.setattr(manager_module, "_run_feeds", counting)
 
