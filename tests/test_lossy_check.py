@@ -220,7 +220,7 @@ def test_a_lossy_pass_hands_its_measured_outputs_to_the_manager(monkeypatch, lie
     runs = []
     real = manager_module._run_feeds
     monkeypatch.setattr(manager_module, "_run_feeds",
-                        lambda proto, feeds: runs.append(len(feeds)) or real(proto, feeds))
+                        lambda proto, feeds, *a: runs.append(len(feeds)) or real(proto, feeds, *a))
     monkeypatch.setattr(HandsOver, "lie", lie)
     feeds = data(damaged=True)
     if lie is True:
