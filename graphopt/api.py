@@ -16,7 +16,7 @@ from typing import Sequence
 
 from graphopt import artifact as artifact_check
 from graphopt import replay as replayed_settings
-from graphopt import verify
+from graphopt import background, verify
 from graphopt.accuracy import shared_references
 from graphopt.analysis import Summary, summarize
 from graphopt import microbench
@@ -26,7 +26,7 @@ from graphopt.cost_calibration import calibrate as run_calibration
 from graphopt.calibration import check_feeds
 from graphopt.errors import GraphoptError, ModelError, UsageError, VerificationError
 from graphopt.gc_policy import graph_work
-from graphopt.ir import Model, ModelSource, load, save
+from graphopt.ir import Model, ModelSource, load, proto_hash, save
 from graphopt.lossy import (compression_report, load_lossy_data,
                             split_tolerance, verify_lossy, warn_unmeasured)
 from graphopt.manager import DEFAULT_MAX_ITERATIONS, Instrument
@@ -220,6 +220,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     working = original.clone()
     tgt.prepare(working, input_shapes)
     original_proto = original.to_onnx(references=True)  # spilled weights: not copied
+    input_hash = background.submit(proto_hash, original_proto)  # reads every weight
     data = check_feeds(data, original_proto)
     # Lossy data is batched for the model the passes see: a target that binds
     # ``--input-shape`` (compiled targets) takes the batch it was given, not the
@@ -254,7 +255,10 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     if manager.numeric_check != "ok" and not tgt.compiled:  # ORT runs the result: why not?
         verify.check_runs(original_proto, feeds, data_given=bool(data), shapes=input_shapes)
 
-    output_hash = working.content_hash()
+    output_hash = background.submit(proto_hash, working.to_onnx(references=True))
+    summaries = {"input": _summary(original, tgt, cost_model).to_dict(),  # meanwhile
+                 "output": _summary(working, tgt, cost_model).to_dict()}
+    output_hash = output_hash.result()
     if any(e.changed and e.pass_name in lossy for e in manager.trace):
         verification = verify_lossy(
             original_proto, working.to_onnx(), feeds, ctx.tolerance, metric,
@@ -278,9 +282,8 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         "pipeline": [repr(p) for p in pipeline],
         "left_out": {name: f"target does not run {', '.join(ops)}"
                      for name, ops in unsupported.items()},
-        "input": _summary(original, tgt, cost_model).to_dict(),
-        "output": _summary(working, tgt, cost_model).to_dict(),
-        "input_hash": original.content_hash(),
+        **summaries,
+        "input_hash": input_hash.result(),
         "output_hash": output_hash,
         "trace": [e.to_dict() for e in manager.trace],
         "rolled_back": [e.pass_name for e in manager.trace if e.status == "rolled-back"],

@@ -305,18 +305,18 @@ def runtime_model(proto: onnx.ModelProto) -> tuple[bytes, str | None]:
     are relative to (``None``: it has none). ORT memory-maps those files itself; it
     refuses absolute locations, so they are made relative to the folder holding all
     the referenced files (session option
-    ``session.model_external_initializers_file_folder_path``)."""
-    tensors = [(t, e) for t in _initializers(proto) if (e := extent(t)) is not None]
-    if not tensors:
+    ``session.model_external_initializers_file_folder_path``). ``proto`` itself is
+    not touched (another thread may be reading it): the locations change in a copy,
+    cheap where the large weights are references."""
+    if not has_references(proto):
         return proto.SerializeToString(), None
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    tensors = [(t, e) for t in _initializers(copy) if (e := extent(t)) is not None]
     folder = os.path.commonpath([os.path.dirname(e.path) for _, e in tensors])
-    try:
-        for tensor, where in tensors:
-            _set_extent(tensor, where, os.path.relpath(where.path, folder))
-        return proto.SerializeToString(), folder
-    finally:
-        for tensor, where in tensors:
-            _set_extent(tensor, where)
+    for tensor, where in tensors:
+        _set_extent(tensor, where, os.path.relpath(where.path, folder))
+    return copy.SerializeToString(), folder
 
 
 # ---------------------------------------------------------------------- saving

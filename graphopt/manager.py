@@ -22,14 +22,14 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence
 
 import numpy as np
 import onnx
 
-from graphopt import spill, verify
+from graphopt import background, spill, verify
 from graphopt.errors import GraphoptError, UsageError, VerificationError
 from graphopt.cost_calibration import judge_alternative
 from graphopt.ir import Model, infer_shapes, proto_hash, skeleton, weight_bytes
@@ -104,8 +104,6 @@ class _Reference:
     A model of more than ``BACKGROUND_MAX_BYTES`` of weights is run at once instead: the
     session and the passes would hold its weights in memory together."""
 
-    _threads: ThreadPoolExecutor | None = None
-
     def __init__(self, proto: onnx.ModelProto, feeds: list[verify.Feeds], done):
         self._done, self._value = done, None
         if weight_bytes(proto) > BACKGROUND_MAX_BYTES:
@@ -115,11 +113,7 @@ class _Reference:
             except Exception as exc:  # (reported by get(), as from the thread)
                 self._future.set_exception(exc)
             return
-        # (serialized here: the proto is not touched from two threads at once)
-        model = verify.serialized(proto)
-        if _Reference._threads is None:
-            _Reference._threads = ThreadPoolExecutor(1, thread_name_prefix="graphopt-ref")
-        self._future = _Reference._threads.submit(_run_feeds, model, feeds)
+        self._future = background.submit(_run_feeds, verify.serialized(proto), feeds)
 
     def get(self) -> list[verify.Feeds] | None:
         if self._future is not None:
