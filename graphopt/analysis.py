@@ -63,11 +63,12 @@ def shapes_known(model: Model) -> bool:
                for t in n.outputs)
 
 
-def summarize(model: Model, device: Device, cost_model: CostModel | None = None) -> Summary:
+def summarize(model: Model, device: Device, cost_model: CostModel | None = None,
+              copy: bool = True) -> Summary:
     """Summarize ``model`` (not modified: shape inference, if its shapes are not all
-    known, runs on a copy)."""
+    known, runs on a copy; ``copy=False``: on ``model`` itself)."""
     known = shapes_known(model)
-    shaped = model if known else model.clone()
+    shaped = model if known or not copy else model.clone()
     known = known or infer_all_shapes(shaped)
     cost = (cost_model or AnalyticCostModel()).estimate(shaped, device)
     ops = Counter(n.op for g in shaped.all_graphs() for n in g.nodes)

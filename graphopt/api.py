@@ -256,8 +256,9 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         verify.check_runs(original_proto, feeds, data_given=bool(data), shapes=input_shapes)
 
     output_hash = background.submit(proto_hash, working.to_onnx(references=True))
-    summaries = {"input": _summary(original, tgt, cost_model).to_dict(),  # meanwhile
-                 "output": _summary(working, tgt, cost_model).to_dict()}
+    summaries = {  # meanwhile (the original, the run's own copy, gets its shapes in place)
+        "input": summarize(original, tgt.device, cost_model, copy=False).to_dict(),
+        "output": _summary(working, tgt, cost_model).to_dict()}
     output_hash = output_hash.result()
     if any(e.changed and e.pass_name in lossy for e in manager.trace):
         verification = verify_lossy(

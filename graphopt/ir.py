@@ -13,6 +13,7 @@ hold references to the file's byte ranges, and saving copies those ranges.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -153,7 +154,7 @@ class Model:
         return sum(len(g.nodes) for g in self.all_graphs())
 
     def num_params(self) -> int:
-        return sum(int(np.prod(t.shape)) for t in self.initializers())
+        return sum(math.prod(t.shape) for t in self.initializers())
 
     def initializers(self) -> list[gs.Constant]:
         seen: dict[int, gs.Constant] = {}
@@ -175,8 +176,7 @@ class Model:
         shape arithmetic (Shape→Gather→Concat→Reshape) that ONNX's own inference loses.
         Raises ``ModelError`` when inference fails: a failure is never swallowed.
         """
-        proto = infer_shapes(self.to_onnx(references=True), symbolic=symbolic)
-        self.graph = Model.from_proto(proto).graph
+        self.adopt_types(infer_shapes(self.to_onnx(references=True), symbolic=symbolic))
 
     def adopt_types(self, proto: onnx.ModelProto) -> None:
         """Take the types and shapes of ``proto`` (this model's own export, after shape
@@ -275,7 +275,7 @@ def skeleton(proto: onnx.ModelProto, max_elements: int = 1024) -> onnx.ModelProt
     _copy_fields(proto.graph, light.graph, skip="initializer")
     listed = {v.name for v in proto.graph.input}
     for tensor in proto.graph.initializer:
-        if np.prod(tensor.dims) <= max_elements and external_data.extent(tensor) is None:
+        if math.prod(tensor.dims) <= max_elements and external_data.extent(tensor) is None:
             light.graph.initializer.append(tensor)
         elif tensor.name not in listed:
             light.graph.input.append(onnx.helper.make_tensor_value_info(
@@ -487,7 +487,7 @@ def weight_bytes(proto: onnx.ModelProto) -> int:
     shapes: references count as much as inline data."""
     total = 0
     for tensor in _all_tensors(proto):
-        count = int(np.prod(tensor.dims)) if tensor.dims else 1
+        count = math.prod(tensor.dims)
         total += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     return total
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import shutil
 import tempfile
 import threading
@@ -124,5 +125,5 @@ def _inline_bytes(const: gs.Constant) -> int:
     if external_data.mapped_source(values) is not None:
         return 0
     if isinstance(values, LazyValues):
-        return int(np.prod(values.shape, dtype=np.int64)) * np.dtype(values.dtype).itemsize
+        return math.prod(values.shape) * np.dtype(values.dtype).itemsize
     return int(np.asarray(values).nbytes)
