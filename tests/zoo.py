@@ -242,6 +242,40 @@ def _torch_modules():
         def forward(self, x):
             return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
+    class ViTBlock(nn.Module):
+        """A pre-norm transformer block as timm's ViT writes it: fused qkv projection,
+        scaled dot-product attention spelled out, GELU MLP."""
+
+        def __init__(self, dim: int, heads: int, mlp: int):
+            super().__init__()
+            self.heads = heads
+            self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            self.fc1, self.act, self.fc2 = nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim)
+
+        def forward(self, x):
+            b, n, c = x.shape
+            qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, c // self.heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
+            attn = (q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5
+            x = x + self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
+            return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+    class ViT(nn.Module):
+        def __init__(self, dim=768, depth=12, heads=12, mlp=3072, patch=16, image=224,
+                     num_classes=1000):
+            super().__init__()
+            self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+            self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+            self.pos_embed = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, dim) * 0.02)
+            self.blocks = nn.Sequential(*[ViTBlock(dim, heads, mlp) for _ in range(depth)])
+            self.norm, self.head = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, num_classes)
+
+        def forward(self, x):
+            x = self.patch_embed(x).flatten(2).transpose(1, 2)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+            return self.head(self.norm(self.blocks(x))[:, 0])
+
     class SentenceEmbedding(nn.Module):
         """BERT encoder + attention-masked mean pooling + L2 normalization (what
         sentence-transformers' all-MiniLM-L6-v2 pipeline computes)."""
@@ -262,7 +296,7 @@ def _torch_modules():
             return embedding
 
     return {"ResNet": ResNet, "MobileNetV3Small": MobileNetV3Small,
-            "MobileNetV2": MobileNetV2, "EfficientNetB0": EfficientNetB0,
+            "MobileNetV2": MobileNetV2, "EfficientNetB0": EfficientNetB0, "ViT": ViT,
             "SentenceEmbedding": SentenceEmbedding}
 
 
@@ -424,6 +458,11 @@ def _efficientnet_b0_bytes(exporter: str, fold_in_export: bool) -> bytes:
     return _cnn_export("EfficientNetB0", {}, 3, 224, exporter, fold_in_export)
 
 
+@_disk_cached
+def _vit_b16_bytes(exporter: str, fold_in_export: bool) -> bytes:
+    return _cnn_export("ViT", {}, 4, 224, exporter, fold_in_export)
+
+
 def resnet_cnn(exporter: str = "torchscript", fold_in_export: bool = False) -> onnx.ModelProto:
     """Small ResNet (3x32x32 -> 10): BN, residual adds, ReLU, maxpool, GAP, flatten,
     linear. ~80k parameters."""
@@ -455,6 +494,13 @@ def efficientnet_b0(exporter: str = "torchscript",
     """EfficientNet-B0-style net (3x224x224 -> 1000): MBConv with SiLU, SE, depthwise
     convs; random weights, 5.3M parameters."""
     return onnx.load_from_string(_efficientnet_b0_bytes(exporter, fold_in_export))
+
+
+def vit_b16(exporter: str = "torchscript", fold_in_export: bool = False) -> onnx.ModelProto:
+    """ViT-B/16 as timm writes it (3x224x224 -> 1000: 16x16 patches, class token, 12
+    pre-norm blocks of fused-qkv attention and GELU MLP), random weights, 86.6M
+    parameters."""
+    return onnx.load_from_string(_vit_b16_bytes(exporter, fold_in_export))
 
 
 # ---------------------------------------------------------------------------- BERT
