@@ -71,10 +71,13 @@ def check(target: Target, artifact: Artifact, reference: onnx.ModelProto,
 
 def latency(target: Target, artifact: Artifact, reference: onnx.ModelProto,
             feeds: verify.Feeds) -> dict:
-    """Median latency of the artifact on its device and of ONNX Runtime (ORT_ENABLE_ALL,
-    this machine's cores) on ``reference``, both on ``feeds``. The artifact's figure is
-    ``None`` where its target says timing here means nothing (emulation)."""
-    threads = os.cpu_count() or 1
+    """Median latency of the artifact on its device and of ONNX Runtime (ORT_ENABLE_ALL)
+    on ``reference``, both on ``feeds``: ORT on as many threads as the target runs with
+    (``Target.threads``, e.g. LiteRT's one), else on this machine's cores. The
+    artifact's figure is ``None`` where its target says timing here means nothing
+    (emulation)."""
+    cores = os.cpu_count() or 1
+    threads = min(getattr(target, "threads", None) or cores, cores)
     sess = verify.session(reference, optimize=True, threads=threads)
     first = target.measure(artifact, feeds, repeat=1)  # warms up; None: no device timing
     ort_first = _seconds(lambda: verify.run(sess, feeds))

@@ -6,6 +6,7 @@ to run wrong, or not at all)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -68,6 +69,16 @@ def test_compiled_target_artifact_is_run_compared_and_timed(tmp_path):
     latency = check["latency"]
     assert latency["artifact_s"] > 0 and latency["ort_s"] > 0
     assert latency["ort_vs_artifact"] == pytest.approx(latency["ort_s"] / latency["artifact_s"])
+    assert latency["ort_threads"] == (os.cpu_count() or 1)  # no thread setting: every core
+
+
+def test_ort_is_timed_on_the_threads_the_target_runs_with(tmp_path):
+    """A target with a thread setting (LiteRT runs on one thread by default) is timed
+    beside ONNX Runtime on as many threads: the ratio compares like with like."""
+    one = FolderTarget()
+    one.threads = 1
+    result = graphopt.optimize(EXAMPLE, target=one, output=tmp_path / "a")
+    assert result.report["artifact"]["latency"]["ort_threads"] == 1
 
 
 def test_wrong_artifact_fails_and_is_removed(tmp_path):
