@@ -294,12 +294,20 @@ def pad(lw: Lowering, node: onnx.NodeProto) -> None:
 
 
 def gather(lw: Lowering, node: onnx.NodeProto) -> None:
+    """GATHER; a RESHAPE where the constant indices are every index of the axis in
+    order: exported attention masks index their flattened mask by such arithmetic,
+    folded at the bound batch, and a RESHAPE's target can follow a resizable batch
+    where a constant of indices cannot (``tflite_dynamic``)."""
     data, indices = node.input[:2]
     rank = lw.rank(data)
     axis = attrs(node).get("axis", 0) % rank
     if lw.is_const(indices):
         positions = lw.const(indices).astype(np.int64)
         positions = np.where(positions < 0, positions + lw.shape(data)[axis], positions)
+        if positions.size == lw.shape(data)[axis] and \
+                np.array_equal(positions.ravel(), np.arange(positions.size)):
+            lw.reshape(lw.get(data, identity(rank)), lw.output(node.output[0]))
+            return
         index = lw.fb.constant(indices, positions.astype(np.int32))
     else:
         index = lw.get(indices)
@@ -330,12 +338,40 @@ def slice_op(lw: Lowering, node: onnx.NodeProto) -> None:
 
 
 def expand(lw: Lowering, node: onnx.NodeProto) -> None:
+    """BROADCAST_TO; nothing where it adds nothing: the input has the output's shape
+    already (an exported mask expanded to the batch it has), or only broadcasting ops
+    read the output and broadcast the input to the same results (a pooled mask sum
+    expanded before a division). A BROADCAST_TO would spell the batch out."""
     out = node.output[0]
     shape, _ = lw.onnx_info(out)
+    if _expand_is_implicit(lw, node):
+        lw.alias(out, node.input[0])
+        return
     tensors, perm = _aligned(lw, [node.input[0]], len(shape))
     lw.fb.op("BROADCAST_TO", [tensors[0], lw.fb.constant(
         "shape", np.array([shape[p] for p in perm], np.int32))], [lw.output(out, perm)],
         version=2)  # LiteRT registers BROADCAST_TO from version 2
+
+
+def _expand_is_implicit(lw: Lowering, node: onnx.NodeProto) -> bool:
+    x, out = node.input[0], node.output[0]
+    shape, x_shape = lw.onnx_info(out)[0], lw.onnx_info(x)[0]
+    if tuple(x_shape) == tuple(shape):
+        return True
+    readers = lw.readers.get(out, [])
+    if not readers or out in lw.graph_outputs:
+        return False
+    for reader in readers:
+        if reader.op_type not in BINARY or reader.op_type == "Pow":
+            return False
+        shapes = [x_shape if name == out else lw.onnx_info(name)[0]
+                  for name in reader.input]
+        try:
+            if np.broadcast_shapes(*shapes) != tuple(lw.onnx_info(reader.output[0])[0]):
+                return False
+        except ValueError:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------- reductions

@@ -165,3 +165,35 @@ def test_minilm_float_and_int8_dynamic(tmp_path, run_ort):
     assert cos.mean() >= 0.99 and cos.mean() < 1 - 1e-7, (cos.mean(), cos.min())
     sizes = [(tmp_path / f / "model.tflite").stat().st_size for f in ("int8", "fp32")]
     assert sizes[0] < 0.4 * sizes[1], sizes
+
+
+def test_minilm_with_a_fixed_sequence_keeps_a_resizable_batch(tmp_path, run_ort):
+    """all-MiniLM-L6-v2 exported with a fixed sequence of 32 tokens and a symbolic batch
+    (as sentence-embedding apps ship it): the attention mask's index arithmetic (a
+    GATHER over the flattened mask by every index in order) lowers to a RESHAPE and its
+    expansions to nothing, so no constant follows the batch. LiteRT's interpreter,
+    resized to a batch of 3, matches ONNX Runtime on the export within 1e-4."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = zoo.bert_minilm()
+    for value in model.graph.input:
+        value.type.tensor_type.shape.dim[1].dim_value = SEQUENCE
+    del model.graph.value_info[:]
+    result = graphopt.optimize(model, target="litert", output=tmp_path / "m")
+    assert result.report["artifact"]["ok"] is True, result.report["artifact"]
+    manifest = _manifest(tmp_path / "m")
+    assert manifest["static_shapes"]["resizable_batch"] is True, manifest["static_shapes"]
+    assert all(i["shape_signature"] == [-1, SEQUENCE] for i in manifest["inputs"])
+    assert "GATHER_ND" not in manifest["operators"]
+    feeds = _padded(["A man is eating food.", "A man is riding a horse.",
+                     "The new movie is awesome."])
+    interpreter = Interpreter(model_path=str(result.artifact.path))
+    for detail in interpreter.get_input_details():
+        interpreter.resize_tensor_input(detail["index"], [3, SEQUENCE])
+    interpreter.allocate_tensors()
+    for detail in interpreter.get_input_details():
+        interpreter.set_tensor(detail["index"], feeds[detail["name"]].astype(detail["dtype"]))
+    interpreter.invoke()
+    got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    want = run_ort(model, feeds)["sentence_embedding"]
+    assert _relative(got, want) <= TOL
