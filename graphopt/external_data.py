@@ -452,12 +452,98 @@ def read_back(graph: gs.Graph, folder: Path) -> None:
             const._values = LazyValues(tensor)  # noqa: SLF001
 
 
+def write_inline(proto: onnx.ModelProto, path: Path) -> None:
+    """``proto`` written to ``path`` as one self-contained protobuf: the bytes
+    ``materialize`` then ``SerializeToString`` give (``proto`` is left as it was), but
+    the main graph's referenced weights are copied from their files into place (in the
+    kernel where it can) instead of passing through memory: upb serializes 100 MB in
+    0.23 s. Protobuf writes fields in number order, so the model is its fields before
+    the graph, the graph (its fields before the initializers, each initializer, the
+    rest), then the rest; a referenced tensor is its fields before ``raw_data``, the
+    bytes, then the rest."""
+    graph = proto.graph
+    if not has_references(proto):
+        Path(path).write_bytes(proto.SerializeToString())
+        return
+    if any(extent(t) is not None for g in list(all_graphs(graph))[1:] for t in g.initializer):
+        copy = onnx.ModelProto()  # (a subgraph's references: read in, the simple way)
+        copy.CopyFrom(proto)
+        Path(path).write_bytes(materialize(copy).SerializeToString())
+        return
+    parts: list[bytes | Extent] = []  # the file, in order
+    model_head, model_tail = _split(proto, 7, skip=("graph",))
+    graph_head, graph_tail = _split(graph, 5, skip=("initializer",))
+    inits: list[list[bytes | Extent]] = []
+    for tensor in graph.initializer:
+        where = extent(tensor)
+        if where is None:
+            inits.append([tensor.SerializeToString()])
+            continue
+        head, tail = _split(tensor, 9, skip=_DATA_FIELDS)
+        inits.append([head, _key(9, where.length), where, tail])
+    sized = [[_key(5, _size(init)), *init] for init in inits]
+    graph_size = len(graph_head) + sum(_size(p) for p in sized) + len(graph_tail)
+    parts = [model_head, _key(7, graph_size), graph_head,
+             *[part for init in sized for part in init], graph_tail, model_tail]
+    out = _DataFile(Path(path), aligned=False)
+    try:
+        for part in parts:
+            if isinstance(part, Extent):
+                out.copy(part)
+            elif part:
+                out.append(part)
+    finally:
+        out.close()
+
+
+_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data",
+                "double_data", "uint64_data", "external_data", "data_location")
+
+
+def _split(message, number: int, skip: tuple[str, ...]) -> tuple[bytes, bytes]:
+    """``message`` serialized in two parts: its set fields numbered below ``number``,
+    and those above (``skip``: left out)."""
+    head, tail = type(message)(), type(message)()
+    for descriptor, value in message.ListFields():
+        if descriptor.name in skip or descriptor.number == number:
+            continue
+        dst = head if descriptor.number < number else tail
+        if descriptor.is_repeated:
+            getattr(dst, descriptor.name).extend(value)
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            getattr(dst, descriptor.name).CopyFrom(value)
+        else:
+            setattr(dst, descriptor.name, value)
+    return head.SerializeToString(), tail.SerializeToString()
+
+
+def _key(number: int, length: int) -> bytes:
+    """The key and length of a length-delimited field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _size(parts) -> int:
+    return sum(p.length if isinstance(p, Extent) else len(p) for p in parts)
+
+
 class _DataFile:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, aligned: bool = True):
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self.size = 0
+        self.aligned = aligned
 
     def _start(self, length: int) -> int:
+        if not self.aligned:
+            return self.size
         align = PAGE if length >= MIN_MAPPED_BYTES else 16
         return -(-self.size // align) * align
 
@@ -514,11 +600,8 @@ def model_files(path: str | os.PathLike) -> list[Path]:
     they can be read (an unreadable model is just itself): what loading it reads."""
     path = Path(path)
     try:
-        proto = onnx.ModelProto()
-        proto.ParseFromString(path.read_bytes())
-        locations = {e.value for t in all_tensors(proto) if uses_external_data(t)
-                     for e in t.external_data if e.key == "location"}
-        return [path] + [path.parent / loc for loc in sorted(locations)
+        locations = _locations(path)
+        return [path] + [path.parent / loc for loc in locations
                          if loc and "\0" not in loc and (path.parent / loc).is_file()]
     except Exception:  # noqa: BLE001 - unreadable, not ONNX, ...: loading will say why
         return [path] if os.path.lexists(path) else []
@@ -527,10 +610,35 @@ def model_files(path: str | os.PathLike) -> list[Path]:
 def saved_files(path: str | os.PathLike) -> list[Path]:
     """The model file at ``path`` and the external-data files it references."""
     path = Path(path)
-    proto = onnx.load(path, load_external_data=False)
-    locations = {e.value for t in all_tensors(proto) if uses_external_data(t)
-                 for e in t.external_data if e.key == "location"}
-    return [path] + [path.parent / loc for loc in sorted(locations)]
+    return [path] + [path.parent / loc for loc in _locations(path)]
+
+
+def _locations(path: Path) -> list[str]:
+    """The external-data files the model at ``path`` references, sorted. A model without
+    any has no ``location`` key in its bytes: it is searched through a memory map, not
+    read or parsed (0.14 s for ResNet-50's 100 MB); answers are kept per file version."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _located:
+        with open(path, "rb") as fh:
+            if st.st_size == 0:
+                data = b""
+            else:
+                with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                    data = mapped[:] if mapped.find(b"location") >= 0 else None
+        found: list[str] = []
+        if data is not None:
+            proto = onnx.ModelProto()
+            proto.ParseFromString(data)
+            found = sorted({e.value for t in all_tensors(proto) if uses_external_data(t)
+                            for e in t.external_data if e.key == "location"})
+        if len(_located) > 64:
+            _located.clear()
+        _located[key] = found
+    return list(_located[key])
+
+
+_located: dict[tuple, list[str]] = {}
 
 
 # ---------------------------------------------------------------------- walking protos

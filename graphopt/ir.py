@@ -448,11 +448,6 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
     path = Path(path)
     if external_data is None:
         external_data = weight_bytes(proto) > external_threshold()
-    if not external_data and ext.has_references(proto):
-        if isinstance(model, onnx.ModelProto):
-            proto = onnx.ModelProto()
-            proto.CopyFrom(model)
-        ext.materialize(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A short temporary name: the final name may already be as long as names can be.
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".go-") as tmp:
@@ -461,8 +456,8 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
             data_name = path.name + ".data"
             ext.write(proto, tmp_path, Path(tmp) / data_name)
             os.replace(Path(tmp) / data_name, path.parent / data_name)
-        else:
-            tmp_path.write_bytes(proto.SerializeToString())
+        else:  # (references read in from their files as it is written)
+            ext.write_inline(proto, tmp_path)
         os.replace(tmp_path, path)
     return path
 

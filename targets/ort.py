@@ -239,7 +239,7 @@ def without_value_info(model: Model) -> onnx.ModelProto:
     Add + LayerNormalization into its slow SkipLayerNormalization (see LOSSLESS_PIPELINE):
     MiniLM ran 0.978x the input's speed with them, 1.054x without; resnet18 and
     mobilenet_v2 the same either way (benchmarks/ort_target.py)."""
-    proto = model.to_onnx()
+    proto = model.to_onnx(references=True)  # (save reads them in as it writes)
     del proto.graph.value_info[:]
     return proto
 

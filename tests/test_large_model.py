@@ -348,3 +348,26 @@ def test_weights_the_passes_write_spill_too(tmp_path, monkeypatch, target):
     assert result.report["artifact" if target == "litert" else "verification"]["ok"] is True
     assert not external_data.has_references(result.model.to_onnx(references=True))
     assert not list((tmp_path / "tmp").iterdir())
+
+
+@pytest.mark.parametrize("make", ["mlp", "resnet_cnn", "if_model"])
+def test_writing_references_inline_gives_the_serialized_bytes(tmp_path, make):
+    """``external_data.write_inline`` copies referenced weights from their files into
+    place as it writes: the file is byte for byte what reading them into the proto and
+    serializing it gives, and the proto is left as it was."""
+    from graphopt import external_data, spill
+    from graphopt.ir import load
+    from tests import zoo
+
+    model = load(zoo.mlp(hidden=256) if make == "mlp" else getattr(zoo, make)())
+    alone = spill.Spill(model, min_bytes=1024)
+    proto = alone.model.to_onnx(references=True)
+    assert external_data.has_references(proto) == (make != "if_model")
+    before = proto.SerializeToString()
+    external_data.write_inline(proto, tmp_path / "inline.onnx")
+    assert proto.SerializeToString() == before
+    expected = onnx.ModelProto()
+    expected.CopyFrom(proto)
+    external_data.materialize(expected)
+    assert (tmp_path / "inline.onnx").read_bytes() == expected.SerializeToString()
+    assert onnx.load(tmp_path / "inline.onnx") == expected
