@@ -111,6 +111,7 @@ def artifact_lines(check: dict) -> list[str]:
                          f"{ort_ms:.3f} ms here")
         else:
             lines.append(f"latency: artifact {lat['artifact_s'] * 1e3:.3f} ms, ONNX Runtime "
-                         f"on the original {ort_ms:.3f} ms ({lat['ort_threads']} threads): "
+                         f"on the original {ort_ms:.3f} ms ({lat['ort_threads']} "
+                         f"thread{'' if lat['ort_threads'] == 1 else 's'}): "
                          f"artifact is {lat['ort_vs_artifact']:.2f}x ORT's speed")
     return lines
