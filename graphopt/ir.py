@@ -182,8 +182,11 @@ class Model:
         """Take the types and shapes of ``proto`` (this model's own export, after shape
         inference) onto the graph's variables, in place: what importing it again would
         give them, at a fraction of the cost (the import builds every node anew)."""
-        infos = {vi.name: vi for g in _all_graphs(proto.graph)
-                 for vi in (*g.input, *g.value_info, *g.output)}
+        infos: dict[str, onnx.ValueInfoProto] = {}
+        for g in _all_graphs(proto.graph):
+            for vi in (*g.input, *g.value_info, *g.output):
+                if vi.type.ByteSize() > 0:  # (as the importer: an empty type says nothing)
+                    infos.setdefault(vi.name, vi)
         for g in self.all_graphs():
             for tensor in g.tensors().values():
                 info = infos.get(tensor.name)
