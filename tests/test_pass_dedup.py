@@ -111,3 +111,19 @@ def test_through_the_manager():
     assert result.report["verification"]["ok"] is True
     assert not result.report["rolled_back"]
     assert initializer_names(result.model.to_onnx()) == ["w1"]
+
+
+def test_same_first_bytes_are_hashed_whole():
+    """Constants hashed by their first 4 KiB first: two that share those bytes but differ
+    later stay apart; two equal throughout merge."""
+    from graphopt.passes.cleanup import dedup
+
+    w = np.ones((2, 2048), np.float32)  # 16 KiB, the first 4 KiB all ones
+    late = w.copy()
+    late[1, -1] = 2.0
+    assert dedup.PREFIX_BYTES < w.nbytes
+    after, result = apply_pass(MergeDuplicateInitializers(), two_users(w, late, ("N", 2048)))
+    assert initializer_names(after) == ["w1", "w2"] and not result.changed
+    after, result = apply_pass(MergeDuplicateInitializers(), two_users(w, w.copy(),
+                                                                       ("N", 2048)))
+    assert initializer_names(after) == ["w1"] and result.stats["merged"] == 1
