@@ -315,6 +315,24 @@ def gather(lw: Lowering, node: onnx.NodeProto) -> None:
              options("GatherOptions", axis=axis, batchDims=0))
 
 
+def gather_nd(lw: Lowering, node: onnx.NodeProto) -> None:
+    """GATHER_ND (TensorFlow's gather_nd is ONNX's GatherND at batch_dims 0); constant
+    indices are written non-negative, as TFLite wants them."""
+    if attrs(node).get("batch_dims", 0):
+        raise Unmappable("GatherND with batch_dims")
+    data, indices = node.input[:2]
+    if lw.is_const(indices):
+        positions = lw.const(indices).astype(np.int64)
+        depth = positions.shape[-1]
+        bounds = np.array(lw.shape(data)[:depth], np.int64)
+        positions = np.where(positions < 0, positions + bounds, positions)
+        index = lw.fb.constant(indices, positions.astype(np.int32))
+    else:
+        index = lw.get(indices)
+    lw.fb.op("GATHER_ND", [lw.get(data, identity(lw.rank(data))), index],
+             [lw.output(node.output[0])])
+
+
 def slice_op(lw: Lowering, node: onnx.NodeProto) -> None:
     x = node.input[0]
     shape, rank, perm = lw.shape(x), lw.rank(x), lw.home(x)
@@ -476,6 +494,7 @@ HANDLERS = {
     "Cast": cast, "Identity": identity_op, "Dropout": identity_op,
     "Reshape": reshape, "Flatten": reshape, "Squeeze": reshape, "Unsqueeze": reshape,
     "Transpose": transpose, "Concat": concat, "Pad": pad, "Gather": gather,
+    "GatherND": gather_nd,
     "Slice": slice_op, "Expand": expand, "Softmax": softmax, "LogSoftmax": softmax,
     **{op: reduce for op in REDUCE},
     "LayerNormalization": layer_norm, "Resize": resize, "IsNaN": isnan, "Erf": erf,

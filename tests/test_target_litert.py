@@ -569,3 +569,16 @@ def test_target_options_from_the_cli(tmp_path):
     keys = {cache.key(onnx.load(EXAMPLE), LiteRtTarget().with_options(**o), tmp_path / "o")
             for o in ({}, {"io_layout": "nhwc"}, {"io_dtype": "int8"})}
     assert len(keys) == 3
+
+
+def test_gather_nd_with_negative_constant_indices(tmp_path):
+    """ONNX GatherND (batch_dims 0) as GATHER_ND: negative constant indices are written
+    as the positions they count back from; outputs equal ONNX Runtime's."""
+    nodes = [helper.make_node("GatherND", ["x", "idx"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+                   {"idx": np.array([[0, -1], [1, 0], [-2, 1]], np.int64)})
+    result, manifest = _lower(model, tmp_path)
+    assert manifest["operators"] == {"GATHER_ND": 1}
+    x = np.random.default_rng(3).standard_normal((2, 3, 4)).astype(np.float32)
+    _check_against_ort(model, result, {"x": x})

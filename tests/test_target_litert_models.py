@@ -197,3 +197,20 @@ def test_minilm_with_a_fixed_sequence_keeps_a_resizable_batch(tmp_path, run_ort)
     got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
     want = run_ort(model, feeds)["sentence_embedding"]
     assert _relative(got, want) <= TOL
+
+
+def test_minilm_dynamo_export_with_gather_nd(tmp_path, run_ort):
+    """all-MiniLM-L6-v2 as torch's dynamo exporter writes it: its attention mask is
+    indexed by a GatherND, which lowers to LiteRT's GATHER_ND. Sentence embeddings within
+    1e-4 of ONNX Runtime on the export."""
+    model = zoo.bert_minilm(exporter="dynamo")
+    assert any(n.op_type == "GatherND" for n in model.graph.node)
+    shapes = {"input_ids": [1, SEQUENCE], "attention_mask": [1, SEQUENCE]}
+    result = graphopt.optimize(model, target="litert", output=tmp_path / "m",
+                               input_shapes=shapes)
+    assert result.report["artifact"]["ok"] is True, result.report["artifact"]
+    assert _manifest(tmp_path / "m")["operators"]["GATHER_ND"] >= 1
+    feeds = _padded(["A man is eating food.", "The new movie is awesome.",
+                     "Someone is playing a guitar in the park."])
+    want = run_ort(model, feeds)["sentence_embedding"]
+    assert _relative(_embeddings(result, feeds), want) <= TOL
