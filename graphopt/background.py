@@ -20,10 +20,3 @@ def submit(fn: Callable[..., T], *args) -> Future:
         _pool = ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1)),
                                    thread_name_prefix="graphopt")
     return _pool.submit(fn, *args)
-
-
-def done(value: T) -> Future:
-    """A ``Future`` that already holds ``value`` (work done in this thread)."""
-    future: Future = Future()
-    future.set_result(value)
-    return future

@@ -507,14 +507,18 @@ def _split(message, number: int, skip: tuple[str, ...]) -> tuple[bytes, bytes]:
     for descriptor, value in message.ListFields():
         if descriptor.name in skip or descriptor.number == number:
             continue
-        dst = head if descriptor.number < number else tail
-        if descriptor.is_repeated:
-            getattr(dst, descriptor.name).extend(value)
-        elif descriptor.type == descriptor.TYPE_MESSAGE:
-            getattr(dst, descriptor.name).CopyFrom(value)
-        else:
-            setattr(dst, descriptor.name, value)
+        copy_field(head if descriptor.number < number else tail, descriptor, value)
     return head.SerializeToString(), tail.SerializeToString()
+
+
+def copy_field(dst, descriptor, value) -> None:
+    """Set field ``descriptor`` of message ``dst`` to ``value`` (from ``ListFields``)."""
+    if descriptor.is_repeated:
+        getattr(dst, descriptor.name).extend(value)
+    elif descriptor.type == descriptor.TYPE_MESSAGE:
+        getattr(dst, descriptor.name).CopyFrom(value)
+    else:
+        setattr(dst, descriptor.name, value)
 
 
 def _key(number: int, length: int) -> bytes:

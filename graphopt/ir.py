@@ -36,6 +36,7 @@ from graphopt.symbolic import shapes as symbolic_shapes
 from graphopt.external_data import all_graphs as _all_graphs
 from graphopt.external_data import all_nodes as _all_nodes  # noqa: F401 - model_check
 from graphopt.external_data import all_tensors as _all_tensors
+from graphopt.external_data import copy_field
 from graphopt.external_data import model_files, saved_files  # noqa: F401 - part of the API
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -69,7 +70,7 @@ class Model:
         meta = onnx.ModelProto()
         for descriptor, value in proto.ListFields():
             if descriptor.name not in ("graph", "functions"):
-                _copy_field(meta, descriptor, value)
+                copy_field(meta, descriptor, value)
         try:
             graph = gs.import_onnx(proto)
         except Exception as exc:  # graphsurgeon raises bare exceptions on malformed graphs
@@ -297,16 +298,7 @@ def skeleton(proto: onnx.ModelProto, max_elements: int = 1024) -> onnx.ModelProt
 def _copy_fields(src, dst, skip: str) -> None:
     for descriptor, value in src.ListFields():
         if descriptor.name != skip:
-            _copy_field(dst, descriptor, value)
-
-
-def _copy_field(dst, descriptor, value) -> None:
-    if descriptor.is_repeated:
-        getattr(dst, descriptor.name).extend(value)
-    elif descriptor.type == descriptor.TYPE_MESSAGE:
-        getattr(dst, descriptor.name).CopyFrom(value)
-    else:
-        setattr(dst, descriptor.name, value)
+            copy_field(dst, descriptor, value)
 
 
 def proto_hash(proto: onnx.ModelProto) -> str:
