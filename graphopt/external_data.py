@@ -12,17 +12,16 @@ inference. The bytes are read only
 * by ONNX Runtime, which maps the file itself (``runtime_model``: the references made
   relative to one folder that the session is told about);
 * when hashed (``tensor_digest``/``constant_digest``: file reads, cached per byte range);
-* when saved (``write``: copied by byte range into the output's data file; tensors a pass
-  made are appended).
+* when saved (``data_files.write``: copied by byte range into the output's data file;
+  tensors a pass made are appended).
 
-A reference is never written out as such: ``write`` and ``materialize`` replace it.
+A reference is never written out as such: ``data_files`` and ``materialize`` replace it.
 Only files that ``adopt`` checked are ever referenced (a crafted absolute location in a
 proto given to the library is not followed).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import mmap
 import os
@@ -41,13 +40,9 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 # External initializers of fewer bytes are read into the model at load (shape tensors,
 # biases: cheap, and they stay visible to checks and shape inference).
 MIN_MAPPED_BYTES = 1 << 16
-# Large tensors in a written data file start at a page boundary (mappable in place).
-PAGE = 4096
-_CHUNK = 16 << 20
+CHUNK = 16 << 20
 
-_trusted: set[str] = set()  # data files adopt() checked
-_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
-                            errno.EBADF, errno.EPERM})
+_trusted: set[str] = set()  # data files adopt() checked (or graphopt wrote)
 
 
 @dataclass(frozen=True)
@@ -69,14 +64,14 @@ def adopt(proto: onnx.ModelProto, base_dir: Path) -> None:
             if not uses_external_data(tensor):
                 continue
             info = {e.key: e.value for e in tensor.external_data}
-            expected = _view_bytes(tensor)
+            expected = view_bytes(tensor)
             length = int(info["length"]) if "length" in info else expected
             if expected is None or length != expected or length < MIN_MAPPED_BYTES:
                 load_external_data_for_tensor(tensor, str(base_dir))
                 continue
             path = str((base_dir / info["location"]).resolve())
-            _trusted.add(path)
-            _set_extent(tensor, Extent(path, int(info.get("offset", 0)), length))
+            trust(path)
+            set_extent(tensor, Extent(path, int(info.get("offset", 0)), length))
         for node in graph.node:
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.TENSOR and uses_external_data(attr.t):
@@ -94,19 +89,24 @@ def extent(tensor: TensorProto) -> Extent | None:
     return Extent(location, int(info.get("offset", 0)), int(info.get("length", 0)))
 
 
+def trust(path: str) -> None:
+    """Let references to the data file ``path`` (absolute, resolved) be followed."""
+    _trusted.add(path)
+
+
 def has_references(proto: onnx.ModelProto) -> bool:
-    return any(extent(t) is not None for t in _initializers(proto))
+    return any(extent(t) is not None for t in initializers(proto))
 
 
 def referenced_bytes(proto: onnx.ModelProto) -> int:
-    return sum(e.length for e in map(extent, _initializers(proto)) if e is not None)
+    return sum(e.length for e in map(extent, initializers(proto)) if e is not None)
 
 
 def materialize(proto: onnx.ModelProto, only: Path | None = None) -> onnx.ModelProto:
     """Read every reference of ``proto`` (``only``: to that file) into it, in place: a
     self-contained model."""
     only_path = None if only is None else str(Path(only).resolve())
-    for tensor in _initializers(proto):
+    for tensor in initializers(proto):
         where = extent(tensor)
         if where is not None and only_path in (None, where.path):
             tensor.raw_data = read(where)
@@ -123,7 +123,7 @@ def read(where: Extent) -> bytes:
     return data
 
 
-def _set_extent(tensor: TensorProto, where: Extent, location: str | None = None) -> None:
+def set_extent(tensor: TensorProto, where: Extent, location: str | None = None) -> None:
     for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
                  "uint64_data", "string_data"):
         tensor.ClearField(name)
@@ -134,7 +134,7 @@ def _set_extent(tensor: TensorProto, where: Extent, location: str | None = None)
         tensor.external_data.add(key=key, value=value)
 
 
-def _view_bytes(tensor: TensorProto) -> int | None:
+def view_bytes(tensor: TensorProto) -> int | None:
     """Bytes of ``tensor`` if numpy can view them as its values (``None``: strings,
     types packed several to a byte)."""
     try:
@@ -254,7 +254,7 @@ def extent_digest(where: Extent, limit: int | None = None) -> bytes:
     key = (where.path, st.st_ino, st.st_size, st.st_mtime_ns, where.offset, length)
     if key not in _digests:
         digest = hashlib.sha256()
-        buffer = bytearray(min(_CHUNK, max(length, 1)))
+        buffer = bytearray(min(CHUNK, max(length, 1)))
         view = memoryview(buffer)
         with open(where.path, "rb") as fh:
             done = 0
@@ -312,290 +312,11 @@ def runtime_model(proto: onnx.ModelProto) -> tuple[bytes, str | None]:
         return proto.SerializeToString(), None
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
-    tensors = [(t, e) for t in _initializers(copy) if (e := extent(t)) is not None]
+    tensors = [(t, e) for t in initializers(copy) if (e := extent(t)) is not None]
     folder = os.path.commonpath([os.path.dirname(e.path) for _, e in tensors])
     for tensor, where in tensors:
-        _set_extent(tensor, where, os.path.relpath(where.path, folder))
+        set_extent(tensor, where, os.path.relpath(where.path, folder))
     return copy.SerializeToString(), folder
-
-
-# ---------------------------------------------------------------------- saving
-def write(proto: onnx.ModelProto, path: Path, data_path: Path,
-          size_threshold: int = 1024) -> None:
-    """Write ``proto`` to ``path`` and its initializers of ``size_threshold`` bytes or
-    more to ``data_path`` (one file, named relative to ``path``'s folder): references
-    are copied by byte range (the same range once), inline tensors appended; tensors of
-    64 KiB or more start at a page boundary. ``proto`` is left as it was."""
-    location = os.path.relpath(data_path, path.parent)
-    out = _DataFile(data_path)
-    changed: list[tuple[TensorProto, TensorProto]] = []
-    copied: dict[Extent, int] = {}
-    try:
-        for tensor in _initializers(proto):
-            where = extent(tensor)
-            if where is None:
-                if uses_external_data(tensor):
-                    raise ValueError(f"tensor {tensor.name!r} references external data "
-                                     f"graphopt did not load")
-                if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED) or \
-                        _inline_bytes(tensor) < size_threshold:
-                    continue
-            backup = TensorProto()
-            backup.CopyFrom(tensor)
-            changed.append((tensor, backup))
-            if where is None:
-                data = tensor.raw_data if tensor.HasField("raw_data") else \
-                    onnx.numpy_helper.to_array(tensor).tobytes()
-                offset = out.append(data)
-                length = len(data)
-            else:
-                if where not in copied:
-                    copied[where] = out.copy(where)
-                offset, length = copied[where], where.length
-            _set_extent(tensor, Extent(str(data_path), offset, length), location)
-        out.close()
-        path.write_bytes(proto.SerializeToString())
-    finally:
-        out.close()
-        for tensor, backup in changed:
-            tensor.CopyFrom(backup)
-
-
-def move_out_constants(graph: gs.Graph, data_path: Path,
-                       min_bytes: int = MIN_MAPPED_BYTES) -> int:
-    """Constants of ``graph`` and its subgraphs whose values of ``min_bytes`` or more are
-    held in memory (an imported tensor's raw bytes, or an array a pass wrote) get their
-    bytes written to a new file ``data_path`` and become ``MappedValues`` of it, in
-    place, as if the model had been loaded with external data (no export of the model,
-    which would copy every weight once more). Returns the bytes moved."""
-    path = Path(data_path).resolve()
-    out = _DataFile(path)
-    _trusted.add(str(path))
-    moved = 0
-    written: dict[int, tuple[int, int]] = {}  # id(values) -> (offset, length)
-    try:
-        for g in (graph, *graph.subgraphs(recursive=True)):
-            for const in g.tensors().values():
-                if not isinstance(const, gs.Constant):
-                    continue
-                values = const._values  # noqa: SLF001 - reading .values would load it
-                found = _inline_raw(const, values, min_bytes)
-                if found is None:
-                    continue
-                data_type, data = found
-                if id(values) not in written:
-                    written[id(values)] = (out.append(data), len(data))
-                    moved += len(data)
-                offset, length = written[id(values)]
-                ref = TensorProto(name=const.name, data_type=data_type)
-                ref.dims.extend(const.shape)
-                _set_extent(ref, Extent(str(path), offset, length))
-                const._values = MappedValues(ref)  # noqa: SLF001
-                const.data_location = None
-    finally:
-        out.close()
-    return moved
-
-
-def _inline_raw(const: gs.Constant, values, min_bytes: int) -> tuple[int, object] | None:
-    """``(ONNX data type, raw bytes)`` of a constant's in-memory values when they export
-    as those bytes unchanged and are ``min_bytes`` or more; ``None`` otherwise."""
-    if mapped_source(values) is not None:
-        return None
-    if isinstance(values, LazyValues):
-        if type(values) is not LazyValues:  # sparse, or a reference already
-            return None
-        tensor = values.tensor
-        if extent(tensor) is not None or not tensor.HasField("raw_data") or \
-                tensor.data_location == TensorProto.EXTERNAL:
-            return None
-        length = len(tensor.raw_data)
-        if length < min_bytes or _view_bytes(tensor) != length:
-            return None
-        return tensor.data_type, tensor.raw_data
-    if not isinstance(values, np.ndarray) or values.nbytes < min_bytes or \
-            not values.dtype.isnative:
-        return None
-    try:
-        data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
-        exported = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(const.export_dtype))
-    except (KeyError, TypeError, ValueError):
-        return None
-    probe = TensorProto(data_type=data_type)
-    probe.dims.extend(values.shape)
-    if exported != data_type or _view_bytes(probe) != values.nbytes:
-        return None
-    try:
-        return data_type, memoryview(np.ascontiguousarray(values)).cast("B")
-    except (TypeError, ValueError):  # dtypes the buffer protocol lacks (bfloat16, ...)
-        return data_type, values.tobytes()
-
-
-def read_back(graph: gs.Graph, folder: Path) -> None:
-    """Constants of ``graph`` and its subgraphs whose values are (unchanged views of)
-    references into files under ``folder`` get their bytes read into memory, in place:
-    the files may go."""
-    folder = str(Path(folder).resolve())
-    for g in (graph, *graph.subgraphs(recursive=True)):
-        for const in g.tensors().values():
-            if not isinstance(const, gs.Constant):
-                continue
-            source = mapped_source(const._values)  # noqa: SLF001
-            if source is None or os.path.dirname(source.extent.path) != folder:
-                continue
-            tensor = TensorProto()
-            tensor.CopyFrom(source.tensor)
-            tensor.name = const.name
-            tensor.raw_data = read(source.extent)
-            tensor.ClearField("data_location")  # as if never external: same bytes
-            del tensor.external_data[:]
-            const._values = LazyValues(tensor)  # noqa: SLF001
-
-
-def write_inline(proto: onnx.ModelProto, path: Path) -> None:
-    """``proto`` written to ``path`` as one self-contained protobuf: the bytes
-    ``materialize`` then ``SerializeToString`` give (``proto`` is left as it was), but
-    the main graph's referenced weights are copied from their files into place (in the
-    kernel where it can) instead of passing through memory: upb serializes 100 MB in
-    0.23 s. Protobuf writes fields in number order, so the model is its fields before
-    the graph, the graph (its fields before the initializers, each initializer, the
-    rest), then the rest; a referenced tensor is its fields before ``raw_data``, the
-    bytes, then the rest."""
-    graph = proto.graph
-    if not has_references(proto):
-        Path(path).write_bytes(proto.SerializeToString())
-        return
-    if any(extent(t) is not None for g in list(all_graphs(graph))[1:] for t in g.initializer):
-        copy = onnx.ModelProto()  # (a subgraph's references: read in, the simple way)
-        copy.CopyFrom(proto)
-        Path(path).write_bytes(materialize(copy).SerializeToString())
-        return
-    parts: list[bytes | Extent] = []  # the file, in order
-    model_head, model_tail = _split(proto, 7, skip=("graph",))
-    graph_head, graph_tail = _split(graph, 5, skip=("initializer",))
-    inits: list[list[bytes | Extent]] = []
-    for tensor in graph.initializer:
-        where = extent(tensor)
-        if where is None:
-            inits.append([tensor.SerializeToString()])
-            continue
-        head, tail = _split(tensor, 9, skip=_DATA_FIELDS)
-        inits.append([head, _key(9, where.length), where, tail])
-    sized = [[_key(5, _size(init)), *init] for init in inits]
-    graph_size = len(graph_head) + sum(_size(p) for p in sized) + len(graph_tail)
-    parts = [model_head, _key(7, graph_size), graph_head,
-             *[part for init in sized for part in init], graph_tail, model_tail]
-    out = _DataFile(Path(path), aligned=False)
-    try:
-        for part in parts:
-            if isinstance(part, Extent):
-                out.copy(part)
-            elif part:
-                out.append(part)
-    finally:
-        out.close()
-
-
-_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data",
-                "double_data", "uint64_data", "external_data", "data_location")
-
-
-def _split(message, number: int, skip: tuple[str, ...]) -> tuple[bytes, bytes]:
-    """``message`` serialized in two parts: its set fields numbered below ``number``,
-    and those above (``skip``: left out)."""
-    head, tail = type(message)(), type(message)()
-    for descriptor, value in message.ListFields():
-        if descriptor.name in skip or descriptor.number == number:
-            continue
-        copy_field(head if descriptor.number < number else tail, descriptor, value)
-    return head.SerializeToString(), tail.SerializeToString()
-
-
-def copy_field(dst, descriptor, value) -> None:
-    """Set field ``descriptor`` of message ``dst`` to ``value`` (from ``ListFields``)."""
-    if descriptor.is_repeated:
-        getattr(dst, descriptor.name).extend(value)
-    elif descriptor.type == descriptor.TYPE_MESSAGE:
-        getattr(dst, descriptor.name).CopyFrom(value)
-    else:
-        setattr(dst, descriptor.name, value)
-
-
-def _key(number: int, length: int) -> bytes:
-    """The key and length of a length-delimited field."""
-    return _varint(number << 3 | 2) + _varint(length)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _size(parts) -> int:
-    return sum(p.length if isinstance(p, Extent) else len(p) for p in parts)
-
-
-class _DataFile:
-    def __init__(self, path: Path, aligned: bool = True):
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        self.size = 0
-        self.aligned = aligned
-
-    def _start(self, length: int) -> int:
-        if not self.aligned:
-            return self.size
-        align = PAGE if length >= MIN_MAPPED_BYTES else 16
-        return -(-self.size // align) * align
-
-    def append(self, data) -> int:
-        offset = self._start(len(data))
-        view = memoryview(data)
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], offset + done)
-        self.size = offset + len(view)
-        return offset
-
-    def copy(self, where: Extent) -> int:
-        """Copy a byte range of another file in (in the kernel where it can)."""
-        offset = self._start(where.length)
-        with open(where.path, "rb") as src:
-            done = 0
-            try:
-                while done < where.length:
-                    got = os.copy_file_range(src.fileno(), self.fd, where.length - done,
-                                             where.offset + done, offset + done)
-                    if got <= 0:
-                        break
-                    done += got
-            except OSError as exc:
-                if exc.errno not in _NO_COPY_RANGE:
-                    raise
-            while done < where.length:  # no copy_file_range between these files
-                chunk = os.pread(src.fileno(), min(_CHUNK, where.length - done),
-                                 where.offset + done)
-                if not chunk:
-                    raise OSError(f"{where.path}: shorter than its tensors need "
-                                  f"(changed since loading?)")
-                done += os.pwrite(self.fd, chunk, offset + done)
-        self.size = offset + where.length
-        return offset
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            if os.fstat(self.fd).st_size < self.size:
-                os.ftruncate(self.fd, self.size)
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _inline_bytes(tensor: TensorProto) -> int:
-    size = _view_bytes(tensor)  # from the shape: reading raw_data would copy it
-    return size if size is not None else len(tensor.raw_data)
 
 
 # ---------------------------------------------------------------------- files
@@ -675,6 +396,6 @@ def all_tensors(proto: onnx.ModelProto) -> Iterator[TensorProto]:
                     yield attr.t
 
 
-def _initializers(proto: onnx.ModelProto) -> Iterator[TensorProto]:
+def initializers(proto: onnx.ModelProto) -> Iterator[TensorProto]:
     for graph in all_graphs(proto.graph):
         yield from graph.initializer

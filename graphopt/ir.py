@@ -30,13 +30,13 @@ from onnx_graphsurgeon.importers.onnx_importer import (get_onnx_tensor_dtype,
 from onnx_graphsurgeon.ir.tensor import SparseValues
 from onnx_graphsurgeon.util.exception import OnnxGraphSurgeonException
 
-from graphopt import external_data, stand_ins
+from graphopt import data_files, external_data, stand_ins
+from graphopt.data_files import copy_field
 from graphopt.errors import ModelError
 from graphopt.symbolic import shapes as symbolic_shapes
 from graphopt.external_data import all_graphs as _all_graphs
 from graphopt.external_data import all_nodes as _all_nodes  # noqa: F401 - model_check
 from graphopt.external_data import all_tensors as _all_tensors
-from graphopt.external_data import copy_field
 from graphopt.external_data import model_files, saved_files  # noqa: F401 - part of the API
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -437,8 +437,6 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
     when fully written: they are written to a temporary folder next to the target and
     moved in. A ``ModelProto`` given is left as it was.
     """
-    from graphopt import external_data as ext  # the parameter shadows the module
-
     proto = model.to_onnx(references=True) if isinstance(model, Model) else model
     path = Path(path)
     if external_data is None:
@@ -449,10 +447,10 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
         tmp_path = Path(tmp) / path.name
         if external_data:
             data_name = path.name + ".data"
-            ext.write(proto, tmp_path, Path(tmp) / data_name)
+            data_files.write(proto, tmp_path, Path(tmp) / data_name)
             os.replace(Path(tmp) / data_name, path.parent / data_name)
         else:  # (references read in from their files as it is written)
-            ext.write_inline(proto, tmp_path)
+            data_files.write_inline(proto, tmp_path)
         os.replace(tmp_path, path)
     return path
 

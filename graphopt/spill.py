@@ -8,7 +8,7 @@ weights stay references to byte ranges of a file (``graphopt.external_data``). `
 gives every large model that form for the length of one run: the weights are written
 once to a temporary file, the run works on references, and ``release`` reads the result's
 weights back in before the file is removed (at exit at the latest, if the run fails).
-Moving them is done on the IR (``external_data.move_out_constants``): an export for it
+Moving them is done on the IR (``data_files.move_out_constants``): an export for it
 would copy every weight once more.
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from graphopt import external_data
+from graphopt import data_files, external_data
 from graphopt.ir import Model
 from graphopt.paths import TEMP_PREFIX
 
@@ -49,7 +49,7 @@ class Spill:
         if inline < self.min_bytes:
             return
         self._make_folder()
-        self.moved = external_data.move_out_constants(model.graph, self.folder / DATA_FILE)
+        self.moved = data_files.move_out_constants(model.graph, self.folder / DATA_FILE)
 
     def activate(self) -> None:
         """Until the enclosing ``scope()`` ends, ``refresh_active`` refreshes models with
@@ -73,8 +73,8 @@ class Spill:
             if self.folder is None:
                 self._make_folder()
         path = self.folder / f"weights-{next(self._files)}.data"
-        self.moved += external_data.move_out_constants(model.graph, path,
-                                                       external_data.MIN_MAPPED_BYTES)
+        self.moved += data_files.move_out_constants(model.graph, path,
+                                                    external_data.MIN_MAPPED_BYTES)
         return model
 
     def release(self, result: Model) -> Model:
@@ -83,7 +83,7 @@ class Spill:
         files removed."""
         if self.folder is None:
             return result
-        external_data.read_back(result.graph, self.folder)
+        data_files.read_back(result.graph, self.folder)
         self._remove()
         return result
 

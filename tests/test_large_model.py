@@ -28,7 +28,7 @@ from onnx import TensorProto, numpy_helper
 
 import graphopt
 from benchmarks.large_model import _CHECK, make_model, measure
-from graphopt import external_data, ir, verify
+from graphopt import data_files, external_data, ir, verify
 
 HIDDEN = 256  # 256 KiB weights: over MIN_MAPPED_BYTES, so they stay in the file
 
@@ -133,7 +133,7 @@ def test_optimize_writes_external_data_and_leaves_the_input(small, tmp_path,
     for tensor in proto.graph.initializer:
         info = {e.key: e.value for e in tensor.external_data}
         if int(info.get("length", 0)) >= external_data.MIN_MAPPED_BYTES:
-            assert int(info["offset"]) % external_data.PAGE == 0
+            assert int(info["offset"]) % data_files.PAGE == 0
     got, want = verify.run(str(out), feeds())["y"], verify.run(str(small), feeds())["y"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -284,13 +284,13 @@ def test_one_weight_under_two_names(small, tmp_path):
 
 def _spilling_small_models(monkeypatch, tmp: Path) -> list[int]:
     """Spill from 1 KiB of weights, temporary files under ``tmp``: the list of bytes
-    each ``external_data.move_out_constants`` moved (filled as the run goes)."""
-    from graphopt import external_data, spill
+    each ``data_files.move_out_constants`` moved (filled as the run goes)."""
+    from graphopt import spill
 
     monkeypatch.setattr(spill, "SPILL_BYTES", 1024)
     moved = []
-    move_out = external_data.move_out_constants
-    monkeypatch.setattr(external_data, "move_out_constants",
+    move_out = data_files.move_out_constants
+    monkeypatch.setattr(data_files, "move_out_constants",
                         lambda *a, **k: moved.append(move_out(*a, **k)) or moved[-1])
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     tmp.mkdir()
@@ -352,7 +352,7 @@ def test_weights_the_passes_write_spill_too(tmp_path, monkeypatch, target):
 
 @pytest.mark.parametrize("make", ["mlp", "resnet_cnn", "if_model"])
 def test_writing_references_inline_gives_the_serialized_bytes(tmp_path, make):
-    """``external_data.write_inline`` copies referenced weights from their files into
+    """``data_files.write_inline`` copies referenced weights from their files into
     place as it writes: the file is byte for byte what reading them into the proto and
     serializing it gives, and the proto is left as it was."""
     from graphopt import external_data, spill
@@ -364,7 +364,7 @@ def test_writing_references_inline_gives_the_serialized_bytes(tmp_path, make):
     proto = alone.model.to_onnx(references=True)
     assert external_data.has_references(proto) == (make != "if_model")
     before = proto.SerializeToString()
-    external_data.write_inline(proto, tmp_path / "inline.onnx")
+    data_files.write_inline(proto, tmp_path / "inline.onnx")
     assert proto.SerializeToString() == before
     expected = onnx.ModelProto()
     expected.CopyFrom(proto)
