@@ -56,7 +56,8 @@ def main() -> None:
     xval, _ = validation_split()
     common = dict(calibration={"input": xtr[:TRAINED_ON]}, validation={"input": xval},
                   metric=args.metric, tolerance=args.tolerance,
-                  input_shapes={"input": [args.batch, 1, 8, 8]}, recovery=args.recover)
+                  input_shapes={"input": [args.batch, 1, 8, 8]}, recovery=args.recover,
+                  threads=1)
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})
     print(f"CPU: {platform.processor() or platform.machine()}, flags {', '.join(flags)}")
     original = digits_cnn()

@@ -69,7 +69,7 @@ def main() -> None:
                                tolerance=args.tolerance, workers=args.workers,
                                input_shapes={"input_ids": [1, args.sequence],
                                              "attention_mask": [1, args.sequence]},
-                               recovery=None if args.no_recover else "recover")
+                               recovery=None if args.no_recover else "recover", threads=1)
     seconds = time.perf_counter() - start
     plan = result.report["plan"]
     print(f"planner: {seconds:.0f} s, {len(plan['candidates'])} candidates, timed at "

@@ -128,6 +128,10 @@ class Pass(ABC):
     # schemes are asked, passes with a lower ``scheme_order`` run first.
     scheme: ClassVar[tuple[str, str] | None] = None
     scheme_order: ClassVar[int] = 50
+    # A scheme's further settings the planner tries as techniques of their own, by name:
+    # {"smoothed": {"smooth": True}} (int8 after SmoothQuant) is measured beside the plain
+    # pass, and chosen only where it pays.
+    variants: ClassVar[dict[str, dict[str, Any]]] = {}
     # The rewrite only chooses another form of the same computation (a runtime's fused
     # kernel for the ops it replaces) that is not faster everywhere: the pass manager keeps
     # it where the target's cost model, calibrated by measurement on the device, predicts

@@ -14,14 +14,15 @@ than float). The planner:
    target runs (or those the user named), split into **structural** ones (pruning,
    low-rank: they run on the cleaned-up graph, before the target's fusions) and
    **quantizers** (int8, int4 weights, fp16: after the whole pipeline);
-2. builds the lossless result, each quantizer alone and the structural passes searched
-   together (sites ranked by predicted latency saved and by FLOPs saved), each under the
-   whole budget; then each structural pass alone (ranked as the better joint search
+2. builds the lossless result, each quantizer alone (and each of its ``variants``, e.g.
+   int8 after SmoothQuant; only a pass's best variant goes on) and the structural passes
+   searched together (sites ranked by predicted latency saved and by FLOPs saved), each
+   under the whole budget; then each structural pass alone (ranked as the better joint search
    was) and pairs of the quantizers that paid alone, the first under ``PAIR_SHARE`` of
    the budget (int4 weights, then int8 for the fused attention weights int4 leaves);
-3. combines the best structural candidate under a share of the budget (``SHARES``: the
-   rest is left to the quantizer, measured against the original) with each quantizer
-   that paid alone;
+3. combines the best structural candidate under a share of the budget (``SHARES``, and
+   one fitted to what the quantizer's damage alone was: the rest is left to the
+   quantizer, measured against the original) with each quantizer that paid alone;
 4. measures every candidate with the one metric on the same data, its file size, the
    cost model's prediction at the deployment's input shapes and its latency on the
    target (``Target.time_model``, interleaved rounds, here);
@@ -61,6 +62,10 @@ from graphopt.transform import DEFAULT_RECOVERY, Setup, cost_shapes
 from graphopt.workers import Workers
 
 SHARES = (0.5, 0.8)  # shares of the budget the structural search gets before a quantizer
+# ... and one more fitted to the quantizer's own damage alone (``_shares``): this many times
+# that damage is left to it (a pruned model may take quantization harder), at most MAX_SHARE
+QUANT_MARGIN = 2.0
+MAX_SHARE = 0.95
 PAIR_SHARE = 0.8  # share of the budget the first of two quantizers in a row gets
 # what the structural search saves first, per goal (each tried, measured)
 RANKINGS = {"latency": ("latency", "flops"), "balanced": ("latency", "flops"),
@@ -76,10 +81,12 @@ class Technique:
     value: str
     pass_name: str
     structural: bool
+    variant: str | None = None  # one of the pass's ``variants``: its options
+    options: dict = dataclasses.field(default_factory=dict)
 
     @property
     def label(self) -> str:
-        return f"{self.flag} {self.value}"
+        return f"{self.flag} {self.value}" + (f" {self.variant}" if self.variant else "")
 
 
 @dataclass
@@ -127,6 +134,8 @@ def techniques(target, named: dict[str, list[str]] | None = None) -> list[Techni
             if cls.emits and not any(target.supports(op, d) for d, op in cls.emits):
                 continue
             out.append(Technique(flag, value, name, runs_early(cls)))
+            out += [Technique(flag, value, name, runs_early(cls), variant, dict(options))
+                    for variant, options in sorted(getattr(cls, "variants", {}).items())]
     return out
 
 
@@ -143,7 +152,7 @@ def plan(setup: Setup, prepared: Model, goal: str,
         setup = dataclasses.replace(setup, recovery=DEFAULT_RECOVERY)
     techs = techniques(setup.target, named)
     quantizers = [t for t in techs if not t.structural]
-    structural = [t for t in techs if t.structural]
+    structural = [t for t in techs if t.structural and not t.variant]  # (searched jointly)
     budget = setup.lossy_data.budget
     runner = _Runner(setup, prepared, workers, goal)
     baseline = Candidate(label="lossless")
@@ -168,6 +177,8 @@ def plan(setup: Setup, prepared: Model, goal: str,
     paid = sorted((c for c in singles if c.ok and c.changed
                    and objective(c) < objective(baseline) * (1 - MIN_GAIN[goal])),
                   key=objective)
+    paid = [c for i, c in enumerate(paid)  # a pass's best variant only
+            if all(o.stages[0]["pass"] != c.stages[0]["pass"] for o in paid[:i])]
     second: list[Candidate] = []
     if len(structural) > 1 and any(c.changed for c in searched):
         # each alone too, ranked as the better joint search was
@@ -197,7 +208,7 @@ def plan(setup: Setup, prepared: Model, goal: str,
         combos = []
         for cand in paid:
             tech = next(t for t in quantizers if t.label == cand.label)
-            for share in SHARES:
+            for share in _shares(base, budget, cand.score):
                 early = base - share * (base - budget)
                 combos.append(Candidate(
                     label=_label(techs_of_best, best.rank_by, share) + f" + {tech.label}",
@@ -233,6 +244,17 @@ def plan(setup: Setup, prepared: Model, goal: str,
             and chosen.measured_s > runner.input_latency * (1 + NOISE):
         section["slower_than_input"] = True
     return chosen, section
+
+
+def _shares(base: float, budget: float, quantizer_score: float | None) -> tuple[float, ...]:
+    """Shares of the budget the structural search gets before a quantizer: ``SHARES``, and
+    the share that leaves the quantizer ``QUANT_MARGIN`` times the damage it did alone
+    (int8 that costs a tenth of the budget need not be left half of it)."""
+    allowed = base - budget
+    if quantizer_score is None or allowed <= 0:
+        return SHARES
+    fitted = min(MAX_SHARE, 1.0 - QUANT_MARGIN * max(base - quantizer_score, 0.0) / allowed)
+    return SHARES + (round(fitted, 2),) if fitted >= max(SHARES) + 0.05 else SHARES
 
 
 def _recovered(candidates: Sequence[Candidate], structural: set[str], objective,
@@ -280,12 +302,12 @@ def _label(techs: Sequence[Technique], rank: str | None, share: float | None = N
 
 def _fresh(stage: dict) -> dict:
     """A stage as planned (without what a build found)."""
-    return {k: stage[k] for k in ("flag", "value", "pass", "budget")}
+    return {k: stage[k] for k in ("flag", "value", "pass", "budget", "options") if k in stage}
 
 
 def _stage(tech: Technique, budget: float) -> dict:
     return {"flag": tech.flag, "value": tech.value, "pass": tech.pass_name,
-            "budget": round(budget, 6)}
+            "budget": round(budget, 6), **({"options": tech.options} if tech.options else {})}
 
 
 class _Runner:
@@ -309,8 +331,11 @@ class _Runner:
         setup = job_setup(self.setup)
         if cand.recovery:
             setup = dataclasses.replace(setup, recovery=cand.recovery)
+        options = {name: dict(values) for name, values in self.options.items()}
+        for stage in cand.stages:  # a variant's options
+            options.setdefault(stage["pass"], {}).update(stage.get("options", {}))
         return Job(setup, self.prepared, cand.stages, self.shapes,
-                   cand.early_budget, cand.rank_by, keep_run, self.options)
+                   cand.early_budget, cand.rank_by, keep_run, options)
 
     def build(self, cands: Sequence[Candidate]) -> None:
         """Build and measure (score, size, prediction) each candidate, on the workers."""

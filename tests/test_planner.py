@@ -157,9 +157,10 @@ def test_plan_among_named_schemes_only():
     result = graphopt.optimize(tiny_mlp(), goal="size", plan=True, calibration=tiny_data(),
                                schemes={"quantize": ["int8", "fp16"]})
     plan = result.report["plan"]
-    assert plan["techniques"] == ["quantize fp16", "quantize int8"]
+    assert plan["techniques"] == ["quantize fp16", "quantize int8", "quantize int8 smoothed"]
     assert [c["label"] for c in plan["candidates"]] == ["lossless", "quantize fp16",
-                                                          "quantize int8"]
+                                                          "quantize int8",
+                                                          "quantize int8 smoothed"]
     # size is exact: fp16 halves the weights within the default budget, and is chosen
     fp16 = plan["candidates"][1]
     assert plan["chosen"] == "quantize fp16" and fp16["meets_budget"]

@@ -59,6 +59,7 @@ from graphopt.pass_infra import PassContext, PassResult
 from graphopt.passes.quantize._int8 import (as_conv, group_output, quantize_attention,
                                             quantize_dynamic, quantize_static, unfuse_conv,
                                             unsupported, weight_axis)
+from graphopt.passes.quantize.smoothquant import SmoothQuant
 from graphopt.qdq import METHODS, QdqWriter, choose_range, collect_stats, resolve_weight
 from graphopt.rewrite import constant_value, remove_dead
 
@@ -99,6 +100,7 @@ class _Int8Pass(CompressionPass):
     measures_check_feeds = True
     dynamic = False
     evaluate_modes: tuple[bool, ...] = (True, False)
+    variants = {"smoothed": {"smooth": True}}
 
     # ------------------------------------------------------------------ the contract
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -107,6 +109,7 @@ class _Int8Pass(CompressionPass):
                 "technique": self.technique, "reason": f"opset {model.opset} < 13: per-axis "
                                                        "DequantizeLinear needs opset 13"}})
         work = model.clone()  # ``model`` changes only if a candidate is kept
+        smoothed = SmoothQuant().run(work, ctx).stats if self.options.smooth else None
         _name_nodes(work.graph)  # sites are addressed (and reported) by node name
         self._ctx = ctx
         self._plan = _Plan(sites={}, reduce_range=_reduce_range(self.options.reduce_range, ctx))
@@ -114,6 +117,8 @@ class _Int8Pass(CompressionPass):
         result = driver.run(work)
         info = result.stats["compression"]
         info["reduce_range"] = self._plan.reduce_range
+        if smoothed is not None:
+            info["smooth_quant"] = smoothed
         if result.changed and self.options.measure:
             result = self._measure(work, driver, result)
         if result.changed:
@@ -355,6 +360,9 @@ class QuantizeInt8(_Int8Pass):
         require_speedup: bool = True
         measure: bool = False
         max_batches: int = 256
+        # SmoothQuant first (``smooth-quant``: activation outliers moved into the weights,
+        # exact in real arithmetic) on the calibration data
+        smooth: bool = False
 
         def __post_init__(self):
             if self.method not in METHODS:
@@ -406,6 +414,9 @@ class QuantizeInt8Dynamic(_Int8Pass):
         require_speedup: bool = True
         measure: bool = False
         max_batches: int = 256
+        # SmoothQuant first (``smooth-quant``: activation outliers moved into the weights,
+        # exact in real arithmetic) on the calibration data
+        smooth: bool = False
 
         def __post_init__(self):
             if self.form not in ("auto", "com.microsoft", "shared", "onnx"):
