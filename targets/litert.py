@@ -22,7 +22,6 @@ writer maps (``tflite_ops.HANDLERS``), so a pass emitting anything else is left 
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import os
@@ -243,6 +242,20 @@ class LiteRtTarget(Target):
             outputs[spec["name"]] = array
         return outputs
 
+    # The artifact check runs the .tflite and ONNX Runtime one after the other, never both
+    # alive at once (``graphopt.artifact``): LiteRT's interpreter (XNNPACK packs its own
+    # copy of the weights) and ONNX Runtime's sessions (prepacked weights when timed) each
+    # hold about a model's weights, so side by side they needed ResNet-50's twice over.
+    runtimes_apart = True
+
+    def release(self, artifact: Artifact) -> None:
+        """Free the interpreters ``run`` keeps for ``artifact`` (every thread count and
+        file version): the artifact check calls it when it is done with LiteRT, before
+        ONNX Runtime's session is made, so their weights are not in memory together."""
+        path = os.path.abspath(artifact.path)
+        for key in [k for k in _INTERPRETERS if k[0] == path]:
+            del _INTERPRETERS[key]
+
     def ran_on(self) -> str | None:
         return f"this machine's CPU in LiteRT {_litert_version()} (XNNPACK, " \
                f"{self.threads} thread{'s' if self.threads > 1 else ''})"
@@ -368,11 +381,28 @@ def _chunks(arrays: dict[str, np.ndarray], inputs: dict[str, dict],
                      hint="lower it again with --input-shape at the shapes you feed")
 
 
-@functools.lru_cache(maxsize=8)
+# (path, mtime_ns, threads) -> (manifest, run): the interpreters ``run`` keeps, oldest
+# first; ``LiteRtTarget.release`` removes a file's.
+_INTERPRETERS: dict[tuple[str, int, int], tuple[dict, object]] = {}
+_KEPT = 8
+
+
 def _interpreter(path: str, mtime_ns: int, threads: int):
     """One interpreter per file version and thread count (creating one, and XNNPACK's
-    weight packing, cost more than a small model's run): ``(the manifest beside the
-    file, run(feeds))``."""
+    weight packing, cost more than a small model's run), kept until ``release`` (or
+    until ``_KEPT`` newer ones were made): ``(the manifest beside the file, run(feeds))``."""
+    key = (path, mtime_ns, threads)
+    if key in _INTERPRETERS:
+        _INTERPRETERS[key] = _INTERPRETERS.pop(key)  # the most recently used: kept longest
+        return _INTERPRETERS[key]
+    made = _new_interpreter(path, threads)
+    _INTERPRETERS[key] = made
+    while len(_INTERPRETERS) > _KEPT:
+        del _INTERPRETERS[next(iter(_INTERPRETERS))]
+    return made
+
+
+def _new_interpreter(path: str, threads: int):
     from ai_edge_litert.interpreter import Interpreter
 
     manifest = read_manifest(Path(path).parent)

@@ -11,6 +11,7 @@ graph means is ``graphopt.targets.tflite_lower``'s business.
 from __future__ import annotations
 
 import importlib
+import mmap
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,7 +86,7 @@ class FlatbufferBuilder:
             raise UsageError(f"tensor {name!r}: TFLite has no {dtype} tensors")
         name = self._unique(name)
         if data is not None:
-            data = np.ascontiguousarray(data, dtype=dtype)
+            data = _contiguous(data, dtype)
             shape = data.shape
         self.tensors.append(Tensor(name, tuple(int(d) for d in shape), dtype, data,
                                    half and data is not None and dtype == np.float32, quant))
@@ -122,7 +123,9 @@ class FlatbufferBuilder:
     # ------------------------------------------------------------------ packing
     def finish(self, input_names: list[str], output_names: list[str]) -> memoryview:
         """The model as ``.tflite`` bytes, with a ``serving_default`` signature whose keys
-        are ``input_names``/``output_names`` (the ONNX model's names)."""
+        are ``input_names``/``output_names`` (the ONNX model's names). The constants'
+        data moves into the bytes (each tensor's ``data`` is ``None`` after): a large
+        model's weights are then in memory once and the flatbuffer once, not twice."""
         import flatbuffers
 
         s = schema()
@@ -157,9 +160,11 @@ class FlatbufferBuilder:
                 qp.quantizedDimension = dim[0] if dim else 0
                 tt.quantization = qp
             if t.data is not None:
-                buf = s.BufferT()
-                buf.data = np.frombuffer(t.data.tobytes(), np.uint8)
-                model.buffers.append(buf)
+                # The constant itself, not a copy of its bytes, and the builder lets go of
+                # it: each is freed once packed, so the weights are not held in three
+                # forms (constants, bytes, flatbuffer) at the end, nor in two throughout.
+                model.buffers.append(_PackedOnce(t.data))
+                t.data = None
                 tt.buffer = len(model.buffers) - 1
             sub.tensors.append(tt)
         sub.operators = []
@@ -187,8 +192,13 @@ class FlatbufferBuilder:
         model.subgraphs = [sub]
         model.signatureDefs = [_signature(s, self.inputs, input_names, self.outputs,
                                           output_names)]
-        # Sized for the weights up front: growing copies the buffer at each doubling.
-        fb = flatbuffers.Builder(weights + (1 << 20))
+        # Sized for the weights up front: growing copies the buffer at each doubling. An
+        # anonymous map, not the builder's bytearray: its pages take memory as the
+        # constants are packed into them (and let go), where a bytearray is zeroed, so
+        # resident, before the first one is.
+        size = weights + (1 << 20)
+        fb = flatbuffers.Builder(0)
+        fb.Bytes, fb.head = mmap.mmap(-1, size), size
         fb.ForceDefaults(False)
         fb.Finish(model.Pack(fb), file_identifier=FILE_IDENTIFIER)
         return memoryview(fb.Bytes)[fb.Head():]  # the finished bytes, not a copy of them
@@ -277,6 +287,39 @@ def metadata(tflite: bytes) -> dict[str, bytes]:
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# Constants from this size up that need a copy get an anonymous map of their own.
+OWN_MAP_BYTES = 1 << 16
+
+
+def _contiguous(data, dtype: np.dtype) -> np.ndarray:
+    """``np.ascontiguousarray(data, dtype)``; a copy of a large constant (a transposed
+    weight) goes into an anonymous map of its own, which is unmapped when the constant
+    is freed: in the allocator's heap, the memory of the constants ``finish`` lets go of
+    one by one would stay in the process until the last was freed, beside the
+    flatbuffer they are packed into."""
+    data = np.asarray(data)
+    if data.nbytes < OWN_MAP_BYTES or data.ndim == 0 or \
+            (data.flags.c_contiguous and data.dtype == dtype):
+        return np.ascontiguousarray(data, dtype=dtype)  # (a view when no copy is needed)
+    out = np.frombuffer(mmap.mmap(-1, data.size * dtype.itemsize), dtype).reshape(data.shape)
+    np.copyto(out, data, casting="unsafe")
+    return out
+
+
+class _PackedOnce:
+    """A ``BufferT`` of one constant's bytes that lets go of the constant as it is
+    packed (the object API would keep every buffer until the whole model is packed)."""
+
+    def __init__(self, data: np.ndarray):
+        self.data = data
+
+    def Pack(self, builder):  # noqa: N802 (the schema object API's name)
+        data, self.data = self.data, None
+        buf = schema().BufferT()
+        buf.data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        return buf.Pack(builder)
 
 
 class _AlignedBuffer:

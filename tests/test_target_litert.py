@@ -582,3 +582,52 @@ def test_gather_nd_with_negative_constant_indices(tmp_path):
     assert manifest["operators"] == {"GATHER_ND": 1}
     x = np.random.default_rng(3).standard_normal((2, 3, 4)).astype(np.float32)
     _check_against_ort(model, result, {"x": x})
+
+
+def test_verification_keeps_litert_and_ort_apart(tmp_path, monkeypatch):
+    """The artifact check and its timing hold LiteRT's interpreter and ONNX Runtime's
+    sessions one at a time (each keeps its own copy of the weights: together they needed
+    a large model's weights twice over), and no interpreter is kept after them."""
+    import weakref
+
+    import graphopt.artifact
+    from graphopt import verify
+    from graphopt.targets import litert
+
+    alive = {"litert": weakref.WeakSet(), "ort": weakref.WeakSet()}
+    overlaps, made = [], {"litert": 0, "ort": 0}
+
+    def tracked(kind, other, obj):
+        if any(True for _ in alive[other]):
+            overlaps.append(kind)
+        alive[kind].add(obj)
+        made[kind] += 1
+        return obj
+
+    new_interpreter, session, check = litert._new_interpreter, verify.session, \
+        graphopt.artifact.check
+    checking = []
+
+    def interpreter(path, threads):
+        manifest, run = new_interpreter(path, threads)
+        return manifest, tracked("litert", "ort", run) if checking else run
+
+    def ort_session(*args, **kwargs):
+        sess = session(*args, **kwargs)
+        return tracked("ort", "litert", sess) if checking else sess
+
+    def checked(*args, **kwargs):
+        checking.append(True)  # the check, then the timing: both from here on
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(litert, "_new_interpreter", interpreter)
+    monkeypatch.setattr(verify, "session", ort_session)
+    monkeypatch.setattr(graphopt.artifact, "check", checked)
+    result, _ = _lower(mlp(), tmp_path, input_shapes={"x": [2, 32]})
+    report = result.report["artifact"]
+    assert report["ok"] is True and report["latency"]["artifact_s"] > 0
+    assert "one runtime at a time" in report["latency"]["order"]
+    assert made["litert"] >= 2 and made["ort"] >= 2  # checked and timed
+    assert overlaps == []
+    path = str(Path(result.artifact.path).resolve())
+    assert not [k for k in litert._INTERPRETERS if k[0] == path]
