@@ -171,8 +171,8 @@ def _latency(artifact_times: list[float] | None, ort_times: list[float], threads
 
 def _apart(target: Target) -> bool:
     """Whether ``target`` asks that its runtime and ONNX Runtime never hold their weights
-    at once (``runtimes_apart``; it then frees its runtime in ``release(artifact)``)."""
-    return bool(getattr(target, "runtimes_apart", False))
+    at once (``Target.runtimes_apart``; it then frees its runtime in ``release``)."""
+    return target.runtimes_apart
 
 
 def _compare(comparison: verify.Comparison, worst_cosine: float, want, got,

@@ -112,6 +112,10 @@ class Target(ABC):
     # exactly (7-bit weights where their 16-bit sums would saturate, this machine's
     # fused kernels in the score). Targets that are not ``compiled`` run ORT anyway.
     onnxruntime_kernels: ClassVar[bool] = False
+    # The artifact check never holds the target's runtime and ONNX Runtime's session at
+    # once (each holds about a model's weights): the artifact runs first, ``release``
+    # frees its runtime, then ONNX Runtime runs; timing goes one side after the other.
+    runtimes_apart: ClassVar[bool] = False
     # Settings of the artifact ``--target-option KEY=VALUE`` gives (``with_options``):
     # name -> what it does and the values it takes.
     options: ClassVar[dict[str, str]] = {}
@@ -211,6 +215,10 @@ class Target(ABC):
         if seconds is None:
             raise UsageError(f"target {self.name!r} cannot time models on its device here")
         return seconds
+
+    def release(self, artifact: Artifact) -> None:
+        """Free what ``run``/``measure`` keep for ``artifact`` (a loaded interpreter);
+        default: nothing is kept."""
 
     def ran_on(self) -> str | None:
         """Where the last ``run``/``measure`` of an artifact executed, for the report's
