@@ -276,3 +276,20 @@ def test_prediction_tau_counts_each_model_once():
     assert _prediction_tau(same + [c("a again", 1.0, 1.0, "x")]) == \
         _prediction_tau(same)
     assert _prediction_tau(same[:2]) is None
+
+
+def test_timing_feeds_are_the_real_data_at_the_timed_shape():
+    """The planner times candidates on its first batch of real data cropped or tiled to
+    the deployment's shapes (a random attention mask times MiniLM unlike a real one)."""
+    from graphopt.planner import _timing_feeds
+
+    ids = np.arange(10, dtype=np.int64).reshape(2, 5)
+    feeds = [{"ids": ids, "mask": np.ones((2, 5), np.int64)}]
+    got = _timing_feeds(feeds, {"ids": [1, 12], "mask": [1, 12]})
+    assert got["ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]]
+    assert got["mask"].shape == (1, 12) and got["mask"].all()
+    assert _timing_feeds(feeds, {"ids": [3, 2], "mask": [3, 2]})["ids"].tolist() == \
+        [[0, 1], [5, 6], [0, 1]]
+    assert _timing_feeds(feeds, {"ids": [1, 2, 3], "mask": [1, 12]}) is None  # rank
+    assert _timing_feeds(feeds, {"ids": [1, 12]}) is None  # inputs the data lacks
+    assert _timing_feeds([], {"ids": [1, 12]}) is None
