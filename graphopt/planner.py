@@ -398,8 +398,8 @@ class _Runner:
 def _timing_feeds(feeds, shapes) -> dict[str, np.ndarray] | None:
     """The first batch of the real data at the shapes timed (the deployment's): each axis
     cropped, or tiled where the data is shorter. Random probe inputs time some models
-    unlike real ones (a random 0/1 attention mask ran MiniLM 1.4x slower than a real
-    sentence's all-ones mask). ``None``: no data, or data of other inputs or ranks."""
+    unlike real ones (a random 0/1 attention mask ran int8 MiniLM 1.4x slower than a
+    real sentence's all-ones mask). ``None``: no data, or data of other inputs or ranks."""
     if not feeds or not shapes or set(feeds[0]) != set(shapes):
         return None
     out = {}
