@@ -131,8 +131,15 @@ def test_registered_and_listed_with_what_is_missing(tmp_path):
                             capture_output=True, text=True, env={"COLUMNS": "400",
                                                                  **_env()})
     assert result.returncode == 0, result.stderr
-    row = next(line for line in result.stdout.splitlines() if line.startswith("│ tensorrt"))
-    cells = [c.strip() for c in row.split("│")[1:-1]]
+    lines = result.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("│ tensorrt"))
+    rows = [[c.strip() for c in lines[at].split("│")[1:-1]]]
+    for line in lines[at + 1:]:  # a long cell wraps onto lines whose first cell is empty
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if not cells or cells[0]:
+            break
+        rows.append(cells)
+    cells = [" ".join(filter(None, column)) for column in zip(*rows)]
     assert cells[0] == "tensorrt" and cells[3] == "yes"  # lowers here
     missing = target.run_availability()  # the install hint's brackets survive the table
     assert cells[4] == ("yes" if missing is None else f"no: {missing}")
