@@ -293,3 +293,14 @@ def test_timing_feeds_are_the_real_data_at_the_timed_shape():
     assert _timing_feeds(feeds, {"ids": [1, 2, 3], "mask": [1, 12]}) is None  # rank
     assert _timing_feeds(feeds, {"ids": [1, 12]}) is None  # inputs the data lacks
     assert _timing_feeds([], {"ids": [1, 12]}) is None
+
+
+def test_a_share_fitted_to_the_quantizers_own_damage():
+    """Pruning leaves the quantizer twice the damage it did alone (at most 95% of the
+    budget goes to pruning), besides the fixed shares; none when that is no bigger."""
+    from graphopt.planner import SHARES, _shares
+
+    assert _shares(1.0, 0.99, 1.0) == (*SHARES, 0.95)  # int8 cost nothing alone
+    assert _shares(1.0, 0.99, 0.9995) == (*SHARES, 0.9)
+    assert _shares(1.0, 0.99, 0.9985) == SHARES  # 0.7: not above the fixed shares
+    assert _shares(1.0, 0.99, None) == SHARES
