@@ -302,8 +302,7 @@ def gather(lw: Lowering, node: onnx.NodeProto) -> None:
     rank = lw.rank(data)
     axis = attrs(node).get("axis", 0) % rank
     if lw.is_const(indices):
-        positions = lw.const(indices).astype(np.int64)
-        positions = np.where(positions < 0, positions + lw.shape(data)[axis], positions)
+        positions = _positions(lw, indices, lw.shape(data)[axis])
         if positions.size == lw.shape(data)[axis] and \
                 np.array_equal(positions.ravel(), np.arange(positions.size)):
             lw.reshape(lw.get(data, identity(rank)), lw.output(node.output[0]))
@@ -322,15 +321,20 @@ def gather_nd(lw: Lowering, node: onnx.NodeProto) -> None:
         raise Unmappable("GatherND with batch_dims")
     data, indices = node.input[:2]
     if lw.is_const(indices):
-        positions = lw.const(indices).astype(np.int64)
-        depth = positions.shape[-1]
-        bounds = np.array(lw.shape(data)[:depth], np.int64)
-        positions = np.where(positions < 0, positions + bounds, positions)
+        depth = lw.const(indices).shape[-1]
+        positions = _positions(lw, indices, np.array(lw.shape(data)[:depth], np.int64))
         index = lw.fb.constant(indices, positions.astype(np.int32))
     else:
         index = lw.get(indices)
     lw.fb.op("GATHER_ND", [lw.get(data, identity(lw.rank(data))), index],
              [lw.output(node.output[0])])
+
+
+def _positions(lw: Lowering, indices: str, bounds) -> np.ndarray:
+    """Constant ``indices`` as the non-negative positions TFLite wants: a negative one
+    counts back from its axis' size (``bounds``, broadcast along the last axis)."""
+    positions = lw.const(indices).astype(np.int64)
+    return np.where(positions < 0, positions + bounds, positions)
 
 
 def slice_op(lw: Lowering, node: onnx.NodeProto) -> None:
