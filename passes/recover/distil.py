@@ -24,6 +24,8 @@ from graphopt.passes.recover.torch_graph import TorchGraph, to_torch
 # fraction of the step budget (and at least PATIENCE evaluations).
 PATIENCE, PATIENCE_FRACTION = 5, 0.2
 LR_CANDIDATES = (0.02, 0.005, 0.00125)  # relative step sizes probed when lr is not given
+SMALLER, SMALLEST = 4.0, 1e-5  # when the smallest probed wins, a SMALLER times smaller one
+# is probed too (down to SMALLEST)
 PROBE = 0.1  # of the budget (steps, time) each probe runs
 WARMUP = 0.05  # of the budget, over which the step size rises linearly from 0
 CURVE_POINTS = 20  # evaluations of the loss curve in the report, at most
@@ -110,7 +112,7 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
         optimizer = torch.optim.Adam([{"params": ps, "lr": lr * rms, "base": lr * rms}
                                       for ps, rms in sizes])
         run = {"best": (before, -loss_before), "values": None, "curve": [], "step": 0,
-               "reason": "steps", "lowest": loss_before}
+               "reason": "steps", "lowest": np.inf}
         start, stale = time.perf_counter(), 0
 
         def progress() -> float:  # of the budget: steps, or time when that ends first
@@ -145,7 +147,9 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
                                  "held_out_loss": held_loss, "score": score})
             run["last"] = held_loss
             # the best checkpoint: by the metric, then (a saturated metric such as top-1
-            # on a few batches ties) by the held-out distillation loss
+            # on a few batches ties) by the held-out distillation loss. The plateau is
+            # the run's own: a run that first loses ground (the step size rising from
+            # a re-fit's optimum) and regains it is still falling.
             improved = held_loss < 0.99 * run["lowest"]
             run["lowest"] = min(run["lowest"], held_loss)
             if stop_after is None and (score, -held_loss) > run["best"]:
@@ -166,11 +170,17 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
     lr, seconds = opts.lr, opts.time
     if lr is None:  # a short run at each candidate step size; the lowest held-out loss wins
         probe_steps = max(2 * len(fit_on), int(PROBE * opts.steps))
-        for candidate in LR_CANDIDATES:
+        candidates = list(LR_CANDIDATES)
+        while candidates:
+            candidate = candidates.pop(0)
             probe = fit(candidate, opts.time, stop_after=probe_steps,
                         stop_time=PROBE * opts.time if opts.time else None)
             probes[candidate] = probe.get("last", loss_before)
-        lr = min(LR_CANDIDATES, key=lambda c: (probes[c], -c))
+            best_lr = min(probes, key=lambda c: (probes[c], -c))
+            if not candidates and best_lr == min(probes) and best_lr / SMALLER >= SMALLEST \
+                    and len(probes) > 1:
+                candidates.append(best_lr / SMALLER)
+        lr = min(probes, key=lambda c: (probes[c], -c))
         if opts.time:
             seconds = max(opts.time - (time.perf_counter() - start), 0.3 * opts.time)
     run = fit(lr, seconds)

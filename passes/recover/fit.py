@@ -37,16 +37,20 @@ class Fit:
         self.yy = 0.0
         self.rows = 0
         self.problem: str | None = None
-        # the same statistics of the held-out batches alone (when the ridge is chosen)
+        # the same statistics of the held-out batches alone (when the ridge is chosen),
+        # and of the batches left out of the fits that score it (variants of held ones)
         self.held = (np.zeros_like(self.gram), np.zeros_like(self.cross), 0.0, 0)
+        self.aside = (np.zeros_like(self.gram), np.zeros_like(self.cross), 0.0, 0)
 
-    def add(self, x: np.ndarray, y: np.ndarray, held: bool = False) -> None:
+    def add(self, x: np.ndarray, y: np.ndarray, held: bool = False,
+            aside: bool = False) -> None:
         """One batch: the layer's input ``x`` (compressed model) and its target ``y``
         (the original's output, narrowed as the layer's); ``held``: a batch that also
-        scores the ridge strengths."""
+        scores the ridge strengths; ``aside``: one the fits scored that way leave out
+        (a variant of a held-out batch: ``graphopt.augment``)."""
         if self.problem:
             return
-        if held:
+        if held or aside:
             before = (self.gram.copy(), self.cross.copy(), self.yy, self.rows)
         n = max(len(x), 1)
         step = n
@@ -58,11 +62,15 @@ class Fit:
             self._add(x[start:start + step], y[start:start + step])
             if self.problem:
                 return
-        if held:
+        if held or aside:
             g0, c0, y0, r0 = before
-            hg, hc, hy, hr = self.held
-            self.held = (hg + self.gram - g0, hc + self.cross - c0, hy + self.yy - y0,
-                         hr + self.rows - r0)
+            hg, hc, hy, hr = self.held if held else self.aside
+            part = (hg + self.gram - g0, hc + self.cross - c0, hy + self.yy - y0,
+                    hr + self.rows - r0)
+            if held:
+                self.held = part
+            else:
+                self.aside = part
 
     def _add(self, x: np.ndarray, y: np.ndarray) -> None:
         layer = self.layer
@@ -107,11 +115,12 @@ class Fit:
         """The ``RIDGE_GRID`` strength whose fit on the other batches has the least error
         on the held-out ones (None without held-out rows, or with too few rows left)."""
         hg, hc, hy, hr = self.held
-        rest = self.rows - hr
+        ag, ac, _, ar = self.aside
+        rest = self.rows - hr - ar
         if not hr or rest < MIN_ROWS_PER_COLUMN * self.params.shape[1]:
             return None
-        errors = {r: self.error(solve(self.gram - hg, self.cross - hc, r, with_bias, prior),
-                                (hg, hc, hy)) for r in RIDGE_GRID}
+        errors = {r: self.error(solve(self.gram - hg - ag, self.cross - hc - ac, r,
+                                      with_bias, prior), (hg, hc, hy)) for r in RIDGE_GRID}
         return min(RIDGE_GRID, key=lambda r: (errors[r], -r))
 
     def finish(self, ridge: float, bias_only: bool, prior: str = "current",

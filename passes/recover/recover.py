@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from graphopt.augment import token_inputs, variants
 from graphopt.capture import subset
 from graphopt.ir import Model
 from graphopt.pass_infra import Pass, PassContext, PassResult
@@ -28,6 +29,9 @@ class Recover(Pass):
         bias_only: bool = False  # correct biases only (b += E[y_orig − y_comp])
         scope: str = "downstream"  # or "changed": only the layers compression changed
         prior: str = "current"  # the ridge shrinks towards the compressed weights, or "zero"
+        # variants of each batch fitted too (token inputs: graphopt.augment); the ranking
+        # of sites alone (quick()) fits the real batches only
+        augment: int = 0
 
         def __post_init__(self):
             if not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
@@ -38,6 +42,8 @@ class Recover(Pass):
             if not isinstance(self.choose_ridge, bool):
                 raise ValueError(f"choose-ridge must be true or false, not "
                                  f"{self.choose_ridge!r}")
+            if not (isinstance(self.augment, int) and self.augment >= 0):
+                raise ValueError(f"augment must be an integer >= 0, not {self.augment!r}")
             if not isinstance(self.bias_only, bool):
                 raise ValueError(f"bias-only must be true or false, not {self.bias_only!r}")
             if self.scope not in ("downstream", "changed"):
@@ -49,15 +55,32 @@ class Recover(Pass):
         super().__init__(options, **kwargs)
         # The original's activations, kept across the candidates the driver recovers.
         self._teacher: Teacher | None = None
+        self._variants: tuple | None = None  # (real batches, reference, seed, all, origins)
 
     def quick(self) -> "Recover":
         """The cheaper variant the compression driver ranks sites alone with: only the
         layers compression changed are re-fitted (a wave or two instead of every layer
         downstream), sharing this pass's cached original
         activations."""
-        fast = Recover(replace(self.options, scope="changed"))
+        fast = Recover(replace(self.options, scope="changed", augment=0))
         fast._teacher = self._teacher
         return fast
+
+    def _augmented(self, data: list[dict], reference, seed: int
+                   ) -> tuple[list[dict], list[int]]:
+        """``data`` and ``augment`` variants of each batch (``graphopt.augment``: none
+        for a model without token inputs), with each batch's origin (the index of its
+        real batch); the same objects for the same batches, so the teacher's values on
+        them serve again."""
+        cached = self._variants
+        if cached is not None and cached[1] is reference and cached[2] == seed and \
+                len(cached[0]) == len(data) and all(a is b for a, b in zip(cached[0], data)):
+            return cached[3], cached[4]
+        extra = variants(data, token_inputs(reference), self.options.augment, seed=seed)
+        out = list(data) + extra
+        origins = list(range(len(data))) + [k % len(data) for k in range(len(extra))]
+        self._variants = (list(data), reference, seed, out, origins)
+        return out, origins
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         reference = getattr(ctx, "reference", None)
@@ -66,12 +89,20 @@ class Recover(Pass):
         if not ctx.calibration:
             return PassResult(False, {"reason": "no calibration data"})
         data = subset(ctx.calibration, self.options.max_batches)
+        origins = None
+        if self.options.augment:
+            data, origins = self._augmented(data, reference, ctx.seed)
         if self._teacher is None or not self._teacher.serves(reference, data):
             self._teacher = Teacher(reference, data)
         layers = refit(reference, model, dict(getattr(ctx, "kept", None) or {}), data,
                        ridge=float(self.options.ridge), bias_only=self.options.bias_only,
                        scope=self.options.scope, prior=self.options.prior,
-                       teacher=self._teacher, choose_ridge=self.options.choose_ridge)
+                       teacher=self._teacher, choose_ridge=self.options.choose_ridge,
+                       origins=origins)
         changed = any(v.get("error_after", 1.0) < v.get("error_before", 1.0)
                       for v in layers.values())
-        return PassResult(changed, {"layers": layers})
+        stats = {"layers": layers}
+        if origins is not None:
+            stats["augmented_batches"] = len(data) - len(set(origins))
+        return PassResult(changed, stats)
+

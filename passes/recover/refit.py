@@ -39,7 +39,8 @@ from graphopt.passes.recover.targets import Student, Teacher
 def refit(reference: onnx.ModelProto, model: Model, kept: dict, data: list[dict], *,
           ridge: float = 1e-2, layers=None, bias_only: bool = False,
           scope: str = "downstream", prior: str = "current",
-          teacher: Teacher | None = None, choose_ridge: bool = False) -> dict:
+          teacher: Teacher | None = None, choose_ridge: bool = False,
+          origins: list[int] | None = None) -> dict:
     """Re-fit ``model``'s linear layers in place (see the module docstring) on ``data``
     (feed dicts, one per batch) to ``reference``, the original model.
 
@@ -52,7 +53,10 @@ def refit(reference: onnx.ModelProto, model: Model, kept: dict, data: list[dict]
     and data; see ``targets.Teacher``). ``choose_ridge``: each layer's ridge strength is
     the one of ``fit.RIDGE_GRID`` whose fit on the other batches predicts one batch in
     ``HOLD_OUT`` best (then all batches are fitted with it); ``ridge`` when there are
-    fewer than ``2 * HOLD_OUT`` batches.
+    fewer than ``2 * HOLD_OUT`` batches. ``origins``: for each batch of ``data``, the
+    index of the real batch it is (its own) or is a variant of (``graphopt.augment``):
+    only real batches score the ridge strengths, and variants of a scoring batch are
+    left out of the fits scored.
 
     Returns, in topological order, {layer: {rows, columns, error_before, error_after,
     mode}} (errors: ‖Y − Ŷ‖/‖Y‖ on ``data``; mode "unchanged" for layers that compute
@@ -87,7 +91,7 @@ def refit(reference: onnx.ModelProto, model: Model, kept: dict, data: list[dict]
     while pending:
         wave = _wave(pending)
         later = [layer.y.name for layer in pending if layer not in wave]
-        for fit in _tap(teacher, student, model, wave, kept, later, choose_ridge):
+        for fit in _tap(teacher, student, model, wave, kept, later, choose_ridge, origins):
             report[fit.layer.name] = fit.finish(ridge, bias_only, prior, choose_ridge)
         pending = [layer for layer in pending if layer not in wave]
     for name, why in skipped.items():
@@ -107,18 +111,21 @@ def _wave(pending: list[Layer]) -> list[Layer]:
 
 
 def _tap(teacher: Teacher, student: Student, model: Model, wave: list[Layer], kept: dict,
-         later: list[str], hold_out: bool = False) -> list[Fit]:
+         later: list[str], hold_out: bool = False, origins: list[int] | None = None
+         ) -> list[Fit]:
     """One run of the compressed model (inputs) beside the original's values (targets)
     over every batch; ``later``: targets the next waves will want."""
     fits = [Fit(layer) for layer in wave]
     inputs = student.batches(model.to_onnx(), [f.layer.x.name for f in fits])
     targets = teacher.batches([f.layer.y.name for f in fits], prefetch=later)
-    hold_out = hold_out and len(teacher.data) >= 2 * HOLD_OUT
+    origins = list(range(len(teacher.data))) if origins is None else origins
+    real = sum(1 for i, o in enumerate(origins) if i == o)
+    hold_out = hold_out and real >= 2 * HOLD_OUT
     for i, (want, got) in enumerate(zip(targets, inputs)):
-        held = hold_out and i % HOLD_OUT == HOLD_OUT // 2
+        scores = hold_out and origins[i] % HOLD_OUT == HOLD_OUT // 2
         for fit in fits:
             fit.add(got[fit.layer.x.name], _narrowed(fit.layer, want[fit.layer.y.name], kept),
-                    held)
+                    held=scores and origins[i] == i, aside=scores and origins[i] != i)
     return fits
 
 
