@@ -139,13 +139,24 @@ def roofline(node: gs.Node, device: Device) -> tuple[float, float, float]:
     # an int8 op's output that only a QuantizeLinear reads (through a Relu or not) is
     # written as int8 by the runtime: one byte per element
     moved = 0.0 if node.op in _FREE else float(
-        sum(tensor_bytes(t) for t in inputs) +
+        sum(_read_bytes(node, k, t) for k, t in enumerate(inputs)) +
         sum(numel(t) if int8 and _quantized_next(t) else tensor_bytes(t)
             for t in node.outputs))
     dtype = "int8" if int8 else \
         _dtype_name(node.outputs[0]) if node.outputs else "float32"
     compute_s = flops / (device.peak(dtype) * _EFFICIENCY.get(node.op, 0.25))
     return flops, moved, max(compute_s, moved / device.bandwidth)
+
+
+def _read_bytes(node: gs.Node, index: int, tensor: gs.Tensor) -> int:
+    """Bytes ``node`` reads of its input ``tensor``: all of it, except a gather's table,
+    of which it reads the rows it gathers (an embedding lookup of a few tokens touches a
+    few rows of a 47 MB table): at most its output's size."""
+    size = tensor_bytes(tensor)
+    if index == 0 and node.op in ("Gather", "GatherElements", "GatherND") and node.outputs:
+        out = numel(node.outputs[0]) * (size // max(numel(tensor), 1))
+        return min(size, out) if out else size
+    return size
 
 
 def _quantized_next(tensor: gs.Tensor) -> bool:

@@ -103,3 +103,23 @@ def test_sub_byte_weights_count_packed_bytes():
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)])
     summary = summarize(graphopt.load(model), DEVICE)
     assert summary.weight_bytes == 17 + 4
+
+
+def test_an_embedding_lookup_reads_its_rows_not_the_table():
+    """A Gather of 8 tokens from a 30,000 x 384 table moves the 8 rows it reads (and the
+    indices and its output), not the table's 46 MB: ONNX Runtime ran MiniLM's embedding
+    lookups in 0.06 ms where the whole table predicted 1.7 ms."""
+    table = numpy_helper.from_array(np.zeros((30000, 384), np.float32), "table")
+    graph = oh.make_graph([oh.make_node("Gather", ["table", "ids"], ["y"])], "g",
+                          [oh.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 384])],
+                          [table])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    node = AnalyticCostModel().estimate(graphopt.load(model), DEVICE).nodes[0]
+    rows = 8 * 384 * 4
+    assert node.bytes == rows + 8 * 8 + rows
+    # a gather that reads more than its table (indices repeat) reads the table at most
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 100000
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 100000
+    node = AnalyticCostModel().estimate(graphopt.load(model), DEVICE).nodes[0]
+    assert node.bytes == 30000 * 384 * 4 + 100000 * 8 + 100000 * 384 * 4
