@@ -63,7 +63,9 @@ class Profile:
 
     @property
     def other_s(self) -> float:
-        """Time of a run outside every kernel."""
+        """Time of a run outside every kernel (0 when the kernels' medians, each over
+        the runs on its own, add up to more than the median run: TVM's VM calls leave
+        next to nothing between them)."""
         return max(self.run_s - self.kernel_s, 0.0)
 
     def by_op(self) -> dict[str, dict]:

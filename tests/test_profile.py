@@ -74,7 +74,7 @@ def test_profile_digits_cnn_adds_up_and_matches_nodes(tmp_path):
     result = json.loads(done.stdout)
     assert result["input_shapes"] == {"input": [256, 1, 8, 8]}
     rows = result["by_op"]
-    assert sum(r["measured_s"] for r in rows.values()) == pytest.approx(result["run_s"])
+    assert_rows_add_up(result)
     assert result["kernel_s"] >= 0.8 * result["run_s"]
     assert next(iter(rows)) == "Conv"  # the heaviest op type
     convs = [k for k in result["kernels"] if k["op"] == "Conv"]
@@ -107,10 +107,21 @@ def test_profile_on_tvm_times_its_fused_kernels(tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     rows = result["by_op"]
-    assert sum(r["measured_s"] for r in rows.values()) == pytest.approx(result["run_s"])
+    assert_rows_add_up(result)
     assert rows["conv2d"]["count"] == 3 and "vm" in rows, rows
     assert rows["conv2d"]["measured_s"] > 0.3 * result["run_s"], rows
     assert all(k["measured_s"] > 0 for k in result["kernels"] if k["op"] == "conv2d")
     done = subprocess.run([*common, "-t", "arm"], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 2 and "emulation" in done.stderr, done.stderr
+
+
+def assert_rows_add_up(result: dict) -> None:
+    """The per-op rows, "(between kernels)" included, add up to the measured run; the
+    kernels' medians come from different runs, so with next to nothing between them they
+    may add up to a little more than the median run (then nothing is between)."""
+    rows = result["by_op"]
+    kernels = sum(r["measured_s"] for k, r in rows.items() if k != "(between kernels)")
+    assert kernels <= 1.02 * result["run_s"], (kernels, result["run_s"])
+    assert sum(r["measured_s"] for r in rows.values()) == \
+        pytest.approx(max(result["run_s"], kernels))
