@@ -14,7 +14,13 @@ read, directly or through shape-only ops, as the indices of a Gather of a consta
 of at least ``VOCABULARY`` rows: token ids):
 
 * **replacement**: each ordinary token (see below) is replaced, with probability
-  ``rate``, by a token drawn from the calibration data's own token frequencies;
+  ``NEAR_RATE``, by one of its ``NEIGHBOURS`` nearest tokens in the model's own
+  embedding table (cosine), or, where the table is not at hand, with probability
+  ``RATE``, by a token drawn from the calibration data's own token frequencies. On
+  MiniLM with 40% of its FFN pruned and a re-fit on 4 variants of 256 sentences, the
+  held-out cosine was 0.9599 / 0.8306 (docstrings / everyday sentences) by frequency
+  draws, 0.9602 / 0.8337 by neighbours at 0.15, 0.9619 / 0.8488 at 0.5 and 0.9608 /
+  0.8581 at 0.8;
 * **splicing**: samples of a batch (equal length) exchange their tails after a random
   position, so a sentence's start meets another's end.
 
@@ -33,7 +39,11 @@ from typing import Sequence
 import numpy as np
 import onnx
 
+from graphopt import external_data
+
 VOCABULARY = 64  # rows of an embedding table, at least
+RATE = 0.15  # of the ordinary tokens replaced by draws from the data's frequencies
+NEAR_RATE, NEIGHBOURS = 0.5, 8  # or replaced by one of their nearest in the table
 SPECIAL_SHARE = 0.9  # a token in this share of the samples is structure
 EDGE_SHARE = 0.25  # so is a token first or last in this share of them
 PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
@@ -42,6 +52,12 @@ PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"
 def token_inputs(proto: onnx.ModelProto) -> list[str]:
     """The integer graph inputs that index an embedding table (see the module
     docstring), in graph order."""
+    return list(embedding_tables(proto, values=False))
+
+
+def embedding_tables(proto: onnx.ModelProto, values: bool = True) -> dict:
+    """{token input: the embedding table it indexes (its values; None with ``values``
+    false, or when the table is not an initializer)}, in graph order."""
     graph = proto.graph
     tables = {t.name: (t.dims[0] if t.dims else 0) for t in graph.initializer}
     for node in graph.node:
@@ -56,11 +72,11 @@ def token_inputs(proto: onnx.ModelProto) -> list[str]:
     inits = set(tables)
     integer = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16,
                onnx.TensorProto.UINT16, onnx.TensorProto.UINT32}
-    out = []
+    out: dict = {}
     for value in graph.input:
         if value.name in inits or value.type.tensor_type.elem_type not in integer:
             continue
-        frontier, seen, found = [value.name], set(), False
+        frontier, seen, found = [value.name], set(), None
         while frontier and not found:
             name = frontier.pop()
             if name in seen:
@@ -69,24 +85,46 @@ def token_inputs(proto: onnx.ModelProto) -> list[str]:
             for node in readers.get(name, ()):
                 if node.op_type == "Gather" and len(node.input) > 1 and \
                         node.input[1] == name and tables.get(node.input[0], 0) >= VOCABULARY:
-                    found = True
+                    found = node.input[0]
                 elif node.op_type in PASS_THROUGH and node.input[0] == name:
                     frontier.extend(node.output)
-        if found:
-            out.append(value.name)
+        if found is not None:
+            out[value.name] = _table(graph, found) if values else None
     return out
 
 
+def _table(graph: onnx.GraphProto, name: str):
+    for init in graph.initializer:
+        if init.name == name:
+            where = external_data.extent(init)
+            if where is not None:  # weights spilled to the run's data file
+                copy = onnx.TensorProto()
+                copy.CopyFrom(init)
+                copy.raw_data = external_data.read(where)
+                copy.ClearField("data_location")
+                del copy.external_data[:]
+                init = copy
+            return onnx.numpy_helper.to_array(init)
+    return None
+
+
 def variants(data: Sequence[dict], inputs: Sequence[str], copies: int, seed: int = 0,
-             rate: float = 0.15, splice: bool = True) -> list[dict]:
+             rate: float | None = None, splice: bool = True, tables: dict | None = None
+             ) -> list[dict]:
     """``copies`` variants of each batch of ``data`` (batch by batch: copy 1 of every
-    batch, then copy 2, ...), the token ``inputs`` changed as the module docstring says;
-    [] when there is nothing to vary. Deterministic for ``seed``."""
+    batch, then copy 2, ...), the token ``inputs`` changed as the module docstring says
+    (``tables``: {input: its embedding table} for replacement by neighbours; ``rate``:
+    of the ordinary tokens replaced, ``NEAR_RATE`` with a table, else ``RATE``); [] when
+    there is nothing to vary. Deterministic for ``seed``."""
     inputs = [name for name in inputs if data and all(name in b for b in data)]
     if not inputs or copies < 1:
         return []
     rng = np.random.default_rng(seed)
     out = []
+    near = {name: _neighbours(tables[name], [b[name] for b in data], NEIGHBOURS)
+            for name in inputs if tables and tables.get(name) is not None}
+    rates = {name: rate if rate is not None else NEAR_RATE if name in near else RATE
+             for name in inputs}
     tables = {name: _frequencies([b[name] for b in data]) for name in inputs}
     for _ in range(copies):
         for batch in data:
@@ -109,8 +147,13 @@ def variants(data: Sequence[dict], inputs: Sequence[str], copies: int, seed: int
                 tokens, probs, special = tables[name]
                 if len(tokens):
                     ordinary = ~np.isin(ids, special)
-                    hit = ordinary & (rng.random(ids.shape) < rate)
-                    ids[hit] = rng.choice(tokens, size=int(hit.sum()), p=probs)
+                    hit = ordinary & (rng.random(ids.shape) < rates[name])
+                    if name in near:
+                        index, table = near[name]
+                        at = index[ids[hit]]
+                        ids[hit] = table[at, rng.integers(0, table.shape[1], size=len(at))]
+                    else:
+                        ids[hit] = rng.choice(tokens, size=int(hit.sum()), p=probs)
                 new[name] = ids.astype(np.asarray(batch[name]).dtype)
             if order is not None:  # the other per-token inputs follow the splice
                 partner, cut = order
@@ -145,3 +188,22 @@ def _frequencies(batches: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ids, counts = ids[keep], counts[keep]
     probs = counts / counts.sum() if counts.sum() else counts.astype(float)
     return ids.astype(np.int64), probs, np.asarray(sorted(special), np.int64)
+
+
+def _neighbours(table: np.ndarray, batches: list, k: int):
+    """(each token id's row in the second, for the ids in ``batches``; [tokens, k]: the
+    ids of each one's ``k`` nearest other tokens in the embedding ``table`` by cosine,
+    structure tokens excluded)."""
+    tokens, _, special = _frequencies(batches)
+    seen = np.unique(np.concatenate([np.asarray(b).ravel() for b in batches]))
+    unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
+    index = np.zeros(int(seen.max()) + 1, np.int64)
+    index[seen] = np.arange(len(seen))
+    out = np.zeros((len(seen), k), np.int64)
+    for start in range(0, len(seen), 512):
+        part = seen[start:start + 512]
+        sim = unit[part] @ unit.T
+        sim[np.arange(len(part)), part] = -np.inf
+        sim[:, special] = -np.inf
+        out[start:start + 512] = np.argpartition(-sim, k, axis=1)[:, :k]
+    return index, out

@@ -93,6 +93,34 @@ def test_variants_keep_shapes_masks_and_structure_tokens(sentences_data):
     assert variants(data, [], copies=3) == [] and variants(data, ["input_ids"], 0) == []
 
 
+def test_with_the_embedding_table_tokens_become_their_neighbours(sentences_data):
+    """Given the model's embedding table, a replaced token becomes one of its nearest
+    tokens in that table (cosine; never itself, never [CLS] or [SEP]), at about
+    ``NEAR_RATE`` of the ordinary tokens: MiniLM's own table here."""
+    from graphopt.augment import NEAR_RATE, NEIGHBOURS, _frequencies, embedding_tables
+
+    data = sentences_data
+    tables = embedding_tables(zoo.bert_minilm())
+    assert list(tables) == ["input_ids"] and tables["input_ids"].shape == (30522, 384)
+    table = tables["input_ids"]
+    unit = table / np.linalg.norm(table, axis=1, keepdims=True)
+    structure = _frequencies([b["input_ids"] for b in data])[2]  # [CLS], [SEP], ...
+    assert {CLS, SEP} <= set(structure.tolist())
+    out = variants(data, ["input_ids"], copies=2, seed=0, splice=False, tables=tables)
+    hits = ordinary = 0
+    for k, new in enumerate(out):
+        old = data[k % len(data)]["input_ids"]
+        ordinary += old[:, 1:-1].size
+        for before, after in zip(old[new["input_ids"] != old],
+                                 new["input_ids"][new["input_ids"] != old]):
+            hits += 1
+            assert after != before and after not in structure
+            sim = unit[before] @ unit.T
+            sim[before] = sim[structure] = -np.inf
+            assert sim[after] >= np.sort(sim)[-NEIGHBOURS] - 1e-6  # among the nearest
+    assert abs(hits / ordinary - NEAR_RATE) < 0.08, hits / ordinary
+
+
 def test_padding_is_structure_too():
     ids = np.array([[CLS, 7, 8, 9, SEP, 0, 0], [CLS, 5, 6, SEP, 0, 0, 0],
                     [CLS, 4, 3, 2, 1, 10, SEP], [CLS, 11, 12, SEP, 0, 0, 0]])

@@ -53,7 +53,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.augment import token_inputs, variants
+from graphopt.augment import embedding_tables, variants
 from graphopt.capture import subset
 from graphopt.errors import UsageError
 from graphopt.ir import Model
@@ -158,8 +158,8 @@ class Finetune(Pass):
             count = max(1, len(real) // opts.hold_out) if len(real) >= 4 else 0
             held = [int((i + 0.5) * len(real) / count) for i in range(count)]
             train = [b for i, b in enumerate(real) if i not in held]
-            extra = variants(train, token_inputs(reference), opts.augment, seed=ctx.seed) \
-                if opts.augment else []
+            tables = embedding_tables(reference) if opts.augment else {}
+            extra = variants(train, list(tables), opts.augment, seed=ctx.seed, tables=tables)
             self._split = (ctx.calibration, real + extra, held, train)
         _, data, held, fit_on = self._split
         kept = dict(getattr(ctx, "kept", None) or {})

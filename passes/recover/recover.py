@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from graphopt.augment import token_inputs, variants
+from graphopt.augment import embedding_tables, variants
 from graphopt.capture import subset
 from graphopt.ir import Model
 from graphopt.pass_infra import Pass, PassContext, PassResult
@@ -76,7 +76,8 @@ class Recover(Pass):
         if cached is not None and cached[1] is reference and cached[2] == seed and \
                 len(cached[0]) == len(data) and all(a is b for a, b in zip(cached[0], data)):
             return cached[3], cached[4]
-        extra = variants(data, token_inputs(reference), self.options.augment, seed=seed)
+        tables = embedding_tables(reference)
+        extra = variants(data, list(tables), self.options.augment, seed=seed, tables=tables)
         out = list(data) + extra
         origins = list(range(len(data))) + [k % len(data) for k in range(len(extra))]
         self._variants = (list(data), reference, seed, out, origins)
