@@ -93,18 +93,11 @@ def embedding_tables(proto: onnx.ModelProto, values: bool = True) -> dict:
     return out
 
 
-def _table(graph: onnx.GraphProto, name: str):
+def _table(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
     for init in graph.initializer:
-        if init.name == name:
-            where = external_data.extent(init)
-            if where is not None:  # weights spilled to the run's data file
-                copy = onnx.TensorProto()
-                copy.CopyFrom(init)
-                copy.raw_data = external_data.read(where)
-                copy.ClearField("data_location")
-                del copy.external_data[:]
-                init = copy
-            return onnx.numpy_helper.to_array(init)
+        if init.name == name:  # a reference to the run's data file: a view of its map
+            return external_data.MappedValues(init).load() \
+                if external_data.extent(init) is not None else onnx.numpy_helper.to_array(init)
     return None
 
 
@@ -121,11 +114,12 @@ def variants(data: Sequence[dict], inputs: Sequence[str], copies: int, seed: int
         return []
     rng = np.random.default_rng(seed)
     out = []
-    near = {name: _neighbours(tables[name], [b[name] for b in data], NEIGHBOURS)
+    drawn = {name: _frequencies([b[name] for b in data]) for name in inputs}
+    near = {name: _neighbours(tables[name], [b[name] for b in data], drawn[name][2],
+                              NEIGHBOURS)
             for name in inputs if tables and tables.get(name) is not None}
     rates = {name: rate if rate is not None else NEAR_RATE if name in near else RATE
              for name in inputs}
-    tables = {name: _frequencies([b[name] for b in data]) for name in inputs}
     for _ in range(copies):
         for batch in data:
             new = dict(batch)
@@ -144,7 +138,7 @@ def variants(data: Sequence[dict], inputs: Sequence[str], copies: int, seed: int
                     partner, cut = order
                     tail = np.arange(ids.shape[1])[None, :] >= cut[:, None]
                     ids = np.where(tail, ids[partner], ids)
-                tokens, probs, special = tables[name]
+                tokens, probs, special = drawn[name]
                 if len(tokens):
                     ordinary = ~np.isin(ids, special)
                     hit = ordinary & (rng.random(ids.shape) < rates[name])
@@ -190,11 +184,10 @@ def _frequencies(batches: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ids.astype(np.int64), probs, np.asarray(sorted(special), np.int64)
 
 
-def _neighbours(table: np.ndarray, batches: list, k: int):
+def _neighbours(table: np.ndarray, batches: list, special: np.ndarray, k: int):
     """(each token id's row in the second, for the ids in ``batches``; [tokens, k]: the
     ids of each one's ``k`` nearest other tokens in the embedding ``table`` by cosine,
-    structure tokens excluded)."""
-    tokens, _, special = _frequencies(batches)
+    the ``special`` (structure) ids excluded)."""
     seen = np.unique(np.concatenate([np.asarray(b).ravel() for b in batches]))
     unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
     index = np.zeros(int(seen.max()) + 1, np.int64)

@@ -133,11 +133,13 @@ class Finetune(Pass):
         if not torch_available():
             raise UsageError("the finetune pass needs PyTorch", hint=INSTALL_HINT)
         copies = self.options.augment
-        self._recover = Recover(augment=copies)  # the least-squares start (keeps its teacher)
-        self._fallback = Recover(augment=copies)  # the re-fit on all the data, when training
-        # loses
+        # the least-squares start (keeps its teacher); the re-fit on all the data, when
+        # training loses
+        self._recover, self._fallback = Recover(augment=copies), Recover(augment=copies)
         self._teacher: Teacher | None = None  # the original's values, kept across runs
-        self._split: tuple | None = None  # (calibration data, its training batches)
+        # (calibration data, its batches and their variants, held-out indices, the
+        # real training batches)
+        self._split: tuple | None = None
 
     def quick(self) -> Pass:
         """What the compression driver ranks sites alone with: the training-free re-fit

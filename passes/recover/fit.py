@@ -64,13 +64,10 @@ class Fit:
                 return
         if held or aside:
             g0, c0, y0, r0 = before
-            hg, hc, hy, hr = self.held if held else self.aside
-            part = (hg + self.gram - g0, hc + self.cross - c0, hy + self.yy - y0,
-                    hr + self.rows - r0)
-            if held:
-                self.held = part
-            else:
-                self.aside = part
+            which = "held" if held else "aside"
+            hg, hc, hy, hr = getattr(self, which)
+            setattr(self, which, (hg + self.gram - g0, hc + self.cross - c0,
+                                  hy + self.yy - y0, hr + self.rows - r0))
 
     def _add(self, x: np.ndarray, y: np.ndarray) -> None:
         layer = self.layer

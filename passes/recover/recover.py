@@ -106,4 +106,3 @@ class Recover(Pass):
         if origins is not None:
             stats["augmented_batches"] = len(data) - len(set(origins))
         return PassResult(changed, stats)
-
