@@ -20,7 +20,11 @@ does the rest, the same way for every technique:
 
 A pass that takes a fixed setting from its options (``fixed_choice``), or is given a
 previous run's settings (``PassContext.replay``, ``graphopt.replay``), skips the search;
-its result is still recovered, measured and reported.
+its result is still recovered, measured and reported. A pass whose options fix how much
+the whole model gives up but not where (``quota``: e.g. 40% of all FFN neurons) has the
+core place it: each (site, setting) measured alone, then the settings that remove the
+quota at the least summed damage (an exact multiple-choice knapsack over the measured
+settings); the result is recovered, measured and reported, not held to the budget.
 
 Optional hooks make a technique cheaper or stricter to drive without changing the
 search: ``damages`` (every site's damage from one ONNX Runtime session), ``savings``
@@ -74,6 +78,16 @@ class Saving:
     flops: float = 0.0
     params: int = 0
     bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Quota:
+    """How much of the whole model a pass's options remove, for the core to place where
+    it hurts least: ``total`` units over all sites, ``removed(site, setting)`` the units
+    one site's setting removes (e.g. neurons: the site's width minus the count kept)."""
+
+    total: float
+    removed: Callable[[Site, Any], float]
 
 
 @dataclass
@@ -156,6 +170,11 @@ class CompressionPass(Pass):
     def fixed_choice(self, sites: list[Site]) -> dict[str, Any] | None:
         """The settings the options fix (e.g. one ratio for every site), or ``None`` to let
         the core search them under the budget."""
+        return None
+
+    def quota(self, sites: list[Site]) -> Quota | None:
+        """The amount the options fix for the whole model but not per site (``None``,
+        default: none). Asked only when ``fixed_choice`` fixes nothing."""
         return None
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:

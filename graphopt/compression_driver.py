@@ -17,8 +17,8 @@ import onnx
 
 from graphopt import accuracy, replay, verify
 from graphopt.accuracy import run_all, session, top1_agreement
-from graphopt.compression import (CompressionPass, Kept, Saving, Site, compose_kept,
-                                  weight_bytes)
+from graphopt.compression import (CompressionPass, Kept, Quota, Saving, Site,
+                                  compose_kept, weight_bytes)
 from graphopt.ir import Model
 from graphopt.metric import DEFAULT_BUDGET, get_metric
 from graphopt.pass_infra import PassContext, PassResult
@@ -237,7 +237,9 @@ class Driver:
         if fixed is not None:
             fixed = {k: v for k, v in fixed.items()
                      if any(s.name == k and v != s.settings[0] for s in active)}
-        first = self._optimistic(model, active) if fixed is None else None
+        quota = self.cp.quota(active) if fixed is None and replayed is None else None
+        first = self._optimistic(model, active) if fixed is None and quota is None \
+            else None
         if first is not None and self.ok(first[0]):
             # every site at once met the budget: no site needs measuring alone
             best, stats["search"], stats["mode"] = first[0], [first[1]], "searched"
@@ -246,10 +248,14 @@ class Driver:
         else:
             # (replayed: the search's measurements are in the report replayed, not redone)
             options = {} if replayed is not None else \
-                self._single_site_options(model, active, base_cost, fixed)
+                self._single_site_options(model, active, base_cost, fixed,
+                                          every=quota is not None)
             if fixed is not None:
                 best = self.build(model, fixed, recover=True) if fixed else None
                 stats["mode"] = "fixed" if replayed is None else "replayed"
+            elif quota is not None:
+                best, stats["allocation"] = self._allocate(model, active, options, quota)
+                stats["mode"] = "allocated"
             else:
                 best, stats["search"] = self._search(model, active, options)
                 stats["search"][:0] = [first[1]] if first is not None else []
@@ -258,7 +264,7 @@ class Driver:
         stats["seconds"] = round(time.perf_counter() - start, 3)
         if best is None or not best.choice:
             stats["reason"] = "the budget holds for no compressed setting" \
-                if fixed is None else "the options fix no change"
+                if fixed is None and quota is None else "the options fix no change"
             stats["sites"] = self._site_report(active, {}, options)
             return PassResult(False, {"compression": stats})
         model.graph = best.model.graph
@@ -305,13 +311,13 @@ class Driver:
 
 
     def _single_site_options(self, model: Model, active: list[Site], base_cost,
-                             fixed: Mapping[str, Any] | None = None, measure: bool = True
-                             ) -> dict[str, list[_Option]]:
+                             fixed: Mapping[str, Any] | None = None, measure: bool = True,
+                             every: bool = False) -> dict[str, list[_Option]]:
         """Each site's settings measured alone (recovered by the recovery pass's quick
         variant, when there is recovery and ``recover_alone``), mildest first; a site
-        stops at the first setting whose damage alone already breaks the budget by far.
-        With ``fixed`` settings, only those (for the report); ``measure=False``: only
-        what they save, their damage alone unmeasured."""
+        stops at the first setting whose damage alone already breaks the budget by far
+        (``every``: it does not). With ``fixed`` settings, only those (for the report);
+        ``measure=False``: only what they save, their damage alone unmeasured."""
         slack = max(self.base_score - self.budget, 1e-9)
         fast = (self.cp.damages(model, active, self.data, self._score_outputs) or {}) \
             if measure else {}
@@ -344,10 +350,30 @@ class Driver:
                     site.name, index, setting, damage, cand.error if build else 0.0,
                     saving.seconds, saving.flops, saving.params, saving.bytes,
                     measured=score is not None))
-                if score is not None and (self.base_score - score > 0.5
+                if not every and score is not None and (self.base_score - score > 0.5
                                           or self.base_score - score > 4 * slack):
                     break  # stronger settings only hurt more
         return out
+
+    def _allocate(self, model: Model, active: list[Site], options, quota: Quota
+                  ) -> tuple[_Candidate | None, dict]:
+        """The settings that remove ``quota.total`` units at the least summed damage
+        alone (``least_damage``; damage ranked as ``_Option.ratio`` does: the metric,
+        then the output error), built, recovered and measured."""
+        moves = {site.name: [(int(round(quota.removed(site, o.setting))),
+                              o.damage + 1e-3 * o.error, o.setting)
+                             for o in options[site.name] if o.measured]
+                 for site in active}
+        choice, removed, damage = least_damage(moves, quota.total)
+        info = {"quota": quota.total, "removed": removed,
+                "reached": removed >= quota.total - 1e-9,
+                "summed_damage_alone": float(f"{damage:.4g}")}
+        if not info["reached"]:
+            self.ctx.logger.warning("%s: the quota of %g is out of reach of the measured "
+                                    "settings; removing %d", self.cp.name, quota.total,
+                                    removed)
+        self.ctx.step(f"{self.cp.name}: the allocation, recovered and measured", 0, 1)
+        return (self.build(model, choice, recover=True) if choice else None), info
 
     def _choice_at(self, active: list[Site], options, threshold: float) -> dict[str, Any]:
         """Each site's strongest setting whose damage per unit saved, and that of every
@@ -464,6 +490,35 @@ class Driver:
                               "predicted_latency_saved_s": float(f"{opt.saved_s:.4g}")})
             report[site.name] = entry
         return report
+
+
+def least_damage(moves: Mapping[str, list[tuple[int, float, Any]]], total: float
+                 ) -> tuple[dict[str, Any], int, float]:
+    """(choice, units removed, summed damage): one move per site, ``(units removed,
+    damage, setting)``, or the site unchanged (0, 0), removing at least ``total`` units at
+    the least summed damage; ties go to the fewest units. Dynamic programming over the
+    units removed (a multiple-choice knapsack, exact); the most that can be removed when
+    ``total`` is out of reach."""
+    layers = []  # per site: units removed so far -> (damage, units before, setting)
+    states: dict[int, float] = {0: 0.0}
+    for site_moves in moves.values():
+        layer: dict[int, tuple[float, int, Any]] = {}
+        for done, cost in states.items():
+            for units, damage, setting in [(0, 0.0, None), *site_moves]:
+                key = done + units
+                if key not in layer or cost + damage < layer[key][0] - 1e-15:
+                    layer[key] = (cost + damage, done, setting)
+        layers.append(layer)
+        states = {k: v[0] for k, v in layer.items()}
+    reached = [k for k in states if k >= total - 1e-9]
+    key = min(reached, key=lambda k: (states[k], k)) if reached else max(states)
+    units, damage = key, states[key]
+    picked = {}
+    for name, layer in zip(reversed(list(moves)), reversed(layers)):
+        _, key, setting = layer[key]
+        if setting is not None:
+            picked[name] = setting
+    return {n: picked[n] for n in moves if n in picked}, units, damage
 
 
 def _plain(value: Any) -> Any:

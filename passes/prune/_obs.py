@@ -104,11 +104,16 @@ def ranking(order: np.ndarray) -> np.ndarray:
 
 
 def _projection(h: np.ndarray, kept: np.ndarray, damp: float) -> np.ndarray:
-    """H_KK⁻¹ H_K: over the kept rows plus the ones column ([k + 1, c + 1])."""
+    """(H_KK + λI)⁻¹ (H_K + λI_K) over the kept rows plus the ones column ([k + 1,
+    c + 1]): the ridge pulls the kept rows towards their own weights, not towards zero,
+    so nothing moves when nothing is removed, however thin the data."""
     c = len(h) - 1
-    rows = np.append(np.asarray(kept, dtype=np.int64), c)
+    kept = np.asarray(kept, dtype=np.int64)
+    rows = np.append(kept, c)
     hd = damped(h, damp)
-    return np.linalg.solve(hd[np.ix_(rows, rows)], h[rows])
+    rhs = h[rows].copy()
+    rhs[np.arange(len(kept)), kept] += hd[kept, kept] - h[kept, kept]
+    return np.linalg.solve(hd[np.ix_(rows, rows)], rhs)
 
 
 def refit(h: np.ndarray, w: np.ndarray, b: np.ndarray | None, kept: np.ndarray,

@@ -20,6 +20,13 @@ projection's input), computed once per run:
 the Gram matrix of X, so the kept neurons take over what the removed ones carried as
 far as they correlate with them; otherwise ``compensate`` (FLAP): b2 += W2[removed, :]ᵀ ·
 mean(X[removed]), so the block's output keeps its mean.
+
+``allocate`` makes ``ratio`` a share of all blocks' neurons together (as many as the
+ratio of each block would remove), placed by the core where the damage measured per
+block is least (``CompressionPass.quota``; Kwon et al. 2022 and the 4,096-sentence
+searches found MiniLM's last blocks far more sensitive than its middle ones). Under
+recovery with too few calibration rows for the update, the blocks are scored alone with
+a more damped re-fit standing in for the recovery's.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from graphopt.capture import channel_stats, subset
-from graphopt.compression import Applied, CompressionPass, Site
+from graphopt.compression import Applied, CompressionPass, Quota, Site
 from graphopt.ir import Model
 from graphopt.pass_infra import PassContext
 from graphopt.passes.prune import _obs
@@ -41,6 +48,7 @@ from graphopt.passes.prune._blocks import (Editor, FfnBlock, GateRunner, compens
 
 IMPORTANCE = ("obs", "wanda", "fluctuation", "magnitude")
 RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+PROXY_DAMP = 0.1  # ridge of a re-fit from too few rows, relative to the mean diagonal
 
 
 class PruneFfn(CompressionPass):
@@ -61,6 +69,9 @@ class PruneFfn(CompressionPass):
         update: bool = True  # least-squares re-fit of the down projection (with data)
         compensate: bool = True  # mean compensation, when there is no update
         max_batches: int = 64  # calibration batches for the statistics
+        # ``ratio`` of all blocks' neurons together, placed per block where the measured
+        # damage is least (``CompressionPass.quota``), instead of ``ratio`` of each block
+        allocate: bool = False
 
         def __post_init__(self):
             if self.importance not in IMPORTANCE:
@@ -69,6 +80,8 @@ class PruneFfn(CompressionPass):
                 raise ValueError("ratio must be in [0, 1)")
             if not self.ratios or any(not 0.0 <= r < 1.0 for r in self.ratios):
                 raise ValueError("ratios must be fractions in [0, 1)")
+            if self.allocate and self.ratio is None:
+                raise ValueError("allocate needs a ratio (the share of all neurons)")
             if self.multiple < 0 or self.max_batches < 1:
                 raise ValueError("multiple must be >= 0 and max-batches >= 1")
 
@@ -77,6 +90,9 @@ class PruneFfn(CompressionPass):
         self._scores: dict[str, np.ndarray] = {}
         self._means: dict[str, np.ndarray] = {}
         self._grams: dict[str, np.ndarray] = {}
+        # Gram matrices too thin for the update, standing in (more damped) for the
+        # recovery's re-fit when blocks are scored alone under recovery
+        self._proxies: dict[str, np.ndarray] = {}
         self._method = self.options.importance
         self._ctx: PassContext | None = None
 
@@ -91,16 +107,33 @@ class PruneFfn(CompressionPass):
                 out.append(Site(b.name, "neurons", (b.width,), b.nodes, b.width, b.reason))
                 continue
             settings = tuple(sorted({keep_count(b.width, r, self.options.multiple)
-                                     for r in (0.0, *self.options.ratios)}, reverse=True))
+                                     for r in (0.0, *self._ratios())}, reverse=True))
             out.append(Site(b.name, "neurons", settings, b.nodes, b.width,
                             info={"activation": b.activation.name}))
         return out
 
+    def _ratios(self) -> tuple[float, ...]:
+        """The ratios each block's settings come from; allocating, a finer grid (1/16
+        steps up to twice the ratio) and the ratio itself."""
+        if not self.options.allocate:
+            return self.options.ratios
+        top_ = min(15, int(np.ceil(32 * self.options.ratio)))
+        return tuple(sorted({*self.options.ratios, self.options.ratio,
+                             *(k / 16 for k in range(1, top_ + 1))}))
+
     def fixed_choice(self, sites: list[Site]) -> dict[str, Any] | None:
-        if self.options.ratio is None:
+        if self.options.ratio is None or self.options.allocate:
             return None
         return {s.name: keep_count(s.size, self.options.ratio, self.options.multiple)
                 for s in sites}
+
+    def quota(self, sites: list[Site]) -> Quota | None:
+        """Allocating: as many neurons as ``ratio`` of every block would remove."""
+        if not self.options.allocate:
+            return None
+        total = sum(s.size - keep_count(s.size, self.options.ratio, self.options.multiple)
+                    for s in sites)
+        return Quota(total, lambda site, count: site.size - int(count))
 
     def apply(self, model: Model, choice: Mapping[str, Any], ctx: PassContext) -> Applied:
         blocks = {b.name: b for b in find_ffn_blocks(model.graph)}
@@ -135,26 +168,33 @@ class PruneFfn(CompressionPass):
                 score: Callable[[list], float]) -> dict | None:
         """Each (block, setting) alone, in one session: the down projection's input is
         gated (x·mask + offset), which is exactly pruning with compensation."""
-        if not gates_score(self._ctx, bool(self._grams)):
+        proxy = bool(self._proxies) and self._ctx is not None and \
+            self._ctx.recovery is not None
+        if not gates_score(self._ctx, bool(self._grams) or proxy):
             return None
         active = [s for s in sites if s.name in self._scores]
         if not active:
             return None
         blocks = {b.name: b for b in find_ffn_blocks(model.graph)}
         points = {blocks[s.name].down.node.name: f"ffn{i}" for i, s in enumerate(active)}
-        runner = GateRunner(gated(model, points, matrix=bool(self._grams)), data)
+        runner = GateRunner(gated(model, points, matrix=bool(self._grams) or proxy), data)
         out = {}
         for i, s in enumerate(active):
             for count in s.settings[1:]:
-                mask, offset = self.gate(s.name, s.size, int(count))
+                mask, offset = self.gate(s.name, s.size, int(count), proxy)
                 out[(s.name, count)] = score(runner.run({f"ffn{i}": (mask, offset)}))
         return out
 
-    def gate(self, name: str, width: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    def gate(self, name: str, width: int, count: int, proxy: bool = False
+             ) -> tuple[np.ndarray, np.ndarray]:
         """(mask, offset) on a block's intermediate tensor that prune it to ``count``
-        (with the re-fit, the mask is a matrix: ``_obs.gate``)."""
+        (with the re-fit, the mask is a matrix: ``_obs.gate``; ``proxy``: a damped re-fit
+        from a thin Gram matrix stands in for the recovery's)."""
         if name in self._grams:
             return _obs.gate(self._grams[name], top(self._scores[name], count))
+        if proxy and name in self._proxies:
+            return _obs.gate(self._proxies[name], top(self._scores[name], count),
+                             damp=PROXY_DAMP)
         mask = np.zeros(width)
         mask[top(self._scores[name], count)] = 1.0
         mean = self._means.get(name) if self.options.compensate else None
@@ -183,6 +223,8 @@ class PruneFfn(CompressionPass):
                     h = _obs.augmented_gram(st)
                     if self.options.update and _obs.enough(st):
                         self._grams[b.name] = h
+                    elif self.options.update:
+                        self._proxies[b.name] = h
             if method == "obs":
                 self._scores[b.name] = _obs.ranking(_obs.removal_order(
                     h, b.down.weight, b.down.bias))
