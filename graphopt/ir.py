@@ -533,13 +533,16 @@ def toposort(graph: gs.Graph, recurse_subgraphs: bool = True) -> gs.Graph:
 
 
 def _subgraphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    # (called for every graph walk: exact types first, and a list attribute is all
+    # graphs or none, as ONNX's GRAPHS and INTS/FLOATS/STRINGS types are)
+    graph_type, sequences = gs.Graph, (list, tuple)
     for node in graph.nodes:
         for value in node.attrs.values():
-            if isinstance(value, gs.Graph):
+            kind = type(value)
+            if kind is graph_type or (kind not in sequences and isinstance(value, gs.Graph)):
                 yield value
                 yield from _subgraphs(value)
-            elif isinstance(value, (list, tuple)):
+            elif kind in sequences and value and isinstance(value[0], gs.Graph):
                 for item in value:
-                    if isinstance(item, gs.Graph):
-                        yield item
-                        yield from _subgraphs(item)
+                    yield item
+                    yield from _subgraphs(item)

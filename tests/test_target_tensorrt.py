@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import inspect
 import json
 import subprocess
 import sys
@@ -24,7 +23,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt import api
 from graphopt.errors import UsageError
 from graphopt.lossy import with_schemes
 from graphopt.pipeline import build_passes
@@ -38,7 +36,6 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "small_cnn.onnx"
 ENGINE_MISSING = TensorRtTarget().engine_availability(run=True)
 needs_engine = pytest.mark.skipif(ENGINE_MISSING is not None,
                                   reason=f"no TensorRT engines here: {ENGINE_MISSING}")
-API_APPLIES_PASS_DEFAULTS = "pass_defaults" in inspect.getsource(api.optimize)
 
 
 # ---------------------------------------------------------------- models and helpers
@@ -328,10 +325,9 @@ def test_int8_is_symmetric_per_channel_and_within_budget(lowered):
     np.testing.assert_array_equal(_ort(result.model.to_onnx(), x)["logits"], got)
 
 
-@pytest.mark.skipif(not API_APPLIES_PASS_DEFAULTS,
-                    reason="graphopt.api.optimize does not pass Target.pass_defaults to "
-                           "build_passes yet")
 def test_quantize_int8_through_optimize_uses_the_targets_defaults(tmp_path):
+    """``optimize`` builds its pipeline with the target's pass defaults (in
+    ``graphopt.transform``), under the options the user names."""
     result = graphopt.optimize(zoo.mobilenet_cnn(), target="tensorrt", quantize="int8",
                                calibration=_calibration(), output=tmp_path / "q")
     quant = next(p for p in result.report["pipeline"] if p.startswith("quantize-int8"))

@@ -98,8 +98,14 @@ def _layer(node: gs.Node) -> _Layer | None:
 
 
 def _scaled_weight(layer: _Layer, scale: np.ndarray) -> np.ndarray:
-    """The layer's weight with output channel ``c`` multiplied by ``scale[c]`` (float64)."""
-    w = layer.weight.astype(np.float64)
+    """The layer's weight with output channel ``c`` multiplied by ``scale[c]``: in float32
+    for a float32 weight (one product per element, rounded once more than in float64:
+    within an ulp, and no float64 copy of a large weight), else in float64."""
+    w = layer.weight
+    if w.dtype == np.float32:
+        scale = scale.astype(np.float32)
+    else:
+        w = w.astype(np.float64)
     node = layer.node
     if node.op == "Conv":  # [C_out, C_in/group, k...]
         return w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
@@ -124,7 +130,7 @@ def _fold_affine(scope: _Scope, layer: _Layer, scale: np.ndarray, shift: np.ndar
         bias = bias * node.attrs.get("beta", 1.0)
         if "beta" in node.attrs:
             node.attrs["beta"] = 1.0
-    weight = _scaled_weight(layer, scale).astype(dtype)
+    weight = _scaled_weight(layer, scale).astype(dtype, copy=False)
     bias = (bias * scale + shift).astype(dtype)
     hint = node.inputs[1].name or node.name or node.op
     node.inputs[1] = scope.constant(graph, f"{hint}_fused", weight)
