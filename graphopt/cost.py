@@ -8,6 +8,7 @@ deterministic and needs only shapes, so it can rank rewrites before anything run
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -302,13 +303,21 @@ def tensor_bytes(tensor: gs.Tensor) -> int:
     if not tensor.name and not isinstance(tensor, gs.Constant):
         return 0  # an omitted optional input
     try:
-        dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.float32)
+        bits = _element_bits(tensor.dtype)
+    except TypeError:  # (an unhashable type description)
+        bits = _element_bits.__wrapped__(tensor.dtype)
+    return -(-numel(tensor) * bits // 8)
+
+
+@functools.lru_cache(maxsize=None)
+def _element_bits(dtype) -> int:
+    """Bits per element of ``dtype`` as onnx-graphsurgeon gives it (float32 when unknown;
+    once per type: the cost model asks for every tensor of every estimate)."""
+    try:
+        dtype = np.dtype(dtype) if dtype is not None else np.dtype(np.float32)
     except TypeError:
         dtype = np.dtype(np.float32)
-    bits = _SUB_BYTE_BITS.get(dtype.name)
-    if bits is not None:
-        return -(-numel(tensor) * bits // 8)
-    return numel(tensor) * dtype.itemsize
+    return _SUB_BYTE_BITS.get(dtype.name, 8 * dtype.itemsize)
 
 
 def node_flops(node: gs.Node) -> float:

@@ -367,10 +367,17 @@ _located: dict[tuple, list[str]] = {}
 
 
 # ---------------------------------------------------------------------- walking protos
+# The operators of the ONNX standard whose attributes hold graphs; those of any other
+# domain (contrib, custom) may hold them too.
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+_STANDARD = ("", "ai.onnx")
+
 def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """``graph`` and its subgraphs (If/Loop/Scan bodies), recursively."""
     yield graph
     for node in graph.node:
+        if node.domain in _STANDARD and node.op_type not in CONTROL_FLOW:
+            continue  # (the standard's other operators take no graph attribute)
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
                 yield from all_graphs(attr.g)

@@ -11,6 +11,8 @@ entry point and does not stop the others from working.
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
@@ -43,7 +45,7 @@ class Registry(Generic[T]):
         self.instances = instances
         self._entry_points: dict[str, EntryPoint] = {}
         self._duplicates: dict[str, list[EntryPoint]] = {}
-        for ep in sorted(entry_points(group=group), key=lambda e: (e.name, _dist_name(e))):
+        for ep in sorted(_group(group), key=lambda e: (e.name, _dist_name(e))):
             if ep.name in self._entry_points:
                 self._duplicates.setdefault(ep.name, [self._entry_points[ep.name]]).append(ep)
             else:
@@ -105,6 +107,29 @@ class Registry(Generic[T]):
         except KeyError:
             valid = ", ".join(self.names()) or "none installed"
             raise UsageError(f"unknown {self.kind} {name!r}", hint=f"valid: {valid}") from None
+
+
+_GROUPS: dict[str, tuple[tuple, tuple[EntryPoint, ...]]] = {}
+
+
+def _group(group: str) -> tuple[EntryPoint, ...]:
+    """The entry points of ``group``, read again only when the places distributions are
+    found in change: ``sys.path`` itself or the modification time of one of its folders
+    (installing or removing a distribution adds or removes a folder there). Scanning
+    every installed distribution's metadata is most of what building a registry costs,
+    twice per optimize run."""
+    key = (tuple(sys.path), tuple(_mtime(p) for p in sys.path))
+    cached = _GROUPS.get(group)
+    if cached is None or cached[0] != key:
+        cached = _GROUPS[group] = (key, tuple(entry_points(group=group)))
+    return cached[1]
+
+
+def _mtime(path: str) -> int | None:
+    try:
+        return os.stat(path or ".").st_mtime_ns
+    except OSError:
+        return None
 
 
 def _dist_name(ep: EntryPoint) -> str:
