@@ -604,6 +604,33 @@ def test_allocated_ffn_prunes_where_it_hurts_least(biased):
     assert errors[True] < 0.9 * errors[False], errors
 
 
+def test_allocated_heads_go_where_they_hurt_least(biased):
+    """prune-heads ``allocate``: as many heads as ratio 0.5 of each block, placed by the
+    measured damage; the second block's output projection made 4x as strong, the
+    allocation cuts more of the first block and beats the uniform cut on held-out data."""
+    proto = onnx.ModelProto.FromString(biased["fused"].SerializeToString())
+    out = find_attention_blocks(Model.from_proto(proto).graph)[1].out.node.name
+    weight = next(n.input[1] for n in proto.graph.node if n.name == out)
+    init = next(i for i in proto.graph.initializer if i.name == weight)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 4.0, weight))
+    data, errors, kept = held_out(), {}, {}
+    ref = outputs(proto, data)
+    for allocate in (False, True):
+        result = graphopt.optimize(
+            proto, passes=[PruneHeads(ratio=0.5, allocate=allocate, max_batches=6,
+                                      ablation_batches=1)],
+            calibration=calibration(), validation=held_out(), metric="mean-cosine",
+            tolerance=0.5, recovery=None)
+        info = result.report["compression"]["passes"]["prune-heads"]
+        assert info["mode"] == ("allocated" if allocate else "fixed")
+        kept[allocate] = [v["setting"] for v in info["sites"].values()]
+        errors[allocate] = output_error(ref, outputs(result.model.to_onnx(), data))
+    assert kept[False] == [HEADS // 2] * LAYERS
+    assert sum(kept[True]) == sum(kept[False]) and kept[True][0] < kept[True][1], kept
+    assert info["allocation"]["reached"] and info["allocation"]["removed"] == HEADS
+    assert errors[True] < 0.9 * errors[False], errors
+
+
 def test_thin_data_under_recovery_scores_blocks_with_a_damped_refit(biased):
     """Too few calibration rows for the update (384 tokens for 257 unknowns per output):
     no re-fit is applied, but under recovery the blocks are still scored alone in one
@@ -673,13 +700,15 @@ def test_options_are_validated():
                      ({"ratios": (0.5, 1.0)}, "ratios"), ({"max_batches": 0}, "batches"),
                      ({"ablation_batches": 0}, "ablation-batches"),
                      ({"ratio": "half"}, "ratio"), ({"compensate": "maybe"}, "compensate"),
-                     ({"heads": 2}, "no option 'heads'")],
+                     ({"heads": 2}, "no option 'heads'"),
+                     ({"allocate": True}, "allocate needs a ratio")],
         PruneFfn: [({"importance": "nope"}, "importance"), ({"importance": "ablation"},
                                                              "importance"),
                    ({"ratio": -0.1}, "ratio"), ({"ratio": 1.5}, "ratio"),
                    ({"ratios": "0.5;2"}, "ratios"), ({"multiple": -16}, "multiple"),
                    ({"max_batches": 0}, "max-batches"), ({"ablation_batches": 1},
-                                                          "no option 'ablation_batches'")],
+                                                          "no option 'ablation_batches'"),
+                   ({"allocate": "true"}, "allocate needs a ratio")],
     }
     for cls, cases in bad.items():
         for options, match in cases:

@@ -23,6 +23,10 @@ by least squares from the Gram matrix of its input (ablation then gates each hea
 with that re-fit, again exactly what pruning does); otherwise ``compensate`` (FLAP): its
 bias gets Wo[removed rows]ᵀ · mean(context[removed]), what the removed heads
 contributed on average.
+
+``allocate`` makes ``ratio`` a share of all blocks' heads together (as many as the ratio
+of each block would remove), placed by the core where the damage measured per block is
+least (``CompressionPass.quota``; every head count is a setting then).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from graphopt.capture import channel_stats, subset
-from graphopt.compression import Applied, CompressionPass, Site
+from graphopt.compression import Applied, CompressionPass, Quota, Site
 from graphopt.ir import Model
 from graphopt.pass_infra import PassContext
 from graphopt.passes.prune import _obs
@@ -65,6 +69,9 @@ class PruneHeads(CompressionPass):
         compensate: bool = True  # mean compensation, when there is no update
         max_batches: int = 64  # calibration batches for the context statistics
         ablation_batches: int = 4  # of those, batches each head's ablation runs on
+        # ``ratio`` of all blocks' heads together, placed per block where the measured
+        # damage is least (``CompressionPass.quota``), instead of ``ratio`` of each block
+        allocate: bool = False
 
         def __post_init__(self):
             if self.importance not in IMPORTANCE:
@@ -73,6 +80,8 @@ class PruneHeads(CompressionPass):
                 raise ValueError("ratio must be in [0, 1)")
             if not self.ratios or any(not 0.0 <= r < 1.0 for r in self.ratios):
                 raise ValueError("ratios must be fractions in [0, 1)")
+            if self.allocate and self.ratio is None:
+                raise ValueError("allocate needs a ratio (the share of all heads)")
             if self.max_batches < 1 or self.ablation_batches < 1:
                 raise ValueError("max-batches and ablation-batches must be >= 1")
 
@@ -95,16 +104,25 @@ class PruneHeads(CompressionPass):
                 out.append(Site(b.name, "heads", (b.heads,), b.nodes, b.heads or None,
                                 b.reason))
                 continue
-            settings = tuple(sorted({keep_heads(b.heads, r)
-                                     for r in (0.0, *self.options.ratios)}, reverse=True))
+            ratios = self.options.ratios if not self.options.allocate else \
+                [k / b.heads for k in range(b.heads)]  # allocating: every count
+            settings = tuple(sorted({keep_heads(b.heads, r) for r in (0.0, *ratios)},
+                                    reverse=True))
             out.append(Site(b.name, "heads", settings, b.nodes, b.heads,
                             info={"kind": b.kind, "head_size": b.head_size}))
         return out
 
     def fixed_choice(self, sites: list[Site]) -> dict[str, Any] | None:
-        if self.options.ratio is None:
+        if self.options.ratio is None or self.options.allocate:
             return None
         return {s.name: keep_heads(s.size, self.options.ratio) for s in sites}
+
+    def quota(self, sites: list[Site]) -> Quota | None:
+        """Allocating: as many heads as ``ratio`` of every block would remove."""
+        if not self.options.allocate:
+            return None
+        total = sum(s.size - keep_heads(s.size, self.options.ratio) for s in sites)
+        return Quota(total, lambda site, count: site.size - int(count))
 
     def apply(self, model: Model, choice: Mapping[str, Any], ctx: PassContext) -> Applied:
         blocks = {b.name: b for b in find_attention_blocks(model.graph)}
