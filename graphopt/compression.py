@@ -89,6 +89,13 @@ class Quota:
     total: float
     removed: Callable[[Site, Any], float]
 
+    @classmethod
+    def of_counts(cls, sites: list["Site"], kept: Callable[[int], int]) -> "Quota":
+        """For settings that are the count a site keeps (neurons, heads): as many units
+        as keeping ``kept(size)`` of every site removes."""
+        return cls(sum(s.size - kept(s.size) for s in sites),
+                   lambda site, count: site.size - int(count))
+
 
 @dataclass
 class Applied:

@@ -370,13 +370,13 @@ _located: dict[tuple, list[str]] = {}
 # The operators of the ONNX standard whose attributes hold graphs; those of any other
 # domain (contrib, custom) may hold them too.
 CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
-_STANDARD = ("", "ai.onnx")
+STANDARD_DOMAINS = (None, "", "ai.onnx")  # (onnx-graphsurgeon's default is None)
 
 def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """``graph`` and its subgraphs (If/Loop/Scan bodies), recursively."""
     yield graph
     for node in graph.node:
-        if node.domain in _STANDARD and node.op_type not in CONTROL_FLOW:
+        if node.domain in STANDARD_DOMAINS and node.op_type not in CONTROL_FLOW:
             continue  # (the standard's other operators take no graph attribute)
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:

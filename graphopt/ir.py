@@ -34,7 +34,7 @@ from graphopt import data_files, external_data, stand_ins
 from graphopt.data_files import copy_field
 from graphopt.errors import ModelError
 from graphopt.symbolic import shapes as symbolic_shapes
-from graphopt.external_data import CONTROL_FLOW
+from graphopt.external_data import CONTROL_FLOW, STANDARD_DOMAINS
 from graphopt.external_data import all_graphs as _all_graphs
 from graphopt.external_data import all_nodes as _all_nodes  # noqa: F401 - model_check
 from graphopt.external_data import all_tensors as _all_tensors
@@ -533,16 +533,12 @@ def toposort(graph: gs.Graph, recurse_subgraphs: bool = True) -> gs.Graph:
     return graph
 
 
-_STANDARD_DOMAINS = (None, "", "ai.onnx")  # (onnx-graphsurgeon's default is None)
-
-
 def _subgraphs(graph: gs.Graph) -> Iterator[gs.Graph]:
     # (called for every graph walk: exact types first, and a list attribute is all
     # graphs or none, as ONNX's GRAPHS and INTS/FLOATS/STRINGS types are)
-
     graph_type, sequences = gs.Graph, (list, tuple)
     for node in graph.nodes:
-        if node.domain in _STANDARD_DOMAINS and node.op not in CONTROL_FLOW:
+        if node.domain in STANDARD_DOMAINS and node.op not in CONTROL_FLOW:
             continue  # (the standard's other operators take no graph attribute)
         for value in node.attrs.values():
             kind = type(value)

@@ -577,57 +577,40 @@ def test_least_damage_is_the_exact_optimum():
                                            for k, v in choice.items()))
 
 
-def test_allocated_ffn_prunes_where_it_hurts_least(biased):
-    """``allocate``: the same number of neurons as ratio 0.5 of each block, placed by the
-    measured damage. With the second block's down projection made 4x as strong (its
-    neurons matter more), the allocation cuts more of the first block, and the result is
-    closer to the original on held-out data than the uniform cut."""
+ALLOCATED = {  # the pass, its options, the unit (per block), the linear made stronger
+    "ffn": (PruneFfn, {"max_batches": 6}, FFN,
+            lambda graph: find_ffn_blocks(graph)[1].down.node.name),
+    "heads": (PruneHeads, {"max_batches": 6, "ablation_batches": 1}, HEADS,
+              lambda graph: find_attention_blocks(graph)[1].out.node.name),
+}
+
+
+@pytest.mark.parametrize("kind", list(ALLOCATED))
+def test_allocated_units_go_where_they_hurt_least(biased, kind):
+    """``allocate``: as many neurons (heads) as ratio 0.5 of each block, placed by the
+    measured damage. With the second block's down (output) projection made 4x as strong
+    (its units matter more), the allocation cuts more of the first block, and the result
+    is closer to the original on held-out data than the uniform cut."""
+    cls, options, units, strong = ALLOCATED[kind]
     proto = onnx.ModelProto.FromString(biased["fused"].SerializeToString())
-    down = find_ffn_blocks(Model.from_proto(proto).graph)[1].down.node.name
-    weight = next(n.input[1] for n in proto.graph.node if n.name == down)
+    node = strong(Model.from_proto(proto).graph)
+    weight = next(n.input[1] for n in proto.graph.node if n.name == node)
     init = next(i for i in proto.graph.initializer if i.name == weight)
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 4.0, weight))
     data, errors, kept = held_out(), {}, {}
     ref = outputs(proto, data)
     for allocate in (False, True):
         result = graphopt.optimize(
-            proto, passes=[PruneFfn(ratio=0.5, allocate=allocate, max_batches=6)],
+            proto, passes=[cls(ratio=0.5, allocate=allocate, **options)],
             calibration=calibration(), validation=held_out(), metric="mean-cosine",
             tolerance=0.5, recovery=None)
-        info = result.report["compression"]["passes"]["prune-ffn"]
+        info = result.report["compression"]["passes"][cls.name]
         assert info["mode"] == ("allocated" if allocate else "fixed")
         kept[allocate] = [v["setting"] for v in info["sites"].values()]
         errors[allocate] = output_error(ref, outputs(result.model.to_onnx(), data))
-    assert kept[False] == [FFN // 2] * LAYERS
+    assert kept[False] == [units // 2] * LAYERS
     assert sum(kept[True]) == sum(kept[False]) and kept[True][0] < kept[True][1], kept
-    assert info["allocation"]["reached"] and info["allocation"]["removed"] == FFN
-    assert errors[True] < 0.9 * errors[False], errors
-
-
-def test_allocated_heads_go_where_they_hurt_least(biased):
-    """prune-heads ``allocate``: as many heads as ratio 0.5 of each block, placed by the
-    measured damage; the second block's output projection made 4x as strong, the
-    allocation cuts more of the first block and beats the uniform cut on held-out data."""
-    proto = onnx.ModelProto.FromString(biased["fused"].SerializeToString())
-    out = find_attention_blocks(Model.from_proto(proto).graph)[1].out.node.name
-    weight = next(n.input[1] for n in proto.graph.node if n.name == out)
-    init = next(i for i in proto.graph.initializer if i.name == weight)
-    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 4.0, weight))
-    data, errors, kept = held_out(), {}, {}
-    ref = outputs(proto, data)
-    for allocate in (False, True):
-        result = graphopt.optimize(
-            proto, passes=[PruneHeads(ratio=0.5, allocate=allocate, max_batches=6,
-                                      ablation_batches=1)],
-            calibration=calibration(), validation=held_out(), metric="mean-cosine",
-            tolerance=0.5, recovery=None)
-        info = result.report["compression"]["passes"]["prune-heads"]
-        assert info["mode"] == ("allocated" if allocate else "fixed")
-        kept[allocate] = [v["setting"] for v in info["sites"].values()]
-        errors[allocate] = output_error(ref, outputs(result.model.to_onnx(), data))
-    assert kept[False] == [HEADS // 2] * LAYERS
-    assert sum(kept[True]) == sum(kept[False]) and kept[True][0] < kept[True][1], kept
-    assert info["allocation"]["reached"] and info["allocation"]["removed"] == HEADS
+    assert info["allocation"]["reached"] and info["allocation"]["removed"] == units
     assert errors[True] < 0.9 * errors[False], errors
 
 

@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 from graphopt import verify
 from graphopt.errors import ModelError
 from graphopt.external_data import mapped_source
-from graphopt.ir import Model, toposort
+from graphopt.ir import STANDARD_DOMAINS, Model, toposort
 from graphopt.pass_infra import Pass, PassContext, PassResult
 from graphopt.rewrite import (constant_value, produced_in, remove_dead, remove_node,
                               replace_with_constant, static_shape, tensor_names)
@@ -46,7 +46,6 @@ NON_TENSOR = frozenset({"SequenceConstruct", "SequenceEmpty", "SequenceInsert",
                         "SequenceErase", "SequenceAt", "SequenceLength", "SplitToSequence",
                         "ConcatFromSequence", "SequenceMap", "Optional",
                         "OptionalGetElement", "OptionalHasElement"})
-STANDARD_DOMAINS = ("", "ai.onnx", None)
 
 
 class FoldConstants(Pass):

@@ -131,9 +131,8 @@ class PruneFfn(CompressionPass):
         """Allocating: as many neurons as ``ratio`` of every block would remove."""
         if not self.options.allocate:
             return None
-        total = sum(s.size - keep_count(s.size, self.options.ratio, self.options.multiple)
-                    for s in sites)
-        return Quota(total, lambda site, count: site.size - int(count))
+        return Quota.of_counts(sites, lambda size: keep_count(size, self.options.ratio,
+                                                              self.options.multiple))
 
     def apply(self, model: Model, choice: Mapping[str, Any], ctx: PassContext) -> Applied:
         blocks = {b.name: b for b in find_ffn_blocks(model.graph)}

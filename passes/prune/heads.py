@@ -121,8 +121,7 @@ class PruneHeads(CompressionPass):
         """Allocating: as many heads as ``ratio`` of every block would remove."""
         if not self.options.allocate:
             return None
-        total = sum(s.size - keep_heads(s.size, self.options.ratio) for s in sites)
-        return Quota(total, lambda site, count: site.size - int(count))
+        return Quota.of_counts(sites, lambda size: keep_heads(size, self.options.ratio))
 
     def apply(self, model: Model, choice: Mapping[str, Any], ctx: PassContext) -> Applied:
         blocks = {b.name: b for b in find_attention_blocks(model.graph)}
