@@ -9,12 +9,19 @@ Checks after a pass that changed the model:
   the model before it; a lossy pass must keep them within the accuracy budget of the
   original (minimum cosine similarity, ``PassContext.tolerance``).
 
-Structure is checked after every pass. For lossless passes the numbers (an ONNX Runtime
-session per check: most of the checking time on a large model) are by default checked
-once per fixpoint iteration, against the model the iteration started from; when that
-fails, the iteration is run again from there with a check after every pass, which finds
-and rolls back the pass at fault (and that pass is checked after each run from then on).
-``check_each_pass=True`` checks the numbers after every pass from the start.
+For lossless passes the numbers (an ONNX Runtime session per check: most of the checking
+time on a large model) are by default checked once per fixpoint iteration, against the
+model the iteration started from; when that fails, the iteration is run again from there
+with a check after every pass, which finds and rolls back the pass at fault (and that
+pass is checked after each run from then on). ``check_each_pass=True`` checks the numbers
+after every pass from the start.
+
+Structure is checked after every pass too, with one exception while numbers are
+deferred: a lossless pass that leaves no tensor without a type that had one (it removed,
+folded or rewired nodes, and gave what it made a type) needs no shape inference for the
+passes after it, so its export, checker run and inference (about a tenth of a small
+model's run) wait for the next check. A pass that fails while a change is still
+unchecked cannot be rolled back alone: the iteration is run again with every check.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from graphopt import background, spill, verify
 from graphopt.errors import GraphoptError, UsageError, VerificationError
@@ -91,6 +99,14 @@ class _State:
     unchecked: bool = False
     # ``outputs`` are what a lossy pass measured and handed over, not the manager's run.
     handed_over: bool = False
+    # Names of the variables without a type in ``proto`` as inferred (``None``: not
+    # known; see ``_untyped``).
+    untyped: frozenset[str] | None = None
+    # The model changed since ``proto`` (by lossless passes whose structure check waits:
+    # see the module docstring); ``proto`` cannot stand for it.
+    stale: bool = False
+    # Those structure checks are still to be done (``proto`` may be the model's export).
+    pending: bool = False
 
     @property
     def outputs(self) -> list[verify.Feeds] | None:
@@ -206,12 +222,15 @@ class PassManager:
             changed_any = False
             for p in passes:
                 if state.unchecked and p.name in self._suspects:
-                    state = self._check_numbers(state)  # so the suspect is judged alone
+                    # so the suspect is judged alone
+                    state = self._check_numbers(self._catch_up(model, state))
+                elif state.stale and p.alternative:  # judged against its own start
+                    state = self._snapshot(model, state)
                 changed, state = self._step(p, model, state, iteration)
                 changed_any |= changed
             if not state.unchecked:
                 return changed_any, state
-            return changed_any, self._check_numbers(state)
+            return changed_any, self._check_numbers(self._catch_up(model, state))
         except _Rejected as exc:
             self.ctx.logger.info("iteration %d: %s; running it again with a check after "
                                  "every pass", iteration, exc)
@@ -228,13 +247,34 @@ class PassManager:
     def _check_numbers(self, state: _State) -> _State:
         """Accept an iteration's unchecked result if its outputs still match."""
         if state.outputs is None:  # ORT turned out not to run the original
-            return _State(state.proto, state.shapes_ok, None, state.cost_s)
+            return _State(state.proto, state.shapes_ok, None, state.cost_s,
+                          untyped=state.untyped)
         try:
             outputs = _run_feeds(state.proto, self.probe_feeds, CHECK_THREADS)
         except Exception as exc:
             raise _Rejected(f"ONNX Runtime cannot run the result: {_first_line(exc)}")
         self._compare(state.outputs, outputs)
-        return _State(state.proto, state.shapes_ok, outputs, state.cost_s)
+        return _State(state.proto, state.shapes_ok, outputs, state.cost_s,
+                      untyped=state.untyped)
+
+    def _catch_up(self, model: Model, state: _State) -> _State:
+        """``state`` with the structure checks that waited (see the module docstring)
+        done on ``model``, as unchecked; raises ``_Rejected`` for the iteration."""
+        if not state.pending:
+            return state
+        proto = self._structure(model, state, None if state.stale else state.proto)
+        return _State(proto, state.shapes_ok, state.known, state.cost_s, unchecked=True,
+                      untyped=_untyped(model))
+
+    def _snapshot(self, model: Model, state: _State) -> _State:
+        """``state`` with ``model``'s export as its proto, its structure checks still
+        pending: what a pass may be rolled back to."""
+        try:
+            proto = model.to_onnx(references=True)
+        except Exception as exc:
+            raise _Rejected(f"cannot export the graph: {_first_line(exc)}") from exc
+        return _State(proto, state.shapes_ok, state.known, state.cost_s, unchecked=True,
+                      untyped=state.untyped, pending=True)
 
     def _compare(self, before: list[verify.Feeds], after: list[verify.Feeds]) -> None:
         for b, a in zip(before, after):
@@ -273,7 +313,7 @@ class PassManager:
         except Exception as exc:  # cannot even serialize it for ORT
             outputs = None
             self._reference_done(None, exc)
-        return _State(proto, shapes_ok, outputs)
+        return _State(proto, shapes_ok, outputs, untyped=_untyped(model))
 
     def _reference_done(self, outputs: list[verify.Feeds] | None,
                         error: Exception | None) -> None:
@@ -312,8 +352,14 @@ class PassManager:
                     entry.seconds = time.perf_counter() - start
                     return entry, state
             if result.changed:
-                new_state = self._check(p, model, state,
-                                        None if p.lossless else result.outputs)
+                if self._deferring and p.lossless and p.name not in self._suspects and \
+                        state.untyped is not None and _untyped(model) <= state.untyped:
+                    new_state = _State(state.proto, state.shapes_ok, state.known,
+                                       unchecked=True, untyped=state.untyped, stale=True,
+                                       pending=True)
+                else:
+                    new_state = self._check(p, model, state,
+                                            None if p.lossless else result.outputs)
                 entry.status = "changed"
                 entry.nodes_after = model.num_nodes()
                 new_state.cost_s = entry.cost_after_s = self._cost(model, new_state)
@@ -326,6 +372,8 @@ class PassManager:
             entry.reason = f"raised {type(exc).__name__}: {_first_line(exc)}"
         finally:
             self.ctx.check_current = None
+        if entry.reason and state.pending:  # no checked model before this pass
+            raise _Rejected(f"pass {p.name} failed after unchecked changes: {entry.reason}")
         entry.seconds = time.perf_counter() - start
         if entry.reason:
             model.graph = Model.from_proto(state.proto).graph
@@ -363,21 +411,10 @@ class PassManager:
         """``model`` after ``p``: exportable, valid, shapes inferable, and its outputs on
         the probe feeds equal to the state's (lossless) or within the budget of the
         original's (lossy; ``measured``: the outputs the pass measured its result at)."""
-        try:
-            proto = model.to_onnx(references=True)
-        except Exception as exc:
-            raise _Rejected(f"cannot export the graph: {_first_line(exc)}") from exc
-        try:
-            onnx.checker.check_model(skeleton(proto))
-        except onnx.checker.ValidationError as exc:
-            raise _Rejected(f"ONNX checker: {_first_line(exc)}") from exc
-        if state.shapes_ok:
-            proto = _infer_strict(proto)
-            if proto is None:
-                raise _Rejected("strict shape inference fails after the pass")
+        proto = self._structure(model, state)
         if self._deferring and p.lossless and p.name not in self._suspects:
-            model.adopt_types(proto)
-            return _State(proto, state.shapes_ok, state.known, unchecked=True)
+            return _State(proto, state.shapes_ok, state.known, unchecked=True,
+                          untyped=_untyped(model))
         outputs = None
         if state.outputs is not None:
             try:
@@ -397,9 +434,30 @@ class PassManager:
                 score = metric.score(self.original_outputs, outputs, self.probe_feeds)
                 if score < floor:
                     raise _Rejected(f"{metric.name} {score:.5f} is below the budget {floor}")
-        model.adopt_types(proto)
         return _State(proto, state.shapes_ok, outputs,
-                      handed_over=outputs is not None and outputs is measured)
+                      handed_over=outputs is not None and outputs is measured,
+                      untyped=_untyped(model))
+
+    def _structure(self, model: Model, state: _State,
+                   proto: onnx.ModelProto | None = None) -> onnx.ModelProto:
+        """``model`` exported (unless ``proto`` is its export), checked and (if strict
+        inference held for ``state``) shape-inferred, its types adopted by ``model``;
+        raises ``_Rejected``."""
+        if proto is None:
+            try:
+                proto = model.to_onnx(references=True)
+            except Exception as exc:
+                raise _Rejected(f"cannot export the graph: {_first_line(exc)}") from exc
+        try:
+            onnx.checker.check_model(skeleton(proto))
+        except onnx.checker.ValidationError as exc:
+            raise _Rejected(f"ONNX checker: {_first_line(exc)}") from exc
+        if state.shapes_ok:
+            proto = _infer_strict(proto)
+            if proto is None:
+                raise _Rejected("strict shape inference fails after the pass")
+        model.adopt_types(proto)
+        return proto
 
     def _cost(self, model: Model, state: _State) -> float | None:
         """Estimated latency of ``model``, the model of ``state``: its shapes were just
@@ -435,6 +493,12 @@ def _matches(outputs: list[verify.Feeds] | None, like: list[verify.Feeds]) -> bo
     return outputs is not None and len(outputs) == len(like) and all(
         a.keys() == b.keys() and all(np.shape(a[k]) == np.shape(b[k]) for k in a)
         for a, b in zip(outputs, like))
+
+
+def _untyped(model: Model) -> frozenset[str]:
+    """Names of ``model``'s variables (any graph's) without a dtype or a shape."""
+    return frozenset(t.name for g in model.all_graphs() for t in g.tensors().values()
+                     if isinstance(t, gs.Variable) and (t.dtype is None or t.shape is None))
 
 
 def _run_feeds(proto: onnx.ModelProto | verify.Serialized, feeds: list[verify.Feeds],

@@ -214,6 +214,38 @@ def test_deferred_check_finds_the_pass_at_fault_and_watches_it(monkeypatch):
     assert counter.calls == 6
 
 
+@pytest.mark.parametrize("check_each_pass", [False, True])
+def test_structure_checks_wait_for_passes_that_leave_every_type(monkeypatch,
+                                                                check_each_pass):
+    """While numbers are deferred, a lossless pass that leaves no tensor untyped is
+    exported, checked and shape-inferred with the next check, not after itself."""
+    calls = []
+    real = PassManager._structure
+    monkeypatch.setattr(PassManager, "_structure",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    model, manager = run_manager([RemoveOneDoubleNeg(), RemoveOneDoubleNeg()],
+                                 check_each_pass=check_each_pass)
+    assert [n.op for n in model.graph.nodes] == ["Relu"]
+    assert [e.status for e in manager.trace] == ["changed", "changed", "unchanged",
+                                                 "unchanged"]
+    assert len(calls) == (2 if check_each_pass else 1)
+    assert manager.trace[1].cost_after_s < manager.trace[0].cost_after_s
+
+
+@pytest.mark.parametrize("bad", [BreakStructure(), Raises()], ids=lambda p: p.name)
+def test_a_pass_failing_after_unchecked_changes_is_found_alone(bad):
+    """The model before ``bad`` was never exported (the change before it waits for its
+    check): the iteration runs again with every check, and only ``bad`` is rolled back."""
+    model, manager = run_manager([RemoveOneDoubleNeg(), bad, RemoveOneDoubleNeg()])
+    assert [(e.pass_name, e.iteration, e.status) for e in manager.trace][:3] == [
+        ("remove-one-double-neg", 1, "changed"), (bad.name, 1, "rolled-back"),
+        ("remove-one-double-neg", 1, "changed")]
+    assert "boom" in manager.trace[1].reason or "dangling" in manager.trace[1].reason
+    assert [n.op for n in model.graph.nodes] == ["Relu"]
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    np.testing.assert_array_equal(verify.run(model.to_onnx(), {"t0": x})["y"], np.maximum(x, 0))
+
+
 def test_deferred_and_per_pass_checks_give_the_same_model():
     from tests import zoo
 
