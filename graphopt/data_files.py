@@ -118,10 +118,11 @@ def _inline_raw(const: gs.Constant, values, min_bytes: int) -> tuple[int, object
         if extent(tensor) is not None or not tensor.HasField("raw_data") or \
                 tensor.data_location == TensorProto.EXTERNAL:
             return None
-        length = len(tensor.raw_data)
-        if length < min_bytes or view_bytes(tensor) != length:
+        length = view_bytes(tensor)  # (reading raw_data copies the bytes: once only)
+        if length is None or length < min_bytes:
             return None
-        return tensor.data_type, tensor.raw_data
+        data = tensor.raw_data
+        return (tensor.data_type, data) if len(data) == length else None
     if not isinstance(values, np.ndarray) or values.nbytes < min_bytes or \
             not values.dtype.isnative:
         return None

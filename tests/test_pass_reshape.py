@@ -117,3 +117,26 @@ def test_default_pipeline_removes_the_shape_arithmetic():
     out = result.model.to_onnx()
     assert [d.dim_param for d in out.graph.input[0].type.tensor_type.shape.dim[:2]] == ["B", "S"]
     check_outputs(head_split_model(), result.model, [(2, 3, 64), (1, 9, 64)])
+
+
+def test_symbolic_inference_only_for_targets_known_shapes_leave_open(monkeypatch):
+    """A target the model's own (ONNX-inferred) shapes settle is folded without ONNX
+    Runtime's symbolic inference; one they leave open still gets it."""
+    import graphopt.ir
+
+    calls = []
+    real = graphopt.ir.symbolic_shapes
+    monkeypatch.setattr(graphopt.ir, "symbolic_shapes",
+                        lambda proto: calls.append(1) or real(proto))
+    static = flatten_pairs_model()
+    static.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 3
+    static.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 5
+    model = load(static)
+    model.infer_shapes()  # what the pass manager's checks leave on the graph
+    result = FoldReshapeTargets().run(model, PassContext())
+    target = next(n for n in model.graph.nodes if n.op == "Reshape").inputs[1]
+    assert result.changed and np.asarray(target.values).tolist() == [15, 64]
+    assert calls == []
+    check_outputs(static, model, [(3, 5, 64)])
+    model, result, value = fold(flatten_pairs_model())  # [B*S, 64]: needs symbolic dims
+    assert result.changed and value == [-1, 64] and calls == [1]
