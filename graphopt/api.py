@@ -18,7 +18,7 @@ from graphopt import artifact as artifact_check
 from graphopt import replay as replayed_settings
 from graphopt import background, verify
 from graphopt.accuracy import shared_references
-from graphopt.analysis import Summary, summarize
+from graphopt.analysis import Summary, shapes_known, summarize
 from graphopt import microbench
 from graphopt.cost import CostModel
 from graphopt.cost_calibration import Calibration, cost_model_for
@@ -217,9 +217,9 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     original = weights.model
     if not tgt.compiled:  # its artifact is the ONNX model itself, run by ONNX Runtime
         verify.check_runtime(original.meta)
-    working = original.clone()
-    tgt.prepare(working, input_shapes)
     original_proto = original.to_onnx(references=True)  # spilled weights: not copied
+    working = Model.from_proto(original_proto)  # (a clone: reads the proto, never writes)
+    tgt.prepare(working, input_shapes)
     input_hash = background.submit(proto_hash, original_proto)  # reads every weight
     data = check_feeds(data, original_proto)
     # Lossy data is batched for the model the passes see: a target that binds
@@ -256,6 +256,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         verify.check_runs(original_proto, feeds, data_given=bool(data), shapes=input_shapes)
 
     output_hash = background.submit(proto_hash, working.to_onnx(references=True))
+    _adopt_initial_types(original, manager.initial_types)
     summaries = {  # meanwhile (the original, the run's own copy, gets its shapes in place)
         "input": summarize(original, tgt.device, cost_model, copy=False).to_dict(),
         "output": _summary(working, tgt, cost_model).to_dict()}
@@ -497,6 +498,28 @@ def compare(a: ModelSource, b: ModelSource, data: list[verify.Feeds] | None = No
         result.outputs += verify.compare(verify.run(proto_a, f), verify.run(proto_b, f),
                                          tolerance).outputs
     return result
+
+
+def _adopt_initial_types(original: Model, initial) -> None:
+    """The types the pass manager inferred for the model it started from (``initial``, a
+    ModelProto), taken by ``original`` when that model is ``original`` itself (the
+    target's ``prepare`` changed nothing: the same inputs, the same nodes) and some of
+    its shapes are unknown: its summary then needs no inference of its own."""
+    if initial is None or shapes_known(original):
+        return
+    from onnx_graphsurgeon.importers.onnx_importer import (get_onnx_tensor_dtype,
+                                                           get_onnx_tensor_shape)
+
+    inputs = [(t.name, t.dtype, t.shape) for t in original.graph.inputs]
+    if inputs != [(v.name, get_onnx_tensor_dtype(v), get_onnx_tensor_shape(v))
+                  for v in initial.graph.input]:
+        return
+    ours = sorted((n.op, n.domain or "", tuple(t.name for t in n.inputs),
+                   tuple(t.name for t in n.outputs)) for n in original.graph.nodes)
+    theirs = sorted((n.op_type, n.domain, tuple(n.input), tuple(n.output))
+                    for n in initial.graph.node)
+    if ours == theirs:
+        original.adopt_types(initial)
 
 
 def _summary(model: Model, target: Target, cost_model: CostModel | None = None) -> Summary:

@@ -199,6 +199,13 @@ class PassManager:
         (``None`` when ORT cannot run it)."""
         return None if self._initial is None else self._initial.outputs
 
+    @property
+    def initial_types(self) -> onnx.ModelProto | None:
+        """The model the run started from, exported with the types strict shape inference
+        gave it (``None`` before the run, or when strict inference failed)."""
+        state = self._initial
+        return state.proto if state is not None and state.shapes_ok else None
+
     def _wait_for_original(self) -> None:
         if self._initial is not None:
             self._initial.outputs  # noqa: B018 - resolving it sets numeric_check, ctx

@@ -324,3 +324,26 @@ def test_final_verification_compares_the_reused_outputs(monkeypatch):
     monkeypatch.setattr(PassManager, "checked_outputs", damaged)
     with pytest.raises(VerificationError, match="does not match the original"):
         graphopt.optimize(chain_model())
+
+
+@pytest.mark.parametrize("bound", [False, True], ids=["as-is", "bound"])
+def test_input_summary_with_the_managers_types_is_the_summary_of_the_input(monkeypatch,
+                                                                           bound):
+    """The report's input summary reuses the types the pass manager inferred for the model
+    it started from only when that is the input itself (not one whose shapes the target's
+    ``prepare`` bound, as compiled targets do): the summary is the input's own."""
+    from graphopt.analysis import summarize
+    from graphopt.targets.shapes import bind_input_shapes
+    from tests import zoo
+
+    proto = zoo.resnet_cnn()  # torchscript export: no intermediate shapes in the file
+    del proto.graph.value_info[:]
+    if bound:
+        monkeypatch.setattr(OrtTarget, "prepare",
+                            lambda self, model, shapes: bind_input_shapes(model, shapes))
+    target = OrtTarget()
+    result = graphopt.optimize(proto, target="ort",
+                               input_shapes={"input": [3, 3, 32, 32]} if bound else None)
+    own = summarize(load(proto), target.device).to_dict()
+    for key in ("nodes", "params", "flops", "peak_activation_bytes", "shapes_known"):
+        assert result.report["input"][key] == own[key], key
