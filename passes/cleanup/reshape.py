@@ -53,7 +53,8 @@ class FoldReshapeTargets(Pass):
         if not computed:
             return PassResult(changed=False)
         # The shapes the model has (ONNX's inference) settle most targets; symbolic
-        # inference (tens of milliseconds even on a small model) only runs for the rest.
+        # inference (tens of milliseconds even on a small model) only runs for the rest
+        # (those with a dimension left to -1).
         folded, taken = 0, tensor_names(model.all_graphs())
         for attempt in ("known", "symbolic"):
             if attempt == "symbolic":
@@ -65,7 +66,9 @@ class FoldReshapeTargets(Pass):
             left = []
             for graph, node in computed:
                 target = constant_target(node)
-                if target is None:
+                # (a -1 where symbolic inference may know the size: the head count a
+                # split of heads spells out, which head pruning rewrites)
+                if target is None or (attempt == "known" and -1 in target):
                     left.append((graph, node))
                     continue
                 node.inputs[1] = make_constant(graph, f"{node.outputs[0].name}_shape",

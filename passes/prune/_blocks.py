@@ -440,6 +440,143 @@ class GateRunner:
         return output_error(self.reference, self.run(settings))
 
 
+class PointRunner:
+    """Runs of ``model`` over ``data`` with one point (a linear's node name, as for
+    ``gated``) gated at a time, each from that point on: what lies upstream of a point is
+    the same for all of its settings, so the tensors the rest of the model reads from it
+    are computed once (one run of the model for all points) and each setting runs only
+    the part downstream, with that point's gate alone (``GateRunner`` runs the whole
+    model with every gate in place: on MiniLM a matrix gate costs more than the block it
+    gates). ``run`` and ``error`` as ``GateRunner``'s, one point switched at a time."""
+
+    def __init__(self, model: Model, points: dict[str, str], data: list[dict],
+                 matrix: bool = False):
+        from graphopt import verify
+
+        self.matrix, self.data = matrix, data
+        nodes = {n.name: n for n in model.graph.nodes}
+        self.suffix: dict[str, tuple[list[str], list[str]]] = {}  # point -> (inputs, outputs)
+        outputs = [t.name for t in model.graph.outputs]
+        # what depends on the data (a weight behind a Transpose does not: its producer
+        # stays in the part run, not an input of it)
+        data_made = {id(t) for n in _downstream(*model.graph.inputs) for t in n.outputs}
+        data_made |= {id(t) for t in model.graph.inputs}
+        for node_name, point in points.items():
+            below = _downstream(nodes[node_name])
+            made = {id(t) for n in below for t in n.outputs}
+            reads = [t for n in below for t in n.inputs if isinstance(t, gs.Variable) and
+                     id(t) not in made and id(t) in data_made and t.name]
+            self.suffix[point] = (list(dict.fromkeys(t.name for t in reads)),
+                                  [o for o in outputs if any(
+                                      o == t.name for n in below for t in n.outputs)])
+        # one run of the model for every point's inputs and the outputs (the reference)
+        given = {t.name for t in model.graph.inputs}
+        wanted = list(dict.fromkeys(
+            outputs + [n for inputs, _ in self.suffix.values() for n in inputs
+                       if n not in given]))
+        runner = verify.session(_with_outputs(model, wanted), optimize=True, threads=0)
+        accepted = {i.name for i in runner.get_inputs()}
+        self.values = []
+        for f in data:
+            feeds = {k: v for k, v in f.items() if k in accepted}
+            self.values.append({**feeds, **dict(zip(wanted, runner.run(wanted, feeds)))})
+        self.reference = [{k: v[k] for k in outputs} for v in self.values]
+        self.sessions = {}
+        for node_name, point in points.items():
+            inputs, outs = self.suffix[point]
+            proto = _suffix(model, node_name, point, inputs, outs, matrix,
+                            {n: self.values[0][n] for n in inputs})
+            self.sessions[point] = verify.session(proto, optimize=True, threads=0)
+
+    def run(self, settings: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[dict]:
+        if not settings:
+            return self.reference
+        if len(settings) != 1:
+            raise ValueError("PointRunner switches one point at a time")
+        (point, (mask, offset)), = settings.items()
+        sess = self.sessions[point]
+        inputs, outs = self.suffix[point]
+        dtype = np.float16 if "float16" in sess.get_inputs()[-1].type else np.float32
+        gate = {f"{point}{MASK}": mask.astype(dtype), f"{point}{OFFSET}": offset.astype(dtype)}
+        results = []
+        for values, ref in zip(self.values, self.reference):
+            got = sess.run(outs, {**{n: values[n] for n in inputs}, **gate})
+            results.append({**ref, **dict(zip(outs, got))})
+        return results
+
+    def error(self, settings: dict[str, tuple[np.ndarray, np.ndarray]]) -> float:
+        return output_error(self.reference, self.run(settings))
+
+
+def _downstream(*starts: gs.Node | gs.Tensor) -> list[gs.Node]:
+    """The nodes among ``starts`` and every node that reads what they compute (or the
+    tensors among them), directly or not."""
+    nodes = [s for s in starts if isinstance(s, gs.Node)]
+    seen, order, stack = {id(n) for n in nodes}, list(nodes), list(nodes)
+    for t in (s for s in starts if isinstance(s, gs.Tensor)):
+        for reader in t.outputs:
+            if id(reader) not in seen:
+                seen.add(id(reader))
+                order.append(reader)
+                stack.append(reader)
+    while stack:
+        for t in stack.pop().outputs:
+            for reader in t.outputs:
+                if id(reader) not in seen:
+                    seen.add(id(reader))
+                    order.append(reader)
+                    stack.append(reader)
+    return order
+
+
+def _with_outputs(model: Model, names: list[str]) -> onnx.ModelProto:
+    """``model`` exported with ``names`` as its outputs (graph outputs first)."""
+    copy = model.clone()
+    tensors = copy.graph.tensors()
+    known = {t.name for t in copy.graph.outputs}
+    copy.graph.outputs = list(copy.graph.outputs) + [tensors[n] for n in names
+                                                     if n not in known]
+    return copy.to_onnx()
+
+
+def _suffix(model: Model, node_name: str, point: str, inputs: list[str], outputs: list[str],
+            matrix: bool, examples: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The part of ``model`` downstream of the linear ``node_name``, gated there (as
+    ``gated``), reading ``inputs`` (the tensors it takes from upstream, typed after
+    ``examples``) and the gate's mask and offset, and computing ``outputs``."""
+    copy = model.clone()
+    graph = copy.graph
+    tensors = graph.tensors()
+    cut = []
+    for name in inputs:
+        t = tensors[name]
+        t.inputs.clear()  # from upstream: an input of its own now
+        t.dtype = examples[name].dtype
+        if t.shape is not None and len(t.shape) != examples[name].ndim:
+            t.shape = None
+        cut.append(t)
+    graph.inputs = cut
+    graph.outputs = [tensors[n] for n in outputs]
+    graph.cleanup()  # the upstream nodes, which nothing reads now
+    node = next(n for n in graph.nodes if n.name == node_name)
+    x = node.inputs[0]
+    width = int(const_input(node, 1).shape[0])
+    dtype = const_input(node, 1).dtype
+    taken = tensor_names([graph])
+    mask = gs.Variable(f"{point}{MASK}", dtype, [width, width] if matrix else [width])
+    offset = gs.Variable(f"{point}{OFFSET}", dtype, [width])
+    scaled = gs.Variable(unique_name(taken, f"{x.name}_gated"), dtype, x.shape)
+    shifted = gs.Variable(unique_name(taken, f"{x.name}_shifted"), dtype, x.shape)
+    graph.nodes.append(gs.Node("MatMul" if matrix else "Mul",
+                               unique_name(taken, f"{point}_gate_mul"),
+                               inputs=[x, mask], outputs=[scaled]))
+    graph.nodes.append(gs.Node("Add", unique_name(taken, f"{point}_gate_add"),
+                               inputs=[scaled, offset], outputs=[shifted]))
+    node.inputs[0] = shifted
+    graph.inputs.extend([mask, offset])
+    return copy.to_onnx()
+
+
 def keep_count(size: int, ratio: float, multiple: int) -> int:
     """Units kept when ``ratio`` of ``size`` go, rounded to ``multiple`` (1 for sizes
     under two multiples); at least one multiple, at most all."""

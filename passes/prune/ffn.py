@@ -41,8 +41,8 @@ from graphopt.compression import Applied, CompressionPass, Quota, Site
 from graphopt.ir import Model
 from graphopt.pass_infra import PassContext
 from graphopt.passes.prune import _obs
-from graphopt.passes.prune._blocks import (Editor, FfnBlock, GateRunner, compensation,
-                                           cut_and_refit, find_ffn_blocks, gated,
+from graphopt.passes.prune._blocks import (Editor, FfnBlock, PointRunner, compensation,
+                                           cut_and_refit, find_ffn_blocks,
                                            gates_score, keep_count, narrow_region,
                                            tap_source, top)
 
@@ -176,7 +176,7 @@ class PruneFfn(CompressionPass):
             return None
         blocks = {b.name: b for b in find_ffn_blocks(model.graph)}
         points = {blocks[s.name].down.node.name: f"ffn{i}" for i, s in enumerate(active)}
-        runner = GateRunner(gated(model, points, matrix=bool(self._grams) or proxy), data)
+        runner = PointRunner(model, points, data, matrix=bool(self._grams) or proxy)
         out = {}
         for i, s in enumerate(active):
             for count in s.settings[1:]:

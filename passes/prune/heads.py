@@ -43,8 +43,8 @@ from graphopt.pass_infra import PassContext
 from graphopt.passes.prune import _obs
 from graphopt.passes.prune._attention import (AttentionBlock, find_attention_blocks,
                                               set_entry, shape_tail)
-from graphopt.passes.prune._blocks import (Editor, GateRunner, compensation,
-                                           cut_and_refit, expand, gated, gates_score,
+from graphopt.passes.prune._blocks import (Editor, PointRunner, compensation,
+                                           cut_and_refit, expand, gates_score,
                                            narrow_dim, narrow_region, tap_source, top)
 
 IMPORTANCE = ("ablation", "norm", "obs")
@@ -165,7 +165,7 @@ class PruneHeads(CompressionPass):
             return None
         blocks = {b.name: b for b in find_attention_blocks(model.graph)}
         points = {blocks[s.name].out.node.name: f"heads{i}" for i, s in enumerate(active)}
-        runner = GateRunner(gated(model, points, matrix=bool(self._grams)), data)
+        runner = PointRunner(model, points, data, matrix=bool(self._grams))
         out = {}
         for i, s in enumerate(active):
             b = blocks[s.name]
@@ -222,7 +222,7 @@ class PruneHeads(CompressionPass):
 
     def _ablate(self, model: Model, blocks: list[AttentionBlock], data: list) -> None:
         points = {b.out.node.name: f"heads{i}" for i, b in enumerate(blocks)}
-        runner = GateRunner(gated(model, points, matrix=bool(self._grams)), data)
+        runner = PointRunner(model, points, data, matrix=bool(self._grams))
         for i, b in enumerate(blocks):
             scores = np.zeros(b.heads)
             for h in range(b.heads):

@@ -34,19 +34,22 @@ CURVE_POINTS = 20  # evaluations of the loss curve in the report, at most
 def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], train,
            sites, kept: dict,
            opts, metric, tolerance: float | None, seed: int,
-           quantized: list[QuantizedWeight] = (), report=None) -> dict:
+           quantized: list[QuantizedWeight] = (), report=None,
+           stream: list[str] = ()) -> dict:
     """Train the weights and biases of the layers ``train`` of ``model`` (in place) to
     reproduce ``teacher``'s outputs, and its values at the outputs of ``sites``, on
     ``data`` (``opts``: ``Finetune.Options``). Returns the statistics for the report.
     ``report(what, done, total)`` (``PassContext.step``) hears how far each training run
-    is, in percent of its budget (steps, or time when that ends first)."""
+    is, in percent of its budget (steps, or time when that ends first). ``stream``: more
+    tensors matched, each normalized by its mean square, with weight ``opts.stream``."""
     proto = model.to_onnx()
     outputs = [o.name for o in proto.graph.output]
     features = [(layer.y.name, layer.narrowing(kept)) for layer in sites] + \
         [(q.y.name, None) for q in quantized if q.y.name in teacher.ref.names]
     features = list({name: (name, axes) for name, axes in features}.values()) \
         if opts.features > 0 else []
-    wanted = list(dict.fromkeys([*outputs, *(name for name, _ in features)]))
+    stream = [name for name in dict.fromkeys(stream) if name not in outputs]
+    wanted = list(dict.fromkeys([*outputs, *(name for name, _ in features), *stream]))
     targets = [{k: to_torch(v) for k, v in values.items()}
                for values in teacher.batches(wanted)]
     params = sorted({c.name for layer in train
@@ -67,6 +70,10 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
             part = sum(((got[name] - _narrow(want[name], axes)) ** 2).mean() / scales[name]
                        for name, axes in features)
             total = total + opts.features * part / len(features)
+        if stream:
+            part = sum(((got[name] - want[name]) ** 2).mean() / scales[name]
+                       for name in stream)
+            total = total + opts.stream * part / len(stream)
         return total
 
     check_on = held or fit_on

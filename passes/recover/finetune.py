@@ -91,6 +91,9 @@ class Finetune(Pass):
         loss: str = "auto"  # output distillation: kl, mse, cosine (auto: kl under top1)
         temperature: float = 2.0  # of the kl loss
         features: float = 1.0  # weight of the feature matching at the changed layers
+        # weight of the matching, token by token, of the normalized hidden states (the
+        # outputs of LayerNormalization and its kin downstream of the changes)
+        stream: float = 0.0
         scope: str = "downstream"  # which linear layers train: changed, downstream or all
         refit: bool = True  # least-squares re-fit first
         max_batches: int = 64  # calibration batches used, at most
@@ -108,7 +111,7 @@ class Finetune(Pass):
                     raise ValueError(f"{key} must be an integer >= 1, not {value!r}")
             if not (isinstance(self.augment, int) and self.augment >= 0):
                 raise ValueError(f"augment must be an integer >= 0, not {self.augment!r}")
-            for key in ("time", "features"):
+            for key in ("time", "features", "stream"):
                 value = getattr(self, key)
                 if not (isinstance(value, (int, float)) and value >= 0):
                     raise ValueError(f"{key} must be a number >= 0, not {value!r}")
@@ -193,13 +196,17 @@ class Finetune(Pass):
                 model.graph = snapshot.graph
             return PassResult(bool(opts.refit and _improved(stats.get("refit", {}))), stats)
         sites = [layer for layer in found if id(layer.node) in changed]
+        stream = [n.outputs[0].name for n in model.graph.nodes
+                  if id(n) in dirty and n.op in NORMALIZATIONS and n.outputs and
+                  n.outputs[0].name in teacher.ref.names and n.outputs[0].name not in kept] \
+            if opts.stream > 0 else []
         metric = get_metric(ctx.metric or DEFAULT_METRIC)
         if opts.loss == "auto":
             opts = replace(opts, loss="kl" if metric.name == "top1" else "mse")
         from graphopt.passes.recover.distil import distil  # (imports torch)
 
         result = distil(model, teacher, data, held, train, sites, kept, opts, metric=metric,
-                        quantized=quantized,
+                        quantized=quantized, stream=stream,
                         tolerance=ctx.tolerance, seed=ctx.seed, report=ctx.step)
         stats.update(result)
         if not result["improved"] and snapshot is not None:
@@ -209,6 +216,12 @@ class Finetune(Pass):
             stats["kept"] = "the re-fit on every batch (no checkpoint beat it on the " \
                             "held-out batches)"
         return PassResult(True, stats)
+
+
+# Ops whose outputs are a model's normalized hidden states (``stream``).
+NORMALIZATIONS = frozenset({
+    "LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
+    "SkipSimplifiedLayerNormalization", "RMSNormalization"})
 
 
 def new_linears(graph: gs.Graph, found: list, dirty: set[int]) -> list:
