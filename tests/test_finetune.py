@@ -329,3 +329,66 @@ def test_progress_reports_each_training_run():
     final = [done for w, done in ((w, d) for w in runs if "(probe)" not in w
                                   for d in runs[w])]
     assert final == sorted(final) and final[-1] == 100 and len(final) >= 30
+
+
+def test_stream_matching_brings_the_hidden_states_closer():
+    """``stream=W`` matches, token by token, the normalized hidden states (LayerNorm
+    outputs) downstream of the pruned FFNs: on held-out token batches they end closer to
+    the original's than with the outputs and the pruned layers' outputs matched alone."""
+    import onnx
+
+    from graphopt import verify
+    from graphopt.passes.prune.ffn import PruneFfn
+    from tests import zoo
+    from tests.helpers import bert_token_feeds
+
+    from graphopt.passes.prune._blocks import find_ffn_blocks
+
+    from tests.test_prune_transformer import cleanup_passes, stage
+
+    # cleaned up (the FFN blocks found), FFNs that matter: down projections x6
+    strong = Model.from_proto(stage(cleanup_passes(), zoo.bert_tiny()))
+    for b in find_ffn_blocks(strong.graph):
+        weight = b.down.node.inputs[1]
+        if not hasattr(weight, "values"):  # behind a Transpose
+            weight = weight.inputs[0].inputs[0]
+        weight.values = np.asarray(weight.values) * 6.0
+    # the sentence embedding alone, as MiniLM's: no output per token
+    strong.graph.outputs = [t for t in strong.graph.outputs if t.name == "sentence_embedding"]
+    proto = strong.to_onnx()
+    calibration = bert_token_feeds(zoo.BERT_TINY_VOCAB, count=16, batch=8, sequence=16,
+                                   seed=1)
+    held = bert_token_feeds(zoo.BERT_TINY_VOCAB, count=3, batch=4, sequence=13, seed=2)
+
+    def tuned(stream: float) -> tuple[onnx.ModelProto, dict]:
+        target = OrtTarget()
+        ctx = PassContext(target=target, device=target.device, calibration=calibration,
+                          reference=proto)
+        prune = PruneFfn(ratio=0.75)
+        model = Model.from_proto(proto)
+        sites = [s for s in prune.sites(model, ctx) if s.refused is None]
+        ctx.kept = prune.apply(model, prune.fixed_choice(sites), ctx).kept
+        stats = Finetune(steps=400, lr=0.02, augment=0, refit=False,
+                         stream=stream).run(model, ctx).stats
+        return model.to_onnx(), stats
+
+    plain, _ = tuned(0.0)
+    matched, stats = tuned(4.0)
+    names = stats["stream"]
+    # the first block's LayerNorm after its FFN, the second's after attention and FFN
+    assert names is not None and len(names) == 3
+
+    def hidden(model: onnx.ModelProto) -> list[dict]:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+        sess = verify.session(model)
+        return [verify.run(sess, f) for f in held]
+
+    want = hidden(proto)
+
+    def error(model) -> float:
+        got = hidden(model)
+        return float(np.mean([((g[n] - w[n]) ** 2).mean() / (w[n] ** 2).mean()
+                              for g, w in zip(got, want) for n in names]))
+
+    assert error(matched) < 0.9 * error(plain), (error(matched), error(plain))

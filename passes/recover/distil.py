@@ -206,6 +206,7 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
     return {"steps": step, "seconds": round(seconds, 2), "stopped_by": reason,
             "improved": run["values"] is not None,
             "trained_layers": len(train), "quantized_weights": len(quantized),
+            "stream": stream or None,
             "parameters": int(sum(v.size for v in
                                                                 best_values.values())),
             "lr": lr, "lr_probes": {str(k): v for k, v in probes.items()} or None,
