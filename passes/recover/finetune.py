@@ -25,7 +25,10 @@ itself, node by node), and what compression touched trains:
    and regressions; ``cosine``; ``auto``: kl when the accuracy metric is top-1 agreement,
    else mse) plus ``features`` times the normalised squared error at the outputs of the
    changed (and quantized) layers, narrowed to the kept channels where compression
-   narrowed an output.
+   narrowed an output, plus ``stream`` times that error at the normalized hidden states
+   downstream of the changes (the outputs of LayerNormalization and its kin: every
+   token's residual stream, as TinyBERT's hidden-state loss; a model without them, such
+   as a CNN, has none).
 5. Adam with each layer's step size ``lr`` times the RMS of its weights, warmed up over
    the first 5% of the budget and decayed as a cosine over it (``steps``, and ``time``
    in seconds, whichever ends first). ``lr`` unset: a short run (a tenth of the budget)
@@ -93,7 +96,7 @@ class Finetune(Pass):
         features: float = 1.0  # weight of the feature matching at the changed layers
         # weight of the matching, token by token, of the normalized hidden states (the
         # outputs of LayerNormalization and its kin downstream of the changes)
-        stream: float = 0.0
+        stream: float = 4.0
         scope: str = "downstream"  # which linear layers train: changed, downstream or all
         refit: bool = True  # least-squares re-fit first
         max_batches: int = 64  # calibration batches used, at most
