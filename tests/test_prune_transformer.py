@@ -338,7 +338,7 @@ def test_the_gate_simulation_is_the_pruned_model_plain(forms):
 @pytest.mark.parametrize("form", ["decomposed", "fused"])
 @pytest.mark.parametrize("kind", ["heads", "ffn"])
 def test_the_gate_simulation_is_the_pruned_model(biased, form, kind, update):
-    """Every (site, setting) damages() scores in its one gated session is the score of
+    """Every (site, setting) damages() scores by its gated runs is the score of
     the model pruned there: with the re-fit (a matrix gate, 1152 calibration tokens: 4
     per FFN input) and with mean compensation (the offset is the bias it adds)."""
     proto = biased[form]
@@ -356,6 +356,43 @@ def test_the_gate_simulation_is_the_pruned_model(biased, form, kind, update):
             assert simulated[(site.name, count)] == \
                 pytest.approx(score(outputs(pruned.to_onnx(), data)), abs=1e-4), \
                 (site.name, count)
+
+
+def test_each_setting_runs_only_the_model_below_its_site(biased):
+    """PointRunner: a gated point runs the part of the model downstream of it, from the
+    values one run of the whole model left at its boundary, and gives what the whole
+    model gated there gives (checked against a gate written into the full graph)."""
+    import onnx_graphsurgeon as gs
+
+    from graphopt.passes.prune._blocks import PointRunner
+
+    model = Model.from_proto(biased["decomposed"])
+    blocks = find_ffn_blocks(model.graph)
+    points = {b.down.node.name: f"ffn{i}" for i, b in enumerate(blocks)}
+    data = held_out()
+    runner = PointRunner(model, points, data, matrix=True)
+    total = len(model.graph.nodes)
+    sizes = [runner.nodes[p] for p in points.values()]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < total / 2, (sizes, total)
+    rng = np.random.default_rng(0)
+    for b, point in zip(blocks, points.values()):
+        width = b.width
+        mask = np.eye(width, dtype=np.float32) * (rng.random(width) < 0.5)
+        offset = rng.standard_normal(width).astype(np.float32) * 0.1
+        full = Model.from_proto(biased["decomposed"])
+        node = next(n for n in full.graph.nodes if n.name == b.down.node.name)
+        x = node.inputs[0]
+        gated = gs.Variable("x_gated", np.float32, None)
+        shifted = gs.Variable("x_shifted", np.float32, None)
+        full.graph.nodes += [gs.Node("MatMul", inputs=[x, gs.Constant("m", mask)],
+                                     outputs=[gated]),
+                             gs.Node("Add", inputs=[gated, gs.Constant("o", offset)],
+                                     outputs=[shifted])]
+        node.inputs[0] = shifted
+        want = outputs(full.to_onnx(), data)
+        got = runner.run({point: (mask, offset)})
+        assert output_error(want, got) < 1e-10
+        assert output_error(runner.reference, got) > 1e-4  # the gate does change them
 
 
 @pytest.mark.parametrize("kind", ["heads", "ffn"])
