@@ -371,6 +371,15 @@ def node_flops(node: gs.Node) -> float:
 
 def _dtype_name(tensor: gs.Tensor) -> str:
     try:
-        return np.dtype(tensor.dtype).name if tensor.dtype is not None else "float32"
+        return _type_name(tensor.dtype)
+    except TypeError:  # (an unhashable type description)
+        return _type_name.__wrapped__(tensor.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _type_name(dtype) -> str:
+    """numpy's name of ``dtype`` (float32 when unknown), once per type."""
+    try:
+        return np.dtype(dtype).name if dtype is not None else "float32"
     except TypeError:
         return "float32"
