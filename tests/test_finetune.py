@@ -392,3 +392,19 @@ def test_stream_matching_brings_the_hidden_states_closer():
                               for g, w in zip(got, want) for n in names]))
 
     assert error(matched) < 0.9 * error(plain), (error(matched), error(plain))
+
+
+def test_a_diverging_probe_stops_early(monkeypatch):
+    """A step-size probe whose held-out loss passes twice the start's stops there (the
+    budget goes to the others); the step size chosen is one that did not diverge."""
+    from graphopt.passes.recover import distil
+
+    monkeypatch.setattr(distil, "LR_CANDIDATES", (50.0, 0.02, 0.005))
+    model, ctx = _pruned(0.5)
+    stats = Finetune(steps=200).run(model, ctx).stats
+    probe_steps = max(2 * 7, int(distil.PROBE * 200))  # 8 batches, one held out
+    stopped = stats["lr_probes_diverged"]
+    assert stopped is not None and set(stopped) == {"50.0"}, stats["lr_probes"]
+    assert stopped["50.0"] < probe_steps
+    assert stats["lr"] != 50.0 and stats["lr_probes"]["50.0"] > 2 * min(
+        stats["lr_probes"].values())

@@ -27,6 +27,9 @@ LR_CANDIDATES = (0.02, 0.005, 0.00125)  # relative step sizes probed when lr is 
 SMALLER, SMALLEST = 4.0, 1e-5  # when the smallest probed wins, a SMALLER times smaller one
 # is probed too (down to SMALLEST)
 PROBE = 0.1  # of the budget (steps, time) each probe runs
+# a probe whose held-out loss passes this multiple of the start's stops there (MiniLM's
+# re-fit at step size 0.02: 4.2x by the probe's end, a tenth of the budget spent on it)
+DIVERGED = 2.0
 WARMUP = 0.05  # of the budget, over which the step size rises linearly from 0
 CURVE_POINTS = 20  # evaluations of the loss curve in the report, at most
 
@@ -169,11 +172,14 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
                     run["best"][0] >= tolerance and stale >= patience:
                 run["reason"] = "plateau"  # within the budget, the loss no longer falls
                 break
+            if stop_after is not None and held_loss > DIVERGED * loss_before:
+                run["reason"] = "diverged"  # a probe: this step size is out of the race
+                break
         run["seconds"] = time.perf_counter() - start
         return run
 
     start = time.perf_counter()
-    probes = {}
+    probes, diverged = {}, {}
     lr, seconds = opts.lr, opts.time
     if lr is None:  # a short run at each candidate step size; the lowest held-out loss wins
         probe_steps = max(2 * len(fit_on), int(PROBE * opts.steps))
@@ -183,6 +189,8 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
             probe = fit(candidate, opts.time, stop_after=probe_steps,
                         stop_time=PROBE * opts.time if opts.time else None)
             probes[candidate] = probe.get("last", loss_before)
+            if probe["reason"] == "diverged":
+                diverged[str(candidate)] = probe["step"]
             best_lr = min(probes, key=lambda c: (probes[c], -c))
             if not candidates and best_lr == min(probes) and best_lr / SMALLER >= SMALLEST \
                     and len(probes) > 1:
@@ -210,6 +218,7 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
             "parameters": int(sum(v.size for v in
                                                                 best_values.values())),
             "lr": lr, "lr_probes": {str(k): v for k, v in probes.items()} or None,
+            "lr_probes_diverged": diverged or None,  # step size: the steps it ran
             "loss": opts.loss,
             "metric": metric.name, "held_out_batches": len(held),
             "score_before": before, "score_after": best[0],
