@@ -14,6 +14,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Sequence
 
+from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get_onnx_tensor_shape
+
 from graphopt import artifact as artifact_check
 from graphopt import replay as replayed_settings
 from graphopt import background, verify
@@ -507,9 +509,6 @@ def _adopt_initial_types(original: Model, initial) -> None:
     its shapes are unknown: its summary then needs no inference of its own."""
     if initial is None or shapes_known(original):
         return
-    from onnx_graphsurgeon.importers.onnx_importer import (get_onnx_tensor_dtype,
-                                                           get_onnx_tensor_shape)
-
     inputs = [(t.name, t.dtype, t.shape) for t in original.graph.inputs]
     if inputs != [(v.name, get_onnx_tensor_dtype(v), get_onnx_tensor_shape(v))
                   for v in initial.graph.input]:

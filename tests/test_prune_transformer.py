@@ -27,7 +27,8 @@ from graphopt.errors import UsageError
 from graphopt.ir import Model, infer_shapes
 from graphopt.pass_infra import PassContext
 from graphopt.passes.prune._attention import find_attention_blocks, shape_tail
-from graphopt.passes.prune._blocks import find_ffn_blocks, output_error, top
+from graphopt.passes.prune._blocks import find_ffn_blocks, top
+from graphopt.passes.prune._gates import output_error
 from graphopt.passes.prune.ffn import PruneFfn
 from graphopt.passes.prune.heads import PruneHeads
 from graphopt.registry import pass_registry
@@ -364,7 +365,7 @@ def test_each_setting_runs_only_the_model_below_its_site(biased):
     model gated there gives (checked against a gate written into the full graph)."""
     import onnx_graphsurgeon as gs
 
-    from graphopt.passes.prune._blocks import PointRunner
+    from graphopt.passes.prune._gates import PointRunner
 
     model = Model.from_proto(biased["decomposed"])
     blocks = find_ffn_blocks(model.graph)

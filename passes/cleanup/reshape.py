@@ -52,29 +52,31 @@ class FoldReshapeTargets(Pass):
                     if node.op == "Reshape" and constant_value(node.inputs[1]) is None]
         if not computed:
             return PassResult(changed=False)
-        # The shapes the model has (ONNX's inference) settle most targets; symbolic
-        # inference (tens of milliseconds even on a small model) only runs for the rest
-        # (those with a dimension left to -1).
-        folded, taken = 0, tensor_names(model.all_graphs())
-        for attempt in ("known", "symbolic"):
-            if attempt == "symbolic":
-                try:
-                    model.infer_shapes(symbolic=True)
-                except ModelError as exc:
-                    return PassResult(changed=folded > 0,
-                                      stats={"targets_folded": folded, "skipped": str(exc)})
+        taken = tensor_names(model.all_graphs())
+
+        def fold(reshapes, settled) -> list:
+            """Those of ``reshapes`` whose target ``settled`` does not accept."""
             left = []
-            for graph, node in computed:
+            for graph, node in reshapes:
                 target = constant_target(node)
-                # (a -1 where symbolic inference may know the size: the head count a
-                # split of heads spells out, which head pruning rewrites)
-                if target is None or (attempt == "known" and -1 in target):
+                if target is None or not settled(target):
                     left.append((graph, node))
                     continue
                 node.inputs[1] = make_constant(graph, f"{node.outputs[0].name}_shape",
                                                target, taken=taken)
-                folded += 1
-            computed = left
-            if not computed:
-                break
-        return PassResult(changed=folded > 0, stats={"targets_folded": folded})
+            return left
+
+        # The shapes the model has (ONNX's inference) settle most targets; symbolic
+        # inference (tens of milliseconds even on a small model) runs only for the rest,
+        # and for a -1 it may know the size of (the head count of a split of heads,
+        # which head pruning rewrites).
+        left = fold(computed, lambda target: -1 not in target)
+        stats = {}
+        if left:
+            try:
+                model.infer_shapes(symbolic=True)
+                left = fold(left, lambda target: True)
+            except ModelError as exc:
+                stats["skipped"] = str(exc)
+        folded = len(computed) - len(left)
+        return PassResult(changed=folded > 0, stats={"targets_folded": folded, **stats})

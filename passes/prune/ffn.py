@@ -41,10 +41,10 @@ from graphopt.compression import Applied, CompressionPass, Quota, Site
 from graphopt.ir import Model
 from graphopt.pass_infra import PassContext
 from graphopt.passes.prune import _obs
-from graphopt.passes.prune._blocks import (Editor, FfnBlock, PointRunner, compensation,
-                                           cut_and_refit, find_ffn_blocks,
-                                           gates_score, keep_count, narrow_region,
+from graphopt.passes.prune._blocks import (Editor, FfnBlock, compensation, cut_and_refit,
+                                           find_ffn_blocks, keep_count, narrow_region,
                                            tap_source, top)
+from graphopt.passes.prune._gates import PointRunner, gates_score
 
 IMPORTANCE = ("obs", "wanda", "fluctuation", "magnitude")
 RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)

@@ -43,9 +43,9 @@ from graphopt.pass_infra import PassContext
 from graphopt.passes.prune import _obs
 from graphopt.passes.prune._attention import (AttentionBlock, find_attention_blocks,
                                               set_entry, shape_tail)
-from graphopt.passes.prune._blocks import (Editor, PointRunner, compensation,
-                                           cut_and_refit, expand, gates_score,
+from graphopt.passes.prune._blocks import (Editor, compensation, cut_and_refit, expand,
                                            narrow_dim, narrow_region, tap_source, top)
+from graphopt.passes.prune._gates import PointRunner, gates_score
 
 IMPORTANCE = ("ablation", "norm", "obs")
 RATIOS = (0.0, 0.25, 0.5, 0.75)

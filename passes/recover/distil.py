@@ -52,6 +52,7 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
     features = list({name: (name, axes) for name, axes in features}.values()) \
         if opts.features > 0 else []
     stream = [name for name in dict.fromkeys(stream) if name not in outputs]
+    streamed = [(name, None) for name in stream]
     wanted = list(dict.fromkeys([*outputs, *(name for name, _ in features), *stream]))
     targets = [{k: to_torch(v) for k, v in values.items()}
                for values in teacher.batches(wanted)]
@@ -69,14 +70,11 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
         total = torch.zeros((), dtype=torch.float32)
         for name in outputs:
             total = total + _output_loss(got[name], want[name], scales[name], opts)
-        if features:
-            part = sum(((got[name] - _narrow(want[name], axes)) ** 2).mean() / scales[name]
-                       for name, axes in features)
-            total = total + opts.features * part / len(features)
-        if stream:
-            part = sum(((got[name] - want[name]) ** 2).mean() / scales[name]
-                       for name in stream)
-            total = total + opts.stream * part / len(stream)
+        for weight, matched in ((opts.features, features), (opts.stream, streamed)):
+            if matched:
+                part = sum(((got[name] - _narrow(want[name], axes)) ** 2).mean() /
+                           scales[name] for name, axes in matched)
+                total = total + weight * part / len(matched)
         return total
 
     check_on = held or fit_on
