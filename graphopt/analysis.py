@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 from graphopt.cost import AnalyticCostModel, CostModel, Device, NodeCost, tensor_bytes
 from graphopt.errors import GraphoptError
 from graphopt.ir import Model, toposort
+from graphopt.walk import tensor_map
 
 
 @dataclass
@@ -108,7 +109,7 @@ def peak_activation_bytes(graph: gs.Graph) -> int:
     end = len(graph.nodes)
     outputs = {id(t) for t in graph.outputs}
     events: dict[int, int] = Counter()
-    for tensor in graph.tensors().values():
+    for tensor in tensor_map(graph).values():
         if isinstance(tensor, gs.Constant):
             continue
         start = position[id(tensor.inputs[0])] if tensor.inputs else 0

@@ -22,6 +22,7 @@ from graphopt.external_data import (CHUNK, MIN_MAPPED_BYTES, Extent, MappedValue
                                     all_graphs, extent, has_references, initializers,
                                     mapped_source, materialize, read, set_extent, trust,
                                     view_bytes)
+from graphopt.walk import tensor_map, with_subgraphs
 
 # Large tensors in a written data file start at a page boundary (mappable in place).
 PAGE = 4096
@@ -83,8 +84,8 @@ def move_out_constants(graph: gs.Graph, data_path: Path,
     moved = 0
     written: dict[int, tuple[int, int]] = {}  # id(values) -> (offset, length)
     try:
-        for g in (graph, *graph.subgraphs(recursive=True)):
-            for const in g.tensors().values():
+        for g in with_subgraphs(graph):
+            for const in tensor_map(g).values():
                 if not isinstance(const, gs.Constant):
                     continue
                 values = const._values  # noqa: SLF001 - reading .values would load it
@@ -146,8 +147,8 @@ def read_back(graph: gs.Graph, folder: Path) -> None:
     references into files under ``folder`` get their bytes read into memory, in place:
     the files may go."""
     folder = str(Path(folder).resolve())
-    for g in (graph, *graph.subgraphs(recursive=True)):
-        for const in g.tensors().values():
+    for g in with_subgraphs(graph):
+        for const in tensor_map(g).values():
             if not isinstance(const, gs.Constant):
                 continue
             source = mapped_source(const._values)  # noqa: SLF001

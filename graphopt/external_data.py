@@ -37,6 +37,8 @@ from onnx import TensorProto
 from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from graphopt.walk import CONTROL_FLOW, STANDARD_DOMAINS, tensor_map, with_subgraphs
+
 # External initializers of fewer bytes are read into the model at load (shape tensors,
 # biases: cheap, and they stay visible to checks and shape inference).
 MIN_MAPPED_BYTES = 1 << 16
@@ -203,8 +205,8 @@ def mapped_source(values) -> "MappedValues | None":
 
 def wrap(graph: gs.Graph) -> None:
     """After import: constants whose tensor is a reference get ``MappedValues``."""
-    for g in (graph, *graph.subgraphs(recursive=True)):
-        for tensor in g.tensors().values():
+    for g in with_subgraphs(graph):
+        for tensor in tensor_map(g).values():
             if isinstance(tensor, gs.Constant) and type(tensor._values) is LazyValues and \
                     extent(tensor._values.tensor) is not None:  # noqa: SLF001
                 tensor._values = MappedValues(tensor._values.tensor)  # noqa: SLF001
@@ -217,8 +219,8 @@ def unwrap(graph: gs.Graph) -> None:
     ``MappedValues`` back, so it exports as the reference instead of its bytes. Each
     constant gets its own (graphsurgeon renames the exported TensorProto in place)."""
     taken: dict[int, str] = {}
-    for g in (graph, *graph.subgraphs(recursive=True)):
-        for tensor in g.tensors().values():
+    for g in with_subgraphs(graph):
+        for tensor in tensor_map(g).values():
             if not isinstance(tensor, gs.Constant):
                 continue
             source = mapped_source(tensor._values)  # noqa: SLF001
@@ -367,10 +369,6 @@ _located: dict[tuple, list[str]] = {}
 
 
 # ---------------------------------------------------------------------- walking protos
-# The operators of the ONNX standard whose attributes hold graphs; those of any other
-# domain (contrib, custom) may hold them too.
-CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
-STANDARD_DOMAINS = (None, "", "ai.onnx")  # (onnx-graphsurgeon's default is None)
 
 def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """``graph`` and its subgraphs (If/Loop/Scan bodies), recursively."""

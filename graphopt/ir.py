@@ -34,11 +34,12 @@ from graphopt import data_files, external_data, stand_ins
 from graphopt.data_files import copy_field
 from graphopt.errors import ModelError
 from graphopt.symbolic import shapes as symbolic_shapes
-from graphopt.external_data import CONTROL_FLOW, STANDARD_DOMAINS
 from graphopt.external_data import all_graphs as _all_graphs
 from graphopt.external_data import all_nodes as _all_nodes  # noqa: F401 - model_check
 from graphopt.external_data import all_tensors as _all_tensors
 from graphopt.external_data import model_files, saved_files  # noqa: F401 - part of the API
+from graphopt.walk import constants, tensor_map, with_subgraphs
+from graphopt.walk import subgraphs as _subgraphs
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Models whose tensors add up to more than this are saved with external data (and their
@@ -159,12 +160,7 @@ class Model:
         return sum(math.prod(t.shape) for t in self.initializers())
 
     def initializers(self) -> list[gs.Constant]:
-        seen: dict[int, gs.Constant] = {}
-        for g in self.all_graphs():
-            for tensor in g.tensors().values():
-                if isinstance(tensor, gs.Constant):
-                    seen.setdefault(id(tensor), tensor)
-        return list(seen.values())
+        return constants(self.graph)
 
     def content_hash(self) -> str:
         """SHA-256 of the model's deterministic serialization (works above 2 GB)."""
@@ -190,7 +186,7 @@ class Model:
                 if vi.type.ByteSize() > 0:  # (as the importer: an empty type says nothing)
                     infos.setdefault(vi.name, vi)
         for g in self.all_graphs():
-            for tensor in g.tensors().values():
+            for tensor in tensor_map(g).values():
                 info = infos.get(tensor.name)
                 if info is None or isinstance(tensor, gs.Constant):
                     continue
@@ -217,8 +213,8 @@ class _SparseValues(SparseValues):
 
 
 def _fix_sparse_values(graph: gs.Graph) -> None:
-    for g in (graph, *graph.subgraphs(recursive=True)):
-        for tensor in g.tensors().values():
+    for g in with_subgraphs(graph):
+        for tensor in tensor_map(g).values():
             if isinstance(tensor, gs.Constant) and \
                     type(tensor._values) is SparseValues:  # noqa: SLF001 - no public access
                 tensor._values = _SparseValues(tensor._values.tensor)  # noqa: SLF001
@@ -234,8 +230,8 @@ def _pack_subbyte_constants(graph: gs.Graph) -> None:
     unpacked bytes, which ONNX rejects ("Raw data size does not match")."""
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
-    for g in (graph, *graph.subgraphs(recursive=True)):
-        for tensor in g.tensors().values():
+    for g in with_subgraphs(graph):
+        for tensor in tensor_map(g).values():
             if not isinstance(tensor, gs.Constant) or \
                     isinstance(tensor._values, LazyValues):  # noqa: SLF001 - no public test
                 continue
@@ -531,21 +527,3 @@ def toposort(graph: gs.Graph, recurse_subgraphs: bool = True) -> gs.Graph:
                 order.append(node)
     graph.nodes = sorted(order, key=lambda n: level[id(n)])
     return graph
-
-
-def _subgraphs(graph: gs.Graph) -> Iterator[gs.Graph]:
-    # (called for every graph walk: exact types first, and a list attribute is all
-    # graphs or none, as ONNX's GRAPHS and INTS/FLOATS/STRINGS types are)
-    graph_type, sequences = gs.Graph, (list, tuple)
-    for node in graph.nodes:
-        if node.domain in STANDARD_DOMAINS and node.op not in CONTROL_FLOW:
-            continue  # (the standard's other operators take no graph attribute)
-        for value in node.attrs.values():
-            kind = type(value)
-            if kind is graph_type or (kind not in sequences and isinstance(value, gs.Graph)):
-                yield value
-                yield from _subgraphs(value)
-            elif kind in sequences and value and isinstance(value[0], gs.Graph):
-                for item in value:
-                    yield item
-                    yield from _subgraphs(item)

@@ -43,6 +43,7 @@ from graphopt.cost_calibration import judge_alternative
 from graphopt.ir import Model, infer_shapes, proto_hash, skeleton, weight_bytes
 from graphopt.metric import DEFAULT_BUDGET, get_metric
 from graphopt.pass_infra import Pass, PassContext, PassResult
+from graphopt.walk import tensor_map
 
 DEFAULT_MAX_ITERATIONS = 8
 BACKGROUND_MAX_BYTES = 1 << 30  # see _Reference
@@ -504,7 +505,7 @@ def _matches(outputs: list[verify.Feeds] | None, like: list[verify.Feeds]) -> bo
 
 def _untyped(model: Model) -> frozenset[str]:
     """Names of ``model``'s variables (any graph's) without a dtype or a shape."""
-    return frozenset(t.name for g in model.all_graphs() for t in g.tensors().values()
+    return frozenset(t.name for g in model.all_graphs() for t in tensor_map(g).values()
                      if isinstance(t, gs.Variable) and (t.dtype is None or t.shape is None))
 
 

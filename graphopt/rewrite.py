@@ -12,6 +12,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.walk import tensor_map, with_subgraphs
+
 
 def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     """The value of ``tensor`` if it is known before run time, else ``None``.
@@ -129,13 +131,13 @@ def make_constant(graph: gs.Graph, name_hint: str, value: np.ndarray,
     ``taken``, the graph's tensor names gathered once (``tensor_names``; the new name is
     added to it): gathering them costs a walk of the whole graph."""
     if taken is None:
-        taken = set(graph.tensors())
+        taken = set(tensor_map(graph))
     return gs.Constant(unique_name(taken, name_hint), np.asarray(value))
 
 
 def tensor_names(graphs: Iterable[gs.Graph]) -> set[str]:
     """Every tensor name used in ``graphs`` (names must be unique across nested graphs)."""
-    return {name for g in graphs for name in g.tensors()}
+    return {name for g in graphs for name in tensor_map(g)}
 
 
 def unique_name(taken: set[str], hint: str) -> str:
@@ -172,7 +174,7 @@ def remove_dead(nodes: Iterable[gs.Node], graph: gs.Graph) -> int:
     (a removed node may leave its producers dead). Returns how many were removed."""
     candidates = {id(n): n for n in nodes}
     # A subgraph may return an outer value without any node reading it.
-    outputs = {id(t) for g in (graph, *graph.subgraphs(recursive=True)) for t in g.outputs}
+    outputs = {id(t) for g in with_subgraphs(graph) for t in g.outputs}
     removed = 0
     changed = True
     while changed:

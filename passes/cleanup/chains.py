@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.ir import STANDARD_DOMAINS, Model, toposort
+from graphopt.ir import Model, toposort
 from graphopt.pass_infra import Pass, PassContext, PassResult
 from graphopt.rewrite import (bypass, constant_value, consumers, is_graph_output, remove_node,
                               static_shape, tensor_names, unique_name)
+from graphopt.walk import STANDARD_DOMAINS
 
 RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 MOVES = RESHAPES | {"Transpose"}

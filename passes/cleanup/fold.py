@@ -29,10 +29,11 @@ import onnx_graphsurgeon as gs
 from graphopt import verify
 from graphopt.errors import ModelError
 from graphopt.external_data import mapped_source
-from graphopt.ir import STANDARD_DOMAINS, Model, toposort
+from graphopt.ir import Model, toposort
 from graphopt.pass_infra import Pass, PassContext, PassResult
 from graphopt.rewrite import (constant_value, produced_in, remove_dead, remove_node,
                               replace_with_constant, static_shape, tensor_names)
+from graphopt.walk import STANDARD_DOMAINS
 
 # Results up to this size are always folded: shape tensors, scalars, per-channel vectors
 # (a conv bias of 4096 channels), which later fusions need as constants.

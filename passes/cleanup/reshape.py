@@ -59,7 +59,7 @@ class FoldReshapeTargets(Pass):
             left = []
             for graph, node in reshapes:
                 target = constant_target(node)
-                if target is None or not settled(target):
+                if target is None or not settled(node, target):
                     left.append((graph, node))
                     continue
                 node.inputs[1] = make_constant(graph, f"{node.outputs[0].name}_shape",
@@ -68,15 +68,23 @@ class FoldReshapeTargets(Pass):
 
         # The shapes the model has (ONNX's inference) settle most targets; symbolic
         # inference (tens of milliseconds even on a small model) runs only for the rest,
-        # and for a -1 it may know the size of (the head count of a split of heads,
-        # which head pruning rewrites).
-        left = fold(computed, lambda target: -1 not in target)
+        # and for a -1 whose size it may know (the head count of a split of heads, which
+        # head pruning rewrites). A -1 in place of a named dimension (a dynamic batch
+        # that allowzero keeps from being copied as 0) stays one.
+        left = fold(computed, _named_or_none)
         stats = {}
         if left:
             try:
                 model.infer_shapes(symbolic=True)
-                left = fold(left, lambda target: True)
+                left = fold(left, lambda node, target: True)
             except ModelError as exc:
                 stats["skipped"] = str(exc)
         folded = len(computed) - len(left)
         return PassResult(changed=folded > 0, stats={"targets_folded": folded, **stats})
+
+
+def _named_or_none(node: gs.Node, target: np.ndarray) -> bool:
+    """Whether ``target`` has no -1, or its -1 stands for a named (dynamic) dimension of
+    ``node``'s output, which no inference makes a number."""
+    unknown = np.flatnonzero(target == -1)
+    return not unknown.size or isinstance(node.outputs[0].shape[unknown[0]], str)
