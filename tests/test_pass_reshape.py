@@ -140,3 +140,36 @@ def test_symbolic_inference_only_for_targets_known_shapes_leave_open(monkeypatch
     check_outputs(static, model, [(3, 5, 64)])
     model, result, value = fold(flatten_pairs_model())  # [B*S, 64]: needs symbolic dims
     assert result.changed and value == [-1, 64] and calls == [1]
+
+
+def test_a_minus_one_for_a_named_dimension_needs_no_symbolic_inference(monkeypatch):
+    """``x.view(x.size(0), -1)`` as a dynamo export writes it (allowzero=1, so the
+    dynamic batch cannot be copied as 0): the target becomes [-1, 64] from the model's
+    own shapes; symbolic inference could not make the batch a number, so it is not run."""
+    import graphopt.ir
+
+    calls = []
+    real = graphopt.ir.symbolic_shapes
+    monkeypatch.setattr(graphopt.ir, "symbolic_shapes",
+                        lambda proto: calls.append(1) or real(proto))
+    nodes = [
+        oh.make_node("Shape", ["x"], ["s"]),
+        oh.make_node("Gather", ["s", "i0"], ["b"], axis=0),
+        oh.make_node("Unsqueeze", ["b", "ax0"], ["b1"]),
+        oh.make_node("Concat", ["b1", "d"], ["target"], axis=0),
+        oh.make_node("Reshape", ["x", "target"], ["y"], allowzero=1),
+    ]
+    graph = oh.make_graph(
+        nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 4, 4])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 2)],
+        [int64("i0", 0), int64("ax0", [0]), int64("d", [64])])
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model = load(proto)
+    model.infer_shapes()
+    assert next(n for n in model.graph.nodes if n.op == "Reshape").outputs[0].shape == \
+        ["batch", 64]
+    result = FoldReshapeTargets().run(model, PassContext())
+    target = next(n for n in model.graph.nodes if n.op == "Reshape").inputs[1]
+    assert result.changed and np.asarray(target.values).tolist() == [-1, 64]
+    assert calls == []
+    check_outputs(proto, model, [(3, 4, 4, 4), (1, 4, 4, 4)])

@@ -69,9 +69,10 @@ class FoldReshapeTargets(Pass):
         # The shapes the model has (ONNX's inference) settle most targets; symbolic
         # inference (tens of milliseconds even on a small model) runs only for the rest,
         # and for a -1 whose size it may know (the head count of a split of heads, which
-        # head pruning rewrites). A -1 in place of a named dimension (a dynamic batch
-        # that allowzero keeps from being copied as 0) stays one.
-        left = fold(computed, _named_or_none)
+        # head pruning rewrites). A -1 in place of a dimension the inputs name (a
+        # dynamic batch that allowzero keeps from being copied as 0) stays one.
+        named = {d for t in model.graph.inputs for d in (t.shape or ()) if isinstance(d, str)}
+        left = fold(computed, lambda node, target: _dynamic_or_none(node, target, named))
         stats = {}
         if left:
             try:
@@ -83,8 +84,8 @@ class FoldReshapeTargets(Pass):
         return PassResult(changed=folded > 0, stats={"targets_folded": folded, **stats})
 
 
-def _named_or_none(node: gs.Node, target: np.ndarray) -> bool:
-    """Whether ``target`` has no -1, or its -1 stands for a named (dynamic) dimension of
-    ``node``'s output, which no inference makes a number."""
+def _dynamic_or_none(node: gs.Node, target: np.ndarray, named: set[str]) -> bool:
+    """Whether ``target`` has no -1, or its -1 stands for a dimension of ``node``'s
+    output that the model's inputs name (dynamic: no inference makes it a number)."""
     unknown = np.flatnonzero(target == -1)
-    return not unknown.size or isinstance(node.outputs[0].shape[unknown[0]], str)
+    return not unknown.size or node.outputs[0].shape[unknown[0]] in named
