@@ -18,8 +18,10 @@ from graphopt.errors import ModelError
 from graphopt.ir import _all_nodes, _all_tensors, _first_line, skeleton
 
 
-def validate(proto: onnx.ModelProto) -> None:
-    """Raise ``ModelError`` unless ``proto`` is a structurally valid ONNX model."""
+def validate(proto: onnx.ModelProto, unchecked: frozenset[str] = frozenset()) -> None:
+    """Raise ``ModelError`` unless ``proto`` is a structurally valid ONNX model.
+    ``unchecked``: initializers without values whose values were checked apart (see
+    ``ir.load``)."""
     if not proto.HasField("graph") or not proto.opset_import:
         raise ModelError("not an ONNX model: it has no graph or no opset import",
                          hint="is the file truncated, or not an .onnx file?")
@@ -32,7 +34,7 @@ def validate(proto: onnx.ModelProto) -> None:
                 f"node {node.name or node.op_type!r} ({node.op_type}) uses op domain "
                 f"{domain!r}, which the model does not import",
                 hint="add the domain to the model's opset_import, or remove the node")
-    _check_types(proto)
+    _check_types(proto, unchecked)
     try:
         # The checker takes the structure with large weights as typed inputs: handing it
         # the weights would serialize them all (0.4 s of a ResNet-50; over 2 GB it cannot
@@ -45,7 +47,7 @@ def validate(proto: onnx.ModelProto) -> None:
         raise ModelError(f"invalid ONNX model: {_first_line(exc)}") from exc
 
 
-def _check_types(proto: onnx.ModelProto) -> None:
+def _check_types(proto: onnx.ModelProto, unchecked: frozenset[str] = frozenset()) -> None:
     """Every tensor's ``data_type`` is a known type whose size matches the tensor's bytes,
     and every graph input and output has an element type (the ONNX checker takes both on
     trust)."""
@@ -53,14 +55,17 @@ def _check_types(proto: onnx.ModelProto) -> None:
         if tensor.data_type not in _KNOWN_TYPES:
             raise ModelError(f"tensor {tensor.name!r} has no valid data type "
                              f"(data_type {tensor.data_type})", hint="the model file is corrupt")
-        if uses_external_data(tensor):
+        if uses_external_data(tensor) or (tensor.name in unchecked and
+                                          not tensor.HasField("raw_data")):
             continue
-        _check_value_fields(tensor)
+        # (reading raw_data copies the bytes: once)
+        raw = len(tensor.raw_data) if tensor.HasField("raw_data") else 0
+        _check_value_fields(tensor, raw)
         if tensor.HasField("raw_data"):
             expected = _expected_bytes(tensor)
-            if expected is not None and len(tensor.raw_data) != expected:
+            if expected is not None and raw != expected:
                 raise ModelError(
-                    f"tensor {tensor.name!r} holds {len(tensor.raw_data)} bytes, but "
+                    f"tensor {tensor.name!r} holds {raw} bytes, but "
                     f"{onnx.TensorProto.DataType.Name(tensor.data_type)} of shape "
                     f"{list(tensor.dims)} takes {expected}",
                     hint="its data_type or shape does not match its data (corrupt model?)")
@@ -86,11 +91,11 @@ _VALUE_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "raw_d
                  "double_data", "uint64_data")
 
 
-def _check_value_fields(tensor: onnx.TensorProto) -> None:
+def _check_value_fields(tensor: onnx.TensorProto, raw: int) -> None:
     """The ONNX checker's rules for where a tensor's values are: none in a tensor of no
     elements, else exactly one field, the one its type uses (or raw_data, not for
-    strings)."""
-    used = [f for f in _VALUE_FIELDS if len(getattr(tensor, f))]
+    strings). ``raw``: the length of its raw_data."""
+    used = [f for f in _VALUE_FIELDS if (raw if f == "raw_data" else len(getattr(tensor, f)))]
     elements = math.prod(tensor.dims)
     if elements == 0:
         if used:

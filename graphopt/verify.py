@@ -167,8 +167,8 @@ def random_array(rng: np.random.Generator, dtype: np.dtype, dims: list[int]) -> 
         if values.ndim:
             values[..., 0] = 1
         return values
-    if np.issubdtype(dtype, np.floating):
-        return rng.standard_normal(dims).astype(dtype)
+    if np.issubdtype(dtype, np.floating):  # (drawn in float32: half the time of float64)
+        return rng.standard_normal(dims, dtype=np.float32).astype(dtype, copy=False)
     raise UsageError(f"cannot make probe data of type {dtype}",
                      hint="pass real inputs with --data")
 

@@ -25,12 +25,12 @@ from graphopt.errors import ModelError, UsageError
 from tests.helpers import cli
 
 
-def small_model(opset: int = 17) -> onnx.ModelProto:
+def small_model(opset: int = 17, width: int = 64) -> onnx.ModelProto:
     weight = numpy_helper.from_array(
-        np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32), "W")
+        np.random.default_rng(0).standard_normal((width, 32)).astype(np.float32), "W")
     graph = oh.make_graph(
         [oh.make_node("MatMul", ["x", "W"], ["h"]), oh.make_node("Relu", ["h"], ["y"])],
-        "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
         [oh.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])], [weight])
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)])
 
@@ -138,9 +138,9 @@ def _missing_file(tmp: Path) -> Path:
     return tmp / "in" / "does-not-exist.onnx"
 
 
-def _data_type(data_type: int):
+def _data_type(data_type: int, width: int = 64):
     def make(tmp: Path) -> Path:
-        model = small_model()
+        model = small_model(width=width)
         model.graph.initializer[0].data_type = data_type  # float32 bytes stay
         return _write(tmp, model)
     return make
@@ -172,6 +172,9 @@ BAD_INPUTS = {
     "unknown-op-domain": (_unknown_domain, "com.example.nowhere"),
     "missing-file": (_missing_file, "no such file"),
     "float16-on-float32-bytes": (_data_type(TensorProto.FLOAT16), "FLOAT16"),
+    # (128 KB: its bytes are read out of the protobuf at load, apart from the checks)
+    "large-float16-on-float32-bytes": (_data_type(TensorProto.FLOAT16, 1024), "FLOAT16"),
+    "large-int64-on-float32-bytes": (_data_type(TensorProto.INT64, 1024), "INT64"),
     "bfloat16-on-float32-bytes": (_data_type(TensorProto.BFLOAT16), "BFLOAT16"),
     "data-type-0": (_data_type(0), "no valid data type"),
     "input-elem-type-0": (_input_elem_type_0, "graph input 'x'"),
@@ -199,6 +202,27 @@ def test_api_raises_model_error(case, tmp_path):
     with pytest.raises(ModelError):
         graphopt.optimize(make(tmp_path), output=tmp_path / "out" / "o.onnx")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_given_in_memory_is_read_not_changed():
+    """A ModelProto handed to the API: its large weights are read out of it (not copied
+    with it), a corrupt one is refused by name, and the caller's proto stays as it was."""
+    model = small_model(width=1024)
+    before = model.SerializeToString()
+    result = graphopt.optimize(model)
+    assert model.SerializeToString() == before
+    x = {"x": np.random.default_rng(1).standard_normal((3, 1024)).astype(np.float32)}
+    np.testing.assert_allclose(verify.run(result.model.to_onnx(), x)["y"],
+                               verify.run(model, x)["y"], rtol=1e-5, atol=1e-5)
+    loaded = graphopt.load(model)
+    np.testing.assert_array_equal(
+        np.asarray(loaded.initializers()[0].values),
+        numpy_helper.to_array(model.graph.initializer[0]))
+    assert loaded.to_onnx().graph.initializer[0].raw_data == \
+        model.graph.initializer[0].raw_data
+    model.graph.initializer[0].raw_data = model.graph.initializer[0].raw_data[:-4]
+    with pytest.raises(ModelError, match="tensor 'W' holds 131068 bytes"):
+        graphopt.load(model)
 
 
 def test_opset_newer_than_onnxruntime_is_checked_at_load_by_the_checker_too():
