@@ -18,10 +18,10 @@ from onnx import TensorProto
 from onnx.external_data_helper import uses_external_data
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from graphopt.external_data import (CHUNK, MIN_MAPPED_BYTES, Extent, MappedValues,
-                                    all_graphs, extent, has_references, initializers,
-                                    mapped_source, materialize, read, set_extent, trust,
-                                    view_bytes)
+from graphopt.external_data import (CHUNK, MIN_MAPPED_BYTES, Extent, HeldValues,
+                                    MappedValues, all_graphs, extent, has_references, held,
+                                    initializers, mapped_source, materialize, read,
+                                    set_extent, trust, view_bytes)
 from graphopt.walk import tensor_map, with_subgraphs
 
 # Large tensors in a written data file start at a page boundary (mappable in place).
@@ -112,6 +112,8 @@ def _inline_raw(const: gs.Constant, values, min_bytes: int) -> tuple[int, object
     as those bytes unchanged and are ``min_bytes`` or more; ``None`` otherwise."""
     if mapped_source(values) is not None:
         return None
+    if type(values) is HeldValues:
+        return (values.header.data_type, values.data) if values.nbytes >= min_bytes else None
     if isinstance(values, LazyValues):
         if type(values) is not LazyValues:  # sparse, or a reference already
             return None
@@ -154,13 +156,17 @@ def read_back(graph: gs.Graph, folder: Path) -> None:
             source = mapped_source(const._values)  # noqa: SLF001
             if source is None or os.path.dirname(source.extent.path) != folder:
                 continue
-            tensor = TensorProto()
-            tensor.CopyFrom(source.tensor)
-            tensor.name = const.name
-            tensor.raw_data = read(source.extent)
-            tensor.ClearField("data_location")  # as if never external: same bytes
-            del tensor.external_data[:]
-            const._values = LazyValues(tensor)  # noqa: SLF001
+            data = read(source.extent)
+            back = held(source.tensor, data)
+            if back is None:  # (types numpy cannot view: bytes in a TensorProto)
+                tensor = TensorProto()
+                tensor.CopyFrom(source.tensor)
+                tensor.name = const.name
+                tensor.raw_data = data
+                tensor.ClearField("data_location")  # as if never external: same bytes
+                del tensor.external_data[:]
+                back = LazyValues(tensor)
+            const._values = back  # noqa: SLF001
 
 
 def write_inline(proto: onnx.ModelProto, path: Path) -> None:

@@ -37,6 +37,7 @@ from graphopt.symbolic import shapes as symbolic_shapes
 from graphopt.external_data import all_graphs as _all_graphs
 from graphopt.external_data import all_nodes as _all_nodes  # noqa: F401 - model_check
 from graphopt.external_data import all_tensors as _all_tensors
+from graphopt.external_data import HeldValues, held
 from graphopt.external_data import model_files, saved_files  # noqa: F401 - part of the API
 from graphopt.walk import constants, tensor_map, with_subgraphs
 from graphopt.walk import subgraphs as _subgraphs
@@ -98,7 +99,19 @@ class Model:
         toposort(self.graph)
         _pack_subbyte_constants(self.graph)
         external_data.unwrap(self.graph)
-        proto = gs.export_onnx(self.graph, do_type_check=False)
+        # values held as bytes: exported without them, put in place at the end
+        held = {}
+        for g in self.all_graphs():
+            for const in tensor_map(g).values():
+                values = getattr(const, "_values", None)
+                if type(values) is HeldValues and const.name not in held:
+                    held[const.name] = (const, values)
+                    const._values = LazyValues(values.placeholder(const.name))  # noqa: SLF001
+        try:
+            proto = gs.export_onnx(self.graph, do_type_check=False)
+        finally:
+            for const, values in held.values():
+                const._values = values  # noqa: SLF001
         for name in ("domain", "model_version", "doc_string", "producer_name", "producer_version"):
             if getattr(self.meta, name) and not getattr(proto, name):
                 setattr(proto, name, getattr(self.meta, name))
@@ -108,6 +121,10 @@ class Model:
         self._restore_initializer_inputs(proto)
         _drop_outer_initializers(proto.graph, set())
         _hoist_shared_initializers(proto.graph)
+        if held:
+            for tensor in external_data.initializers(proto):
+                if tensor.name in held and not tensor.HasField("raw_data"):
+                    tensor.raw_data = held[tensor.name][1].data
         if not references and external_data.has_references(proto) and \
                 (references is not None or weight_bytes(proto) <= external_threshold()):
             external_data.materialize(proto)
@@ -421,10 +438,10 @@ _BORROWABLE = {getattr(onnx.TensorProto, name): np.dtype(kind) for name, kind in
     ("INT32", np.int32), ("UINT32", np.uint32), ("INT64", np.int64), ("UINT64", np.uint64))}
 
 
-def _borrowed(source: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def _borrowed(source: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, HeldValues]]:
     """A copy of ``source`` (left as it was) whose main-graph initializers of
     ``BORROW_BYTES`` or more in ``raw_data`` keep only their name, type and shape, and
-    those initializers' values: read-only arrays over their bytes, read once. Copying
+    those initializers' values, held as their bytes, read once. Copying
     the whole protobuf copies every weight, and the checks and the spill would each read
     them again (each read of ``raw_data`` copies it): 20 ms of a ResNet-18 load. A
     tensor whose bytes do not fit its type and shape is refused here, as ``validate``
@@ -451,9 +468,7 @@ def _borrowed(source: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.nd
                 hint="its data_type or shape does not match its data (corrupt model?)")
         header = proto.graph.initializer.add(name=tensor.name, data_type=tensor.data_type)
         header.dims.extend(tensor.dims)
-        if tensor.doc_string:
-            header.doc_string = tensor.doc_string
-        borrowed[tensor.name] = np.frombuffer(data, dtype).reshape(tuple(tensor.dims))
+        borrowed[tensor.name] = held(tensor, data)
     return proto, borrowed
 
 
