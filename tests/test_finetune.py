@@ -408,3 +408,25 @@ def test_a_diverging_probe_stops_early(monkeypatch):
     assert stopped["50.0"] < probe_steps
     assert stats["lr"] != 50.0 and stats["lr_probes"]["50.0"] > 2 * min(
         stats["lr_probes"].values())
+
+
+def test_the_chosen_step_size_trains_on_from_its_probe(monkeypatch):
+    """The winning probe was the first tenth of the run it stands for: the training goes
+    on from where it stopped, so the optimizer steps of the whole pass are the probes'
+    and the rest of the budget's, not a whole budget more."""
+    import torch
+
+    from graphopt.passes.recover import distil
+
+    calls = []
+    step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step",
+                        lambda self, *a, **k: calls.append(1) or step(self, *a, **k))
+    model, ctx = _pruned(0.5)
+    stats = Finetune(steps=200).run(model, ctx).stats
+    probe_steps = max(2 * 7, int(distil.PROBE * 200))  # 8 batches, one held out
+    diverged = stats["lr_probes_diverged"] or {}
+    probed = sum(diverged.get(lr, probe_steps) for lr in stats["lr_probes"])
+    assert stats["steps"] == 200 and stats["stopped_by"] == "steps"
+    assert len(calls) == probed + 200 - probe_steps, (len(calls), stats["lr_probes"])
+    assert stats["curve"][0]["step"] <= probe_steps  # the probe's evaluations lead it

@@ -5,6 +5,7 @@ the graph's initializers."""
 
 from __future__ import annotations
 
+import copy
 import time
 
 import ml_dtypes
@@ -110,22 +111,33 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
     patience = max(PATIENCE, int(PATIENCE_FRACTION * opts.steps / max(1, len(fit_on))))
 
     def fit(lr: float, seconds: float, stop_after: int | None = None,
-            stop_time: float | None = None) -> dict:
+            stop_time: float | None = None, resume: dict | None = None) -> dict:
         """From the starting weights, Adam at ``lr`` over the budget (``opts.steps`` and
         ``seconds``); a probe is cut short after ``stop_after`` steps or ``stop_time``
-        seconds, its schedule still that of the whole budget."""
-        with torch.no_grad():
-            for k, v in initial.items():
-                net.params[k].copy_(v)
+        seconds, its schedule still that of the whole budget, and its ``state`` is where
+        it stopped. ``resume``: such a state, the run going on from it (the same
+        schedule, ``seconds`` what is left of the budget's time)."""
         optimizer = torch.optim.Adam([{"params": ps, "lr": lr * rms, "base": lr * rms}
                                       for ps, rms in sizes])
         run = {"best": (before, -loss_before), "values": None, "curve": [], "step": 0,
                "reason": "steps", "lowest": np.inf}
+        with torch.no_grad():
+            for k, v in (initial if resume is None else resume["params"]).items():
+                net.params[k].copy_(v)
+        first, done_before = 0, 0.0
+        if resume is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+            first = run["step"] = resume["step"]
+            done_before, run["lowest"] = resume["progress"], resume["lowest"]
+            run["curve"] = list(resume["curve"])
+            if resume["scored"] > run["best"]:
+                run["best"], run["values"] = resume["scored"], resume["values"]
         start, stale = time.perf_counter(), 0
 
         def progress() -> float:  # of the budget: steps, or time when that ends first
             elapsed = (time.perf_counter() - start) / seconds if seconds else 0.0
-            return min(1.0, max(run["step"] / opts.steps, elapsed))
+            steps = (run["step"] - first) / max(1, opts.steps - first)
+            return min(1.0, done_before + (1 - done_before) * max(steps, elapsed))
 
         def cut() -> bool:
             return progress() >= 1.0 or (stop_after is not None and (
@@ -174,14 +186,22 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
                 run["reason"] = "diverged"  # a probe: this step size is out of the race
                 break
         run["seconds"] = time.perf_counter() - start
+        if stop_after is not None and run["reason"] != "diverged" and run["curve"]:
+            last = run["curve"][-1]
+            run["state"] = {
+                "params": {k: v.detach().clone() for k, v in net.params.items()},
+                "optimizer": copy.deepcopy(optimizer.state_dict()), "step": run["step"],
+                "progress": progress(), "lowest": run["lowest"], "curve": run["curve"],
+                "scored": (last["score"], -last["held_out_loss"]), "values": net.values()}
         return run
 
     start = time.perf_counter()
     probes, diverged = {}, {}
-    lr, seconds = opts.lr, opts.time
+    lr, seconds, resume = opts.lr, opts.time, None
     if lr is None:  # a short run at each candidate step size; the lowest held-out loss wins
         probe_steps = max(2 * len(fit_on), int(PROBE * opts.steps))
         candidates = list(LR_CANDIDATES)
+        states = {}  # the best probe's, which the training goes on from
         while candidates:
             candidate = candidates.pop(0)
             probe = fit(candidate, opts.time, stop_after=probe_steps,
@@ -190,13 +210,16 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
             if probe["reason"] == "diverged":
                 diverged[str(candidate)] = probe["step"]
             best_lr = min(probes, key=lambda c: (probes[c], -c))
+            if best_lr == candidate and "state" in probe:
+                states = {candidate: probe["state"]}
             if not candidates and best_lr == min(probes) and best_lr / SMALLER >= SMALLEST \
                     and len(probes) > 1:
                 candidates.append(best_lr / SMALLER)
         lr = min(probes, key=lambda c: (probes[c], -c))
+        resume = states.get(lr)
         if opts.time:
             seconds = max(opts.time - (time.perf_counter() - start), 0.3 * opts.time)
-    run = fit(lr, seconds)
+    run = fit(lr, seconds, resume=resume)
     best, step, reason = run["best"], run["step"], run["reason"]
     best_values = run["values"]
     if best_values is None:  # no checkpoint beat the start: keep the starting weights

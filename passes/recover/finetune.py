@@ -33,9 +33,11 @@ itself, node by node), and what compression touched trains:
    the first 5% of the budget and decayed as a cosine over it (``steps``, and ``time``
    in seconds, whichever ends first). ``lr`` unset: a short run (a tenth of the budget)
    at each of ``distil.LR_CANDIDATES`` from the same start, then, while the smallest
-   tried wins, at one 4x smaller; the one with the lowest held-out loss trains (the
-   digits CNN wants 0.02, MiniLM's re-fit about 3e-4). A short run stops as soon as its
-   held-out loss is twice the start's (``distil.DIVERGED``): that step size has lost.
+   tried wins, at one 4x smaller; the one with the lowest held-out loss trains on from
+   where its short run stopped (weights, Adam's moments, the schedule: the short run
+   was the first tenth of it), over the rest of the budget (the digits CNN wants 0.02,
+   MiniLM's re-fit about 3e-4). A short run stops as soon as its held-out loss is twice
+   the start's (``distil.DIVERGED``): that step size has lost.
 6. Every epoch the model is scored on the held-out batches with the run's accuracy
    metric and the distillation loss; the best checkpoint is kept (by the metric, ties by
    the loss). When none beats the start, the result is ``recover``'s re-fit on every
