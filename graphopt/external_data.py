@@ -193,11 +193,11 @@ class MappedValues(LazyValues):
 
 class HeldValues(LazyValues):
     """A constant's values as bytes held in memory (read once out of a protobuf, or back
-    from a temporary file): numpy views of them without a copy, and ``fill`` puts them
-    into an exported protobuf with one copy (a TensorProto carried through
-    onnx-graphsurgeon's export into a model is copied three times: 43 ms of ResNet-18's
-    45 MB). ``tensor`` (what onnx-graphsurgeon exports) is the whole TensorProto, made
-    on first use."""
+    from a temporary file): numpy views of them without a copy. ``Model.to_onnx``
+    exports a ``placeholder`` and puts the bytes into the finished protobuf with one
+    copy (a TensorProto carried through onnx-graphsurgeon's export into a model is
+    copied three times: 43 ms of ResNet-18's 45 MB). ``tensor`` (what
+    onnx-graphsurgeon exports elsewhere) is the whole TensorProto, made on first use."""
 
     def __init__(self, header: TensorProto, data: bytes):  # (LazyValues' would read tensor)
         self.header, self._full, self.data = header, None, data

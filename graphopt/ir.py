@@ -100,17 +100,17 @@ class Model:
         _pack_subbyte_constants(self.graph)
         external_data.unwrap(self.graph)
         # values held as bytes: exported without them, put in place at the end
-        held = {}
+        bytes_held = {}
         for g in self.all_graphs():
             for const in tensor_map(g).values():
                 values = getattr(const, "_values", None)
-                if type(values) is HeldValues and const.name not in held:
-                    held[const.name] = (const, values)
+                if type(values) is HeldValues and const.name not in bytes_held:
+                    bytes_held[const.name] = (const, values)
                     const._values = LazyValues(values.placeholder(const.name))  # noqa: SLF001
         try:
             proto = gs.export_onnx(self.graph, do_type_check=False)
         finally:
-            for const, values in held.values():
+            for const, values in bytes_held.values():
                 const._values = values  # noqa: SLF001
         for name in ("domain", "model_version", "doc_string", "producer_name", "producer_version"):
             if getattr(self.meta, name) and not getattr(proto, name):
@@ -121,10 +121,10 @@ class Model:
         self._restore_initializer_inputs(proto)
         _drop_outer_initializers(proto.graph, set())
         _hoist_shared_initializers(proto.graph)
-        if held:
+        if bytes_held:
             for tensor in external_data.initializers(proto):
-                if tensor.name in held and not tensor.HasField("raw_data"):
-                    tensor.raw_data = held[tensor.name][1].data
+                if tensor.name in bytes_held and not tensor.HasField("raw_data"):
+                    tensor.raw_data = bytes_held[tensor.name][1].data
         if not references and external_data.has_references(proto) and \
                 (references is not None or weight_bytes(proto) <= external_threshold()):
             external_data.materialize(proto)
@@ -432,6 +432,8 @@ def load(source: ModelSource) -> Model:
 # Initializers of this many bytes or more are read out of the loaded protobuf once
 # (``_borrowed``), as large as those the spill moves into its file.
 BORROW_BYTES = external_data.MIN_MAPPED_BYTES
+# (the types numpy and onnx-graphsurgeon both read as themselves: gs loads bfloat16 and
+# the float8s as float32, and a load must not change what a pass reads)
 _BORROWABLE = {getattr(onnx.TensorProto, name): np.dtype(kind) for name, kind in (
     ("FLOAT", np.float32), ("DOUBLE", np.float64), ("FLOAT16", np.float16),
     ("INT8", np.int8), ("UINT8", np.uint8), ("INT16", np.int16), ("UINT16", np.uint16),
@@ -450,7 +452,7 @@ def _borrowed(source: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, HeldV
     _copy_fields(source, proto, skip="graph")
     _copy_fields(source.graph, proto.graph, skip="initializer")
     listed = {v.name for v in source.graph.input}  # (defaults: stay initializers)
-    borrowed: dict[str, np.ndarray] = {}
+    borrowed: dict[str, HeldValues] = {}
     for tensor in source.graph.initializer:
         dtype = _BORROWABLE.get(tensor.data_type)
         size = None if dtype is None else math.prod(tensor.dims) * dtype.itemsize

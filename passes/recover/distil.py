@@ -130,8 +130,8 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
             first = run["step"] = resume["step"]
             done_before, run["lowest"] = resume["progress"], resume["lowest"]
             run["curve"] = list(resume["curve"])
-            if resume["scored"] > run["best"]:
-                run["best"], run["values"] = resume["scored"], resume["values"]
+            if resume["scored"] > run["best"]:  # (the weights just copied in)
+                run["best"], run["values"] = resume["scored"], net.values()
         start, stale = time.perf_counter(), 0
 
         def progress() -> float:  # of the budget: steps, or time when that ends first
@@ -192,7 +192,7 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
                 "params": {k: v.detach().clone() for k, v in net.params.items()},
                 "optimizer": copy.deepcopy(optimizer.state_dict()), "step": run["step"],
                 "progress": progress(), "lowest": run["lowest"], "curve": run["curve"],
-                "scored": (last["score"], -last["held_out_loss"]), "values": net.values()}
+                "scored": (last["score"], -last["held_out_loss"])}
         return run
 
     start = time.perf_counter()
@@ -201,7 +201,7 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
     if lr is None:  # a short run at each candidate step size; the lowest held-out loss wins
         probe_steps = max(2 * len(fit_on), int(PROBE * opts.steps))
         candidates = list(LR_CANDIDATES)
-        states = {}  # the best probe's, which the training goes on from
+        winner = None  # (step size, state) of the best probe: the training goes on from it
         while candidates:
             candidate = candidates.pop(0)
             probe = fit(candidate, opts.time, stop_after=probe_steps,
@@ -211,12 +211,12 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
                 diverged[str(candidate)] = probe["step"]
             best_lr = min(probes, key=lambda c: (probes[c], -c))
             if best_lr == candidate and "state" in probe:
-                states = {candidate: probe["state"]}
+                winner = (candidate, probe["state"])
             if not candidates and best_lr == min(probes) and best_lr / SMALLER >= SMALLEST \
                     and len(probes) > 1:
                 candidates.append(best_lr / SMALLER)
         lr = min(probes, key=lambda c: (probes[c], -c))
-        resume = states.get(lr)
+        resume = winner[1] if winner is not None and winner[0] == lr else None
         if opts.time:
             seconds = max(opts.time - (time.perf_counter() - start), 0.3 * opts.time)
     run = fit(lr, seconds, resume=resume)
