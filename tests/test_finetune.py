@@ -315,6 +315,28 @@ def test_never_worse_than_the_refit():
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_the_output_loss_follows_the_metric():
+    """``loss=auto``: the cosine of each sample's outputs under the cosine metrics (what
+    they score), KL under top1 (the fixture above), mse under a metric of the user's;
+    a sample's lone number has no cosine to train (its sign's), so it is matched by mse."""
+    import torch
+
+    from graphopt.passes.recover.distil import _output_loss
+
+    def agreement(reference, candidate, feeds):  # a metric of the user's
+        return 1.0
+
+    for metric, loss in (("mean-cosine", "cosine"), ("cosine", "cosine"), (agreement, "mse")):
+        model, ctx = _pruned(0.5, metric=metric)
+        assert Finetune(steps=4, lr=0.01).run(model, ctx).stats["loss"] == loss
+    opts = Finetune.Options(loss="cosine")
+    got, want = torch.tensor([[1.0, 2.0], [3.0, 1.0]]), torch.tensor([[2.0, 4.0], [1.0, 3.0]])
+    cosine = float(_output_loss(got, want, 1.0, opts))
+    assert abs(cosine - (1 - 0.6) / 2) < 1e-6  # the first rows agree, the second 0.6
+    lone, target = torch.tensor([[2.0], [-1.0]]), torch.tensor([[1.0], [1.0]])
+    assert abs(float(_output_loss(lone, target, 2.0, opts)) - (1 + 4) / 2 / 2) < 1e-6
+
+
 def test_progress_reports_each_training_run():
     """``PassContext.step`` hears each training run's share of its budget: the learning
     rate probes, then the run itself, counting up to 100 (the CLI shows the time left)."""
@@ -403,11 +425,28 @@ def test_a_diverging_probe_stops_early(monkeypatch):
     model, ctx = _pruned(0.5)
     stats = Finetune(steps=200).run(model, ctx).stats
     probe_steps = max(2 * 7, int(distil.PROBE * 200))  # 8 batches, one held out
-    stopped = stats["lr_probes_diverged"]
-    assert stopped is not None and set(stopped) == {"50.0"}, stats["lr_probes"]
-    assert stopped["50.0"] < probe_steps
+    stopped = stats["lr_probes_stopped"]
+    assert stopped is not None and stopped["50.0"]["why"] == "diverged", stats["lr_probes"]
+    assert [k for k, v in stopped.items() if v["why"] == "diverged"] == ["50.0"]
+    assert stopped["50.0"]["steps"] < probe_steps
     assert stats["lr"] != 50.0 and stats["lr_probes"]["50.0"] > 2 * min(
         stats["lr_probes"].values())
+
+
+def test_trailing_probes_stop_halfway(monkeypatch):
+    """Halfway through its length, a probe whose held-out loss is above the best probe's
+    at the same point stops (here a step size far too small); one that holds its own
+    runs on, and one above the start's loss is not judged by that (fake quantization
+    first loses ground: see the int4 test)."""
+    from graphopt.passes.recover import distil
+
+    monkeypatch.setattr(distil, "LR_CANDIDATES", (0.01, 1e-5))
+    model, ctx = _pruned(0.5)
+    stats = Finetune(steps=400).run(model, ctx).stats
+    probe_steps = int(distil.PROBE * 400)
+    assert stats["lr"] == 0.01 and "0.01" not in (stats["lr_probes_stopped"] or {}), stats
+    assert stats["lr_probes_stopped"]["1e-05"] == {"steps": probe_steps // 2,
+                                                   "why": "trailing"}, stats
 
 
 def test_the_chosen_step_size_trains_on_from_its_probe(monkeypatch):
@@ -425,8 +464,9 @@ def test_the_chosen_step_size_trains_on_from_its_probe(monkeypatch):
     model, ctx = _pruned(0.5)
     stats = Finetune(steps=200).run(model, ctx).stats
     probe_steps = max(2 * 7, int(distil.PROBE * 200))  # 8 batches, one held out
-    diverged = stats["lr_probes_diverged"] or {}
-    probed = sum(diverged.get(lr, probe_steps) for lr in stats["lr_probes"])
+    stopped = stats["lr_probes_stopped"] or {}
+    probed = sum(stopped[lr]["steps"] if lr in stopped else probe_steps
+                 for lr in stats["lr_probes"])
     assert stats["steps"] == 200 and stats["stopped_by"] == "steps"
     assert len(calls) == probed + 200 - probe_steps, (len(calls), stats["lr_probes"])
     assert stats["curve"][0]["step"] <= probe_steps  # the probe's evaluations lead it

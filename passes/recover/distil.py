@@ -31,6 +31,11 @@ PROBE = 0.1  # of the budget (steps, time) each probe runs
 # a probe whose held-out loss passes this multiple of the start's stops there (MiniLM's
 # re-fit at step size 0.02: 4.2x by the probe's end, a tenth of the budget spent on it)
 DIVERGED = 2.0
+# Halfway through (the warm-up's end), a probe whose held-out loss is above the best
+# probe's at the same point of its run stops ("trailing": MiniLM's at 7.8e-5 behind the
+# one at 3.1e-4). One above the start's is not judged lost there: fake-quantized int4
+# weights first lose ground (5x the start's loss), then end at a quarter of it.
+JUDGED = 0.5  # of a probe's length
 WARMUP = 0.05  # of the budget, over which the step size rises linearly from 0
 CURVE_POINTS = 20  # evaluations of the loss curve in the report, at most
 
@@ -111,16 +116,18 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
     patience = max(PATIENCE, int(PATIENCE_FRACTION * opts.steps / max(1, len(fit_on))))
 
     def fit(lr: float, seconds: float, stop_after: int | None = None,
-            stop_time: float | None = None, resume: dict | None = None) -> dict:
+            stop_time: float | None = None, resume: dict | None = None,
+            rival: list | None = None) -> dict:
         """From the starting weights, Adam at ``lr`` over the budget (``opts.steps`` and
         ``seconds``); a probe is cut short after ``stop_after`` steps or ``stop_time``
         seconds, its schedule still that of the whole budget, and its ``state`` is where
-        it stopped. ``resume``: such a state, the run going on from it (the same
-        schedule, ``seconds`` what is left of the budget's time)."""
+        it stopped (``track``: its held-out losses by the share of its length run). A
+        probe is judged at ``JUDGED`` of its length against the ``rival`` track. ``resume``: such a state, the run going on from it (the same schedule,
+        ``seconds`` what is left of the budget's time)."""
         optimizer = _adam([{"params": ps, "lr": lr * rms, "base": lr * rms}
                            for ps, rms in sizes])
         run = {"best": (before, -loss_before), "values": None, "curve": [], "step": 0,
-               "reason": "steps", "lowest": np.inf}
+               "reason": "steps", "lowest": np.inf, "track": [(0.0, loss_before)]}
         with torch.no_grad():
             for k, v in (initial if resume is None else resume["params"]).items():
                 net.params[k].copy_(v)
@@ -140,9 +147,13 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
             return min(1.0, done_before + (1 - done_before) * max(steps, elapsed))
 
         def cut() -> bool:
-            return progress() >= 1.0 or (stop_after is not None and (
-                run["step"] >= stop_after or
-                (stop_time and time.perf_counter() - start >= stop_time)))
+            return progress() >= 1.0 or (stop_after is not None and share() >= 1.0)
+
+        def share() -> float:  # of a probe's length
+            return max(run["step"] / stop_after, (time.perf_counter() - start) / stop_time
+                       if stop_time else 0.0)
+
+        judge = stop_after is not None  # (a probe, not judged yet)
 
         while not cut():
             epoch_loss = []
@@ -160,6 +171,13 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
                 if report is not None:
                     report(f"fine-tuning at lr {lr:.3g}{' (probe)' if stop_after else ''},"
                            f" % of its budget", min(100, int(100 * progress())), 100)
+                if judge and share() >= JUDGED and not cut():  # (within the epoch: the
+                    judge = False  # data's order is the one an unjudged probe sees)
+                    held_loss = evaluate()[1]
+                    run["track"].append((share(), held_loss))
+                    if rival and held_loss > np.interp(share(), *zip(*rival)):
+                        run["reason"] = "trailing"
+                        break
                 if cut():
                     break
             score, held_loss = evaluate()
@@ -182,8 +200,13 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
                     run["best"][0] >= tolerance and stale >= patience:
                 run["reason"] = "plateau"  # within the budget, the loss no longer falls
                 break
-            if stop_after is not None and held_loss > DIVERGED * loss_before:
+            if stop_after is None:
+                continue
+            run["track"].append((share(), held_loss))
+            if held_loss > DIVERGED * loss_before:
                 run["reason"] = "diverged"  # a probe: this step size is out of the race
+                break
+            if run["reason"] == "trailing":
                 break
         run["seconds"] = time.perf_counter() - start
         if stop_after is not None and run["reason"] != "diverged" and run["curve"]:
@@ -196,7 +219,7 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
         return run
 
     start = time.perf_counter()
-    probes, diverged = {}, {}
+    probes, stopped, tracks = {}, {}, {}
     lr, seconds, resume = opts.lr, opts.time, None
     if lr is None:  # a short run at each candidate step size; the lowest held-out loss wins
         probe_steps = max(2 * len(fit_on), int(PROBE * opts.steps))
@@ -204,11 +227,15 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
         winner = None  # (step size, state) of the best probe: the training goes on from it
         while candidates:
             candidate = candidates.pop(0)
+            finished = [c for c in probes if str(c) not in stopped or
+                        stopped[str(c)]["why"] != "diverged"]
+            rival = tracks[min(finished, key=lambda c: (probes[c], -c))] if finished else None
             probe = fit(candidate, opts.time, stop_after=probe_steps,
-                        stop_time=PROBE * opts.time if opts.time else None)
-            probes[candidate] = probe.get("last", loss_before)
-            if probe["reason"] == "diverged":
-                diverged[str(candidate)] = probe["step"]
+                        stop_time=PROBE * opts.time if opts.time else None, rival=rival)
+            probes[candidate], tracks[candidate] = probe.get("last", loss_before), \
+                probe["track"]
+            if probe["reason"] in ("diverged", "trailing"):
+                stopped[str(candidate)] = {"steps": probe["step"], "why": probe["reason"]}
             best_lr = min(probes, key=lambda c: (probes[c], -c))
             if best_lr == candidate and "state" in probe:
                 winner = (candidate, probe["state"])
@@ -239,7 +266,7 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
             "parameters": int(sum(v.size for v in
                                                                 best_values.values())),
             "lr": lr, "lr_probes": {str(k): v for k, v in probes.items()} or None,
-            "lr_probes_diverged": diverged or None,  # step size: the steps it ran
+            "lr_probes_stopped": stopped or None,  # step size: the steps it ran, and why
             "loss": opts.loss,
             "metric": metric.name, "held_out_batches": len(held),
             "score_before": before, "score_after": best[0],
@@ -271,7 +298,8 @@ def _output_loss(got, want, scale: float, opts) -> torch.Tensor:
         t = opts.temperature
         return F.kl_div(F.log_softmax(got / t, -1), F.log_softmax(want / t, -1),
                         log_target=True, reduction="batchmean") * t * t
-    if opts.loss == "cosine" and got.dim() >= 1:
+    if opts.loss == "cosine" and got.dim() >= 1 and got[0].numel() > 1:
+        # (a sample's lone number has the cosine of its sign: no gradient, mse instead)
         a, b = got.reshape(got.shape[0], -1), want.reshape(want.shape[0], -1)
         return (1 - F.cosine_similarity(a, b, dim=1, eps=1e-12)).mean()
     return ((got - want) ** 2).mean() / scale

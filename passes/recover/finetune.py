@@ -94,7 +94,9 @@ class Finetune(Pass):
         # Adam's step size relative to each layer's weight RMS (None: the best of
         # LR_CANDIDATES after a short probe run of each)
         lr: float | None = None
-        loss: str = "auto"  # output distillation: kl, mse, cosine (auto: kl under top1)
+        # output distillation: kl, mse, cosine (auto: kl under top1, cosine under the
+        # cosine metrics, else mse)
+        loss: str = "auto"
         temperature: float = 2.0  # of the kl loss
         features: float = 1.0  # weight of the feature matching at the changed layers
         # weight of the matching, token by token, of the normalized hidden states (the
@@ -207,8 +209,8 @@ class Finetune(Pass):
                   n.outputs[0].name in teacher.ref.names and n.outputs[0].name not in kept] \
             if opts.stream > 0 else []
         metric = get_metric(ctx.metric or DEFAULT_METRIC)
-        if opts.loss == "auto":
-            opts = replace(opts, loss="kl" if metric.name == "top1" else "mse")
+        if opts.loss == "auto":  # the metric's own form where it has one
+            opts = replace(opts, loss=AUTO_LOSS.get(metric.name, "mse"))
         from graphopt.passes.recover.distil import distil  # (imports torch)
 
         result = distil(model, teacher, data, held, train, sites, kept, opts, metric=metric,
@@ -223,6 +225,10 @@ class Finetune(Pass):
                             "held-out batches)"
         return PassResult(True, stats)
 
+
+# The output loss under each built-in metric (``loss=auto``; mse under any other):
+# MiniLM at 40% FFN, mean cosine on held-out sentences 0.9699 with mse, 0.9704 with cosine
+AUTO_LOSS = {"top1": "kl", "cosine": "cosine", "mean-cosine": "cosine"}
 
 # Ops whose outputs are a model's normalized hidden states (``stream``).
 NORMALIZATIONS = frozenset({
