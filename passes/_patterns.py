@@ -16,7 +16,7 @@ import onnx
 import onnx.version_converter
 import onnx_graphsurgeon as gs
 
-from graphopt.ir import Model, infer_shapes
+from graphopt.ir import Model, infer_shapes, skeleton
 from graphopt.rewrite import (constant_value, consumers, remove_dead, remove_node,
                               tensor_names, unique_name)
 
@@ -247,8 +247,10 @@ def upgrade_opset(model: Model, version: int) -> str | None:
     if current < UPGRADE_FROM:
         return f"opset {current} is older than {UPGRADE_FROM}, the oldest one upgraded"
     try:
-        proto = onnx.version_converter.convert_version(model.to_onnx(), version)
-        onnx.checker.check_model(proto)
+        # (weights in the run's data file stay references: the converter rewrites nodes)
+        proto = onnx.version_converter.convert_version(model.to_onnx(references=True),
+                                                       version)
+        onnx.checker.check_model(skeleton(proto))
         proto = infer_shapes(proto)
     except Exception as exc:  # the converter raises bare RuntimeErrors on what it lacks
         text = str(exc).strip().splitlines()
