@@ -552,3 +552,26 @@ def test_manager_runs_all_norm_passes_on_helper_models(skip_measured_faster):
     assert count_ops(after) == {"LayerNormalization": 1, "SkipLayerNormalization": 1}
     loaded = load(after)
     assert loaded.opset == 17
+
+
+def test_the_opset_upgrade_leaves_spilled_weights_in_their_file():
+    """A run's weights moved to its data file stay references through the opset upgrade
+    (the converter rewrites nodes; exporting the weights into its proto copied them all,
+    and the run wrote them out again): same outputs, weights still mapped."""
+    from graphopt import external_data
+    from graphopt.ir import Model
+    from graphopt.passes._patterns import upgrade_opset
+    from graphopt.spill import Spill
+
+    weight = rand(H, 1 << 14)  # 1 MB
+    proto = build_model([oh.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", ["N", H])],
+                        [vi("y", ["N", 1 << 14])],
+                        [onnx.numpy_helper.from_array(weight, "w")], opset=14)
+    model = Model.from_proto(proto)
+    spill = Spill(model, min_bytes=0)
+    assert spill.moved and upgrade_opset(model, 17) is None and model.opset == 17
+    const = next(t for t in model.initializers() if t.name == "w")
+    assert external_data.mapped_source(const._values) is not None  # noqa: SLF001
+    feeds = {"x": rand(3, H)}
+    got = verify.run(verify.session(model.to_onnx()), feeds)["y"]
+    np.testing.assert_allclose(got, feeds["x"] @ weight, rtol=1e-5, atol=1e-5)
