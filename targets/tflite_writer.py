@@ -316,10 +316,21 @@ class _PackedOnce:
         self.data = data
 
     def Pack(self, builder):  # noqa: N802 (the schema object API's name)
-        data, self.data = self.data, None
-        buf = schema().BufferT()
-        buf.data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-        return buf.Pack(builder)
+        """The bytes copied straight into the builder's buffer (a transposed weight
+        transposed as it is copied): ``BufferT.Pack`` would make a contiguous copy and
+        then ``bytes`` of it, two transient copies of the largest constant (MiniLM's
+        47 MB embedding table) at the peak of the write."""
+        data, self.data = np.asarray(self.data), None
+        s = schema()
+        builder.StartVector(1, data.nbytes, 1)
+        builder.head = builder.head - data.nbytes
+        if data.nbytes:
+            into = np.frombuffer(builder.Bytes, np.uint8, data.nbytes, builder.head)
+            np.copyto(into.view(data.dtype).reshape(data.shape), data)
+        vector = builder.EndVector()
+        s.BufferStart(builder)
+        s.BufferAddData(builder, vector)
+        return s.BufferEnd(builder)
 
 
 class _AlignedBuffer:
