@@ -329,8 +329,9 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
                     Path(f).unlink(missing_ok=True)
                 raise
     if cache is not None:
-        cache.put(key, working.to_onnx(), report, None if output is None else Path(output),
-                  artifact)
+        # (the model, not its export: weights in the run's data file are read in as
+        # they are written, never all in memory at once)
+        cache.put(key, working, report, None if output is None else Path(output), artifact)
         report["cache"] = {"hit": False, "key": key, "folder": str(cache_dir)}
     return OptimizeResult(model=weights.release(working), report=report, artifact=artifact)
 

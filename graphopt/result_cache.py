@@ -143,13 +143,13 @@ class ResultCache:
             written.append(dst)
         return base / meta["main"], written
 
-    def put(self, key: str, model_proto: onnx.ModelProto, report: dict,
+    def put(self, key: str, model: Model | onnx.ModelProto, report: dict,
             output: Path | None, artifact) -> None:
         """Store a result (atomically: a half-written entry is never read)."""
         self.root.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(dir=self.root, prefix=TEMP_PREFIX))
         try:
-            save(model_proto, stage / "model.onnx")
+            save(model, stage / "model.onnx")
             meta = {"folder": False, "main": None, "format": None}
             if output is not None and artifact is not None:
                 folder = output.is_dir()
