@@ -122,7 +122,8 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
         ``seconds``); a probe is cut short after ``stop_after`` steps or ``stop_time``
         seconds, its schedule still that of the whole budget, and its ``state`` is where
         it stopped (``track``: its held-out losses by the share of its length run). A
-        probe is judged at ``JUDGED`` of its length against the ``rival`` track. ``resume``: such a state, the run going on from it (the same schedule,
+        probe is judged at ``JUDGED`` of its length against the ``rival`` track.
+        ``resume``: such a state, the run going on from it (the same schedule,
         ``seconds`` what is left of the budget's time)."""
         optimizer = _adam([{"params": ps, "lr": lr * rms, "base": lr * rms}
                            for ps, rms in sizes])
