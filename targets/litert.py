@@ -11,9 +11,10 @@ and ``optimize`` compares its outputs with ONNX Runtime on the original model.
 
 TFLite tensors have static shapes here: symbolic dimensions are fixed at lowering, by
 ``--input-shape`` where given; otherwise a leading batch dimension shared by every input
-and output is lowered at 1 (what an app feeds) and ``run`` feeds a larger batch one sample
-at a time, and any other symbolic dimension is lowered at the size probe inputs use. The
-manifest records which.
+and output is lowered at 1 (what an app feeds) and any other symbolic dimension (a
+sequence) at the size probe inputs use. Both stay resizable (``-1`` in the shape
+signature) where the ops allow (``tflite_dynamic``); else ``run`` feeds a larger batch one
+sample at a time, and the manifest says why they are static.
 
 The pipeline is the lossless one without ONNX Runtime's contrib fusions (FusedConv,
 SkipLayerNormalization, Attention...): the target's capabilities are the ONNX ops the
@@ -148,11 +149,15 @@ class LiteRtTarget(Target):
         if missing:
             raise UsageError(f"target {self.name!r} is not available here: {missing}")
         static, bound, per_sample = static_model(model)
-        # a symbolic batch: lowered at 2 as well, to find what follows it (resizable)
+        # a symbolic batch: lowered at 2 as well, to find what follows it (resizable);
+        # other symbolic dimensions (a sequence) likewise, at twice their size
         at_2 = static_model(model, batch=2)[0] if per_sample else None
+        others = len(bound) > per_sample
+        twice = static_model(model, sequence=2 * DEFAULT_SYMBOLIC_SIZE)[0] if others else None
         lowered = lower_graph(static, nhwc_io=self.io_layout == "nhwc",
-                              int8_io=self.io_dtype == "int8", at_batch_2=at_2)
-        del at_2
+                              int8_io=self.io_dtype == "int8", at_batch_2=at_2,
+                              at_sequence_2=twice)
+        del at_2, twice
         per_sample = per_sample and not lowered.resizable_batch
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=TEMP_PREFIX))
@@ -187,10 +192,15 @@ class LiteRtTarget(Target):
                 "resizable_batch": lowered.resizable_batch,
                 **({"batch_static_because": lowered.static_reason}
                    if lowered.static_reason else {}),
+                "resizable_sequence": lowered.resizable_sequence,
+                **({"sequence_static_because": lowered.sequence_static_reason}
+                   if lowered.sequence_static_reason else {}),
                 "note": "symbolic dimensions were fixed at these sizes (--input-shape "
                         "fixes them explicitly)" +
                         ("; the batch is resizable (-1 in shape_signature)"
                          if lowered.resizable_batch else "") +
+                        ("; the other symbolic dimensions are resizable (-1 in "
+                         "shape_signature)" if lowered.resizable_sequence else "") +
                         ("; a larger batch runs one sample at a time" if per_sample else ""),
             },
             "operators": lowered.operators,
@@ -262,16 +272,17 @@ class LiteRtTarget(Target):
 
 
 # ---------------------------------------------------------------------- static shapes
-def static_model(model: Model, batch: int = 1) -> tuple[onnx.ModelProto, dict[str, int], bool]:
+def static_model(model: Model, batch: int = 1, sequence: int = DEFAULT_SYMBOLIC_SIZE
+                 ) -> tuple[onnx.ModelProto, dict[str, int], bool]:
     """A shape-inferred copy of ``model`` with every dimension fixed (a symbolic batch at
-    ``batch``), the erf/tanh GELU written as one ``Gelu`` (LiteRT has a builtin GELU but
+    ``batch``, any other symbolic dimension at ``sequence``), the erf/tanh GELU written as one ``Gelu`` (LiteRT has a builtin GELU but
     no Erf): ``(proto, the sizes symbolic dimensions were bound at, whether it has a
     symbolic batch: one that can be resized, or run one sample at a time)``."""
     work = model.clone()
     inputs = [t for t in work.graph.inputs if not isinstance(t, gs.Constant)]
     symbolic = {d for t in inputs for d in (t.shape or []) if isinstance(d, str)}
     batch_dim = _batch_dim(work, inputs)
-    sizes = {d: batch if d == batch_dim else DEFAULT_SYMBOLIC_SIZE for d in symbolic}
+    sizes = {d: batch if d == batch_dim else sequence for d in symbolic}
     shapes = {t.name: [sizes.get(d, d) if isinstance(d, str) else d for d in t.shape]
               for t in inputs if t.shape}
     for name, dims in shapes.items():
@@ -368,9 +379,8 @@ def _chunks(arrays: dict[str, np.ndarray], inputs: dict[str, dict],
     split into samples when the model was lowered at batch 1 for a symbolic batch."""
     if all(list(a.shape) == inputs[n]["shape"] for n, a in arrays.items()):
         return [arrays]
-    if all(a.ndim and list(a.shape[1:]) == inputs[n]["shape"][1:]
-           and inputs[n].get("shape_signature", [None])[0] == -1 for n, a in arrays.items()):
-        return [arrays]  # a resizable batch: the interpreter is resized to it
+    if all(_resizable_to(a.shape, inputs[n]) for n, a in arrays.items()):
+        return [arrays]  # resizable dimensions: the interpreter is resized to them
     batches = {a.shape[0] for a in arrays.values() if a.ndim}
     if per_sample and len(batches) == 1 and all(
             a.ndim and list(a.shape[1:]) == inputs[n]["shape"][1:] for n, a in arrays.items()):
@@ -379,6 +389,14 @@ def _chunks(arrays: dict[str, np.ndarray], inputs: dict[str, dict],
     got = ", ".join(f"{n}={'x'.join(map(str, a.shape))}" for n, a in arrays.items())
     raise UsageError(f"the .tflite was lowered at {wanted}; the feeds are {got}",
                      hint="lower it again with --input-shape at the shapes you feed")
+
+
+def _resizable_to(shape: tuple[int, ...], spec: dict) -> bool:
+    """Whether an input lowered as ``spec`` takes a feed of ``shape``: each dimension
+    as lowered or resizable (``-1`` in its shape signature)."""
+    signature = spec.get("shape_signature", spec["shape"])
+    return len(shape) == len(signature) and all(
+        want in (-1, got) for got, want in zip(shape, signature))
 
 
 # (path, mtime_ns, threads) -> (manifest, run): the interpreters ``run`` keeps, oldest
@@ -415,7 +433,7 @@ def _new_interpreter(path: str, threads: int):
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if any(list(array.shape) != shapes[name] for name, array in feeds.items()):
-            for name, array in feeds.items():  # a resizable batch at another size
+            for name, array in feeds.items():  # resizable dimensions at other sizes
                 interpreter.resize_tensor_input(ins[name], list(array.shape))
                 shapes[name] = list(array.shape)
             interpreter.allocate_tensors()

@@ -48,56 +48,94 @@ def snapshot(fb: FlatbufferBuilder) -> Snapshot:
                      for t in fb.tensors], list(fb.operators))
 
 
-def generalize(a: FlatbufferBuilder, b: Snapshot) -> str | None:
-    """Mark in ``a`` (the build at batch 1) the dimensions that follow the batch, as
-    ``b`` (a snapshot of the build at batch 2) shows them: ``None`` when done, else why
-    the batch stays static (and ``a`` is left as it was)."""
+@dataclasses.dataclass
+class Plan:
+    """What follows one symbol in the build at the smaller size: the tensors' shape
+    signatures (``-1`` where they follow) and, per RESHAPE target constant, its one
+    entry that becomes ``-1``."""
+
+    signatures: dict[int, tuple[int, ...]]
+    reshapes: dict[int, int]
+
+
+def follows(a: FlatbufferBuilder, b: Snapshot, symbol: str = "batch") -> Plan | str:
+    """What in ``a`` follows ``symbol``, as ``b`` (a snapshot of the build with it twice
+    as large) shows it; else why it stays static. ``a`` is not changed."""
     if len(a.tensors) != len(b.tensors) or len(a.operators) != len(b.operators):
-        return "the graph lowers to different operators at another batch"
+        return f"the graph lowers to different operators at another {symbol}"
     signatures: dict[int, tuple[int, ...]] = {}
     for index, (x, y) in enumerate(zip(a.tensors, b.tensors)):
         if x.dtype != y.dtype or len(x.shape) != len(y.shape) or x.half != y.half:
-            return f"tensor {x.name!r} changes type or rank with the batch"
+            return f"tensor {x.name!r} changes type or rank with the {symbol}"
         dims = [i for i, (p, q) in enumerate(zip(x.shape, y.shape)) if p != q]
         if any(y.shape[i] != 2 * x.shape[i] for i in dims):
-            return f"tensor {x.name!r} changes shape with the batch other than in " \
-                   f"proportion ({list(x.shape)} at 1, {list(y.shape)} at 2)"
+            return f"tensor {x.name!r} changes shape with the {symbol} other than in " \
+                   f"proportion ({list(x.shape)}, then {list(y.shape)})"
         if dims and x.data is None:
             signatures[index] = tuple(-1 if i in dims else d for i, d in enumerate(x.shape))
         elif dims and (isinstance(y.data, bytes)
                        or not _broadcast(index, x.data, y.data, dims, a.operators)):
-            return f"constant {x.name!r} follows the batch"
+            return f"constant {x.name!r} follows the {symbol}"
     reshapes: dict[int, int] = {}  # shape constant -> the entry that becomes -1
     for op_a, op_b in zip(a.operators, b.operators):
         if (op_a.code, op_a.inputs, op_a.outputs, op_a.version) != \
                 (op_b.code, op_b.inputs, op_b.outputs, op_b.version):
-            return "the graph lowers to different operators at another batch"
+            return f"the graph lowers to different operators at another {symbol}"
         if op_a.code == "RESHAPE" and len(op_a.inputs) > 1:
             entry = _one_entry(a.tensors[op_a.inputs[1]].data, b.tensors[op_a.inputs[1]].data)
             if entry is False:
                 return f"RESHAPE to {a.tensors[op_a.outputs[0]].name!r} has more than one " \
-                       f"dimension following the batch"
+                       f"dimension following the {symbol}"
             if entry is not None:
                 reshapes[op_a.inputs[1]] = entry
         elif not _same(op_a.options, op_b.options):
             return f"{op_a.code} writing {a.tensors[op_a.outputs[0]].name!r} is spelled " \
-                   f"out at the batch's size"
+                   f"out at the {symbol}'s size"
     for index, (x, y) in enumerate(zip(a.tensors, b.tensors)):
         if x.data is not None and index not in reshapes and x.shape == y.shape and not (
                 _digest(x.data) == y.data if isinstance(y.data, bytes)
                 else np.array_equal(x.data, y.data)):
-            return f"constant {x.name!r} follows the batch"
+            return f"constant {x.name!r} follows the {symbol}"
     if not signatures:
-        return "no tensor follows the batch"
-    for index, signature in signatures.items():
+        return f"no tensor follows the {symbol}"
+    return Plan(signatures, reshapes)
+
+
+def combine(first: Plan, second: Plan, a: FlatbufferBuilder, symbols: str) -> Plan | str:
+    """Both plans at once (a dimension following either is ``-1``); else why not: TFLite's
+    RESHAPE computes one ``-1`` entry of its target, not two."""
+    for shape, entry in first.reshapes.items():
+        if second.reshapes.get(shape, entry) != entry:
+            return f"a RESHAPE target ({a.tensors[shape].name!r}) has one dimension " \
+                   f"following each of {symbols}"
+    signatures = dict(first.signatures)
+    for index, signature in second.signatures.items():
+        signatures[index] = tuple(-1 if -1 in (p, q) else p for p, q in
+                                  zip(signatures.get(index, signature), signature))
+    return Plan(signatures, {**first.reshapes, **second.reshapes})
+
+
+def apply(a: FlatbufferBuilder, plan: Plan) -> None:
+    """Write ``plan`` into ``a``: the shape signatures, and ``-1`` in RESHAPE targets."""
+    for index, signature in plan.signatures.items():
         a.tensors[index].signature = signature
     for op in a.operators:
-        if op.code == "RESHAPE" and len(op.inputs) > 1 and op.inputs[1] in reshapes:
+        if op.code == "RESHAPE" and len(op.inputs) > 1 and op.inputs[1] in plan.reshapes:
             shape = a.tensors[op.inputs[1]].data.copy()
-            shape[reshapes[op.inputs[1]]] = -1
+            shape[plan.reshapes[op.inputs[1]]] = -1
             a.tensors[op.inputs[1]].data = shape
             if op.options is not None and getattr(op.options, "newShape", None) is not None:
                 op.options.newShape = shape.tolist()
+
+
+def generalize(a: FlatbufferBuilder, b: Snapshot) -> str | None:
+    """Mark in ``a`` (the build at batch 1) the dimensions that follow the batch, as
+    ``b`` (a snapshot of the build at batch 2) shows them: ``None`` when done, else why
+    the batch stays static (and ``a`` is left as it was)."""
+    plan = follows(a, b)
+    if isinstance(plan, str):
+        return plan
+    apply(a, plan)
     return None
 
 

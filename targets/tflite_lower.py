@@ -84,6 +84,8 @@ class Lowered:
     compute: str = "float32"  # "int8 + float32" where QDQ layers run on int8 kernels
     resizable_batch: bool = False  # the batch is -1 in the shape signatures
     static_reason: str | None = None  # why a batch asked to be resizable is not
+    resizable_sequence: bool = False  # the other symbolic dimensions are -1 too
+    sequence_static_reason: str | None = None  # why they are not
 
 
 class Lowering:
@@ -349,29 +351,40 @@ def _layout_name(name: str, perm: tuple[int, ...]) -> str:
 
 # ---------------------------------------------------------------------- driver
 def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False,
-                int8_io: bool = False, at_batch_2: onnx.ModelProto | None = None) -> Lowered:
+                int8_io: bool = False, at_batch_2: onnx.ModelProto | None = None,
+                at_sequence_2: onnx.ModelProto | None = None) -> Lowered:
     """``proto`` (static shapes, shape-inferred, default domain) as ``.tflite`` bytes. An
     op without a mapping is a UsageError naming its type and node before anything is
     built; the caller writes nothing in that case. ``int8_io``: quantized inputs and
     outputs of a QDQ graph stay int8 (see ``tflite_quant``). ``at_batch_2``: the same
-    graph bound at batch 2 where ``proto`` is bound at batch 1: the batch is made
-    resizable where the two builds show it can be (``tflite_dynamic``)."""
-    from graphopt.targets.tflite_dynamic import generalize, snapshot
+    graph bound at batch 2 where ``proto`` is bound at batch 1; ``at_sequence_2``: bound
+    with its other symbolic dimensions (a sequence) twice as large: what follows them is
+    made resizable where the builds show it can be (``tflite_dynamic``)."""
+    from graphopt.targets.tflite_dynamic import (Plan, apply, combine, follows,
+                                                  snapshot)
 
-    # (the build at batch 2 first, kept as a snapshot: two builds' weights are not held)
+    # (the other builds first, kept as snapshots: two builds' weights are not held)
     second = snapshot(_build(at_batch_2, nhwc_io, int8_io)[0].fb) \
         if at_batch_2 is not None else None
+    third = snapshot(_build(at_sequence_2, nhwc_io, int8_io)[0].fb) \
+        if at_sequence_2 is not None else None
     lw, io_inputs, io_outputs = _build(proto, nhwc_io, int8_io)
-    static_reason = None
-    if second is not None:
-        static_reason = generalize(lw.fb, second)
-        del second
-        if static_reason is None:
-            for spec, index in [*zip(io_inputs, lw.fb.inputs), *zip(io_outputs,
-                                                                     lw.fb.outputs)]:
-                signature = lw.fb.tensors[index].signature
-                if signature is not None:
-                    spec["shape_signature"] = list(signature)
+    batch = follows(lw.fb, second, "batch") if second is not None else None
+    sequence = follows(lw.fb, third, "sequence") if third is not None else None
+    del second, third
+    plans = [p for p in (batch, sequence) if isinstance(p, Plan)]
+    if len(plans) == 2:
+        both = combine(batch, sequence, lw.fb, "the batch and the sequence")
+        if isinstance(both, str):
+            sequence, plans = both, [batch]  # the batch alone stays resizable
+        else:
+            plans = [both]
+    for plan in plans:
+        apply(lw.fb, plan)
+    for spec, index in [*zip(io_inputs, lw.fb.inputs), *zip(io_outputs, lw.fb.outputs)]:
+        signature = lw.fb.tensors[index].signature
+        if signature is not None:
+            spec["shape_signature"] = list(signature)
     kinds = {"float16" for t in lw.fb.tensors if t.half} | \
         {"int8" for t in lw.fb.tensors if t.quant is not None and t.data is not None}
     int8_kernels = any(lw.fb.tensors[o.outputs[0]].dtype == np.int8 and o.code not in
@@ -382,8 +395,10 @@ def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False,
                    {"inside": lw.transposes["inside"], "boundary": lw.transposes["boundary"]},
                    io_inputs, io_outputs, " + ".join(sorted(kinds)) or "float32",
                    "int8 + float32" if int8_kernels else "float32",
-                   resizable_batch=at_batch_2 is not None and static_reason is None,
-                   static_reason=static_reason)
+                   resizable_batch=isinstance(batch, Plan),
+                   static_reason=batch if isinstance(batch, str) else None,
+                   resizable_sequence=isinstance(sequence, Plan),
+                   sequence_static_reason=sequence if isinstance(sequence, str) else None)
 
 
 def _build(proto: onnx.ModelProto, nhwc_io: bool, int8_io: bool

@@ -519,6 +519,53 @@ def test_a_batch_spelled_out_stays_static_with_the_reason(tmp_path):
     _check_against_ort(model, result, {"x": x})
 
 
+def test_a_symbolic_sequence_is_resizable(tmp_path):
+    """A sequence dimension besides the batch: lowered at twice its size as well, every
+    tensor following either symbol gets -1 in its shape signature (a RESHAPE flattening
+    both into one entry too); ``run`` resizes LiteRT's interpreter to other (batch,
+    sequence) pairs and matches ONNX Runtime."""
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Add", ["h", "b"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Reshape", ["r", "flat"], ["f"]),
+             helper.make_node("Reshape", ["f", "back"], ["g"]),
+             helper.make_node("Softmax", ["g"], ["y"], axis=-1)]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                         ["N", "S", 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 8])],
+                   {"w": _w(rng, 8, 8), "b": _w(rng, 8), "flat": np.array([-1, 8], np.int64),
+                    "back": np.array([0, -1, 8], np.int64)})
+    result, manifest = _lower(model, tmp_path)
+    shapes = manifest["static_shapes"]
+    assert shapes["resizable_batch"] is True and shapes["resizable_sequence"] is True, shapes
+    assert manifest["inputs"][0]["shape_signature"] == [-1, -1, 8]
+    for batch, sequence in [(1, 7), (3, 19)]:
+        x = rng.standard_normal((batch, sequence, 8)).astype(np.float32)
+        _check_against_ort(model, result, {"x": x})
+
+
+def test_a_sequence_spelled_out_stays_static_with_the_reason(tmp_path):
+    """A position table read up to the sequence's length (folded at the bound size into
+    a constant of distinct rows) follows the sequence: the sequence stays static, the
+    manifest says why, and the batch stays resizable."""
+    rng = np.random.default_rng(9)
+    nodes = [helper.make_node("Shape", ["x"], ["s"], start=1, end=2),
+             helper.make_node("Slice", ["table", "zero", "s", "zero"], ["rows"]),
+             helper.make_node("Add", ["x", "rows"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                         ["N", "S", 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 4])],
+                   {"table": _w(rng, 16, 4), "zero": np.array([0], np.int64)})
+    result, manifest = _lower(model, tmp_path)
+    shapes = manifest["static_shapes"]
+    assert shapes["resizable_batch"] is True and shapes["resizable_sequence"] is False
+    assert "follows the sequence" in shapes["sequence_static_because"], shapes
+    assert manifest["inputs"][0]["shape_signature"] == [-1, 2, 4]
+    x = rng.standard_normal((3, 2, 4)).astype(np.float32)
+    _check_against_ort(model, result, {"x": x})
+
+
 def test_shape_mismatch_is_a_usage_error(tmp_path):
     model = mlp()
     result, _ = _lower(model, tmp_path, input_shapes={"x": [4, 32]})
