@@ -104,6 +104,9 @@ class Lowering:
         self.int8_io = False  # quantized model inputs/outputs stay int8 (tflite_quant)
         self.int8_out: dict[str, tuple[float, int]] = {}
         self._input_tensors: set[int] = set()
+        # (input, axis) of the symbolic dimensions other than the batch (a sequence):
+        # sizes the lowering computes at run time where it can (``prefix_gather``)
+        self.sequence: list[tuple[str, int]] = []
         self._types = {v.name: v.type.tensor_type for v in
                        [*proto.graph.value_info, *proto.graph.input, *proto.graph.output]}
         self.readers: dict[str, list[onnx.NodeProto]] = {}
@@ -363,12 +366,13 @@ def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False,
     from graphopt.targets.tflite_dynamic import (Plan, apply, combine, follows,
                                                   snapshot)
 
+    sequence = _grown(proto, at_sequence_2) if at_sequence_2 is not None else []
     # (the other builds first, kept as snapshots: two builds' weights are not held)
-    second = snapshot(_build(at_batch_2, nhwc_io, int8_io)[0].fb) \
+    second = snapshot(_build(at_batch_2, nhwc_io, int8_io, sequence)[0].fb) \
         if at_batch_2 is not None else None
-    third = snapshot(_build(at_sequence_2, nhwc_io, int8_io)[0].fb) \
+    third = snapshot(_build(at_sequence_2, nhwc_io, int8_io, sequence)[0].fb) \
         if at_sequence_2 is not None else None
-    lw, io_inputs, io_outputs = _build(proto, nhwc_io, int8_io)
+    lw, io_inputs, io_outputs = _build(proto, nhwc_io, int8_io, sequence)
     batch = follows(lw.fb, second, "batch") if second is not None else None
     sequence = follows(lw.fb, third, "sequence") if third is not None else None
     del second, third
@@ -401,15 +405,17 @@ def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False,
                    sequence_static_reason=sequence if isinstance(sequence, str) else None)
 
 
-def _build(proto: onnx.ModelProto, nhwc_io: bool, int8_io: bool
-           ) -> tuple["Lowering", list[dict], list[dict]]:
-    """The lowering of ``proto`` before packing, and its input and output specs."""
-    from graphopt.targets.tflite_ops import HANDLERS, fold_constant_node
+def _build(proto: onnx.ModelProto, nhwc_io: bool, int8_io: bool,
+           sequence: list[tuple[str, int]] = ()) -> tuple["Lowering", list[dict], list[dict]]:
+    """The lowering of ``proto`` before packing, and its input and output specs;
+    ``sequence``: ``Lowering.sequence``."""
+    from graphopt.targets.tflite_ops import HANDLERS, fold_constant_node, prefix_gather
     from graphopt.targets.tflite_quant import lower_int8
 
     check_mapped(proto)
     lw = Lowering(proto)
     lw.int8_io = int8_io
+    lw.sequence = list(sequence)
     initializers = {i.name for i in proto.graph.initializer}
     io_inputs = []
     for inp in proto.graph.input:
@@ -424,7 +430,8 @@ def _build(proto: onnx.ModelProto, nhwc_io: bool, int8_io: bool
         if id(node) in lw.skipped:
             continue
         try:
-            if not fold_constant_node(lw, node) and not lower_int8(lw, node):
+            if not prefix_gather(lw, node) and not fold_constant_node(lw, node) and \
+                    not lower_int8(lw, node):
                 HANDLERS[node.op_type](lw, node)
         except Unmappable as exc:
             raise UsageError(f"op {node.op_type} (node {node.name or node.output[0]!r}) has "
@@ -453,6 +460,17 @@ def _build(proto: onnx.ModelProto, nhwc_io: bool, int8_io: bool
     lw.transposes["inside"] -= moved
     lw.transposes["boundary"] += moved
     return lw, io_inputs, io_outputs
+
+
+def _grown(proto: onnx.ModelProto, larger: onnx.ModelProto) -> list[tuple[str, int]]:
+    """The (input, axis) pairs at which ``larger`` binds a larger size than ``proto``."""
+    def dims(model):
+        return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in model.graph.input}
+
+    small = dims(proto)
+    return [(name, axis) for name, shape in dims(larger).items()
+            for axis, size in enumerate(shape) if size != small[name][axis]]
 
 
 def check_mapped(proto: onnx.ModelProto) -> None:

@@ -314,6 +314,54 @@ def gather(lw: Lowering, node: onnx.NodeProto) -> None:
              options("GatherOptions", axis=axis, batchDims=0))
 
 
+def prefix_gather(lw: Lowering, node: onnx.NodeProto) -> bool:
+    """A Gather of a constant table by constant indices 0..n-1 in order, n the size of a
+    sequence dimension of an input (``Lowering.sequence``; an exporter's position ids
+    sliced to the sequence's length): the positions are computed at run time (SHAPE,
+    STRIDED_SLICE, RANGE) instead of folded into a constant, so the rows read follow a
+    resized sequence. Whether they do is for ``tflite_dynamic`` to check."""
+    if node.op_type != "Gather" or len(node.input) < 2 or not lw.is_const(node.input[0]) \
+            or not lw.is_const(node.input[1]):
+        return False
+    data, indices = node.input[:2]
+    axis = attrs(node).get("axis", 0) % lw.rank(data)
+    positions = _positions(lw, indices, lw.shape(data)[axis])
+    sources = [(name, dim) for name, dim in lw.sequence if lw.shape(name)[dim] == positions.size]
+    if not sources or not 1 < positions.size < lw.shape(data)[axis] or \
+            sum(d != 1 for d in positions.shape) > 1 or \
+            not np.array_equal(positions.ravel(), np.arange(positions.size)):
+        return False
+    name, dim = sources[0]
+    shape = lw.fb.tensor("sequence_shape", (lw.rank(name),), np.int32)
+    lw.fb.op("SHAPE", [lw.get(name, identity(lw.rank(name)))], [shape], options("ShapeOptions", outType=enum(
+        "TensorType", "INT32")))
+    size = lw.fb.tensor("sequence_size", (), np.int32)
+    lw.fb.op("STRIDED_SLICE", [shape, *(lw.fb.constant(n, np.array([v], np.int32))
+                                        for n, v in (("begin", dim), ("end", dim + 1),
+                                                     ("strides", 1)))],
+             [size], options("StridedSliceOptions", shrinkAxisMask=1))
+    count = lw.fb.tensor("positions", (positions.size,), np.int32)
+    lw.fb.op("RANGE", [_scalar(lw, "zero", 0), size, _scalar(lw, "one", 1)], [count])
+    if positions.ndim != 1:  # the indices' shape, its one long dimension computed
+        target = np.array([-1 if d != 1 else 1 for d in positions.shape], np.int32)
+        shaped = lw.fb.tensor("positions", positions.shape, np.int32)
+        lw.fb.op("RESHAPE", [count, lw.fb.constant("shape", target)], [shaped],
+                 options("ReshapeOptions", newShape=target.tolist()))
+        count = shaped
+    lw.fb.op("GATHER", [lw.get(data, identity(lw.rank(data))), count],
+             [lw.output(node.output[0])], options("GatherOptions", axis=axis, batchDims=0))
+    return True
+
+
+def _scalar(lw: Lowering, name: str, value: int) -> int:
+    """An int32 constant of rank 0, as RANGE wants its start and delta (the writer
+    stores other constants at rank 1 at least)."""
+    index = lw.fb.constant(name, np.array([value], np.int32))
+    tensor = lw.fb.tensors[index]
+    tensor.data, tensor.shape = np.array(value, np.int32), ()
+    return index
+
+
 def gather_nd(lw: Lowering, node: onnx.NodeProto) -> None:
     """GATHER_ND (TensorFlow's gather_nd is ONNX's GatherND at batch_dims 0); constant
     indices are written non-negative, as TFLite wants them."""
