@@ -1,18 +1,21 @@
-"""A resizable batch in a ``.tflite``: which dimensions are the batch, found by lowering
-the graph at two batch sizes and comparing the two builds.
+"""A resizable batch and sequence in a ``.tflite``: which dimensions follow them, found by
+lowering the graph at other sizes and comparing the builds.
 
 TFLite tensors carry a static ``shape`` and a ``shape_signature`` where ``-1`` marks a
 dimension the interpreter may resize (``resize_tensor_input``). The lowering works at
 static shapes (every layout decision, folded shape arithmetic and permutation depends on
 them), so rather than tracking the batch through every handler the graph is lowered at
 batch 1 and at batch 2: a dimension that is 1 in the first and 2 in the second (or k
-and 2k: a batch folded into another axis) follows the batch and becomes ``-1``. The two
-builds must otherwise be the same graph: the same operators with the same options and
-the same constants, except a RESHAPE's target shape, which may differ in one entry (that
-entry becomes ``-1``, which TFLite's RESHAPE computes from the input's size). Anything
-else that follows the batch (a constant of the batch's size, a SLICE or BROADCAST_TO
-spelled out at it) keeps the batch static, with the reason; a constant folded at the
-batch's size that only broadcasting operators read is kept at size 1.
+and 2k: a batch folded into another axis) follows the batch and becomes ``-1``. The other
+symbolic dimensions (a sequence) are found the same way, from a build with them twice as
+large (``follows``). The builds must otherwise be the same graph: the same operators with
+the same options and the same constants, except a RESHAPE's target shape, which may
+differ in one entry (that entry becomes ``-1``, which TFLite's RESHAPE computes from the
+input's size). A target with one entry following the batch and another the sequence is
+computed at run time from the inputs' shapes (``combine``). Anything else that follows a
+symbol (a constant of its size, a SLICE or BROADCAST_TO spelled out at it) keeps it
+static, with the reason; a constant folded at its size that is one slice repeated and
+that only broadcasting operators read is kept at size 1.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import hashlib
 
 import numpy as np
 
-from graphopt.targets.tflite_writer import FlatbufferBuilder, Operator, Tensor
+from graphopt.targets.tflite_writer import (FlatbufferBuilder, Operator, Tensor, enum,
+                                           options)
 
 SMALL_BYTES = 1 << 20  # constants of a snapshot kept whole; larger ones by digest
 
@@ -51,11 +55,16 @@ def snapshot(fb: FlatbufferBuilder) -> Snapshot:
 @dataclasses.dataclass
 class Plan:
     """What follows one symbol in the build at the smaller size: the tensors' shape
-    signatures (``-1`` where they follow) and, per RESHAPE target constant, its one
-    entry that becomes ``-1``."""
+    signatures (``-1`` where they follow), per RESHAPE target constant its one entry that
+    becomes ``-1``, and the constants kept at size 1 along the dimensions that follow
+    (the same slices repeated, read by broadcasting operators only)."""
 
     signatures: dict[int, tuple[int, ...]]
     reshapes: dict[int, int]
+    shrink: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    # RESHAPE targets computed at run time (``combine``): per entry an (input, axis)
+    # whose size it is, or a fixed value
+    computed: dict[int, list] = dataclasses.field(default_factory=dict)
 
 
 def follows(a: FlatbufferBuilder, b: Snapshot, symbol: str = "batch") -> Plan | str:
@@ -64,6 +73,7 @@ def follows(a: FlatbufferBuilder, b: Snapshot, symbol: str = "batch") -> Plan | 
     if len(a.tensors) != len(b.tensors) or len(a.operators) != len(b.operators):
         return f"the graph lowers to different operators at another {symbol}"
     signatures: dict[int, tuple[int, ...]] = {}
+    shrink: dict[int, tuple[int, ...]] = {}
     for index, (x, y) in enumerate(zip(a.tensors, b.tensors)):
         if x.dtype != y.dtype or len(x.shape) != len(y.shape) or x.half != y.half:
             return f"tensor {x.name!r} changes type or rank with the {symbol}"
@@ -76,6 +86,8 @@ def follows(a: FlatbufferBuilder, b: Snapshot, symbol: str = "batch") -> Plan | 
         elif dims and (isinstance(y.data, bytes)
                        or not _broadcast(index, x.data, y.data, dims, a.operators)):
             return f"constant {x.name!r} follows the {symbol}"
+        elif dims:
+            shrink[index] = tuple(dims)
     reshapes: dict[int, int] = {}  # shape constant -> the entry that becomes -1
     for op_a, op_b in zip(a.operators, b.operators):
         if (op_a.code, op_a.inputs, op_a.outputs, op_a.version) != \
@@ -98,34 +110,114 @@ def follows(a: FlatbufferBuilder, b: Snapshot, symbol: str = "batch") -> Plan | 
             return f"constant {x.name!r} follows the {symbol}"
     if not signatures:
         return f"no tensor follows the {symbol}"
-    return Plan(signatures, reshapes)
+    return Plan(signatures, reshapes, shrink)
 
 
 def combine(first: Plan, second: Plan, a: FlatbufferBuilder, symbols: str) -> Plan | str:
-    """Both plans at once (a dimension following either is ``-1``); else why not: TFLite's
-    RESHAPE computes one ``-1`` entry of its target, not two."""
-    for shape, entry in first.reshapes.items():
-        if second.reshapes.get(shape, entry) != entry:
-            return f"a RESHAPE target ({a.tensors[shape].name!r}) has one dimension " \
-                   f"following each of {symbols}"
+    """Both plans at once: a dimension following either is ``-1``. A RESHAPE target with
+    an entry following each (``[batch, sequence, heads, size]``) is computed at run time
+    from the inputs' shapes, since TFLite's RESHAPE computes one ``-1`` entry only: each
+    such entry must be an input's dimension as it stands, but for one left ``-1``. Else
+    why not."""
+    sources = [_sources(a, plan) for plan in (first, second)]
+    computed: dict[int, list] = {}
+    for shape in first.reshapes.keys() & second.reshapes.keys():
+        entries = {first.reshapes[shape]: sources[0], second.reshapes[shape]: sources[1]}
+        if len(entries) == 1:
+            continue
+        target: list = a.tensors[shape].data.tolist()
+        for entry, found in entries.items():
+            target[entry] = found.get(target[entry], -1)
+        if target.count(-1) > 1:
+            return f"a RESHAPE target ({a.tensors[shape].name!r}) has dimensions " \
+                   f"following {symbols} that are not the inputs' own"
+        computed[shape] = target
     signatures = dict(first.signatures)
     for index, signature in second.signatures.items():
         signatures[index] = tuple(-1 if -1 in (p, q) else p for p, q in
                                   zip(signatures.get(index, signature), signature))
-    return Plan(signatures, {**first.reshapes, **second.reshapes})
+    shrink = {i: tuple(sorted({*first.shrink.get(i, ()), *second.shrink.get(i, ())}))
+              for i in {*first.shrink, *second.shrink}}
+    reshapes = {k: v for k, v in {**first.reshapes, **second.reshapes}.items()
+                if k not in computed}
+    return Plan(signatures, reshapes, shrink, computed)
+
+
+def _sources(a: FlatbufferBuilder, plan: Plan) -> dict[int, tuple[int, int]]:
+    """Where ``plan``'s symbol can be read at run time: its size at this build -> the
+    (input tensor, axis) that has it."""
+    found: dict[int, tuple[int, int]] = {}
+    for index in a.inputs:
+        for axis, dim in enumerate(plan.signatures.get(index, ())):
+            if dim == -1:
+                found.setdefault(a.tensors[index].shape[axis], (index, axis))
+    return found
 
 
 def apply(a: FlatbufferBuilder, plan: Plan) -> None:
-    """Write ``plan`` into ``a``: the shape signatures, and ``-1`` in RESHAPE targets."""
+    """Write ``plan`` into ``a``: the shape signatures, ``-1`` in RESHAPE targets, the
+    targets computed at run time (operators ahead of the graph's), and repeated
+    constants cut to one slice."""
     for index, signature in plan.signatures.items():
         a.tensors[index].signature = signature
+    for index, dims in plan.shrink.items():
+        tensor = a.tensors[index]
+        tensor.data = np.ascontiguousarray(tensor.data[tuple(
+            slice(0, 1) if d in dims else slice(None) for d in range(tensor.data.ndim))])
+        tensor.shape = tensor.data.shape
+    targets = _computed_targets(a, plan.computed)
     for op in a.operators:
-        if op.code == "RESHAPE" and len(op.inputs) > 1 and op.inputs[1] in plan.reshapes:
+        if op.code != "RESHAPE" or len(op.inputs) < 2:
+            continue
+        if op.inputs[1] in targets:
+            op.inputs[1] = targets[op.inputs[1]]
+            if op.options is not None:  # the shape tensor rules; no static one beside it
+                op.options.newShape = None
+        elif op.inputs[1] in plan.reshapes:
             shape = a.tensors[op.inputs[1]].data.copy()
             shape[plan.reshapes[op.inputs[1]]] = -1
             a.tensors[op.inputs[1]].data = shape
             if op.options is not None and getattr(op.options, "newShape", None) is not None:
                 op.options.newShape = shape.tolist()
+
+
+def _computed_targets(a: FlatbufferBuilder, computed: dict[int, list]) -> dict[int, int]:
+    """RESHAPE targets read from the inputs' shapes: the inputs' SHAPEs and the fixed
+    entries concatenated into one vector, each target a GATHER of it; the operators go
+    ahead of the graph's. Shape constant -> the tensor computed in its place."""
+    if not computed:
+        return {}
+    inputs = sorted({e[0] for target in computed.values() for e in target
+                     if isinstance(e, tuple)})
+    fixed = sorted({e for target in computed.values() for e in target
+                    if not isinstance(e, tuple)})
+    start, parts, ops = {}, [], []
+    offset = 0
+    for index in inputs:
+        rank = len(a.tensors[index].shape)
+        shape = a.tensor(f"{a.tensors[index].name}:shape", (rank,), np.int32)
+        ops.append(Operator("SHAPE", [index], [shape],
+                            options("ShapeOptions", outType=enum("TensorType", "INT32"))))
+        parts.append(shape)
+        start[index], offset = offset, offset + rank
+    parts.append(a.constant("reshape_entries", np.array(fixed, np.int32)))
+    pool = a.tensor("reshape_entries_and_sizes", (offset + len(fixed),), np.int32)
+    ops.append(Operator("CONCATENATION", parts, [pool],
+                        options("ConcatenationOptions", axis=0)))
+    made: dict[tuple, int] = {}
+    result = {}
+    for shape, target in computed.items():
+        picks = tuple(start[e[0]] + e[1] if isinstance(e, tuple)
+                      else offset + fixed.index(e) for e in target)
+        if picks not in made:
+            made[picks] = a.tensor(f"{a.tensors[shape].name}:computed", (len(picks),),
+                                   np.int32)
+            ops.append(Operator("GATHER", [pool, a.constant(
+                "picks", np.array(picks, np.int32))], [made[picks]],
+                options("GatherOptions", axis=0, batchDims=0)))
+        result[shape] = made[picks]
+    a.operators[:0] = ops
+    return result
 
 
 def generalize(a: FlatbufferBuilder, b: Snapshot) -> str | None:
@@ -139,8 +231,9 @@ def generalize(a: FlatbufferBuilder, b: Snapshot) -> str | None:
     return None
 
 
-# Operators that broadcast their inputs: a constant folded at the batch's size (the same
-# rows repeated, e.g. a token-type embedding of zeros) reads as well at size 1.
+# Operators that broadcast their inputs: a constant folded at a symbol's size (the same
+# slices repeated, e.g. a token-type embedding of zeros, a mask of all True) reads as well
+# at size 1.
 BROADCASTING = frozenset({"ADD", "SUB", "MUL", "DIV", "MAXIMUM", "MINIMUM", "POW",
                           "SQUARED_DIFFERENCE", "LESS", "LESS_EQUAL", "GREATER",
                           "GREATER_EQUAL", "EQUAL", "NOT_EQUAL", "LOGICAL_AND",
@@ -149,16 +242,14 @@ BROADCASTING = frozenset({"ADD", "SUB", "MUL", "DIV", "MAXIMUM", "MINIMUM", "POW
 
 def _broadcast(index: int, x: np.ndarray, y: np.ndarray, dims: list[int],
                operators) -> bool:
-    """Whether constant ``index`` (``x`` at batch 1, ``y`` at 2) is the same rows at
-    either size along ``dims`` and only broadcasting operators read it."""
-    if any(x.shape[d] != 1 for d in dims):
-        return False
-    tiled = x
-    for d in dims:
-        tiled = np.repeat(tiled, 2, axis=d)
+    """Whether constant ``index`` (``x`` at the smaller size, ``y`` at twice it) is one
+    slice repeated along ``dims`` at either size, and only broadcasting operators read
+    it."""
+    one = x[tuple(slice(0, 1) if d in dims else slice(None) for d in range(x.ndim))]
     readers = [o for o in operators if index in o.inputs]
-    return bool(readers) and np.array_equal(tiled, y) and \
-        all(o.code in BROADCASTING for o in readers)
+    return bool(readers) and all(o.code in BROADCASTING for o in readers) and \
+        np.array_equal(np.broadcast_to(one, x.shape), x) and \
+        np.array_equal(np.broadcast_to(one, y.shape), y)
 
 
 def _one_entry(x: np.ndarray | None, y: np.ndarray | None) -> int | None | bool:
