@@ -152,7 +152,7 @@ class LiteRtTarget(Target):
         # a symbolic batch: lowered at 2 as well, to find what follows it (resizable);
         # other symbolic dimensions (a sequence) likewise, at twice their size
         at_2 = static_model(model, batch=2)[0] if per_sample else None
-        others = len(bound) > per_sample
+        others = len(bound) > (1 if per_sample else 0)  # symbolic besides the batch
         twice = static_model(model, sequence=2 * DEFAULT_SYMBOLIC_SIZE)[0] if others else None
         lowered = lower_graph(static, nhwc_io=self.io_layout == "nhwc",
                               int8_io=self.io_dtype == "int8", at_batch_2=at_2,
@@ -383,7 +383,7 @@ def _chunks(arrays: dict[str, np.ndarray], inputs: dict[str, dict],
         return [arrays]  # resizable dimensions: the interpreter is resized to them
     batches = {a.shape[0] for a in arrays.values() if a.ndim}
     if per_sample and len(batches) == 1 and all(
-            a.ndim and list(a.shape[1:]) == inputs[n]["shape"][1:] for n, a in arrays.items()):
+            a.ndim and _resizable_to((1, *a.shape[1:]), inputs[n]) for n, a in arrays.items()):
         return [{n: a[i:i + 1] for n, a in arrays.items()} for i in range(batches.pop())]
     wanted = ", ".join(f"{n}={'x'.join(map(str, s['shape']))}" for n, s in inputs.items())
     got = ", ".join(f"{n}={'x'.join(map(str, a.shape))}" for n, a in arrays.items())

@@ -566,6 +566,27 @@ def test_a_sequence_spelled_out_stays_static_with_the_reason(tmp_path):
     _check_against_ort(model, result, {"x": x})
 
 
+def test_a_static_batch_with_a_resizable_sequence_runs_sample_by_sample(tmp_path):
+    """The batch spelled out (a constant built at its size) but the sequence resizable:
+    ``run`` feeds a batch of 3 at another sequence one sample at a time, each resized."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"], end=1),
+             helper.make_node("Concat", ["s", "four"], ["shape"], axis=0),
+             helper.make_node("ConstantOfShape", ["shape"], ["c"],
+                              value=numpy_helper.from_array(np.array([0.5], np.float32))),
+             helper.make_node("ReduceMax", ["x"], ["m"], axes=[1], keepdims=1),
+             helper.make_node("Concat", ["m", "c"], ["y"], axis=1)]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S"])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+                   {"four": np.array([4], np.int64)})
+    result, manifest = _lower(model, tmp_path)
+    shapes = manifest["static_shapes"]
+    assert shapes["resizable_batch"] is False and shapes["per_sample_batch"] is True
+    assert shapes["resizable_sequence"] is True, shapes
+    assert manifest["inputs"][0]["shape_signature"] == [1, -1]
+    x = np.random.default_rng(10).standard_normal((3, 7)).astype(np.float32)
+    _check_against_ort(model, result, {"x": x})
+
+
 def test_shape_mismatch_is_a_usage_error(tmp_path):
     model = mlp()
     result, _ = _lower(model, tmp_path, input_shapes={"x": [4, 32]})
