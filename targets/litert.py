@@ -275,9 +275,10 @@ class LiteRtTarget(Target):
 def static_model(model: Model, batch: int = 1, sequence: int = DEFAULT_SYMBOLIC_SIZE
                  ) -> tuple[onnx.ModelProto, dict[str, int], bool]:
     """A shape-inferred copy of ``model`` with every dimension fixed (a symbolic batch at
-    ``batch``, any other symbolic dimension at ``sequence``), the erf/tanh GELU written as one ``Gelu`` (LiteRT has a builtin GELU but
-    no Erf): ``(proto, the sizes symbolic dimensions were bound at, whether it has a
-    symbolic batch: one that can be resized, or run one sample at a time)``."""
+    ``batch``, any other symbolic dimension at ``sequence``), the erf/tanh GELU written as
+    one ``Gelu`` (LiteRT has a builtin GELU but no Erf): ``(proto, the sizes symbolic
+    dimensions were bound at, whether it has a symbolic batch: one that can be resized,
+    or run one sample at a time)``."""
     work = model.clone()
     inputs = [t for t in work.graph.inputs if not isinstance(t, gs.Constant)]
     symbolic = {d for t in inputs for d in (t.shape or []) if isinstance(d, str)}

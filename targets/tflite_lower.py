@@ -366,13 +366,13 @@ def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False,
     from graphopt.targets.tflite_dynamic import (Plan, apply, combine, follows,
                                                   snapshot)
 
-    sequence = _grown(proto, at_sequence_2) if at_sequence_2 is not None else []
+    grown = _grown(proto, at_sequence_2) if at_sequence_2 is not None else []
     # (the other builds first, kept as snapshots: two builds' weights are not held)
-    second = snapshot(_build(at_batch_2, nhwc_io, int8_io, sequence)[0].fb) \
+    second = snapshot(_build(at_batch_2, nhwc_io, int8_io, grown)[0].fb) \
         if at_batch_2 is not None else None
-    third = snapshot(_build(at_sequence_2, nhwc_io, int8_io, sequence)[0].fb) \
+    third = snapshot(_build(at_sequence_2, nhwc_io, int8_io, grown)[0].fb) \
         if at_sequence_2 is not None else None
-    lw, io_inputs, io_outputs = _build(proto, nhwc_io, int8_io, sequence)
+    lw, io_inputs, io_outputs = _build(proto, nhwc_io, int8_io, grown)
     batch = follows(lw.fb, second, "batch") if second is not None else None
     sequence = follows(lw.fb, third, "sequence") if third is not None else None
     del second, third

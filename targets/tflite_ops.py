@@ -333,8 +333,8 @@ def prefix_gather(lw: Lowering, node: onnx.NodeProto) -> bool:
         return False
     name, dim = sources[0]
     shape = lw.fb.tensor("sequence_shape", (lw.rank(name),), np.int32)
-    lw.fb.op("SHAPE", [lw.get(name, identity(lw.rank(name)))], [shape], options("ShapeOptions", outType=enum(
-        "TensorType", "INT32")))
+    lw.fb.op("SHAPE", [lw.get(name, identity(lw.rank(name)))], [shape],
+             options("ShapeOptions", outType=enum("TensorType", "INT32")))
     size = lw.fb.tensor("sequence_size", (), np.int32)
     lw.fb.op("STRIDED_SLICE", [shape, *(lw.fb.constant(n, np.array([v], np.int32))
                                         for n, v in (("begin", dim), ("end", dim + 1),
