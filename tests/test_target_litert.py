@@ -566,6 +566,32 @@ def test_a_sequence_spelled_out_stays_static_with_the_reason(tmp_path):
     _check_against_ort(model, result, {"x": x})
 
 
+def test_a_reshape_target_not_read_from_the_inputs_keeps_the_sequence_static(tmp_path):
+    """A RESHAPE target with an entry following the batch and another the sequence, where
+    neither entry is an input's own dimension (``[2N, 2S, 2]``): it cannot be gathered
+    from the inputs' shapes at run time, nor have two ``-1`` entries, so the sequence
+    stays static with the reason; the batch alone stays resizable."""
+    nodes = [helper.make_node("Shape", ["x"], ["sx"]),
+             helper.make_node("Slice", ["sx", "zero", "two"], ["ns"]),
+             helper.make_node("Mul", ["ns", "two"], ["ns2"]),
+             helper.make_node("Concat", ["ns2", "two"], ["t"], axis=0),
+             helper.make_node("Reshape", ["x", "t"], ["r"]),
+             helper.make_node("Relu", ["r"], ["q"]),
+             helper.make_node("Reshape", ["q", "sx"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                         ["N", "S", 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 8])],
+                   {"zero": np.array([0], np.int64), "two": np.array([2], np.int64)})
+    result, manifest = _lower(model, tmp_path)
+    shapes = manifest["static_shapes"]
+    assert shapes["resizable_batch"] is True and shapes["resizable_sequence"] is False
+    assert "not the inputs' own" in shapes["sequence_static_because"], shapes
+    assert manifest["inputs"][0]["shape_signature"][::2] == [-1, 8]
+    x = np.random.default_rng(11).standard_normal(
+        (3, manifest["inputs"][0]["shape"][1], 8)).astype(np.float32)
+    _check_against_ort(model, result, {"x": x})
+
+
 def test_a_static_batch_with_a_resizable_sequence_runs_sample_by_sample(tmp_path):
     """The batch spelled out (a constant built at its size) but the sequence resizable:
     ``run`` feeds a batch of 3 at another sequence one sample at a time, each resized."""
