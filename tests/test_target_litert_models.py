@@ -111,12 +111,27 @@ def test_zoo_cnn_within_1e4_without_transposes_inside(tmp_path, run_ort, arch):
 SEQUENCE = 32
 
 
-def _padded(sentences) -> dict[str, np.ndarray]:
-    """Tokenized, padded to ``SEQUENCE`` tokens (the .tflite's static sequence length)."""
+def _padded(sentences, length: int = SEQUENCE) -> dict[str, np.ndarray]:
+    """Tokenized, padded to ``length`` tokens (by default the .tflite's static sequence
+    length)."""
     feeds = zoo.minilm_tokenize(sentences)
     width = feeds["input_ids"].shape[1]
-    assert width <= SEQUENCE, width
-    return {k: np.pad(v, ((0, 0), (0, SEQUENCE - width))) for k, v in feeds.items()}
+    assert width <= length, width
+    return {k: np.pad(v, ((0, 0), (0, length - width))) for k, v in feeds.items()}
+
+
+def _resized(path, feeds: dict) -> np.ndarray:
+    """The sentence embeddings of LiteRT's own interpreter resized to the feeds' shape."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    for detail in interpreter.get_input_details():
+        interpreter.resize_tensor_input(detail["index"], list(feeds[detail["name"]].shape))
+    interpreter.allocate_tensors()
+    for detail in interpreter.get_input_details():
+        interpreter.set_tensor(detail["index"], feeds[detail["name"]].astype(detail["dtype"]))
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
 
 def _embeddings(result, feeds: dict) -> np.ndarray:
@@ -173,8 +188,6 @@ def test_minilm_with_a_fixed_sequence_keeps_a_resizable_batch(tmp_path, run_ort)
     GATHER over the flattened mask by every index in order) lowers to a RESHAPE and its
     expansions to nothing, so no constant follows the batch. LiteRT's interpreter,
     resized to a batch of 3, matches ONNX Runtime on the export within 1e-4."""
-    from ai_edge_litert.interpreter import Interpreter
-
     model = zoo.bert_minilm()
     for value in model.graph.input:
         value.type.tensor_type.shape.dim[1].dim_value = SEQUENCE
@@ -187,30 +200,8 @@ def test_minilm_with_a_fixed_sequence_keeps_a_resizable_batch(tmp_path, run_ort)
     assert "GATHER_ND" not in manifest["operators"]
     feeds = _padded(["A man is eating food.", "A man is riding a horse.",
                      "The new movie is awesome."])
-    interpreter = Interpreter(model_path=str(result.artifact.path))
-    for detail in interpreter.get_input_details():
-        interpreter.resize_tensor_input(detail["index"], [3, SEQUENCE])
-    interpreter.allocate_tensors()
-    for detail in interpreter.get_input_details():
-        interpreter.set_tensor(detail["index"], feeds[detail["name"]].astype(detail["dtype"]))
-    interpreter.invoke()
-    got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
     want = run_ort(model, feeds)["sentence_embedding"]
-    assert _relative(got, want) <= TOL
-
-
-def _resized(path, feeds: dict) -> np.ndarray:
-    """The sentence embeddings of LiteRT's own interpreter resized to the feeds' shape."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path))
-    for detail in interpreter.get_input_details():
-        interpreter.resize_tensor_input(detail["index"], list(feeds[detail["name"]].shape))
-    interpreter.allocate_tensors()
-    for detail in interpreter.get_input_details():
-        interpreter.set_tensor(detail["index"], feeds[detail["name"]].astype(detail["dtype"]))
-    interpreter.invoke()
-    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    assert _relative(_resized(result.artifact.path, feeds), want) <= TOL
 
 
 RESIZED = [(1, 7), (3, 19), (2, 32)]  # (batch, sequence) pairs the tests resize to
@@ -218,12 +209,9 @@ RESIZED = [(1, 7), (3, 19), (2, 32)]  # (batch, sequence) pairs the tests resize
 
 def _resized_feeds(batch: int, sequence: int) -> dict[str, np.ndarray]:
     """``batch`` sentences tokenized and padded to ``sequence`` tokens."""
-    sentences = ["Hello world.", "A man is eating food.",
-                 "Someone is playing a guitar in the park on a sunny afternoon."][:batch]
-    feeds = zoo.minilm_tokenize(sentences)
-    width = feeds["input_ids"].shape[1]
-    assert width <= sequence, width
-    return {k: np.pad(v, ((0, 0), (0, sequence - width))) for k, v in feeds.items()}
+    return _padded(["Hello world.", "A man is eating food.",
+                    "Someone is playing a guitar in the park on a sunny afternoon."][:batch],
+                   sequence)
 
 
 def test_minilm_with_a_resizable_batch_and_sequence(tmp_path, run_ort):

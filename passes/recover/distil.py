@@ -155,6 +155,7 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
                        if stop_time else 0.0)
 
         judge = stop_after is not None  # (a probe, not judged yet)
+        judged = None  # (score, held-out loss) of a probe stopped by its judgement
 
         while not cut():
             epoch_loss = []
@@ -174,14 +175,14 @@ def distil(model: Model, teacher: Teacher, data: list[dict], held: list[int], tr
                            f" % of its budget", min(100, int(100 * progress())), 100)
                 if judge and share() >= JUDGED and not cut():  # (within the epoch: the
                     judge = False  # data's order is the one an unjudged probe sees)
-                    held_loss = evaluate()[1]
-                    run["track"].append((share(), held_loss))
-                    if rival and held_loss > np.interp(share(), *zip(*rival)):
-                        run["reason"] = "trailing"
+                    scored = evaluate()
+                    if rival and scored[1] > np.interp(share(), *zip(*rival)):
+                        run["reason"], judged = "trailing", scored
                         break
+                    run["track"].append((share(), scored[1]))
                 if cut():
                     break
-            score, held_loss = evaluate()
+            score, held_loss = judged or evaluate()
             run["curve"].append({"step": run["step"], "loss": float(np.mean(epoch_loss)),
                                  "held_out_loss": held_loss, "score": score})
             run["last"] = held_loss
