@@ -255,6 +255,28 @@ def mapped_source(values) -> "MappedValues | None":
     return None
 
 
+def drop_pages(array: np.ndarray) -> None:
+    """Let the pages of ``array``, a view of a memory-mapped data file, leave this
+    process's resident memory (``MADV_DONTNEED``): a caller done reading a weight
+    (the ``.tflite`` writer, once it has copied it) keeps the whole file from being
+    counted twice beside what it wrote. The map stays valid; a later read faults the
+    pages back in from the file. Anything else (a copy, a small map) is left alone."""
+    owner = array
+    while isinstance(owner, (np.ndarray, memoryview)):
+        owner = owner.base if isinstance(owner, np.ndarray) else owner.obj
+    if not isinstance(owner, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") \
+            or array.nbytes < mmap.PAGESIZE:
+        return
+    low, high = np.lib.array_utils.byte_bounds(array)
+    if high - low != array.nbytes:
+        return  # a strided slice: its bytes are not one range of the map
+    start = low - np.frombuffer(owner, np.uint8, 0).ctypes.data
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # pages wholly inside the array
+    end = (start + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if 0 <= first < end <= len(owner):
+        owner.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+
 def wrap(graph: gs.Graph) -> None:
     """After import: constants whose tensor is a reference get ``MappedValues``."""
     for g in with_subgraphs(graph):

@@ -111,7 +111,7 @@ def conv(lw: Lowering, node: onnx.NodeProto) -> None:
     else:  # OIHW -> OHWI; grouped: I is the input channels / group
         weights = w.transpose(0, 2, 3, 1)
         opts = options("Conv2DOptions", **common)
-    inputs = [xi, lw.fb.constant(f"{node.input[1]}:tflite", weights.astype(F32),
+    inputs = [xi, lw.fb.constant(f"{node.input[1]}:tflite", weights.astype(F32, copy=False),
                                  half=lw.is_half(node.input[1])),
               lw.fb.constant(f"{node.name or out}/bias", bias.astype(F32),
                              half=lw.is_half(input_name(node, 2)))]
@@ -217,7 +217,8 @@ def _fully_connected(lw: Lowering, node: onnx.NodeProto, a: str, weights: np.nda
     ai = lw.get(a, identity(lw.rank(a)))
     half = lw.is_half(node.input[1])
     if scales is None:
-        w = lw.fb.constant(f"{node.input[1]}:tflite", weights.astype(F32), half=half)
+        w = lw.fb.constant(f"{node.input[1]}:tflite", weights.astype(F32, copy=False),
+                           half=half)
     else:
         w = lw.fb.constant(f"{node.input[1]}:tflite", weights.astype(np.int8),
                            quant=(np.broadcast_to(scales, weights.shape[:1]), 0))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graphopt.errors import UsageError
+from graphopt.external_data import drop_pages
 
 SCHEMA_VERSION = 3
 FILE_IDENTIFIER = b"TFL3"
@@ -291,6 +292,8 @@ def _text(value) -> str:
 
 # Constants from this size up that need a copy get an anonymous map of their own.
 OWN_MAP_BYTES = 1 << 16
+# ``finish`` copies a large constant into the flatbuffer this much at a time.
+COPY_SLICE_BYTES = 4 << 20
 
 
 def _contiguous(data, dtype: np.dtype) -> np.ndarray:
@@ -303,6 +306,10 @@ def _contiguous(data, dtype: np.dtype) -> np.ndarray:
     if data.nbytes < OWN_MAP_BYTES or data.ndim == 0 or \
             (data.flags.c_contiguous and data.dtype == dtype):
         return np.ascontiguousarray(data, dtype=dtype)  # (a view when no copy is needed)
+    if data.dtype == dtype and not data.flags.writeable:
+        # A read-only view (a weight of the data file's map, transposed): nothing can
+        # change it, so it stays a view and ``finish`` lays it out as it copies it.
+        return data
     out = np.frombuffer(mmap.mmap(-1, data.size * dtype.itemsize), dtype).reshape(data.shape)
     np.copyto(out, data, casting="unsafe")
     return out
@@ -325,8 +332,18 @@ class _PackedOnce:
         builder.StartVector(1, data.nbytes, 1)
         builder.head = builder.head - data.nbytes
         if data.nbytes:
-            into = np.frombuffer(builder.Bytes, np.uint8, data.nbytes, builder.head)
-            np.copyto(into.view(data.dtype).reshape(data.shape), data)
+            into = np.frombuffer(builder.Bytes, np.uint8, data.nbytes,
+                                 builder.head).view(data.dtype).reshape(data.shape)
+            if data.ndim == 0:
+                data, into = data.reshape(1), into.reshape(1)
+            # A weight read from the data file's map leaves this process's memory as it
+            # is copied: some rows at a time where it is laid out in order, else once it
+            # is whole (a transposed view reads its pages throughout).
+            rows = max(1, COPY_SLICE_BYTES // data[:1].nbytes) \
+                if data.flags.c_contiguous else len(data)
+            for start in range(0, len(data), rows):
+                np.copyto(into[start:start + rows], data[start:start + rows])
+                drop_pages(data[start:start + rows])
         vector = builder.EndVector()
         s.BufferStart(builder)
         s.BufferAddData(builder, vector)

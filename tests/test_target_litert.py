@@ -460,6 +460,62 @@ def test_unmapped_op_refused_before_writing(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".go-")]
 
 
+def _resident_kb(address: int) -> int:
+    """This process's resident kB of the mapping holding ``address`` (Linux)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            low, high = (int(v, 16) for v in head.split("-"))
+            inside = low <= address < high
+        elif inside and head == "Rss:":
+            return int(line.split()[1])
+    raise AssertionError("no mapping holds the address")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's smaps")
+def test_weights_read_from_the_data_file_leave_memory_as_they_are_packed(tmp_path):
+    import mmap
+
+    from ai_edge_litert import schema_py_generated as s
+
+    from graphopt.targets.tflite_writer import FlatbufferBuilder
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((2048, 512)).astype(np.float32)  # 4 MB, laid out in order
+    weight = rng.standard_normal((512, 1024)).astype(np.float32)  # 2 MB, packed transposed
+    (tmp_path / "w.bin").write_bytes(table.tobytes() + weight.tobytes())
+    with open(tmp_path / "w.bin", "rb") as fh:
+        data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    mapped_table = np.frombuffer(data, np.float32, table.size).reshape(table.shape)
+    mapped_weight = np.frombuffer(data, np.float32, weight.size,
+                                  table.nbytes).reshape(weight.shape)
+    fb = FlatbufferBuilder()
+    x = fb.tensor("x", (1, 512), np.float32)
+    kept = fb.constant("table", mapped_table)
+    transposed = fb.constant("w", mapped_weight.T)
+    # A read-only view stays a view: no copy of the weight beside the map.
+    assert np.shares_memory(fb.tensors[transposed].data, mapped_weight)
+    fb.op("FULLY_CONNECTED", [x, transposed, -1], [fb.tensor("y", (1, 512), np.float32)])
+    fb.inputs, fb.outputs = [x], [len(fb.tensors) - 1]
+    address = np.frombuffer(data, np.uint8, 1).ctypes.data
+    assert mapped_table.sum() + mapped_weight.sum()  # every page read in
+    assert _resident_kb(address) >= (table.nbytes + weight.nbytes) // 1024
+    packed = bytes(fb.finish(["x"], ["y"]))
+    # Packed, the map's pages have left the process (a page each end may stay) ...
+    assert _resident_kb(address) <= 2 * mmap.PAGESIZE // 1024
+    # ... the map still reads the weights, and the flatbuffer holds them as laid out.
+    assert np.array_equal(mapped_table, table) and np.array_equal(mapped_weight, weight)
+    model = s.ModelT.InitFromPackedBuf(packed, 0)
+    tensors = model.subgraphs[0].tensors
+
+    def stored(index):
+        return np.asarray(model.buffers[tensors[index].buffer].data, np.uint8).view(np.float32)
+
+    assert np.array_equal(stored(kept), table.ravel())
+    assert np.array_equal(stored(transposed), weight.T.ravel())
+
+
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_a_dynamic_batch_is_resizable(tmp_path, monkeypatch, quantize):
     """Lowered at batch 1 and 2, the tensors that follow the batch get -1 in their shape
