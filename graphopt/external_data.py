@@ -265,8 +265,8 @@ def drop_pages(array: np.ndarray) -> None:
     while isinstance(owner, (np.ndarray, memoryview)):
         owner = owner.base if isinstance(owner, np.ndarray) else owner.obj
     if not isinstance(owner, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") \
-            or array.nbytes < mmap.PAGESIZE:
-        return
+            or array.flags.writeable or array.nbytes < mmap.PAGESIZE:
+        return  # (a writable map's pages may hold what is nowhere else)
     low, high = np.lib.array_utils.byte_bounds(array)
     if high - low != array.nbytes:
         return  # a strided slice: its bytes are not one range of the map
