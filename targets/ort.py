@@ -54,6 +54,9 @@ LOSSLESS_PIPELINE = (
     # [1, 128, 384], one thread).
     "fuse-skip-layer-norm",
     "fuse-bias-gelu",
+    # After the activation and norm fusions: their patterns end in a Mul or Add by a
+    # constant (GELU's 0.5, LayerNorm's scale and bias) that this fold would take.
+    "fuse-affine-gemm",
     "eliminate-dead-code",
 )
 

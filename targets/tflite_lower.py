@@ -189,8 +189,7 @@ class Lowering:
         home_shape = home.shape
         target = self.fb.tensor(_layout_name(name, perm), tuple(home_shape[i] for i in step),
                                 home.dtype, quant=home.quant)
-        moved = [i for i in step if home_shape[i] != 1]
-        if moved == sorted(moved):
+        if self.ordered_alike(name, perm):
             self.reshape(source, target)
         else:
             self.fb.op("TRANSPOSE", [source, self.fb.constant(f"{name}/perm",
@@ -199,6 +198,15 @@ class Lowering:
             self.transposes["boundary" if source in self._input_tensors else "inside"] += 1
         value.tensors[perm] = target
         return target
+
+    def ordered_alike(self, name: str, perm) -> bool:
+        """Whether computed value ``name`` lies in memory in the same order at its home
+        layout and at ``perm`` (only size-1 dimensions move): a RESHAPE converts it."""
+        value = self.value(name)
+        step = tuple(inverse(value.home)[p] for p in perm)
+        home_shape = self.fb.tensors[value.tensors[value.home]].shape
+        moved = [i for i in step if home_shape[i] != 1]
+        return moved == sorted(moved)
 
     def _dequantized(self, value: Value, perm: tuple[int, ...]) -> int:
         """The float32 tensor of the int8 ``value`` in layout ``perm``: a DEQUANTIZE of

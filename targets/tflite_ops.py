@@ -193,7 +193,11 @@ def reshape(lw: Lowering, node: onnx.NodeProto) -> None:
     it lies and the products' weight columns are permuted instead (no TRANSPOSE)."""
     x, out = node.input[0], node.output[0]
     columns = _flatten_columns(lw, x, out)
-    source = lw.get(x, identity(lw.rank(x)) if columns is None else lw.home(x))
+    perm = identity(lw.rank(x)) if columns is None else lw.home(x)
+    if columns is None and lw.value(x).const is None and lw.value(x).quant is None \
+            and lw.ordered_alike(x, perm):
+        perm = lw.home(x)  # the same bytes in either layout: one RESHAPE, not two
+    source = lw.get(x, perm)
     lw.reshape(source, lw.output(out))
     lw.value(out).columns = columns
 

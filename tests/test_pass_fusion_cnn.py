@@ -16,8 +16,8 @@ from onnx import TensorProto, numpy_helper
 
 import graphopt
 from graphopt import verify
-from graphopt.passes.fusion.cnn import (FuseConvAdd, FuseConvBatchNorm, FuseConvMul,
-                                        FuseMatMulAdd, FusePadConv)
+from graphopt.passes.fusion.cnn import (FuseAffineIntoGemm, FuseConvAdd, FuseConvBatchNorm,
+                                        FuseConvMul, FuseMatMulAdd, FusePadConv)
 from helpers import apply_passes, assert_pass_unchanged, build_model, count_ops
 
 FLOAT = TensorProto.FLOAT
@@ -347,6 +347,120 @@ def test_matmul_add_on_3d_input_is_left_alone():
 def test_matmul_add_with_bias_that_widens_the_output_is_left_alone():
     assert_unchanged(matmul_model(["N", 6], "Add", (3, 5)), FuseMatMulAdd())
     assert_unchanged(matmul_model(["N", 6], "Add", (2, 1, 5)), FuseMatMulAdd())
+
+
+# ---------------------------------------------------------------------- fuse-affine-gemm
+def affine_then(chain, x_shape=("N", 6), product="Gemm", trans_b=0, bias=True, opset=17,
+                const_shape=None):
+    """``chain`` of per-feature ops on x (Mul, Add, Sub, RSub: c - x, Self: x + x, BN),
+    then a Gemm (alpha 0.5, beta 2) or MatMul by a constant [K, 5] weight."""
+    k = x_shape[-1]
+    shape = const_shape or (k,)
+    inits, nodes, prev = [], [], "x"
+    for i, op in enumerate(chain):
+        out = f"a{i}"
+        if op == "BN":
+            inits += bn_params(f"bn{i}", k)
+            nodes.append(bn_node(prev, out, f"bn{i}"))
+        elif op == "Self":
+            nodes.append(oh.make_node("Add", [prev, prev], [out]))
+        else:
+            value = rng.uniform(0.5, 2, shape) if op == "Mul" else rand(*shape)
+            inits.append(f32(f"c{i}", value))
+            inputs = [f"c{i}", prev] if op == "RSub" else [prev, f"c{i}"]
+            nodes.append(oh.make_node("Sub" if op == "RSub" else op, inputs, [out]))
+        prev = out
+    if product == "Gemm":
+        inits.append(f32("w", rand(5, k) if trans_b else rand(k, 5)))
+        inputs = [prev, "w"]
+        if bias:
+            inits.append(f32("b", rand(1, 5)))
+            inputs.append("b")
+        nodes.append(oh.make_node("Gemm", inputs, ["y"], alpha=0.5, beta=2.0, transB=trans_b))
+    else:
+        inits.append(f32("w", rand(k, 5)))
+        nodes.append(oh.make_node("MatMul", [prev, "w"], ["y"]))
+    return build_model(nodes, [vi("x", list(x_shape))], [vi("y", None)], inits, opset)
+
+
+@pytest.mark.parametrize("chain", [["Mul"], ["Add"], ["Sub"], ["RSub"], ["Self"], ["BN"],
+                                   ["Mul", "Add"], ["Add", "Mul"], ["BN", "Sub", "Self"]])
+@pytest.mark.parametrize("trans_b,bias", [(0, True), (1, True), (1, False)])
+def test_affine_before_gemm_folds_into_its_weights(chain, trans_b, bias):
+    after, [result] = apply(affine_then(chain, trans_b=trans_b, bias=bias),
+                            FuseAffineIntoGemm())
+    assert result.stats == {"fused": len(chain)} and dict(count_ops(after)) == {"Gemm": 1}
+    assert after.graph.node[0].input[0] == "x" and after.graph.node[0].output[0] == "y"
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_affine_before_matmul_of_a_matrix_becomes_a_gemm(opset):
+    after, _ = apply(affine_then(["Sub", "Mul"], product="MatMul", opset=opset),
+                     FuseAffineIntoGemm())
+    assert dict(count_ops(after)) == {"Gemm": 1}
+
+
+def test_matmul_of_a_sequence_takes_a_scale_but_not_a_shift():
+    after, _ = apply(affine_then(["Mul"], x_shape=("N", 4, 6), product="MatMul",
+                                 const_shape=(1, 1, 6)), FuseAffineIntoGemm())
+    assert dict(count_ops(after)) == {"MatMul": 1}
+    assert_unchanged(affine_then(["Add"], x_shape=("N", 4, 6), product="MatMul"),
+                     FuseAffineIntoGemm())
+
+
+@pytest.mark.parametrize("case", ["not per feature", "widens", "two readers", "graph output",
+                                  "transA", "graph input", "3-D BN", "shared weight",
+                                  "gelu"])
+def test_affine_gemm_near_misses_are_left_alone(case):
+    proto = {"not per feature": lambda: affine_then(["Mul"], x_shape=(3, 6),
+                                                    const_shape=(3, 1)),
+             "widens": lambda: affine_then(["Mul"], x_shape=(6,), product="MatMul",
+                                           const_shape=(1, 6))}.get(
+                                               case, lambda: affine_then(["Mul"]))()
+    if case == "two readers":
+        proto.graph.node.append(oh.make_node("Relu", ["a0"], ["r"]))
+        proto.graph.output.append(vi("r", ["N", 6]))
+    elif case == "graph output":
+        proto.graph.output.append(vi("a0", ["N", 6]))
+    elif case == "gelu":  # x * (1 + erf(x / sqrt 2)) * 0.5: the 0.5 is the GELU's
+        proto = build_model([oh.make_node("Div", ["x", "r2"], ["d"]),
+                             oh.make_node("Erf", ["d"], ["e"]),
+                             oh.make_node("Add", ["e", "one"], ["p"]),
+                             oh.make_node("Mul", ["x", "p"], ["g"]),
+                             oh.make_node("Mul", ["g", "half"], ["a0"]),
+                             oh.make_node("Gemm", ["a0", "w"], ["y"])],
+                            [vi("x", ["N", 6])], [vi("y", None)],
+                            [f32("r2", 2 ** 0.5), f32("one", 1.0), f32("half", 0.5),
+                             f32("w", rand(6, 5))])
+    elif case == "shared weight":
+        proto.graph.node.append(oh.make_node("MatMul", ["x", "w"], ["z"]))
+        proto.graph.output.append(vi("z", ["N", 5]))
+    elif case == "transA":
+        proto = build_model([oh.make_node("Mul", ["x", "c"], ["a0"]),
+                             oh.make_node("Gemm", ["a0", "w"], ["y"], transA=1)],
+                            [vi("x", [6, "N"])], [vi("y", None)],
+                            [f32("c", rand(6, 1)), f32("w", rand(6, 5))])
+    elif case == "graph input":
+        proto = build_model([oh.make_node("Mul", ["x", "c"], ["a0"]),
+                             oh.make_node("Gemm", ["a0", "w"], ["y"])],
+                            [vi("x", ["N", 6]), vi("c", [6])], [vi("y", None)],
+                            [f32("w", rand(6, 5))])
+    elif case == "3-D BN":
+        inits = [f32("w", rand(6, 5)), *bn_params("bn", 4)]
+        proto = build_model([bn_node("x", "a0", "bn"), oh.make_node("MatMul", ["a0", "w"], ["y"])],
+                            [vi("x", ["N", 4, 6])], [vi("y", None)], inits)
+    assert_unchanged(proto, FuseAffineIntoGemm())
+
+
+def test_affine_gemm_in_the_ort_pipeline_on_the_example_cnn():
+    """The example CNN's head (a scale, then x + x, before its Gemm) folds away."""
+    from pathlib import Path
+
+    proto = onnx.load(Path(__file__).resolve().parents[1] / "examples" / "small_cnn.onnx")
+    result = graphopt.optimize(proto, target="ort")
+    assert result.report["verification"]["ok"] is True
+    ops = count_ops(result.model.to_onnx())
+    assert ops["Mul"] == ops["Add"] == 0 and ops["Gemm"] == 1
 
 
 # ---------------------------------------------------------------------- PyTorch models
