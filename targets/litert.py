@@ -156,7 +156,7 @@ class LiteRtTarget(Target):
         twice = static_model(model, sequence=2 * DEFAULT_SYMBOLIC_SIZE)[0] if others else None
         lowered = lower_graph(static, nhwc_io=self.io_layout == "nhwc",
                               int8_io=self.io_dtype == "int8", at_batch_2=at_2,
-                              at_sequence_2=twice)
+                              at_sequence_2=twice, symbols=_input_symbols(model))
         del at_2, twice
         per_sample = per_sample and not lowered.resizable_batch
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -338,6 +338,15 @@ def _static(value: onnx.ValueInfoProto) -> bool:
     t = value.type.tensor_type
     return bool(t.elem_type) and t.HasField("shape") and \
         all(d.HasField("dim_value") for d in t.shape.dim)
+
+
+def _input_symbols(model: Model) -> dict[str, list[str | None]]:
+    """Per graph input, the symbol of each dimension other than the batch (``None``
+    for the batch and fixed sizes)."""
+    inputs = [t for t in model.graph.inputs if not isinstance(t, gs.Constant)]
+    batch = _batch_dim(model, inputs)
+    return {t.name: [d if isinstance(d, str) and d and d != batch else None
+                     for d in t.shape or []] for t in inputs}
 
 
 def _batch_dim(model: Model, inputs) -> str | None:

@@ -113,12 +113,14 @@ def follows(a: FlatbufferBuilder, b: Snapshot, symbol: str = "batch") -> Plan | 
     return Plan(signatures, reshapes, shrink)
 
 
-def combine(first: Plan, second: Plan, a: FlatbufferBuilder, symbols: str) -> Plan | str:
+def combine(first: Plan, second: Plan, a: FlatbufferBuilder, symbols: str,
+            axis_symbols: dict[int, list] | None = None) -> Plan | str:
     """Both plans at once: a dimension following either is ``-1``. A RESHAPE target with
     an entry following each (``[batch, sequence, heads, size]``) is computed at run time
     from the inputs' shapes, since TFLite's RESHAPE computes one ``-1`` entry only: each
-    such entry must be an input's dimension as it stands, but for one left ``-1``. Else
-    why not."""
+    such entry must be an input's dimension as it stands, but for one left ``-1``, and
+    that dimension one symbol's (``axis_symbols``: per input tensor, the symbol of each
+    axis): symbols lowered at the same size cannot be told apart by it. Else why not."""
     sources = [_sources(a, plan) for plan in (first, second)]
     computed: dict[int, list] = {}
     for shape in first.reshapes.keys() & second.reshapes.keys():
@@ -127,7 +129,13 @@ def combine(first: Plan, second: Plan, a: FlatbufferBuilder, symbols: str) -> Pl
             continue
         target: list = a.tensors[shape].data.tolist()
         for entry, found in entries.items():
-            target[entry] = found.get(target[entry], -1)
+            places = found.get(target[entry], [])
+            named = {_symbol(axis_symbols, i, axis) for i, axis in places}
+            if len(named) > 1:
+                return f"a RESHAPE target ({a.tensors[shape].name!r}) has an entry " \
+                       f"that inputs' dimensions {', '.join(sorted(map(str, named)))} " \
+                       f"all have at this size: they cannot be told apart"
+            target[entry] = places[0] if places else -1
         if target.count(-1) > 1:
             return f"a RESHAPE target ({a.tensors[shape].name!r}) has dimensions " \
                    f"following {symbols} that are not the inputs' own"
@@ -143,15 +151,21 @@ def combine(first: Plan, second: Plan, a: FlatbufferBuilder, symbols: str) -> Pl
     return Plan(signatures, reshapes, shrink, computed)
 
 
-def _sources(a: FlatbufferBuilder, plan: Plan) -> dict[int, tuple[int, int]]:
-    """Where ``plan``'s symbol can be read at run time: its size at this build -> the
-    (input tensor, axis) that has it."""
-    found: dict[int, tuple[int, int]] = {}
+def _sources(a: FlatbufferBuilder, plan: Plan) -> dict[int, list[tuple[int, int]]]:
+    """Where ``plan``'s symbols can be read at run time: a size at this build -> the
+    (input tensor, axis) pairs that have it."""
+    found: dict[int, list[tuple[int, int]]] = {}
     for index in a.inputs:
         for axis, dim in enumerate(plan.signatures.get(index, ())):
             if dim == -1:
-                found.setdefault(a.tensors[index].shape[axis], (index, axis))
+                found.setdefault(a.tensors[index].shape[axis], []).append((index, axis))
     return found
+
+
+def _symbol(axis_symbols: dict[int, list] | None, index: int, axis: int):
+    """The symbol of input tensor ``index``'s ``axis`` (``None``: unknown, or the batch)."""
+    names = (axis_symbols or {}).get(index) or []
+    return names[axis] if axis < len(names) else None
 
 
 def apply(a: FlatbufferBuilder, plan: Plan) -> None:

@@ -104,9 +104,12 @@ class Lowering:
         self.int8_io = False  # quantized model inputs/outputs stay int8 (tflite_quant)
         self.int8_out: dict[str, tuple[float, int]] = {}
         self._input_tensors: set[int] = set()
-        # (input, axis) of the symbolic dimensions other than the batch (a sequence):
-        # sizes the lowering computes at run time where it can (``prefix_gather``)
-        self.sequence: list[tuple[str, int]] = []
+        # (input, axis, symbol) of the symbolic dimensions other than the batch (a
+        # sequence): sizes the lowering computes at run time where it can
+        # (``prefix_gather``)
+        self.sequence: list[tuple[str, int, str | None]] = []
+        # per subgraph input tensor, the symbol of each axis (None: static, the batch)
+        self.axis_symbols: dict[int, list[str | None]] = {}
         self._types = {v.name: v.type.tensor_type for v in
                        [*proto.graph.value_info, *proto.graph.input, *proto.graph.output]}
         self.readers: dict[str, list[onnx.NodeProto]] = {}
@@ -363,30 +366,37 @@ def _layout_name(name: str, perm: tuple[int, ...]) -> str:
 # ---------------------------------------------------------------------- driver
 def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False,
                 int8_io: bool = False, at_batch_2: onnx.ModelProto | None = None,
-                at_sequence_2: onnx.ModelProto | None = None) -> Lowered:
+                at_sequence_2: onnx.ModelProto | None = None,
+                symbols: dict[str, list[str | None]] | None = None) -> Lowered:
     """``proto`` (static shapes, shape-inferred, default domain) as ``.tflite`` bytes. An
     op without a mapping is a UsageError naming its type and node before anything is
     built; the caller writes nothing in that case. ``int8_io``: quantized inputs and
     outputs of a QDQ graph stay int8 (see ``tflite_quant``). ``at_batch_2``: the same
     graph bound at batch 2 where ``proto`` is bound at batch 1; ``at_sequence_2``: bound
     with its other symbolic dimensions (a sequence) twice as large: what follows them is
-    made resizable where the builds show it can be (``tflite_dynamic``)."""
+    made resizable where the builds show it can be (``tflite_dynamic``). ``symbols``: per
+    graph input, the symbol of each axis other than the batch's (None elsewhere), so that
+    symbols bound at the same size are never taken for one another."""
     from graphopt.targets.tflite_dynamic import (Plan, apply, combine, follows,
                                                   snapshot)
 
-    grown = _grown(proto, at_sequence_2) if at_sequence_2 is not None else []
+    symbols = symbols or {}
+    grown = [(name, axis, (symbols.get(name) or [None] * (axis + 1))[axis])
+             for name, axis in _grown(proto, at_sequence_2)] \
+        if at_sequence_2 is not None else []
     # (the other builds first, kept as snapshots: two builds' weights are not held)
     second = snapshot(_build(at_batch_2, nhwc_io, int8_io, grown)[0].fb) \
         if at_batch_2 is not None else None
     third = snapshot(_build(at_sequence_2, nhwc_io, int8_io, grown)[0].fb) \
         if at_sequence_2 is not None else None
-    lw, io_inputs, io_outputs = _build(proto, nhwc_io, int8_io, grown)
+    lw, io_inputs, io_outputs = _build(proto, nhwc_io, int8_io, grown, symbols)
     batch = follows(lw.fb, second, "batch") if second is not None else None
     sequence = follows(lw.fb, third, "sequence") if third is not None else None
     del second, third
     plans = [p for p in (batch, sequence) if isinstance(p, Plan)]
     if len(plans) == 2:
-        both = combine(batch, sequence, lw.fb, "the batch and the sequence")
+        both = combine(batch, sequence, lw.fb, "the batch and the sequence",
+                       lw.axis_symbols)
         if isinstance(both, str):
             sequence, plans = both, [batch]  # the batch alone stays resizable
         else:
@@ -414,9 +424,11 @@ def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False,
 
 
 def _build(proto: onnx.ModelProto, nhwc_io: bool, int8_io: bool,
-           sequence: list[tuple[str, int]] = ()) -> tuple["Lowering", list[dict], list[dict]]:
+           sequence: list[tuple[str, int, str | None]] = (),
+           symbols: dict[str, list[str | None]] | None = None
+           ) -> tuple["Lowering", list[dict], list[dict]]:
     """The lowering of ``proto`` before packing, and its input and output specs;
-    ``sequence``: ``Lowering.sequence``."""
+    ``sequence``: ``Lowering.sequence``; ``symbols``: ``lower_graph``'s."""
     from graphopt.targets.tflite_ops import HANDLERS, fold_constant_node, prefix_gather
     from graphopt.targets.tflite_quant import lower_int8
 
@@ -431,7 +443,10 @@ def _build(proto: onnx.ModelProto, nhwc_io: bool, int8_io: bool,
             continue
         shape, dtype = lw.onnx_info(inp.name)
         perm = NHWC if nhwc_io and len(shape) == 4 else identity(len(shape))
-        lw.add_input(inp.name, perm)
+        index = lw.add_input(inp.name, perm)
+        named = (symbols or {}).get(inp.name)
+        if named and len(named) == len(perm):
+            lw.axis_symbols[index] = [named[p] for p in perm]
         io_inputs.append({"name": inp.name, "shape": [shape[p] for p in perm],
                           "dtype": dtype.name, "layout": _layout(perm)})
     for node in proto.graph.node:

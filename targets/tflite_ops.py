@@ -330,7 +330,10 @@ def prefix_gather(lw: Lowering, node: onnx.NodeProto) -> bool:
     data, indices = node.input[:2]
     axis = attrs(node).get("axis", 0) % lw.rank(data)
     positions = _positions(lw, indices, lw.shape(data)[axis])
-    sources = [(name, dim) for name, dim in lw.sequence if lw.shape(name)[dim] == positions.size]
+    sources = [(name, dim) for name, dim, _ in lw.sequence
+               if lw.shape(name)[dim] == positions.size]
+    if len({symbol for name, dim, symbol in lw.sequence if (name, dim) in sources}) > 1:
+        return False  # symbols at the same size: whose length this is, is not known
     if not sources or not 1 < positions.size < lw.shape(data)[axis] or \
             sum(d != 1 for d in positions.shape) > 1 or \
             not np.array_equal(positions.ravel(), np.arange(positions.size)):

@@ -648,6 +648,33 @@ def test_a_reshape_target_not_read_from_the_inputs_keeps_the_sequence_static(tmp
     _check_against_ort(model, result, {"x": x})
 
 
+def test_two_sequences_at_one_size_are_not_taken_for_one_another(tmp_path):
+    """Inputs with two symbols besides the batch (``b`` [N, T, 8] first, ``a`` [N, S, 8]),
+    both lowered at the same size, and a RESHAPE of ``a`` to [N, S, 2, 4]: its S entry
+    cannot be read from the inputs' shapes at run time (T has the same size here, and
+    the file would reshape ``a`` by T's length), so the sequence stays static with the
+    reason naming both; the batch stays resizable."""
+    nodes = [helper.make_node("Shape", ["a"], ["sa"], end=2),
+             helper.make_node("Concat", ["sa", "tail"], ["t"], axis=0),
+             helper.make_node("Reshape", ["a", "t"], ["r"]),
+             helper.make_node("Relu", ["r"], ["y"]),
+             helper.make_node("Mul", ["b", "two"], ["z"])]
+    model = _model(nodes, [helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", "T", 8]),
+                           helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", "S", 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 2, 4]),
+                    helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", "T", 8])],
+                   {"tail": np.array([2, 4], np.int64), "two": np.array(2.0, np.float32)})
+    result, manifest = _lower(model, tmp_path)
+    shapes = manifest["static_shapes"]
+    assert shapes["resizable_batch"] is True and shapes["resizable_sequence"] is False
+    assert "S, T" in shapes["sequence_static_because"], shapes
+    bound = [i["shape"][1] for i in manifest["inputs"]]
+    assert [i["shape_signature"] for i in manifest["inputs"]] == [[-1, n, 8] for n in bound]
+    rng = np.random.default_rng(12)
+    _check_against_ort(model, result, {name: rng.standard_normal((3, n, 8)).astype(np.float32)
+                                       for name, n in zip("ba", bound)})
+
+
 def test_a_static_batch_with_a_resizable_sequence_runs_sample_by_sample(tmp_path):
     """The batch spelled out (a constant built at its size) but the sequence resizable:
     ``run`` feeds a batch of 3 at another sequence one sample at a time, each resized."""
