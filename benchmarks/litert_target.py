@@ -10,7 +10,8 @@ machine disturb least). The ratio is ORT / LiteRT (above 1: LiteRT is faster).
 
     python benchmarks/litert_target.py [--models small_cnn,mlp,mobilenet_cnn,resnet_cnn,
                                         bert_minilm] [--rounds 10] [--runs 50]
-                                       [--precision float,int8] [--fc-sweep]
+                                       [--precision float,int8] [--io-layout nhwc]
+                                       [--onnx2tf PYTHON] [--fc-sweep]
 
 The default is the example CNN and the zoo's MLP; the zoo's MobileNet- and ResNet-style
 CNNs and all-MiniLM-L6-v2 (sequence 128) are exported with torch first (the ``dev``
@@ -118,7 +119,7 @@ def _written(proto, shapes: dict, out: Path, options: dict):
 
 
 def bench(name: str, rounds: int, runs: int, tmp: Path, precision: str = "float",
-          onnx2tf_python: str | None = None) -> dict:
+          onnx2tf_python: str | None = None, io_layout: str = "onnx") -> dict:
     proto, shapes = MODELS[name]()
     options = {}
     if precision == "int8":
@@ -127,7 +128,8 @@ def bench(name: str, rounds: int, runs: int, tmp: Path, precision: str = "float"
         options = {"quantize": "int8", **_calibration(name)}
     model_mb = proto.ByteSize() / 2**20
     out = tmp / f"{name}-{precision}"
-    result, seconds, extra_mb = _written(proto, shapes, out, options)
+    result, seconds, extra_mb = _written(proto, shapes, out, {
+        **options, "target_options": {"io_layout": io_layout}})
     check = result.report["artifact"]
     # graphopt's ONNX output for ONNX Runtime (the ort target's pipeline), timed beside.
     ort_out = tmp / f"{name}-{precision}.onnx"
@@ -304,6 +306,9 @@ def main() -> None:
     parser.add_argument("--precision", default="float", help="float, int8 or both")
     parser.add_argument("--fc-sweep", action="store_true",
                         help="time two FC layers: float, dynamic and full-integer int8")
+    parser.add_argument("--io-layout", default="onnx", choices=("onnx", "nhwc"),
+                        help="the layout of graphopt's .tflite inputs (onnx2tf's files take "
+                             "NHWC images: nhwc compares like for like)")
     parser.add_argument("--onnx2tf", metavar="PYTHON",
                         help="an interpreter with TensorFlow and onnx2tf installed (default: "
                              "this one, if it has them): adds onnx2tf's .tflite")
@@ -320,7 +325,8 @@ def main() -> None:
         notes = []
         for name in args.models.split(","):
             for precision in args.precision.split(","):
-                r = bench(name, args.rounds, args.runs, Path(tmp), precision, python)
+                r = bench(name, args.rounds, args.runs, Path(tmp), precision, python,
+                          args.io_layout)
                 extra = "-" if r["extra_mb"] is None else \
                     f"{r['extra_mb']:.0f} ({r['extra_mb'] / r['model_mb']:.1f}x)"
                 theirs = ("-", "-") if r["onnx2tf_ms"] is None else \
