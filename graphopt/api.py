@@ -474,7 +474,15 @@ def profile(model: ModelSource, target: str | Target = DEFAULT_TARGET, *,
     feeds = check_feeds(data, proto) if data else None
     feeds = feeds[0] if feeds else verify.probe_inputs(proto, seed=seed,
                                                        shapes=input_shapes)[0]
-    return measure_profile(proto, tgt, feeds, runs=runs)
+    try:
+        return measure_profile(proto, tgt, feeds, runs=runs)
+    except GraphoptError:
+        raise
+    except Exception:
+        # A runtime failing on the inputs (an index out of its table's range) says why
+        # in a clear error, not a traceback; anything else goes on as it was.
+        verify.check_runs(proto, [feeds], data_given=bool(data), shapes=input_shapes)
+        raise
 
 
 def inspect(model: ModelSource, target: str | Target = DEFAULT_TARGET) -> Summary:

@@ -91,6 +91,28 @@ def test_profile_refuses_a_target_without_a_profiler(tmp_path):
     assert done.returncode == 2 and "no per-kernel profiler" in done.stderr
 
 
+def test_profile_on_inputs_the_model_cannot_take_is_a_clear_error(tmp_path):
+    """Token ids past the embedding table: ONNX Runtime fails inside the profiled run;
+    the command says so (exit 2, the node and the reason), with no traceback."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.ones((10, 4), np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"], name="lookup")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4])], [table])
+    model = tmp_path / "m.onnx"
+    model.write_bytes(helper.make_model(graph).SerializeToString())
+    np.savez(tmp_path / "ids.npz", ids=np.array([[1, 2, 99]], np.int64))
+    done = subprocess.run([sys.executable, "-m", "graphopt.cli", "profile", str(model),
+                           "--data", str(tmp_path / "ids.npz")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "cannot run the model on --data" in done.stderr and "lookup" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tvm") is None, reason="Apache TVM is not "
                     "installed (pip install graphopt[tvm])")
 def test_profile_on_tvm_times_its_fused_kernels(tmp_path):
