@@ -255,6 +255,11 @@ def mapped_source(values) -> "MappedValues | None":
     return None
 
 
+# numpy 2 moved byte_bounds into numpy.lib.array_utils (numpy 1 has it at the top)
+_byte_bounds = getattr(getattr(np.lib, "array_utils", None), "byte_bounds", None) or \
+    np.byte_bounds
+
+
 def drop_pages(array: np.ndarray) -> None:
     """Let the pages of ``array``, a view of a memory-mapped data file, leave this
     process's resident memory (``MADV_DONTNEED``): a caller done reading a weight
@@ -267,7 +272,7 @@ def drop_pages(array: np.ndarray) -> None:
     if not isinstance(owner, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") \
             or array.flags.writeable or array.nbytes < mmap.PAGESIZE:
         return  # (a writable map's pages may hold what is nowhere else)
-    low, high = np.lib.array_utils.byte_bounds(array)
+    low, high = _byte_bounds(array)
     if high - low != array.nbytes:
         return  # a strided slice: its bytes are not one range of the map
     start = low - np.frombuffer(owner, np.uint8, 0).ctypes.data

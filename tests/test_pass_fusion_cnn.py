@@ -18,7 +18,7 @@ import graphopt
 from graphopt import verify
 from graphopt.passes.fusion.cnn import (FuseAffineIntoGemm, FuseConvAdd, FuseConvBatchNorm,
                                         FuseConvMul, FuseMatMulAdd, FusePadConv)
-from helpers import apply_passes, assert_pass_unchanged, build_model, count_ops
+from helpers import apply_passes, assert_pass_unchanged, build_model, count_ops, run_pass
 
 FLOAT = TensorProto.FLOAT
 ALL = "fuse-conv-bn,fuse-conv-add,fuse-conv-mul,fuse-pad-conv,fuse-matmul-add,eliminate-dead-code"
@@ -393,11 +393,20 @@ def test_affine_before_gemm_folds_into_its_weights(chain, trans_b, bias):
     assert after.graph.node[0].input[0] == "x" and after.graph.node[0].output[0] == "y"
 
 
-@pytest.mark.parametrize("opset", [11, 17])
+@pytest.mark.parametrize("opset", [7, 11, 17])
 def test_affine_before_matmul_of_a_matrix_becomes_a_gemm(opset):
     after, _ = apply(affine_then(["Sub", "Mul"], product="MatMul", opset=opset),
                      FuseAffineIntoGemm())
     assert dict(count_ops(after)) == {"Gemm": 1}
+
+
+def test_before_opset_7_a_shift_is_not_folded_but_a_scale_is():
+    # Gemm before opset 7 broadcasts C only with its ``broadcast`` attribute (and ONNX
+    # Runtime does not run Add-6: the structure is checked, not the outputs)
+    model, result = run_pass(FuseAffineIntoGemm(),
+                             affine_then(["Add", "Mul"], product="MatMul", opset=6))
+    assert result.stats == {"fused": 1}
+    assert dict(count_ops(model.to_onnx())) == {"Add": 1, "MatMul": 1}
 
 
 def test_matmul_of_a_sequence_takes_a_scale_but_not_a_shift():

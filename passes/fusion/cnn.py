@@ -472,11 +472,11 @@ class FuseAffineIntoGemm(Pass):
         while again:  # a chain (Mul, then Add) folds one op at a time, nearest first
             again = False
             for _, node in walk(scope.graphs):
-                if self._fold(node, scope):
+                if self._fold(node, scope, model.opset):
                     fused, again = fused + 1, True
         return PassResult(changed=fused > 0, stats={"fused": fused})
 
-    def _fold(self, node: gs.Node, scope: _Scope) -> bool:
+    def _fold(self, node: gs.Node, scope: _Scope, opset: int) -> bool:
         if node.op not in ("Gemm", "MatMul") or len(node.inputs) < 2 \
                 or (node.op == "Gemm" and node.attrs.get("transA", 0)):
             return False
@@ -493,8 +493,8 @@ class FuseAffineIntoGemm(Pass):
         two_d = x.shape is not None and len(x.shape) == 2
         bias_tensor = _present(node.inputs, 2)
         bias = constant_value(bias_tensor)
-        if shifted and (node.op == "MatMul" and not two_d
-                        or bias_tensor is not None and not _is_float(bias)):
+        if shifted and (node.op == "MatMul" and not two_d or opset < 7  # (Gemm's C
+                        or bias_tensor is not None and not _is_float(bias)):  # broadcasts)
             return False
         graph = scope.owner[id(node)]
         hint = node.inputs[1].name or node.name or node.op
