@@ -179,16 +179,24 @@ def _used(tensor: gs.Tensor, scope: _Scope) -> bool:
 def _match_bn(bn: gs.Node, scope: _Scope,
               opset: int) -> tuple[_Layer, np.ndarray, np.ndarray] | None:
     """An inference BatchNormalization after a foldable layer: (layer, scale, shift)."""
-    if bn.op != "BatchNormalization" or len(bn.inputs) != 5 \
-            or bn.attrs.get("training_mode", 0) or not bn.attrs.get("is_test", 1) \
-            or bn.attrs.get("spatial", 1) != 1 or any(_used(t, scope) for t in bn.outputs[1:]):
+    if bn.op != "BatchNormalization":
         return None
     producer = scope.sole_producer(bn.inputs[0], bn)
     layer = _layer(producer) if producer is not None else None
     if layer is None or (layer.node.op in ("Gemm", "MatMul") and opset < 7):
         return None
+    found = _bn_affine(bn, scope, layer.channels)
+    return None if found is None else (layer, *found)
+
+
+def _bn_affine(bn: gs.Node, scope: _Scope, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scale, shift) of an inference BatchNormalization over ``k`` channels."""
+    if len(bn.inputs) != 5 or bn.attrs.get("training_mode", 0) \
+            or not bn.attrs.get("is_test", 1) or bn.attrs.get("spatial", 1) != 1 \
+            or any(_used(t, scope) for t in bn.outputs[1:]):
+        return None
     params = [constant_value(t) for t in bn.inputs[1:]]
-    if not all(_is_float(p) and p.shape == (layer.channels,) for p in params):
+    if not all(_is_float(p) and p.shape == (k,) for p in params):
         return None
     gamma, beta, mean, var = (p.astype(np.float64) for p in params)
     with np.errstate(all="ignore"):
@@ -196,7 +204,7 @@ def _match_bn(bn: gs.Node, scope: _Scope,
         shift = beta - mean * scale
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
         return None
-    return layer, scale, shift
+    return scale, shift
 
 
 class _AffineFold(Pass):
@@ -430,24 +438,6 @@ def _gated(tensor: gs.Tensor) -> bool:
     producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
     return producer is not None and producer.op in ("Mul", "Div") and \
         all(constant_value(t) is None for t in producer.inputs)
-
-
-def _bn_affine(bn: gs.Node, scope: _Scope, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(scale, shift) of an inference BatchNormalization over ``k`` channels."""
-    if len(bn.inputs) != 5 or bn.attrs.get("training_mode", 0) \
-            or not bn.attrs.get("is_test", 1) or bn.attrs.get("spatial", 1) != 1 \
-            or any(_used(t, scope) for t in bn.outputs[1:]):
-        return None
-    params = [constant_value(t) for t in bn.inputs[1:]]
-    if not all(_is_float(p) and p.shape == (k,) for p in params):
-        return None
-    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-    with np.errstate(all="ignore"):
-        scale = gamma / np.sqrt(var + bn.attrs.get("epsilon", 1e-5))
-        shift = beta - mean * scale
-    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
-        return None
-    return scale, shift
 
 
 class FuseAffineIntoGemm(Pass):
