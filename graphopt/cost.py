@@ -118,7 +118,8 @@ class AnalyticCostModel:
 
     def node_cost(self, node: gs.Node, device: Device) -> NodeCost:
         flops, moved, seconds = roofline(node, device)
-        latency = 0.0 if fused_dequantize(node) else self.latency(node, seconds, device)
+        latency = 0.0 if fused_dequantize(node) or fused_into_conv(node, device) else \
+            self.latency(node, seconds, device)
         return NodeCost(node.name, node.op, flops, moved, latency)
 
     def latency(self, node: gs.Node, roofline_s: float, device: Device) -> float:
@@ -282,6 +283,35 @@ def fused_dequantize(node: gs.Node) -> bool:
     """A DequantizeLinear whose every reader is an op a runtime fuses it into."""
     readers = node.outputs[0].outputs if node.op == "DequantizeLinear" and node.outputs else []
     return bool(readers) and all(r.op in _QDQ_FUSED for r in readers)
+
+
+def fused_into_conv(node: gs.Node, device: Device) -> bool:
+    """A residual Add (or the Relu after it) that a runtime computes inside the
+    convolution before it: ONNX Runtime's NCHWc convolutions add a second input into
+    their output and apply the activation after it (ResNet's ``relu(conv(x) + skip)``
+    runs as one kernel; profiled on the ResNet-style CNN, no Add or Relu kernel ran).
+    The Conv must be one NCHWc takes (output channels a multiple of the device's
+    channel block, input channels one too or fewer than it, no groups, no activation of
+    its own), the Add its only reader, both of the Add's inputs the same shape."""
+    if node.op == "Relu" and node.inputs and len(node.inputs[0].inputs) == 1:
+        add = node.inputs[0].inputs[0]
+        return len(add.outputs[0].outputs) == 1 and fused_into_conv(add, device)
+    if node.op != "Add" or len(node.inputs) != 2 or any(
+            t.shape is None or isinstance(t, gs.Constant) for t in node.inputs) or \
+            node.inputs[0].shape != node.inputs[1].shape:
+        return False
+    block = device.channel_multiple
+    for tensor in node.inputs:
+        conv = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+        if conv is None or conv.op != "Conv" or len(tensor.outputs) != 1 or \
+                conv.attrs.get("group", 1) != 1 or len(conv.inputs) < 2 or \
+                conv.inputs[1].shape is None or len(conv.inputs[1].shape) != 4:
+            continue
+        out_c, in_c = conv.inputs[1].shape[:2]
+        if isinstance(out_c, int) and isinstance(in_c, int) and out_c % block == 0 and \
+                (in_c % block == 0 or in_c < block):
+            return True
+    return False
 
 
 def _shapes_known(model: "Model") -> bool:

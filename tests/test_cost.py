@@ -123,3 +123,31 @@ def test_an_embedding_lookup_reads_its_rows_not_the_table():
     model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 100000
     node = AnalyticCostModel().estimate(graphopt.load(model), DEVICE).nodes[0]
     assert node.bytes == 30000 * 384 * 4 + 100000 * 8 + 100000 * 384 * 4
+
+
+@pytest.mark.parametrize("channels,block,fused", [(16, 16, True), (16, 8, True),
+                                                  (12, 8, False), (24, 16, False)])
+def test_a_residual_add_and_relu_after_a_conv_run_inside_it(channels, block, fused):
+    """relu(conv(x) + skip): ONNX Runtime's NCHWc convolution adds the skip and applies
+    the Relu itself (profiled on the ResNet-style CNN: no Add or Relu kernel ran), so
+    they cost nothing, where the conv's channels fit the device's channel block; a
+    conv NCHWc does not take leaves them their own cost."""
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.standard_normal((channels, channels, 3, 3))
+                                .astype(np.float32), "w")
+    nodes = [oh.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             oh.make_node("Add", ["c", "x"], ["a"]), oh.make_node("Relu", ["a"], ["y"])]
+    shape = [4, channels, 16, 16]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, shape)], [w])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    device = Device("test", peak_flops={"float32": 1e12}, bandwidth=1e10,
+                    node_overhead_s=1e-6, channel_multiple=block)
+    costs = {n.op_type: n.latency_s for n in
+             AnalyticCostModel().estimate(graphopt.load(model), device).nodes}
+    assert costs["Conv"] > 0
+    if fused:
+        assert costs["Add"] == costs["Relu"] == 0.0
+    else:  # two reads and a write of [4, C, 16, 16] floats at 10 GB/s, plus the overhead
+        assert costs["Add"] == pytest.approx(3 * 4 * channels * 256 * 4 / 1e10 + 1e-6)
+        assert costs["Relu"] > 1e-6
