@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt import microbench
 from graphopt.analysis import infer_all_shapes
-from graphopt.cost import AnalyticCostModel, Device, fused_dequantize, op_key, roofline
+from graphopt.cost import (AnalyticCostModel, Device, fused_dequantize, fused_into_conv,
+                           op_key, roofline)
 from graphopt.cost_calibration import (Calibration, CalibratedCostModel, calibration_path,
                                        cost_model_for, fit, read_calibration,
                                        save_calibration, with_input_shapes)
@@ -48,8 +49,8 @@ def synthetic_time(proto: onnx.ModelProto, feeds=None) -> float:
     infer_all_shapes(model)
     total = TRUE_BASE
     for node in model.graph.nodes:
-        if fused_dequantize(node):
-            continue  # fused into its reader
+        if fused_dequantize(node) or fused_into_conv(node, DEVICE):
+            continue  # fused into its reader, or computed by the conv before it
         seconds = roofline(node, DEVICE)[2]
         total += TRUE_OVERHEAD + true_factor(op_key(node), seconds) * seconds
     return total
