@@ -326,6 +326,16 @@ def suite(quick: bool = False) -> list[Probe]:
     """The probes, cheapest first (each probe's fit may use the ones before it). ``quick``:
     one or two shapes per op family, for tests and a first look."""
     probes = [Probe("overhead", _chain([1], _unary("Neg")), length=33)]
+    if not quick:
+        # Elementwise ops on a few hundred values (a small transformer's or MLP's): a
+        # fixed cost per op well above the one-value overhead probe's, which the large
+        # sizes below cannot show (long chains: each copy takes about a microsecond)
+        for size in (64, 1024):
+            shape = [1, size // 64, 64]
+            probes.append(Probe(f"Relu-{size}", _chain(shape, _unary("Relu")), length=17))
+            for op in ("Add", "Mul"):
+                probes.append(Probe(f"{op}-{size}", _chain(shape, _binary(op, shape)),
+                                    length=17))
     sizes = (4096, 262144) if quick else (4096, 65536, 1048576)
     unary = ("Relu",) if quick else ("Relu", "Sigmoid", "Tanh", "Erf", "HardSwish")
     for size in sizes:
