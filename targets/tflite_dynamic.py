@@ -33,7 +33,7 @@ SMALL_BYTES = 1 << 20  # constants of a snapshot kept whole; larger ones by dige
 
 @dataclasses.dataclass
 class Snapshot:
-    """What ``generalize`` compares of a build: its tensors (large constants by digest,
+    """What ``follows`` compares of a build: its tensors (large constants by digest,
     so the build's weights need not stay in memory) and operators."""
 
     tensors: list[Tensor]
@@ -46,7 +46,7 @@ def _digest(data: np.ndarray) -> bytes:
 
 def snapshot(fb: FlatbufferBuilder) -> Snapshot:
     """``fb``'s tensors and operators, constants over ``SMALL_BYTES`` by their SHA-256
-    digest (a RESHAPE target, a few integers, stays whole: ``generalize`` reads it)."""
+    digest (a RESHAPE target, a few integers, stays whole: ``follows`` reads it)."""
     return Snapshot([dataclasses.replace(t, data=_digest(t.data))
                      if t.data is not None and t.data.nbytes > SMALL_BYTES else t
                      for t in fb.tensors], list(fb.operators))
@@ -232,17 +232,6 @@ def _computed_targets(a: FlatbufferBuilder, computed: dict[int, list]) -> dict[i
         result[shape] = made[picks]
     a.operators[:0] = ops
     return result
-
-
-def generalize(a: FlatbufferBuilder, b: Snapshot) -> str | None:
-    """Mark in ``a`` (the build at batch 1) the dimensions that follow the batch, as
-    ``b`` (a snapshot of the build at batch 2) shows them: ``None`` when done, else why
-    the batch stays static (and ``a`` is left as it was)."""
-    plan = follows(a, b)
-    if isinstance(plan, str):
-        return plan
-    apply(a, plan)
-    return None
 
 
 # Operators that broadcast their inputs: a constant folded at a symbol's size (the same

@@ -381,9 +381,7 @@ def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False,
                                                   snapshot)
 
     symbols = symbols or {}
-    grown = [(name, axis, (symbols.get(name) or [None] * (axis + 1))[axis])
-             for name, axis in _grown(proto, at_sequence_2)] \
-        if at_sequence_2 is not None else []
+    grown = _grown(proto, at_sequence_2, symbols) if at_sequence_2 is not None else []
     # (the other builds first, kept as snapshots: two builds' weights are not held)
     second = snapshot(_build(at_batch_2, nhwc_io, int8_io, grown)[0].fb) \
         if at_batch_2 is not None else None
@@ -485,14 +483,20 @@ def _build(proto: onnx.ModelProto, nhwc_io: bool, int8_io: bool,
     return lw, io_inputs, io_outputs
 
 
-def _grown(proto: onnx.ModelProto, larger: onnx.ModelProto) -> list[tuple[str, int]]:
-    """The (input, axis) pairs at which ``larger`` binds a larger size than ``proto``."""
+def _grown(proto: onnx.ModelProto, larger: onnx.ModelProto,
+           symbols: dict[str, list[str | None]]) -> list[tuple[str, int, str | None]]:
+    """The (input, axis, its symbol) at which ``larger`` binds a larger size than
+    ``proto``."""
     def dims(model):
         return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
                 for v in model.graph.input}
 
+    def symbol(name: str, axis: int) -> str | None:
+        named = symbols.get(name) or []
+        return named[axis] if axis < len(named) else None
+
     small = dims(proto)
-    return [(name, axis) for name, shape in dims(larger).items()
+    return [(name, axis, symbol(name, axis)) for name, shape in dims(larger).items()
             for axis, size in enumerate(shape) if size != small[name][axis]]
 
 
