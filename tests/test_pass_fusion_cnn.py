@@ -1,5 +1,6 @@
 """CNN fusions: BatchNormalization, Add, Mul and Pad folded into the layer before them,
-and MatMul + Add into Gemm. Each positive case checks the node is gone and the outputs
+MatMul + Add into Gemm, and (``fuse-affine-gemm``) per-feature arithmetic folded into
+the matrix product after it. Each positive case checks the node is gone and the outputs
 match ONNX Runtime on the original (batch 1 and 3 for a dynamic batch); each near miss
 checks that nothing changed."""
 
@@ -16,8 +17,9 @@ from onnx import TensorProto, numpy_helper
 
 import graphopt
 from graphopt import verify
-from graphopt.passes.fusion.cnn import (FuseAffineIntoGemm, FuseConvAdd, FuseConvBatchNorm,
-                                        FuseConvMul, FuseMatMulAdd, FusePadConv)
+from graphopt.passes.fusion.affine import FuseAffineIntoGemm
+from graphopt.passes.fusion.cnn import (FuseConvAdd, FuseConvBatchNorm, FuseConvMul,
+                                        FuseMatMulAdd, FusePadConv)
 from helpers import apply_passes, assert_pass_unchanged, build_model, count_ops, run_pass
 
 FLOAT = TensorProto.FLOAT

@@ -24,7 +24,7 @@ FLOATS = (np.float16, np.float32, np.float64)
 
 
 # ---------------------------------------------------------------------- shared helpers
-class _Scope:
+class FoldScope:
     """The graphs of a model, which graph owns each node, and the tensor names in use."""
 
     def __init__(self, model: Model):
@@ -56,12 +56,12 @@ class _Scope:
         producer.outputs[0] = out
 
 
-def _present(inputs: list[gs.Tensor], index: int) -> gs.Tensor | None:
+def optional_input(inputs: list[gs.Tensor], index: int) -> gs.Tensor | None:
     """Optional input ``index``, or None when it is missing or omitted (empty name)."""
     return inputs[index] if len(inputs) > index and inputs[index].name else None
 
 
-def _is_float(value: np.ndarray | None) -> bool:
+def is_float(value: np.ndarray | None) -> bool:
     return value is not None and value.dtype in FLOATS
 
 
@@ -80,9 +80,9 @@ def _layer(node: gs.Node) -> _Layer | None:
     if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2:
         return None
     weight = constant_value(node.inputs[1])
-    bias_tensor = _present(node.inputs, 2)
+    bias_tensor = optional_input(node.inputs, 2)
     bias = constant_value(bias_tensor)
-    if not _is_float(weight) or (bias_tensor is not None and bias is None):
+    if not is_float(weight) or (bias_tensor is not None and bias is None):
         return None
     if node.op == "Conv":
         channels = weight.shape[0] if weight.ndim >= 3 else None
@@ -119,7 +119,7 @@ def _scaled_weight(layer: _Layer, scale: np.ndarray) -> np.ndarray:
     return w * scale[None, :]  # Gemm / MatMul: [K, N]
 
 
-def _fold_affine(scope: _Scope, layer: _Layer, scale: np.ndarray, shift: np.ndarray) -> None:
+def _fold_affine(scope: FoldScope, layer: _Layer, scale: np.ndarray, shift: np.ndarray) -> None:
     """Make ``layer`` compute ``layer(x) * scale + shift`` (per output channel, float64)."""
     node, graph = layer.node, scope.owner[id(layer.node)]
     dtype = layer.weight.dtype
@@ -152,7 +152,7 @@ def _per_channel(value: np.ndarray | None, rank: int, channels: int) -> np.ndarr
     return np.broadcast_to(value.astype(np.float64).reshape(-1), (channels,))
 
 
-def _conv_and_constant(node: gs.Node, scope: _Scope) -> tuple[_Layer, np.ndarray] | None:
+def _conv_and_constant(node: gs.Node, scope: FoldScope) -> tuple[_Layer, np.ndarray] | None:
     """For a binary ``node`` reading a Conv/ConvTranspose output and a per-channel
     constant: the layer and the constant as a [C] vector."""
     if len(node.inputs) != 2 or len(node.outputs) != 1:
@@ -171,12 +171,12 @@ def _conv_and_constant(node: gs.Node, scope: _Scope) -> tuple[_Layer, np.ndarray
     return None
 
 
-def _used(tensor: gs.Tensor, scope: _Scope) -> bool:
+def _used(tensor: gs.Tensor, scope: FoldScope) -> bool:
     return bool(tensor.name) and (bool(tensor.outputs) or is_graph_output(tensor, scope.graphs))
 
 
 # ---------------------------------------------------------------------- fuse-conv-bn
-def _match_bn(bn: gs.Node, scope: _Scope,
+def _match_bn(bn: gs.Node, scope: FoldScope,
               opset: int) -> tuple[_Layer, np.ndarray, np.ndarray] | None:
     """An inference BatchNormalization after a foldable layer: (layer, scale, shift)."""
     if bn.op != "BatchNormalization":
@@ -185,18 +185,18 @@ def _match_bn(bn: gs.Node, scope: _Scope,
     layer = _layer(producer) if producer is not None else None
     if layer is None or (layer.node.op in ("Gemm", "MatMul") and opset < 7):
         return None
-    found = _bn_affine(bn, scope, layer.channels)
+    found = bn_affine(bn, scope, layer.channels)
     return None if found is None else (layer, *found)
 
 
-def _bn_affine(bn: gs.Node, scope: _Scope, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+def bn_affine(bn: gs.Node, scope: FoldScope, k: int) -> tuple[np.ndarray, np.ndarray] | None:
     """(scale, shift) of an inference BatchNormalization over ``k`` channels."""
     if len(bn.inputs) != 5 or bn.attrs.get("training_mode", 0) \
             or not bn.attrs.get("is_test", 1) or bn.attrs.get("spatial", 1) != 1 \
             or any(_used(t, scope) for t in bn.outputs[1:]):
         return None
     params = [constant_value(t) for t in bn.inputs[1:]]
-    if not all(_is_float(p) and p.shape == (k,) for p in params):
+    if not all(is_float(p) and p.shape == (k,) for p in params):
         return None
     gamma, beta, mean, var = (p.astype(np.float64) for p in params)
     with np.errstate(all="ignore"):
@@ -213,12 +213,12 @@ class _AffineFold(Pass):
     family = "fusion"
     lossless = True
 
-    def match(self, node: gs.Node, scope: "_Scope", opset: int):
+    def match(self, node: gs.Node, scope: "FoldScope", opset: int):
         """(layer, scale, shift) when ``node`` folds into the layer before it, else None."""
         raise NotImplementedError
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        scope = _Scope(model)
+        scope = FoldScope(model)
         fused = 0
         for _, node in walk(scope.graphs):
             match = self.match(node, scope, model.opset)
@@ -273,8 +273,8 @@ def _zero_pads(pad: gs.Node, rank: int, opset: int) -> list[int] | None:
         pads = pad.attrs.get("pads", pad.attrs.get("paddings"))
         value, axes = np.asarray(pad.attrs.get("value", 0.0)), None
     else:
-        value_t, axes_t = _present(pad.inputs, 2), _present(pad.inputs, 3)
-        pads = constant_value(_present(pad.inputs, 1))
+        value_t, axes_t = optional_input(pad.inputs, 2), optional_input(pad.inputs, 3)
+        pads = constant_value(optional_input(pad.inputs, 1))
         value = constant_value(value_t) if value_t is not None else np.zeros(())
         axes = constant_value(axes_t) if axes_t is not None else None
         if value is None or (axes_t is not None and axes is None):
@@ -321,7 +321,7 @@ class FusePadConv(Pass):
     lossless = True
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        scope = _Scope(model)
+        scope = FoldScope(model)
         fused = 0
         for _, node in walk(scope.graphs):
             spatial = _pads_into(node) if node.op in ("Conv", "AveragePool") else None
@@ -341,7 +341,7 @@ class FusePadConv(Pass):
 
 
 # ---------------------------------------------------------------------- fuse-matmul-add
-def _match_matmul_add(add: gs.Node, scope: _Scope,
+def _match_matmul_add(add: gs.Node, scope: FoldScope,
                       opset: int) -> tuple[gs.Node, gs.Tensor] | None:
     """Add(MatMul(x[N, K], W[K, C]), b) with constant W and b broadcasting to [N, C]:
     (the MatMul, b's tensor)."""
@@ -353,7 +353,7 @@ def _match_matmul_add(add: gs.Node, scope: _Scope,
             continue
         x, bias_t = matmul.inputs[0], add.inputs[1 - side]
         weight, bias = constant_value(matmul.inputs[1]), constant_value(bias_t)
-        if x.shape is None or len(x.shape) != 2 or not _is_float(weight) \
+        if x.shape is None or len(x.shape) != 2 or not is_float(weight) \
                 or weight.ndim != 2 or bias is None or bias.dtype != weight.dtype:
             continue
         if _broadcasts_to(bias.shape, (x.shape[0], weight.shape[1])):
@@ -370,145 +370,6 @@ def _broadcasts_to(shape: Iterable[int], target: tuple) -> bool:
                for s, t in zip(reversed(shape), reversed(target)))
 
 
-# ---------------------------------------------------------------------- fuse-affine-gemm
-@dataclass
-class _InputAffine:
-    """A per-feature affine op writing a matrix product's input: ``x * scale + shift``
-    along the product's reduction axis (the input's last)."""
-
-    node: gs.Node
-    data: gs.Tensor  # what the affine op reads
-    scale: np.ndarray  # [K], float64
-    shift: np.ndarray  # [K], float64
-
-
-def _per_feature(value: np.ndarray | None, data: gs.Tensor, k: int) -> np.ndarray | None:
-    """``value`` as a float64 [K] vector when it broadcasts against ``data`` along the
-    last axis only and leaves its shape as it is (shapes [K], [1, K], scalar...)."""
-    if not _is_float(value) or not np.all(np.isfinite(value)):
-        return None
-    if value.ndim > 1 and (data.shape is None or len(data.shape) < value.ndim):
-        return None  # it could widen the data's rank
-    if any(d != 1 for d in value.shape[:-1]) or (value.ndim and value.shape[-1] not in (1, k)):
-        return None
-    return np.broadcast_to(value.astype(np.float64).reshape(-1), (k,))
-
-
-def _input_affine(node: gs.Node, scope: _Scope, k: int,
-                  dtype: np.dtype) -> _InputAffine | None:
-    """The Mul, Add or Sub by a per-feature constant (or an Add of a value to itself), or
-    the inference BatchNormalization of a 2-D input, that writes ``node``'s first input
-    and nothing else."""
-    affine = scope.sole_producer(node.inputs[0], node)
-    if affine is None:
-        return None
-    if affine.op == "BatchNormalization":
-        data = affine.inputs[0]
-        found = _bn_affine(affine, scope, k) if data.shape is not None \
-            and len(data.shape) == 2 else None  # channel axis 1 is the last
-        return None if found is None else _InputAffine(affine, data, *found)
-    if affine.op not in ("Mul", "Add", "Sub") or len(affine.inputs) != 2:
-        return None
-    if affine.op == "Add" and affine.inputs[0] is affine.inputs[1] \
-            and constant_value(affine.inputs[0]) is None:  # x + x = 2x, exactly
-        return _InputAffine(affine, affine.inputs[0], np.full(k, 2.0), np.zeros(k))
-    for side in (0, 1):
-        data, const = affine.inputs[side], affine.inputs[1 - side]
-        value = constant_value(const)
-        if value is None or value.dtype != dtype or constant_value(data) is not None:
-            continue
-        vector = _per_feature(value, data, k)
-        if vector is None or _gated(data):
-            continue
-        ones, zeros = np.ones(k), np.zeros(k)
-        if affine.op == "Mul":
-            return _InputAffine(affine, data, vector, zeros)
-        if affine.op == "Add":
-            return _InputAffine(affine, data, ones, vector)
-        return _InputAffine(affine, data, ones, -vector) if side == 0 else \
-            _InputAffine(affine, data, -ones, vector)  # x - c, c - x
-    return None
-
-
-def _gated(tensor: gs.Tensor) -> bool:
-    """Whether ``tensor`` is a product of two computed values: the end of a gated
-    activation (GELU's x·Φ(x), SiLU's x·σ(x), HardSwish's x·relu6(x + 3)), whose constant
-    scale after it is part of the pattern an activation fusion, or a target's lowering,
-    matches (LiteRT writes the erf GELU as its builtin only if it finds the 0.5)."""
-    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-    return producer is not None and producer.op in ("Mul", "Div") and \
-        all(constant_value(t) is None for t in producer.inputs)
-
-
-class FuseAffineIntoGemm(Pass):
-    """Fold a per-feature affine op before a matrix product into its weights: a Mul, Add
-    or Sub by a constant along the input's last axis, or a BatchNormalization of a 2-D
-    input (a classifier head's BatchNorm1d before its Linear, an MLP's input
-    normalization). ``(x * s + t) @ W + b = x @ (s · W) + (t @ W + b)``: the scale goes
-    into W's rows, the shift into the bias. A MatMul of a 2-D input becomes a Gemm to take
-    a shift; one of a higher-rank input takes a scale only. A Gemm reading its input
-    transposed (``transA``) or a weight another node reads too (the model would store it
-    twice) is left alone, and so is a convolution (its zero padding would see the
-    shift) and the scale ending a gated activation (``_gated``)."""
-
-    name = "fuse-affine-gemm"
-    family = "fusion"
-    lossless = True
-    emits = (("", "Gemm"),)
-
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        scope = _Scope(model)
-        fused, again = 0, True
-        while again:  # a chain (Mul, then Add) folds one op at a time, nearest first
-            again = False
-            for _, node in walk(scope.graphs):
-                if self._fold(node, scope, model.opset):
-                    fused, again = fused + 1, True
-        return PassResult(changed=fused > 0, stats={"fused": fused})
-
-    def _fold(self, node: gs.Node, scope: _Scope, opset: int) -> bool:
-        if node.op not in ("Gemm", "MatMul") or len(node.inputs) < 2 \
-                or (node.op == "Gemm" and node.attrs.get("transA", 0)):
-            return False
-        weight = constant_value(node.inputs[1])
-        if not _is_float(weight) or weight.ndim != 2 or consumers(node.inputs[1]) != [node]:
-            return False  # (a weight another node reads would be stored twice)
-        trans_b = node.op == "Gemm" and node.attrs.get("transB", 0)
-        rows = weight.T if trans_b else weight  # [K, N]
-        affine = _input_affine(node, scope, rows.shape[0], weight.dtype)
-        if affine is None:
-            return False
-        shifted = bool(np.any(affine.shift != 0))
-        x = node.inputs[0]
-        two_d = x.shape is not None and len(x.shape) == 2
-        bias_tensor = _present(node.inputs, 2)
-        bias = constant_value(bias_tensor)
-        if shifted and (node.op == "MatMul" and not two_d or opset < 7  # (Gemm's C
-                        or bias_tensor is not None and not _is_float(bias)):  # broadcasts)
-            return False
-        graph = scope.owner[id(node)]
-        hint = node.inputs[1].name or node.name or node.op
-        scaled = rows.astype(np.float64) * affine.scale[:, None]
-        node.inputs[1] = scope.constant(graph, f"{hint}_fused",
-                                        (scaled.T if trans_b else scaled).astype(weight.dtype))
-        if shifted:
-            node.op = "Gemm"
-            alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
-            extra = alpha * (affine.shift @ rows.astype(np.float64))  # [N]
-            total = extra if bias_tensor is None or beta == 0 else \
-                bias.astype(np.float64) * beta + extra
-            if "beta" in node.attrs:
-                node.attrs["beta"] = 1.0
-            new_bias = scope.constant(graph, f"{hint}_fused_bias", total.astype(weight.dtype))
-            if len(node.inputs) > 2:  # (a bias, or an omitted one: an empty name)
-                node.inputs[2] = new_bias
-            else:
-                node.inputs.append(new_bias)
-        remove_node(affine.node, scope.owner[id(affine.node)])
-        node.inputs[0] = affine.data
-        return True
-
-
 class FuseMatMulAdd(Pass):
     """Turn MatMul(x, W) + b on a 2-D x with constant W and b into one Gemm."""
 
@@ -518,7 +379,7 @@ class FuseMatMulAdd(Pass):
     emits = (("", "Gemm"),)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        scope = _Scope(model)
+        scope = FoldScope(model)
         fused = 0
         for _, node in walk(scope.graphs):
             match = _match_matmul_add(node, scope, model.opset)
