@@ -447,13 +447,19 @@ def _with_threads(target: str | Target, threads: int | None) -> Target:
 
 
 def calibrate(target: str | Target = DEFAULT_TARGET, *, threads: int | None = None,
-              quick: bool = False, progress=None) -> tuple[Calibration, Path]:
+              quick: bool = False, progress=None, passes: int = 1) -> tuple[Calibration, Path]:
     """Calibrate ``target``'s cost model by timing micro-benchmarks on its device and
     store it for this device (``graphopt.cost_calibration``); ``optimize`` and
     ``inspect`` then use it. ``quick``: a smaller set of probes (seconds, not a minute).
-    ``progress(done, total, probe_name)`` is called as probes run."""
-    return run_calibration(_with_threads(target, threads), microbench.suite(quick=quick),
-                           progress=progress)
+    ``passes``: each probe timed in that many passes over all of them, its fastest kept
+    (steadier on a shared machine). ``progress(done, total, probe_name)`` is called as
+    probes run."""
+    if passes < 1:
+        raise UsageError(f"passes must be >= 1, got {passes}")
+    tgt = _with_threads(target, threads)
+    return run_calibration(tgt, microbench.suite(quick=quick,
+                                                 blocked_layout=tgt.device.blocked_layout),
+                           progress=progress, passes=passes)
 
 
 def profile(model: ModelSource, target: str | Target = DEFAULT_TARGET, *,

@@ -25,9 +25,12 @@ out = Console(highlight=False)
 @click.option("--threads", type=click.IntRange(min=1), help="Threads the target runs with "
               "(default: the target's own; ORT: every core).")
 @click.option("--quick", is_flag=True, help="Fewer probes: seconds instead of a minute.")
+@click.option("--passes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Time every probe in this many passes, its fastest kept: steadier on "
+                   "a shared machine, whose speed drifts for tens of seconds at a time.")
 @click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def calibrate(target, threads, quick, as_json, quiet):
+def calibrate(target, threads, quick, passes, as_json, quiet):
     """Time micro-benchmarks on the target's device and fit the cost model to them.
 
     The calibration is stored per device (CPU model, ISA flags, threads, runtime version)
@@ -43,7 +46,8 @@ def calibrate(target, threads, quick, as_json, quiet):
         def progress(done: int, total: int, name: str) -> None:
             bar.update(task, completed=done, total=total, description=f"probe {name}")
 
-        cal, path = api.calibrate(target, threads=threads, quick=quick, progress=progress)
+        cal, path = api.calibrate(target, threads=threads, quick=quick, progress=progress,
+                                  passes=passes)
     seconds = time.perf_counter() - start
     if as_json:
         click.echo(json.dumps({"path": str(path), "seconds": seconds, **cal.to_dict()},

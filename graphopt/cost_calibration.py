@@ -32,7 +32,8 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analysis import infer_all_shapes
 from graphopt.cost import (QUANTIZE, AnalyticCostModel, Cost, Device, fused_dequantize,
-                           int8_roofline, op_key, op_width, roofline)
+                           int8_roofline, layout_reorders, op_key, op_width, roofline,
+                           tensor_bytes)
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model
 from graphopt.microbench import Probe
@@ -133,12 +134,12 @@ class CalibratedCostModel(AnalyticCostModel):
     def __init__(self, calibration: Calibration):
         self.calibration = calibration
 
-    def measured(self, node: gs.Node) -> bool:
-        return "/".join(op_key(node)) in self.calibration.points
+    def measured(self, node: gs.Node, device: Device) -> bool:
+        return "/".join(op_key(node, device)) in self.calibration.points
 
     def int8_latency(self, node: gs.Node, device: Device, dynamic: bool) -> float:
         op_s, quant_s = int8_roofline(node, device, dynamic)
-        family, _, kind = op_key(node)
+        family, _, kind = op_key(node, device)
         cal = self.calibration
         if dynamic and family == "matmul" and kind == "weights":
             # DynamicQuantizeMatMul: quantizing its input is part of the measured class
@@ -152,7 +153,13 @@ class CalibratedCostModel(AnalyticCostModel):
 
     def latency(self, node: gs.Node, roofline_s: float, device: Device) -> float:
         return self.calibration.node_overhead_s + \
-            self.calibration.factor(op_key(node), roofline_s, op_width(node)) * roofline_s
+            self.calibration.factor(op_key(node, device), roofline_s, op_width(node)) * \
+            roofline_s
+
+    def reorder_latency(self, kind: str, tensor: gs.Tensor, device: Device) -> float:
+        seconds = 2.0 * tensor_bytes(tensor) / device.bandwidth
+        return self.calibration.node_overhead_s + \
+            self.calibration.factor(("layout", "float32", kind), seconds) * seconds
 
     def estimate(self, model: Model, device: Device, *, infer: bool = True) -> Cost:
         cost = super().estimate(model, device, infer=infer)
@@ -169,8 +176,11 @@ def _nodes(proto: onnx.ModelProto, device: Device) -> list[tuple[Key, float, boo
     model = _shaped(proto)
     out = []
     for node in model.graph.nodes:
-        out.append((op_key(node), roofline(node, device)[2], not fused_dequantize(node),
+        out.append((op_key(node, device), roofline(node, device)[2], not fused_dequantize(node),
                     op_width(node)))
+    for kind, tensor in layout_reorders(model.graph, device):  # the runtime's own nodes
+        out.append((("layout", "float32", kind), 2.0 * tensor_bytes(tensor) / device.bandwidth,
+                    True, 1.0))
     return out
 
 
@@ -180,23 +190,32 @@ def _extra(long: list, short: list) -> list[tuple[Key, float, bool, float]]:
 
 
 def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict,
-        progress: Callable[[int, int, str], None] | None = None) -> Calibration:
+        progress: Callable[[int, int, str], None] | None = None,
+        passes: int = 1) -> Calibration:
     """Time every probe with ``measure`` and fit a ``Calibration``. The first probe
-    must be the overhead probe (a chain of one-element ops)."""
+    must be the overhead probe (a chain of one-element ops). ``passes``: times each
+    probe is timed, in that many passes over all of them, its fastest time kept (a shared
+    machine slows down for tens of seconds at a time: a probe timed once may land in
+    such a spell, and its class then looks slower than the rest)."""
+    times: list[list[float]] = [[math.inf, math.inf] for _ in probes]
+    nodes: list[tuple[list, list]] = []  # (the short model's, the long one's extra)
+    for done in range(passes):
+        for index, probe in enumerate(probes):
+            if progress:
+                progress(done * len(probes) + index, passes * len(probes), probe.name)
+            short = probe.build(1)  # (built again each pass: a few hold 40 MB of weights)
+            times[index][0] = min(times[index][0], measure(*short))
+            long = probe.build(probe.length) if probe.chain else None
+            if long:
+                times[index][1] = min(times[index][1], measure(*long))
+            if done == 0:
+                short_nodes = _nodes(short[0], device)
+                nodes.append((short_nodes, _extra(_nodes(long[0], device), short_nodes)
+                              if long else short_nodes))
     cal = Calibration(fingerprint=fingerprint)
-    for index, probe in enumerate(probes):
-        if progress:
-            progress(index, len(probes), probe.name)
-        short_proto, short_feeds = probe.build(1)
-        short_t = measure(short_proto, short_feeds)
-        short_nodes = _nodes(short_proto, device)
-        if probe.chain:
-            long_proto, long_feeds = probe.build(probe.length)
-            long_t = measure(long_proto, long_feeds)
-            unit = _extra(_nodes(long_proto, device), short_nodes)
-            unit_t = long_t - short_t
-        else:
-            unit, unit_t = short_nodes, short_t - cal.base_s
+    for index, (probe, (short_nodes, unit)) in enumerate(zip(probes, nodes)):
+        short_t, long_t = times[index]
+        unit_t = long_t - short_t if probe.chain else short_t - cal.base_s
         record = {"probe": probe.name, "short_s": short_t, "unit_s": unit_t}
         if index == 0:  # the overhead probe: one node per copy, no work to speak of
             cal.node_overhead_s = max(unit_t / max(len(unit), 1), 0.0)
@@ -226,7 +245,7 @@ def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict
                       share=round(share, 4))
         cal.probes.append(record)
     if progress:
-        progress(len(probes), len(probes), "done")
+        progress(passes * len(probes), passes * len(probes), "done")
     return cal
 
 
@@ -271,7 +290,7 @@ def judge_alternative(cost_model, device: Device | None, before: onnx.ModelProto
     old = Counter((n.domain, n.op_type) for n in before.graph.node)
     new_model = static_model(after, shapes)
     unmeasured = sorted({n.op for n in new_model.graph.nodes
-                         if old[(n.domain or "", n.op)] == 0 and not cost_model.measured(n)})
+                         if old[(n.domain or "", n.op)] == 0 and not cost_model.measured(n, device)})
     if unmeasured:
         return (f"{', '.join(unmeasured)} not measured on this device (graphopt calibrate "
                 f"measures it)"), {}
@@ -338,14 +357,16 @@ def cost_model_for(target: "Target") -> tuple[AnalyticCostModel, dict]:
 
 
 def calibrate(target: "Target", probes: list[Probe], folder: Path | None = None,
-              progress: Callable[[int, int, str], None] | None = None) -> tuple[Calibration, Path]:
-    """Measure ``probes`` on ``target``, fit, store; returns the calibration and its path."""
+              progress: Callable[[int, int, str], None] | None = None,
+              passes: int = 1) -> tuple[Calibration, Path]:
+    """Measure ``probes`` on ``target`` (``passes`` times each, ``fit``), fit, store;
+    returns the calibration and its path."""
     missing = target.run_availability()
     if missing:
         raise UsageError(f"target {target.name!r} cannot run models here to calibrate: "
                          f"{missing}")
     fingerprint = target.fingerprint()
-    cal = fit(probes, target.time_model, target.device, fingerprint, progress)
+    cal = fit(probes, target.time_model, target.device, fingerprint, progress, passes)
     return cal, save_calibration(cal, calibration_path(fingerprint, folder))
 
 

@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
 MICROSOFT = "com.microsoft"
+NCHWC = "com.microsoft.nchwc"
 
 
 @dataclass(frozen=True)
@@ -312,6 +313,23 @@ def _single_conv(c_in: int, c_out: int, hw: int, batch: int, int8: bool):
     return build
 
 
+def _reorder(kind: str, shape):
+    """ONNX Runtime's reorder of a tensor of ``shape`` into its channel-blocked layout
+    (NCHWc; ``ReorderInput``) or back (``ReorderOutput``), alone: what a session adds
+    where a tensor changes layout (``cost.layout_reorders``; measured here: 198 us for
+    [256, 32, 8, 8] out of the layout, as long as a 1-channel first-layer convolution
+    that writes it)."""
+    def build(n: int):
+        attrs = {"channels": shape[1]} if kind == "ReorderOutput" else {}
+        node = helper.make_node(kind, ["x"], ["y"], domain=NCHWC, **attrs)
+        graph = helper.make_graph([node], "reorder", [_float("x", shape)],
+                                  [_float("y", shape)])
+        model = helper.make_model(graph, opset_imports=[
+            helper.make_opsetid("", OPSET), helper.make_opsetid(NCHWC, 1)], ir_version=8)
+        return model, {"x": _rand(np.random.default_rng(0), *shape)}
+    return build
+
+
 def _global_pool(channels: int, hw: int, batch: int):
     def build(n: int):
         rng = np.random.default_rng(0)
@@ -322,9 +340,12 @@ def _global_pool(channels: int, hw: int, batch: int):
     return build
 
 
-def suite(quick: bool = False) -> list[Probe]:
+def suite(quick: bool = False, blocked_layout: bool = False) -> list[Probe]:
     """The probes, cheapest first (each probe's fit may use the ones before it). ``quick``:
-    one or two shapes per op family, for tests and a first look."""
+    one or two shapes per op family, for tests and a first look. ``blocked_layout``: the
+    runtime reorders tensors into and out of a channel-blocked layout
+    (``Device.blocked_layout``): its reorders are measured, before the probes whose time
+    includes one (a lone first-layer convolution's output is reordered out)."""
     probes = [Probe("overhead", _chain([1], _unary("Neg")), length=33)]
     if not quick:
         # Elementwise ops on a few hundred values (a small transformer's or MLP's): a
@@ -351,6 +372,8 @@ def suite(quick: bool = False) -> list[Probe]:
                                                            ms=True)))
             probes.append(Probe(f"QuickGelu-{size}", _chain(
                 shape, _unary("QuickGelu", MICROSOFT, alpha=1.702), ms=True)))
+            probes.append(Probe(f"Silu-{size}", _chain(  # what fuse-silu writes
+                shape, _unary("QuickGelu", MICROSOFT, alpha=1.0), ms=True)))
             probes.append(Probe(f"Softmax-{size}", _chain(shape, _unary("Softmax", axis=-1))))
     for rows, hidden in ((64, 128), (128, 384)) if quick else ((64, 128), (128, 384),
                                                                (512, 768)):
@@ -358,6 +381,13 @@ def suite(quick: bool = False) -> list[Probe]:
         probes.append(Probe(f"LayerNorm-{rows}x{hidden}", _chain(shape, _layer_norm(hidden))))
         probes.append(Probe(f"SkipLayerNorm-{rows}x{hidden}", _with_skip(
             _chain(shape, _skip_layer_norm(hidden), ms=True), shape)))
+    if blocked_layout:
+        for shape in ([256, 32, 8, 8],) if quick else ([1, 256, 14, 14], [1, 64, 56, 56],
+                                                       [16, 16, 32, 32], [256, 32, 8, 8],
+                                                       [1, 96, 112, 112]):
+            for kind in ("ReorderInput", "ReorderOutput"):
+                probes.append(Probe(f"{kind}-{'x'.join(map(str, shape))}",
+                                    _reorder(kind, shape), chain=False))
     for shape in ([256, 16, 8, 8],) if quick else ([1, 32, 28, 28], [1, 64, 56, 56],
                                                    [256, 16, 8, 8], [1, 128, 384]):
         probes.append(Probe(f"QuantizeDequantize-{'x'.join(map(str, shape))}", _chain(
@@ -403,8 +433,9 @@ def suite(quick: bool = False) -> list[Probe]:
                                                   out_shape=_alternating(rows, k, n_out))))
     for heads, d in ((4, 32),) if quick else ((4, 32), (12, 32), (12, 64)):
         probes.append(Probe(f"BatchedMatMul-{heads}x128x{d}", _batched_matmul(heads, d)))
+    # (heads of 64, 32 and 16: a small transformer's heads of 16 run far from peak)
     for seq, hidden, heads in ((64, 128, 2),) if quick else ((64, 128, 2), (128, 384, 12),
-                                                            (128, 768, 12)):
+                                                            (128, 768, 12), (128, 64, 4)):
         probes.append(Probe(f"Attention-{seq}x{hidden}", _with_mask(_chain(
             [1, seq, hidden], _attention(hidden, heads), ms=True), seq)))
     int8_convs = ((64, 28, 1),) if quick else (

@@ -65,7 +65,7 @@ class LiteRtTarget(Target):
     description = "LiteRT (TensorFlow Lite) .tflite for phones, verified in LiteRT's " \
                   "interpreter (XNNPACK) here"
     produces = "a folder: model.tflite, manifest.json"
-    device = host_device(cores=1)
+    device = host_device(cores=1, blocked_layout=False)
     capabilities = Capabilities(domains=frozenset({""}),
                                 ops=frozenset(("", op) for op in MAPPED_OPS),
                                 dtypes=frozenset({"float32"}))
@@ -113,7 +113,7 @@ class LiteRtTarget(Target):
         self.io_dtype = io_dtype
         if name is not None:
             self.name = name
-        self.device = host_device(cores=self.threads)
+        self.device = host_device(cores=self.threads, blocked_layout=False)
 
     def with_threads(self, threads: int) -> "LiteRtTarget":
         return LiteRtTarget(threads, self.io_layout, self.name, self.io_dtype)

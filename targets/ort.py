@@ -83,8 +83,10 @@ def disabled_optimizers() -> tuple[str, ...]:
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"})
 
 
-def host_device(flags: frozenset[str] | None = None, cores: int = _CORES) -> Device:
-    """The host CPU as the cost model sees it. int8 peaks: with VNNI/dotprod one
+def host_device(flags: frozenset[str] | None = None, cores: int = _CORES,
+                blocked_layout: bool = True) -> Device:
+    """The host CPU as ONNX Runtime's cost model sees it (``blocked_layout=False``: for a
+    runtime without ORT's NCHWc layout, e.g. LiteRT's XNNPACK). int8 peaks: with VNNI/dotprod one
     instruction does 4 int8 MACs per 32-bit lane (4x float32); without, x86 needs
     VPMADDUBSW+VPMADDWD+VPADDD (Intel: ~1.33x float32 in theory) and ORT's MLAS measured
     ~2x float32 on ResNet-18 convolutions here (AVX2, 7-bit weights)."""
@@ -95,7 +97,8 @@ def host_device(flags: frozenset[str] | None = None, cores: int = _CORES) -> Dev
     return Device(name="host-cpu", peak_flops={"float32": fp32, "float16": fp32,
                                                "int8": fp32 * (4.0 if fast else 2.0)},
                   bandwidth=20e9, cores=cores, node_overhead_s=1.5e-6, int8_fast=fast,
-                  channel_multiple=16 if "avx512f" in (flags or ()) else 8)
+                  channel_multiple=16 if "avx512f" in (flags or ()) else 8,
+                  blocked_layout=blocked_layout and bool({"avx2", "avx512f"} & (flags or set())))
 
 
 class OrtTarget(Target):
