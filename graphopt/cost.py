@@ -236,18 +236,6 @@ def op_width(node: gs.Node) -> float:
     return 1.0
 
 
-def op_area(node: gs.Node) -> float:
-    """A convolution's output area per image (height x width): besides its size and
-    width, what its kernel's efficiency depends on (a 3x3 convolution of 16 channels ran
-    at 0.4-0.5 of its roofline at 16 x 16 and 32 x 32, at 0.64-0.78 at 4 x 4); 1 for
-    other ops."""
-    if node.op in _CONV and node.outputs and node.outputs[0].shape is not None and \
-            len(node.outputs[0].shape) == 4:
-        return float(np.prod([d if isinstance(d, int) and d > 0 else 1
-                              for d in node.outputs[0].shape[2:]]))
-    return 1.0
-
-
 def _head_size(node: gs.Node) -> int | None:
     """An attention node's size of one head (its products' reduction length: a small
     transformer's heads of 16 run far further from peak than BERT's of 64)."""

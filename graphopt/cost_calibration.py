@@ -32,8 +32,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analysis import infer_all_shapes
 from graphopt.cost import (QUANTIZE, AnalyticCostModel, Cost, Device, fused_dequantize,
-                           int8_roofline, layout_reorders, op_area, op_key, op_width,
-                           roofline,
+                           int8_roofline, layout_reorders, op_key, op_width, roofline,
                            tensor_bytes)
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model
@@ -43,7 +42,7 @@ if typing.TYPE_CHECKING:
     from graphopt.target import Target
 
 # Bumped whenever the probes or the fit change meaning: older files are then not used.
-SCHEMA = 3
+SCHEMA = 2
 # A correction never goes below this (a probe faster than its roofline by more than this
 # is noise around a near-zero time).
 MIN_FACTOR = 0.05
@@ -67,22 +66,18 @@ class Calibration:
     fingerprint: dict
     base_s: float = 0.0
     node_overhead_s: float = 0.0
-    # "family/dtype/kind" -> [(roofline seconds of one op, measured / roofline, width,
-    # area)]
+    # "family/dtype/kind" -> [(roofline seconds of one op, measured / roofline, width)]
     points: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
     probes: list[dict] = field(default_factory=list)  # what was measured, for the record
 
-    def add(self, key: Key, roofline_s: float, factor: float, width: float = 1.0,
-            area: float = 1.0) -> None:
+    def add(self, key: Key, roofline_s: float, factor: float, width: float = 1.0) -> None:
         points = self.points.setdefault("/".join(key), [])
-        points.append((roofline_s, max(factor, MIN_FACTOR), width, area))
+        points.append((roofline_s, max(factor, MIN_FACTOR), width))
         points.sort()
 
-    def factor(self, key: Key, roofline_s: float, width: float = 1.0,
-               area: float = 1.0) -> float:
-        """The correction of an op of class ``key`` whose roofline time is ``roofline_s``,
-        reduction width ``width`` (``cost.op_width``) and output area ``area``
-        (``cost.op_area``)."""
+    def factor(self, key: Key, roofline_s: float, width: float = 1.0) -> float:
+        """The correction of an op of class ``key`` whose roofline time is ``roofline_s``
+        and reduction width ``width`` (``cost.op_width``)."""
         points = self.points.get("/".join(key))
         if not points:  # the family at that dtype, then the family
             family = key[0]
@@ -91,7 +86,7 @@ class Calibration:
                 sorted(p for k, ps in self.points.items() if k.split("/")[0] == family
                        for p in ps)
         if points:
-            return _interpolate(points, roofline_s, width, area)
+            return _interpolate(points, roofline_s, width)
         everything = [p[1] for ps in self.points.values() for p in ps]
         if not everything:  # nothing measured: the roofline as it is
             return 1.0
@@ -107,23 +102,21 @@ class Calibration:
     def from_dict(cls, data: dict) -> "Calibration":
         return cls(fingerprint=data["fingerprint"], base_s=float(data["base_s"]),
                    node_overhead_s=float(data["node_overhead_s"]),
-                   points={k: [(float(a), float(b), float(c), float(d)) for a, b, c, d in v]
+                   points={k: [(float(a), float(b), float(c)) for a, b, c in v]
                            for k, v in data["points"].items()},
                    probes=list(data.get("probes", [])))
 
 
-def _interpolate(points: list[tuple[float, float, float, float]], seconds: float,
-                 width: float, area: float = 1.0, nearest: int = 4) -> float:
-    """The correction at (``seconds``, ``width``, ``area``): the geometric mean of the
-    ``nearest`` points' corrections weighted by inverse squared distance in (log2
-    roofline time, log2 width, log2 area); a point at the same place is taken as it is.
-    Between two points of one width and area this is their log-space midpoint blend;
-    beyond the measured range it tends to the nearest point's correction."""
-    x, w, a = (math.log2(max(v, floor)) for v, floor in ((seconds, 1e-12), (width, 1.0),
-                                                          (area, 1.0)))
-    scored = sorted((math.hypot(math.log2(max(r, 1e-12)) - x, math.log2(max(c, 1.0)) - w,
-                                math.log2(max(o, 1.0)) - a),
-                     math.log(f)) for r, f, c, o in points)
+def _interpolate(points: list[tuple[float, float, float]], seconds: float,
+                 width: float, nearest: int = 4) -> float:
+    """The correction at (``seconds``, ``width``): the geometric mean of the ``nearest``
+    points' corrections weighted by inverse squared distance in (log2 roofline time, log2
+    width); a point at the same place is taken as it is. Between two points of one width
+    this is their log-space midpoint blend; beyond the measured range it tends to the
+    nearest point's correction."""
+    x, w = math.log2(max(seconds, 1e-12)), math.log2(max(width, 1.0))
+    scored = sorted((math.hypot(math.log2(max(r, 1e-12)) - x, math.log2(max(c, 1.0)) - w),
+                     math.log(f)) for r, f, c in points)
     exact = [lf for d, lf in scored if d < 1e-9]
     if exact:
         return math.exp(sum(exact) / len(exact))
@@ -153,15 +146,15 @@ class CalibratedCostModel(AnalyticCostModel):
             key = (family, "int8", "dynamic")
             if "/".join(key) in cal.points:
                 return cal.node_overhead_s + cal.factor(key, op_s + quant_s, op_width(
-                    node), op_area(node)) * (op_s + quant_s)
+                    node)) * (op_s + quant_s)
         return 2 * cal.node_overhead_s + \
-            cal.factor((family, "int8", kind), op_s, op_width(node), op_area(node)) * op_s + \
+            cal.factor((family, "int8", kind), op_s, op_width(node)) * op_s + \
             cal.factor(QUANTIZE, quant_s) * quant_s
 
     def latency(self, node: gs.Node, roofline_s: float, device: Device) -> float:
         return self.calibration.node_overhead_s + \
-            self.calibration.factor(op_key(node, device), roofline_s, op_width(node),
-                                    op_area(node)) * roofline_s
+            self.calibration.factor(op_key(node, device), roofline_s, op_width(node)) * \
+            roofline_s
 
     def reorder_latency(self, kind: str, tensor: gs.Tensor, device: Device) -> float:
         seconds = 2.0 * tensor_bytes(tensor) / device.bandwidth
@@ -178,24 +171,20 @@ class CalibratedCostModel(AnalyticCostModel):
 Measure = Callable[[onnx.ModelProto, dict], float]
 
 
-Unit = tuple[Key, float, bool, float, float]
-
-
-def _nodes(proto: onnx.ModelProto, device: Device) -> list[Unit]:
-    """``(op_key, roofline seconds, pays overhead, width, area)`` per node of ``proto``,
-    and per reorder the runtime adds (``cost.layout_reorders``)."""
+def _nodes(proto: onnx.ModelProto, device: Device) -> list[tuple[Key, float, bool, float]]:
+    """``(op_key, roofline seconds, pays overhead, width)`` per node of ``proto``."""
     model = _shaped(proto)
     out = []
     for node in model.graph.nodes:
         out.append((op_key(node, device), roofline(node, device)[2], not fused_dequantize(node),
-                    op_width(node), op_area(node)))
-    for kind, tensor in layout_reorders(model.graph, device):
+                    op_width(node)))
+    for kind, tensor in layout_reorders(model.graph, device):  # the runtime's own nodes
         out.append((("layout", "float32", kind), 2.0 * tensor_bytes(tensor) / device.bandwidth,
-                    True, 1.0, 1.0))
+                    True, 1.0))
     return out
 
 
-def _extra(long: list, short: list) -> list[Unit]:
+def _extra(long: list, short: list) -> list[tuple[Key, float, bool, float]]:
     """The nodes the long chain has beyond the short one."""
     return list((Counter(long) - Counter(short)).elements())
 
@@ -237,18 +226,18 @@ def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict
         # the extra copies; the other nodes there (a Quantize before an int8 Conv) are
         # predicted as calibrated.
         totals: dict[Key, float] = {}
-        for key, seconds, *_ in unit:
+        for key, seconds, _, _ in unit:
             totals[key] = totals.get(key, 0.0) + seconds
         named = [k for k in totals if k[0] == probe.measures]
         target = named[0] if named else max(totals, key=lambda k: totals[k])
-        targets = [(s, w, a) for k, s, _, w, a in unit if k == target]
-        rest = sum(cal.factor(k, s, w, a) * s for k, s, _, w, a in unit if k != target)
-        overheads = cal.node_overhead_s * sum(1 for _, _, paid, *_ in unit if paid)
-        work = sum(s for s, *_ in targets)
+        targets = [(s, w) for k, s, _, w in unit if k == target]
+        rest = sum(cal.factor(k, s, w) * s for k, s, _, w in unit if k != target)
+        overheads = cal.node_overhead_s * sum(1 for _, _, paid, _ in unit if paid)
+        work = sum(s for s, _ in targets)
         if work <= 0:
             continue
         factor = (unit_t - overheads - rest) / work
-        cal.add(target, work / len(targets), factor, *targets[0][1:])
+        cal.add(target, work / len(targets), factor, targets[0][1])
         # the class's share of the time measured: the fit's error on it is the error of
         # the rest's prediction divided by this (small for a first layer's conv)
         share = factor * work / unit_t if unit_t > 0 else 0.0
