@@ -189,17 +189,26 @@ def constants_only(lw: Lowering, node: onnx.NodeProto) -> None:
 def reshape(lw: Lowering, node: onnx.NodeProto) -> None:
     """Reshape, Flatten, Squeeze, Unsqueeze: to the inferred static output shape, from
     the ONNX layout (a RESHAPE where only size-1 dims move, else counted TRANSPOSE).
-    A CNN's flatten into matrix products is the exception: the NHWC data is flattened as
-    it lies and the products' weight columns are permuted instead (no TRANSPOSE)."""
+    A CNN's flatten into matrix products is the exception: no operator at all. The
+    products (FULLY_CONNECTED, which flattens its input to [N, K] itself) read the NHWC
+    tensor as it lies, their weight columns permuted to its order (no TRANSPOSE)."""
     x, out = node.input[0], node.output[0]
     columns = _flatten_columns(lw, x, out)
-    perm = identity(lw.rank(x)) if columns is None else lw.home(x)
+    if columns is not None:
+        # FULLY_CONNECTED flattens its input to [N, K] itself: the products read x's
+        # tensor as it lies, with no RESHAPE before them
+        value = lw.value(x)
+        shape, _ = lw.onnx_info(out)
+        lw.values[out] = Value(out, tuple(shape), value.dtype, home=identity(2),
+                               tensors={identity(2): lw.get(x, lw.home(x))},
+                               columns=columns, quant=value.quant if lw.int8_mode else None)
+        return
+    perm = identity(lw.rank(x))
     if columns is None and lw.value(x).const is None and lw.value(x).quant is None \
             and lw.ordered_alike(x, perm):
         perm = lw.home(x)  # the same bytes in either layout: one RESHAPE, not two
     source = lw.get(x, perm)
     lw.reshape(source, lw.output(out))
-    lw.value(out).columns = columns
 
 
 def _flatten_columns(lw: Lowering, x: str, out: str) -> np.ndarray | None:

@@ -295,6 +295,9 @@ def test_flatten_into_gemm_folds_the_transpose_into_weights(tmp_path, mode):
     ops = manifest["operators"]
     assert manifest["transposes"]["inside"] == 0
     assert ops["FULLY_CONNECTED"] == 2 and ops["CONV_2D"] == 2
+    # one RESHAPE: the 1-channel input's, to NHWC; none before the FULLY_CONNECTED, which
+    # flattens the NHWC map itself
+    assert ops["RESHAPE"] == 1
     assert ops["RESIZE_NEAREST_NEIGHBOR" if mode == "nearest" else "RESIZE_BILINEAR"] == 1
     feeds = {"x": np.random.default_rng(5).standard_normal((2, 1, 8, 8)).astype(np.float32)}
     _check_against_ort(model, result, feeds)
