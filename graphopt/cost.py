@@ -261,10 +261,11 @@ def op_key(node: gs.Node, device: Device | None = None) -> tuple[str, str, str]:
     multiply by ``weights`` (a constant) or by another ``activation``; any other op is
     its own kind within its family (``elementwise`` for everything without one).
     Convolutions of at most 4 input channels (a network's first layer) are ``stem``;
-    other k x k ones are ``narrow`` where the device's blocked kernels cannot take their
-    channel counts (``blocked``; 16 channels run blocked on AVX-512, 8 and 12 run a
-    generic kernel at a third of the speed), or, with no device given, where they have
-    at most 16 input channels."""
+    other k x k ones are ``narrow`` where their channels do not fit the device's channel
+    block (``blocked``: ONNX Runtime pads them to it, or reads a narrow input unblocked;
+    on AVX-512, 3x3 layers of 8 and 12 channels ran at 1.1-2.3 of their roofline, those
+    of 16 at 0.43-0.50), or, with no device given, where they have at most 16 input
+    channels."""
     op = node.op
     dtype = "int8" if quantized(node) else \
         _dtype_name(node.outputs[0]) if node.outputs else "float32"
@@ -281,7 +282,7 @@ def op_key(node: gs.Node, device: Device | None = None) -> tuple[str, str, str]:
             kind = "pointwise"
         elif shape and group == 1 and isinstance(shape[1], int) and (
                 shape[1] <= 16 if device is None else not blocked(shape, group, device)):
-            kind = "narrow"  # channels a blocked kernel cannot take: far from peak
+            kind = "narrow"  # channels that do not fit the block: far from peak
         else:
             kind = "spatial"
         return "conv", dtype, kind
@@ -398,7 +399,7 @@ def layout_reorders(graph: gs.Graph, device: Device) -> list[tuple[str, gs.Tenso
     if not device.blocked_layout:
         return []
     block = device.channel_multiple
-    blocked: set[str] = set()  # tensors in the layout
+    in_layout: set[str] = set()  # tensors in the blocked layout
     takers: set[int] = set()  # nodes that read their first input in it (ids)
     reorders: list[tuple[str, gs.Tensor]] = []
     into: set[str] = set()
@@ -412,22 +413,22 @@ def layout_reorders(graph: gs.Graph, device: Device) -> list[tuple[str, gs.Tenso
             channels = node.inputs[1].shape[1] * node.attrs.get("group", 1)
             entering = channels >= block
         elif node.op in ("MaxPool", "AveragePool") and isinstance(channels, int) and (
-                x.name in blocked or channels % block == 0) and not _from_dequantize(x):
+                x.name in in_layout or channels % block == 0) and not _from_dequantize(x):
             entering = True
-        elif node.op in _FOLLOWS_LAYOUT and all(t.name in blocked for t in node.inputs) and (
+        elif node.op in _FOLLOWS_LAYOUT and all(t.name in in_layout for t in node.inputs) and (
                 node.op == "Concat" or len({tuple(t.shape or ()) for t in node.inputs}) == 1):
             entering = False
         else:
             continue
-        if entering and x.name not in blocked and x.name not in into:
+        if entering and x.name not in in_layout and x.name not in into:
             into.add(x.name)
             reorders.append(("ReorderInput", x))
         if entering or node.op not in ("Conv", "FusedConv"):  # (else: reads NCHW itself)
             takers.add(id(node))
-        blocked.add(node.outputs[0].name)
+        in_layout.add(node.outputs[0].name)
     outputs = {t.name for t in graph.outputs}
     for node in graph.nodes:
-        if node.outputs and node.outputs[0].name in blocked:
+        if node.outputs and node.outputs[0].name in in_layout:
             tensor = node.outputs[0]
             if tensor.name in outputs or any(id(r) not in takers for r in tensor.outputs):
                 reorders.append(("ReorderOutput", tensor))
@@ -440,10 +441,11 @@ def _float32(tensor: gs.Tensor) -> bool:
 
 
 def blocked(weight_shape, group: int, device: Device) -> bool:
-    """Whether a convolution of ``weight_shape`` runs in the device's channel-blocked
-    layout (ONNX Runtime's NCHWc): output channels a multiple of its block (the device's
-    ``channel_multiple``) and input channels one too or fewer than it; a depthwise one,
-    its channels a multiple."""
+    """Whether a convolution of ``weight_shape`` fits the device's channel block (the
+    device's ``channel_multiple``; ONNX Runtime's NCHWc) as it is: output channels a
+    multiple of the block and input channels one too or fewer than it; a depthwise one,
+    its channels a multiple. ONNX Runtime 1.32 runs other convolutions blocked too, their
+    channels padded to the block."""
     out_c, in_c = weight_shape[:2]
     block = device.channel_multiple
     if not isinstance(out_c, int) or not isinstance(in_c, int) or out_c % block:

@@ -289,8 +289,8 @@ def judge_alternative(cost_model, device: Device | None, before: onnx.ModelProto
                 "cost calibration (graphopt calibrate)"), {}
     old = Counter((n.domain, n.op_type) for n in before.graph.node)
     new_model = static_model(after, shapes)
-    unmeasured = sorted({n.op for n in new_model.graph.nodes
-                         if old[(n.domain or "", n.op)] == 0 and not cost_model.measured(n, device)})
+    unmeasured = sorted({n.op for n in new_model.graph.nodes if old[(n.domain or "", n.op)] == 0
+                         and not cost_model.measured(n, device)})
     if unmeasured:
         return (f"{', '.join(unmeasured)} not measured on this device (graphopt calibrate "
                 f"measures it)"), {}

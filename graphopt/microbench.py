@@ -317,8 +317,8 @@ def _reorder(kind: str, shape):
     """ONNX Runtime's reorder of a tensor of ``shape`` into its channel-blocked layout
     (NCHWc; ``ReorderInput``) or back (``ReorderOutput``), alone: what a session adds
     where a tensor changes layout (``cost.layout_reorders``; measured here: 198 us for
-    [256, 32, 8, 8] out of the layout, as long as a 1-channel first-layer convolution
-    that writes it)."""
+    [256, 32, 8, 8] out of the layout, about as long as the 1-channel first-layer
+    convolution that writes it)."""
     def build(n: int):
         attrs = {"channels": shape[1]} if kind == "ReorderOutput" else {}
         node = helper.make_node(kind, ["x"], ["y"], domain=NCHWC, **attrs)

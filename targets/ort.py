@@ -86,10 +86,10 @@ INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i
 def host_device(flags: frozenset[str] | None = None, cores: int = _CORES,
                 blocked_layout: bool = True) -> Device:
     """The host CPU as ONNX Runtime's cost model sees it (``blocked_layout=False``: for a
-    runtime without ORT's NCHWc layout, e.g. LiteRT's XNNPACK). int8 peaks: with VNNI/dotprod one
-    instruction does 4 int8 MACs per 32-bit lane (4x float32); without, x86 needs
-    VPMADDUBSW+VPMADDWD+VPADDD (Intel: ~1.33x float32 in theory) and ORT's MLAS measured
-    ~2x float32 on ResNet-18 convolutions here (AVX2, 7-bit weights)."""
+    runtime without ORT's NCHWc layout, e.g. LiteRT's XNNPACK). int8 peaks: with
+    VNNI/dotprod one instruction does 4 int8 MACs per 32-bit lane (4x float32); without,
+    x86 needs VPMADDUBSW+VPMADDWD+VPADDD (Intel: ~1.33x float32 in theory) and ORT's
+    MLAS measured ~2x float32 on ResNet-18 convolutions here (AVX2, 7-bit weights)."""
     flags = cpu_flags() if flags is None else flags
     fast = bool(flags & INT8_DOT_FLAGS) if flags else None
     # A 3 GHz AVX2 core: 2 FMA units x 8 float32 lanes x 2 FLOPs per cycle.

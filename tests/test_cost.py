@@ -167,10 +167,10 @@ def test_a_residual_add_and_relu_after_a_conv_run_inside_it(channels, block, fus
 def test_convolutions_a_blocked_kernel_cannot_take_are_their_own_class(c_in, c_out, group,
                                                                        block, kind):
     """The calibration's conv classes follow what the device's kernels do: ONNX Runtime
-    runs a convolution whose channels fit its channel block (NCHWc; 16 with AVX-512)
-    blocked, and any other at a third of the speed (measured: 16-channel 3x3 layers at
-    0.43-0.50 of their roofline, 8- and 12-channel ones at 1.1-2.3). Without a device,
-    at most 16 input channels is narrow."""
+    pads channels that do not fit its channel block (NCHWc; 16 with AVX-512), and
+    those layers run far slower (measured: 16-channel 3x3 layers at 0.43-0.50 of their
+    roofline, 8- and 12-channel ones at 1.1-2.3). Without a device, at most 16 input
+    channels is narrow."""
     from graphopt.cost import op_key
 
     weight = (c_out, c_in // group, 3, 3)
