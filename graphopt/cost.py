@@ -436,8 +436,14 @@ def layout_reorders(graph: gs.Graph, device: Device) -> list[tuple[str, gs.Tenso
 
 
 def _float32(tensor: gs.Tensor) -> bool:
-    """Float32, or of a type not inferred (a contrib op's output)."""
-    return tensor.dtype is None or np.dtype(tensor.dtype) == np.float32
+    """Float32, or of a type not inferred (a contrib op's output); not a type numpy does
+    not know (bfloat16, an ONNX type number)."""
+    if tensor.dtype is None:
+        return True
+    try:
+        return np.dtype(tensor.dtype) == np.float32
+    except TypeError:
+        return False
 
 
 def blocked(weight_shape, group: int, device: Device) -> bool:
