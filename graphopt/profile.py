@@ -11,6 +11,7 @@ so the rows add up to the measured run.
 from __future__ import annotations
 
 import bisect
+import re
 import resource
 import statistics
 import sys
@@ -116,7 +117,8 @@ def profile(proto: onnx.ModelProto, target: Target, feeds: dict[str, np.ndarray]
     producers = {t.name: n for n in model.graph.nodes for t in n.outputs}
     kernels = []
     for name, (op, seconds) in times.items():
-        node = nodes.get(name) or producers.get(name.removesuffix("_nchwc"))
+        node = nodes.get(name) or nodes.get(_node_name(name)) or \
+            producers.get(name.removesuffix("_nchwc"))
         kernel = KernelTime(name=name, op=op, measured_s=seconds)
         if node is not None and node.name in estimates:
             flops, moved, _ = roofline(node, device)
@@ -137,6 +139,13 @@ def profile(proto: onnx.ModelProto, target: Target, feeds: dict[str, np.ndarray]
                    peak_activation_bytes=peak_activation_bytes(model.graph),
                    weight_bytes=sum(tensor_bytes(t) for t in model.initializers()),
                    peak_rss_bytes=rss * (1 if sys.platform == "darwin" else 1024))
+
+
+def _node_name(kernel: str) -> str:
+    """The graph node ONNX Runtime named a kernel after: its QDQ rewrite appends
+    ``_token_<n>`` (``/3/Conv_token_4``: the QLinearConv of node ``/3/Conv``), its
+    activation fusion prefixes ``fused `` (``fused /12/Gemm``)."""
+    return re.sub(r"_token_\d+$", "", kernel.removeprefix("fused "))
 
 
 def median_by_name(events: list[dict]) -> tuple[dict[str, tuple[str, float]], float]:

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import graphopt
 from graphopt.profile import median_by_name
 from tests import digits
 
@@ -81,6 +82,28 @@ def test_profile_digits_cnn_adds_up_and_matches_nodes(tmp_path):
     assert len(convs) == 3 and all(k["node"] and k["estimated_s"] > 0 for k in convs)
     assert all(k["bound"] in ("compute", "memory") and 0 < k["of_peak"] for k in convs)
     assert result["weight_bytes"] > 4 * 50_000 and result["peak_activation_bytes"] > 0
+
+
+def test_profile_matches_int8_kernels_to_their_nodes(tmp_path):
+    """ONNX Runtime names an int8 graph's kernels after their nodes with a suffix
+    (``/3/Conv_token_4``, the QLinearConv of ``/3/Conv``) or a prefix (``fused /12/Gemm``):
+    they are matched back to the nodes, with the cost model's estimate."""
+    xtr = digits.digits_data()[0]
+    quantized = graphopt.optimize(digits.digits_cnn(), target="ort", quantize="int8",
+                                  calibration={"input": xtr[:256]}).model.to_onnx()
+    model = tmp_path / "int8.onnx"
+    model.write_bytes(quantized.SerializeToString())
+    done = subprocess.run([sys.executable, "-m", "graphopt.cli", "profile", str(model),
+                           "--input-shape", "input=64x1x8x8", "--threads", "1",
+                           "--runs", "3", "--json", "--top", "50"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    kernels = json.loads(done.stdout)["kernels"]
+    convs = [k for k in kernels if k["op"] == "QLinearConv"]
+    assert len(convs) == 3, kernels
+    assert all(k["node"] and k["node"] in k["name"] and k["estimated_s"] > 0 for k in convs)
+    pools = [k for k in kernels if "MaxPool" in k["op"]]
+    assert pools and all(k["node"] and k["estimated_s"] > 0 for k in pools)
 
 
 def test_profile_refuses_a_target_without_a_profiler(tmp_path):
