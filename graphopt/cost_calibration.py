@@ -31,12 +31,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis import infer_all_shapes
-from graphopt.cost import (QUANTIZE, AnalyticCostModel, Cost, Device, fused_dequantize,
-                           int8_roofline, layout_reorders, op_key, op_width, roofline,
-                           tensor_bytes)
+from graphopt.cost import (QUANTIZE, AnalyticCostModel, Cost, Device, int8_roofline, op_key,
+                           op_width, roofline, tensor_bytes)
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model
 from graphopt.microbench import Probe
+from graphopt.runtime_rules import fused_dequantize, layout_reorders
 
 if typing.TYPE_CHECKING:
     from graphopt.target import Target

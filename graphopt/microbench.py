@@ -316,7 +316,7 @@ def _single_conv(c_in: int, c_out: int, hw: int, batch: int, int8: bool):
 def _reorder(kind: str, shape):
     """ONNX Runtime's reorder of a tensor of ``shape`` into its channel-blocked layout
     (NCHWc; ``ReorderInput``) or back (``ReorderOutput``), alone: what a session adds
-    where a tensor changes layout (``cost.layout_reorders``; measured here: 198 us for
+    where a tensor changes layout (``runtime_rules.layout_reorders``; measured here: 198 us for
     [256, 32, 8, 8] out of the layout, about as long as the 1-channel first-layer
     convolution that writes it)."""
     def build(n: int):

@@ -14,7 +14,8 @@ from onnx import TensorProto, numpy_helper
 
 import graphopt
 from graphopt.analysis import summarize
-from graphopt.cost import AnalyticCostModel, Device, layout_reorders
+from graphopt.cost import AnalyticCostModel, Device
+from graphopt.runtime_rules import layout_reorders
 from graphopt.targets.ort import host_device
 
 DEVICE = Device("test", peak_flops={"float32": 1e12}, bandwidth=1e10, node_overhead_s=0.0)

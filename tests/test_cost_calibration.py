@@ -16,8 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt import microbench
 from graphopt.analysis import infer_all_shapes
-from graphopt.cost import (AnalyticCostModel, Device, fused_dequantize, fused_into_conv,
-                           layout_reorders, op_key, roofline, tensor_bytes)
+from graphopt.cost import AnalyticCostModel, Device, op_key, roofline, tensor_bytes
 from graphopt.cost_calibration import (Calibration, CalibratedCostModel, calibration_path,
                                        cost_model_for, fit, read_calibration,
                                        save_calibration, with_input_shapes)
@@ -27,6 +26,7 @@ from graphopt.targets.ort import OrtTarget
 from graphopt.manager import PassManager
 from graphopt.pass_infra import PassContext
 from graphopt.passes.fusion.norm import FuseSkipLayerNorm
+from graphopt.runtime_rules import fused_dequantize, fused_into_conv, layout_reorders
 from tests import digits, zoo
 from tests.helpers import store_calibration
 
