@@ -131,13 +131,19 @@ def main() -> None:
           f"(per run {cal.base_s * 1e6:.1f} us, per node {cal.node_overhead_s * 1e6:.2f} us)\n")
     roofline, calibrated = AnalyticCostModel(), CalibratedCostModel(cal)
 
+    def fastest(rows) -> list[float]:
+        """Each row's fastest time over ``--passes`` whole passes over all the rows (a
+        slow spell of the machine then hits one pass, not one model)."""
+        times = [math.inf] * len(rows)
+        for _ in range(args.passes):
+            times = [min(t, target.time_model(proto, feeds))
+                     for t, (_, proto, feeds) in zip(times, rows)]
+        return times
+
     rows = models()
     names = [name for name, _, _ in rows]
-    samples = [(static(proto, feeds), target.time_model(proto, feeds))
-               for _, proto, feeds in rows]
-    for _ in range(args.passes - 1):  # whole passes: a slow spell hits one pass
-        samples = [(static_proto, min(seconds, target.time_model(proto, feeds)))
-                   for (static_proto, seconds), (_, proto, feeds) in zip(samples, rows)]
+    samples = [(static(proto, feeds), seconds)
+               for (_, proto, feeds), seconds in zip(rows, fastest(rows))]
     before = errors(roofline, target.device, samples)
     after = errors(calibrated, target.device, samples)
     print(f"{'model':34s} {'measured':>11s} {'roofline':>9s} {'calibrated':>11s}")
@@ -148,10 +154,7 @@ def main() -> None:
           f"{statistics.median(abs(e) for e in after):10.1%}\n")
 
     for group, rows in candidates().items():
-        measured = [math.inf] * len(rows)
-        for _ in range(args.passes):
-            measured = [min(m, target.time_model(proto, feeds))
-                        for m, (_, proto, feeds) in zip(measured, rows)]
+        measured = fastest(rows)
         protos = [static(proto, feeds) for _, proto, feeds in rows]
         predicted = {label: [(1 + e) * m for e, m in zip(
             errors(model, target.device, list(zip(protos, measured))), measured)]
