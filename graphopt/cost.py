@@ -18,9 +18,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.errors import GraphoptError
-from graphopt.runtime_rules import (QDQ_FUSED, REORDERS, blocked, from_dequantize,
-                                    fused_dequantize, fused_into_conv, layout_reorders,
-                                    qdq_dropped)
+from graphopt.runtime_rules import (QDQ_FUSED, REORDERS, activation_pass, blocked,
+                                    from_dequantize, fused_dequantize, fused_into_conv,
+                                    layout_reorders, qdq_dropped)
 
 if typing.TYPE_CHECKING:
     from graphopt.ir import Model
@@ -127,7 +127,17 @@ class AnalyticCostModel:
         flops, moved, seconds = roofline(node, device)
         latency = 0.0 if fused_dequantize(node) or fused_into_conv(node, device) else \
             self.latency(node, seconds, device)
+        activation = activation_pass(node)
+        if activation:  # applied in a pass over the output: read and written once more
+            seconds = 2.0 * tensor_bytes(node.outputs[0]) / device.bandwidth
+            latency += self.pass_latency(activation_key(node, activation), seconds, device)
         return NodeCost(node.name, node.op, flops, moved, latency)
+
+    def pass_latency(self, key: tuple[str, str, str], seconds: float,
+                     device: Device) -> float:
+        """Seconds of a pass over memory of class ``key`` that a kernel makes inside
+        itself (no dispatch of its own), whose roofline time is ``seconds``."""
+        return seconds
 
     def latency(self, node: gs.Node, roofline_s: float, device: Device) -> float:
         """Seconds of ``node`` (not a fused DequantizeLinear) whose roofline time is
@@ -311,6 +321,12 @@ def op_key(node: gs.Node, device: Device | None = None) -> tuple[str, str, str]:
         # (measured: 396 against 871 us on [1, 96, 112, 112], one thread)
         return "elementwise", dtype, "Silu"
     return "elementwise", dtype, op
+
+
+def activation_key(node: gs.Node, activation: str) -> tuple[str, str, str]:
+    """The class of the pass a fused convolution ``node`` makes to apply ``activation``
+    (``runtime_rules.activation_pass``): the elementwise op's (Clip is probed)."""
+    return "elementwise", _dtype_name(node.outputs[0]), activation
 
 
 # Quantizing or dequantizing an activation: one class, probed as Quantize -> Dequantize

@@ -42,7 +42,7 @@ if typing.TYPE_CHECKING:
     from graphopt.target import Target
 
 # Bumped whenever the probes or the fit change meaning: older files are then not used.
-SCHEMA = 2
+SCHEMA = 3
 # A correction never goes below this (a probe faster than its roofline by more than this
 # is noise around a near-zero time).
 MIN_FACTOR = 0.05
@@ -156,6 +156,9 @@ class CalibratedCostModel(AnalyticCostModel):
             self.calibration.factor(op_key(node, device), roofline_s, op_width(node)) * \
             roofline_s
 
+    def pass_latency(self, key: Key, seconds: float, device: Device) -> float:
+        return self.calibration.factor(key, seconds) * seconds
+
     def reorder_latency(self, kind: str, tensor: gs.Tensor, device: Device) -> float:
         seconds = 2.0 * tensor_bytes(tensor) / device.bandwidth
         return self.calibration.node_overhead_s + \
@@ -237,12 +240,16 @@ def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict
         if work <= 0:
             continue
         factor = (unit_t - overheads - rest) / work
-        cal.add(target, work / len(targets), factor, targets[0][1])
+        # one point per width the probe's ops have (a chain of expansions and projections
+        # measures both at one correction)
+        for width in sorted({w for _, w in targets}):
+            group = [s for s, w in targets if w == width]
+            cal.add(target, sum(group) / len(group), factor, width)
         # the class's share of the time measured: the fit's error on it is the error of
         # the rest's prediction divided by this (small for a first layer's conv)
         share = factor * work / unit_t if unit_t > 0 else 0.0
         record.update(key="/".join(target), roofline_s=work / len(targets), factor=factor,
-                      share=round(share, 4))
+                      share=round(share, 4), widths=sorted({w for _, w in targets}))
         cal.probes.append(record)
     if progress:
         progress(passes * len(probes), passes * len(probes), "done")

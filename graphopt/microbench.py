@@ -84,6 +84,13 @@ def _unary(op: str, domain: str = "", **attrs):
     return step
 
 
+def _clip(i, x, rng):
+    """Clip to [0, 6] (ReLU6; what a fused convolution's Clip activation does)."""
+    lo, hi = (numpy_helper.from_array(np.array(v, np.float32), f"{n}{i}")
+              for n, v in (("lo", 0.0), ("hi", 6.0)))
+    return [helper.make_node("Clip", [x, lo.name, hi.name], [f"t{i}"])], [lo, hi], f"t{i}"
+
+
 def _binary(op: str, shape):
     def step(i, x, rng):
         c = numpy_helper.from_array(_rand(rng, *shape[1:]) * 0.01 + 1.0, f"c{i}")
@@ -115,6 +122,20 @@ def _conv(channels: int, kernel: int, depthwise: bool, activation: str | None):
         else:
             node = helper.make_node("Conv", [x, w.name, b.name], [f"t{i}"], **attrs)
         return [node], [w, b], f"t{i}"
+    return step
+
+
+def _pointwise_pair(channels: int, expanded: int):
+    """1x1 convolutions that alternate ``channels`` -> ``expanded`` -> ``channels``: a
+    mobile network's inverted-residual expansion and projection, whose large outputs leave
+    the cache where a chain of square layers' stay in it (measured: 309 us per 24 -> 144
+    -> 24 pair at 56 x 56, where square 1x1 layers of the same work predicted 233)."""
+    def step(i, x, rng):
+        c_in, c_out = (channels, expanded) if i % 2 == 0 else (expanded, channels)
+        w = numpy_helper.from_array(_rand(rng, c_out, c_in, 1, 1, scale=c_in ** -0.5),
+                                    f"w{i}")
+        b = numpy_helper.from_array(_rand(rng, c_out, scale=0.1), f"b{i}")
+        return [helper.make_node("Conv", [x, w.name, b.name], [f"t{i}"])], [w, b], f"t{i}"
     return step
 
 
@@ -365,6 +386,7 @@ def suite(quick: bool = False, blocked_layout: bool = False) -> list[Probe]:
             probes.append(Probe(f"{op}-{size}", _chain(shape, _unary(op))))
         probes.append(Probe(f"Add-{size}", _chain(shape, _binary("Add", shape))))
         if not quick:
+            probes.append(Probe(f"Clip-{size}", _chain(shape, _clip)))
             probes.append(Probe(f"Mul-{size}", _chain(shape, _binary("Mul", shape))))
             probes.append(Probe(f"Gelu-{size}", _chain(shape, _unary("Gelu", MICROSOFT),
                                                        ms=True)))
@@ -410,6 +432,14 @@ def suite(quick: bool = False, blocked_layout: bool = False) -> list[Probe]:
         probes.append(Probe(f"FusedConv3x3-{tag}", _chain(shape, _conv(channels, 3, False,
                                                                         "Relu"), ms=True)))
         probes.append(Probe(f"Conv1x1-{tag}", _chain(shape, _conv(channels, 1, False, None))))
+    # (length 5: the extra copies are two expansions and two projections)
+    for channels, hw in ((24, 56),) if quick else ((16, 112), (24, 56), (40, 28), (80, 14),
+                                                  (192, 7)):
+        expanded = 6 * channels
+        probes.append(Probe(f"Conv1x1-{channels}to{expanded}x{hw}", _chain(
+            [1, channels, hw, hw], _pointwise_pair(channels, expanded),
+            out_shape=lambda n, c=channels, e=expanded, hw=hw: [1, c if n % 2 == 0 else e,
+                                                               hw, hw]), length=5))
     stems = ((1, 32, 8, 256),) if quick else ((1, 32, 8, 1), (1, 32, 8, 256), (3, 16, 32, 16),
                                              (3, 32, 112, 1))
     for c_in, c_out, hw, batch in stems:

@@ -26,7 +26,8 @@ from graphopt.targets.ort import OrtTarget
 from graphopt.manager import PassManager
 from graphopt.pass_infra import PassContext
 from graphopt.passes.fusion.norm import FuseSkipLayerNorm
-from graphopt.runtime_rules import fused_dequantize, fused_into_conv, layout_reorders
+from graphopt.runtime_rules import (activation_pass, fused_dequantize, fused_into_conv,
+                                    layout_reorders)
 from tests import digits, zoo
 from tests.helpers import store_calibration
 
@@ -55,6 +56,9 @@ def synthetic_time(proto: onnx.ModelProto, feeds=None, device: Device = DEVICE) 
             continue  # fused into its reader, or computed by the conv before it
         seconds = roofline(node, device)[2]
         total += TRUE_OVERHEAD + true_factor(op_key(node), seconds) * seconds
+        if activation_pass(node):  # a fused Clip: a pass over the output
+            seconds = 2 * tensor_bytes(node.outputs[0]) / device.bandwidth
+            total += true_factor(("elementwise", "float32", "Clip"), seconds) * seconds
     for kind, tensor in layout_reorders(model.graph, device):  # the runtime's own
         seconds = 2 * tensor_bytes(tensor) / device.bandwidth
         total += TRUE_OVERHEAD + true_factor(("layout", "float32", kind), seconds) * seconds
@@ -77,7 +81,8 @@ def assert_recovered(cal: Calibration) -> None:
     # interpolated neighbours in a probe cost, divided by the class's share of the probe:
     # an int8 first layer's conv is a fifth of its probe, the Quantize/Dequantize the rest)
     fitted = [r for r in cal.probes if "key" in r]
-    assert len(fitted) == sum(len(points) for points in cal.points.values())
+    assert sum(len(r["widths"]) for r in fitted) == \
+        sum(len(points) for points in cal.points.values())
     for record in fitted:  # (under a tenth of its probe: the probe cannot tell)
         true = true_factor(tuple(record["key"].split("/")), record["roofline_s"])
         if record["share"] >= 0.1:
@@ -122,6 +127,25 @@ def test_a_slow_spell_in_one_pass_does_not_bend_the_fit():
     calls[0] = 0
     with pytest.raises(AssertionError):
         assert_recovered(fit(probes, drifting, DEVICE, {}))
+
+
+def test_expansions_and_projections_are_measured_at_both_widths(synthetic_calibration):
+    """A mobile network's 1x1 expansion (24 -> 144 channels) and projection (144 -> 24)
+    write outputs that leave the cache where a chain of square layers' stay in it
+    (measured: 309 us per pair at 56 x 56, 233 predicted from square layers): a chain
+    alternating the two is probed, and its correction is a point at each of the two
+    reduction widths."""
+    record = next(r for r in synthetic_calibration.probes
+                  if r["probe"] == "Conv1x1-24to144x56")
+    assert record["widths"] == [24.0, 144.0]
+    points = [p for p in synthetic_calibration.points["conv/float32/pointwise"]
+              if p[2] in (24.0, 144.0)]
+    assert len(points) == 2 and points[0][1] == points[1][1] == record["factor"]
+    assert record["factor"] == pytest.approx(
+        true_factor(("conv", "float32", "pointwise"), record["roofline_s"]), rel=0.05)
+    # an expansion of that shape in a model gets that correction
+    assert synthetic_calibration.factor(("conv", "float32", "pointwise"), points[0][0],
+                                        24.0) == pytest.approx(record["factor"])
 
 
 @pytest.mark.parametrize("name", ["resnet_cnn", "mobilenet_cnn", "bert_tiny", "digits_cnn"])
