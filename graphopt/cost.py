@@ -191,6 +191,13 @@ def _quantized_next(tensor: gs.Tensor) -> bool:
     return bool(readers) and all(r.op == "QuantizeLinear" for r in readers)
 
 
+def weights_read(node: gs.Node) -> int:
+    """Bytes of constant inputs (weights) ``node`` reads in one run (of an embedding
+    table, the rows it gathers)."""
+    return sum(_read_bytes(node, k, t) for k, t in enumerate(node.inputs)
+               if isinstance(t, gs.Constant))
+
+
 def int8_roofline(node: gs.Node, device: Device, dynamic: bool) -> tuple[float, float]:
     """``(op seconds, input quantization seconds)`` of float ``node`` run in int8 by the
     roofline, counted as ``roofline`` counts the node in the QDQ form the int8 pass

@@ -32,9 +32,9 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analysis import infer_all_shapes
 from graphopt.cost import (QUANTIZE, AnalyticCostModel, Cost, Device, int8_roofline, op_key,
-                           op_width, roofline, tensor_bytes)
+                           op_width, roofline, tensor_bytes, weights_read)
 from graphopt.errors import GraphoptError, UsageError
-from graphopt.ir import Model
+from graphopt.ir import Model, weight_bytes
 from graphopt.microbench import Probe
 from graphopt.runtime_rules import fused_dequantize, layout_reorders
 
@@ -48,6 +48,12 @@ SCHEMA = 3
 MIN_FACTOR = 0.05
 
 Key = tuple[str, str, str]
+# The op families whose time grows by ``Calibration.cold_s_per_byte`` per byte of weights
+# read from beyond the cache (matrix products: what the cache probes measure; a 1x1
+# convolution's weights cost a third as much per byte there, measured: 131 -> 152 us per
+# 192 x 1152 layer at 7 x 7 from 4 to 55 MB of weights, where a product's penalty would
+# have been 65 us: convolutions stay as fitted)
+COLD_FAMILIES = frozenset({"matmul", "attention"})
 
 
 def cache_dir() -> Path:
@@ -69,6 +75,13 @@ class Calibration:
     # "family/dtype/kind" -> [(roofline seconds of one op, measured / roofline, width)]
     points: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
     probes: list[dict] = field(default_factory=list)  # what was measured, for the record
+    # Weights beyond the cache: a model whose weights total more than ``cache_bytes``
+    # finds none of them in the cache from one run to the next, and every op pays
+    # ``cold_s_per_byte`` for each byte of weights it reads, beyond its corrected
+    # roofline (measured here: 128 x 384 x 384 products ran 209-235 us each in chains of
+    # under 10 MB of weights, 245-260 us in chains of 19-57 MB)
+    cache_bytes: float = math.inf
+    cold_s_per_byte: float = 0.0
 
     def add(self, key: Key, roofline_s: float, factor: float, width: float = 1.0) -> None:
         points = self.points.setdefault("/".join(key), [])
@@ -95,6 +108,8 @@ class Calibration:
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "fingerprint": self.fingerprint, "base_s": self.base_s,
                 "node_overhead_s": self.node_overhead_s,
+                "cache_bytes": None if math.isinf(self.cache_bytes) else self.cache_bytes,
+                "cold_s_per_byte": self.cold_s_per_byte,
                 "points": {k: [list(p) for p in v] for k, v in sorted(self.points.items())},
                 "probes": self.probes}
 
@@ -104,7 +119,10 @@ class Calibration:
                    node_overhead_s=float(data["node_overhead_s"]),
                    points={k: [(float(a), float(b), float(c)) for a, b, c in v]
                            for k, v in data["points"].items()},
-                   probes=list(data.get("probes", [])))
+                   probes=list(data.get("probes", [])),
+                   cache_bytes=math.inf if data.get("cache_bytes") is None
+                   else float(data["cache_bytes"]),
+                   cold_s_per_byte=float(data.get("cold_s_per_byte", 0.0)))
 
 
 def _interpolate(points: list[tuple[float, float, float]], seconds: float,
@@ -167,6 +185,15 @@ class CalibratedCostModel(AnalyticCostModel):
     def estimate(self, model: Model, device: Device, *, infer: bool = True) -> Cost:
         cost = super().estimate(model, device, infer=infer)
         cost.latency_s += self.calibration.base_s
+        cal = self.calibration
+        if cal.cold_s_per_byte:
+            nodes = [node for graph in model.all_graphs() for node in graph.nodes]
+            read = [weights_read(node) for node in nodes]
+            if sum(read) > cal.cache_bytes:  # every weight from beyond the cache, every run
+                for node, size, node_cost in zip(nodes, read, cost.nodes):
+                    if op_key(node, device)[0] in COLD_FAMILIES:
+                        node_cost.latency_s += cal.cold_s_per_byte * size
+                        cost.latency_s += cal.cold_s_per_byte * size
         return cost
 
 
@@ -202,6 +229,7 @@ def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict
     such a spell, and its class then looks slower than the rest)."""
     times: list[list[float]] = [[math.inf, math.inf] for _ in probes]
     nodes: list[tuple[list, list]] = []  # (the short model's, the long one's extra)
+    weights: list[tuple[int, int]] = []  # (the longest model's weights, the extra's)
     for done in range(passes):
         for index, probe in enumerate(probes):
             if progress:
@@ -215,11 +243,26 @@ def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict
                 short_nodes = _nodes(short[0], device)
                 nodes.append((short_nodes, _extra(_nodes(long[0], device), short_nodes)
                               if long else short_nodes))
+                weights.append((weight_bytes(long[0]), weight_bytes(long[0]) -
+                                weight_bytes(short[0])) if long else
+                               (weight_bytes(short[0]),) * 2)
     cal = Calibration(fingerprint=fingerprint)
+    cache = [(weights[i][0], (times[i][1] - times[i][0]) / (p.length - 1),
+              weights[i][1] / (p.length - 1))
+             for i, p in enumerate(probes) if p.measures == "cache"]
+    if cache:
+        cal.cache_bytes, cal.cold_s_per_byte = _cache(cache)
     for index, (probe, (short_nodes, unit)) in enumerate(zip(probes, nodes)):
         short_t, long_t = times[index]
         unit_t = long_t - short_t if probe.chain else short_t - cal.base_s
         record = {"probe": probe.name, "short_s": short_t, "unit_s": unit_t}
+        if probe.measures == "cache":  # (its points are the product's at the cold end)
+            record.update(weights=weights[index][0])
+            cal.probes.append(record)
+            continue
+        if weights[index][0] > cal.cache_bytes and probe.measures != "conv" and \
+                {key[0] for key, *_ in unit} & COLD_FAMILIES:  # weights beyond the cache
+            unit_t -= cal.cold_s_per_byte * weights[index][1]
         if index == 0:  # the overhead probe: one node per copy, no work to speak of
             cal.node_overhead_s = max(unit_t / max(len(unit), 1), 0.0)
             cal.base_s = max(short_t - cal.node_overhead_s * len(short_nodes), 0.0)
@@ -254,6 +297,23 @@ def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict
     if progress:
         progress(passes * len(probes), passes * len(probes), "done")
     return cal
+
+
+def _cache(chains: list[tuple[int, float, int]]) -> tuple[float, float]:
+    """``(cache_bytes, cold_s_per_byte)`` from chains of one weighted op at growing weights
+    (``(the chain's weights, seconds per op, weight bytes per op)``): the ops of the two
+    smallest chains run warm, of the two largest cold; the cache ends between the last
+    chain under halfway from warm to cold and the first over it. No step of a twentieth
+    of the warm time: no cache to speak of (``inf``, 0)."""
+    chains = sorted(chains)
+    warm = min(t for _, t, _ in chains[:2])
+    cold = min(t for _, t, _ in chains[-2:])
+    if cold - warm < 0.05 * warm:
+        return math.inf, 0.0
+    over = next(i for i, (_, t, _) in enumerate(chains) if t > (warm + cold) / 2 and
+                all(t2 > (warm + cold) / 2 for _, t2, _ in chains[i:]))
+    cache = math.sqrt(chains[over - 1][0] * chains[over][0]) if over else chains[0][0] / 2
+    return cache, (cold - warm) / chains[-1][2]
 
 
 def static_latency(cost_model: AnalyticCostModel, proto: onnx.ModelProto, device: Device,

@@ -361,6 +361,15 @@ def _global_pool(channels: int, hw: int, batch: int):
     return build
 
 
+def cache_probes(rows: int = 128, k: int = 384,
+                 lengths: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128)) -> list[Probe]:
+    """Chains of one matrix product (``rows`` x ``k`` x ``k``, 590 KB of weights each by
+    default) at each of ``lengths``: where their weights outgrow the cache, each product
+    runs slower (``cost_calibration.Calibration.cache_bytes``)."""
+    return [Probe(f"Weights-{length * k * k * 4 / 2 ** 20:.1f}MB", _chain(
+        [rows, k], _matmul(k, k)), length=length, measures="cache") for length in lengths]
+
+
 def suite(quick: bool = False, blocked_layout: bool = False) -> list[Probe]:
     """The probes, cheapest first (each probe's fit may use the ones before it). ``quick``:
     one or two shapes per op family, for tests and a first look. ``blocked_layout``: the
@@ -378,6 +387,11 @@ def suite(quick: bool = False, blocked_layout: bool = False) -> list[Probe]:
             for op in ("Add", "Mul"):
                 probes.append(Probe(f"{op}-{size}", _chain(shape, _binary(op, shape)),
                                     length=17))
+    # Weights beyond the cache (``measures="cache"``): one product's chains at 1.2 to 75 MB
+    # of weights; before every probe with weights, whose time the fit then corrects where
+    # its own weights leave the cache
+    if not quick:
+        probes += cache_probes()
     sizes = (4096, 262144) if quick else (4096, 65536, 1048576)
     unary = ("Relu",) if quick else ("Relu", "Sigmoid", "Tanh", "Erf", "HardSwish")
     for size in sizes:
