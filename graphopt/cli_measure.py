@@ -57,6 +57,10 @@ def calibrate(target, threads, quick, passes, as_json, quiet):
               f"{escape(str(cal.fingerprint.get('cpu')))} in {seconds:.1f} s: "
               f"{len(cal.probes)} probes, per-inference {cal.base_s * 1e6:.1f} µs, "
               f"per-node {cal.node_overhead_s * 1e6:.2f} µs")
+    if cal.cold_s_per_byte:
+        out.print(f"weights beyond {cal.cache_bytes / 2 ** 20:.1f} MiB leave the cache: "
+                  f"matrix products then take {cal.cold_s_per_byte * 2 ** 20 * 1e6:.1f} µs "
+                  "more per MiB of weights")
     table = Table(title="measured / roofline, by op class (smallest to largest probe)")
     for col in ("op class", "probes", "correction"):
         table.add_column(col)

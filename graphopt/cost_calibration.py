@@ -256,11 +256,11 @@ def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict
         short_t, long_t = times[index]
         unit_t = long_t - short_t if probe.chain else short_t - cal.base_s
         record = {"probe": probe.name, "short_s": short_t, "unit_s": unit_t}
-        if probe.measures == "cache":  # (its points are the product's at the cold end)
+        if probe.measures == "cache":  # (the cache's measure, not a point of its class)
             record.update(weights=weights[index][0])
             cal.probes.append(record)
             continue
-        if weights[index][0] > cal.cache_bytes and probe.measures != "conv" and \
+        if weights[index][0] > cal.cache_bytes and \
                 {key[0] for key, *_ in unit} & COLD_FAMILIES:  # weights beyond the cache
             unit_t -= cal.cold_s_per_byte * weights[index][1]
         if index == 0:  # the overhead probe: one node per copy, no work to speak of

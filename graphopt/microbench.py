@@ -127,9 +127,9 @@ def _conv(channels: int, kernel: int, depthwise: bool, activation: str | None):
 
 def _pointwise_pair(channels: int, expanded: int):
     """1x1 convolutions that alternate ``channels`` -> ``expanded`` -> ``channels``: a
-    mobile network's inverted-residual expansion and projection, whose large outputs leave
-    the cache where a chain of square layers' stay in it (measured: 309 us per 24 -> 144
-    -> 24 pair at 56 x 56, where square 1x1 layers of the same work predicted 233)."""
+    mobile network's inverted-residual expansion and projection, which run at another
+    efficiency than square layers of the same work (measured: 309 us per 24 -> 144 -> 24
+    pair at 56 x 56, where the square layers' corrections predicted 233)."""
     def step(i, x, rng):
         c_in, c_out = (channels, expanded) if i % 2 == 0 else (expanded, channels)
         w = numpy_helper.from_array(_rand(rng, c_out, c_in, 1, 1, scale=c_in ** -0.5),
@@ -482,7 +482,8 @@ def suite(quick: bool = False, blocked_layout: bool = False) -> list[Probe]:
         probes.append(Probe(f"BatchedMatMul-{heads}x128x{d}", _batched_matmul(heads, d)))
     # (heads of 64, 32 and 16: a small transformer's heads of 16 run far from peak)
     for seq, hidden, heads in ((64, 128, 2),) if quick else ((64, 128, 2), (128, 384, 12),
-                                                            (128, 768, 12), (128, 64, 4)):
+                                                            (128, 768, 12), (128, 64, 4),
+                                                            (32, 64, 4)):
         probes.append(Probe(f"Attention-{seq}x{hidden}", _with_mask(_chain(
             [1, seq, hidden], _attention(hidden, heads), ms=True), seq)))
     int8_convs = ((64, 28, 1),) if quick else (
