@@ -252,6 +252,23 @@ def op_width(node: gs.Node) -> float:
     return 1.0
 
 
+# The output width from which a convolution's kernels run as on any wider map
+SPAN = 8
+
+
+def op_span(node: gs.Node) -> float:
+    """A convolution's output width, up to ``SPAN``; ``SPAN`` for other ops. Maps narrower
+    than that run their kernels at another efficiency: a ResNet-style CNN's 3x3 layers of
+    16 channels on 16 x 16 maps ran at 0.56 of their roofline time where a probe of the
+    same roofline time on 4 x 4 maps ran at 0.61 and one on 32 x 32 at 0.39; telling
+    the maps apart from 16 wide up (not only below 8) took the MobileNet-style CNN's
+    error from -4% to +14%."""
+    if node.op in _CONV and node.outputs and node.outputs[0].shape and \
+            len(node.outputs[0].shape) == 4 and isinstance(node.outputs[0].shape[-1], int):
+        return float(min(max(node.outputs[0].shape[-1], 1), SPAN))
+    return float(SPAN)
+
+
 def _head_size(node: gs.Node) -> int | None:
     """An attention node's size of one head (its products' reduction length: a small
     transformer's heads of 16 run far further from peak than BERT's of 64)."""

@@ -31,8 +31,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis import infer_all_shapes
-from graphopt.cost import (QUANTIZE, AnalyticCostModel, Cost, Device, int8_roofline, op_key,
-                           op_width, roofline, tensor_bytes, weights_read)
+from graphopt.cost import (QUANTIZE, SPAN, AnalyticCostModel, Cost, Device, int8_roofline,
+                           op_key, op_span, op_width, roofline, tensor_bytes, weights_read)
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model, weight_bytes
 from graphopt.microbench import Probe
@@ -72,7 +72,8 @@ class Calibration:
     fingerprint: dict
     base_s: float = 0.0
     node_overhead_s: float = 0.0
-    # "family/dtype/kind" -> [(roofline seconds of one op, measured / roofline, width)]
+    # "family/dtype/kind" -> [(roofline seconds of one op, measured / roofline, width,
+    # span)]
     points: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
     probes: list[dict] = field(default_factory=list)  # what was measured, for the record
     # Weights beyond the cache: a model whose weights total more than ``cache_bytes``
@@ -83,12 +84,14 @@ class Calibration:
     cache_bytes: float = math.inf
     cold_s_per_byte: float = 0.0
 
-    def add(self, key: Key, roofline_s: float, factor: float, width: float = 1.0) -> None:
+    def add(self, key: Key, roofline_s: float, factor: float, width: float = 1.0,
+            span: float = SPAN) -> None:
         points = self.points.setdefault("/".join(key), [])
-        points.append((roofline_s, max(factor, MIN_FACTOR), width))
+        points.append((roofline_s, max(factor, MIN_FACTOR), width, span))
         points.sort()
 
-    def factor(self, key: Key, roofline_s: float, width: float = 1.0) -> float:
+    def factor(self, key: Key, roofline_s: float, width: float = 1.0,
+               span: float = SPAN) -> float:
         """The correction of an op of class ``key`` whose roofline time is ``roofline_s``
         and reduction width ``width`` (``cost.op_width``)."""
         points = self.points.get("/".join(key))
@@ -99,7 +102,7 @@ class Calibration:
                 sorted(p for k, ps in self.points.items() if k.split("/")[0] == family
                        for p in ps)
         if points:
-            return _interpolate(points, roofline_s, width)
+            return _interpolate(points, roofline_s, width, span)
         everything = [p[1] for ps in self.points.values() for p in ps]
         if not everything:  # nothing measured: the roofline as it is
             return 1.0
@@ -117,7 +120,7 @@ class Calibration:
     def from_dict(cls, data: dict) -> "Calibration":
         return cls(fingerprint=data["fingerprint"], base_s=float(data["base_s"]),
                    node_overhead_s=float(data["node_overhead_s"]),
-                   points={k: [(float(a), float(b), float(c)) for a, b, c in v]
+                   points={k: [tuple(float(x) for x in p) for p in v]
                            for k, v in data["points"].items()},
                    probes=list(data.get("probes", [])),
                    cache_bytes=math.inf if data.get("cache_bytes") is None
@@ -125,16 +128,18 @@ class Calibration:
                    cold_s_per_byte=float(data.get("cold_s_per_byte", 0.0)))
 
 
-def _interpolate(points: list[tuple[float, float, float]], seconds: float,
-                 width: float, nearest: int = 4) -> float:
-    """The correction at (``seconds``, ``width``): the geometric mean of the ``nearest``
-    points' corrections weighted by inverse squared distance in (log2 roofline time, log2
-    width); a point at the same place is taken as it is. Between two points of one width
+def _interpolate(points: list[tuple[float, float, float, float]], seconds: float,
+                 width: float, span: float = SPAN, nearest: int = 4) -> float:
+    """The correction at (``seconds``, ``width``, ``span``): the geometric mean of the
+    ``nearest`` points' corrections weighted by inverse squared distance in (log2 roofline
+    time, log2 width, log2 span: ``cost.op_span``); a point at the same place is taken as
+    it is. Between two points of one width
     this is their log-space midpoint blend; beyond the measured range it tends to the
     nearest point's correction."""
     x, w = math.log2(max(seconds, 1e-12)), math.log2(max(width, 1.0))
-    scored = sorted((math.hypot(math.log2(max(r, 1e-12)) - x, math.log2(max(c, 1.0)) - w),
-                     math.log(f)) for r, f, c in points)
+    scored = sorted((math.hypot(math.log2(max(r, 1e-12)) - x, math.log2(max(c, 1.0)) - w,
+                                math.log2(sp / span)), math.log(f))
+                    for r, f, c, sp in points)
     exact = [lf for d, lf in scored if d < 1e-9]
     if exact:
         return math.exp(sum(exact) / len(exact))
@@ -166,13 +171,13 @@ class CalibratedCostModel(AnalyticCostModel):
                 return cal.node_overhead_s + cal.factor(key, op_s + quant_s, op_width(
                     node)) * (op_s + quant_s)
         return 2 * cal.node_overhead_s + \
-            cal.factor((family, "int8", kind), op_s, op_width(node)) * op_s + \
+            cal.factor((family, "int8", kind), op_s, op_width(node), op_span(node)) * op_s + \
             cal.factor(QUANTIZE, quant_s) * quant_s
 
     def latency(self, node: gs.Node, roofline_s: float, device: Device) -> float:
         return self.calibration.node_overhead_s + \
-            self.calibration.factor(op_key(node, device), roofline_s, op_width(node)) * \
-            roofline_s
+            self.calibration.factor(op_key(node, device), roofline_s, op_width(node),
+                                    op_span(node)) * roofline_s
 
     def pass_latency(self, key: Key, seconds: float, device: Device) -> float:
         return self.calibration.factor(key, seconds) * seconds
@@ -201,20 +206,23 @@ class CalibratedCostModel(AnalyticCostModel):
 Measure = Callable[[onnx.ModelProto, dict], float]
 
 
-def _nodes(proto: onnx.ModelProto, device: Device) -> list[tuple[Key, float, bool, float]]:
-    """``(op_key, roofline seconds, pays overhead, width)`` per node of ``proto``."""
+def _nodes(proto: onnx.ModelProto, device: Device) -> list[Unit]:
+    """``(op_key, roofline seconds, pays overhead, width, span)`` per node of ``proto``."""
     model = _shaped(proto)
     out = []
     for node in model.graph.nodes:
         out.append((op_key(node, device), roofline(node, device)[2], not fused_dequantize(node),
-                    op_width(node)))
+                    op_width(node), op_span(node)))
     for kind, tensor in layout_reorders(model.graph, device):  # the runtime's own nodes
         out.append((("layout", "float32", kind), 2.0 * tensor_bytes(tensor) / device.bandwidth,
-                    True, 1.0))
+                    True, 1.0, float(SPAN)))
     return out
 
 
-def _extra(long: list, short: list) -> list[tuple[Key, float, bool, float]]:
+Unit = tuple[Key, float, bool, float, float]
+
+
+def _extra(long: list, short: list) -> list[Unit]:
     """The nodes the long chain has beyond the short one."""
     return list((Counter(long) - Counter(short)).elements())
 
@@ -272,27 +280,27 @@ def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict
         # the extra copies; the other nodes there (a Quantize before an int8 Conv) are
         # predicted as calibrated.
         totals: dict[Key, float] = {}
-        for key, seconds, _, _ in unit:
+        for key, seconds, *_ in unit:
             totals[key] = totals.get(key, 0.0) + seconds
         named = [k for k in totals if k[0] == probe.measures]
         target = named[0] if named else max(totals, key=lambda k: totals[k])
-        targets = [(s, w) for k, s, _, w in unit if k == target]
-        rest = sum(cal.factor(k, s, w) * s for k, s, _, w in unit if k != target)
-        overheads = cal.node_overhead_s * sum(1 for _, _, paid, _ in unit if paid)
-        work = sum(s for s, _ in targets)
+        targets = [(s, w, sp) for k, s, _, w, sp in unit if k == target]
+        rest = sum(cal.factor(k, s, w, sp) * s for k, s, _, w, sp in unit if k != target)
+        overheads = cal.node_overhead_s * sum(1 for _, _, paid, *_ in unit if paid)
+        work = sum(s for s, *_ in targets)
         if work <= 0:
             continue
         factor = (unit_t - overheads - rest) / work
         # one point per width the probe's ops have (a chain of expansions and projections
         # measures both at one correction)
-        for width in sorted({w for _, w in targets}):
-            group = [s for s, w in targets if w == width]
-            cal.add(target, sum(group) / len(group), factor, width)
+        for width, span in sorted({(w, sp) for _, w, sp in targets}):
+            group = [s for s, w, sp in targets if (w, sp) == (width, span)]
+            cal.add(target, sum(group) / len(group), factor, width, span)
         # the class's share of the time measured: the fit's error on it is the error of
         # the rest's prediction divided by this (small for a first layer's conv)
         share = factor * work / unit_t if unit_t > 0 else 0.0
         record.update(key="/".join(target), roofline_s=work / len(targets), factor=factor,
-                      share=round(share, 4), widths=sorted({w for _, w in targets}))
+                      share=round(share, 4), widths=sorted({w for _, w, _ in targets}))
         cal.probes.append(record)
     if progress:
         progress(passes * len(probes), passes * len(probes), "done")
