@@ -366,7 +366,7 @@ def cache_probes(rows: int = 128, k: int = 384,
     """Chains of one matrix product (``rows`` x ``k`` x ``k``, 590 KB of weights each by
     default) at each of ``lengths``: where their weights outgrow the cache, each product
     runs slower (``cost_calibration.Calibration.cache_bytes``)."""
-    return [Probe(f"Weights-{length * k * k * 4 / 2 ** 20:.1f}MB", _chain(
+    return [Probe(f"Weights-{length * k * k * 4 / 2 ** 20:.1f}MiB", _chain(
         [rows, k], _matmul(k, k)), length=length, measures="cache") for length in lengths]
 
 
