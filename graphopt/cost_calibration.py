@@ -52,7 +52,8 @@ Key = tuple[str, str, str]
 # read from beyond the cache (matrix products: what the cache probes measure; a 1x1
 # convolution's weights cost a third as much per byte there, measured: 131 -> 152 us per
 # 192 x 1152 layer at 7 x 7 from 4 to 55 MB of weights, where a product's penalty would
-# have been 65 us: convolutions stay as fitted)
+# have been 65 us: convolutions stay as fitted, but for those on 1 x 1 maps,
+# ``_streams_weights``)
 COLD_FAMILIES = frozenset({"matmul", "attention"})
 
 
@@ -196,10 +197,22 @@ class CalibratedCostModel(AnalyticCostModel):
             read = [weights_read(node) for node in nodes]
             if sum(read) > cal.cache_bytes:  # every weight from beyond the cache, every run
                 for node, size, node_cost in zip(nodes, read, cost.nodes):
-                    if op_key(node, device)[0] in COLD_FAMILIES:
+                    if _streams_weights(node, device):
                         node_cost.latency_s += cal.cold_s_per_byte * size
                         cost.latency_s += cal.cold_s_per_byte * size
         return cost
+
+
+def _streams_weights(node: gs.Node, device: Device) -> bool:
+    """Whether ``node`` pays ``Calibration.cold_s_per_byte`` for its weights when they are
+    beyond the cache: a matrix product or attention, or a convolution with one output
+    position per image (a squeeze-excite block's 1x1 convolution on a 1 x 1 map is a
+    matrix-vector product: EfficientNet-B0's took 15 us each, predicted 2.3 without it)."""
+    family = op_key(node, device)[0]
+    if family in COLD_FAMILIES:
+        return True
+    shape = node.outputs[0].shape if family == "conv" and node.outputs else None
+    return bool(shape) and len(shape) > 2 and all(d == 1 for d in shape[2:])
 
 
 # --------------------------------------------------------------------------- fitting

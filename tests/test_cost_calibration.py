@@ -221,6 +221,18 @@ def test_weights_beyond_the_cache_are_measured_and_charged():
     small = with_input_shapes(zoo.mlp(hidden=256), {"x": [8, 32]})
     assert CalibratedCostModel(cal).estimate(load(small), DEVICE).latency_s == \
         pytest.approx(CalibratedCostModel(warm).estimate(load(small), DEVICE).latency_s)
+    # a 1x1 convolution on a 1 x 1 map (a squeeze-excite block's) is a matrix-vector
+    # product and pays for its weights; on a 7 x 7 map it keeps its fitted correction
+    w = numpy_helper.from_array(np.zeros((2048, 1024, 1, 1), np.float32), "w")  # 8 MiB
+    for hw, charged in ((1, True), (7, False)):
+        graph = helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024, hw, hw])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2048, hw, hw])], [w])
+        conv = load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+        extra = CalibratedCostModel(cal).estimate(conv, DEVICE).latency_s - \
+            CalibratedCostModel(warm).estimate(conv, DEVICE).latency_s
+        assert extra == pytest.approx(cal.cold_s_per_byte * 8 * 2 ** 20 if charged else 0.0)
 
 
 def test_a_narrow_map_s_convolutions_lean_on_narrow_map_probes():
