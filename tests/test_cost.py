@@ -331,3 +331,55 @@ def test_a_fused_activation_other_than_relu_is_a_pass_over_the_output(activation
     cal.add(("elementwise", "float32", activation), out_pass, 0.25)
     node, = CalibratedCostModel(cal).estimate(model, DEVICE).nodes
     assert node.latency_s == pytest.approx(0.5 * plain + (0.25 * out_pass if pass_ else 0.0))
+
+
+@pytest.mark.parametrize("relu,shared", [(True, False), (False, False), (True, True)])
+def test_an_int8_conv_requantizes_its_output_itself(relu, shared, tmp_path):
+    """DequantizeLinear -> Conv (-> Relu) -> QuantizeLinear is one QLinearConv in ONNX
+    Runtime, which requantizes as it writes and folds the Relu into the output's zero
+    point (profiled in a pruned int8 digits CNN: no Relu or QuantizeLinear kernel ran after
+    its convolutions, where 140 us of them were predicted): the Relu and the
+    QuantizeLinear cost nothing, as in ORT's own optimized graph. A conv output another
+    op reads too stays float and its QuantizeLinear runs (its Relu is still dropped: the
+    zero point clamps as it would)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(128, np.uint8), "z"),
+             numpy_helper.from_array(np.array(0, np.uint8), "z0"),
+             numpy_helper.from_array(rng.integers(-20, 20, (16, 16, 3, 3)).astype(np.int8),
+                                     "wq"),
+             numpy_helper.from_array(np.array(0.01, np.float32), "ws"),
+             numpy_helper.from_array(np.array(0, np.int8), "wz")]
+    last = "r" if relu else "c"
+    nodes = [oh.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             oh.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             oh.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"]),
+             oh.make_node("Conv", ["xd", "w"], ["c"], pads=[1, 1, 1, 1])]
+    if relu:
+        nodes.append(oh.make_node("Relu", ["c"], ["r"]))
+    nodes += [oh.make_node("QuantizeLinear", [last, "s", "z0" if relu else "z"], ["q"]),
+              oh.make_node("DequantizeLinear", ["q", "s", "z0" if relu else "z"], ["y"])]
+    outputs = [oh.make_tensor_value_info("y", TensorProto.FLOAT, [8, 16, 8, 8])]
+    if shared:  # another op reads the conv's output too
+        nodes.append(oh.make_node("Neg", ["c"], ["n"]))
+        outputs.append(oh.make_tensor_value_info("n", TensorProto.FLOAT, [8, 16, 8, 8]))
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [8, 16, 8, 8])], outputs, inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), options,
+                         providers=["CPUExecutionProvider"])
+    kept = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+    costs = AnalyticCostModel().estimate(graphopt.load(model), host_device()).nodes
+    free = {n.name for n in costs if n.latency_s == 0.0}
+    by_op = {n.op_type: [c for c in costs if c.op_type == n.op_type] for n in costs}
+    assert ("QLinearConv" in kept) == (not shared)
+    if relu:
+        assert (by_op["Relu"][0].latency_s == 0.0) == ("Relu" not in kept)
+    requantize = by_op["QuantizeLinear"][1]  # the one after the conv
+    assert (requantize.latency_s == 0.0) == (not shared)
+    assert free  # (the weights' DequantizeLinear, in every case)
