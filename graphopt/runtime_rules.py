@@ -27,7 +27,8 @@ def from_dequantize(tensor: gs.Tensor) -> bool:
 def fused_dequantize(node: gs.Node) -> bool:
     """A DequantizeLinear whose every reader is an op a runtime fuses it into, or a
     QuantizeLinear or DequantizeLinear a runtime drops around an op that runs on the
-    quantized values (``qdq_dropped``)."""
+    quantized values (``qdq_dropped``), a QuantizeLinear an int8 kernel does itself
+    (``requantized``), or a Relu its QuantizeLinear readers' zero point makes redundant."""
     if node.op == "QuantizeLinear":
         return bool(node.inputs) and len(node.inputs[0].inputs) == 1 and (
             qdq_dropped(node.inputs[0].inputs[0]) or requantized(node.inputs[0]))
@@ -64,8 +65,9 @@ def requantized(tensor: gs.Tensor) -> bool:
     """A QuantizeLinear's input that an int8 kernel writes as int8 itself: ONNX Runtime
     fuses DequantizeLinear -> Conv (-> Relu) -> QuantizeLinear into one QLinearConv (QGemm,
     QLinearMatMul), which requantizes as it writes; a Relu before a QuantizeLinear whose
-    zero point clamps as it would is dropped whatever writes its input (profiled in a pruned int8 digits CNN: no Relu and no QuantizeLinear
-    kernel ran after its convolutions, where 140 us of them were predicted)."""
+    zero point clamps as it would is dropped whatever writes its input (profiled in a
+    pruned int8 digits CNN: no Relu and no QuantizeLinear kernel ran after its
+    convolutions, where 140 us of them were predicted)."""
     if _int8_output(tensor):
         return True
     relu = tensor.inputs[0] if len(tensor.inputs) == 1 else None
