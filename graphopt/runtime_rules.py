@@ -27,52 +27,13 @@ def from_dequantize(tensor: gs.Tensor) -> bool:
 def fused_dequantize(node: gs.Node) -> bool:
     """A DequantizeLinear whose every reader is an op a runtime fuses it into, or a
     QuantizeLinear or DequantizeLinear a runtime drops around an op that runs on the
-    quantized values (``qdq_dropped``), a QuantizeLinear an int8 kernel does itself
-    (``requantized``), or a Relu its QuantizeLinear readers' zero point makes redundant."""
+    quantized values (``qdq_dropped``)."""
     if node.op == "QuantizeLinear":
-        return bool(node.inputs) and len(node.inputs[0].inputs) == 1 and (
-            qdq_dropped(node.inputs[0].inputs[0]) or requantized(node.inputs[0]))
-    if node.op == "Relu":  # ORT's ReluQuantFusion: the zero point clamps as it would
-        return bool(node.outputs) and bool(node.outputs[0].outputs) and \
-            all(r.op == "QuantizeLinear" and _zero_point_at_min(r)
-                for r in node.outputs[0].outputs)
+        return bool(node.inputs) and len(node.inputs[0].inputs) == 1 and \
+            qdq_dropped(node.inputs[0].inputs[0])
     readers = node.outputs[0].outputs if node.op == "DequantizeLinear" and node.outputs else []
     return bool(readers) and (all(r.op in QDQ_FUSED for r in readers) or
                               all(qdq_dropped(r) for r in readers))
-
-
-def _zero_point_at_min(quantize: gs.Node) -> bool:
-    """A QuantizeLinear whose zero point is its type's least value (uint8 0, int8 -128):
-    it clamps what a Relu before it would."""
-    zero = quantize.inputs[2] if len(quantize.inputs) > 2 else None
-    if not isinstance(zero, gs.Constant):
-        return zero is None  # (no zero point: uint8 0)
-    values = np.asarray(zero.values)
-    return values.size > 0 and values.dtype.kind in "iu" and \
-        bool(np.all(values == np.iinfo(values.dtype).min))
-
-
-def _int8_output(tensor: gs.Tensor) -> bool:
-    """``tensor`` is written by an int8 convolution or matrix product (``QDQ_FUSED`` with
-    a dequantized input) and read by nothing else than what reads it next."""
-    if len(tensor.inputs) != 1 or len(tensor.outputs) != 1:
-        return False
-    node = tensor.inputs[0]
-    return node.op in QDQ_FUSED and bool(node.inputs) and from_dequantize(node.inputs[0])
-
-
-def requantized(tensor: gs.Tensor) -> bool:
-    """A QuantizeLinear's input that an int8 kernel writes as int8 itself: ONNX Runtime
-    fuses DequantizeLinear -> Conv (-> Relu) -> QuantizeLinear into one QLinearConv (QGemm,
-    QLinearMatMul), which requantizes as it writes; a Relu before a QuantizeLinear whose
-    zero point clamps as it would is dropped whatever writes its input (profiled in a
-    pruned int8 digits CNN: no Relu and no QuantizeLinear kernel ran after its
-    convolutions, where 140 us of them were predicted)."""
-    if _int8_output(tensor):
-        return True
-    relu = tensor.inputs[0] if len(tensor.inputs) == 1 else None
-    return relu is not None and relu.op == "Relu" and fused_dequantize(relu) and \
-        _int8_output(relu.inputs[0])
 
 
 # Ops ONNX Runtime runs on the quantized values where a DequantizeLinear feeds them and
