@@ -108,12 +108,19 @@ def _bias_gelu(hidden: int):
     return step
 
 
-def _conv(channels: int, kernel: int, depthwise: bool, activation: str | None):
+def _conv(channels: int, kernel: int, depthwise: bool, activation: str | None,
+          expanded: int | None = None):
+    """``expanded``: the convolutions alternate ``channels`` -> ``expanded`` ->
+    ``channels`` (a mobile network's inverted-residual 1x1 expansion and projection, which
+    run at another efficiency than square layers of the same work: measured 309 us per
+    24 -> 144 -> 24 pair at 56 x 56, where the square layers' corrections predicted 233)."""
     def step(i, x, rng):
-        fan_in = kernel * kernel * (1 if depthwise else channels)
-        w = numpy_helper.from_array(_rand(rng, channels, 1 if depthwise else channels,
+        c_in, c_out = (channels, channels) if expanded is None else \
+            (channels, expanded) if i % 2 == 0 else (expanded, channels)
+        fan_in = kernel * kernel * (1 if depthwise else c_in)
+        w = numpy_helper.from_array(_rand(rng, c_out, 1 if depthwise else c_in,
                                           kernel, kernel, scale=fan_in ** -0.5), f"w{i}")
-        b = numpy_helper.from_array(_rand(rng, channels, scale=0.1), f"b{i}")
+        b = numpy_helper.from_array(_rand(rng, c_out, scale=0.1), f"b{i}")
         attrs = dict(kernel_shape=[kernel, kernel], pads=[kernel // 2] * 4,
                      group=channels if depthwise else 1)
         if activation:
@@ -122,20 +129,6 @@ def _conv(channels: int, kernel: int, depthwise: bool, activation: str | None):
         else:
             node = helper.make_node("Conv", [x, w.name, b.name], [f"t{i}"], **attrs)
         return [node], [w, b], f"t{i}"
-    return step
-
-
-def _pointwise_pair(channels: int, expanded: int):
-    """1x1 convolutions that alternate ``channels`` -> ``expanded`` -> ``channels``: a
-    mobile network's inverted-residual expansion and projection, which run at another
-    efficiency than square layers of the same work (measured: 309 us per 24 -> 144 -> 24
-    pair at 56 x 56, where the square layers' corrections predicted 233)."""
-    def step(i, x, rng):
-        c_in, c_out = (channels, expanded) if i % 2 == 0 else (expanded, channels)
-        w = numpy_helper.from_array(_rand(rng, c_out, c_in, 1, 1, scale=c_in ** -0.5),
-                                    f"w{i}")
-        b = numpy_helper.from_array(_rand(rng, c_out, scale=0.1), f"b{i}")
-        return [helper.make_node("Conv", [x, w.name, b.name], [f"t{i}"])], [w, b], f"t{i}"
     return step
 
 
@@ -451,7 +444,7 @@ def suite(quick: bool = False, blocked_layout: bool = False) -> list[Probe]:
                                                   (192, 7)):
         expanded = 6 * channels
         probes.append(Probe(f"Conv1x1-{channels}to{expanded}x{hw}", _chain(
-            [1, channels, hw, hw], _pointwise_pair(channels, expanded),
+            [1, channels, hw, hw], _conv(channels, 1, False, None, expanded),
             out_shape=lambda n, c=channels, e=expanded, hw=hw: [1, c if n % 2 == 0 else e,
                                                                hw, hw]), length=5))
     stems = ((1, 32, 8, 256),) if quick else ((1, 32, 8, 1), (1, 32, 8, 256), (3, 16, 32, 16),
