@@ -34,7 +34,7 @@ from graphopt.analysis import infer_all_shapes
 from graphopt.cost import (QUANTIZE, SPAN, AnalyticCostModel, Cost, Device, int8_roofline,
                            op_key, op_span, op_width, roofline, tensor_bytes, weights_read)
 from graphopt.errors import GraphoptError, UsageError
-from graphopt.ir import Model, weight_bytes
+from graphopt.ir import Model
 from graphopt.microbench import Probe
 from graphopt.runtime_rules import fused_dequantize, layout_reorders
 
@@ -53,7 +53,7 @@ Key = tuple[str, str, str]
 # convolution's weights cost a third as much per byte there, measured: 131 -> 152 us per
 # 192 x 1152 layer at 7 x 7 from 4 to 55 MB of weights, where a product's penalty would
 # have been 65 us: convolutions stay as fitted, but for those on 1 x 1 maps,
-# ``_streams_weights``)
+# ``_weight_reads``)
 COLD_FAMILIES = frozenset({"matmul", "attention"})
 
 
@@ -194,25 +194,27 @@ class CalibratedCostModel(AnalyticCostModel):
         cal = self.calibration
         if cal.cold_s_per_byte:
             nodes = [node for graph in model.all_graphs() for node in graph.nodes]
-            read = [weights_read(node) for node in nodes]
-            if sum(read) > cal.cache_bytes:  # every weight from beyond the cache, every run
-                for node, size, node_cost in zip(nodes, read, cost.nodes):
-                    if _streams_weights(node, device):
-                        node_cost.latency_s += cal.cold_s_per_byte * size
-                        cost.latency_s += cal.cold_s_per_byte * size
+            reads = [_weight_reads(node, device) for node in nodes]
+            if sum(read for read, _ in reads) > cal.cache_bytes:  # from memory, every run
+                for (_, streamed), node_cost in zip(reads, cost.nodes):
+                    node_cost.latency_s += cal.cold_s_per_byte * streamed
+                    cost.latency_s += cal.cold_s_per_byte * streamed
         return cost
 
 
-def _streams_weights(node: gs.Node, device: Device) -> bool:
-    """Whether ``node`` pays ``Calibration.cold_s_per_byte`` for its weights when they are
-    beyond the cache: a matrix product or attention, or a convolution with one output
-    position per image (a squeeze-excite block's 1x1 convolution on a 1 x 1 map is a
-    matrix-vector product: EfficientNet-B0's took 15 us each, predicted 2.3 without it)."""
-    family = op_key(node, device)[0]
-    if family in COLD_FAMILIES:
-        return True
+def _weight_reads(node: gs.Node, device: Device) -> tuple[int, int]:
+    """``(bytes of weights node reads in a run, those of them it pays
+    Calibration.cold_s_per_byte for when they are beyond the cache)``: a matrix product's
+    or attention's, or a convolution's with one output position per image (a
+    squeeze-excite block's 1x1 convolution on a 1 x 1 map is a matrix-vector product:
+    EfficientNet-B0's 48 <-> 1152-channel ones took 21-26 us in a profile, predicted 6-7
+    without it)."""
+    read = weights_read(node)
+    family = op_key(node, device)[0] if read else ""
     shape = node.outputs[0].shape if family == "conv" and node.outputs else None
-    return bool(shape) and len(shape) > 2 and all(d == 1 for d in shape[2:])
+    streams = family in COLD_FAMILIES or (
+        bool(shape) and len(shape) > 2 and all(d == 1 for d in shape[2:]))
+    return read, read if streams else 0
 
 
 # --------------------------------------------------------------------------- fitting
@@ -220,19 +222,20 @@ Measure = Callable[[onnx.ModelProto, dict], float]
 
 
 def _nodes(proto: onnx.ModelProto, device: Device) -> list[Unit]:
-    """``(op_key, roofline seconds, pays overhead, width, span)`` per node of ``proto``."""
+    """``(op_key, roofline seconds, pays overhead, width, span, weights read, weights
+    streamed)`` per node of ``proto`` (``_weight_reads``)."""
     model = _shaped(proto)
     out = []
     for node in model.graph.nodes:
         out.append((op_key(node, device), roofline(node, device)[2], not fused_dequantize(node),
-                    op_width(node), op_span(node)))
+                    op_width(node), op_span(node), *_weight_reads(node, device)))
     for kind, tensor in layout_reorders(model.graph, device):  # the runtime's own nodes
         out.append((("layout", "float32", kind), 2.0 * tensor_bytes(tensor) / device.bandwidth,
-                    True, 1.0, float(SPAN)))
+                    True, 1.0, float(SPAN), 0, 0))
     return out
 
 
-Unit = tuple[Key, float, bool, float, float]
+Unit = tuple[Key, float, bool, float, float, int, int]
 
 
 def _extra(long: list, short: list) -> list[Unit]:
@@ -250,7 +253,7 @@ def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict
     such a spell, and its class then looks slower than the rest)."""
     times: list[list[float]] = [[math.inf, math.inf] for _ in probes]
     nodes: list[tuple[list, list]] = []  # (the short model's, the long one's extra)
-    weights: list[tuple[int, int]] = []  # (the longest model's weights, the extra's)
+    footprints: list[int] = []  # weights the longest model reads in a run
     for done in range(passes):
         for index, probe in enumerate(probes):
             if progress:
@@ -262,14 +265,13 @@ def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict
                 times[index][1] = min(times[index][1], measure(*long))
             if done == 0:
                 short_nodes = _nodes(short[0], device)
-                nodes.append((short_nodes, _extra(_nodes(long[0], device), short_nodes)
+                long_nodes = _nodes(long[0], device) if long else short_nodes
+                nodes.append((short_nodes, _extra(long_nodes, short_nodes)
                               if long else short_nodes))
-                weights.append((weight_bytes(long[0]), weight_bytes(long[0]) -
-                                weight_bytes(short[0])) if long else
-                               (weight_bytes(short[0]),) * 2)
+                footprints.append(sum(u[5] for u in long_nodes))
     cal = Calibration(fingerprint=fingerprint)
-    cache = [(weights[i][0], (times[i][1] - times[i][0]) / (p.length - 1),
-              weights[i][1] / (p.length - 1))
+    cache = [(footprints[i], (times[i][1] - times[i][0]) / (p.length - 1),
+              sum(u[6] for u in nodes[i][1]) / (p.length - 1))
              for i, p in enumerate(probes) if p.measures == "cache"]
     if cache:
         cal.cache_bytes, cal.cold_s_per_byte = _cache(cache)
@@ -278,12 +280,11 @@ def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict
         unit_t = long_t - short_t if probe.chain else short_t - cal.base_s
         record = {"probe": probe.name, "short_s": short_t, "unit_s": unit_t}
         if probe.measures == "cache":  # (the cache's measure, not a point of its class)
-            record.update(weights=weights[index][0])
+            record.update(weights=footprints[index])
             cal.probes.append(record)
             continue
-        if weights[index][0] > cal.cache_bytes and \
-                {key[0] for key, *_ in unit} & COLD_FAMILIES:  # weights beyond the cache
-            unit_t -= cal.cold_s_per_byte * weights[index][1]
+        if footprints[index] > cal.cache_bytes:  # its weights come from beyond the cache
+            unit_t -= cal.cold_s_per_byte * sum(u[6] for u in unit)
         if index == 0:  # the overhead probe: one node per copy, no work to speak of
             cal.node_overhead_s = max(unit_t / max(len(unit), 1), 0.0)
             cal.base_s = max(short_t - cal.node_overhead_s * len(short_nodes), 0.0)
@@ -297,8 +298,8 @@ def fit(probes: list[Probe], measure: Measure, device: Device, fingerprint: dict
             totals[key] = totals.get(key, 0.0) + seconds
         named = [k for k in totals if k[0] == probe.measures]
         target = named[0] if named else max(totals, key=lambda k: totals[k])
-        targets = [(s, w, sp) for k, s, _, w, sp in unit if k == target]
-        rest = sum(cal.factor(k, s, w, sp) * s for k, s, _, w, sp in unit if k != target)
+        targets = [(s, w, sp) for k, s, _, w, sp, *_ in unit if k == target]
+        rest = sum(cal.factor(k, s, w, sp) * s for k, s, _, w, sp, *_ in unit if k != target)
         overheads = cal.node_overhead_s * sum(1 for _, _, paid, *_ in unit if paid)
         work = sum(s for s, *_ in targets)
         if work <= 0:
