@@ -21,7 +21,7 @@ from graphopt import replay as replayed_settings
 from graphopt import background, verify
 from graphopt.accuracy import shared_references
 from graphopt.analysis import Summary, shapes_known, summarize
-from graphopt import microbench
+from graphopt import microbench, native_memory
 from graphopt.cost import CostModel
 from graphopt.cost_calibration import Calibration, cost_model_for
 from graphopt.cost_calibration import calibrate as run_calibration
@@ -307,27 +307,30 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
         options = {**({"format": format} if format else {}),
                    **({"tune_trials": tune_trials} if tune_trials else {}),
                    **({"progress": progress} if tune_trials and progress else {})}
-        try:
-            artifact = tgt.lower(working, Path(output), **options)
-        except OSError as exc:
-            raise UsageError(f"cannot write {exc.filename or output}: {exc.strerror or exc}",
-                             hint="choose an output path you can write to") from exc
-        report["output_path"] = str(artifact.path)
-        report["artifact_files"] = [str(f) for f in artifact.files]
-        if verify_artifact or (verify_artifact is None and tgt.compiled):
-            lossy_budget = ctx.tolerance if verification.get("score") is not None \
-                else None
-            if lossy_budget is not None:
-                _record_budget(artifact, lossy_budget)
+        # Runtimes made and freed one after another: what each frees leaves the process.
+        with native_memory.returned():
             try:
-                report["artifact"] = _check_artifact(tgt, artifact, original_proto, feeds,
-                                                     tolerance, lossy_budget,
-                                                     required=bool(verify_artifact),
-                                                     progress=progress)
-            except VerificationError:
-                for f in artifact.files:  # a wrong artifact is not left behind
-                    Path(f).unlink(missing_ok=True)
-                raise
+                artifact = tgt.lower(working, Path(output), **options)
+            except OSError as exc:
+                raise UsageError(
+                    f"cannot write {exc.filename or output}: {exc.strerror or exc}",
+                    hint="choose an output path you can write to") from exc
+            report["output_path"] = str(artifact.path)
+            report["artifact_files"] = [str(f) for f in artifact.files]
+            if verify_artifact or (verify_artifact is None and tgt.compiled):
+                lossy_budget = ctx.tolerance if verification.get("score") is not None \
+                    else None
+                if lossy_budget is not None:
+                    _record_budget(artifact, lossy_budget)
+                try:
+                    report["artifact"] = _check_artifact(tgt, artifact, original_proto, feeds,
+                                                         tolerance, lossy_budget,
+                                                         required=bool(verify_artifact),
+                                                         progress=progress)
+                except VerificationError:
+                    for f in artifact.files:  # a wrong artifact is not left behind
+                        Path(f).unlink(missing_ok=True)
+                    raise
     if cache is not None:
         # (the model, not its export: weights in the run's data file are read in as
         # they are written, never all in memory at once)
