@@ -83,7 +83,9 @@ class LiteRtTarget(Target):
     # weights, but the quantizer measures its candidates in ONNX Runtime's fused
     # kernels, which do on x86 without VNNI, so 8-bit weights would be judged less
     # accurate there and kept float.)
-    pass_defaults = {"quantize-int8": {"require-speedup": False},
+    # full-integer: the residual Adds, averages and the head that read int8 values write
+    # int8 too (as LiteRT's own converter does), not float between DEQUANTIZE and QUANTIZE.
+    pass_defaults = {"quantize-int8": {"require-speedup": False, "full-integer": True},
                      "quantize-int8-dynamic": {"require-speedup": False}}
 
     options = {"io_layout": "onnx (default): the ONNX model's layout at inputs and "

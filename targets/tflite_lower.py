@@ -81,7 +81,7 @@ class Lowered:
     inputs: list[dict]
     outputs: list[dict]
     weights: str  # "float32"; "float16" (--quantize fp16), "int8" (int8, int8-dynamic)
-    compute: str = "float32"  # "int8 + float32" where QDQ layers run on int8 kernels
+    compute: str = "float32"  # or "int8" (full-integer), "int8 + float32": ``_compute``
     resizable_batch: bool = False  # the batch is -1 in the shape signatures
     static_reason: str | None = None  # why a batch asked to be resizable is not
     resizable_sequence: bool = False  # the other symbolic dimensions are -1 too
@@ -407,18 +407,33 @@ def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False,
             spec["shape_signature"] = list(signature)
     kinds = {"float16" for t in lw.fb.tensors if t.half} | \
         {"int8" for t in lw.fb.tensors if t.quant is not None and t.data is not None}
-    int8_kernels = any(lw.fb.tensors[o.outputs[0]].dtype == np.int8 and o.code not in
-                       ("QUANTIZE", "RESHAPE", "TRANSPOSE") for o in lw.fb.operators)
     data = lw.fb.finish([i["name"] for i in io_inputs], [o["name"] for o in io_outputs])
     ops = Counter(o.code for o in lw.fb.operators)
     return Lowered(data, dict(sorted(ops.items())),
                    {"inside": lw.transposes["inside"], "boundary": lw.transposes["boundary"]},
                    io_inputs, io_outputs, " + ".join(sorted(kinds)) or "float32",
-                   "int8 + float32" if int8_kernels else "float32",
+                   _compute(lw.fb),
                    resizable_batch=isinstance(batch, Plan),
                    static_reason=batch if isinstance(batch, str) else None,
                    resizable_sequence=isinstance(sequence, Plan),
                    sequence_static_reason=sequence if isinstance(sequence, str) else None)
+
+
+def _compute(fb) -> str:
+    """What the operators compute in: "int8" (full-integer: float32 only in the inputs'
+    QUANTIZE, the TRANSPOSE/RESHAPE moving an input before it, and the outputs'
+    DEQUANTIZE), "int8 + float32" (other float32 operators beside int8 kernels) or
+    "float32"."""
+    int8 = floats = False
+    for o in fb.operators:
+        out = o.outputs[0]
+        if fb.tensors[out].dtype == np.int8:
+            int8 = int8 or o.code not in ("QUANTIZE", "RESHAPE", "TRANSPOSE")
+        elif fb.tensors[out].dtype == np.float32 and not (
+                o.code == "DEQUANTIZE" and out in fb.outputs or
+                o.code in ("TRANSPOSE", "RESHAPE") and o.inputs[0] in fb.inputs):
+            floats = True
+    return ("int8 + float32" if floats else "int8") if int8 else "float32"
 
 
 def _build(proto: onnx.ModelProto, nhwc_io: bool, int8_io: bool,

@@ -495,3 +495,55 @@ def test_cli_reports_calibration_errors_with_exit_code_2(tmp_path):
     assert proc.returncode == 2
     assert "no array for model input 'x'" in proc.stderr and "arrays given: input" in proc.stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+def residual_cnn(seed: int = 0) -> onnx.ModelProto:
+    """Conv -> Relu -> Conv, + the block's input, Relu, global average, Gemm: a ResNet's
+    last block and head."""
+    r = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(a.astype(np.float32), name) for name, a in (
+        ("w1", r.standard_normal((8, 8, 3, 3)) * 0.2), ("b1", r.standard_normal(8) * 0.1),
+        ("w2", r.standard_normal((8, 8, 3, 3)) * 0.2), ("b2", r.standard_normal(8) * 0.1),
+        ("wf", r.standard_normal((4, 8))), ("bf", r.standard_normal(4)))]
+    n = oh.make_node
+    nodes = [n("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             n("Relu", ["c1"], ["r1"], name="relu1"),
+             n("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             n("Add", ["c2", "x"], ["s"], name="add"),
+             n("Relu", ["s"], ["r2"], name="relu2"),
+             n("GlobalAveragePool", ["r2"], ["p"], name="pool"),
+             n("Flatten", ["p"], ["f"], name="flatten"),
+             n("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1)]
+    graph = oh.make_graph(nodes, "residual", [oh.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["batch", 8, 8, 8])], [oh.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["batch", 4])], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_full_integer_quantizes_the_adds_averages_and_head_that_read_int8(tmp_path, full):
+    """``full-integer``: the residual Add (with its Relu), the global average and the Gemm
+    head write quantized values too, so ONNX Runtime runs them as QLinearAdd,
+    QLinearGlobalAveragePool and a QGemm with an int8 output; without it they stay
+    float. Within the budget either way."""
+    model = residual_cnn()
+    x = np.random.default_rng(1).random((64, 8, 8, 8)).astype(np.float32) - 0.3
+    out = tmp_path / "int8.onnx"
+    result = graphopt.optimize(
+        model, output=out, passes=f"quantize-int8(require-speedup=false,full-integer={full})",
+        calibration={"x": x[:48]}, validation={"x": x[48:]}, tolerance=0.99)
+    section = quant_section(result)
+    assert sorted(quantized(section)) == ["conv1", "conv2", "fc"]
+    assert section["score"] >= 0.99
+    q = onnx.load(out)
+    read_by_q = {i for node in q.graph.node if node.op_type == "QuantizeLinear"
+                 for i in node.input[:1]}
+    assert ({"r2", "p", "y_float"} <= read_by_q) is full, read_by_q
+    ops = ort_optimized_ops(out, tmp_path)
+    assert (ops["QLinearAdd"], ops["QLinearGlobalAveragePool"]) == ((1, 1) if full else (0, 0))
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x[48:]})[0]
+    want = ort.InferenceSession(model.SerializeToString(),
+                                providers=["CPUExecutionProvider"]).run(None, {"x": x[48:]})[0]
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() >= 0.99, cos.min()

@@ -68,16 +68,18 @@ def _qdq_reference(proto: onnx.ModelProto, feeds: dict) -> np.ndarray:
 # ---------------------------------------------------------------------- full-integer
 def test_example_cnn_full_integer(tmp_path):
     """The example CNN at opset 17, --quantize int8: int8 CONV_2D with per-channel
-    weights (quantized_dimension 0) and int8 activations between them, float32 I/O;
-    within the budget of ONNX Runtime on the float original, close to the QDQ graph."""
+    weights (quantized_dimension 0) and int8 activations between them, the average
+    and the head on int8 too (full-integer), float32 I/O; within the budget of ONNX
+    Runtime on the float original, close to the QDQ graph."""
     model = version_converter.convert_version(onnx.load(EXAMPLE), 17)
     out = tmp_path / "int8"
     result = graphopt.optimize(model, target="litert", output=out, quantize="int8")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["precision"] == {"weights": "int8", "compute": "int8 + float32"}
-    assert manifest["operators"]["CONV_2D"] == 3 and manifest["transposes"]["inside"] == 0
-    # the input, and the head's input after the float pooling and scaling
-    assert manifest["operators"]["QUANTIZE"] == 2 and manifest["operators"]["DEQUANTIZE"] == 2
+    assert manifest["precision"] == {"weights": "int8", "compute": "int8"}
+    ops = manifest["operators"]
+    assert ops["CONV_2D"] == 3 and manifest["transposes"]["inside"] == 0
+    # float only at the input's QUANTIZE and the output's DEQUANTIZE
+    assert ops["QUANTIZE"] == 1 and ops["DEQUANTIZE"] == 1 and ops["FULLY_CONNECTED"] == 1
     assert manifest["inputs"][0]["dtype"] == "float32"
     assert result.report["artifact"]["ok"] and \
         result.report["artifact"]["min_cosine"] >= DEFAULT_BUDGET
@@ -105,8 +107,8 @@ def test_example_cnn_full_integer(tmp_path):
 @pytest.mark.parametrize("which", ["depthwise", "mlp"])
 def test_full_integer_depthwise_cnn_and_mlp(tmp_path, which):
     """MobileNet-style (depthwise weights quantized along 1HWC's channel axis 3; MaxPool,
-    AveragePool, Concat, squeeze-excite between) and the MLP (int8 FULLY_CONNECTED in
-    and out, the float head on the dynamic-range kernel with its int8 weights)."""
+    AveragePool, Concat, squeeze-excite between: some float between them) and the MLP
+    (int8 FULLY_CONNECTED in and out, the head too: full-integer)."""
     model, shape = (depthwise_cnn(), [4, 3, 24, 24]) if which == "depthwise" \
         else (mlp(), [4, 32])
     out = tmp_path / which
@@ -115,7 +117,8 @@ def test_full_integer_depthwise_cnn_and_mlp(tmp_path, which):
                                passes="quantize-int8(require-speedup=false)")
     manifest = json.loads((out / "manifest.json").read_text())
     ops = manifest["operators"]
-    assert manifest["precision"]["compute"] == "int8 + float32"
+    assert manifest["precision"]["compute"] == \
+        ("int8 + float32" if which == "depthwise" else "int8")
     tensors = _int8_tensors(out / "model.tflite")
     if which == "depthwise":
         assert ops["DEPTHWISE_CONV_2D"] == 1 and manifest["transposes"]["inside"] == 0

@@ -66,6 +66,47 @@ def group_output(node: gs.Node, symmetric: bool) -> gs.Tensor:
     return out
 
 
+# Ops a full-integer runtime runs on int8 values, rescaling to its output's parameters
+RESCALED = frozenset({"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool"})
+
+
+def full_integer_output(node: gs.Node, symmetric: bool) -> gs.Tensor | None:
+    """Where ``full-integer`` quantizes after ``node``: an Add/Mul/Concat/average pool's
+    or a Gemm/MatMul's output (after a MatMul's constant bias Add, and a Relu/Clip reading
+    it alone: what the int8 kernel absorbs); None for other ops."""
+    if node.op in ("Gemm", "MatMul"):
+        readers = consumers(node.outputs[0])
+        if node.op == "MatMul" and len(readers) == 1 and readers[0].op == "Add" and any(
+                constant_value(t) is not None for t in readers[0].inputs):
+            node = readers[0]
+    elif node.op not in RESCALED:
+        return None
+    return group_output(node, symmetric)
+
+
+def quantize_full_integer(writer: QdqWriter, node: gs.Node, ranges: dict,
+                          symmetric: bool) -> None:
+    """``node``'s ``full_integer_output`` quantized at its calibrated range, so that a
+    full-integer runtime runs it on int8 (TFLite's ADD, MEAN, FULLY_CONNECTED writing
+    int8) instead of between a DEQUANTIZE and a QUANTIZE: when every value an
+    Add/Mul/Concat/average pool reads is quantized (a DequantizeLinear's output, or one
+    passed through MaxPool/Reshape/...), a layer being quantized already, and nothing
+    quantizes the output yet."""
+    out = full_integer_output(node, symmetric)
+    if out is None or out.name in writer.quantized or \
+            any(r.op == "QuantizeLinear" for r in consumers(out)):
+        return
+    if node.op in RESCALED:
+        data = [t for t in node.inputs if t.name] if node.op in ("Add", "Mul", "Concat") \
+            else node.inputs[:1]
+        if not all(isinstance(t, gs.Variable) and (
+                from_dequantize(t) or pass_through_params(t) is not None) for t in data):
+            return
+    name = writer.source_name(out)
+    if name in ranges:
+        writer.activation(out, *activation_params(*ranges[name], symmetric))
+
+
 def pass_through_params(x: gs.Tensor):
     """The scale/zero point of the DQ feeding the chain of pass-through ops (MaxPool,
     Flatten, ...) that produces ``x``: values pass unchanged, so does their range."""

@@ -56,9 +56,10 @@ from graphopt.cost_calibration import static_model
 from graphopt.errors import GraphoptError
 from graphopt.ir import Model
 from graphopt.pass_infra import PassContext, PassResult
-from graphopt.passes.quantize._int8 import (as_conv, group_output, quantize_attention,
-                                            quantize_dynamic, quantize_static, unfuse_conv,
-                                            unsupported, weight_axis)
+from graphopt.passes.quantize._int8 import (as_conv, full_integer_output, group_output,
+                                            quantize_attention, quantize_dynamic,
+                                            quantize_full_integer, quantize_static,
+                                            unfuse_conv, unsupported, weight_axis)
 from graphopt.passes.quantize.smoothquant import SmoothQuant
 from graphopt.qdq import METHODS, QdqWriter, choose_range, collect_stats, resolve_weight
 from graphopt.rewrite import constant_value, remove_dead
@@ -315,11 +316,16 @@ class _Int8Pass(CompressionPass):
     def _quantize(self, model: Model, plan: _Plan, chosen: set[str]) -> None:
         writer = QdqWriter(model)
         dead: list[gs.Node] = []
-        for node in list(model.graph.nodes):
+        full = getattr(self.options, "full_integer", False)
+        for node in list(model.graph.nodes):  # in order: a node's inputs are done first
             if node.name not in chosen:
+                if full:
+                    self._quantize_output(writer, node, plan)
                 continue
             producer = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
             self._quantize_site(writer, node, plan)
+            if full and node.op in ("Gemm", "MatMul"):
+                self._quantize_output(writer, node, plan)
             if producer is not None:
                 dead.append(producer)
         remove_dead(dead, model.graph)
@@ -334,6 +340,9 @@ class _Int8Pass(CompressionPass):
 
     def _quantize_node(self, writer: QdqWriter, node: gs.Node, plan: _Plan) -> None:
         raise NotImplementedError
+
+    def _quantize_output(self, writer: QdqWriter, node: gs.Node, plan: _Plan) -> None:
+        pass  # static only: ``full-integer``
 
 
 # ============================================================================ static
@@ -363,6 +372,11 @@ class QuantizeInt8(_Int8Pass):
         # SmoothQuant first (``smooth-quant``: activation outliers moved into the weights,
         # exact in real arithmetic) on the calibration data
         smooth: bool = False
+        # Also quantize, at their calibrated ranges, the outputs of Add/Mul/Concat/average
+        # pools reading quantized values and of the quantized Gemm/MatMul layers: a
+        # full-integer runtime (LiteRT, TFLite Micro, an NPU) then runs them on int8 and
+        # the model's head writes int8, not float between DEQUANTIZE and QUANTIZE.
+        full_integer: bool = False
 
         def __post_init__(self):
             if self.method not in METHODS:
@@ -380,6 +394,13 @@ class QuantizeInt8(_Int8Pass):
             names.append(node.inputs[0].name)
             if node.op == "Conv":
                 names.append(group_output(node, self.options.symmetric_activations).name)
+        if self.options.full_integer:
+            layers = {name for name, site in plan.sites.items() if site.kind == "compute"}
+            for node in model.graph.nodes:
+                out = full_integer_output(node, self.options.symmetric_activations)
+                if out is not None and (node.op not in ("Gemm", "MatMul") or
+                                        node.name in layers):
+                    names.append(out.name)
         names = list(dict.fromkeys(names))
         stats = collect_stats(base, names, data, histograms=self.options.method != "minmax")
         for name, s in stats.items():
@@ -389,6 +410,9 @@ class QuantizeInt8(_Int8Pass):
     def _quantize_node(self, writer: QdqWriter, node: gs.Node, plan: _Plan) -> None:
         quantize_static(writer, node, plan.ranges, self.options.symmetric_activations,
                         self.options.per_channel, plan.reduce_range)
+
+    def _quantize_output(self, writer: QdqWriter, node: gs.Node, plan: _Plan) -> None:
+        quantize_full_integer(writer, node, plan.ranges, self.options.symmetric_activations)
 
 
 # ============================================================================ dynamic
