@@ -105,8 +105,13 @@ class Driver:
 
     def meets_budget(self, proto: onnx.ModelProto) -> bool:
         """Measure ``proto`` (not a candidate of the search) against the budget."""
+        return self.judge(proto)[0]
+
+    def judge(self, proto: onnx.ModelProto) -> tuple[bool, float, float | None]:
+        """``meets_budget``, with the score and the top-1 agreement (``None``: no floor)
+        it measured."""
         score, _, top1, _ = self.measure(proto)
-        return self.ok(_Candidate({}, None, {}, {}, score, None, top1=top1))
+        return self.ok(_Candidate({}, None, {}, {}, score, None, top1=top1)), score, top1
 
     # ------------------------------------------------------------------ data
     def _data(self, model: Model) -> tuple[list, str]:

@@ -113,6 +113,7 @@ class _Int8Pass(CompressionPass):
         smoothed = SmoothQuant().run(work, ctx).stats if self.options.smooth else None
         _name_nodes(work.graph)  # sites are addressed (and reported) by node name
         self._ctx = ctx
+        self._full = False  # the search's candidates: the chosen layers alone
         self._plan = _Plan(sites={}, reduce_range=_reduce_range(self.options.reduce_range, ctx))
         driver = Driver(self, ctx)
         result = driver.run(work)
@@ -122,6 +123,8 @@ class _Int8Pass(CompressionPass):
             info["smooth_quant"] = smoothed
         if result.changed and self.options.measure:
             result = self._measure(work, driver, result)
+        if result.changed and getattr(self.options, "full_integer", False):
+            result = self._full_integer(work, driver, result)
         if result.changed:
             model.graph = work.graph
         return result
@@ -306,6 +309,33 @@ class _Int8Pass(CompressionPass):
         work.graph = Model.from_proto(proto).graph
         return PassResult(True, result.stats)
 
+    def _full_integer(self, work: Model, driver: Driver, result: PassResult) -> PassResult:
+        """The chosen layers with ``full-integer``'s outputs quantized too, kept when the
+        budget still holds: their damage is not in the search's (it depends on which
+        layers are int8 around them), and a transformer's products and residual sums,
+        per tensor, often break it where a CNN's do not."""
+        info = result.stats["compression"]
+        chosen = {n for n, e in info["sites"].items() if e["changed"]}
+        self._full = True
+        try:
+            proto = self._build(self._base, self._plan, chosen)
+        finally:
+            self._full = False
+        before = sum(n.op_type == "QuantizeLinear" for n in work.to_onnx().graph.node)
+        outputs = sum(n.op_type == "QuantizeLinear" for n in proto.graph.node) - before
+        if outputs <= 0:
+            info["full_integer"] = {"outputs": 0, "kept": False}
+            return result
+        ok, score, top1 = driver.judge(proto)
+        info["full_integer"] = {"outputs": outputs, "kept": ok, "score": round(score, 6)}
+        if not ok:
+            return result
+        info["score"] = round(score, 6)
+        if top1 is not None:
+            info["top1_agreement"] = round(top1, 6)
+        work.graph = Model.from_proto(proto).graph
+        return PassResult(True, result.stats)
+
     # ------------------------------------------------------------------ building
     def _build(self, base: onnx.ModelProto, plan: _Plan, chosen: set[str]) -> onnx.ModelProto:
         """``base`` (prepared) with the ``chosen`` sites quantized."""
@@ -316,7 +346,7 @@ class _Int8Pass(CompressionPass):
     def _quantize(self, model: Model, plan: _Plan, chosen: set[str]) -> None:
         writer = QdqWriter(model)
         dead: list[gs.Node] = []
-        full = getattr(self.options, "full_integer", False)
+        full = self._full
         for node in list(model.graph.nodes):  # in order: a node's inputs are done first
             if node.name not in chosen:
                 if full:
