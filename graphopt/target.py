@@ -14,7 +14,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import onnx
@@ -22,6 +22,9 @@ import onnx
 from graphopt.cost import Device
 from graphopt.errors import UsageError, VerificationError
 from graphopt.ir import Model
+
+if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
 
 # CPU flags (Linux /proc/cpuinfo names) that change which kernels a runtime picks: what a
 # cost calibration depends on besides the CPU model.
@@ -224,6 +227,14 @@ class Target(ABC):
         """Where the last ``run``/``measure`` of an artifact executed, for the report's
         ``artifact`` section (``"this machine's Chromium 139 ..."``); ``None``: nothing
         to add to the target's device."""
+        return None
+
+    def int8_layer_costs(self, node: "gs.Node") -> tuple[float, float] | None:
+        """Measured ``(float seconds, int8 seconds)`` of one run of layer ``node`` (Conv,
+        Gemm or MatMul with a constant weight, static shapes) on this target's own
+        kernels, for ``quantize-int8``'s ``require-speedup`` (int8 in the QDQ form it
+        writes; a model input the layer reads is quantized in its time); ``None``: not
+        measured here, the cost model's estimates decide. Default: ``None``."""
         return None
 
     def profile_nodes(self, proto: onnx.ModelProto, feeds: dict[str, np.ndarray],

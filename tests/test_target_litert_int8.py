@@ -66,11 +66,16 @@ def _qdq_reference(proto: onnx.ModelProto, feeds: dict) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- full-integer
-def test_example_cnn_full_integer(tmp_path):
+def test_example_cnn_full_integer(tmp_path, monkeypatch):
     """The example CNN at opset 17, --quantize int8: int8 CONV_2D with per-channel
     weights (quantized_dimension 0) and int8 activations between them, the average
     and the head on int8 too (full-integer), float32 I/O; within the budget of ONNX
-    Runtime on the float original, close to the QDQ graph."""
+    Runtime on the float original, close to the QDQ graph. Every layer is taken as
+    faster in int8 in LiteRT (which layers are is this machine's: see
+    ``test_int8_layers_are_chosen_by_their_times_in_litert``)."""
+    from graphopt.targets import litert_layers
+
+    monkeypatch.setattr(litert_layers, "layer_costs", lambda node, threads: (2e-5, 1e-5))
     model = version_converter.convert_version(onnx.load(EXAMPLE), 17)
     out = tmp_path / "int8"
     result = graphopt.optimize(model, target="litert", output=out, quantize="int8")
@@ -189,6 +194,61 @@ def test_int8_conv_layer_within_one_step(tmp_path, group):
     want = _qdq_reference(model, {"x": x})
     steps = np.abs(got - want) / step
     assert (steps <= 1.0 + 1e-3).mean() >= 0.99 and np.count_nonzero(want) > want.size / 4
+
+
+def test_int8_layers_are_chosen_by_their_times_in_litert(tmp_path, monkeypatch):
+    """require-speedup on the litert target asks LiteRT, not the host's cost model: each
+    layer alone is lowered and timed there in float and in int8 (a layer reading the
+    model input with its QUANTIZE), and one measured slower in int8 stays float, with
+    the figures in the report. Timed for real first (the choice is this machine's: only
+    that every layer was timed is checked), then with the stem's int8 made slower."""
+    from graphopt.targets import litert_layers
+
+    model = version_converter.convert_version(onnx.load(EXAMPLE), 17)
+    shape = {"input": [1, 3, 32, 32]}
+    timed = {}
+    real = litert_layers.layer_costs
+
+    def recording(node, threads):
+        timed[node.name] = real(node, threads)
+        return timed[node.name]
+
+    monkeypatch.setattr(litert_layers, "layer_costs", recording)
+    graphopt.optimize(model, target="litert", input_shapes=shape, quantize="int8")
+    assert sorted(timed) == ["block0/Conv", "block1/Conv", "block2/Conv", "head/Gemm"]
+    assert all(len(t) == 2 and 0 < t[0] < 0.01 and 0 < t[1] < 0.01 for t in timed.values())
+
+    def stem_slower(node, threads):  # the 3-channel stem slower in int8, the rest faster
+        return (1e-5, 3e-5) if node.inputs[0].shape[1] == 3 else (2e-5, 1e-5)
+
+    monkeypatch.setattr(litert_layers, "layer_costs", stem_slower)
+    out = tmp_path / "mixed"
+    result = graphopt.optimize(model, target="litert", output=out, input_shapes=shape,
+                               quantize="int8")
+    section = next(e for e in result.report["trace"]
+                   if e["pass_name"] == "quantize-int8")["stats"]["compression"]
+    assert section["refused"] == {"block0/Conv": (
+        "int8 does not pay off on host-cpu at inputs {'input': [1, 3, 32, 32]}: measured "
+        "in litert here, the layer alone: 30.00 us int8 (with activation quantization) vs "
+        "10.00 us float")}
+    assert {n for n, e in section["sites"].items() if e["changed"]} == \
+        {"block1/Conv", "block2/Conv", "head/Gemm"}
+    convs = [op for op in _ops(out / "model.tflite") if op[0] == "CONV_2D"]
+    assert [dtype for _, dtype in convs] == ["FLOAT32", "INT8", "INT8"]
+    assert result.report["artifact"]["min_cosine"] >= DEFAULT_BUDGET
+
+
+def _ops(path) -> list[tuple[str, str]]:
+    """(builtin operator, its output's type) of each operator of a ``.tflite``."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(path.read_bytes(), 0)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    types = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    graph = model.subgraphs[0]
+    return [(names[max(model.operatorCodes[op.opcodeIndex].builtinCode,
+                       model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)],
+             types[graph.tensors[op.outputs[0]].type]) for op in graph.operators]
 
 
 def test_int8_model_io(tmp_path):

@@ -248,16 +248,26 @@ class _Int8Pass(CompressionPass):
             except GraphoptError:
                 pass  # shapes as the graph has them
         nodes = {n.name: n for n in shaped.graph.nodes}
+        target = ctx.target
         for name, site in list(plan.sites.items()):
             if site.kind != "compute":
                 continue
             node = nodes[name]
-            site.float_s = cost_model.node_cost(node, device).latency_s
-            site.int8_s = cost_model.int8_latency(node, device, self.dynamic)
+            # the target's own kernels timed, where it can (static int8 only)
+            measured = None if self.dynamic or target is None else \
+                target.int8_layer_costs(node)
+            if measured is not None:
+                site.float_s, site.int8_s = measured
+                how = f"measured in {target.name} here, the layer alone: "
+            else:
+                site.float_s = cost_model.node_cost(node, device).latency_s
+                site.int8_s = cost_model.int8_latency(node, device, self.dynamic)
+                how = "est. "
             if self.options.require_speedup and site.int8_s >= site.float_s:
-                plan.skipped[name] = (f"int8 does not pay off on {device.name}{where}: est. "
-                                      f"{site.int8_s * 1e6:.2f} us int8 (with activation "
-                                      f"quantization) vs {site.float_s * 1e6:.2f} us float")
+                plan.skipped[name] = (f"int8 does not pay off on {device.name}{where}: "
+                                      f"{how}{site.int8_s * 1e6:.2f} us int8 (with "
+                                      f"activation quantization) vs "
+                                      f"{site.float_s * 1e6:.2f} us float")
                 del plan.sites[name]
 
     def _prepare(self, base: onnx.ModelProto, plan: _Plan) -> onnx.ModelProto:
