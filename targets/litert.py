@@ -277,7 +277,7 @@ class LiteRtTarget(Target):
             return None
         from graphopt.targets.litert_layers import layer_costs
 
-        return layer_costs(node, self.threads)
+        return layer_costs(node, self.threads, self.fingerprint())
 
     def ran_on(self) -> str | None:
         return f"this machine's CPU in LiteRT {_litert_version()} (XNNPACK, " \

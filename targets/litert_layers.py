@@ -11,37 +11,79 @@ and once in ``quantize-int8``'s QDQ form (per-channel int8 weights, int32 bias, 
 input and output: between int8 layers no conversion runs; a layer reading a model input
 pays the input's QUANTIZE and its output's DEQUANTIZE too), and both are timed in
 LiteRT's interpreter (XNNPACK, the target's threads). A layer of the same op,
-attributes and shapes is timed once per process.
+attributes and shapes is timed once per machine: the times are kept in graphopt's cache
+folder (``litert-layers/``, one file per target fingerprint: CPU, threads, LiteRT's
+version), so the choice, and the ``.tflite``, come out the same in every run here.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.cost_calibration import cache_dir
 from graphopt.ir import Model
 from graphopt.qdq import QdqWriter
 from graphopt.rewrite import constant_value, consumers
 
 ROUND_S = 2e-3  # the runs of one round last about this long
 ROUNDS = 5
-_TIMED: dict[tuple, tuple[float, float] | None] = {}
+SCHEMA = 1  # of the stored times
+_STORES: dict[Path, dict[str, list[float] | None]] = {}
 
 
-def layer_costs(node: gs.Node, threads: int) -> tuple[float, float] | None:
+def layer_costs(node: gs.Node, threads: int, fingerprint: dict
+                ) -> tuple[float, float] | None:
     """``(float seconds, int8 seconds)`` of one run of layer ``node`` (Conv, Gemm or
-    MatMul with a constant float weight, static shapes) in LiteRT; ``None`` where it
-    cannot be built or lowered alone."""
+    MatMul with a constant float weight, static shapes) in LiteRT on ``threads``, from
+    the times stored for ``fingerprint`` (the target's) or measured now and stored;
+    ``None`` where it cannot be built or lowered alone."""
     built = _layer(node)
     if built is None:
         return None
-    key = (built[0], threads)
-    if key not in _TIMED:
-        _TIMED[key] = _timed(*built[1:], threads)
-    return _TIMED[key]
+    path = store_path(fingerprint)
+    times = _STORES.get(path)
+    if times is None:
+        times = _STORES[path] = _read(path)
+    key = json.dumps(built[0])
+    if key not in times:
+        measured = _timed(*built[1:], threads)
+        times[key] = None if measured is None else list(measured)
+        _write(path, times)
+    return None if times[key] is None else (times[key][0], times[key][1])
+
+
+def store_path(fingerprint: dict) -> Path:
+    digest = hashlib.sha256(json.dumps({"schema": SCHEMA, **fingerprint},
+                                       sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "litert-layers" / f"{digest}.json"
+
+
+def _read(path: Path) -> dict[str, list[float] | None]:
+    try:
+        data = json.loads(path.read_text())
+        return dict(data["layers"]) if data.get("schema") == SCHEMA else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # none stored yet, or unreadable: measured again
+
+
+def _write(path: Path, times: dict) -> None:
+    """Stored atomically; a cache folder that cannot be written keeps them in memory."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        staged.write_text(json.dumps({"schema": SCHEMA, "layers": times}, indent=0,
+                                     sort_keys=True) + "\n")
+        os.replace(staged, path)
+    except OSError:
+        pass
 
 
 def _layer(node: gs.Node):
@@ -66,8 +108,9 @@ def _layer(node: gs.Node):
     if None in bounds:
         act = None
     fed = not x.inputs  # a model input: the int8 layer quantizes it itself
-    signature = (node.op, repr(sorted(node.attrs.items())), tuple(shape), weight.shape,
-                 bias is not None, act and (act.op, bounds), fed)
+    signature = (node.op, repr(sorted(node.attrs.items())), [int(d) for d in shape],
+                 [int(d) for d in weight.shape], bias is not None,
+                 act and (act.op, bounds), fed)
     return signature, _float_model(node, shape, weight, bias, act, bounds), fed
 
 

@@ -75,7 +75,7 @@ def test_example_cnn_full_integer(tmp_path, monkeypatch):
     ``test_int8_layers_are_chosen_by_their_times_in_litert``)."""
     from graphopt.targets import litert_layers
 
-    monkeypatch.setattr(litert_layers, "layer_costs", lambda node, threads: (2e-5, 1e-5))
+    monkeypatch.setattr(litert_layers, "layer_costs", lambda node, *_: (2e-5, 1e-5))
     model = version_converter.convert_version(onnx.load(EXAMPLE), 17)
     out = tmp_path / "int8"
     result = graphopt.optimize(model, target="litert", output=out, quantize="int8")
@@ -201,7 +201,8 @@ def test_int8_layers_are_chosen_by_their_times_in_litert(tmp_path, monkeypatch):
     layer alone is lowered and timed there in float and in int8 (a layer reading the
     model input with its QUANTIZE), and one measured slower in int8 stays float, with
     the figures in the report. Timed for real first (the choice is this machine's: only
-    that every layer was timed is checked), then with the stem's int8 made slower."""
+    that every layer was timed, and the times kept for the next run, is checked), then
+    with the stem's int8 made slower."""
     from graphopt.targets import litert_layers
 
     model = version_converter.convert_version(onnx.load(EXAMPLE), 17)
@@ -209,16 +210,24 @@ def test_int8_layers_are_chosen_by_their_times_in_litert(tmp_path, monkeypatch):
     timed = {}
     real = litert_layers.layer_costs
 
-    def recording(node, threads):
-        timed[node.name] = real(node, threads)
+    def recording(node, threads, fingerprint):
+        timed[node.name] = real(node, threads, fingerprint)
         return timed[node.name]
 
     monkeypatch.setattr(litert_layers, "layer_costs", recording)
     graphopt.optimize(model, target="litert", input_shapes=shape, quantize="int8")
     assert sorted(timed) == ["block0/Conv", "block1/Conv", "block2/Conv", "head/Gemm"]
     assert all(len(t) == 2 and 0 < t[0] < 0.01 and 0 < t[1] < 0.01 for t in timed.values())
+    # kept for this machine: a later run times nothing and decides alike
+    stored = json.loads(litert_layers.store_path(LiteRtTarget().fingerprint()).read_text())
+    assert set(timed.values()) <= {tuple(t) for t in stored["layers"].values() if t}
+    first, timed = dict(timed), {}
+    litert_layers._STORES.clear()
+    monkeypatch.setattr(litert_layers, "_timed", None)  # would fail if called
+    graphopt.optimize(model, target="litert", input_shapes=shape, quantize="int8")
+    assert timed == first
 
-    def stem_slower(node, threads):  # the 3-channel stem slower in int8, the rest faster
+    def stem_slower(node, *_):  # the 3-channel stem slower in int8, the rest faster
         return (1e-5, 3e-5) if node.inputs[0].shape[1] == 3 else (2e-5, 1e-5)
 
     monkeypatch.setattr(litert_layers, "layer_costs", stem_slower)
