@@ -811,3 +811,16 @@ def test_verification_keeps_litert_and_ort_apart(tmp_path, monkeypatch):
     assert overlaps == []
     path = str(Path(result.artifact.path).resolve())
     assert not [k for k in litert._INTERPRETERS if k[0] == path]
+
+
+def test_the_report_counts_before_and_after_at_the_inputs_it_binds(tmp_path):
+    """A compiled target binds ``--input-shape``: the report's ``input`` summary is of
+    the original at those shapes too, not at its symbolic ones (counted as 1), so
+    before and after compare the same work."""
+    flops = {}
+    for batch in (1, 8):
+        report = graphopt.optimize(mlp(), target="litert", input_shapes={"x": [batch, 32]},
+                                   output=tmp_path / f"b{batch}").report
+        assert report["input"]["flops"] == pytest.approx(report["output"]["flops"], rel=0.05)
+        flops[batch] = report["input"]["flops"]
+    assert flops[8] == pytest.approx(8 * flops[1], rel=0.05)
