@@ -159,9 +159,9 @@ def _timed(model: Model, fed: bool, threads: int) -> tuple[float, float] | None:
         floats = lower_graph(model.to_onnx(), nhwc_io=True).data
         int8 = lower_graph(_quantized(model, bias).to_onnx(), nhwc_io=True,
                            int8_io=not fed).data
-    except (GraphoptError, Unmappable, ValueError):
-        return None
-    return _seconds(bytes(floats), threads), _seconds(bytes(int8), threads)
+        return _seconds(bytes(floats), threads), _seconds(bytes(int8), threads)
+    except (GraphoptError, Unmappable, ValueError, RuntimeError):
+        return None  # not lowered or run alone: the cost model's estimates decide
 
 
 def _seconds(data: bytes, threads: int) -> float:

@@ -9,8 +9,11 @@ What the passes say:
    nodes in the ``exclude`` list, or that cannot be quantized, are refused sites with the
    reason, and so is a compute site whose int8 form the target's cost model says does not
    pay off (``require-speedup``: roofline time at the device's int8 peak plus the
-   activation quantization it needs, against its float32 time). Embedding tables are
-   quantized for size (rows are dequantized after the gather: next to no time).
+   activation quantization it needs, against its float32 time), or, on a target that
+   times layers on its own kernels (``Target.int8_layer_costs``: litert), whose int8
+   form measured there is slower than its float one by more than ``MEASURED_NOISE``.
+   Embedding tables are quantized for size (rows are dequantized after the gather: next
+   to no time).
 2. **Savings** from that cost model per layer (and bytes of the weights), so no model
    is built to cost a site.
 3. **Calibration** (static) on ``ctx.calibration``; without data, random probe inputs
@@ -18,6 +21,11 @@ What the passes say:
 4. **Damages** of every site alone from one ONNX Runtime session of a "switchboard" model
    (``graphopt.switchboard``: each site is an If on a boolean input): one session and N
    runs of the data, not N model builds.
+
+``full-integer`` (static): once the layers are chosen, the outputs of the Adds, Muls,
+Concats and average pools that read quantized values, and of the quantized Gemm/MatMul
+layers, are quantized too, and kept if the budget still holds (a full-integer runtime
+then runs them on int8).
 
 The core does the rest (``graphopt.compression_driver``): every paying site quantized at
 once is measured first (``optimistic``: usually it meets the budget and no site needs
@@ -339,7 +347,7 @@ class _Int8Pass(CompressionPass):
             proto = self._build(self._base, self._plan, chosen)
         finally:
             self._full = False
-        before = sum(n.op_type == "QuantizeLinear" for n in work.to_onnx().graph.node)
+        before = sum(n.op == "QuantizeLinear" for n in work.graph.nodes)
         outputs = sum(n.op_type == "QuantizeLinear" for n in proto.graph.node) - before
         if outputs <= 0:
             info["full_integer"] = {"outputs": 0, "kept": False}
