@@ -10,7 +10,7 @@ prepacked weights), so what each left in the heap stood under the next one's pea
 ResNet-50's ``.tflite`` write peaked in ONNX Runtime's timing session at 437 MiB of RSS,
 of which 312 were resident before the session was made; with ``returned`` around the
 lowering and the checks, 369.5-402.6 MiB in 12 runs, the peak LiteRT's interpreter's,
-ONNX Runtime's session made at 179-207 MiB. A fixed threshold keeps big blocks in
+ONNX Runtime's session made at 166-207 MiB. A fixed threshold keeps big blocks in
 mappings of their own, but costs numpy's temporaries of a few hundred KiB a mapping and
 its page faults each (2x slower at 1 MiB, 8x at 128 KiB, measured), so it holds only
 within ``returned``; after it the thresholds are the highest glibc would raise them to
