@@ -23,9 +23,9 @@ What the passes say:
    runs of the data, not N model builds.
 
 ``full-integer`` (static): once the layers are chosen, the outputs of the Adds, Muls,
-Concats and average pools that read quantized values, and of the quantized Gemm/MatMul
-layers, are quantized too, and kept if the budget still holds (a full-integer runtime
-then runs them on int8).
+Concats and global average pools that read quantized values, and of the quantized
+Gemm/MatMul layers, are quantized too, and kept if the budget still holds (a
+full-integer runtime then runs them on int8).
 
 The core does the rest (``graphopt.compression_driver``): every paying site quantized at
 once is measured first (``optimistic``: usually it meets the budget and no site needs
@@ -428,8 +428,8 @@ class QuantizeInt8(_Int8Pass):
         # SmoothQuant first (``smooth-quant``: activation outliers moved into the weights,
         # exact in real arithmetic) on the calibration data
         smooth: bool = False
-        # Also quantize, at their calibrated ranges, the outputs of Add/Mul/Concat/average
-        # pools reading quantized values and of the quantized Gemm/MatMul layers: a
+        # Also quantize, at their calibrated ranges, the outputs of Add/Mul/Concat/global
+        # average pools reading quantized values and of the quantized Gemm/MatMul layers: a
         # full-integer runtime (LiteRT, TFLite Micro, an NPU) then runs them on int8 and
         # the model's head writes int8, not float between DEQUANTIZE and QUANTIZE.
         full_integer: bool = False
