@@ -105,7 +105,7 @@ def latency(target: Target, artifact: Artifact, reference: onnx.ModelProto,
             artifact_times.append(target.measure(artifact, feeds, repeat=_repeat(first)))
         ort_times.append(_ort_round(sess, feeds, ort_first))
     return _latency(artifact_times if first is not None else None, ort_times, threads,
-                    rounds)
+                    rounds, target.untimed_note)
 
 
 def _latency_apart(target: Target, artifact: Artifact, reference: onnx.ModelProto,
@@ -134,7 +134,7 @@ def _latency_apart(target: Target, artifact: Artifact, reference: onnx.ModelProt
                               for _ in range(rounds)]
         finally:
             target.release(artifact)
-    result = _latency(artifact_times, ort_times, threads, rounds)
+    result = _latency(artifact_times, ort_times, threads, rounds, target.untimed_note)
     result["order"] = order
     return result
 
@@ -157,15 +157,16 @@ def _ort_round(sess, feeds: verify.Feeds, ort_first: float) -> float:
 
 
 def _latency(artifact_times: list[float] | None, ort_times: list[float], threads: int,
-             rounds: int) -> dict:
-    """The latency section from each side's round medians (``None``: no device timing)."""
+             rounds: int, untimed_note: str) -> dict:
+    """The latency section from each side's round medians (``None``: no device timing,
+    for the reason ``untimed_note``)."""
     seconds = statistics.median(artifact_times) if artifact_times is not None else None
     ort_s = statistics.median(ort_times)
     result = {"artifact_s": seconds, "ort_s": ort_s, "ort_threads": threads,
               "rounds": rounds,
               "ort_vs_artifact": None if seconds is None else ort_s / seconds}
     if seconds is None:
-        result["note"] = "the artifact runs under emulation here: no device timing"
+        result["note"] = untimed_note
     return result
 
 

@@ -94,6 +94,9 @@ class Target(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    # The report's reason where ``measure`` gives no time (the artifact runs here, but
+    # not on the device it is built for).
+    untimed_note: ClassVar[str] = "the artifact runs under emulation here: no device timing"
     produces: ClassVar[str] = "an optimized .onnx file"
     device: ClassVar[Device]
     capabilities: ClassVar[Capabilities] = Capabilities()

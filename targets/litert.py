@@ -29,6 +29,7 @@ import os
 import platform
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt import verify
+from graphopt.cost import Device
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model
 from graphopt.paths import TEMP_PREFIX
@@ -58,6 +60,36 @@ _CONTRIB_ONLY = {"fuse-conv-act", "fuse-silu", "fuse-attention", "fuse-skip-laye
                  "fuse-bias-gelu", "fuse-rms-norm"}
 
 
+@dataclass(frozen=True)
+class Phone:
+    """A phone a ``.tflite`` is built for, as a row of data: the device its cost model
+    prices (nominal figures, for ranking, not measurements). LiteRT runs the file here
+    only to verify it; this CPU's time says nothing of the phone's."""
+
+    name: str
+    description: str
+    core: str
+    peak_flops_per_core: dict[str, float]
+    bandwidth: float  # bytes/s
+
+    def device(self, threads: int) -> Device:
+        return Device(f"{threads}x {self.core}", {k: v * threads for k, v in
+                                                   self.peak_flops_per_core.items()},
+                      self.bandwidth, cores=threads, int8_fast=True, channel_multiple=4)
+
+
+PHONES: dict[str, Phone] = {p.name: p for p in (
+    Phone("android-arm64",
+          "LiteRT (TensorFlow Lite) .tflite for Android phones, 64-bit Arm big cores "
+          "(Cortex-A76/A78 class: NEON, dotprod, XNNPACK); verified here in LiteRT, "
+          "not timed (this CPU is not the phone's)",
+          "Cortex-A76-class phone core @ 2.4 GHz",
+          # as the arm-a76 preset: 2 NEON FMA pipes x 4 lanes x 2 x 2.4 GHz; FP16 2x;
+          # SDOT 2 x 16 MACs
+          {"float32": 38.4e9, "float16": 76.8e9, "int8": 153.6e9}, bandwidth=10e9),
+)}
+
+
 class LiteRtTarget(Target):
     """LiteRT's CPU interpreter with XNNPACK, as phones run ``.tflite`` files."""
 
@@ -71,20 +103,19 @@ class LiteRtTarget(Target):
                                 dtypes=frozenset({"float32"}))
     default_pipeline = tuple(p for p in LOSSLESS_PIPELINE if p not in _CONTRIB_ONLY)
     compiled = True  # LiteRT runs it, not the ONNX Runtime the pass manager verified with
-    # The quantizers decide with require-speedup by the host cost model, which prices
-    # ONNX Runtime's kernels: it leaves the zoo's MLP float at batch 2 (int8-dynamic) and
-    # the example CNN's head float (int8). LiteRT's kernels answer otherwise: two FC
-    # layers on the dynamic-range or the full-integer int8 kernels ran at about float32's
-    # speed at 64x64 (0.71-1.08x over two runs on this shared machine) and 1.2-3.5x
-    # faster from 256x256 to 128x384x1536 (1 thread; benchmarks/litert_target.py
-    # --fc-sweep), with a quarter of the weight bytes; so no layer is left float for
-    # speed, only for the accuracy budget.
+    # The quantizers decide with require-speedup, by default with the host cost model,
+    # which prices ONNX Runtime's kernels: it left the zoo's MLP float at batch 2
+    # (int8-dynamic) and the example CNN's head float (int8). quantize-int8 here asks
+    # LiteRT instead: each layer timed alone, float against int8 (``int8_layer_costs``;
+    # a 3-channel stem ran 3.6x slower in int8 on this machine). int8-dynamic does not:
+    # two FC layers on the dynamic-range kernels ran at about float32's speed at 64x64
+    # (0.71-1.08x over two runs on a shared machine) and 1.2-3.5x faster from 256x256 to
+    # 128x384x1536 (1 thread; benchmarks/litert_target.py --fc-sweep), with a quarter of
+    # the weight bytes; so it leaves no layer float for speed, only for the budget.
     # (reduce-range stays auto: XNNPACK's int8 kernels do not saturate on full-range
     # weights, but the quantizer measures its candidates in ONNX Runtime's fused
     # kernels, which do on x86 without VNNI, so 8-bit weights would be judged less
     # accurate there and kept float.)
-    # quantize-int8 decides require-speedup by each layer timed alone in LiteRT, float
-    # against int8 (``int8_layer_costs``): a 3-channel stem ran 3.6x slower in int8 here.
     # full-integer: the residual Adds, averages and the head that read int8 values write
     # int8 too (as LiteRT's own converter does), not float between DEQUANTIZE and QUANTIZE.
     pass_defaults = {"quantize-int8": {"full-integer": True},
@@ -96,14 +127,16 @@ class LiteRtTarget(Target):
                            "inputs and outputs as int8 tensors"}
 
     def __init__(self, threads: int | None = None, io_layout: str = "onnx",
-                 name: str | None = None, io_dtype: str = "float32"):
+                 name: str | None = None, io_dtype: str = "float32",
+                 phone: str | None = None):
         """``threads``: the interpreter's threads (default 1, a phone app's usual
         setting); ``io_layout="nhwc"`` exposes 4-D inputs and outputs as NHWC (camera
         frames) instead of the ONNX model's layout; ``name``: the registered alias;
         ``io_dtype="int8"``: in a full-integer model, inputs read only by a
         QuantizeLinear and quantized outputs are int8 tensors (their scale and zero point
         in the manifest) instead of float32 with a QUANTIZE/DEQUANTIZE; ``run`` still
-        takes and gives float32."""
+        takes and gives float32. ``phone``: a row of ``PHONES``, the device the file is
+        built for (its cost model decides), when that is not this machine."""
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be >= 1, got {threads}")
         if io_dtype not in IO_DTYPES:
@@ -112,20 +145,40 @@ class LiteRtTarget(Target):
         if io_layout not in IO_LAYOUTS:
             raise UsageError(f"unknown io layout {io_layout!r}",
                              hint=f"choose one of {', '.join(IO_LAYOUTS)}")
+        if phone is not None and phone not in PHONES:
+            raise UsageError(f"unknown phone {phone!r}", hint=f"one of {', '.join(PHONES)}")
         self.threads = threads or 1
         self.io_layout = io_layout
         self.io_dtype = io_dtype
         if name is not None:
             self.name = name
-        self.device = host_device(cores=self.threads, blocked_layout=False)
+        self.phone = PHONES.get(phone)
+        if self.phone is None:
+            self.device = host_device(cores=self.threads, blocked_layout=False)
+        else:
+            self.description = self.phone.description
+            self.device = self.phone.device(self.threads)
 
     def with_threads(self, threads: int) -> "LiteRtTarget":
-        return LiteRtTarget(threads, self.io_layout, self.name, self.io_dtype)
+        return LiteRtTarget(threads, self.io_layout, self.name, self.io_dtype,
+                            self._phone_name)
 
     def with_options(self, **values: str) -> "LiteRtTarget":
         super().with_options(**values)
         merged = {**self.option_values(), **values}
-        return LiteRtTarget(self.threads, merged["io_layout"], self.name, merged["io_dtype"])
+        return LiteRtTarget(self.threads, merged["io_layout"], self.name, merged["io_dtype"],
+                            self._phone_name)
+
+    @property
+    def _phone_name(self) -> str | None:
+        return None if self.phone is None else self.phone.name
+
+    @property
+    def untimed_note(self) -> str:
+        if self.phone is None:
+            return Target.untimed_note
+        return f"the .tflite ran here in LiteRT on this machine's CPU to be verified, " \
+               f"not on the {self.phone.name} device it is built for: no device timing"
 
     def option_values(self) -> dict[str, str]:
         return {"io_layout": self.io_layout, "io_dtype": self.io_dtype}
@@ -138,6 +191,14 @@ class LiteRtTarget(Target):
     def fingerprint(self) -> dict:
         return {**super().fingerprint(), "threads": self.threads,
                 "ai_edge_litert": _litert_version()}
+
+    def measure(self, artifact: Artifact, feeds: dict[str, np.ndarray], *,
+                repeat: int = 20) -> float | None:
+        """Seconds of a run here (``Target.measure``); ``None`` for a phone's file: this
+        CPU's time says nothing about the phone's."""
+        if self.phone is not None:
+            return None
+        return super().measure(artifact, feeds, repeat=repeat)
 
     def prepare(self, model: Model, input_shapes: dict[str, list[int]] | None) -> None:
         """``--input-shape`` fixes those inputs in the ``.tflite`` (and lets the pipeline
@@ -272,8 +333,9 @@ class LiteRtTarget(Target):
 
     def int8_layer_costs(self, node) -> tuple[float, float] | None:
         """The layer alone in float and in int8, each lowered and timed in LiteRT here
-        (``litert_layers``); ``None`` without LiteRT or where it cannot be built alone."""
-        if self.availability():
+        (``litert_layers``); ``None`` without LiteRT, where it cannot be built alone, or
+        for a phone's file (its cost model decides)."""
+        if self.availability() or self.phone is not None:
             return None
         from graphopt.targets.litert_layers import layer_costs
 
@@ -479,3 +541,5 @@ def _litert_version() -> str | None:
 
 # The alias ``--target tflite``: the same target under LiteRT's former name.
 TFLITE = LiteRtTarget(name="tflite")
+# Phones: the same .tflite, built for their device (rows of ``PHONES``).
+ANDROID_ARM64 = LiteRtTarget(name="android-arm64", phone="android-arm64")

@@ -235,8 +235,9 @@ def _check_against_ort(model: onnx.ModelProto, result, feeds: dict) -> float:
 # ---------------------------------------------------------------------- tests
 def test_alias_registered():
     registry = target_registry()
-    assert {"litert", "tflite"} <= set(registry.names())
+    assert {"litert", "tflite", "android-arm64"} <= set(registry.names())
     assert registry.get("tflite").name == "tflite"
+    assert registry.get("android-arm64").device.name == "1x Cortex-A76-class phone core @ 2.4 GHz"
 
 
 def test_example_cnn_cli_no_transposes_inside(tmp_path):

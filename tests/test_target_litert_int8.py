@@ -247,6 +247,30 @@ def test_int8_layers_are_chosen_by_their_times_in_litert(tmp_path, monkeypatch):
     assert result.report["artifact"]["min_cosine"] >= DEFAULT_BUDGET
 
 
+def test_a_phone_s_file_is_chosen_by_its_cost_model_and_not_timed_here(tmp_path,
+                                                                     monkeypatch):
+    """``--target android-arm64``: the same lowering, verified here in LiteRT, but the
+    int8 layers are chosen by the phone's cost model (nothing is timed on this CPU, which
+    is not the phone's: NEON with dotprod prices the convolutions int8), and the report
+    has no device latency, with the reason."""
+    from graphopt.targets import litert_layers
+
+    def not_here(*_):
+        raise AssertionError("a phone's layers were timed on this machine")
+
+    monkeypatch.setattr(litert_layers, "layer_costs", not_here)
+    model = version_converter.convert_version(onnx.load(EXAMPLE), 17)
+    out = tmp_path / "phone"
+    result = graphopt.optimize(model, target="android-arm64", output=out,
+                               input_shapes={"input": [1, 3, 32, 32]}, quantize="int8")
+    assert result.report["device"] == "1x Cortex-A76-class phone core @ 2.4 GHz"
+    check = result.report["artifact"]
+    assert check["ok"] and check["min_cosine"] >= DEFAULT_BUDGET
+    assert check["latency"]["artifact_s"] is None and check["latency"]["ort_s"] > 0
+    assert "not on the android-arm64 device" in check["latency"]["note"]
+    assert [t for op, t in _ops(out / "model.tflite") if op == "CONV_2D"] == ["INT8"] * 3
+
+
 def _ops(path) -> list[tuple[str, str]]:
     """(builtin operator, its output's type) of each operator of a ``.tflite``."""
     from ai_edge_litert import schema_py_generated as schema
