@@ -54,6 +54,7 @@ FORMAT = "graphopt-litert/1"
 MODEL_FILE = "model.tflite"
 IO_LAYOUTS = ("onnx", "nhwc")
 IO_DTYPES = ("float32", "int8")
+BOOLEANS = {"true": True, "false": False}
 # Passes of the lossless pipeline that only write ops of the ONNX Runtime contrib domain
 # (or forms the writer does not map): not worth listing for this target.
 _CONTRIB_ONLY = {"fuse-conv-act", "fuse-silu", "fuse-attention", "fuse-skip-layer-norm",
@@ -124,11 +125,15 @@ class LiteRtTarget(Target):
     options = {"io_layout": "onnx (default): the ONNX model's layout at inputs and "
                             "outputs; nhwc: 4-D ones as NHWC (camera frames)",
                "io_dtype": "float32 (default); int8: a full-integer model's quantized "
-                           "inputs and outputs as int8 tensors"}
+                           "inputs and outputs as int8 tensors",
+               "allow_custom": "false (default): an op without a TFLite mapping is "
+                               "refused, named; true: it becomes a CUSTOM operator for a "
+                               "kernel the app registers (stock LiteRT cannot run the "
+                               "file, so it is not verified here)"}
 
     def __init__(self, threads: int | None = None, io_layout: str = "onnx",
                  name: str | None = None, io_dtype: str = "float32",
-                 phone: str | None = None):
+                 phone: str | None = None, allow_custom: bool | str = False):
         """``threads``: the interpreter's threads (default 1, a phone app's usual
         setting); ``io_layout="nhwc"`` exposes 4-D inputs and outputs as NHWC (camera
         frames) instead of the ONNX model's layout; ``name``: the registered alias;
@@ -136,7 +141,9 @@ class LiteRtTarget(Target):
         QuantizeLinear and quantized outputs are int8 tensors (their scale and zero point
         in the manifest) instead of float32 with a QUANTIZE/DEQUANTIZE; ``run`` still
         takes and gives float32. ``phone``: a row of ``PHONES``, the device the file is
-        built for (its cost model decides), when that is not this machine."""
+        built for (its cost model decides), when that is not this machine.
+        ``allow_custom``: ops without a mapping become CUSTOM operators (``custom_op``)
+        instead of being refused."""
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be >= 1, got {threads}")
         if io_dtype not in IO_DTYPES:
@@ -145,6 +152,11 @@ class LiteRtTarget(Target):
         if io_layout not in IO_LAYOUTS:
             raise UsageError(f"unknown io layout {io_layout!r}",
                              hint=f"choose one of {', '.join(IO_LAYOUTS)}")
+        if isinstance(allow_custom, str):
+            if allow_custom.lower() not in BOOLEANS:
+                raise UsageError(f"allow_custom must be true or false, not {allow_custom!r}")
+            allow_custom = BOOLEANS[allow_custom.lower()]
+        self.allow_custom = bool(allow_custom)
         if phone is not None and phone not in PHONES:
             raise UsageError(f"unknown phone {phone!r}", hint=f"one of {', '.join(PHONES)}")
         self.threads = threads or 1
@@ -161,13 +173,13 @@ class LiteRtTarget(Target):
 
     def with_threads(self, threads: int) -> "LiteRtTarget":
         return LiteRtTarget(threads, self.io_layout, self.name, self.io_dtype,
-                            self._phone_name)
+                            self._phone_name, self.allow_custom)
 
     def with_options(self, **values: str) -> "LiteRtTarget":
         super().with_options(**values)
         merged = {**self.option_values(), **values}
         return LiteRtTarget(self.threads, merged["io_layout"], self.name, merged["io_dtype"],
-                            self._phone_name)
+                            self._phone_name, merged["allow_custom"])
 
     @property
     def _phone_name(self) -> str | None:
@@ -181,7 +193,8 @@ class LiteRtTarget(Target):
                f"not on the {self.phone.name} device it is built for: no device timing"
 
     def option_values(self) -> dict[str, str]:
-        return {"io_layout": self.io_layout, "io_dtype": self.io_dtype}
+        return {"io_layout": self.io_layout, "io_dtype": self.io_dtype,
+                "allow_custom": str(self.allow_custom).lower()}
 
     def availability(self) -> str | None:
         if importlib.util.find_spec("ai_edge_litert") is None:
@@ -221,7 +234,8 @@ class LiteRtTarget(Target):
         twice = static_model(model, sequence=2 * DEFAULT_SYMBOLIC_SIZE)[0] if others else None
         lowered = lower_graph(static, nhwc_io=self.io_layout == "nhwc",
                               int8_io=self.io_dtype == "int8", at_batch_2=at_2,
-                              at_sequence_2=twice, symbols=_input_symbols(model))
+                              at_sequence_2=twice, symbols=_input_symbols(model),
+                              allow_custom=self.allow_custom)
         del at_2, twice
         per_sample = per_sample and not lowered.resizable_batch
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +284,12 @@ class LiteRtTarget(Target):
             },
             "operators": lowered.operators,
             "transposes": lowered.transposes,
-            "builtin_only": True,
+            "builtin_only": not lowered.custom_ops,
+            **({"custom_ops": lowered.custom_ops,
+                "custom_note": "CUSTOM operators (custom codes: the ONNX op types; inputs "
+                               "and outputs in the ONNX layout; attributes as a FlexBuffer "
+                               "map): stock LiteRT does not run this file; the app "
+                               "registers their kernels"} if lowered.custom_ops else {}),
             "graphopt_version": graphopt_version(),
             "model_content_hash": model.content_hash(),
             "files": [MODEL_FILE, MANIFEST],
@@ -509,6 +528,10 @@ def _new_interpreter(path: str, threads: int):
     from ai_edge_litert.interpreter import Interpreter
 
     manifest = read_manifest(Path(path).parent)
+    if manifest.get("custom_ops"):
+        raise UsageError(f"{path} holds custom operators ({', '.join(manifest['custom_ops'])})"
+                         f" that stock LiteRT has no kernels for: it cannot run here",
+                         hint="the app that registers their kernels runs it")
     interpreter = Interpreter(model_path=path, num_threads=threads)
     interpreter.allocate_tensors()
     details = interpreter.get_input_details()

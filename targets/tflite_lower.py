@@ -86,6 +86,7 @@ class Lowered:
     static_reason: str | None = None  # why a batch asked to be resizable is not
     resizable_sequence: bool = False  # the other symbolic dimensions are -1 too
     sequence_static_reason: str | None = None  # why they are not
+    custom_ops: list[str] = field(default_factory=list)  # CUSTOM operators' codes
 
 
 class Lowering:
@@ -367,10 +368,12 @@ def _layout_name(name: str, perm: tuple[int, ...]) -> str:
 def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False,
                 int8_io: bool = False, at_batch_2: onnx.ModelProto | None = None,
                 at_sequence_2: onnx.ModelProto | None = None,
-                symbols: dict[str, list[str | None]] | None = None) -> Lowered:
+                symbols: dict[str, list[str | None]] | None = None,
+                allow_custom: bool = False) -> Lowered:
     """``proto`` (static shapes, shape-inferred, default domain) as ``.tflite`` bytes. An
     op without a mapping is a UsageError naming its type and node before anything is
-    built; the caller writes nothing in that case. ``int8_io``: quantized inputs and
+    built; the caller writes nothing in that case (``allow_custom``: it becomes a CUSTOM
+    operator instead, ``custom_op``). ``int8_io``: quantized inputs and
     outputs of a QDQ graph stay int8 (see ``tflite_quant``). ``at_batch_2``: the same
     graph bound at batch 2 where ``proto`` is bound at batch 1; ``at_sequence_2``: bound
     with its other symbolic dimensions (a sequence) twice as large: what follows them is
@@ -383,11 +386,14 @@ def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False,
     symbols = symbols or {}
     grown = _grown(proto, at_sequence_2, symbols) if at_sequence_2 is not None else []
     # (the other builds first, kept as snapshots: two builds' weights are not held)
-    second = snapshot(_build(at_batch_2, nhwc_io, int8_io, grown)[0].fb) \
+    second = snapshot(_build(at_batch_2, nhwc_io, int8_io, grown,
+                             allow_custom=allow_custom)[0].fb) \
         if at_batch_2 is not None else None
-    third = snapshot(_build(at_sequence_2, nhwc_io, int8_io, grown)[0].fb) \
+    third = snapshot(_build(at_sequence_2, nhwc_io, int8_io, grown,
+                            allow_custom=allow_custom)[0].fb) \
         if at_sequence_2 is not None else None
-    lw, io_inputs, io_outputs = _build(proto, nhwc_io, int8_io, grown, symbols)
+    lw, io_inputs, io_outputs = _build(proto, nhwc_io, int8_io, grown, symbols,
+                                       allow_custom)
     batch = follows(lw.fb, second, "batch") if second is not None else None
     sequence = follows(lw.fb, third, "sequence") if third is not None else None
     del second, third
@@ -407,6 +413,7 @@ def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False,
             spec["shape_signature"] = list(signature)
     kinds = {"float16" for t in lw.fb.tensors if t.half} | \
         {"int8" for t in lw.fb.tensors if t.quant is not None and t.data is not None}
+    custom = sorted({o.custom for o in lw.fb.operators if o.custom is not None})
     data = lw.fb.finish([i["name"] for i in io_inputs], [o["name"] for o in io_outputs])
     ops = Counter(o.code for o in lw.fb.operators)
     return Lowered(data, dict(sorted(ops.items())),
@@ -416,7 +423,8 @@ def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False,
                    resizable_batch=isinstance(batch, Plan),
                    static_reason=batch if isinstance(batch, str) else None,
                    resizable_sequence=isinstance(sequence, Plan),
-                   sequence_static_reason=sequence if isinstance(sequence, str) else None)
+                   sequence_static_reason=sequence if isinstance(sequence, str) else None,
+                   custom_ops=custom)
 
 
 def _compute(fb) -> str:
@@ -438,14 +446,14 @@ def _compute(fb) -> str:
 
 def _build(proto: onnx.ModelProto, nhwc_io: bool, int8_io: bool,
            sequence: list[tuple[str, int, str | None]] = (),
-           symbols: dict[str, list[str | None]] | None = None
+           symbols: dict[str, list[str | None]] | None = None, allow_custom: bool = False
            ) -> tuple["Lowering", list[dict], list[dict]]:
     """The lowering of ``proto`` before packing, and its input and output specs;
-    ``sequence``: ``Lowering.sequence``; ``symbols``: ``lower_graph``'s."""
+    ``sequence``: ``Lowering.sequence``; ``symbols``, ``allow_custom``: ``lower_graph``'s."""
     from graphopt.targets.tflite_ops import HANDLERS, fold_constant_node, prefix_gather
     from graphopt.targets.tflite_quant import lower_int8
 
-    check_mapped(proto)
+    custom = check_mapped(proto, allow_custom)
     lw = Lowering(proto)
     lw.int8_io = int8_io
     lw.sequence = list(sequence)
@@ -466,7 +474,9 @@ def _build(proto: onnx.ModelProto, nhwc_io: bool, int8_io: bool,
         if id(node) in lw.skipped:
             continue
         try:
-            if not prefix_gather(lw, node) and not fold_constant_node(lw, node) and \
+            if tuple(node.output) in custom:
+                custom_op(lw, node)
+            elif not prefix_gather(lw, node) and not fold_constant_node(lw, node) and \
                     not lower_int8(lw, node):
                 HANDLERS[node.op_type](lw, node)
         except Unmappable as exc:
@@ -515,23 +525,64 @@ def _grown(proto: onnx.ModelProto, larger: onnx.ModelProto,
             for axis, size in enumerate(shape) if size != small[name][axis]]
 
 
-def check_mapped(proto: onnx.ModelProto) -> None:
-    """Refuse a graph holding an op no handler maps (type and node named), before work.
-    Nodes computing constants only (shape arithmetic at static shapes, an exporter's
+def check_mapped(proto: onnx.ModelProto, allow_custom: bool = False
+                 ) -> set[tuple[str, ...]]:
+    """Refuse a graph holding an op no handler maps (type and node named), before work;
+    ``allow_custom``: those nodes' outputs instead (``custom_op`` lowers them). Nodes
+    computing constants only (shape arithmetic at static shapes, an exporter's
     position-id buffers) are evaluated ahead of time, whatever their op."""
     from graphopt.targets.tflite_ops import HANDLERS
 
     known = {i.name for i in proto.graph.initializer} | {""}
+    custom = set()
     for node in proto.graph.node:
         if node.op_type == "Shape" or all(i in known for i in node.input):
             known.update(node.output)
             continue
         if node.domain not in ("", "ai.onnx") or node.op_type not in HANDLERS:
+            if allow_custom:
+                custom.add(tuple(node.output))
+                continue
             domain = f"{node.domain}::" if node.domain not in ("", "ai.onnx") else ""
             raise UsageError(f"op {domain}{node.op_type} (node {node.name or node.output[0]!r}) "
                              f"has no TFLite mapping",
-                             hint="remove or replace it before lowering for litert; "
-                                  "`graphopt targets` lists what each target runs")
+                             hint="remove or replace it before lowering for litert, or "
+                                  "keep it as a custom op (--target-option "
+                                  "allow_custom=true) for a kernel your app registers")
+    return custom
+
+
+def custom_code(node: onnx.NodeProto) -> str:
+    """A CUSTOM operator's code for ``node``: its op type, after its domain if any."""
+    return node.op_type if node.domain in ("", "ai.onnx") else \
+        f"{node.domain}.{node.op_type}"
+
+
+def custom_op(lw: "Lowering", node: onnx.NodeProto) -> None:
+    """``node`` as a CUSTOM operator (``custom_code``) for a kernel the application
+    registers: its inputs and outputs in the ONNX model's layout and order (absent
+    optional inputs as -1), its attributes as a FlexBuffer map (numbers, strings and
+    lists of them; tensor and graph attributes are refused)."""
+    from flatbuffers import flexbuffers
+
+    attributes = {}
+    for a in node.attribute:
+        value = onnx.helper.get_attribute_value(a)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        elif isinstance(value, list):
+            value = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+                     for v in value]
+        if not isinstance(value, (int, float, str, list)) or (
+                isinstance(value, list) and not all(
+                    isinstance(v, (int, float, str)) for v in value)):
+            raise Unmappable(f"attribute {a.name!r} (a tensor or graph) has no place in "
+                             f"a custom operator's options")
+        attributes[a.name] = value
+    inputs = [lw.get(name, identity(lw.rank(name))) if name else -1 for name in node.input]
+    outputs = [lw.output(name) for name in node.output if name]
+    lw.fb.custom_op(custom_code(node), inputs, outputs,
+                    bytes(flexbuffers.Dumps(attributes)) if attributes else b"")
 
 
 def _quantization(tensor) -> dict:

@@ -66,6 +66,8 @@ class Operator:
     outputs: list[int]
     options: object | None = None  # a *OptionsT object of the schema
     version: int = 1
+    custom: str | None = None  # a CUSTOM operator's custom code (``code`` is "CUSTOM")
+    custom_options: bytes = b""  # its options, a FlexBuffer
 
 
 @dataclass
@@ -121,6 +123,12 @@ class FlatbufferBuilder:
            version: int = 1) -> None:
         self.operators.append(Operator(code, list(inputs), list(outputs), options, version))
 
+    def custom_op(self, custom: str, inputs: list[int], outputs: list[int],
+                  custom_options: bytes = b"") -> None:
+        """A CUSTOM operator: ``custom`` names the kernel an application registers."""
+        self.operators.append(Operator("CUSTOM", list(inputs), list(outputs), custom=custom,
+                                       custom_options=custom_options))
+
     # ------------------------------------------------------------------ packing
     def finish(self, input_names: list[str], output_names: list[str]) -> memoryview:
         """The model as ``.tflite`` bytes, with a ``serving_default`` signature whose keys
@@ -171,7 +179,7 @@ class FlatbufferBuilder:
         sub.operators = []
         for o in self.operators:
             builtin = getattr(s.BuiltinOperator, o.code)
-            key = (o.code, o.version)
+            key = (o.code, o.version, o.custom)
             if key not in codes:
                 oc = s.OperatorCodeT()
                 oc.builtinCode = builtin
@@ -179,11 +187,15 @@ class FlatbufferBuilder:
                 oc.deprecatedBuiltinCode = min(
                     builtin, s.BuiltinOperator.PLACEHOLDER_FOR_GREATER_OP_CODES)
                 oc.version = o.version
+                oc.customCode = o.custom
                 codes[key] = len(model.operatorCodes)
                 model.operatorCodes.append(oc)
             op = s.OperatorT()
             op.opcodeIndex = codes[key]
             op.inputs, op.outputs = o.inputs, o.outputs
+            if o.custom is not None:
+                op.customOptions = list(o.custom_options)
+                op.customOptionsFormat = s.CustomOptionsFormat.FLEXBUFFERS
             if o.options is not None:
                 op.builtinOptionsType = getattr(s.BuiltinOptions,
                                                 type(o.options).__name__[:-1])

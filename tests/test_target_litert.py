@@ -744,7 +744,7 @@ def test_target_options_from_the_cli(tmp_path):
 
     listed = {row["target"]: row for row in json.loads(
         cli("targets", "--json", cwd=tmp_path).stdout)}
-    assert set(listed["litert"]["options"]) == {"io_layout", "io_dtype"}
+    assert set(listed["litert"]["options"]) == {"io_layout", "io_dtype", "allow_custom"}
     assert listed["ort"]["options"] == {}
     cache = ResultCache(tmp_path / "cache")
     keys = {cache.key(onnx.load(EXAMPLE), LiteRtTarget().with_options(**o), tmp_path / "o")
@@ -825,3 +825,48 @@ def test_the_report_counts_before_and_after_at_the_inputs_it_binds(tmp_path):
         assert report["input"]["flops"] == pytest.approx(report["output"]["flops"], rel=0.05)
         flops[batch] = report["input"]["flops"]
     assert flops[8] == pytest.approx(8 * flops[1], rel=0.05)
+
+
+def _cumsum_cnn() -> onnx.ModelProto:
+    """Conv -> Relu -> CumSum (no TFLite mapping) -> Relu, on a 6 x 10 image."""
+    w = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             n("Relu", ["c"], ["r"], name="relu"),
+             n("CumSum", ["r", "axis"], ["s"], name="cumsum", exclusive=1, reverse=0),
+             n("Relu", ["s"], ["y"], name="out")]
+    graph = helper.make_graph(
+        nodes, "cumsum", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 10])],
+        [w, numpy_helper.from_array(np.array(1, np.int64), "axis")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_op_without_a_mapping_is_refused_or_kept_as_a_custom_operator(tmp_path):
+    """CumSum has no TFLite mapping: refused, named with its node, nothing written; with
+    ``allow_custom=true`` it is a CUSTOM operator (custom code ``CumSum``, attributes as
+    a FlexBuffer map, its input in the ONNX layout: the convolution's NHWC output
+    transposed back), the manifest says stock LiteRT will not run the file, and the
+    check says it did not run here (the file is kept, not taken for a failure)."""
+    from ai_edge_litert import schema_py_generated as schema
+    from flatbuffers import flexbuffers
+
+    with pytest.raises(UsageError, match=r"op CumSum \(node 'cumsum'\) has no TFLite mapping"):
+        graphopt.optimize(_cumsum_cnn(), target="litert", output=tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "custom"
+    result = graphopt.optimize(_cumsum_cnn(), target="litert", output=out,
+                               target_options={"allow_custom": "true"})
+    check = result.report["artifact"]
+    assert check["ok"] is None and "custom operators (CumSum)" in check["detail"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["custom_ops"] == ["CumSum"] and manifest["builtin_only"] is False
+    model = schema.ModelT.InitFromPackedBuf((out / "model.tflite").read_bytes(), 0)
+    graph = model.subgraphs[0]
+    (op,) = [o for o in graph.operators
+             if model.operatorCodes[o.opcodeIndex].builtinCode == schema.BuiltinOperator.CUSTOM]
+    assert model.operatorCodes[op.opcodeIndex].customCode == b"CumSum"
+    assert flexbuffers.Loads(bytes(op.customOptions)) == {"exclusive": 1, "reverse": 0}
+    assert list(graph.tensors[op.inputs[0]].shape) == [1, 8, 6, 10]  # NCHW, as ONNX's
+    assert manifest["operators"]["CONV_2D"] == 1 and manifest["transposes"]["inside"] == 1
