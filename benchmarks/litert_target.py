@@ -17,9 +17,10 @@ The default is the example CNN and the zoo's MLP; the zoo's MobileNet- and ResNe
 CNNs and all-MiniLM-L6-v2 (sequence 128) are exported with torch first (the ``dev``
 extra). ``--precision int8`` lowers ``--quantize int8`` (full-integer: graphopt's QDQ on
 LiteRT's int8 kernels; the example CNN is converted to opset 17 first, int8 needs 13)
-and prints its latency and file size beside float's; ``min cos`` is the verification's
-minimum per-sample cosine against ONNX Runtime on the float original (random probe
-data). ``--fc-sweep`` times two fully connected layers in LiteRT at several sizes:
+and prints its latency and file size beside float's (and, after the table, the layers
+kept float because LiteRT ran them no faster in int8 here); ``min cos`` is the
+verification's minimum per-sample cosine against ONNX Runtime on the float original
+(random probe data). ``--fc-sweep`` times two fully connected layers in LiteRT at several sizes:
 float32, dynamic-range int8 (``quantize-int8-dynamic``) and full-integer int8
 (``quantize-int8``): what the litert target's ``pass_defaults`` rest on.
 """
@@ -155,7 +156,19 @@ def bench(name: str, rounds: int, runs: int, tmp: Path, precision: str = "float"
             "extra_mb": extra_mb, "model_mb": model_mb,
             "onnx2tf_ms": med["onnx2tf"] * 1e3 if "onnx2tf" in med else None,
             "onnx2tf_kb": theirs.stat().st_size / 1024 if isinstance(theirs, Path) else None,
-            "onnx2tf_note": theirs if isinstance(theirs, str) else None}
+            "onnx2tf_note": theirs if isinstance(theirs, str) else None,
+            "float_layers": _float_layers(result.report)}
+
+
+def _float_layers(report: dict) -> list[str]:
+    """The layers ``quantize-int8`` kept float because LiteRT ran them no faster in int8
+    (its ``refused`` sites with measured times), as ``name (int8 us / float us)``."""
+    for entry in report.get("trace", []):
+        if entry.get("pass_name") == "quantize-int8":
+            refused = entry.get("stats", {}).get("compression", {}).get("refused", {})
+            return [f"{name} ({why.rsplit(': ', 1)[-1]})" for name, why in refused.items()
+                    if "measured in" in why]
+    return []
 
 
 def _calibration(name: str) -> dict:
@@ -337,6 +350,10 @@ def main() -> None:
                       f"{theirs[0]:>10} {theirs[1]:>10}")
                 if r["onnx2tf_note"]:
                     notes.append(f"{r['model']} {precision}: {r['onnx2tf_note']}")
+                if r["float_layers"]:
+                    notes.append(f"{r['model']} {precision}: kept float, measured no "
+                                 f"faster in int8 in LiteRT here: "
+                                 f"{'; '.join(r['float_layers'])}")
         for note in notes:
             print(note)
 
