@@ -29,7 +29,6 @@ import os
 import platform
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +36,14 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt import verify
-from graphopt.cost import Device
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model
 from graphopt.paths import TEMP_PREFIX
 from graphopt.target import (MANIFEST, Artifact, Capabilities, Target, folder_output,
-                             move_in, read_manifest, sha256)
+                             move_in, sha256)
+from graphopt.targets import litert_runtime
 from graphopt.targets.ort import LOSSLESS_PIPELINE, host_device
+from graphopt.targets.phones import PHONES
 from graphopt.targets.shapes import bind_input_shapes
 from graphopt.targets.tflite_lower import lower_graph
 from graphopt.targets.tflite_ops import MAPPED_OPS
@@ -59,36 +59,6 @@ BOOLEANS = {"true": True, "false": False}
 # (or forms the writer does not map): not worth listing for this target.
 _CONTRIB_ONLY = {"fuse-conv-act", "fuse-silu", "fuse-attention", "fuse-skip-layer-norm",
                  "fuse-bias-gelu", "fuse-rms-norm"}
-
-
-@dataclass(frozen=True)
-class Phone:
-    """A phone a ``.tflite`` is built for, as a row of data: the device its cost model
-    prices (nominal figures, for ranking, not measurements). LiteRT runs the file here
-    only to verify it; this CPU's time says nothing of the phone's."""
-
-    name: str
-    description: str
-    core: str
-    peak_flops_per_core: dict[str, float]
-    bandwidth: float  # bytes/s
-
-    def device(self, threads: int) -> Device:
-        return Device(f"{threads}x {self.core}", {k: v * threads for k, v in
-                                                   self.peak_flops_per_core.items()},
-                      self.bandwidth, cores=threads, int8_fast=True, channel_multiple=4)
-
-
-PHONES: dict[str, Phone] = {p.name: p for p in (
-    Phone("android-arm64",
-          "LiteRT (TensorFlow Lite) .tflite for Android phones, 64-bit Arm big cores "
-          "(Cortex-A76/A78 class: NEON, dotprod, XNNPACK); verified here in LiteRT, "
-          "not timed (this CPU is not the phone's)",
-          "Cortex-A76-class phone core @ 2.4 GHz",
-          # as the arm-a76 preset: 2 NEON FMA pipes x 4 lanes x 2 x 2.4 GHz; FP16 2x;
-          # SDOT 2 x 16 MACs
-          {"float32": 38.4e9, "float16": 76.8e9, "int8": 153.6e9}, bandwidth=10e9),
-)}
 
 
 class LiteRtTarget(Target):
@@ -203,7 +173,7 @@ class LiteRtTarget(Target):
 
     def fingerprint(self) -> dict:
         return {**super().fingerprint(), "threads": self.threads,
-                "ai_edge_litert": _litert_version()}
+                "ai_edge_litert": litert_runtime.litert_version()}
 
     def measure(self, artifact: Artifact, feeds: dict[str, np.ndarray], *,
                 repeat: int = 20) -> float | None:
@@ -294,7 +264,8 @@ class LiteRtTarget(Target):
             "model_content_hash": model.content_hash(),
             "files": [MODEL_FILE, MANIFEST],
             "sha256": {MODEL_FILE: sha256(stage / MODEL_FILE)},
-            "toolchain": {"ai_edge_litert": _litert_version(), "onnx": onnx.__version__,
+            "toolchain": {"ai_edge_litert": litert_runtime.litert_version(),
+                          "onnx": onnx.__version__,
                           "python": platform.python_version()},
         }
 
@@ -304,7 +275,8 @@ class LiteRtTarget(Target):
         the ONNX model's (NHWC artifacts get transposed feeds and outputs back)."""
         path = os.path.abspath(artifact.path)
         try:
-            manifest, runner = _interpreter(path, os.stat(path).st_mtime_ns, self.threads)
+            manifest, runner = litert_runtime.interpreter(path, os.stat(path).st_mtime_ns,
+                                                          self.threads)
         except (ValueError, RuntimeError) as exc:  # the interpreter refuses the file
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise GraphoptError(f"LiteRT cannot load {path}: {first}") from exc
@@ -321,7 +293,8 @@ class LiteRtTarget(Target):
                 q = spec["quantization"]
                 array = np.clip(np.round(array / q["scale"]) + q["zero_point"], -128, 127)
             arrays[name] = np.ascontiguousarray(array.astype(spec["dtype"], copy=False))
-        chunks = _chunks(arrays, inputs, manifest["static_shapes"]["per_sample_batch"])
+        chunks = litert_runtime.chunks(arrays, inputs,
+                                       manifest["static_shapes"]["per_sample_batch"])
         results = [runner(chunk) for chunk in chunks]
         outputs = {}
         for spec in manifest["outputs"]:
@@ -347,8 +320,8 @@ class LiteRtTarget(Target):
         file version): the artifact check calls it when it is done with LiteRT, before
         ONNX Runtime's session is made, so their weights are not in memory together."""
         path = os.path.abspath(artifact.path)
-        for key in [k for k in _INTERPRETERS if k[0] == path]:
-            del _INTERPRETERS[key]
+        for key in [k for k in litert_runtime.INTERPRETERS if k[0] == path]:
+            del litert_runtime.INTERPRETERS[key]
 
     def int8_layer_costs(self, node) -> tuple[float, float] | None:
         """The layer alone in float and in int8, each lowered and timed in LiteRT here
@@ -361,7 +334,7 @@ class LiteRtTarget(Target):
         return layer_costs(node, self.threads, self.fingerprint())
 
     def ran_on(self) -> str | None:
-        return f"this machine's CPU in LiteRT {_litert_version()} (XNNPACK, " \
+        return f"this machine's CPU in LiteRT {litert_runtime.litert_version()} (XNNPACK, " \
                f"{self.threads} thread{'s' if self.threads > 1 else ''})"
 
 
@@ -474,92 +447,6 @@ def _fuse_gelu(model: Model) -> None:
             if match:
                 attrs = {"approximate": "tanh"} if match.approximate == "tanh" else {}
                 scope.replace(match.nodes, "Gelu", [match.x], [match.output], attrs)
-
-
-# ---------------------------------------------------------------------- running
-def _chunks(arrays: dict[str, np.ndarray], inputs: dict[str, dict],
-            per_sample: bool) -> list[dict[str, np.ndarray]]:
-    """The feeds as the ``.tflite`` takes them: as they are when their shapes match;
-    split into samples when the model was lowered at batch 1 for a symbolic batch."""
-    if all(list(a.shape) == inputs[n]["shape"] for n, a in arrays.items()):
-        return [arrays]
-    if all(_resizable_to(a.shape, inputs[n]) for n, a in arrays.items()):
-        return [arrays]  # resizable dimensions: the interpreter is resized to them
-    batches = {a.shape[0] for a in arrays.values() if a.ndim}
-    if per_sample and len(batches) == 1 and all(
-            a.ndim and _resizable_to((1, *a.shape[1:]), inputs[n]) for n, a in arrays.items()):
-        return [{n: a[i:i + 1] for n, a in arrays.items()} for i in range(batches.pop())]
-    wanted = ", ".join(f"{n}={'x'.join(map(str, s['shape']))}" for n, s in inputs.items())
-    got = ", ".join(f"{n}={'x'.join(map(str, a.shape))}" for n, a in arrays.items())
-    raise UsageError(f"the .tflite was lowered at {wanted}; the feeds are {got}",
-                     hint="lower it again with --input-shape at the shapes you feed")
-
-
-def _resizable_to(shape: tuple[int, ...], spec: dict) -> bool:
-    """Whether an input lowered as ``spec`` takes a feed of ``shape``: each dimension
-    as lowered or resizable (``-1`` in its shape signature)."""
-    signature = spec.get("shape_signature", spec["shape"])
-    return len(shape) == len(signature) and all(
-        want in (-1, got) for got, want in zip(shape, signature))
-
-
-# (path, mtime_ns, threads) -> (manifest, run): the interpreters ``run`` keeps, oldest
-# first; ``LiteRtTarget.release`` removes a file's.
-_INTERPRETERS: dict[tuple[str, int, int], tuple[dict, object]] = {}
-_KEPT = 8
-
-
-def _interpreter(path: str, mtime_ns: int, threads: int):
-    """One interpreter per file version and thread count (creating one, and XNNPACK's
-    weight packing, cost more than a small model's run), kept until ``release`` (or
-    until ``_KEPT`` newer ones were made): ``(the manifest beside the file, run(feeds))``."""
-    key = (path, mtime_ns, threads)
-    if key in _INTERPRETERS:
-        _INTERPRETERS[key] = _INTERPRETERS.pop(key)  # the most recently used: kept longest
-        return _INTERPRETERS[key]
-    made = _new_interpreter(path, threads)
-    _INTERPRETERS[key] = made
-    while len(_INTERPRETERS) > _KEPT:
-        del _INTERPRETERS[next(iter(_INTERPRETERS))]
-    return made
-
-
-def _new_interpreter(path: str, threads: int):
-    from ai_edge_litert.interpreter import Interpreter
-
-    manifest = read_manifest(Path(path).parent)
-    if manifest.get("custom_ops"):
-        raise UsageError(f"{path} holds custom operators ({', '.join(manifest['custom_ops'])})"
-                         f" that stock LiteRT has no kernels for: it cannot run here",
-                         hint="the app that registers their kernels runs it")
-    interpreter = Interpreter(model_path=path, num_threads=threads)
-    interpreter.allocate_tensors()
-    details = interpreter.get_input_details()
-    ins = {d["name"]: d["index"] for d in details}
-    shapes = {d["name"]: list(d["shape"]) for d in details}  # resized to the feeds
-    outs = {d["name"]: d["index"] for d in interpreter.get_output_details()}
-
-    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if any(list(array.shape) != shapes[name] for name, array in feeds.items()):
-            for name, array in feeds.items():  # resizable dimensions at other sizes
-                interpreter.resize_tensor_input(ins[name], list(array.shape))
-                shapes[name] = list(array.shape)
-            interpreter.allocate_tensors()
-        for name, array in feeds.items():
-            interpreter.set_tensor(ins[name], array)
-        interpreter.invoke()
-        return {name: interpreter.get_tensor(index) for name, index in outs.items()}
-
-    return manifest, run
-
-
-def _litert_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ai-edge-litert")
-    except PackageNotFoundError:
-        return None
 
 
 # The alias ``--target tflite``: the same target under LiteRT's former name.

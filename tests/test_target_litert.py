@@ -773,7 +773,7 @@ def test_verification_keeps_litert_and_ort_apart(tmp_path, monkeypatch):
 
     import graphopt.artifact
     from graphopt import verify
-    from graphopt.targets import litert
+    from graphopt.targets import litert_runtime
 
     alive = {"litert": weakref.WeakSet(), "ort": weakref.WeakSet()}
     overlaps, made = [], {"litert": 0, "ort": 0}
@@ -785,7 +785,7 @@ def test_verification_keeps_litert_and_ort_apart(tmp_path, monkeypatch):
         made[kind] += 1
         return obj
 
-    new_interpreter, session, check = litert._new_interpreter, verify.session, \
+    new_interpreter, session, check = litert_runtime.new_interpreter, verify.session, \
         graphopt.artifact.check
     checking = []
 
@@ -801,7 +801,7 @@ def test_verification_keeps_litert_and_ort_apart(tmp_path, monkeypatch):
         checking.append(True)  # the check, then the timing: both from here on
         return check(*args, **kwargs)
 
-    monkeypatch.setattr(litert, "_new_interpreter", interpreter)
+    monkeypatch.setattr(litert_runtime, "new_interpreter", interpreter)
     monkeypatch.setattr(verify, "session", ort_session)
     monkeypatch.setattr(graphopt.artifact, "check", checked)
     result, _ = _lower(mlp(), tmp_path, input_shapes={"x": [2, 32]})
@@ -811,7 +811,7 @@ def test_verification_keeps_litert_and_ort_apart(tmp_path, monkeypatch):
     assert made["litert"] >= 2 and made["ort"] >= 2  # checked and timed
     assert overlaps == []
     path = str(Path(result.artifact.path).resolve())
-    assert not [k for k in litert._INTERPRETERS if k[0] == path]
+    assert not [k for k in litert_runtime.INTERPRETERS if k[0] == path]
 
 
 def test_the_report_counts_before_and_after_at_the_inputs_it_binds(tmp_path):
