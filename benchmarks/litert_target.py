@@ -166,8 +166,8 @@ def _float_layers(report: dict) -> list[str]:
     for entry in report.get("trace", []):
         if entry.get("pass_name") == "quantize-int8":
             refused = entry.get("stats", {}).get("compression", {}).get("refused", {})
-            return [f"{name} ({why.rsplit(': ', 1)[-1]})" for name, why in refused.items()
-                    if "measured in" in why]
+            return [f"{name} ({why.rsplit('alone: ', 1)[-1]})"
+                    for name, why in refused.items() if "measured in" in why]
     return []
 
 

@@ -273,16 +273,15 @@ class _Int8Pass(CompressionPass):
             if measured is not None:
                 site.float_s, site.int8_s = measured
                 site.measured = True
-                how = f"measured in {target.name} here, the layer alone: "
+                how = f"measured in {target.name} here, the layer alone: {{}} us int8 vs"
             else:
                 site.float_s = cost_model.node_cost(node, device).latency_s
                 site.int8_s = cost_model.int8_latency(node, device, self.dynamic)
-                how = "est. "
+                how = "est. {} us int8 (with activation quantization) vs"
             limit = site.float_s * (1 + MEASURED_NOISE) if site.measured else site.float_s
             if self.options.require_speedup and site.int8_s >= limit:
                 plan.skipped[name] = (f"int8 does not pay off on {device.name}{where}: "
-                                      f"{how}{site.int8_s * 1e6:.2f} us int8 (with "
-                                      f"activation quantization) vs "
+                                      f"{how.format(f'{site.int8_s * 1e6:.2f}')} "
                                       f"{site.float_s * 1e6:.2f} us float")
                 del plan.sites[name]
 
