@@ -126,7 +126,6 @@ class _Int8Pass(CompressionPass):
         smoothed = SmoothQuant().run(work, ctx).stats if self.options.smooth else None
         _name_nodes(work.graph)  # sites are addressed (and reported) by node name
         self._ctx = ctx
-        self._full = False  # the search's candidates: the chosen layers alone
         self._plan = _Plan(sites={}, reduce_range=_reduce_range(self.options.reduce_range, ctx))
         driver = Driver(self, ctx)
         result = driver.run(work)
@@ -341,11 +340,7 @@ class _Int8Pass(CompressionPass):
         per tensor, often break it where a CNN's do not."""
         info = result.stats["compression"]
         chosen = {n for n, e in info["sites"].items() if e["changed"]}
-        self._full = True
-        try:
-            proto = self._build(self._base, self._plan, chosen)
-        finally:
-            self._full = False
+        proto = self._build(self._base, self._plan, chosen, full=True)
         before = sum(n.op == "QuantizeLinear" for n in work.graph.nodes)
         outputs = sum(n.op_type == "QuantizeLinear" for n in proto.graph.node) - before
         if outputs <= 0:
@@ -362,16 +357,20 @@ class _Int8Pass(CompressionPass):
         return PassResult(True, result.stats)
 
     # ------------------------------------------------------------------ building
-    def _build(self, base: onnx.ModelProto, plan: _Plan, chosen: set[str]) -> onnx.ModelProto:
-        """``base`` (prepared) with the ``chosen`` sites quantized."""
+    def _build(self, base: onnx.ModelProto, plan: _Plan, chosen: set[str],
+               full: bool = False) -> onnx.ModelProto:
+        """``base`` (prepared) with the ``chosen`` sites quantized (``full``: and
+        ``full-integer``'s outputs)."""
         model = Model.from_proto(base)
-        self._quantize(model, plan, chosen)
+        self._quantize(model, plan, chosen, full)
         return model.to_onnx()
 
-    def _quantize(self, model: Model, plan: _Plan, chosen: set[str]) -> None:
+    def _quantize(self, model: Model, plan: _Plan, chosen: set[str],
+                  full: bool = False) -> None:
+        """The ``chosen`` sites quantized in ``model`` (the search's candidates: those
+        alone); ``full``: ``full-integer``'s outputs too (``_full_integer``)."""
         writer = QdqWriter(model)
         dead: list[gs.Node] = []
-        full = self._full
         for node in list(model.graph.nodes):  # in order: a node's inputs are done first
             if node.name not in chosen:
                 if full:
