@@ -221,8 +221,7 @@ def optimize(model: ModelSource, *, target: str | Target = DEFAULT_TARGET,
     if not tgt.compiled:  # its artifact is the ONNX model itself, run by ONNX Runtime
         verify.check_runtime(original.meta)
     original_proto = original.to_onnx(references=True)  # spilled weights: not copied
-    working = Model.from_proto(original_proto)  # (a clone: reads the proto, never writes)
-    tgt.prepare(working, input_shapes)
+    working = _prepared(original_proto, tgt, input_shapes)
     input_hash = background.submit(proto_hash, original_proto)  # reads every weight
     data = check_feeds(data, original_proto)
     # Lossy data is batched for the model the passes see: a target that binds
@@ -522,6 +521,15 @@ def compare(a: ModelSource, b: ModelSource, data: list[verify.Feeds] | None = No
     return result
 
 
+def _prepared(proto: onnx.ModelProto, tgt: Target,
+              input_shapes: dict[str, list[int]] | None) -> Model:
+    """A copy of ``proto`` (it reads the proto, never writes it) as ``tgt`` prepares a
+    run's model (``Target.prepare``: compiled targets bind ``input_shapes``)."""
+    model = Model.from_proto(proto)
+    tgt.prepare(model, input_shapes)
+    return model
+
+
 def _as_prepared(original: Model, proto: onnx.ModelProto, tgt: Target,
                  input_shapes: dict[str, list[int]] | None) -> Model:
     """The original for the report's ``input`` summary: as the target prepared it for
@@ -530,8 +538,7 @@ def _as_prepared(original: Model, proto: onnx.ModelProto, tgt: Target,
     and 2.9 GFLOPs after: its sequence counted as 1, then as 128); else ``original``."""
     if not input_shapes:
         return original
-    prepared = Model.from_proto(proto)
-    tgt.prepare(prepared, input_shapes)
+    prepared = _prepared(proto, tgt, input_shapes)
     same = [(t.name, t.shape) for t in prepared.graph.inputs] == \
         [(t.name, t.shape) for t in original.graph.inputs]
     return original if same else prepared
