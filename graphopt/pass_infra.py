@@ -191,6 +191,15 @@ def make_options(pass_cls: type[Pass], raw: dict[str, Any]) -> Any:
         raise UsageError(f"pass {pass_cls.name!r}: {exc}") from exc
 
 
+def parse_bool(value: str) -> bool:
+    """A yes/no setting as written on the command line (a pass's or a target's option):
+    true/false, 1/0, yes/no; anything else is a ValueError."""
+    lowered = value.lower()
+    if lowered not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(value)
+    return lowered in ("true", "1", "yes")
+
+
 def _convert(pass_name: str, key: str, value: Any, kind: Any) -> Any:
     if not isinstance(value, str):
         return value
@@ -203,10 +212,7 @@ def _convert(pass_name: str, key: str, value: Any, kind: Any) -> Any:
         kind = non_none[0]
     try:
         if kind is bool:
-            lowered = value.lower()
-            if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return lowered in ("true", "1", "yes")
+            return parse_bool(value)
         if kind in (int, float, str):
             return kind(value)
         if typing.get_origin(kind) is tuple:

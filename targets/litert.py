@@ -38,6 +38,7 @@ import onnx_graphsurgeon as gs
 from graphopt import verify
 from graphopt.errors import GraphoptError, UsageError
 from graphopt.ir import Model
+from graphopt.pass_infra import parse_bool
 from graphopt.paths import TEMP_PREFIX
 from graphopt.target import (MANIFEST, Artifact, Capabilities, Target, folder_output,
                              move_in, sha256)
@@ -54,7 +55,6 @@ FORMAT = "graphopt-litert/1"
 MODEL_FILE = "model.tflite"
 IO_LAYOUTS = ("onnx", "nhwc")
 IO_DTYPES = ("float32", "int8")
-BOOLEANS = {"true": True, "false": False}
 # Passes of the lossless pipeline that only write ops of the ONNX Runtime contrib domain
 # (or forms the writer does not map): not worth listing for this target.
 _CONTRIB_ONLY = {"fuse-conv-act", "fuse-silu", "fuse-attention", "fuse-skip-layer-norm",
@@ -123,9 +123,11 @@ class LiteRtTarget(Target):
             raise UsageError(f"unknown io layout {io_layout!r}",
                              hint=f"choose one of {', '.join(IO_LAYOUTS)}")
         if isinstance(allow_custom, str):
-            if allow_custom.lower() not in BOOLEANS:
-                raise UsageError(f"allow_custom must be true or false, not {allow_custom!r}")
-            allow_custom = BOOLEANS[allow_custom.lower()]
+            try:
+                allow_custom = parse_bool(allow_custom)
+            except ValueError:
+                raise UsageError(f"allow_custom must be true or false, not "
+                                 f"{allow_custom!r}") from None
         self.allow_custom = bool(allow_custom)
         if phone is not None and phone not in PHONES:
             raise UsageError(f"unknown phone {phone!r}", hint=f"one of {', '.join(PHONES)}")
