@@ -112,7 +112,7 @@ class LiteRtTarget(Target):
         in the manifest) instead of float32 with a QUANTIZE/DEQUANTIZE; ``run`` still
         takes and gives float32. ``phone``: a row of ``PHONES``, the device the file is
         built for (its cost model decides), when that is not this machine.
-        ``allow_custom``: ops without a mapping become CUSTOM operators (``custom_op``)
+        ``allow_custom``: ops without a mapping become CUSTOM operators (``tflite_unmapped``)
         instead of being refused."""
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be >= 1, got {threads}")

@@ -373,7 +373,7 @@ def lower_graph(proto: onnx.ModelProto, *, nhwc_io: bool = False,
     """``proto`` (static shapes, shape-inferred, default domain) as ``.tflite`` bytes. An
     op without a mapping is a UsageError naming its type and node before anything is
     built; the caller writes nothing in that case (``allow_custom``: it becomes a CUSTOM
-    operator instead, ``custom_op``). ``int8_io``: quantized inputs and
+    operator instead; ``tflite_unmapped``). ``int8_io``: quantized inputs and
     outputs of a QDQ graph stay int8 (see ``tflite_quant``). ``at_batch_2``: the same
     graph bound at batch 2 where ``proto`` is bound at batch 1; ``at_sequence_2``: bound
     with its other symbolic dimensions (a sequence) twice as large: what follows them is
@@ -452,6 +452,7 @@ def _build(proto: onnx.ModelProto, nhwc_io: bool, int8_io: bool,
     ``sequence``: ``Lowering.sequence``; ``symbols``, ``allow_custom``: ``lower_graph``'s."""
     from graphopt.targets.tflite_ops import HANDLERS, fold_constant_node, prefix_gather
     from graphopt.targets.tflite_quant import lower_int8
+    from graphopt.targets.tflite_unmapped import check_mapped, custom_op
 
     custom = check_mapped(proto, allow_custom)
     lw = Lowering(proto)
@@ -523,66 +524,6 @@ def _grown(proto: onnx.ModelProto, larger: onnx.ModelProto,
     small = dims(proto)
     return [(name, axis, symbol(name, axis)) for name, shape in dims(larger).items()
             for axis, size in enumerate(shape) if size != small[name][axis]]
-
-
-def check_mapped(proto: onnx.ModelProto, allow_custom: bool = False
-                 ) -> set[tuple[str, ...]]:
-    """Refuse a graph holding an op no handler maps (type and node named), before work;
-    ``allow_custom``: those nodes' outputs instead (``custom_op`` lowers them). Nodes
-    computing constants only (shape arithmetic at static shapes, an exporter's
-    position-id buffers) are evaluated ahead of time, whatever their op."""
-    from graphopt.targets.tflite_ops import HANDLERS
-
-    known = {i.name for i in proto.graph.initializer} | {""}
-    custom = set()
-    for node in proto.graph.node:
-        if node.op_type == "Shape" or all(i in known for i in node.input):
-            known.update(node.output)
-            continue
-        if node.domain not in ("", "ai.onnx") or node.op_type not in HANDLERS:
-            if allow_custom:
-                custom.add(tuple(node.output))
-                continue
-            domain = f"{node.domain}::" if node.domain not in ("", "ai.onnx") else ""
-            raise UsageError(f"op {domain}{node.op_type} (node {node.name or node.output[0]!r}) "
-                             f"has no TFLite mapping",
-                             hint="remove or replace it before lowering for litert, or "
-                                  "keep it as a custom op (--target-option "
-                                  "allow_custom=true) for a kernel your app registers")
-    return custom
-
-
-def custom_code(node: onnx.NodeProto) -> str:
-    """A CUSTOM operator's code for ``node``: its op type, after its domain if any."""
-    return node.op_type if node.domain in ("", "ai.onnx") else \
-        f"{node.domain}.{node.op_type}"
-
-
-def custom_op(lw: "Lowering", node: onnx.NodeProto) -> None:
-    """``node`` as a CUSTOM operator (``custom_code``) for a kernel the application
-    registers: its inputs and outputs in the ONNX model's layout and order (absent
-    optional inputs as -1), its attributes as a FlexBuffer map (numbers, strings and
-    lists of them; tensor and graph attributes are refused)."""
-    from flatbuffers import flexbuffers
-
-    attributes = {}
-    for a in node.attribute:
-        value = onnx.helper.get_attribute_value(a)
-        if isinstance(value, bytes):
-            value = value.decode("utf-8", "replace")
-        elif isinstance(value, list):
-            value = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v
-                     for v in value]
-        if not isinstance(value, (int, float, str, list)) or (
-                isinstance(value, list) and not all(
-                    isinstance(v, (int, float, str)) for v in value)):
-            raise Unmappable(f"attribute {a.name!r} (a tensor or graph) has no place in "
-                             f"a custom operator's options")
-        attributes[a.name] = value
-    inputs = [lw.get(name, identity(lw.rank(name))) if name else -1 for name in node.input]
-    outputs = [lw.output(name) for name in node.output if name]
-    lw.fb.custom_op(custom_code(node), inputs, outputs,
-                    bytes(flexbuffers.Dumps(attributes)) if attributes else b"")
 
 
 def _quantization(tensor) -> dict:
