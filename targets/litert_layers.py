@@ -48,13 +48,14 @@ def layer_costs(node: gs.Node, threads: int, fingerprint: dict
     built = _layer(node)
     if built is None:
         return None
+    signature, build, fed = built
     path = store_path(fingerprint)
     times = _STORES.get(path)
     if times is None:
         times = _STORES[path] = _read(path)
-    key = json.dumps(built[0])
+    key = json.dumps(signature)
     if key not in times:
-        measured = _timed(*built[1:], threads)
+        measured = _timed(build(), fed, threads)
         times[key] = None if measured is None else list(measured)
         _write(path, times)
     return None if times[key] is None else (times[key][0], times[key][1])
@@ -87,20 +88,18 @@ def _write(path: Path, times: dict) -> None:
 
 
 def _layer(node: gs.Node):
-    """``(signature, float model, its activation)`` of ``node`` alone, or ``None``."""
-    x = node.inputs[0]
+    """``(signature, build, fed)`` of ``node`` alone, or ``None``: ``build()`` makes the
+    one-layer float model (only when the layer is timed: a stored time reads no weight),
+    ``fed`` whether it reads a model input."""
+    x, weight = node.inputs[0], node.inputs[1]
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     shape = list(x.shape or [])
     if node.op not in ("Conv", "Gemm", "MatMul") or not shape or \
-            not all(isinstance(d, int) and d > 0 for d in shape):
+            not all(isinstance(d, int) and d > 0 for d in shape) or \
+            not isinstance(weight, gs.Constant) or weight.dtype != np.float32 or \
+            not isinstance(bias, (gs.Constant, type(None))):
         return None
-    weight = constant_value(node.inputs[1])
-    bias = constant_value(node.inputs[2]) if len(node.inputs) > 2 and \
-        node.inputs[2].name else None
-    if weight is None or weight.dtype != np.float32 or (
-            len(node.inputs) > 2 and node.inputs[2].name and bias is None):
-        return None
-    out = node.outputs[0]
-    readers = consumers(out)
+    readers = consumers(node.outputs[0])
     act = readers[0] if len(readers) == 1 and readers[0].op in ("Relu", "Clip") else None
     bounds = () if act is None or act.op == "Relu" else tuple(
         None if constant_value(t) is None else float(constant_value(t))
@@ -111,7 +110,8 @@ def _layer(node: gs.Node):
     signature = (node.op, repr(sorted(node.attrs.items())), [int(d) for d in shape],
                  [int(d) for d in weight.shape], bias is not None,
                  act and (act.op, bounds), fed)
-    return signature, _float_model(node, shape, weight, bias, act, bounds), fed
+    return signature, lambda: _float_model(
+        node, shape, constant_value(weight), constant_value(bias), act, bounds), fed
 
 
 def _float_model(node: gs.Node, shape: list[int], weight: np.ndarray,
